@@ -1,0 +1,56 @@
+//! Pipelined chain reduce: root+1 -> root+2 -> ... -> root, slice by slice; each rank folds its
+//! input into the partial result and passes it on, so every link carries the buffer once.
+
+use super::plan::{Action, Buf, Plan, Recv, Region, Source, Transfer, slices};
+use super::slices_per_chunk;
+use crate::types::ReduceOp;
+
+/// The plan of rank `rank` of `n` for a reduce of `count` elements to `root`.
+pub fn chain_reduce(
+    n: usize,
+    rank: usize,
+    root: usize,
+    count: usize,
+    op: ReduceOp,
+    slice_elems: usize,
+) -> Plan {
+    let mut plan = Plan::default();
+    let input = Region::new(Buf::Input, 0, count);
+    let output = Region::new(Buf::Output, 0, count);
+    let k = slices_per_chunk(count, slice_elems);
+    let pos = (rank + n - root - 1) % n; // the head is root+1, the root comes last
+    let next = (rank + 1) % n;
+    let prev = (rank + n - 1) % n;
+    if n == 1 {
+        plan.copy(input, output);
+        return plan;
+    }
+    if pos == 0 {
+        for s in slices(input, k) {
+            plan.transfer(Some((next, Source::Device(s))), None);
+        }
+        return plan;
+    }
+    let acc = if rank == root {
+        output
+    } else {
+        plan.scratch = count;
+        Region::new(Buf::Scratch, 0, count)
+    };
+    plan.copy(input, acc);
+    for s in slices(acc, k) {
+        plan.push(Action::Transfer(Transfer {
+            send: (rank != root).then_some((next, Source::Device(s))),
+            recv: Some(Recv {
+                from: prev,
+                dst: s,
+                combine: op.combine(),
+            }),
+            recv_first: true,
+        }));
+    }
+    if rank == root && op == ReduceOp::Avg {
+        plan.scale(output, n as u32);
+    }
+    plan
+}

@@ -1,0 +1,551 @@
+//! The per-rank communicator: validates a call, asks the algorithm for a plan, runs it.
+
+use std::time::{Duration, Instant};
+
+use super::executor::{Call, Engine, execute};
+use super::protocol::{Header, NONE};
+use crate::algo::{self, Plan};
+use crate::device::{DeviceBuffer, RankDevice, TensorRef};
+use crate::error::{At, Error, Result};
+use crate::link::Link;
+use crate::types::{CollectiveKind, DType, Element, ReduceOp};
+
+/// Settings shared by every rank of a communicator group.
+#[derive(Clone, Debug)]
+pub struct CommConfig {
+    /// Deadline of each collective unless the call sets its own (default 30 s, as Gloo).
+    pub timeout: Duration,
+    /// Pipeline slice: the largest piece read back, sent and reduced at once (default 4 MiB).
+    pub slice_bytes: usize,
+    /// Read-backs and uploads in flight per rank (default 3).
+    pub pipeline_depth: usize,
+    /// Caps the storage-binding size the kernels use below the device's own limit, to exercise
+    /// chunking on small buffers; `None` uses the device limit.
+    pub max_binding_bytes: Option<u64>,
+}
+
+impl Default for CommConfig {
+    fn default() -> Self {
+        CommConfig {
+            timeout: Duration::from_secs(30),
+            slice_bytes: 4 << 20,
+            pipeline_depth: 3,
+            max_binding_bytes: None,
+        }
+    }
+}
+
+/// Per-call settings.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallOptions {
+    /// This call's deadline, instead of the communicator's.
+    pub timeout: Option<Duration>,
+}
+
+impl CallOptions {
+    /// Options with this call's deadline.
+    pub fn timeout(timeout: Duration) -> Self {
+        CallOptions {
+            timeout: Some(timeout),
+        }
+    }
+}
+
+/// One collective call, with its tensors (which live on this rank's device).
+///
+/// In-place calls pass the same tensor as input and output; for `ReduceScatter` in place means
+/// the output is this rank's chunk of the input, for `AllGather` that the input is this rank's
+/// piece of the output (NCCL's conventions).
+#[derive(Clone, Copy, Debug)]
+pub enum Collective<'a> {
+    /// Every rank's output becomes the reduction of all inputs.
+    AllReduce {
+        /// This rank's contribution.
+        input: TensorRef<'a>,
+        /// Where the result goes (same length).
+        output: TensorRef<'a>,
+        /// The operator.
+        op: ReduceOp,
+    },
+    /// Rank r's output becomes chunk r of the reduction of all inputs (`input.count ==
+    /// ranks * output.count`).
+    ReduceScatter {
+        /// This rank's contribution, `ranks * output.count` elements.
+        input: TensorRef<'a>,
+        /// This rank's chunk of the result.
+        output: TensorRef<'a>,
+        /// The operator.
+        op: ReduceOp,
+    },
+    /// Every rank's output becomes all inputs concatenated in rank order (`output.count ==
+    /// ranks * input.count`).
+    AllGather {
+        /// This rank's piece.
+        input: TensorRef<'a>,
+        /// All pieces.
+        output: TensorRef<'a>,
+    },
+    /// Every rank's output becomes the root's input (non-root inputs are not read).
+    Broadcast {
+        /// The data, read on the root only.
+        input: TensorRef<'a>,
+        /// Where it goes (same length).
+        output: TensorRef<'a>,
+        /// The sending rank.
+        root: usize,
+    },
+    /// The root's output becomes the reduction of all inputs (non-root outputs are not written).
+    Reduce {
+        /// This rank's contribution.
+        input: TensorRef<'a>,
+        /// The result, written on the root only.
+        output: TensorRef<'a>,
+        /// The operator.
+        op: ReduceOp,
+        /// The receiving rank.
+        root: usize,
+    },
+    /// Returns once every rank has entered the barrier.
+    Barrier,
+}
+
+impl Collective<'_> {
+    /// Which collective this is.
+    pub fn kind(&self) -> CollectiveKind {
+        match self {
+            Collective::AllReduce { .. } => CollectiveKind::AllReduce,
+            Collective::ReduceScatter { .. } => CollectiveKind::ReduceScatter,
+            Collective::AllGather { .. } => CollectiveKind::AllGather,
+            Collective::Broadcast { .. } => CollectiveKind::Broadcast,
+            Collective::Reduce { .. } => CollectiveKind::Reduce,
+            Collective::Barrier => CollectiveKind::Barrier,
+        }
+    }
+}
+
+/// One rank's handle on a group: its device, its links to the other ranks, and the collectives.
+///
+/// Build a group with [`CommGroup`](crate::CommGroup); then either call collectives on every
+/// rank from that rank's own thread (take the communicators with
+/// [`CommGroup::into_communicators`](crate::CommGroup::into_communicators)), or make group calls
+/// from one thread.
+///
+/// Every call has a deadline. When a call fails (a timeout, a peer that disagrees about the
+/// call, a peer that aborted, a device error), the other ranks are told, every rank returns an
+/// error naming the operation, its sequence number and the rank at fault, and the communicator
+/// stays broken until the group is rebuilt with
+/// [`CommGroup::rebuild`](crate::CommGroup::rebuild).
+pub struct Communicator {
+    rank: usize,
+    size: usize,
+    pub(crate) engine: Engine,
+    link: Box<dyn Link>,
+    config: CommConfig,
+    seq: u64,
+    broken: Option<Error>,
+}
+
+impl Communicator {
+    /// A communicator over `dev` that reaches its peers through `link`.
+    pub fn new(dev: RankDevice, link: Box<dyn Link>, config: CommConfig) -> Self {
+        let limit_bytes = config.max_binding_bytes.unwrap_or(u64::MAX).min(
+            dev.limits()
+                .max_storage_buffer_binding_size
+                .min(u32::MAX as u64),
+        );
+        let slice = (config.slice_bytes.max(4) as u64).min(limit_bytes / 2).max(4);
+        let engine = Engine::new(
+            dev,
+            slice,
+            config.pipeline_depth.max(1),
+            config.max_binding_bytes,
+        );
+        let config = CommConfig {
+            slice_bytes: slice as usize,
+            ..config
+        };
+        Communicator {
+            rank: link.rank(),
+            size: link.size(),
+            engine,
+            link,
+            config,
+            seq: 0,
+            broken: None,
+        }
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// This rank's device.
+    pub fn device(&self) -> &RankDevice {
+        &self.engine.dev
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &CommConfig {
+        &self.config
+    }
+
+    /// Sets the default deadline of later calls.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.config.timeout = timeout;
+    }
+
+    /// The error that broke this communicator, if one did.
+    pub fn broken(&self) -> Option<&Error> {
+        self.broken.as_ref()
+    }
+
+    /// Sequence number of the last call (0 before the first).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// A zeroed buffer of `len` elements on this rank's device.
+    pub fn buffer<T: Element>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        DeviceBuffer::zeroed(&self.engine.dev, len)
+    }
+
+    /// A buffer on this rank's device holding `data`.
+    pub fn upload<T: Element>(&self, data: &[T]) -> Result<DeviceBuffer<T>> {
+        DeviceBuffer::from_slice(&self.engine.dev, data)
+    }
+
+    /// Reads a buffer of this rank's device back to the host.
+    pub fn download<T: Element>(&self, buf: &DeviceBuffer<T>) -> Result<Vec<T>> {
+        buf.read(&self.engine.dev)
+    }
+
+    /// Reads any tensor view on this rank's device back to the host, as elements of `T`.
+    pub fn read<T: Element>(&self, t: TensorRef<'_>) -> Result<Vec<T>> {
+        if t.dtype != T::DTYPE {
+            return Err(Error::InvalidArgument {
+                at: At::rank(self.rank),
+                message: format!("reading a {} tensor as {}", t.dtype, T::DTYPE),
+            });
+        }
+        crate::device::read_tensor(&self.engine.dev, &t)
+            .map(|bytes| bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// In-place all-reduce.
+    ///
+    /// ```no_run
+    /// # fn main() -> wccl::Result<()> {
+    /// use wccl::{CommGroup, ReduceOp};
+    /// let comms = CommGroup::builder().ranks(2).build()?.into_communicators();
+    /// std::thread::scope(|s| {
+    ///     for mut comm in comms {
+    ///         s.spawn(move || -> wccl::Result<()> {
+    ///             let buf = comm.upload(&[comm.rank() as f32; 4])?;
+    ///             comm.all_reduce(&buf, ReduceOp::Sum)?;
+    ///             assert_eq!(comm.download(&buf)?, vec![1.0; 4]);
+    ///             Ok(())
+    ///         });
+    ///     }
+    /// });
+    /// # Ok(()) }
+    /// ```
+    pub fn all_reduce<'a>(&mut self, buf: impl Into<TensorRef<'a>>, op: ReduceOp) -> Result<()> {
+        let t = buf.into();
+        self.run(
+            Collective::AllReduce {
+                input: t,
+                output: t,
+                op,
+            },
+            CallOptions::default(),
+        )
+    }
+
+    /// Out-of-place all-reduce.
+    pub fn all_reduce_into<'a>(
+        &mut self,
+        input: impl Into<TensorRef<'a>>,
+        output: impl Into<TensorRef<'a>>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (input, output) = (input.into(), output.into());
+        self.run(
+            Collective::AllReduce { input, output, op },
+            CallOptions::default(),
+        )
+    }
+
+    /// Reduce-scatter: `output` (n times shorter than `input`) gets this rank's chunk.
+    pub fn reduce_scatter<'a>(
+        &mut self,
+        input: impl Into<TensorRef<'a>>,
+        output: impl Into<TensorRef<'a>>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (input, output) = (input.into(), output.into());
+        self.run(
+            Collective::ReduceScatter { input, output, op },
+            CallOptions::default(),
+        )
+    }
+
+    /// All-gather: `output` (n times longer than `input`) gets every rank's input.
+    pub fn all_gather<'a>(
+        &mut self,
+        input: impl Into<TensorRef<'a>>,
+        output: impl Into<TensorRef<'a>>,
+    ) -> Result<()> {
+        let (input, output) = (input.into(), output.into());
+        self.run(
+            Collective::AllGather { input, output },
+            CallOptions::default(),
+        )
+    }
+
+    /// In-place broadcast from `root`.
+    pub fn broadcast<'a>(&mut self, buf: impl Into<TensorRef<'a>>, root: usize) -> Result<()> {
+        let t = buf.into();
+        self.run(
+            Collective::Broadcast {
+                input: t,
+                output: t,
+                root,
+            },
+            CallOptions::default(),
+        )
+    }
+
+    /// In-place reduce to `root`.
+    pub fn reduce<'a>(
+        &mut self,
+        buf: impl Into<TensorRef<'a>>,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        let t = buf.into();
+        self.run(
+            Collective::Reduce {
+                input: t,
+                output: t,
+                op,
+                root,
+            },
+            CallOptions::default(),
+        )
+    }
+
+    /// Blocks until every rank has entered the barrier.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.run(Collective::Barrier, CallOptions::default())
+    }
+
+    /// Runs any collective with per-call options; every other method ends here.
+    pub fn run(&mut self, call: Collective<'_>, opts: CallOptions) -> Result<()> {
+        self.seq += 1;
+        let at = At {
+            rank: self.rank,
+            op: Some(call.kind()),
+            seq: self.seq,
+        };
+        if let Some(cause) = &self.broken {
+            return Err(Error::Broken {
+                at,
+                cause: Box::new(cause.clone()),
+            });
+        }
+        let started = Instant::now();
+        let deadline = started + opts.timeout.unwrap_or(self.config.timeout);
+        let result = self.validate_and_plan(at, &call).and_then(|(plan, header, t)| {
+            let c = Call {
+                at,
+                header,
+                dtype: t.map_or(DType::U32, |t| t.0.dtype),
+                tensors: t,
+                started,
+                deadline,
+            };
+            execute(&mut self.engine, self.link.as_ref(), &c, &plan)
+        });
+        if let Err(e) = &result {
+            // Tell the others, so that nobody waits for this rank until the deadline. An abort
+            // that came from a peer has reached everyone already.
+            if !matches!(e, Error::PeerAborted { .. }) {
+                self.link.abort(&e.to_string());
+            }
+            self.broken = Some(e.clone());
+            tracing::warn!(error = %e, "collective failed");
+        }
+        result
+    }
+
+    /// Checks the call's arguments and builds this rank's plan and frame header.
+    #[allow(clippy::type_complexity)]
+    fn validate_and_plan<'a>(
+        &self,
+        at: At,
+        call: &Collective<'a>,
+    ) -> Result<(Plan, Header, Option<(TensorRef<'a>, TensorRef<'a>)>)> {
+        let (n, r) = (self.size, self.rank);
+        let slice = self.config.slice_bytes;
+        let bad = |message: String| Error::InvalidArgument { at, message };
+        let check_root = |root: usize| {
+            if root < n {
+                Ok(())
+            } else {
+                Err(bad(format!("root {root} is not a rank of {n}")))
+            }
+        };
+        let mut header = Header {
+            seq: self.seq,
+            count: 0,
+            payload_bytes: 0,
+            unit: 0,
+            kind: call.kind().code(),
+            dtype: NONE,
+            op: NONE,
+            root: NONE,
+            ranks: n as u32,
+        };
+        let (plan, input, output, op) = match *call {
+            Collective::AllReduce { input, output, op } => {
+                self.tensors(at, &input, &output)?;
+                if input.count != output.count {
+                    return Err(bad(format!(
+                        "input has {} elements, output {}",
+                        input.count, output.count
+                    )));
+                }
+                let in_place = disjoint_or_same(at, &input, &output)?;
+                let se = slice / input.dtype.size();
+                let plan = algo::ring_all_reduce(n, r, input.count, op, in_place, se);
+                header.count = input.count as u64;
+                (plan, input, output, Some(op))
+            }
+            Collective::ReduceScatter { input, output, op } => {
+                self.tensors(at, &input, &output)?;
+                if input.count != n * output.count {
+                    return Err(bad(format!(
+                        "input has {} elements; it must have ranks ({n}) x output ({}) = {}",
+                        input.count,
+                        output.count,
+                        n * output.count
+                    )));
+                }
+                if !output.same_as(&input.slice(r * output.count, output.count)) {
+                    disjoint_or_same(at, &input, &output)?;
+                }
+                let se = slice / input.dtype.size();
+                let plan = algo::ring_reduce_scatter(n, r, output.count, op, se);
+                header.count = output.count as u64;
+                (plan, input, output, Some(op))
+            }
+            Collective::AllGather { input, output } => {
+                self.tensors(at, &input, &output)?;
+                if output.count != n * input.count {
+                    return Err(bad(format!(
+                        "output has {} elements; it must have ranks ({n}) x input ({}) = {}",
+                        output.count,
+                        input.count,
+                        n * input.count
+                    )));
+                }
+                if !input.same_as(&output.slice(r * input.count, input.count)) {
+                    disjoint_or_same(at, &input, &output)?;
+                }
+                let se = slice / input.dtype.size();
+                let plan = algo::ring_all_gather(n, r, input.count, se);
+                header.count = input.count as u64;
+                (plan, input, output, None)
+            }
+            Collective::Broadcast {
+                input,
+                output,
+                root,
+            } => {
+                check_root(root)?;
+                // Non-root ranks never read their input: only the root's is checked.
+                let input = if r == root { input } else { output };
+                self.tensors(at, &input, &output)?;
+                if input.count != output.count {
+                    return Err(bad(format!(
+                        "input has {} elements, output {}",
+                        input.count, output.count
+                    )));
+                }
+                disjoint_or_same(at, &input, &output)?;
+                let se = slice / output.dtype.size();
+                let plan = algo::chain_broadcast(n, r, root, output.count, se);
+                header.count = output.count as u64;
+                header.root = root as u32;
+                (plan, input, output, None)
+            }
+            Collective::Reduce {
+                input,
+                output,
+                op,
+                root,
+            } => {
+                check_root(root)?;
+                // Non-root ranks never write their output: only the root's is checked.
+                let output = if r == root { output } else { input };
+                self.tensors(at, &input, &output)?;
+                if input.count != output.count {
+                    return Err(bad(format!(
+                        "input has {} elements, output {}",
+                        input.count, output.count
+                    )));
+                }
+                disjoint_or_same(at, &input, &output)?;
+                let se = slice / input.dtype.size();
+                let plan = algo::chain_reduce(n, r, root, input.count, op, se);
+                header.count = input.count as u64;
+                header.root = root as u32;
+                (plan, input, output, Some(op))
+            }
+            Collective::Barrier => return Ok((algo::ring_barrier(n, r), header, None)),
+        };
+        header.dtype = input.dtype.code();
+        if let Some(op) = op {
+            header.op = op.code();
+        }
+        Ok((plan, header, Some((input, output))))
+    }
+
+    /// Checks both tensors of a call: same element type, supported, valid views.
+    fn tensors(&self, at: At, input: &TensorRef<'_>, output: &TensorRef<'_>) -> Result<()> {
+        if input.dtype != output.dtype {
+            return Err(Error::InvalidArgument {
+                at,
+                message: format!("input is {}, output is {}", input.dtype, output.dtype),
+            });
+        }
+        self.engine.dev.check_dtype(at, input.dtype)?;
+        input.validate(at, "input")?;
+        output.validate(at, "output")
+    }
+
+    pub(crate) fn into_parts(self) -> (RankDevice, CommConfig) {
+        (self.engine.dev, self.config)
+    }
+}
+
+/// `Ok(true)` when input and output are the same tensor, `Ok(false)` when they do not overlap;
+/// an error when they partly overlap.
+fn disjoint_or_same(at: At, input: &TensorRef<'_>, output: &TensorRef<'_>) -> Result<bool> {
+    if input.same_as(output) {
+        Ok(true)
+    } else if input.overlaps(output) {
+        Err(Error::InvalidArgument {
+            at,
+            message: "input and output overlap without being the same tensor".into(),
+        })
+    } else {
+        Ok(false)
+    }
+}

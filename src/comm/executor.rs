@@ -1,0 +1,401 @@
+//! Runs an algorithm's [`Plan`] on one rank: device copies and kernels through the reduce
+//! kernels, frames through the link, read-backs begun ahead of the sends that need them so that
+//! reading back slice k+1 overlaps sending and reducing slice k.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use wgpu::{Buffer, BufferUsages, SubmissionIndex};
+
+use super::protocol::Header;
+use crate::algo::{Action, Buf, Plan, Recv, Region, Source, Transfer};
+use crate::device::{RankDevice, ReadRing, ReadTicket, TensorRef, UploadRing, wait_error};
+use crate::error::{At, Error, Result};
+use crate::kernels::{KernelOp, ReduceKernels};
+use crate::link::{Frame, Link, LinkError};
+use crate::types::{Combine, DType};
+
+/// One rank's device-side machinery, created once per communicator and reused by every call.
+pub(crate) struct Engine {
+    pub(crate) dev: RankDevice,
+    kernels: ReduceKernels,
+    reads: ReadRing,
+    uploads: UploadRing,
+    scratch: Option<Buffer>,
+    placeholder: Buffer,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        dev: RankDevice,
+        slice_bytes: u64,
+        depth: usize,
+        max_binding: Option<u64>,
+    ) -> Self {
+        let kernels = ReduceKernels::new(&dev, max_binding);
+        let reads = ReadRing::new(&dev, depth, slice_bytes);
+        let uploads = UploadRing::new(&dev, depth, slice_bytes);
+        let placeholder = dev.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wccl placeholder"),
+            size: 4,
+            usage: BufferUsages::STORAGE | BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        Engine {
+            dev,
+            kernels,
+            reads,
+            uploads,
+            scratch: None,
+            placeholder,
+        }
+    }
+
+    /// A tiny buffer for calls that move no data.
+    pub(crate) fn placeholder(&self) -> &Buffer {
+        &self.placeholder
+    }
+
+    fn ensure_scratch(&mut self, bytes: u64) {
+        let size = bytes.next_multiple_of(4).max(4);
+        if self.scratch.as_ref().is_none_or(|s| s.size() < size) {
+            self.scratch = Some(self.dev.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wccl scratch"),
+                size,
+                usage: BufferUsages::STORAGE | BufferUsages::COPY_SRC | BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+    }
+}
+
+/// Everything about the call that the executor needs besides the plan.
+pub(crate) struct Call<'a> {
+    pub at: At,
+    pub header: Header,
+    pub dtype: DType,
+    /// Input and output; `None` for calls that move no data (barrier).
+    pub tensors: Option<(TensorRef<'a>, TensorRef<'a>)>,
+    pub started: Instant,
+    pub deadline: Instant,
+}
+
+/// A read-back that the plan will send, with the action it depends on.
+struct SendRead {
+    action: usize,
+    /// The last action (possibly `action` itself) that writes memory this read covers.
+    after: Option<usize>,
+    region: Region,
+}
+
+struct Run<'e, 'a> {
+    eng: &'e mut Engine,
+    link: &'e dyn Link,
+    call: &'e Call<'a>,
+    scratch: Option<Buffer>,
+    sent: Vec<u32>,
+    received: Vec<u32>,
+    last: Option<SubmissionIndex>,
+}
+
+/// Executes `plan` for this rank. Returns once this rank's part is on its device.
+pub(crate) fn execute(eng: &mut Engine, link: &dyn Link, call: &Call<'_>, plan: &Plan) -> Result<()> {
+    if plan.scratch > 0 {
+        eng.ensure_scratch((plan.scratch * call.dtype.size()) as u64);
+    }
+    let n = link.size();
+    let mut run = Run {
+        scratch: eng.scratch.clone(),
+        eng,
+        link,
+        call,
+        sent: vec![0; n],
+        received: vec![0; n],
+        last: None,
+    };
+    run.plan(plan)?;
+    if let Some(last) = run.last.take() {
+        run.eng
+            .dev
+            .wait_submission(&last, call.deadline)
+            .map_err(|e| wait_error(call.at, e))?;
+    }
+    run.eng.dev.check(call.at)
+}
+
+impl Run<'_, '_> {
+    fn plan(&mut self, plan: &Plan) -> Result<()> {
+        let reads = self.send_reads(plan);
+        let mut next_read = 0usize;
+        let mut tickets = VecDeque::new();
+        for (i, action) in plan.actions.iter().enumerate() {
+            self.begin_reads(&reads, &mut next_read, &mut tickets, i as isize - 1)?;
+            match action {
+                Action::Copy { src, dst } => self.copy(*src, *dst)?,
+                Action::Scale { dst, divisor } => {
+                    let (buf, off) = self.locate(*dst);
+                    self.kernel(KernelOp::Scale(*divisor), (&buf, off), None, dst.len);
+                }
+                Action::Transfer(t) => {
+                    self.transfer(i, t, &reads, &mut next_read, &mut tickets)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn transfer(
+        &mut self,
+        i: usize,
+        t: &Transfer,
+        reads: &[SendRead],
+        next_read: &mut usize,
+        tickets: &mut VecDeque<(usize, ReadTicket)>,
+    ) -> Result<()> {
+        let mut received = None;
+        if t.recv_first
+            && let Some(r) = &t.recv
+        {
+            received = Some(self.receive(r)?);
+        }
+        if let Some((to, source)) = t.send {
+            let payload = match source {
+                Source::Forward => received.clone().unwrap_or_default(),
+                Source::Device(_) => {
+                    let done = if t.recv_first { i as isize } else { i as isize - 1 };
+                    self.begin_reads(reads, next_read, tickets, done)?;
+                    match tickets.pop_front() {
+                        Some((a, ticket)) if a == i => self
+                            .eng
+                            .reads
+                            .finish(&self.eng.dev, ticket, self.call.deadline)
+                            .map_err(|e| wait_error(self.call.at, e))?,
+                        _ => {
+                            return Err(Error::Device {
+                                at: self.call.at,
+                                message: "internal: read-back schedule out of order".into(),
+                            });
+                        }
+                    }
+                }
+            };
+            self.send(to, payload)?;
+        }
+        if !t.recv_first
+            && let Some(r) = &t.recv
+        {
+            self.receive(r)?;
+        }
+        Ok(())
+    }
+
+    /// The read-backs the plan's sends need, in order, each with the last earlier write that
+    /// touches the same memory (the read may only begin once that write is submitted).
+    fn send_reads(&self, plan: &Plan) -> Vec<SendRead> {
+        let mut out = Vec::new();
+        for (i, a) in plan.actions.iter().enumerate() {
+            let Action::Transfer(t) = a else { continue };
+            let Some((_, Source::Device(region))) = t.send else {
+                continue;
+            };
+            let upto = if t.recv_first { i + 1 } else { i };
+            let after = (0..upto).rev().find(|&v| {
+                plan.actions[v]
+                    .writes()
+                    .is_some_and(|w| self.overlap(w, region))
+            });
+            out.push(SendRead {
+                action: i,
+                after,
+                region,
+            });
+        }
+        out
+    }
+
+    /// Begins read-backs in plan order while slots are free and their inputs are submitted
+    /// (`done` is the last action whose device work has been submitted).
+    fn begin_reads(
+        &mut self,
+        reads: &[SendRead],
+        next: &mut usize,
+        tickets: &mut VecDeque<(usize, ReadTicket)>,
+        done: isize,
+    ) -> Result<()> {
+        while *next < reads.len() && self.eng.reads.has_free_slot() {
+            let r = &reads[*next];
+            if r.after.is_some_and(|a| a as isize > done) {
+                break;
+            }
+            let (buf, off) = self.locate(r.region);
+            let bytes = r.region.len * self.call.dtype.size();
+            let ticket = self.eng.reads.begin(&self.eng.dev, &buf, off, bytes);
+            tickets.push_back((r.action, ticket));
+            *next += 1;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, to: usize, payload: Vec<u8>) -> Result<()> {
+        let header = Header {
+            unit: self.sent[to],
+            payload_bytes: payload.len() as u64,
+            ..self.call.header
+        };
+        self.sent[to] += 1;
+        self.link
+            .send(
+                to,
+                Frame {
+                    header: header.encode(),
+                    payload,
+                },
+            )
+            .map_err(|e| self.link_error(e, to))
+    }
+
+    /// Receives one frame, checks it against what this rank expects, and folds it into the
+    /// destination on the device. Returns the payload (for forwarding).
+    fn receive(&mut self, r: &Recv) -> Result<Vec<u8>> {
+        let frame = self
+            .link
+            .recv(r.from, self.call.deadline)
+            .map_err(|e| self.link_error(e, r.from))?;
+        let expected = Header {
+            unit: self.received[r.from],
+            payload_bytes: (r.dst.len * self.call.dtype.size()) as u64,
+            ..self.call.header
+        };
+        self.received[r.from] += 1;
+        let theirs = Header::decode(&frame.header).ok_or_else(|| Error::Mismatch {
+            at: self.call.at,
+            peer: r.from,
+            field: "frame header",
+            ours: format!("{} bytes", std::mem::size_of::<Header>()),
+            theirs: format!("{} bytes", frame.header.len()),
+        })?;
+        expected.check(&theirs, self.call.at, r.from)?;
+        if frame.payload.len() as u64 != expected.payload_bytes {
+            return Err(Error::Mismatch {
+                at: self.call.at,
+                peer: r.from,
+                field: "payload length",
+                ours: expected.payload_bytes.to_string(),
+                theirs: frame.payload.len().to_string(),
+            });
+        }
+        if r.dst.len > 0 {
+            let mut enc = self.eng.dev.device().create_command_encoder(&Default::default());
+            let staged = self
+                .eng
+                .uploads
+                .stage(&self.eng.dev, &frame.payload, &mut enc, self.call.deadline)
+                .map_err(|e| wait_error(self.call.at, e))?;
+            let (buf, off) = self.locate(r.dst);
+            self.eng.kernels.encode(
+                &self.eng.dev,
+                &mut enc,
+                KernelOp::Combine(r.combine),
+                self.call.dtype,
+                (&buf, off),
+                Some((&staged, 0)),
+                r.dst.len,
+            );
+            let idx = self.eng.kernels.submit(&self.eng.dev, enc);
+            self.eng.uploads.submitted(&idx);
+            self.last = Some(idx);
+        }
+        Ok(frame.payload)
+    }
+
+    /// Device copy; through the bounce buffer when both sides are in the same wgpu buffer
+    /// (a kernel may not bind one buffer twice).
+    fn copy(&mut self, src: Region, dst: Region) -> Result<()> {
+        let (sb, so) = self.locate(src);
+        let (db, doff) = self.locate(dst);
+        if sb == db && so == doff {
+            return Ok(());
+        }
+        let es = self.call.dtype.size();
+        if sb != db {
+            self.kernel(KernelOp::Combine(Combine::Copy), (&db, doff), Some((&sb, so)), src.len);
+            return Ok(());
+        }
+        let bounce = self.eng.uploads.bounce().clone();
+        let per = (self.eng.uploads.slot_bytes() as usize / es).max(1);
+        let mut done = 0;
+        while done < src.len {
+            let n = per.min(src.len - done);
+            let off = (done * es) as u64;
+            let copy = KernelOp::Combine(Combine::Copy);
+            self.kernel(copy, (&bounce, 0), Some((&sb, so + off)), n);
+            self.kernel(copy, (&db, doff + off), Some((&bounce, 0)), n);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Encodes and submits one kernel, in as many submissions as its size needs.
+    fn kernel(&mut self, op: KernelOp, dst: (&Buffer, u64), src: Option<(&Buffer, u64)>, len: usize) {
+        let es = self.call.dtype.size() as u64;
+        let per = self.eng.kernels.max_elements_per_submit(self.call.dtype);
+        let mut done = 0;
+        while done < len {
+            let n = per.min(len - done);
+            let off = done as u64 * es;
+            let mut enc = self.eng.dev.device().create_command_encoder(&Default::default());
+            self.eng.kernels.encode(
+                &self.eng.dev,
+                &mut enc,
+                op,
+                self.call.dtype,
+                (dst.0, dst.1 + off),
+                src.map(|(b, o)| (b, o + off)),
+                n,
+            );
+            self.last = Some(self.eng.kernels.submit(&self.eng.dev, enc));
+            done += n;
+        }
+    }
+
+    /// The wgpu buffer and byte offset of a region.
+    fn locate(&self, r: Region) -> (Buffer, u64) {
+        let es = self.call.dtype.size() as u64;
+        let (buf, base) = match (r.buf, &self.call.tensors, &self.scratch) {
+            (Buf::Input, Some((input, _)), _) => (input.buffer, input.offset),
+            (Buf::Output, Some((_, output)), _) => (output.buffer, output.offset),
+            (Buf::Scratch, _, Some(s)) => (s, 0),
+            // Only empty regions get here (barrier frames); they are never read or written.
+            _ => (self.eng.placeholder(), 0),
+        };
+        (buf.clone(), base + r.offset as u64 * es)
+    }
+
+    /// Whether two regions may share memory (input and output can be one buffer).
+    fn overlap(&self, a: Region, b: Region) -> bool {
+        if a.len == 0 || b.len == 0 {
+            return false;
+        }
+        let es = self.call.dtype.size() as u64;
+        let (ab, ao) = self.locate(a);
+        let (bb, bo) = self.locate(b);
+        ab == bb && ao < bo + b.len as u64 * es && bo < ao + a.len as u64 * es
+    }
+
+    fn link_error(&self, e: LinkError, peer: usize) -> Error {
+        let at = self.call.at;
+        match e {
+            LinkError::Timeout => Error::Timeout {
+                at,
+                waiting_on: vec![peer],
+                waited: self.call.started.elapsed(),
+            },
+            LinkError::Closed => Error::LinkClosed { at, peer },
+            LinkError::Aborted { from, reason } => Error::PeerAborted {
+                at,
+                peer: from,
+                reason,
+            },
+        }
+    }
+}

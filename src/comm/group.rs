@@ -1,0 +1,302 @@
+//! Building a group of communicators, and group calls from one thread over all ranks.
+
+use std::time::Duration;
+
+use wgpu::{AdapterInfo, Device, Queue};
+
+use super::communicator::{CallOptions, Collective, CommConfig, Communicator};
+use crate::device::{AdapterSelector, RankDevice, TensorRef, discover_adapters};
+use crate::error::{At, Error, Result};
+use crate::link::in_process_mesh;
+use crate::types::ReduceOp;
+
+/// Builds a [`CommGroup`]; see [`CommGroup::builder`].
+#[derive(Clone, Debug)]
+pub struct GroupBuilder {
+    ranks: usize,
+    selector: AdapterSelector,
+    config: CommConfig,
+}
+
+impl GroupBuilder {
+    /// Number of ranks (default 2). With fewer adapters than ranks, ranks share adapters round
+    /// robin, each with its own device.
+    pub fn ranks(mut self, ranks: usize) -> Self {
+        self.ranks = ranks;
+        self
+    }
+
+    /// Which adapters to use.
+    pub fn adapters(mut self, selector: AdapterSelector) -> Self {
+        self.selector = selector;
+        self
+    }
+
+    /// All settings at once.
+    pub fn config(mut self, config: CommConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Default deadline of each collective.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = timeout;
+        self
+    }
+
+    /// Pipeline slice size in bytes.
+    pub fn slice_bytes(mut self, bytes: usize) -> Self {
+        self.config.slice_bytes = bytes;
+        self
+    }
+
+    /// Finds the adapters, opens one device per rank, and links the ranks in this process.
+    pub fn build(self) -> Result<CommGroup> {
+        if self.ranks == 0 {
+            return Err(Error::InvalidArgument {
+                at: At::rank(0),
+                message: "a group needs at least one rank".into(),
+            });
+        }
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapters = discover_adapters(&instance, &self.selector)?;
+        let devices = (0..self.ranks)
+            .map(|r| RankDevice::open(r, &adapters[r % adapters.len()]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CommGroup::link(devices, self.config))
+    }
+}
+
+/// The ranks of one process, each with its device and its links to the others.
+///
+/// ```no_run
+/// # fn main() -> wccl::Result<()> {
+/// use wccl::{CommGroup, ReduceOp};
+/// let mut group = CommGroup::builder().ranks(4).build()?;
+/// let bufs = (0..4)
+///     .map(|r| group.comm(r).upload(&vec![r as f32; 1000]))
+///     .collect::<wccl::Result<Vec<_>>>()?;
+/// group.all_reduce(&bufs.iter().map(|b| b.view()).collect::<Vec<_>>(), ReduceOp::Sum)?;
+/// assert_eq!(group.comm(2).download(&bufs[2])?[0], 6.0);
+/// # Ok(()) }
+/// ```
+pub struct CommGroup {
+    comms: Vec<Communicator>,
+}
+
+impl CommGroup {
+    /// A builder: 2 ranks over the default adapters, default settings.
+    pub fn builder() -> GroupBuilder {
+        GroupBuilder {
+            ranks: 2,
+            selector: AdapterSelector::default(),
+            config: CommConfig::default(),
+        }
+    }
+
+    /// A group over devices the caller already has, one rank per `(Device, Queue)` in order.
+    pub fn from_devices(devices: Vec<(Device, Queue)>, config: CommConfig) -> Result<CommGroup> {
+        if devices.is_empty() {
+            return Err(Error::InvalidArgument {
+                at: At::rank(0),
+                message: "a group needs at least one device".into(),
+            });
+        }
+        let devices = devices
+            .into_iter()
+            .enumerate()
+            .map(|(r, (d, q))| RankDevice::from_wgpu(r, d, q))
+            .collect();
+        Ok(CommGroup::link(devices, config))
+    }
+
+    fn link(devices: Vec<RankDevice>, config: CommConfig) -> CommGroup {
+        let links = in_process_mesh(devices.len());
+        let comms = devices
+            .into_iter()
+            .zip(links)
+            .map(|(dev, link)| Communicator::new(dev, Box::new(link), config.clone()))
+            .collect();
+        CommGroup { comms }
+    }
+
+    /// A group rebuilt from the same devices with fresh links and no error: what to do after a
+    /// collective failed.
+    pub fn rebuild(self) -> CommGroup {
+        Self::rebuild_from(self.comms)
+    }
+
+    /// Like [`rebuild`](Self::rebuild), from communicators taken out with
+    /// [`into_communicators`](Self::into_communicators), in rank order.
+    pub fn rebuild_from(comms: Vec<Communicator>) -> CommGroup {
+        let mut config = None;
+        let devices = comms
+            .into_iter()
+            .map(|c| {
+                let (dev, cfg) = c.into_parts();
+                config.get_or_insert(cfg);
+                dev
+            })
+            .collect();
+        CommGroup::link(devices, config.unwrap_or_default())
+    }
+
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.comms.len()
+    }
+
+    /// Rank `r`'s communicator.
+    ///
+    /// # Panics
+    /// If `r` is not a rank of the group.
+    pub fn comm(&mut self, r: usize) -> &mut Communicator {
+        &mut self.comms[r]
+    }
+
+    /// The adapters of the ranks, in rank order.
+    pub fn adapters(&self) -> Vec<AdapterInfo> {
+        self.comms.iter().map(|c| c.device().info().clone()).collect()
+    }
+
+    /// The communicators, for calling them from one thread per rank.
+    pub fn into_communicators(self) -> Vec<Communicator> {
+        self.comms
+    }
+
+    /// Runs `f` on every rank at once, each on its own thread; returns each rank's result.
+    pub fn run_each<R: Send>(
+        &mut self,
+        f: impl Fn(&mut Communicator) -> Result<R> + Sync,
+    ) -> Vec<Result<R>> {
+        let f = &f;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .comms
+                .iter_mut()
+                .map(|c| {
+                    let rank = c.rank();
+                    (rank, s.spawn(move || f(c)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(rank, h)| {
+                    h.join().unwrap_or_else(|p| {
+                        Err(Error::Panicked {
+                            at: At::rank(rank),
+                            message: panic_message(&p),
+                        })
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Runs one call per rank (in rank order) at once; the first rank's error, if any.
+    pub fn run(&mut self, calls: &[Collective<'_>], opts: CallOptions) -> Result<()> {
+        if calls.len() != self.size() {
+            return Err(Error::InvalidArgument {
+                at: At::rank(0),
+                message: format!("{} calls for {} ranks", calls.len(), self.size()),
+            });
+        }
+        first_error(self.run_each(|c| c.run(calls[c.rank()], opts)))
+    }
+
+    /// In-place all-reduce over every rank's tensor.
+    pub fn all_reduce(&mut self, bufs: &[TensorRef<'_>], op: ReduceOp) -> Result<()> {
+        let calls: Vec<_> = bufs
+            .iter()
+            .map(|&b| Collective::AllReduce {
+                input: b,
+                output: b,
+                op,
+            })
+            .collect();
+        self.run(&calls, CallOptions::default())
+    }
+
+    /// Out-of-place all-reduce.
+    pub fn all_reduce_into(
+        &mut self,
+        inputs: &[TensorRef<'_>],
+        outputs: &[TensorRef<'_>],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let calls = pairs(inputs, outputs, |input, output| Collective::AllReduce {
+            input,
+            output,
+            op,
+        });
+        self.run(&calls, CallOptions::default())
+    }
+
+    /// Reduce-scatter over every rank.
+    pub fn reduce_scatter(
+        &mut self,
+        inputs: &[TensorRef<'_>],
+        outputs: &[TensorRef<'_>],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let calls = pairs(inputs, outputs, |input, output| {
+            Collective::ReduceScatter { input, output, op }
+        });
+        self.run(&calls, CallOptions::default())
+    }
+
+    /// All-gather over every rank.
+    pub fn all_gather(&mut self, inputs: &[TensorRef<'_>], outputs: &[TensorRef<'_>]) -> Result<()> {
+        let calls = pairs(inputs, outputs, |input, output| Collective::AllGather {
+            input,
+            output,
+        });
+        self.run(&calls, CallOptions::default())
+    }
+
+    /// In-place broadcast from `root`.
+    pub fn broadcast(&mut self, bufs: &[TensorRef<'_>], root: usize) -> Result<()> {
+        let calls = pairs(bufs, bufs, |input, output| Collective::Broadcast {
+            input,
+            output,
+            root,
+        });
+        self.run(&calls, CallOptions::default())
+    }
+
+    /// In-place reduce to `root`.
+    pub fn reduce(&mut self, bufs: &[TensorRef<'_>], op: ReduceOp, root: usize) -> Result<()> {
+        let calls = pairs(bufs, bufs, |input, output| Collective::Reduce {
+            input,
+            output,
+            op,
+            root,
+        });
+        self.run(&calls, CallOptions::default())
+    }
+
+    /// Barrier over every rank.
+    pub fn barrier(&mut self) -> Result<()> {
+        let calls = vec![Collective::Barrier; self.size()];
+        self.run(&calls, CallOptions::default())
+    }
+}
+
+fn pairs<'a>(
+    a: &[TensorRef<'a>],
+    b: &[TensorRef<'a>],
+    f: impl Fn(TensorRef<'a>, TensorRef<'a>) -> Collective<'a>,
+) -> Vec<Collective<'a>> {
+    a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+}
+
+fn first_error(results: Vec<Result<()>>) -> Result<()> {
+    results.into_iter().collect()
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

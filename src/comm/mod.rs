@@ -1,0 +1,10 @@
+//! Communicators: the per-rank handle, group construction and group calls, the frame header,
+//! and the executor that runs an algorithm's plan on a device over a link.
+
+mod communicator;
+mod executor;
+mod group;
+mod protocol;
+
+pub use communicator::{CallOptions, Collective, CommConfig, Communicator};
+pub use group::{CommGroup, GroupBuilder};

@@ -1,0 +1,13 @@
+//! One rank's GPU: finding adapters, opening devices, typed buffers and the staging buffers that
+//! carry data between a device and the host.
+
+mod buffer;
+mod context;
+mod discovery;
+mod staging;
+
+pub use buffer::{DeviceBuffer, TensorRef};
+pub use context::RankDevice;
+pub use discovery::{AdapterSelector, discover_adapters};
+pub(crate) use buffer::{read_tensor, wait_error};
+pub(crate) use staging::{ReadRing, ReadTicket, UploadRing};

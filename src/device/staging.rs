@@ -1,0 +1,220 @@
+//! Staging buffers between one device and the host, created once per communicator and reused.
+//!
+//! A [`ReadRing`] holds `MAP_READ` buffers: a read-back copies a device range into a free slot
+//! and asks for it to be mapped as soon as the copy finishes, so several read-backs can be in
+//! flight while the host does other work. An [`UploadRing`] holds `MAP_WRITE` buffers, each with
+//! a device-side twin that the kernels read: the host writes into a mapped slot, a copy moves it
+//! to the twin, and the slot is re-mapped for writing as soon as that copy has run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use wgpu::{Buffer, BufferUsages, CommandEncoder, MapMode, SubmissionIndex};
+
+use super::context::{RankDevice, WaitError};
+
+struct ReadSlot {
+    buffer: Buffer,
+    mapped: Arc<AtomicBool>,
+}
+
+/// A read-back in flight: which slot holds it and where the wanted bytes sit in it.
+pub(crate) struct ReadTicket {
+    slot: usize,
+    submission: Option<SubmissionIndex>,
+    head: usize,
+    len: usize,
+    mapped_len: u64,
+}
+
+/// Reusable `MAP_READ` staging slots; read-backs must be finished in the order they began.
+pub(crate) struct ReadRing {
+    slots: Vec<ReadSlot>,
+    next: usize,
+    in_flight: usize,
+}
+
+impl ReadRing {
+    /// `slots` buffers of `slot_bytes` each (plus room for rounding a range out to 4 bytes).
+    pub(crate) fn new(dev: &RankDevice, slots: usize, slot_bytes: u64) -> Self {
+        let slots = (0..slots.max(1))
+            .map(|_| ReadSlot {
+                buffer: dev.device().create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wccl read staging"),
+                    size: slot_bytes.next_multiple_of(4) + 8,
+                    usage: BufferUsages::MAP_READ | BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
+                mapped: Arc::new(AtomicBool::new(false)),
+            })
+            .collect();
+        ReadRing {
+            slots,
+            next: 0,
+            in_flight: 0,
+        }
+    }
+
+    /// Whether another read-back can begin.
+    pub(crate) fn has_free_slot(&self) -> bool {
+        self.in_flight < self.slots.len()
+    }
+
+    /// Starts copying `len` bytes at `offset` of `src` into the next slot. The caller must check
+    /// [`has_free_slot`](Self::has_free_slot) and keep `len` within the slot size.
+    pub(crate) fn begin(
+        &mut self,
+        dev: &RankDevice,
+        src: &Buffer,
+        offset: u64,
+        len: usize,
+    ) -> ReadTicket {
+        let slot = self.next;
+        self.next = (self.next + 1) % self.slots.len();
+        self.in_flight += 1;
+        if len == 0 {
+            return ReadTicket {
+                slot,
+                submission: None,
+                head: 0,
+                len: 0,
+                mapped_len: 0,
+            };
+        }
+        // Copies move whole 4-byte words: round the range out (f16 views may start mid-word).
+        let start = offset & !3;
+        let end = (offset + len as u64).next_multiple_of(4);
+        let s = &self.slots[slot];
+        s.mapped.store(false, Ordering::Release);
+        let mut enc = dev.device().create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(src, start, &s.buffer, 0, end - start);
+        let flag = Arc::clone(&s.mapped);
+        enc.map_buffer_on_submit(&s.buffer, MapMode::Read, 0..end - start, move |_| {
+            flag.store(true, Ordering::Release)
+        });
+        let submission = dev.queue().submit([enc.finish()]);
+        ReadTicket {
+            slot,
+            submission: Some(submission),
+            head: (offset - start) as usize,
+            len,
+            mapped_len: end - start,
+        }
+    }
+
+    /// Waits for a read-back and copies its bytes out of the slot, freeing the slot.
+    pub(crate) fn finish(
+        &mut self,
+        dev: &RankDevice,
+        ticket: ReadTicket,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, WaitError> {
+        self.in_flight -= 1;
+        let Some(submission) = ticket.submission else {
+            return Ok(Vec::new());
+        };
+        let s = &self.slots[ticket.slot];
+        dev.wait_flag(&s.mapped, Some(&submission), deadline)?;
+        let view = s
+            .buffer
+            .get_mapped_range(0..ticket.mapped_len)
+            .map_err(|e| WaitError::Device(format!("mapping a read-back: {e}")))?;
+        let out = view[ticket.head..ticket.head + ticket.len].to_vec();
+        drop(view);
+        s.buffer.unmap();
+        Ok(out)
+    }
+}
+
+struct UploadSlot {
+    staging: Buffer,
+    target: Buffer,
+    mapped: Arc<AtomicBool>,
+    last_use: Option<SubmissionIndex>,
+}
+
+/// Reusable `MAP_WRITE` staging slots with device-side twins that kernels read from.
+pub(crate) struct UploadRing {
+    slots: Vec<UploadSlot>,
+    next: usize,
+    slot_bytes: u64,
+}
+
+impl UploadRing {
+    pub(crate) fn new(dev: &RankDevice, slots: usize, slot_bytes: u64) -> Self {
+        let size = slot_bytes.next_multiple_of(4).max(4);
+        let slots = (0..slots.max(1))
+            .map(|_| UploadSlot {
+                staging: dev.device().create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wccl upload staging"),
+                    size,
+                    usage: BufferUsages::MAP_WRITE | BufferUsages::COPY_SRC,
+                    mapped_at_creation: true,
+                }),
+                target: dev.device().create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wccl upload target"),
+                    size,
+                    usage: BufferUsages::STORAGE | BufferUsages::COPY_DST | BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                }),
+                mapped: Arc::new(AtomicBool::new(true)),
+                last_use: None,
+            })
+            .collect();
+        UploadRing {
+            slots,
+            next: 0,
+            slot_bytes: size,
+        }
+    }
+
+    /// Capacity of one slot in bytes.
+    pub(crate) fn slot_bytes(&self) -> u64 {
+        self.slot_bytes
+    }
+
+    /// Writes `bytes` into the next slot and records, in `enc`, the copy to its device twin and
+    /// the slot's re-mapping. Returns the twin, which holds the bytes once `enc` has run. Call
+    /// [`submitted`](Self::submitted) with the submission that carries `enc`.
+    pub(crate) fn stage(
+        &mut self,
+        dev: &RankDevice,
+        bytes: &[u8],
+        enc: &mut CommandEncoder,
+        deadline: Instant,
+    ) -> Result<Buffer, WaitError> {
+        let index = self.next;
+        self.next = (self.next + 1) % self.slots.len();
+        let slot = &mut self.slots[index];
+        dev.wait_flag(&slot.mapped, slot.last_use.as_ref(), deadline)?;
+        let len4 = (bytes.len() as u64).next_multiple_of(4);
+        {
+            let mut view = slot
+                .staging
+                .get_mapped_range_mut(0..len4)
+                .map_err(|e| WaitError::Device(format!("mapping an upload slot: {e}")))?;
+            view.slice(..bytes.len()).copy_from_slice(bytes);
+        }
+        slot.staging.unmap();
+        slot.mapped.store(false, Ordering::Release);
+        enc.copy_buffer_to_buffer(&slot.staging, 0, &slot.target, 0, len4);
+        let flag = Arc::clone(&slot.mapped);
+        enc.map_buffer_on_submit(&slot.staging, MapMode::Write, .., move |_| {
+            flag.store(true, Ordering::Release)
+        });
+        Ok(slot.target.clone())
+    }
+
+    /// Records the submission that used the slot most recently staged.
+    pub(crate) fn submitted(&mut self, submission: &SubmissionIndex) {
+        let last = (self.next + self.slots.len() - 1) % self.slots.len();
+        self.slots[last].last_use = Some(submission.clone());
+    }
+
+    /// A device buffer of [`slot_bytes`](Self::slot_bytes) the caller may use as a bounce
+    /// buffer for device-side copies (its GPU uses are ordered by the queue).
+    pub(crate) fn bounce(&self) -> &Buffer {
+        &self.slots[0].target
+    }
+}

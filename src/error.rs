@@ -1,0 +1,181 @@
+//! The crate's error type. Every variant says where it happened: the rank, and for errors inside
+//! a collective, the collective and its sequence number on that communicator.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::types::CollectiveKind;
+
+/// Where an error happened: a rank, and the collective call (with its sequence number) if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct At {
+    /// The rank that reports the error.
+    pub rank: usize,
+    /// The collective that was running, if any.
+    pub op: Option<CollectiveKind>,
+    /// The collective's sequence number on this communicator (1 for the first call).
+    pub seq: u64,
+}
+
+impl At {
+    pub(crate) fn rank(rank: usize) -> Self {
+        At {
+            rank,
+            op: None,
+            seq: 0,
+        }
+    }
+}
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.op {
+            Some(op) => write!(f, "rank {}, {} #{}", self.rank, op, self.seq),
+            None => write!(f, "rank {}", self.rank),
+        }
+    }
+}
+
+/// Everything that can go wrong in wccl.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Error {
+    /// No adapter matched the selection.
+    #[error("no adapter matches {wanted}; adapters found: {found}")]
+    NoAdapter {
+        /// What was asked for.
+        wanted: String,
+        /// The adapters that exist, for the message.
+        found: String,
+    },
+
+    /// `request_device` failed for a rank.
+    #[error("{at}: could not open a device on adapter '{adapter}': {message}")]
+    DeviceRequest {
+        /// The rank.
+        at: At,
+        /// The adapter's name.
+        adapter: String,
+        /// wgpu's message.
+        message: String,
+    },
+
+    /// The element type needs a device feature that this rank's device lacks.
+    #[error("{at}: {dtype} needs the SHADER_F16 feature, which the device on '{adapter}' lacks")]
+    UnsupportedDType {
+        /// Where.
+        at: At,
+        /// The element type asked for.
+        dtype: crate::DType,
+        /// The adapter's name.
+        adapter: String,
+    },
+
+    /// The arguments of a call are wrong; nothing was written.
+    #[error("{at}: invalid argument: {message}")]
+    InvalidArgument {
+        /// Where.
+        at: At,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// The deadline passed while this rank waited for a peer.
+    #[error("{at}: timed out after {waited:?} waiting for rank(s) {waiting_on:?}")]
+    Timeout {
+        /// Where.
+        at: At,
+        /// The ranks this rank was waiting on.
+        waiting_on: Vec<usize>,
+        /// How long the call had run.
+        waited: Duration,
+    },
+
+    /// A peer called a different collective, or the same one with other arguments.
+    #[error("{at}: rank {peer} disagrees on {field}: this rank has {ours}, rank {peer} has {theirs}")]
+    Mismatch {
+        /// Where.
+        at: At,
+        /// The peer whose message disagreed.
+        peer: usize,
+        /// Which field of the call disagreed (collective, sequence, dtype, op, count, root, ...).
+        field: &'static str,
+        /// This rank's value.
+        ours: String,
+        /// The peer's value.
+        theirs: String,
+    },
+
+    /// A peer hit an error during this collective and told everyone.
+    #[error("{at}: rank {peer} aborted the collective: {reason}")]
+    PeerAborted {
+        /// Where.
+        at: At,
+        /// The rank that aborted.
+        peer: usize,
+        /// Its error, as text.
+        reason: String,
+    },
+
+    /// The link to a peer is gone (its communicator was dropped or its process died).
+    #[error("{at}: the link to rank {peer} is closed (rank gone)")]
+    LinkClosed {
+        /// Where.
+        at: At,
+        /// The peer.
+        peer: usize,
+    },
+
+    /// The device reported an error, was lost, or did not finish in time.
+    #[error("{at}: device error: {message}")]
+    Device {
+        /// Where.
+        at: At,
+        /// What the device said.
+        message: String,
+    },
+
+    /// An earlier collective failed on this communicator; build a new one.
+    #[error("{at}: communicator is broken by an earlier error; rebuild it (cause: {cause})")]
+    Broken {
+        /// Where.
+        at: At,
+        /// The error that broke it.
+        cause: Box<Error>,
+    },
+
+    /// A rank's thread panicked during a group call.
+    #[error("{at}: the rank's thread panicked: {message}")]
+    Panicked {
+        /// Where.
+        at: At,
+        /// The panic message.
+        message: String,
+    },
+}
+
+impl Error {
+    /// Where the error happened, if it is tied to a rank.
+    pub fn at(&self) -> Option<At> {
+        match self {
+            Error::NoAdapter { .. } => None,
+            Error::DeviceRequest { at, .. }
+            | Error::UnsupportedDType { at, .. }
+            | Error::InvalidArgument { at, .. }
+            | Error::Timeout { at, .. }
+            | Error::Mismatch { at, .. }
+            | Error::PeerAborted { at, .. }
+            | Error::LinkClosed { at, .. }
+            | Error::Device { at, .. }
+            | Error::Broken { at, .. }
+            | Error::Panicked { at, .. } => Some(*at),
+        }
+    }
+
+    /// The rank that reports the error, if any.
+    pub fn rank(&self) -> Option<usize> {
+        self.at().map(|a| a.rank)
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,42 @@
+//! # wccl — the WebGPU Collective Communications Library
+//!
+//! Collectives (all-reduce, reduce-scatter, all-gather, broadcast, reduce, barrier) across
+//! several wgpu devices — one per adapter, or several on one adapter — with the reductions done by
+//! WGSL compute kernels on the devices, and a deadline on every call.
+//!
+//! The layers, bottom up:
+//! - [`device`]: adapters, one rank's device, typed buffers, staging buffers;
+//! - `kernels`: the WGSL reduce kernels (sources in `shaders/`);
+//! - [`link`]: how frames move between ranks (in-process crossbeam channels today);
+//! - [`algo`]: one schedule per algorithm (ring all-reduce, chain broadcast, ...), pure code;
+//! - [`comm`]: [`Communicator`] (one rank), [`CommGroup`] (all ranks of a process), and the
+//!   executor that runs an algorithm's plan on a device over a link.
+//!
+//! ```no_run
+//! # fn main() -> wccl::Result<()> {
+//! use wccl::{CommGroup, ReduceOp};
+//!
+//! // Four ranks over whatever adapters exist (sharing one when there are fewer).
+//! let mut group = CommGroup::builder().ranks(4).build()?;
+//! let bufs = (0..4)
+//!     .map(|r| group.comm(r).upload(&vec![r as f32 + 1.0; 1 << 16]))
+//!     .collect::<wccl::Result<Vec<_>>>()?;
+//! let views: Vec<_> = bufs.iter().map(|b| b.view()).collect();
+//! group.all_reduce(&views, ReduceOp::Sum)?;
+//! assert!(group.comm(0).download(&bufs[0])?.iter().all(|&x| x == 10.0));
+//! # Ok(()) }
+//! ```
+
+pub mod algo;
+pub mod comm;
+pub mod device;
+mod error;
+mod kernels;
+pub mod link;
+mod types;
+
+pub use comm::{CallOptions, Collective, CommConfig, CommGroup, Communicator, GroupBuilder};
+pub use device::{AdapterSelector, DeviceBuffer, RankDevice, TensorRef};
+pub use error::{At, Error, Result};
+pub use half::f16;
+pub use types::{CollectiveKind, DType, Element, ReduceOp};

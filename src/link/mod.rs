@@ -1,0 +1,52 @@
+//! Links: how frames move between ranks. A link knows peers and bytes, never which collective
+//! runs over it; the in-process link is a mesh of crossbeam channels, and a later TCP transport
+//! or a fault-injecting wrapper implements the same [`Link`] trait.
+
+mod inproc;
+
+use std::time::Instant;
+
+pub use inproc::{InProcLink, in_process_mesh};
+
+/// One message between two ranks: a small header the communicator defines, and a payload.
+#[derive(Clone, Debug, Default)]
+pub struct Frame {
+    /// The sender's header bytes (opaque to the link).
+    pub header: Vec<u8>,
+    /// The payload bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Why a link operation failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkError {
+    /// Nothing came from the peer before the deadline.
+    Timeout,
+    /// The peer's end is gone.
+    Closed,
+    /// A rank called [`Link::abort`] with a reason.
+    Aborted {
+        /// The rank that aborted.
+        from: usize,
+        /// Its reason.
+        reason: String,
+    },
+}
+
+/// A rank's connections to every other rank of its group.
+///
+/// `send` never blocks for long (frames queue at the receiver); `recv` waits for the next frame
+/// from one peer until the deadline, but returns early with [`LinkError::Aborted`] when any rank
+/// aborts.
+pub trait Link: Send {
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn size(&self) -> usize;
+    /// Sends a frame to `to`.
+    fn send(&self, to: usize, frame: Frame) -> Result<(), LinkError>;
+    /// Receives the next frame from `from`, waiting until `deadline` at most.
+    fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError>;
+    /// Tells every other rank that this rank gave up, and why (best effort).
+    fn abort(&self, reason: &str);
+}
