@@ -1,5 +1,7 @@
 //! Pipelined chain broadcast: root -> root+1 -> ... -> root-1, slice by slice; each rank
-//! forwards a slice's bytes as soon as they arrive, so every link carries the buffer once.
+//! forwards a slice's bytes as soon as they arrive, so every link carries the buffer once. The
+//! last rank then sends an empty acknowledgement back to the root, so that no rank returns
+//! success while another refused the call.
 
 use super::plan::{Buf, Plan, Recv, Region, Source, Transfer, slices};
 use super::slices_per_chunk;
@@ -26,6 +28,9 @@ pub fn chain_broadcast(
             for s in slices(input, k) {
                 plan.transfer(Some((next, Source::Device(s))), None);
             }
+            // The last rank's acknowledgement: without it the root could return success while
+            // a rank down the chain refused the call.
+            plan.transfer(None, Some(ack(prev)));
         }
         return plan;
     }
@@ -41,5 +46,19 @@ pub fn chain_broadcast(
             recv_first: true,
         }));
     }
+    if last {
+        plan.transfer(Some((next, Source::Device(EMPTY))), None);
+    }
     plan
+}
+
+const EMPTY: Region = Region::new(Buf::Output, 0, 0);
+
+/// An empty frame that closes a chain: it arrives only after every rank accepted the call.
+pub(crate) fn ack(from: usize) -> Recv {
+    Recv {
+        from,
+        dst: EMPTY,
+        combine: Combine::Copy,
+    }
 }

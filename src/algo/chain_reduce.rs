@@ -1,5 +1,6 @@
 //! Pipelined chain reduce: root+1 -> root+2 -> ... -> root, slice by slice; each rank folds its
-//! input into the partial result and passes it on, so every link carries the buffer once.
+//! input into the partial result and passes it on, so every link carries the buffer once. The
+//! root then acknowledges to the head, so that no rank returns success while another refused.
 
 use super::plan::{Action, Buf, Plan, Recv, Region, Source, Transfer, slices};
 use super::slices_per_chunk;
@@ -29,6 +30,8 @@ pub fn chain_reduce(
         for s in slices(input, k) {
             plan.transfer(Some((next, Source::Device(s))), None);
         }
+        // The root's acknowledgement: the head would otherwise never hear from anyone.
+        plan.transfer(None, Some(super::chain_broadcast::ack(prev)));
         return plan;
     }
     let acc = if rank == root {
@@ -49,8 +52,14 @@ pub fn chain_reduce(
             recv_first: true,
         }));
     }
-    if rank == root && op == ReduceOp::Avg {
-        plan.scale(output, n as u32);
+    if rank == root {
+        if op == ReduceOp::Avg {
+            plan.scale(output, n as u32);
+        }
+        plan.transfer(
+            Some((next, Source::Device(Region::new(Buf::Output, 0, 0)))),
+            None,
+        );
     }
     plan
 }

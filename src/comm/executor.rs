@@ -69,6 +69,9 @@ impl Engine {
     }
 }
 
+/// The longest extra wait for a peer's abort after this rank's own deadline.
+const MAX_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Everything about the call that the executor needs besides the plan.
 pub(crate) struct Call<'a> {
     pub at: At,
@@ -257,10 +260,18 @@ impl Run<'_, '_> {
     /// Receives one frame, checks it against what this rank expects, and folds it into the
     /// destination on the device. Returns the payload (for forwarding).
     fn receive(&mut self, r: &Recv) -> Result<Vec<u8>> {
-        let frame = self
-            .link
-            .recv(r.from, self.call.deadline)
-            .map_err(|e| self.link_error(e, r.from))?;
+        let frame = match self.link.recv(r.from, self.call.deadline) {
+            // This peer has taken part in the call, so the rank at fault is further back in
+            // the ring, and the rank waiting on it directly is about to say so: give its abort
+            // a moment to arrive, so that every rank reports the root cause.
+            Err(LinkError::Timeout) if self.received[r.from] > 0 => {
+                let grace = (self.call.deadline - self.call.started) / 10;
+                let grace = grace.min(MAX_GRACE);
+                self.link.recv(r.from, self.call.deadline + grace)
+            }
+            other => other,
+        }
+        .map_err(|e| self.link_error(e, r.from))?;
         let expected = Header {
             unit: self.received[r.from],
             payload_bytes: (r.dst.len * self.call.dtype.size()) as u64,

@@ -1,0 +1,86 @@
+//! Every collective x every op x every element type x in/out of place, on 1 to 8 ranks, at the
+//! sizes that break chunking (0, 1, 3, N-1, N+1, 1000), against a CPU reference in f64.
+
+mod common;
+
+use common::{Case, check, group};
+use wccl::{CollectiveKind, DType, ReduceOp};
+
+const KINDS: [CollectiveKind; 5] = [
+    CollectiveKind::AllReduce,
+    CollectiveKind::ReduceScatter,
+    CollectiveKind::AllGather,
+    CollectiveKind::Broadcast,
+    CollectiveKind::Reduce,
+];
+
+fn reduces(kind: CollectiveKind) -> bool {
+    matches!(
+        kind,
+        CollectiveKind::AllReduce | CollectiveKind::ReduceScatter | CollectiveKind::Reduce
+    )
+}
+
+fn full_matrix(n: usize) {
+    let mut g = group(n);
+    let mut rng = rand::rng();
+    let mut sizes = vec![0, 1, 3, n.saturating_sub(1), n + 1, 1000];
+    sizes.dedup();
+    let mut cases = 0;
+    for kind in KINDS {
+        let ops: &[ReduceOp] = if reduces(kind) { &ReduceOp::ALL } else { &[ReduceOp::Sum] };
+        for &op in ops {
+            for dtype in DType::ALL {
+                for (i, &count) in sizes.iter().enumerate() {
+                    for in_place in [false, true] {
+                        let case = Case {
+                            kind,
+                            op,
+                            dtype,
+                            count,
+                            in_place,
+                            root: (i + cases) % n,
+                            pad: i % 3,
+                        };
+                        check(&mut g, case, &mut rng);
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    g.barrier().expect("barrier after the matrix");
+}
+
+#[test]
+fn matrix_1_rank() {
+    full_matrix(1);
+}
+#[test]
+fn matrix_2_ranks() {
+    full_matrix(2);
+}
+#[test]
+fn matrix_3_ranks() {
+    full_matrix(3);
+}
+#[test]
+fn matrix_4_ranks() {
+    full_matrix(4);
+}
+#[test]
+fn matrix_5_ranks() {
+    full_matrix(5);
+}
+#[test]
+fn matrix_6_ranks() {
+    full_matrix(6);
+}
+#[test]
+fn matrix_7_ranks() {
+    full_matrix(7);
+}
+#[test]
+fn matrix_8_ranks() {
+    full_matrix(8);
+}
