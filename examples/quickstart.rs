@@ -15,7 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut group = CommGroup::builder().ranks(ranks).build()?;
     for (r, info) in group.adapters().iter().enumerate() {
-        println!("rank {r}: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
+        println!(
+            "rank {r}: {} ({:?}, {:?})",
+            info.name, info.backend, info.device_type
+        );
     }
 
     // Random inputs per rank, and the host's sum (in f64) to check against.
@@ -43,8 +46,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let secs = t.elapsed().as_secs_f64();
 
     let mut worst = 0.0f64;
-    for r in 0..ranks {
-        let got = group.comm(r).download(&bufs[r])?;
+    for (r, buf) in bufs.iter().enumerate() {
+        let got = group.comm(r).download(buf)?;
         for (g, e) in got.iter().zip(&expected) {
             let err = (*g as f64 - e).abs() / (1.0 + e.abs());
             worst = worst.max(err);
@@ -59,7 +62,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         secs * 1e3
     );
     if worst > 1e-5 {
-        return Err(format!("result differs from the host's sum (relative error {worst:e})").into());
+        return Err(
+            format!("result differs from the host's sum (relative error {worst:e})").into(),
+        );
     }
     println!("result matches the host's sum (max relative error {worst:.1e})");
     Ok(())

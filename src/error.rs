@@ -91,7 +91,9 @@ pub enum Error {
     },
 
     /// A peer called a different collective, or the same one with other arguments.
-    #[error("{at}: rank {peer} disagrees on {field}: this rank has {ours}, rank {peer} has {theirs}")]
+    #[error(
+        "{at}: rank {peer} disagrees on {field}: this rank has {ours}, rank {peer} has {theirs}"
+    )]
     Mismatch {
         /// Where.
         at: At,

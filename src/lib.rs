@@ -40,3 +40,8 @@ pub use device::{AdapterSelector, DeviceBuffer, RankDevice, TensorRef};
 pub use error::{At, Error, Result};
 pub use half::f16;
 pub use types::{CollectiveKind, DType, Element, ReduceOp};
+
+/// README.md's examples, compiled as doc tests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

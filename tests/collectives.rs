@@ -28,7 +28,11 @@ fn full_matrix(n: usize) {
     sizes.dedup();
     let mut cases = 0;
     for kind in KINDS {
-        let ops: &[ReduceOp] = if reduces(kind) { &ReduceOp::ALL } else { &[ReduceOp::Sum] };
+        let ops: &[ReduceOp] = if reduces(kind) {
+            &ReduceOp::ALL
+        } else {
+            &[ReduceOp::Sum]
+        };
         for &op in ops {
             for dtype in DType::ALL {
                 for (i, &count) in sizes.iter().enumerate() {

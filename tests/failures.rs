@@ -39,7 +39,9 @@ fn per_rank<R: Send>(
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
     })
 }
 
@@ -57,7 +59,9 @@ fn expect_mismatch(
     for (r, (res, took)) in results.into_iter().enumerate() {
         let e = match res {
             Ok(()) => {
-                let e = comms[r].barrier().expect_err("the next call after a failed one fails");
+                let e = comms[r]
+                    .barrier()
+                    .expect_err("the next call after a failed one fails");
                 assert!(e.to_string().contains(&format!("{kind} #1")), "{e}");
                 continue;
             }
@@ -68,7 +72,10 @@ fn expect_mismatch(
         assert_eq!(at.rank, r);
         assert_eq!(at.op, Some(kind), "{e}");
         assert_eq!(at.seq, 1, "{e}");
-        assert!(took < Duration::from_secs(10), "rank {r} took {took:?} to fail: {e}");
+        assert!(
+            took < Duration::from_secs(10),
+            "rank {r} took {took:?} to fail: {e}"
+        );
         match &e {
             Error::Mismatch { field: f, .. } if f.contains(field) => saw = true,
             Error::Mismatch { .. } | Error::PeerAborted { .. } => {}
@@ -105,7 +112,11 @@ fn mismatched_lengths_types_ops_collectives_and_roots() {
     let mut c = comms(2, timeout);
     let r = per_rank(&mut c, |c| {
         let b = c.buffer::<f32>(64)?;
-        let op = if c.rank() == 0 { ReduceOp::Sum } else { ReduceOp::Max };
+        let op = if c.rank() == 0 {
+            ReduceOp::Sum
+        } else {
+            ReduceOp::Max
+        };
         c.all_reduce(&b, op)
     });
     expect_mismatch(&mut c, r, CollectiveKind::AllReduce, "reduce op");
@@ -132,7 +143,10 @@ fn mismatched_collectives() {
     let mut saw = false;
     for (res, _) in results {
         match res {
-            Err(Error::Mismatch { field, .. }) if field == "collective" => saw = true,
+            Err(Error::Mismatch {
+                field: "collective",
+                ..
+            }) => saw = true,
             Err(Error::Mismatch { .. } | Error::PeerAborted { .. }) => {}
             other => panic!("unexpected result {other:?}"),
         }
@@ -158,7 +172,10 @@ fn a_rank_that_never_arrives_times_out_everyone_within_the_deadline() {
                 }
                 let b = comm.buffer::<f32>(4096).ok()?;
                 // A first call that works, so the failing one is sequence number 2.
-                Some((comm.barrier().map(|_| comm.all_reduce(&b, ReduceOp::Sum)), t.elapsed()))
+                Some((
+                    comm.barrier().map(|_| comm.all_reduce(&b, ReduceOp::Sum)),
+                    t.elapsed(),
+                ))
             }));
         }
         // Join the callers first, then release rank 2.
@@ -186,7 +203,11 @@ fn a_rank_that_never_arrives_times_out_everyone_within_the_deadline() {
             "rank {r} returned after {took:?}"
         );
         let at = e.at().expect("rank");
-        assert_eq!((at.rank, at.op, at.seq), (r, Some(CollectiveKind::Barrier), 1), "{e}");
+        assert_eq!(
+            (at.rank, at.op, at.seq),
+            (r, Some(CollectiveKind::Barrier), 1),
+            "{e}"
+        );
         if r == 3 {
             // Rank 3 waits on rank 2 directly.
             match &e {
@@ -217,7 +238,10 @@ fn a_rank_that_is_gone_is_reported_at_once() {
         let e = res.expect_err("must fail");
         assert!(took < Duration::from_secs(10), "{e}");
         assert!(
-            matches!(e, Error::LinkClosed { peer: 2, .. } | Error::PeerAborted { .. }),
+            matches!(
+                e,
+                Error::LinkClosed { peer: 2, .. } | Error::PeerAborted { .. }
+            ),
             "{e}"
         );
     }
@@ -228,10 +252,16 @@ fn per_call_deadline_overrides_the_default() {
     let mut c = comms(2, Duration::from_secs(600));
     let t = Instant::now();
     let e = c[0]
-        .run(Collective::Barrier, CallOptions::timeout(Duration::from_millis(300)))
+        .run(
+            Collective::Barrier,
+            CallOptions::timeout(Duration::from_millis(300)),
+        )
         .expect_err("rank 1 never calls");
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert!(matches!(e, Error::Timeout { ref waiting_on, .. } if waiting_on == &vec![1]), "{e}");
+    assert!(
+        matches!(e, Error::Timeout { ref waiting_on, .. } if waiting_on == &vec![1]),
+        "{e}"
+    );
 }
 
 #[test]
@@ -251,20 +281,45 @@ fn bad_arguments_are_refused_without_touching_data() {
         let a = c.upload(&[1.0f32, 2.0, 3.0, 4.0]).unwrap();
         let b = c.buffer::<f32>(3).unwrap();
         let call = match which {
-            0 => Collective::AllReduce { input: a.view(), output: b.view(), op: ReduceOp::Sum },
-            1 => Collective::ReduceScatter { input: a.view(), output: b.view(), op: ReduceOp::Sum },
-            2 => Collective::AllReduce { input: a.range(0, 3), output: a.range(1, 3), op: ReduceOp::Sum },
-            3 => Collective::Broadcast { input: a.view(), output: a.view(), root: 7 },
+            0 => Collective::AllReduce {
+                input: a.view(),
+                output: b.view(),
+                op: ReduceOp::Sum,
+            },
+            1 => Collective::ReduceScatter {
+                input: a.view(),
+                output: b.view(),
+                op: ReduceOp::Sum,
+            },
+            2 => Collective::AllReduce {
+                input: a.range(0, 3),
+                output: a.range(1, 3),
+                op: ReduceOp::Sum,
+            },
+            3 => Collective::Broadcast {
+                input: a.view(),
+                output: a.view(),
+                root: 7,
+            },
             4 => Collective::AllReduce {
                 input: TensorRef::new(a.raw(), 2, 1, DType::F32),
                 output: TensorRef::new(a.raw(), 2, 1, DType::F32),
                 op: ReduceOp::Sum,
             },
-            _ => Collective::AllReduce { input: a.range(2, 4), output: a.range(2, 4), op: ReduceOp::Sum },
+            _ => Collective::AllReduce {
+                input: a.range(2, 4),
+                output: a.range(2, 4),
+                op: ReduceOp::Sum,
+            },
         };
-        let e = c.run(call, CallOptions::default()).expect_err("must be refused");
+        let e = c
+            .run(call, CallOptions::default())
+            .expect_err("must be refused");
         assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
-        assert!(e.to_string().contains(words), "'{e}' should mention '{words}'");
+        assert!(
+            e.to_string().contains(words),
+            "'{e}' should mention '{words}'"
+        );
         // Nothing was written.
         assert_eq!(c.download(&a).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
     }
@@ -280,7 +335,12 @@ fn a_refused_call_on_one_rank_aborts_the_others_promptly() {
     });
     assert!(matches!(results[0].0, Err(Error::InvalidArgument { .. })));
     match &results[1] {
-        (Err(Error::PeerAborted { peer: 0, reason, .. }), took) => {
+        (
+            Err(Error::PeerAborted {
+                peer: 0, reason, ..
+            }),
+            took,
+        ) => {
             assert!(reason.contains("root"), "{reason}");
             assert!(*took < Duration::from_secs(10));
         }
@@ -290,7 +350,8 @@ fn a_refused_call_on_one_rank_aborts_the_others_promptly() {
 
 #[test]
 fn f16_on_a_device_without_shader_f16_is_a_clear_error() {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapters = wccl::device::discover_adapters(&instance, &AdapterSelector::default()).unwrap();
     let (device, queue) = pollster::block_on(adapters[0].request_device(&wgpu::DeviceDescriptor {
         required_features: wgpu::Features::empty(),
@@ -298,13 +359,29 @@ fn f16_on_a_device_without_shader_f16_is_a_clear_error() {
     }))
     .unwrap();
     let mut g = CommGroup::from_devices(vec![(device, queue)], CommConfig::default()).unwrap();
-    let e = g.comm(0).buffer::<f16>(8).err().expect("f16 buffer must be refused");
-    assert!(matches!(e, Error::UnsupportedDType { dtype: DType::F16, .. }), "{e}");
+    let e = g
+        .comm(0)
+        .buffer::<f16>(8)
+        .err()
+        .expect("f16 buffer must be refused");
+    assert!(
+        matches!(
+            e,
+            Error::UnsupportedDType {
+                dtype: DType::F16,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("SHADER_F16"), "{e}");
     // A caller-owned buffer viewed as f16 is refused by the collective too.
     let raw = g.comm(0).buffer::<u32>(4).unwrap();
     let t = TensorRef::new(raw.raw(), 0, 8, DType::F16);
-    let e = g.comm(0).all_reduce(t, ReduceOp::Sum).expect_err("f16 all_reduce must be refused");
+    let e = g
+        .comm(0)
+        .all_reduce(t, ReduceOp::Sum)
+        .expect_err("f16 all_reduce must be refused");
     assert!(matches!(e, Error::UnsupportedDType { .. }), "{e}");
 }
 

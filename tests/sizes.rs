@@ -44,7 +44,17 @@ fn two_to_the_20_plus_7_on_3_ranks_in_many_slices() {
             check(&mut g, case(kind, op, dtype, BIG, false), &mut rng);
         }
     }
-    check(&mut g, case(CollectiveKind::AllReduce, ReduceOp::Avg, DType::I32, BIG, true), &mut rng);
+    check(
+        &mut g,
+        case(
+            CollectiveKind::AllReduce,
+            ReduceOp::Avg,
+            DType::I32,
+            BIG,
+            true,
+        ),
+        &mut rng,
+    );
 }
 
 #[test]
@@ -52,9 +62,23 @@ fn two_to_the_20_plus_7_on_8_ranks() {
     let mut g = group(8);
     let mut rng = rand::rng();
     for kind in KINDS {
-        check(&mut g, case(kind, ReduceOp::Sum, DType::F32, BIG, true), &mut rng);
+        check(
+            &mut g,
+            case(kind, ReduceOp::Sum, DType::F32, BIG, true),
+            &mut rng,
+        );
     }
-    check(&mut g, case(CollectiveKind::AllReduce, ReduceOp::Prod, DType::U32, BIG, false), &mut rng);
+    check(
+        &mut g,
+        case(
+            CollectiveKind::AllReduce,
+            ReduceOp::Prod,
+            DType::U32,
+            BIG,
+            false,
+        ),
+        &mut rng,
+    );
 }
 
 #[test]
@@ -69,7 +93,11 @@ fn lowered_binding_limit_forces_chunked_kernels() {
     for kind in KINDS {
         for dtype in [DType::F32, DType::F16] {
             for in_place in [false, true] {
-                check(&mut g, case(kind, ReduceOp::Avg, dtype, 10_001, in_place), &mut rng);
+                check(
+                    &mut g,
+                    case(kind, ReduceOp::Avg, dtype, 10_001, in_place),
+                    &mut rng,
+                );
             }
         }
     }
@@ -87,5 +115,15 @@ fn over_the_storage_binding_limit() {
     let mut g = group_with(2, config);
     let count = (130usize << 20) / 4;
     let mut rng = rand::rng();
-    check(&mut g, case(CollectiveKind::AllReduce, ReduceOp::Sum, DType::F32, count, false), &mut rng);
+    check(
+        &mut g,
+        case(
+            CollectiveKind::AllReduce,
+            ReduceOp::Sum,
+            DType::F32,
+            count,
+            false,
+        ),
+        &mut rng,
+    );
 }

@@ -12,6 +12,8 @@ mod ring_all_gather;
 mod ring_all_reduce;
 mod ring_barrier;
 mod ring_reduce_scatter;
+#[cfg(test)]
+mod simulate;
 
 pub use chain_broadcast::chain_broadcast;
 pub use chain_reduce::chain_reduce;

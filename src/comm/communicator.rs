@@ -153,7 +153,9 @@ impl Communicator {
                 .max_storage_buffer_binding_size
                 .min(u32::MAX as u64),
         );
-        let slice = (config.slice_bytes.max(4) as u64).min(limit_bytes / 2).max(4);
+        let slice = (config.slice_bytes.max(4) as u64)
+            .min(limit_bytes / 2)
+            .max(4);
         let engine = Engine::new(
             dev,
             slice,
@@ -361,17 +363,19 @@ impl Communicator {
         }
         let started = Instant::now();
         let deadline = started + opts.timeout.unwrap_or(self.config.timeout);
-        let result = self.validate_and_plan(at, &call).and_then(|(plan, header, t)| {
-            let c = Call {
-                at,
-                header,
-                dtype: t.map_or(DType::U32, |t| t.0.dtype),
-                tensors: t,
-                started,
-                deadline,
-            };
-            execute(&mut self.engine, self.link.as_ref(), &c, &plan)
-        });
+        let result = self
+            .validate_and_plan(at, &call)
+            .and_then(|(plan, header, t)| {
+                let c = Call {
+                    at,
+                    header,
+                    dtype: t.map_or(DType::U32, |t| t.0.dtype),
+                    tensors: t,
+                    started,
+                    deadline,
+                };
+                execute(&mut self.engine, self.link.as_ref(), &c, &plan)
+            });
         if let Err(e) = &result {
             // Tell the others, so that nobody waits for this rank until the deadline. An abort
             // that came from a peer has reached everyone already.

@@ -102,7 +102,12 @@ struct Run<'e, 'a> {
 }
 
 /// Executes `plan` for this rank. Returns once this rank's part is on its device.
-pub(crate) fn execute(eng: &mut Engine, link: &dyn Link, call: &Call<'_>, plan: &Plan) -> Result<()> {
+pub(crate) fn execute(
+    eng: &mut Engine,
+    link: &dyn Link,
+    call: &Call<'_>,
+    plan: &Plan,
+) -> Result<()> {
     if plan.scratch > 0 {
         eng.ensure_scratch((plan.scratch * call.dtype.size()) as u64);
     }
@@ -165,7 +170,11 @@ impl Run<'_, '_> {
             let payload = match source {
                 Source::Forward => received.clone().unwrap_or_default(),
                 Source::Device(_) => {
-                    let done = if t.recv_first { i as isize } else { i as isize - 1 };
+                    let done = if t.recv_first {
+                        i as isize
+                    } else {
+                        i as isize - 1
+                    };
                     self.begin_reads(reads, next_read, tickets, done)?;
                     match tickets.pop_front() {
                         Some((a, ticket)) if a == i => self
@@ -296,7 +305,11 @@ impl Run<'_, '_> {
             });
         }
         if r.dst.len > 0 {
-            let mut enc = self.eng.dev.device().create_command_encoder(&Default::default());
+            let mut enc = self
+                .eng
+                .dev
+                .device()
+                .create_command_encoder(&Default::default());
             let staged = self
                 .eng
                 .uploads
@@ -329,7 +342,12 @@ impl Run<'_, '_> {
         }
         let es = self.call.dtype.size();
         if sb != db {
-            self.kernel(KernelOp::Combine(Combine::Copy), (&db, doff), Some((&sb, so)), src.len);
+            self.kernel(
+                KernelOp::Combine(Combine::Copy),
+                (&db, doff),
+                Some((&sb, so)),
+                src.len,
+            );
             return Ok(());
         }
         let bounce = self.eng.uploads.bounce().clone();
@@ -347,14 +365,24 @@ impl Run<'_, '_> {
     }
 
     /// Encodes and submits one kernel, in as many submissions as its size needs.
-    fn kernel(&mut self, op: KernelOp, dst: (&Buffer, u64), src: Option<(&Buffer, u64)>, len: usize) {
+    fn kernel(
+        &mut self,
+        op: KernelOp,
+        dst: (&Buffer, u64),
+        src: Option<(&Buffer, u64)>,
+        len: usize,
+    ) {
         let es = self.call.dtype.size() as u64;
         let per = self.eng.kernels.max_elements_per_submit(self.call.dtype);
         let mut done = 0;
         while done < len {
             let n = per.min(len - done);
             let off = done as u64 * es;
-            let mut enc = self.eng.dev.device().create_command_encoder(&Default::default());
+            let mut enc = self
+                .eng
+                .dev
+                .device()
+                .create_command_encoder(&Default::default());
             self.eng.kernels.encode(
                 &self.eng.dev,
                 &mut enc,

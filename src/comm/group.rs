@@ -58,7 +58,8 @@ impl GroupBuilder {
                 message: "a group needs at least one rank".into(),
             });
         }
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapters = discover_adapters(&instance, &self.selector)?;
         let devices = (0..self.ranks)
             .map(|r| RankDevice::open(r, &adapters[r % adapters.len()]))
@@ -156,7 +157,10 @@ impl CommGroup {
 
     /// The adapters of the ranks, in rank order.
     pub fn adapters(&self) -> Vec<AdapterInfo> {
-        self.comms.iter().map(|c| c.device().info().clone()).collect()
+        self.comms
+            .iter()
+            .map(|c| c.device().info().clone())
+            .collect()
     }
 
     /// The communicators, for calling them from one thread per rank.
@@ -239,14 +243,20 @@ impl CommGroup {
         outputs: &[TensorRef<'_>],
         op: ReduceOp,
     ) -> Result<()> {
-        let calls = pairs(inputs, outputs, |input, output| {
-            Collective::ReduceScatter { input, output, op }
+        let calls = pairs(inputs, outputs, |input, output| Collective::ReduceScatter {
+            input,
+            output,
+            op,
         });
         self.run(&calls, CallOptions::default())
     }
 
     /// All-gather over every rank.
-    pub fn all_gather(&mut self, inputs: &[TensorRef<'_>], outputs: &[TensorRef<'_>]) -> Result<()> {
+    pub fn all_gather(
+        &mut self,
+        inputs: &[TensorRef<'_>],
+        outputs: &[TensorRef<'_>],
+    ) -> Result<()> {
         let calls = pairs(inputs, outputs, |input, output| Collective::AllGather {
             input,
             output,

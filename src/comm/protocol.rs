@@ -43,7 +43,11 @@ impl Header {
             })
         };
         if self.ranks != theirs.ranks {
-            return mismatch("rank count", self.ranks.to_string(), theirs.ranks.to_string());
+            return mismatch(
+                "rank count",
+                self.ranks.to_string(),
+                theirs.ranks.to_string(),
+            );
         }
         if self.seq != theirs.seq {
             return mismatch(
@@ -56,7 +60,11 @@ impl Header {
             return mismatch("collective", kind_name(self.kind), kind_name(theirs.kind));
         }
         if self.dtype != theirs.dtype {
-            return mismatch("element type", dtype_name(self.dtype), dtype_name(theirs.dtype));
+            return mismatch(
+                "element type",
+                dtype_name(self.dtype),
+                dtype_name(theirs.dtype),
+            );
         }
         if self.op != theirs.op {
             return mismatch("reduce op", op_name(self.op), op_name(theirs.op));

@@ -84,7 +84,7 @@ impl<'a> TensorRef<'a> {
                 self.buffer.usage()
             )));
         }
-        if self.offset % self.dtype.size() as u64 != 0 {
+        if !self.offset.is_multiple_of(self.dtype.size() as u64) {
             return Err(bad(format!(
                 "offset {} is not a multiple of the {} element size {}",
                 self.offset,

@@ -43,14 +43,13 @@ impl RankDevice {
             required_limits: adapter.limits(),
             ..Default::default()
         };
-        let (device, queue) =
-            pollster::block_on(adapter.request_device(&desc)).map_err(|e| {
-                Error::DeviceRequest {
-                    at: At::rank(rank),
-                    adapter: adapter.get_info().name,
-                    message: e.to_string(),
-                }
-            })?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(|e| {
+            Error::DeviceRequest {
+                at: At::rank(rank),
+                adapter: adapter.get_info().name,
+                message: e.to_string(),
+            }
+        })?;
         Ok(Self::from_wgpu(rank, device, queue))
     }
 

@@ -47,7 +47,7 @@ impl AdapterSelector {
     }
 
     fn effective_backends(&self) -> (Backends, bool) {
-        match self.backends.or_else(|| Backends::from_env()) {
+        match self.backends.or_else(Backends::from_env) {
             Some(b) => (b, true),
             None => (Backends::all(), false),
         }
@@ -56,37 +56,44 @@ impl AdapterSelector {
 
 /// Lists the adapters a selector admits, each physical GPU once, best backend first.
 pub fn discover_adapters(instance: &Instance, selector: &AdapterSelector) -> Result<Vec<Adapter>> {
-    let (backends, explicit) = selector.effective_backends();
-    let all = pollster::block_on(instance.enumerate_adapters(backends));
-    let found = describe(&all);
     let name = selector.effective_name();
-    let mut chosen: Vec<Adapter> = all
-        .into_iter()
-        .filter(|a| match &name {
-            Some(n) => a
-                .get_info()
-                .name
-                .to_lowercase()
-                .contains(&n.to_lowercase()),
-            None => true,
-        })
-        .collect();
-    // GL only when nothing else exists, unless GL was asked for by name of backend.
-    let asked_gl = explicit && backends.contains(Backends::GL);
-    if !asked_gl && chosen.iter().any(|a| a.get_info().backend != Backend::Gl) {
-        chosen.retain(|a| a.get_info().backend != Backend::Gl);
+    let (backends, explicit) = selector.effective_backends();
+    let mut found = Vec::new();
+    let mut chosen = Vec::new();
+    // GL only when asked for, or when no Vulkan/Metal/DX12 adapter matches (GL is probed only
+    // then: probing it is slow and noisy on headless machines).
+    let passes = if explicit {
+        vec![backends]
+    } else {
+        vec![Backends::PRIMARY, Backends::GL]
+    };
+    for pass in passes {
+        let all = pollster::block_on(instance.enumerate_adapters(pass));
+        found.extend(all.iter().map(describe_one));
+        chosen = all
+            .into_iter()
+            .filter(|a| {
+                let n = a.get_info().name.to_lowercase();
+                name.as_ref()
+                    .is_none_or(|want| n.contains(&want.to_lowercase()))
+            })
+            .collect();
+        if !chosen.is_empty() {
+            break;
+        }
     }
     chosen.sort_by_key(|a| backend_rank(a.get_info().backend));
     // The same GPU seen through two backends: keep the first (best) one.
     let mut seen: Vec<(u32, u32, String)> = Vec::new();
     chosen.retain(|a| {
         let i = a.get_info();
-        let key = (i.vendor, i.device, i.name.clone());
-        let dup = seen
-            .iter()
-            .any(|s| (s.0 != 0 || s.1 != 0) && s.0 == key.0 && s.1 == key.1 || s.2 == key.2);
+        let dup = seen.iter().any(|(vendor, device, name)| {
+            let same_id =
+                (*vendor, *device) != (0, 0) && (*vendor, *device) == (i.vendor, i.device);
+            same_id || *name == i.name
+        });
         if !dup {
-            seen.push(key);
+            seen.push((i.vendor, i.device, i.name.clone()));
         }
         !dup
     });
@@ -97,6 +104,12 @@ pub fn discover_adapters(instance: &Instance, selector: &AdapterSelector) -> Res
             name.map(|n| format!(" and name containing '{n}'"))
                 .unwrap_or_default()
         );
+        let found = if found.is_empty() {
+            "none (is a Vulkan driver installed? on Debian: apt-get install -y mesa-vulkan-drivers)"
+                .to_string()
+        } else {
+            found.join(", ")
+        };
         return Err(Error::NoAdapter { wanted, found });
     }
     Ok(chosen)
@@ -110,16 +123,7 @@ fn backend_rank(b: Backend) -> u8 {
     }
 }
 
-fn describe(adapters: &[Adapter]) -> String {
-    if adapters.is_empty() {
-        return "none (is a Vulkan driver installed? on Debian: apt-get install -y mesa-vulkan-drivers)".into();
-    }
-    adapters
-        .iter()
-        .map(|a| {
-            let i = a.get_info();
-            format!("'{}' ({:?})", i.name, i.backend)
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+fn describe_one(a: &Adapter) -> String {
+    let i = a.get_info();
+    format!("'{}' ({:?})", i.name, i.backend)
 }

@@ -7,7 +7,7 @@ mod discovery;
 mod staging;
 
 pub use buffer::{DeviceBuffer, TensorRef};
+pub(crate) use buffer::{read_tensor, wait_error};
 pub use context::RankDevice;
 pub use discovery::{AdapterSelector, discover_adapters};
-pub(crate) use buffer::{read_tensor, wait_error};
 pub(crate) use staging::{ReadRing, ReadTicket, UploadRing};

@@ -132,7 +132,8 @@ impl ReduceKernels {
 
     /// The most elements one submission may cover (its dispatches share the parameter buffer).
     pub(crate) fn max_elements_per_submit(&self, dtype: DType) -> usize {
-        self.max_elements(dtype).saturating_mul(PARAM_SLOTS as usize / 2)
+        self.max_elements(dtype)
+            .saturating_mul(PARAM_SLOTS as usize / 2)
     }
 
     fn pipeline(&mut self, dev: &RankDevice, dtype: DType, entry: Entry) -> &ComputePipeline {

@@ -50,10 +50,19 @@ pub fn round_to(dtype: DType, v: f64) -> f64 {
 /// The bytes of `values` as `dtype`.
 pub fn encode(dtype: DType, values: &[f64]) -> Vec<u8> {
     match dtype {
-        DType::F32 => bytemuck::cast_slice(&values.iter().map(|&v| v as f32).collect::<Vec<_>>()).to_vec(),
-        DType::F16 => bytemuck::cast_slice(&values.iter().map(|&v| f16::from_f64(v)).collect::<Vec<_>>()).to_vec(),
-        DType::I32 => bytemuck::cast_slice(&values.iter().map(|&v| v as i32).collect::<Vec<_>>()).to_vec(),
-        DType::U32 => bytemuck::cast_slice(&values.iter().map(|&v| v as u32).collect::<Vec<_>>()).to_vec(),
+        DType::F32 => {
+            bytemuck::cast_slice(&values.iter().map(|&v| v as f32).collect::<Vec<_>>()).to_vec()
+        }
+        DType::F16 => {
+            bytemuck::cast_slice(&values.iter().map(|&v| f16::from_f64(v)).collect::<Vec<_>>())
+                .to_vec()
+        }
+        DType::I32 => {
+            bytemuck::cast_slice(&values.iter().map(|&v| v as i32).collect::<Vec<_>>()).to_vec()
+        }
+        DType::U32 => {
+            bytemuck::cast_slice(&values.iter().map(|&v| v as u32).collect::<Vec<_>>()).to_vec()
+        }
     }
 }
 
@@ -74,12 +83,17 @@ pub fn make_buffer(comm: &Communicator, dtype: DType, values: &[f64], pad: usize
     all.extend(std::iter::repeat_n(poison(dtype), pad));
     let mut bytes = encode(dtype, &all);
     bytes.resize(bytes.len().next_multiple_of(4).max(4), 0);
-    let buf = comm.device().device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("test tensor"),
-        size: bytes.len() as u64,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let buf = comm
+        .device()
+        .device()
+        .create_buffer(&wgpu::BufferDescriptor {
+            label: Some("test tensor"),
+            size: bytes.len() as u64,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
     comm.device().queue().write_buffer(&buf, 0, &bytes);
     buf
 }
@@ -87,10 +101,18 @@ pub fn make_buffer(comm: &Communicator, dtype: DType, values: &[f64], pad: usize
 /// Reads `t` back as f64 values.
 pub fn read(comm: &Communicator, t: TensorRef<'_>) -> Vec<f64> {
     let r = match t.dtype {
-        DType::F32 => comm.read::<f32>(t).map(|v| v.into_iter().map(f64::from).collect()),
-        DType::F16 => comm.read::<f16>(t).map(|v| v.into_iter().map(|x| x.to_f64()).collect()),
-        DType::I32 => comm.read::<i32>(t).map(|v| v.into_iter().map(f64::from).collect()),
-        DType::U32 => comm.read::<u32>(t).map(|v| v.into_iter().map(f64::from).collect()),
+        DType::F32 => comm
+            .read::<f32>(t)
+            .map(|v| v.into_iter().map(f64::from).collect()),
+        DType::F16 => comm
+            .read::<f16>(t)
+            .map(|v| v.into_iter().map(|x| x.to_f64()).collect()),
+        DType::I32 => comm
+            .read::<i32>(t)
+            .map(|v| v.into_iter().map(f64::from).collect()),
+        DType::U32 => comm
+            .read::<u32>(t)
+            .map(|v| v.into_iter().map(f64::from).collect()),
     };
     match r {
         Ok(v) => v,
@@ -112,7 +134,11 @@ pub fn reference(dtype: DType, op: ReduceOp, inputs: &[Vec<f64>]) -> Vec<f64> {
                 ReduceOp::Max => xs.fold(f64::NEG_INFINITY, f64::max),
                 ReduceOp::Avg => {
                     let s: f64 = xs.sum();
-                    if dtype.is_float() { s / n as f64 } else { (s / n as f64).trunc() }
+                    if dtype.is_float() {
+                        s / n as f64
+                    } else {
+                        (s / n as f64).trunc()
+                    }
                 }
             }
         })
@@ -169,13 +195,23 @@ pub struct Case {
 /// out-of-place inputs are unchanged, and that nothing outside the tensors was written.
 pub fn check(group: &mut CommGroup, case: Case, rng: &mut impl Rng) {
     let n = group.size();
-    let Case { kind, op, dtype, count, in_place, root, pad } = case;
+    let Case {
+        kind,
+        op,
+        dtype,
+        count,
+        in_place,
+        root,
+        pad,
+    } = case;
     let (in_len, out_len) = match kind {
         CollectiveKind::ReduceScatter => (n * count, count),
         CollectiveKind::AllGather => (count, n * count),
         _ => (count, count),
     };
-    let inputs: Vec<Vec<f64>> = (0..n).map(|_| random_values(rng, dtype, op, in_len)).collect();
+    let inputs: Vec<Vec<f64>> = (0..n)
+        .map(|_| random_values(rng, dtype, op, in_len))
+        .collect();
     // Buffers: for in-place calls one buffer per rank laid out as NCCL expects.
     let mut bufs = Vec::new();
     for r in 0..n {
@@ -223,8 +259,17 @@ pub fn check(group: &mut CommGroup, case: Case, rng: &mut impl Rng) {
             CollectiveKind::AllReduce => wccl::Collective::AllReduce { input, output, op },
             CollectiveKind::ReduceScatter => wccl::Collective::ReduceScatter { input, output, op },
             CollectiveKind::AllGather => wccl::Collective::AllGather { input, output },
-            CollectiveKind::Broadcast => wccl::Collective::Broadcast { input, output, root },
-            CollectiveKind::Reduce => wccl::Collective::Reduce { input, output, op, root },
+            CollectiveKind::Broadcast => wccl::Collective::Broadcast {
+                input,
+                output,
+                root,
+            },
+            CollectiveKind::Reduce => wccl::Collective::Reduce {
+                input,
+                output,
+                op,
+                root,
+            },
             CollectiveKind::Barrier => wccl::Collective::Barrier,
         })
         .collect();
@@ -239,9 +284,9 @@ pub fn check(group: &mut CommGroup, case: Case, rng: &mut impl Rng) {
         let (input, output) = views[r];
         let got = read(comm, output);
         match kind {
-            CollectiveKind::AllReduce => {
-                assert_close(&what, &got, &reduced, |i| tolerance(dtype, op, &inputs, i, reduced[i]))
-            }
+            CollectiveKind::AllReduce => assert_close(&what, &got, &reduced, |i| {
+                tolerance(dtype, op, &inputs, i, reduced[i])
+            }),
             CollectiveKind::ReduceScatter => {
                 let lo = r * count;
                 assert_close(&what, &got, &reduced[lo..lo + count], |i| {
@@ -253,28 +298,45 @@ pub fn check(group: &mut CommGroup, case: Case, rng: &mut impl Rng) {
                 assert_close(&what, &got, &all, |_| 0.0)
             }
             CollectiveKind::Broadcast => assert_close(&what, &got, &inputs[root], |_| 0.0),
-            CollectiveKind::Reduce if r == root => {
-                assert_close(&what, &got, &reduced, |i| tolerance(dtype, op, &inputs, i, reduced[i]))
-            }
+            CollectiveKind::Reduce if r == root => assert_close(&what, &got, &reduced, |i| {
+                tolerance(dtype, op, &inputs, i, reduced[i])
+            }),
             CollectiveKind::Reduce => {
                 if !in_place {
                     // Non-root outputs are not written.
-                    assert!(got.iter().all(|g| same(*g, poison(dtype))), "{what}: non-root output written");
+                    assert!(
+                        got.iter().all(|g| same(*g, poison(dtype))),
+                        "{what}: non-root output written"
+                    );
                 }
             }
             CollectiveKind::Barrier => {}
         }
         // Out-of-place inputs are untouched.
         if !in_place {
-            assert_close(&format!("{what} (input kept)"), &read(comm, input), &inputs[r], |_| 0.0);
+            assert_close(
+                &format!("{what} (input kept)"),
+                &read(comm, input),
+                &inputs[r],
+                |_| 0.0,
+            );
         }
         // The poison around each tensor is intact.
         if pad > 0 {
-            for (buf, len) in [(Some(&bufs[r].0), in_len.max(if in_place { out_len } else { 0 })), (bufs[r].1.as_ref(), out_len)] {
+            for (buf, len) in [
+                (
+                    Some(&bufs[r].0),
+                    in_len.max(if in_place { out_len } else { 0 }),
+                ),
+                (bufs[r].1.as_ref(), out_len),
+            ] {
                 if let Some(b) = buf {
                     let before = read(comm, TensorRef::new(b, 0, pad, dtype));
                     let after = read(comm, TensorRef::new(b, base + len as u64 * es, pad, dtype));
-                    assert!(before.iter().chain(&after).all(|g| same(*g, poison(dtype))), "{what}: wrote outside the tensor");
+                    assert!(
+                        before.iter().chain(&after).all(|g| same(*g, poison(dtype))),
+                        "{what}: wrote outside the tensor"
+                    );
                 }
             }
         }

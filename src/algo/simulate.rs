@@ -1,0 +1,251 @@
+//! A host-side interpreter of plans over many ranks, so every algorithm is checked on rank
+//! counts and slice sizes that would be slow on a software GPU.
+
+use std::collections::VecDeque;
+
+use super::plan::{Action, Buf, Plan, Region, Source};
+use super::{chain_broadcast, chain_reduce, ring_all_gather, ring_all_reduce, ring_reduce_scatter};
+use crate::types::{Combine, ReduceOp};
+
+struct Rank {
+    plan: Plan,
+    pc: usize,
+    sent: bool,
+    received: Option<Vec<f64>>,
+    in_place: bool,
+    input: Vec<f64>,
+    output: Vec<f64>,
+    scratch: Vec<f64>,
+}
+
+impl Rank {
+    fn buf(&mut self, b: Buf) -> &mut Vec<f64> {
+        match b {
+            // In place, input and output are one buffer.
+            Buf::Input if self.in_place => &mut self.output,
+            Buf::Input => &mut self.input,
+            Buf::Output => &mut self.output,
+            Buf::Scratch => &mut self.scratch,
+        }
+    }
+    fn get(&mut self, r: Region) -> Vec<f64> {
+        self.buf(r.buf)[r.offset..r.offset + r.len].to_vec()
+    }
+}
+
+fn apply(c: Combine, a: f64, b: f64) -> f64 {
+    match c {
+        Combine::Sum => a + b,
+        Combine::Prod => a * b,
+        Combine::Min => a.min(b),
+        Combine::Max => a.max(b),
+        Combine::Copy => b,
+    }
+}
+
+/// Runs every rank's plan to completion (in-place when `in_place`), returning the outputs.
+/// Panics on a deadlock or a frame of the wrong length.
+fn simulate(
+    plans: Vec<Plan>,
+    inputs: Vec<Vec<f64>>,
+    out_len: usize,
+    in_place: bool,
+) -> Vec<Vec<f64>> {
+    let n = plans.len();
+    let mut ranks: Vec<Rank> = plans
+        .into_iter()
+        .zip(inputs)
+        .map(|(plan, input)| Rank {
+            scratch: vec![f64::NAN; plan.scratch],
+            output: if in_place {
+                input.clone()
+            } else {
+                vec![f64::NAN; out_len]
+            },
+            plan,
+            pc: 0,
+            sent: false,
+            received: None,
+            in_place,
+            input,
+        })
+        .collect();
+    let mut queues: Vec<VecDeque<Vec<f64>>> = (0..n * n).map(|_| VecDeque::new()).collect();
+    loop {
+        let mut progress = false;
+        for r in 0..n {
+            loop {
+                let rank = &mut ranks[r];
+                let Some(&action) = rank.plan.actions.get(rank.pc) else {
+                    break;
+                };
+                match action {
+                    Action::Copy { src, dst } => {
+                        let v = rank.get(src);
+                        rank.buf(dst.buf)[dst.offset..dst.offset + dst.len].copy_from_slice(&v);
+                    }
+                    Action::Scale { dst, divisor } => {
+                        for x in &mut rank.buf(dst.buf)[dst.offset..dst.offset + dst.len] {
+                            *x /= divisor as f64;
+                        }
+                    }
+                    Action::Transfer(t) => {
+                        let recv_now = |rank: &mut Rank, queues: &mut Vec<VecDeque<Vec<f64>>>| {
+                            let Some(rv) = t.recv else { return true };
+                            if rank.received.is_some() {
+                                return true;
+                            }
+                            let Some(p) = queues[rv.from * n + r].pop_front() else {
+                                return false;
+                            };
+                            assert_eq!(p.len(), rv.dst.len, "frame length");
+                            let d = rv.dst;
+                            for (x, y) in rank.buf(d.buf)[d.offset..d.offset + d.len]
+                                .iter_mut()
+                                .zip(&p)
+                            {
+                                *x = apply(rv.combine, *x, *y);
+                            }
+                            rank.received = Some(p);
+                            true
+                        };
+                        if t.recv_first && !recv_now(rank, &mut queues) {
+                            break;
+                        }
+                        if let (Some((to, src)), false) = (t.send, rank.sent) {
+                            let payload = match src {
+                                Source::Device(reg) => rank.get(reg),
+                                Source::Forward => rank.received.clone().unwrap_or_default(),
+                            };
+                            queues[r * n + to].push_back(payload);
+                            rank.sent = true;
+                        }
+                        if !recv_now(rank, &mut queues) {
+                            break;
+                        }
+                    }
+                }
+                rank.pc += 1;
+                rank.sent = false;
+                rank.received = None;
+                progress = true;
+            }
+        }
+        if ranks.iter().all(|k| k.pc == k.plan.actions.len()) {
+            break;
+        }
+        assert!(progress, "deadlock");
+    }
+    assert!(queues.iter().all(|q| q.is_empty()), "frames left unread");
+    ranks.into_iter().map(|k| k.output).collect()
+}
+
+fn inputs(n: usize, len: usize, seed: u64) -> Vec<Vec<f64>> {
+    (0..n)
+        .map(|r| {
+            (0..len)
+                .map(|i| ((i as u64 * 31 + r as u64 * 7 + seed) % 13) as f64 + 1.0)
+                .collect()
+        })
+        .collect()
+}
+
+fn reduce(op: ReduceOp, xs: &[Vec<f64>], i: usize) -> f64 {
+    let it = xs.iter().map(|v| v[i]);
+    match op {
+        ReduceOp::Sum => it.sum(),
+        ReduceOp::Prod => it.product(),
+        ReduceOp::Min => it.fold(f64::INFINITY, f64::min),
+        ReduceOp::Max => it.fold(f64::NEG_INFINITY, f64::max),
+        ReduceOp::Avg => it.sum::<f64>() / xs.len() as f64,
+    }
+}
+
+const SIZES: [usize; 7] = [0, 1, 2, 5, 17, 64, 101];
+const SLICES: [usize; 3] = [1, 3, 1 << 20];
+
+#[test]
+fn every_algorithm_on_1_to_16_ranks() {
+    for n in 1..=16 {
+        for &count in &SIZES {
+            for &slice in &SLICES {
+                for in_place in [false, true] {
+                    for op in ReduceOp::ALL {
+                        let x = inputs(n, count, n as u64);
+                        let plans = (0..n)
+                            .map(|r| ring_all_reduce(n, r, count, op, in_place, slice))
+                            .collect();
+                        let out = simulate(plans, x.clone(), count, in_place);
+                        for (r, o) in out.iter().enumerate() {
+                            for (i, got) in o.iter().enumerate() {
+                                let e = reduce(op, &x, i);
+                                assert!(
+                                    (got - e).abs() <= 1e-9 * e.abs(),
+                                    "all_reduce n={n} r={r} i={i}: {got} vs {e}"
+                                );
+                            }
+                        }
+                    }
+                    let root = count % n;
+                    let x = inputs(n, count, 3);
+                    let plans = (0..n)
+                        .map(|r| chain_broadcast(n, r, root, count, slice))
+                        .collect();
+                    for o in simulate(plans, x.clone(), count, in_place) {
+                        assert_eq!(o, x[root], "broadcast n={n} count={count}");
+                    }
+                    let plans = (0..n)
+                        .map(|r| chain_reduce(n, r, root, count, ReduceOp::Sum, slice))
+                        .collect();
+                    let out = simulate(plans, x.clone(), count, in_place);
+                    let e: Vec<f64> = (0..count).map(|i| reduce(ReduceOp::Sum, &x, i)).collect();
+                    assert_eq!(out[root], e, "reduce n={n} count={count}");
+                }
+                // Reduce-scatter and all-gather, out of place.
+                let x = inputs(n, n * count, 5);
+                let plans = (0..n)
+                    .map(|r| ring_reduce_scatter(n, r, count, ReduceOp::Max, slice))
+                    .collect();
+                for (r, o) in simulate(plans, x.clone(), count, false).iter().enumerate() {
+                    let e: Vec<f64> = (0..count)
+                        .map(|i| reduce(ReduceOp::Max, &x, r * count + i))
+                        .collect();
+                    assert_eq!(o, &e, "reduce_scatter n={n} count={count}");
+                }
+                let x = inputs(n, count, 7);
+                let plans = (0..n)
+                    .map(|r| ring_all_gather(n, r, count, slice))
+                    .collect();
+                for o in simulate(plans, x.clone(), n * count, false) {
+                    assert_eq!(o, x.concat(), "all_gather n={n} count={count}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ring_all_reduce_moves_the_bandwidth_optimal_volume() {
+    // Each rank sends 2(n-1)/n of the buffer: Patarasuk and Yuan's lower bound.
+    for n in [2, 4, 7] {
+        let count = 7000;
+        let plan = ring_all_reduce(n, 1, count, ReduceOp::Sum, true, 1 << 20);
+        let sent: usize = plan
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Transfer(t) => match t.send {
+                    Some((_, Source::Device(r))) => Some(r.len),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .sum();
+        let bound = 2 * (n - 1) * count / n;
+        assert!(
+            sent.abs_diff(bound) <= 2 * n,
+            "n={n}: sent {sent}, bound {bound}"
+        );
+        assert_eq!(plan.sends(), 2 * (n - 1));
+    }
+}
