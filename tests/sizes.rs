@@ -127,3 +127,22 @@ fn over_the_storage_binding_limit() {
         &mut rng,
     );
 }
+
+#[test]
+fn two_to_the_20_plus_7_on_every_rank_count() {
+    let mut rng = rand::rng();
+    for n in 1..=8 {
+        let mut g = group(n);
+        check(
+            &mut g,
+            case(
+                CollectiveKind::AllReduce,
+                ReduceOp::Sum,
+                DType::F32,
+                BIG,
+                n % 2 == 0,
+            ),
+            &mut rng,
+        );
+    }
+}

@@ -94,7 +94,7 @@ impl<'a> TensorRef<'a> {
         }
         let start = self.offset & !3;
         let end = (self.offset + self.bytes()).next_multiple_of(4);
-        if end > self.buffer.size() || start > self.offset {
+        if end > self.buffer.size() {
             return Err(bad(format!(
                 "{} elements of {} at byte {} (rounded out to 4-byte words: {start}..{end}) do not fit a buffer of {} bytes",
                 self.count,
