@@ -400,3 +400,17 @@ fn an_adapter_name_that_matches_nothing() {
         other => panic!("unexpected {other}"),
     }
 }
+
+#[test]
+fn a_lost_device_is_an_error_value_not_a_panic() {
+    let mut g = common::group(1);
+    let input = g.comm(0).upload(&[1.0f32; 64]).unwrap();
+    let output = g.comm(0).buffer::<f32>(64).unwrap();
+    g.comm(0).device().device().destroy();
+    let e = g
+        .comm(0)
+        .all_reduce_into(&input, &output, ReduceOp::Sum)
+        .expect_err("a destroyed device cannot run a collective");
+    assert!(matches!(e, Error::Device { .. }), "{e}");
+    assert_eq!(e.rank(), Some(0));
+}

@@ -397,6 +397,8 @@ impl Communicator {
     ) -> Result<(Plan, Header, Option<(TensorRef<'a>, TensorRef<'a>)>)> {
         let (n, r) = (self.size, self.rank);
         let slice = self.config.slice_bytes;
+        // A device lost or broken since the last call fails this one before it starts.
+        self.engine.dev.check(at)?;
         let bad = |message: String| Error::InvalidArgument { at, message };
         let check_root = |root: usize| {
             if root < n {
