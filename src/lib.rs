@@ -35,6 +35,7 @@ mod kernels;
 pub mod link;
 mod types;
 
+pub use algo::Algorithm;
 pub use comm::{CallOptions, Collective, CommConfig, CommGroup, Communicator, GroupBuilder};
 pub use device::{AdapterSelector, DeviceBuffer, RankDevice, TensorRef};
 pub use error::{At, Error, Result};

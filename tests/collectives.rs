@@ -88,3 +88,36 @@ fn matrix_7_ranks() {
 fn matrix_8_ranks() {
     full_matrix(8);
 }
+
+/// The central (parameter-server pattern) and naive (host round-trip) all-reduces, over every
+/// op, type and awkward size, on 1 to 5 ranks.
+#[test]
+fn central_and_naive_all_reduce() {
+    let mut rng = rand::rng();
+    for algorithm in [wccl::Algorithm::Central, wccl::Algorithm::Naive] {
+        for n in 1..=5 {
+            let config = wccl::CommConfig {
+                algorithm,
+                slice_bytes: 512,
+                ..wccl::CommConfig::default()
+            };
+            let mut g = common::group_with(n, config);
+            for op in ReduceOp::ALL {
+                for dtype in DType::ALL {
+                    for (i, count) in [0, 1, 3, n + 1, 1000].into_iter().enumerate() {
+                        let case = Case {
+                            kind: CollectiveKind::AllReduce,
+                            op,
+                            dtype,
+                            count,
+                            in_place: i % 2 == 0,
+                            root: 0,
+                            pad: i % 2,
+                        };
+                        check(&mut g, case, &mut rng);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -5,8 +5,10 @@
 //! never touch wgpu or a link; the communicator's executor runs the plan, pipelining read-backs
 //! ahead of the transfers that need them.
 
+mod central_all_reduce;
 mod chain_broadcast;
 mod chain_reduce;
+mod naive_all_reduce;
 mod plan;
 mod ring_all_gather;
 mod ring_all_reduce;
@@ -15,8 +17,10 @@ mod ring_reduce_scatter;
 #[cfg(test)]
 mod simulate;
 
+pub use central_all_reduce::central_all_reduce;
 pub use chain_broadcast::chain_broadcast;
 pub use chain_reduce::chain_reduce;
+pub use naive_all_reduce::naive_all_reduce;
 pub use plan::{Action, Buf, Plan, Recv, Region, Source, Transfer, partition};
 pub use ring_all_gather::ring_all_gather;
 pub use ring_all_reduce::ring_all_reduce;
@@ -27,4 +31,54 @@ pub use ring_reduce_scatter::ring_reduce_scatter;
 /// rank computes it from the largest chunk, so sender and receiver agree slice by slice.
 pub(crate) fn slices_per_chunk(largest_chunk: usize, slice_elems: usize) -> usize {
     largest_chunk.div_ceil(slice_elems.max(1)).max(1)
+}
+
+/// How an all-reduce is carried out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Algorithm {
+    /// Ring reduce-scatter + all-gather, reductions on the devices: bandwidth-optimal.
+    #[default]
+    Ring,
+    /// Everyone sends to rank 0, which reduces on its device and sends the result back (the
+    /// parameter-server pattern).
+    Central,
+    /// Everything is read back to rank 0's host, reduced by its CPU, and written back.
+    Naive,
+    /// Whichever the cost model predicts fastest for this size and these devices.
+    Auto,
+}
+
+impl Algorithm {
+    /// Every concrete algorithm (not `Auto`).
+    pub const CONCRETE: [Algorithm; 3] = [Algorithm::Ring, Algorithm::Central, Algorithm::Naive];
+
+    pub(crate) const fn code(self) -> u32 {
+        self as u32
+    }
+}
+
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Algorithm::Ring => "ring",
+            Algorithm::Central => "central",
+            Algorithm::Naive => "naive",
+            Algorithm::Auto => "auto",
+        })
+    }
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ring" => Ok(Algorithm::Ring),
+            "central" => Ok(Algorithm::Central),
+            "naive" => Ok(Algorithm::Naive),
+            "auto" => Ok(Algorithm::Auto),
+            _ => Err(format!(
+                "unknown algorithm '{s}' (ring, central, naive, auto)"
+            )),
+        }
+    }
 }

@@ -11,6 +11,9 @@ pub enum Buf {
     Output,
     /// The communicator's scratch buffer on this rank's device.
     Scratch,
+    /// Host memory of the executor, for algorithms that reduce on the host: copies into it read
+    /// back, copies out of it upload, and frames fold into it on the CPU.
+    Host,
 }
 
 /// `len` elements starting `offset` elements into a buffer.
@@ -38,6 +41,8 @@ pub enum Source {
     Device(Region),
     /// The bytes this same transfer just received (pipelined chain forwarding).
     Forward,
+    /// The payload of this rank's previous send again (one read-back, many receivers).
+    Previous,
 }
 
 /// Receiving a frame from a peer and folding it into a device region.
@@ -100,6 +105,8 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// Elements of scratch space the plan needs.
     pub scratch: usize,
+    /// Elements of host memory the plan needs.
+    pub host: usize,
 }
 
 impl Plan {

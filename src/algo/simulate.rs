@@ -4,7 +4,10 @@
 use std::collections::VecDeque;
 
 use super::plan::{Action, Buf, Plan, Region, Source};
-use super::{chain_broadcast, chain_reduce, ring_all_gather, ring_all_reduce, ring_reduce_scatter};
+use super::{
+    Algorithm, central_all_reduce, chain_broadcast, chain_reduce, naive_all_reduce,
+    ring_all_gather, ring_all_reduce, ring_reduce_scatter,
+};
 use crate::types::{Combine, ReduceOp};
 
 struct Rank {
@@ -16,6 +19,8 @@ struct Rank {
     input: Vec<f64>,
     output: Vec<f64>,
     scratch: Vec<f64>,
+    host: Vec<f64>,
+    previous: Vec<f64>,
 }
 
 impl Rank {
@@ -26,6 +31,7 @@ impl Rank {
             Buf::Input => &mut self.input,
             Buf::Output => &mut self.output,
             Buf::Scratch => &mut self.scratch,
+            Buf::Host => &mut self.host,
         }
     }
     fn get(&mut self, r: Region) -> Vec<f64> {
@@ -57,6 +63,8 @@ fn simulate(
         .zip(inputs)
         .map(|(plan, input)| Rank {
             scratch: vec![f64::NAN; plan.scratch],
+            host: vec![f64::NAN; plan.host],
+            previous: Vec::new(),
             output: if in_place {
                 input.clone()
             } else {
@@ -116,7 +124,9 @@ fn simulate(
                             let payload = match src {
                                 Source::Device(reg) => rank.get(reg),
                                 Source::Forward => rank.received.clone().unwrap_or_default(),
+                                Source::Previous => rank.previous.clone(),
                             };
+                            rank.previous.clone_from(&payload);
                             queues[r * n + to].push_back(payload);
                             rank.sent = true;
                         }
@@ -170,10 +180,19 @@ fn every_algorithm_on_1_to_16_ranks() {
         for &count in &SIZES {
             for &slice in &SLICES {
                 for in_place in [false, true] {
-                    for op in ReduceOp::ALL {
+                    for (op, algo) in ReduceOp::ALL
+                        .into_iter()
+                        .flat_map(|op| Algorithm::CONCRETE.into_iter().map(move |a| (op, a)))
+                    {
                         let x = inputs(n, count, n as u64);
                         let plans = (0..n)
-                            .map(|r| ring_all_reduce(n, r, count, op, in_place, slice))
+                            .map(|r| match algo {
+                                Algorithm::Central => {
+                                    central_all_reduce(n, r, 0, count, op, in_place, slice)
+                                }
+                                Algorithm::Naive => naive_all_reduce(n, r, 0, count, op, slice),
+                                _ => ring_all_reduce(n, r, count, op, in_place, slice),
+                            })
                             .collect();
                         let out = simulate(plans, x.clone(), count, in_place);
                         for (r, o) in out.iter().enumerate() {
@@ -181,7 +200,7 @@ fn every_algorithm_on_1_to_16_ranks() {
                                 let e = reduce(op, &x, i);
                                 assert!(
                                     (got - e).abs() <= 1e-9 * e.abs(),
-                                    "all_reduce n={n} r={r} i={i}: {got} vs {e}"
+                                    "{algo} all_reduce n={n} r={r} i={i}: {got} vs {e}"
                                 );
                             }
                         }

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::executor::{Call, Engine, execute};
 use super::protocol::{Header, NONE};
-use crate::algo::{self, Plan};
+use crate::algo::{self, Algorithm, Plan};
 use crate::device::{DeviceBuffer, RankDevice, TensorRef};
 use crate::error::{At, Error, Result};
 use crate::link::Link;
@@ -22,6 +22,8 @@ pub struct CommConfig {
     /// Caps the storage-binding size the kernels use below the device's own limit, to exercise
     /// chunking on small buffers; `None` uses the device limit.
     pub max_binding_bytes: Option<u64>,
+    /// How all-reduces run unless the call says otherwise (default `Ring`).
+    pub algorithm: Algorithm,
 }
 
 impl Default for CommConfig {
@@ -31,6 +33,7 @@ impl Default for CommConfig {
             slice_bytes: 4 << 20,
             pipeline_depth: 3,
             max_binding_bytes: None,
+            algorithm: Algorithm::Ring,
         }
     }
 }
@@ -40,6 +43,8 @@ impl Default for CommConfig {
 pub struct CallOptions {
     /// This call's deadline, instead of the communicator's.
     pub timeout: Option<Duration>,
+    /// This all-reduce's algorithm, instead of the communicator's (other collectives ignore it).
+    pub algorithm: Option<Algorithm>,
 }
 
 impl CallOptions {
@@ -47,6 +52,7 @@ impl CallOptions {
     pub fn timeout(timeout: Duration) -> Self {
         CallOptions {
             timeout: Some(timeout),
+            algorithm: None,
         }
     }
 }
@@ -363,8 +369,9 @@ impl Communicator {
         }
         let started = Instant::now();
         let deadline = started + opts.timeout.unwrap_or(self.config.timeout);
+        let algorithm = opts.algorithm.unwrap_or(self.config.algorithm);
         let result = self
-            .validate_and_plan(at, &call)
+            .validate_and_plan(at, &call, algorithm)
             .and_then(|(plan, header, t)| {
                 let c = Call {
                     at,
@@ -394,6 +401,7 @@ impl Communicator {
         &self,
         at: At,
         call: &Collective<'a>,
+        algorithm: Algorithm,
     ) -> Result<(Plan, Header, Option<(TensorRef<'a>, TensorRef<'a>)>)> {
         let (n, r) = (self.size, self.rank);
         let slice = self.config.slice_bytes;
@@ -417,6 +425,8 @@ impl Communicator {
             op: NONE,
             root: NONE,
             ranks: n as u32,
+            algo: NONE,
+            _pad: 0,
         };
         let (plan, input, output, op) = match *call {
             Collective::AllReduce { input, output, op } => {
@@ -429,8 +439,19 @@ impl Communicator {
                 }
                 let in_place = disjoint_or_same(at, &input, &output)?;
                 let se = slice / input.dtype.size();
-                let plan = algo::ring_all_reduce(n, r, input.count, op, in_place, se);
-                header.count = input.count as u64;
+                let count = input.count;
+                let algorithm = self.resolve(algorithm, count, input.dtype);
+                let plan = match algorithm {
+                    Algorithm::Central => {
+                        algo::central_all_reduce(n, r, 0, count, op, in_place, se)
+                    }
+                    Algorithm::Naive => algo::naive_all_reduce(n, r, 0, count, op, se),
+                    Algorithm::Ring | Algorithm::Auto => {
+                        algo::ring_all_reduce(n, r, count, op, in_place, se)
+                    }
+                };
+                header.algo = algorithm.code();
+                header.count = count as u64;
                 (plan, input, output, Some(op))
             }
             Collective::ReduceScatter { input, output, op } => {
@@ -521,6 +542,14 @@ impl Communicator {
             header.op = op.code();
         }
         Ok((plan, header, Some((input, output))))
+    }
+
+    /// The concrete algorithm for an all-reduce of `count` elements.
+    fn resolve(&self, algorithm: Algorithm, _count: usize, _dtype: DType) -> Algorithm {
+        match algorithm {
+            Algorithm::Auto => Algorithm::Ring,
+            a => a,
+        }
     }
 
     /// Checks both tensors of a call: same element type, supported, valid views.

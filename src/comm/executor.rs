@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use wgpu::{Buffer, BufferUsages, SubmissionIndex};
 
+use super::host_ops;
 use super::protocol::Header;
 use crate::algo::{Action, Buf, Plan, Recv, Region, Source, Transfer};
 use crate::device::{RankDevice, ReadRing, ReadTicket, TensorRef, UploadRing, wait_error};
@@ -99,6 +100,10 @@ struct Run<'e, 'a> {
     sent: Vec<u32>,
     received: Vec<u32>,
     last: Option<SubmissionIndex>,
+    /// Host memory for `Buf::Host` regions (u32 words keep every element type aligned).
+    host: Vec<u32>,
+    /// The payload of the last send, for `Source::Previous`.
+    previous: Vec<u8>,
 }
 
 /// Executes `plan` for this rank. Returns once this rank's part is on its device.
@@ -120,6 +125,8 @@ pub(crate) fn execute(
         sent: vec![0; n],
         received: vec![0; n],
         last: None,
+        host: vec![0; (plan.host * call.dtype.size()).div_ceil(4)],
+        previous: Vec::new(),
     };
     run.plan(plan)?;
     if let Some(last) = run.last.take() {
@@ -140,6 +147,10 @@ impl Run<'_, '_> {
             self.begin_reads(&reads, &mut next_read, &mut tickets, i as isize - 1)?;
             match action {
                 Action::Copy { src, dst } => self.copy(*src, *dst)?,
+                Action::Scale { dst, divisor } if dst.buf == Buf::Host => {
+                    let dtype = self.call.dtype;
+                    host_ops::scale(dtype, self.host_bytes(*dst), *divisor);
+                }
                 Action::Scale { dst, divisor } => {
                     let (buf, off) = self.locate(*dst);
                     self.kernel(KernelOp::Scale(*divisor), (&buf, off), None, dst.len);
@@ -169,6 +180,8 @@ impl Run<'_, '_> {
         if let Some((to, source)) = t.send {
             let payload = match source {
                 Source::Forward => received.clone().unwrap_or_default(),
+                Source::Previous => self.previous.clone(),
+                Source::Device(r) if r.buf == Buf::Host => self.host_bytes(r).to_vec(),
                 Source::Device(_) => {
                     let done = if t.recv_first {
                         i as isize
@@ -210,6 +223,9 @@ impl Run<'_, '_> {
             let Some((_, Source::Device(region))) = t.send else {
                 continue;
             };
+            if region.buf == Buf::Host {
+                continue;
+            }
             let upto = if t.recv_first { i + 1 } else { i };
             let after = (0..upto).rev().find(|&v| {
                 plan.actions[v]
@@ -249,6 +265,7 @@ impl Run<'_, '_> {
     }
 
     fn send(&mut self, to: usize, payload: Vec<u8>) -> Result<()> {
+        self.previous.clone_from(&payload);
         let header = Header {
             unit: self.sent[to],
             payload_bytes: payload.len() as u64,
@@ -304,37 +321,80 @@ impl Run<'_, '_> {
                 theirs: frame.payload.len().to_string(),
             });
         }
-        if r.dst.len > 0 {
-            let mut enc = self
-                .eng
-                .dev
-                .device()
-                .create_command_encoder(&Default::default());
-            let staged = self
-                .eng
-                .uploads
-                .stage(&self.eng.dev, &frame.payload, &mut enc, self.call.deadline)
-                .map_err(|e| wait_error(self.call.at, e))?;
-            let (buf, off) = self.locate(r.dst);
-            self.eng.kernels.encode(
-                &self.eng.dev,
-                &mut enc,
-                KernelOp::Combine(r.combine),
-                self.call.dtype,
-                (&buf, off),
-                Some((&staged, 0)),
-                r.dst.len,
-            );
-            let idx = self.eng.kernels.submit(&self.eng.dev, enc);
-            self.eng.uploads.submitted(&idx);
-            self.last = Some(idx);
+        if r.dst.buf == Buf::Host {
+            let dtype = self.call.dtype;
+            host_ops::combine(dtype, r.combine, self.host_bytes(r.dst), &frame.payload);
+        } else {
+            self.upload(&frame.payload, r.dst, r.combine)?;
         }
         Ok(frame.payload)
+    }
+
+    /// Folds host bytes into a device region: staged through an upload slot, then the kernel.
+    fn upload(&mut self, bytes: &[u8], dst: Region, combine: Combine) -> Result<()> {
+        if dst.len == 0 {
+            return Ok(());
+        }
+        let mut enc = self
+            .eng
+            .dev
+            .device()
+            .create_command_encoder(&Default::default());
+        let staged = self
+            .eng
+            .uploads
+            .stage(&self.eng.dev, bytes, &mut enc, self.call.deadline)
+            .map_err(|e| wait_error(self.call.at, e))?;
+        let (buf, off) = self.locate(dst);
+        self.eng.kernels.encode(
+            &self.eng.dev,
+            &mut enc,
+            KernelOp::Combine(combine),
+            self.call.dtype,
+            (&buf, off),
+            Some((&staged, 0)),
+            dst.len,
+        );
+        let idx = self.eng.kernels.submit(&self.eng.dev, enc);
+        self.eng.uploads.submitted(&idx);
+        self.last = Some(idx);
+        Ok(())
+    }
+
+    /// The bytes of a host region.
+    fn host_bytes(&mut self, r: Region) -> &mut [u8] {
+        let es = self.call.dtype.size();
+        let all: &mut [u8] = bytemuck::cast_slice_mut(&mut self.host);
+        &mut all[r.offset * es..(r.offset + r.len) * es]
     }
 
     /// Device copy; through the bounce buffer when both sides are in the same wgpu buffer
     /// (a kernel may not bind one buffer twice).
     fn copy(&mut self, src: Region, dst: Region) -> Result<()> {
+        match (src.buf, dst.buf) {
+            (Buf::Host, Buf::Host) => {
+                let bytes = self.host_bytes(src).to_vec();
+                self.host_bytes(dst).copy_from_slice(&bytes);
+                return Ok(());
+            }
+            (_, Buf::Host) => {
+                let (buf, off) = self.locate(src);
+                let bytes = src.len * self.call.dtype.size();
+                let ticket = self.eng.reads.begin(&self.eng.dev, &buf, off, bytes);
+                let data = self
+                    .eng
+                    .reads
+                    .finish(&self.eng.dev, ticket, self.call.deadline)
+                    .map_err(|e| wait_error(self.call.at, e))?;
+                self.host_bytes(dst).copy_from_slice(&data);
+                return Ok(());
+            }
+            (Buf::Host, _) => {
+                let bytes = self.host_bytes(src).to_vec();
+                return self.upload(&bytes, dst, Combine::Copy);
+            }
+            _ => {}
+        }
         let (sb, so) = self.locate(src);
         let (db, doff) = self.locate(dst);
         if sb == db && so == doff {
@@ -412,7 +472,8 @@ impl Run<'_, '_> {
 
     /// Whether two regions may share memory (input and output can be one buffer).
     fn overlap(&self, a: Region, b: Region) -> bool {
-        if a.len == 0 || b.len == 0 {
+        // Host regions are read and written synchronously: no device read waits on them.
+        if a.len == 0 || b.len == 0 || a.buf == Buf::Host || b.buf == Buf::Host {
             return false;
         }
         let es = self.call.dtype.size() as u64;

@@ -4,6 +4,7 @@
 mod communicator;
 mod executor;
 mod group;
+mod host_ops;
 mod protocol;
 
 pub use communicator::{CallOptions, Collective, CommConfig, Communicator};

@@ -19,6 +19,8 @@ pub(crate) struct Header {
     pub op: u32,
     pub root: u32,
     pub ranks: u32,
+    pub algo: u32,
+    pub _pad: u32,
 }
 
 impl Header {
@@ -58,6 +60,9 @@ impl Header {
         }
         if self.kind != theirs.kind {
             return mismatch("collective", kind_name(self.kind), kind_name(theirs.kind));
+        }
+        if self.algo != theirs.algo {
+            return mismatch("algorithm", algo_name(self.algo), algo_name(theirs.algo));
         }
         if self.dtype != theirs.dtype {
             return mismatch(
@@ -113,4 +118,11 @@ fn op_name(code: u32) -> String {
         .iter()
         .find(|o| o.code() == code)
         .map_or_else(|| "none".to_string(), |o| o.to_string())
+}
+
+fn algo_name(code: u32) -> String {
+    crate::algo::Algorithm::CONCRETE
+        .iter()
+        .find(|a| a.code() == code)
+        .map_or_else(|| "none".to_string(), |a| a.to_string())
 }

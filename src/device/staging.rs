@@ -28,17 +28,16 @@ pub(crate) struct ReadTicket {
     mapped_len: u64,
 }
 
-/// Reusable `MAP_READ` staging slots; read-backs must be finished in the order they began.
+/// Reusable `MAP_READ` staging slots.
 pub(crate) struct ReadRing {
     slots: Vec<ReadSlot>,
-    next: usize,
-    in_flight: usize,
+    busy: Vec<bool>,
 }
 
 impl ReadRing {
     /// `slots` buffers of `slot_bytes` each (plus room for rounding a range out to 4 bytes).
     pub(crate) fn new(dev: &RankDevice, slots: usize, slot_bytes: u64) -> Self {
-        let slots = (0..slots.max(1))
+        let slots: Vec<ReadSlot> = (0..slots.max(1))
             .map(|_| ReadSlot {
                 buffer: dev.device().create_buffer(&wgpu::BufferDescriptor {
                     label: Some("wccl read staging"),
@@ -49,16 +48,13 @@ impl ReadRing {
                 mapped: Arc::new(AtomicBool::new(false)),
             })
             .collect();
-        ReadRing {
-            slots,
-            next: 0,
-            in_flight: 0,
-        }
+        let busy = vec![false; slots.len()];
+        ReadRing { slots, busy }
     }
 
     /// Whether another read-back can begin.
     pub(crate) fn has_free_slot(&self) -> bool {
-        self.in_flight < self.slots.len()
+        self.busy.iter().any(|b| !b)
     }
 
     /// Starts copying `len` bytes at `offset` of `src` into the next slot. The caller must check
@@ -70,9 +66,8 @@ impl ReadRing {
         offset: u64,
         len: usize,
     ) -> ReadTicket {
-        let slot = self.next;
-        self.next = (self.next + 1) % self.slots.len();
-        self.in_flight += 1;
+        let slot = self.busy.iter().position(|b| !b).unwrap_or(0);
+        self.busy[slot] = true;
         if len == 0 {
             return ReadTicket {
                 slot,
@@ -104,13 +99,15 @@ impl ReadRing {
     }
 
     /// Waits for a read-back and copies its bytes out of the slot, freeing the slot.
+    ///
+    /// The slot is free again once this returns, whether or not it succeeded.
     pub(crate) fn finish(
         &mut self,
         dev: &RankDevice,
         ticket: ReadTicket,
         deadline: Instant,
     ) -> Result<Vec<u8>, WaitError> {
-        self.in_flight -= 1;
+        self.busy[ticket.slot] = false;
         let Some(submission) = ticket.submission else {
             return Ok(Vec::new());
         };
