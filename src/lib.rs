@@ -28,6 +28,7 @@
 //! ```
 
 pub mod algo;
+pub mod bench;
 pub mod comm;
 pub mod device;
 mod error;

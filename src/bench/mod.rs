@@ -1,0 +1,386 @@
+//! The engine of `wccl-bench`: nccl-tests' sweep (sizes, ops, out-of-place and in-place,
+//! `#wrong`), over any collective and all-reduce algorithm, printing nccl-tests' table.
+//!
+//! The binary (`src/bin/wccl-bench.rs`) only parses flags into [`Settings`] and calls [`run`].
+
+mod plot;
+mod report;
+mod sizes;
+mod verify;
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub use plot::plot_busbw;
+pub use report::{CSV_HEADER, Measure, Row, busbw_factor, csv_row, footer, format_row, header};
+pub use sizes::{parse_size, size_steps};
+pub use verify::{count_wrong, decode, encode, expected, input_value, is_right};
+
+use crate::{
+    Algorithm, CallOptions, Collective, CollectiveKind, CommGroup, DType, ReduceOp, TensorRef,
+};
+
+/// Elements each iteration shifts the buffers by (cycling through 4 positions), as nccl-tests
+/// does, to keep caches honest and catch offset bugs. 64 elements keep 256-byte alignment.
+const SHIFT: usize = 64;
+const SHIFTS: usize = 4;
+
+/// What one sweep measures.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The collective.
+    pub kind: CollectiveKind,
+    /// Sizes in bytes, smallest first.
+    pub sizes: Vec<u64>,
+    /// Timed iterations per size (`-n`).
+    pub iters: usize,
+    /// Warm-up iterations per size (`-w`).
+    pub warmup: usize,
+    /// Check results (`-c 1`).
+    pub check: bool,
+    /// Operators (`-o`); ignored by collectives that do not reduce.
+    pub ops: Vec<ReduceOp>,
+    /// Element type (`-d`).
+    pub dtype: DType,
+    /// Root (`-r`) of broadcast and reduce.
+    pub root: usize,
+    /// Deadline of each call (`-T`).
+    pub timeout: Duration,
+    /// All-reduce algorithms to compare (`--algo`); other collectives run their own.
+    pub algos: Vec<Algorithm>,
+    /// Overwrite one element of rank 0's result before checking (tests `#wrong` itself).
+    pub corrupt_one: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            kind: CollectiveKind::AllReduce,
+            sizes: size_steps(32 << 20, 32 << 20, 2, 0),
+            iters: 20,
+            warmup: 5,
+            check: true,
+            ops: vec![ReduceOp::Sum],
+            dtype: DType::F32,
+            root: 0,
+            timeout: Duration::from_secs(30),
+            algos: vec![Algorithm::Ring],
+            corrupt_one: false,
+        }
+    }
+}
+
+/// Any failure of a sweep.
+pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs the sweep on `group`, printing the table to `out` as rows complete; returns the rows.
+pub fn run(
+    group: &mut CommGroup,
+    s: &Settings,
+    out: &mut dyn Write,
+) -> Result<Vec<Row>, BenchError> {
+    let n = group.size();
+    if s.root >= n {
+        return Err(format!("root {} is not a rank of {n}", s.root).into());
+    }
+    let es = s.dtype.size();
+    let shapes: Vec<(u64, Shape)> = s
+        .sizes
+        .iter()
+        .map(|&b| (b, Shape::new(s.kind, n, b, es)))
+        .collect();
+    let capacity = shapes.iter().map(|(_, sh)| sh.total).max().unwrap_or(0) + SHIFT * SHIFTS;
+    let bufs: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..n)
+        .map(|r| {
+            let dev = group.comm(r).device().device().clone();
+            let make = |label| {
+                dev.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size: ((capacity * es) as u64).next_multiple_of(4).max(4),
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            };
+            (make("bench input"), make("bench output"))
+        })
+        .collect();
+    let reduces = matches!(
+        s.kind,
+        CollectiveKind::AllReduce | CollectiveKind::ReduceScatter | CollectiveKind::Reduce
+    );
+    let ops: Vec<Option<ReduceOp>> = if reduces {
+        s.ops.iter().copied().map(Some).collect()
+    } else {
+        vec![None]
+    };
+    let algos: Vec<Algorithm> = if s.kind == CollectiveKind::AllReduce {
+        s.algos.clone()
+    } else {
+        vec![Algorithm::Ring]
+    };
+    let total_steps = (shapes.len() * ops.len() * algos.len()) as u64;
+    let progress = if std::io::stderr().is_terminal() && total_steps > 1 {
+        ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    writeln!(out, "{}", header())?;
+    let mut rows = Vec::new();
+    for &algo in &algos {
+        for op in &ops {
+            for (bytes, shape) in &shapes {
+                progress.set_message(format!("{algo} {} B", bytes));
+                let mut measures = [Measure::default(); 2];
+                for (slot, in_place) in [false, true].into_iter().enumerate() {
+                    let case = Case {
+                        kind: s.kind,
+                        op: op.unwrap_or(ReduceOp::Sum),
+                        dtype: s.dtype,
+                        root: s.root,
+                        algo,
+                        in_place,
+                        shape: *shape,
+                        timeout: s.timeout,
+                    };
+                    let seconds = case.time(group, &bufs, s.warmup, s.iters)?;
+                    let wrong = if s.check {
+                        case.check(group, &bufs, s.corrupt_one)?
+                    } else {
+                        0
+                    };
+                    let factor = busbw_factor(s.kind, n);
+                    measures[slot] =
+                        Measure::new((shape.total * es) as u64, seconds, factor, wrong);
+                }
+                let row = Row {
+                    size: (shape.total * es) as u64,
+                    count: shape.total as u64,
+                    dtype: s.dtype,
+                    op: *op,
+                    root: if matches!(s.kind, CollectiveKind::Broadcast | CollectiveKind::Reduce) {
+                        s.root as i64
+                    } else {
+                        -1
+                    },
+                    algo: algo.to_string(),
+                    out_of_place: measures[0],
+                    in_place: measures[1],
+                    predicted: None,
+                };
+                progress.suspend(|| writeln!(out, "{}", format_row(&row)))?;
+                rows.push(row);
+                progress.inc(1);
+            }
+        }
+    }
+    progress.finish_and_clear();
+    writeln!(out, "{}", footer(&rows))?;
+    Ok(rows)
+}
+
+/// Element counts of one size: `total` is the whole array, `per` one rank's share of it for
+/// reduce_scatter and all_gather (the whole for the others).
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    total: usize,
+    per: usize,
+}
+
+impl Shape {
+    fn new(kind: CollectiveKind, n: usize, bytes: u64, es: usize) -> Shape {
+        let elems = bytes as usize / es;
+        match kind {
+            CollectiveKind::ReduceScatter | CollectiveKind::AllGather => {
+                let per = elems / n;
+                Shape {
+                    total: per * n,
+                    per,
+                }
+            }
+            _ => Shape {
+                total: elems,
+                per: elems,
+            },
+        }
+    }
+}
+
+struct Case {
+    kind: CollectiveKind,
+    op: ReduceOp,
+    dtype: DType,
+    root: usize,
+    algo: Algorithm,
+    in_place: bool,
+    shape: Shape,
+    timeout: Duration,
+}
+
+impl Case {
+    /// This rank's (input, output) views at a shift.
+    fn views<'a>(
+        &self,
+        r: usize,
+        bufs: &'a (wgpu::Buffer, wgpu::Buffer),
+        shift: usize,
+    ) -> (TensorRef<'a>, TensorRef<'a>) {
+        let (inb, outb) = bufs;
+        let off = (shift * self.dtype.size()) as u64;
+        let Shape { total, per } = self.shape;
+        let t = |b, count| TensorRef::new(b, off, count, self.dtype);
+        match (self.kind, self.in_place) {
+            (CollectiveKind::ReduceScatter, false) => (t(inb, total), t(outb, per)),
+            (CollectiveKind::ReduceScatter, true) => {
+                (t(outb, total), t(outb, total).slice(r * per, per))
+            }
+            (CollectiveKind::AllGather, false) => (t(inb, per), t(outb, total)),
+            (CollectiveKind::AllGather, true) => {
+                (t(outb, total).slice(r * per, per), t(outb, total))
+            }
+            (_, false) => (t(inb, total), t(outb, total)),
+            (_, true) => (t(outb, total), t(outb, total)),
+        }
+    }
+
+    fn call<'a>(&self, input: TensorRef<'a>, output: TensorRef<'a>) -> Collective<'a> {
+        let (op, root) = (self.op, self.root);
+        match self.kind {
+            CollectiveKind::AllReduce => Collective::AllReduce { input, output, op },
+            CollectiveKind::ReduceScatter => Collective::ReduceScatter { input, output, op },
+            CollectiveKind::AllGather => Collective::AllGather { input, output },
+            CollectiveKind::Broadcast => Collective::Broadcast {
+                input,
+                output,
+                root,
+            },
+            CollectiveKind::Reduce => Collective::Reduce {
+                input,
+                output,
+                op,
+                root,
+            },
+            CollectiveKind::Barrier => Collective::Barrier,
+        }
+    }
+
+    fn run_once(
+        &self,
+        group: &mut CommGroup,
+        bufs: &[(wgpu::Buffer, wgpu::Buffer)],
+        shift: usize,
+    ) -> crate::Result<()> {
+        let calls: Vec<Collective<'_>> = (0..bufs.len())
+            .map(|r| {
+                let (i, o) = self.views(r, &bufs[r], shift);
+                self.call(i, o)
+            })
+            .collect();
+        let opts = CallOptions {
+            timeout: Some(self.timeout),
+            algorithm: Some(self.algo),
+        };
+        group.run(&calls, opts)
+    }
+
+    /// Mean seconds of one call after the warm-up, shifting the buffers each iteration.
+    fn time(
+        &self,
+        group: &mut CommGroup,
+        bufs: &[(wgpu::Buffer, wgpu::Buffer)],
+        warmup: usize,
+        iters: usize,
+    ) -> crate::Result<f64> {
+        for k in 0..warmup {
+            self.run_once(group, bufs, (k % SHIFTS) * SHIFT)?;
+        }
+        let t = Instant::now();
+        for k in 0..iters.max(1) {
+            self.run_once(group, bufs, (k % SHIFTS) * SHIFT)?;
+        }
+        Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
+    }
+
+    /// Writes known inputs, poisons outputs, runs once and counts wrong elements on all ranks.
+    fn check(
+        &self,
+        group: &mut CommGroup,
+        bufs: &[(wgpu::Buffer, wgpu::Buffer)],
+        corrupt_one: bool,
+    ) -> crate::Result<u64> {
+        let n = bufs.len();
+        let Shape { total, per } = self.shape;
+        let in_len = match self.kind {
+            CollectiveKind::AllGather => per,
+            _ => total,
+        };
+        // Inputs are never negative, so -1 (or, for u32, 4e9) is no possible result.
+        let poison = if self.dtype == DType::U32 {
+            4.0e9
+        } else {
+            -1.0
+        };
+        for (r, (inb, outb)) in bufs.iter().enumerate() {
+            let values: Vec<f64> = (0..in_len).map(|i| input_value(self.op, r, i)).collect();
+            let q = group.comm(r).device().queue().clone();
+            // Whole buffers from offset 0, so every write is 4-byte aligned whatever the type.
+            let mut out = vec![poison; total];
+            if self.in_place {
+                let at = if self.kind == CollectiveKind::AllGather {
+                    r * per
+                } else {
+                    0
+                };
+                out[at..at + in_len].copy_from_slice(&values);
+            } else {
+                write(&q, inb, &encode(self.dtype, &values));
+            }
+            write(&q, outb, &encode(self.dtype, &out));
+        }
+        self.run_once(group, bufs, 0)?;
+        let mut wrong = 0;
+        for (r, pair) in bufs.iter().enumerate() {
+            let (_, output) = self.views(r, pair, 0);
+            let comm = group.comm(r);
+            let bytes = match self.dtype {
+                DType::F32 => comm
+                    .read::<f32>(output)
+                    .map(|v| bytemuck::cast_slice(&v).to_vec()),
+                DType::F16 => comm
+                    .read::<half::f16>(output)
+                    .map(|v| bytemuck::cast_slice(&v).to_vec()),
+                DType::I32 => comm
+                    .read::<i32>(output)
+                    .map(|v| bytemuck::cast_slice(&v).to_vec()),
+                DType::U32 => comm
+                    .read::<u32>(output)
+                    .map(|v| bytemuck::cast_slice(&v).to_vec()),
+            }?;
+            let mut got = decode(self.dtype, &bytes);
+            if corrupt_one && r == 0 && !got.is_empty() {
+                got[0] += 1.0;
+            }
+            // Ranks without a defined result (non-root reduce) count nothing wrong.
+            wrong += count_wrong(self.dtype, &got, |i| {
+                expected(self.kind, self.dtype, self.op, n, r, self.root, per, i).unwrap_or(got[i])
+            });
+        }
+        Ok(wrong)
+    }
+}
+
+fn write(q: &wgpu::Queue, buf: &wgpu::Buffer, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    let mut b = bytes.to_vec();
+    b.resize(b.len().next_multiple_of(4), 0);
+    q.write_buffer(buf, 0, &b);
+}

@@ -1,0 +1,202 @@
+//! nccl-tests' bandwidth arithmetic and its table.
+
+use std::fmt::Write as _;
+
+use crate::types::{CollectiveKind, DType, ReduceOp};
+
+/// nccl-tests' bus-bandwidth factor for `kind` on `n` ranks: what turns algbw into a figure
+/// comparable with link speed whatever the rank count.
+///
+/// ```
+/// use wccl::{CollectiveKind, bench::busbw_factor};
+/// assert_eq!(busbw_factor(CollectiveKind::AllReduce, 4), 1.5);
+/// assert_eq!(busbw_factor(CollectiveKind::AllGather, 4), 0.75);
+/// assert_eq!(busbw_factor(CollectiveKind::Broadcast, 4), 1.0);
+/// ```
+pub fn busbw_factor(kind: CollectiveKind, n: usize) -> f64 {
+    let n = n.max(1) as f64;
+    match kind {
+        CollectiveKind::AllReduce => 2.0 * (n - 1.0) / n,
+        CollectiveKind::ReduceScatter | CollectiveKind::AllGather => (n - 1.0) / n,
+        CollectiveKind::Broadcast | CollectiveKind::Reduce | CollectiveKind::Barrier => 1.0,
+    }
+}
+
+/// One timed variant (out-of-place or in-place) of one size.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Measure {
+    /// Mean time of one call, microseconds.
+    pub time_us: f64,
+    /// Size / time, GB/s.
+    pub algbw: f64,
+    /// algbw x the collective's factor, GB/s.
+    pub busbw: f64,
+    /// Elements that differed from the expected result (0 when not checked).
+    pub wrong: u64,
+}
+
+impl Measure {
+    /// A measure from bytes and seconds.
+    pub fn new(bytes: u64, seconds: f64, factor: f64, wrong: u64) -> Measure {
+        let algbw = if seconds > 0.0 {
+            bytes as f64 / seconds / 1e9
+        } else {
+            0.0
+        };
+        Measure {
+            time_us: seconds * 1e6,
+            algbw,
+            busbw: algbw * factor,
+            wrong,
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    /// Bytes (the whole array for reduce_scatter and all_gather).
+    pub size: u64,
+    /// Elements in `size`.
+    pub count: u64,
+    /// Element type.
+    pub dtype: DType,
+    /// Operator, if the collective reduces.
+    pub op: Option<ReduceOp>,
+    /// Root, or -1.
+    pub root: i64,
+    /// Algorithm name.
+    pub algo: String,
+    /// Out-of-place measure.
+    pub out_of_place: Measure,
+    /// In-place measure.
+    pub in_place: Measure,
+    /// The cost model's predicted time (us) and bounding resource, if known.
+    pub predicted: Option<(f64, String)>,
+}
+
+/// The column header, as nccl-tests prints it, with wccl's extra columns.
+pub fn header() -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "#{:>57} | {:^33} | {:^33} |",
+        "", "out-of-place", "in-place"
+    );
+    let _ = writeln!(
+        s,
+        "#{:>11} {:>12} {:>8} {:>6} {:>6} {:>8} | {:>9} {:>7} {:>7} {:>6} | {:>9} {:>7} {:>7} {:>6} | {:>9}  bound by",
+        "size",
+        "count",
+        "type",
+        "redop",
+        "root",
+        "algo",
+        "time",
+        "algbw",
+        "busbw",
+        "#wrong",
+        "time",
+        "algbw",
+        "busbw",
+        "#wrong",
+        "model",
+    );
+    let _ = write!(
+        s,
+        "#{:>11} {:>12} {:>8} {:>6} {:>6} {:>8} | {:>9} {:>7} {:>7} {:>6} | {:>9} {:>7} {:>7} {:>6} | {:>9}",
+        "(B)",
+        "(elements)",
+        "",
+        "",
+        "",
+        "",
+        "(us)",
+        "(GB/s)",
+        "(GB/s)",
+        "",
+        "(us)",
+        "(GB/s)",
+        "(GB/s)",
+        "",
+        "(us)"
+    );
+    s
+}
+
+/// One row of the table.
+pub fn format_row(r: &Row) -> String {
+    let m = |m: &Measure| {
+        format!(
+            "{:>9.1} {:>7.3} {:>7.3} {:>6}",
+            m.time_us, m.algbw, m.busbw, m.wrong
+        )
+    };
+    let (model, bound) = match &r.predicted {
+        Some((t, b)) => (format!("{t:>9.1}"), b.clone()),
+        None => (format!("{:>9}", "-"), String::new()),
+    };
+    format!(
+        " {:>11} {:>12} {:>8} {:>6} {:>6} {:>8} | {} | {} | {}  {}",
+        r.size,
+        r.count,
+        r.dtype.to_string(),
+        r.op.map_or("none".to_string(), |o| o.to_string()),
+        r.root,
+        r.algo,
+        m(&r.out_of_place),
+        m(&r.in_place),
+        model,
+        bound
+    )
+    .trim_end()
+    .to_string()
+}
+
+/// The closing lines: out-of-bounds count and average bus bandwidth.
+pub fn footer(rows: &[Row]) -> String {
+    let wrong: u64 = rows
+        .iter()
+        .map(|r| r.out_of_place.wrong + r.in_place.wrong)
+        .sum();
+    let n = (rows.len() * 2).max(1) as f64;
+    let avg = rows
+        .iter()
+        .map(|r| r.out_of_place.busbw + r.in_place.busbw)
+        .sum::<f64>()
+        / n;
+    format!(
+        "# Out of bounds values : {wrong} {}\n# Avg bus bandwidth    : {avg:.6} ",
+        if wrong == 0 { "OK" } else { "FAILED" }
+    )
+}
+
+/// The CSV header.
+pub const CSV_HEADER: &str = "size,count,type,redop,root,algo,oop_time_us,oop_algbw,oop_busbw,oop_wrong,ip_time_us,ip_algbw,ip_busbw,ip_wrong,model_us,bound";
+
+/// One CSV line.
+pub fn csv_row(r: &Row) -> String {
+    let (model, bound) = match &r.predicted {
+        Some((t, b)) => (format!("{t:.3}"), b.clone()),
+        None => (String::new(), String::new()),
+    };
+    format!(
+        "{},{},{},{},{},{},{:.3},{:.6},{:.6},{},{:.3},{:.6},{:.6},{},{},{}",
+        r.size,
+        r.count,
+        r.dtype,
+        r.op.map_or("none".to_string(), |o| o.to_string()),
+        r.root,
+        r.algo,
+        r.out_of_place.time_us,
+        r.out_of_place.algbw,
+        r.out_of_place.busbw,
+        r.out_of_place.wrong,
+        r.in_place.time_us,
+        r.in_place.algbw,
+        r.in_place.busbw,
+        r.in_place.wrong,
+        model,
+        bound
+    )
+}

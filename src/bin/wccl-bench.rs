@@ -1,0 +1,217 @@
+//! `wccl-bench`: nccl-tests' `*_perf` for wccl. One subcommand per collective, nccl-tests' flags.
+//!
+//! ```text
+//! wccl-bench all_reduce -b 8 -e 128M -f 2 -g 4 --algo ring,central,naive --plot busbw.svg
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use wccl::bench::{self, Settings};
+use wccl::{Algorithm, CollectiveKind, CommConfig, CommGroup, DType, ReduceOp};
+
+#[derive(Parser)]
+#[command(
+    name = "wccl-bench",
+    version,
+    about = "nccl-tests-style collective benchmarks for wccl"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// all_reduce_perf
+    #[command(name = "all_reduce")]
+    AllReduce(Sweep),
+    /// reduce_scatter_perf
+    #[command(name = "reduce_scatter")]
+    ReduceScatter(Sweep),
+    /// all_gather_perf
+    #[command(name = "all_gather")]
+    AllGather(Sweep),
+    /// broadcast_perf
+    Broadcast(Sweep),
+    /// reduce_perf
+    Reduce(Sweep),
+}
+
+#[derive(Args)]
+struct Sweep {
+    /// Minimum size in bytes (K/M/G suffixes).
+    #[arg(short = 'b', long = "minbytes", default_value = "32M", value_parser = bench::parse_size)]
+    min_bytes: u64,
+    /// Maximum size in bytes.
+    #[arg(short = 'e', long = "maxbytes", default_value = "32M", value_parser = bench::parse_size)]
+    max_bytes: u64,
+    /// Multiplication factor between sizes.
+    #[arg(short = 'f', long = "stepfactor", default_value_t = 2)]
+    step_factor: u64,
+    /// Fixed increment between sizes (overrides -f when not 0).
+    #[arg(short = 'i', long = "stepbytes", default_value = "0", value_parser = bench::parse_size)]
+    step_bytes: u64,
+    /// Number of ranks (devices).
+    #[arg(short = 'g', long = "ngpus", default_value_t = 4)]
+    ranks: usize,
+    /// Timed iterations per size.
+    #[arg(short = 'n', long = "iters", default_value_t = 20)]
+    iters: usize,
+    /// Warm-up iterations per size.
+    #[arg(short = 'w', long = "warmup_iters", default_value_t = 5)]
+    warmup: usize,
+    /// Check results (0/1).
+    #[arg(short = 'c', long = "check", default_value_t = 1)]
+    check: u8,
+    /// Reduction operator: sum, prod, min, max, avg, all.
+    #[arg(short = 'o', long = "op", default_value = "sum")]
+    op: String,
+    /// Element type: float, half, int32, uint32 (f32, f16, i32, u32 also accepted).
+    #[arg(short = 'd', long = "datatype", default_value = "float")]
+    dtype: String,
+    /// Root rank of broadcast and reduce.
+    #[arg(short = 'r', long = "root", default_value_t = 0)]
+    root: usize,
+    /// Deadline of each call, seconds.
+    #[arg(short = 'T', long = "timeout", default_value_t = 30)]
+    timeout: u64,
+    /// All-reduce algorithms, comma separated: ring, central, naive, auto, all.
+    #[arg(long = "algo", default_value = "ring")]
+    algo: String,
+    /// Also write the rows as CSV to this file.
+    #[arg(long = "csv")]
+    csv: Option<PathBuf>,
+    /// Draw busbw against size, one line per algorithm, into this SVG file.
+    #[arg(long = "plot")]
+    plot: Option<PathBuf>,
+    /// Pipeline slice in bytes.
+    #[arg(long = "slice", default_value = "4M", value_parser = bench::parse_size)]
+    slice: u64,
+    /// Corrupt one element of rank 0's result before checking (to test the checker).
+    #[arg(long = "corrupt-one", hide = true)]
+    corrupt_one: bool,
+}
+
+fn parse_ops(s: &str) -> Result<Vec<ReduceOp>, String> {
+    if s == "all" {
+        return Ok(ReduceOp::ALL.to_vec());
+    }
+    ReduceOp::ALL
+        .iter()
+        .find(|o| o.to_string() == s)
+        .map(|o| vec![*o])
+        .ok_or_else(|| format!("unknown op '{s}' (sum, prod, min, max, avg, all)"))
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "float" | "f32" | "float32" => Ok(DType::F32),
+        "half" | "f16" | "float16" => Ok(DType::F16),
+        "int32" | "i32" | "int" => Ok(DType::I32),
+        "uint32" | "u32" => Ok(DType::U32),
+        _ => Err(format!("unknown type '{s}' (float, half, int32, uint32)")),
+    }
+}
+
+fn parse_algos(s: &str) -> Result<Vec<Algorithm>, String> {
+    if s == "all" {
+        return Ok(vec![
+            Algorithm::Ring,
+            Algorithm::Central,
+            Algorithm::Naive,
+            Algorithm::Auto,
+        ]);
+    }
+    s.split(',').map(|a| a.trim().parse()).collect()
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("wccl-bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
+    let (kind, a) = match cli.command {
+        Command::AllReduce(a) => (CollectiveKind::AllReduce, a),
+        Command::ReduceScatter(a) => (CollectiveKind::ReduceScatter, a),
+        Command::AllGather(a) => (CollectiveKind::AllGather, a),
+        Command::Broadcast(a) => (CollectiveKind::Broadcast, a),
+        Command::Reduce(a) => (CollectiveKind::Reduce, a),
+    };
+    let settings = Settings {
+        kind,
+        sizes: bench::size_steps(a.min_bytes, a.max_bytes, a.step_factor, a.step_bytes),
+        iters: a.iters,
+        warmup: a.warmup,
+        check: a.check != 0,
+        ops: parse_ops(&a.op)?,
+        dtype: parse_dtype(&a.dtype)?,
+        root: a.root,
+        timeout: Duration::from_secs(a.timeout),
+        algos: parse_algos(&a.algo)?,
+        corrupt_one: a.corrupt_one,
+    };
+    let config = CommConfig {
+        timeout: settings.timeout,
+        slice_bytes: a.slice as usize,
+        ..CommConfig::default()
+    };
+    let mut group = CommGroup::builder().ranks(a.ranks).config(config).build()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "# wccl-bench {kind}: {} ranks", a.ranks)?;
+    for (r, info) in group.adapters().iter().enumerate() {
+        writeln!(
+            out,
+            "#  rank {r}: {} ({:?}, {:?}, driver {})",
+            info.name, info.backend, info.device_type, info.driver_info
+        )?;
+    }
+    writeln!(
+        out,
+        "# sizes {}..{} B, iters {}, warmup {}, check {}, type {}, op {}, root {}, timeout {} s, algo {}, slice {} B",
+        a.min_bytes,
+        a.max_bytes,
+        a.iters,
+        a.warmup,
+        a.check,
+        settings.dtype,
+        a.op,
+        a.root,
+        a.timeout,
+        a.algo,
+        a.slice
+    )?;
+    writeln!(out, "#")?;
+    let rows = bench::run(&mut group, &settings, &mut out)?;
+    if let Some(path) = &a.csv {
+        let mut text = String::from(bench::CSV_HEADER);
+        text.push('\n');
+        for r in &rows {
+            text.push_str(&bench::csv_row(r));
+            text.push('\n');
+        }
+        std::fs::write(path, text)?;
+    }
+    if let Some(path) = &a.plot {
+        let title = format!("{kind} busbw, {} ranks, {}", a.ranks, settings.dtype);
+        bench::plot_busbw(&rows, &title, path)?;
+    }
+    let wrong: u64 = rows
+        .iter()
+        .map(|r| r.out_of_place.wrong + r.in_place.wrong)
+        .sum();
+    Ok(if wrong == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,145 @@
+//! `wccl-bench` end to end: the table, the exit code, `#wrong` counting, CSV and plot output.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wccl-bench"))
+        .args(args)
+        .output()
+        .expect("run wccl-bench");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The data rows of the table.
+fn rows(out: &str) -> Vec<Vec<String>> {
+    out.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            l.split_whitespace()
+                .filter(|w| *w != "|")
+                .map(String::from)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn all_reduce_table_with_every_algorithm_csv_and_plot() {
+    let dir = std::env::temp_dir().join(format!("wccl-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("rows.csv");
+    let svg = dir.join("busbw.svg");
+    let (ok, out) = bench(&[
+        "all_reduce",
+        "-b",
+        "1K",
+        "-e",
+        "64K",
+        "-f",
+        "8",
+        "-g",
+        "3",
+        "-n",
+        "2",
+        "-w",
+        "1",
+        "--algo",
+        "ring,central,naive",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("# Out of bounds values : 0 OK"), "{out}");
+    assert!(out.contains("# Avg bus bandwidth"), "{out}");
+    assert!(
+        out.contains("busbw") && out.contains("#wrong") && out.contains("algbw"),
+        "{out}"
+    );
+    let r = rows(&out);
+    assert_eq!(r.len(), 3 * 3, "3 sizes x 3 algorithms:\n{out}");
+    for row in &r {
+        // size count type redop root algo | t algbw busbw wrong | t algbw busbw wrong | model
+        let size: u64 = row[0].parse().unwrap();
+        let count: u64 = row[1].parse().unwrap();
+        assert_eq!(size, count * 4);
+        assert_eq!(
+            (row[2].as_str(), row[3].as_str(), row[4].as_str()),
+            ("float", "sum", "-1")
+        );
+        let (t, algbw, busbw): (f64, f64, f64) = (
+            row[6].parse().unwrap(),
+            row[7].parse().unwrap(),
+            row[8].parse().unwrap(),
+        );
+        assert!(t > 0.0);
+        // algbw = size / time; busbw = algbw * 2(n-1)/n with n = 3 (to the printed precision).
+        assert!((algbw - size as f64 / t / 1e3).abs() <= 0.0006, "{row:?}");
+        assert!((busbw - algbw * 4.0 / 3.0).abs() <= 0.0011, "{row:?}");
+        assert_eq!(row[9], "0");
+    }
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 9);
+    assert!(csv.starts_with("size,count,type"));
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("central") && svg.contains("naive"));
+}
+
+#[test]
+fn a_corrupted_element_is_counted_and_fails_the_run() {
+    let (ok, out) = bench(&[
+        "all_reduce",
+        "-b",
+        "4K",
+        "-e",
+        "4K",
+        "-g",
+        "2",
+        "-n",
+        "1",
+        "-w",
+        "0",
+        "-d",
+        "int32",
+        "--corrupt-one",
+    ]);
+    assert!(
+        !ok,
+        "a wrong value must make the exit code non-zero:\n{out}"
+    );
+    let r = rows(&out);
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0][9].as_str(), r[0][13].as_str()), ("1", "1"), "{out}");
+    assert!(out.contains("# Out of bounds values : 2 FAILED"), "{out}");
+}
+
+#[test]
+fn every_collective_runs_and_checks() {
+    for (c, factor_ok) in [
+        ("reduce_scatter", true),
+        ("all_gather", true),
+        ("broadcast", true),
+        ("reduce", true),
+    ] {
+        let (ok, out) = bench(&[
+            c, "-b", "300", "-e", "3000", "-f", "10", "-g", "3", "-n", "1", "-w", "0", "-o", "all",
+            "-d", "half", "-r", "1",
+        ]);
+        assert!(ok, "{c}:\n{out}");
+        assert!(out.contains("# Out of bounds values : 0 OK"), "{c}:\n{out}");
+    }
+}
+
+#[test]
+fn bad_flags_are_refused() {
+    let (ok, _) = bench(&["all_reduce", "-b", "12Q"]);
+    assert!(!ok);
+    let (ok, _) = bench(&["all_reduce", "-o", "median"]);
+    assert!(!ok);
+    let (ok, _) = bench(&["broadcast", "-g", "2", "-r", "5", "-b", "8", "-e", "8"]);
+    assert!(!ok);
+}
