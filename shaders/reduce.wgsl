@@ -2,10 +2,14 @@
 //
 // The host replaces ELEM with f32, i32, u32 or f16 (and puts `enable f16;` first for f16); the
 // OP override constant picks the combine operator, so each (type, operator) pair is one pipeline.
-// One invocation per element; a 2-D grid of workgroups lifts the 65,535-per-dimension limit.
+// PER_THREAD elements per invocation; a 2-D grid of workgroups lifts the 65,535-per-dimension limit.
 
 override OP: u32 = 0u; // 0 sum, 1 prod, 2 min, 3 max, 4 copy
 override WORKGROUP: u32 = 256u;
+// Elements per invocation: a workgroup covers WORKGROUP * PER_THREAD consecutive elements,
+// invocation t taking t, t + WORKGROUP, ... (coalesced on GPUs, vector lanes on CPUs), which
+// spreads the per-workgroup cost over more work.
+override PER_THREAD: u32 = 8u;
 
 struct Params {
     dst_offset: u32, // elements from the start of the dst binding
@@ -32,28 +36,39 @@ fn combine(a: ELEM, b: ELEM) -> ELEM {
     }
 }
 
-fn element_index(wg: vec3<u32>, local: u32) -> u32 {
-    return (wg.y * params.groups_x + wg.x) * WORKGROUP + local;
+fn first_index(wg: vec3<u32>, local: u32) -> u32 {
+    return (wg.y * params.groups_x + wg.x) * WORKGROUP * PER_THREAD + local;
 }
 
 // dst[i] = combine(dst[i], src[i])
 @compute @workgroup_size(WORKGROUP)
 fn combine_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) local: u32) {
-    let i = element_index(wg, local);
-    if (i >= params.count) {
-        return;
+    let first = first_index(wg, local);
+    for (var k = 0u; k < PER_THREAD; k++) {
+        let i = first + k * WORKGROUP;
+        if (i >= params.count) {
+            return;
+        }
+        let d = params.dst_offset + i;
+        let b = src[params.src_offset + i];
+        if (OP == 4u) {
+            dst[d] = b; // a copy need not read what it overwrites
+        } else {
+            dst[d] = combine(dst[d], b);
+        }
     }
-    let d = params.dst_offset + i;
-    dst[d] = combine(dst[d], src[params.src_offset + i]);
 }
 
 // dst[i] = dst[i] / divisor: the second half of avg (integer division truncates toward zero).
 @compute @workgroup_size(WORKGROUP)
 fn scale_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) local: u32) {
-    let i = element_index(wg, local);
-    if (i >= params.count) {
-        return;
+    let first = first_index(wg, local);
+    for (var k = 0u; k < PER_THREAD; k++) {
+        let i = first + k * WORKGROUP;
+        if (i >= params.count) {
+            return;
+        }
+        let d = params.dst_offset + i;
+        dst[d] = dst[d] / ELEM(params.divisor);
     }
-    let d = params.dst_offset + i;
-    dst[d] = dst[d] / ELEM(params.divisor);
 }

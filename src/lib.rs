@@ -34,6 +34,7 @@ pub mod device;
 mod error;
 mod kernels;
 pub mod link;
+pub mod model;
 mod types;
 
 pub use algo::Algorithm;

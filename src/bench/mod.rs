@@ -160,6 +160,24 @@ pub fn run(
                     measures[slot] =
                         Measure::new((shape.total * es) as u64, seconds, factor, wrong);
                 }
+                let bytes = shape.total * es;
+                let model = group.comm(0).cost_model().cloned();
+                let (label, predicted) = match (s.kind, model) {
+                    (CollectiveKind::AllReduce, Some(m)) => {
+                        let chosen = match algo {
+                            Algorithm::Auto => m.choose(bytes, false),
+                            a => a,
+                        };
+                        let p = m.predict(chosen, bytes, false);
+                        let label = if algo == Algorithm::Auto {
+                            format!("auto:{chosen}")
+                        } else {
+                            algo.to_string()
+                        };
+                        (label, Some((p.seconds * 1e6, p.bound.to_string())))
+                    }
+                    _ => (algo.to_string(), None),
+                };
                 let row = Row {
                     size: (shape.total * es) as u64,
                     count: shape.total as u64,
@@ -170,10 +188,10 @@ pub fn run(
                     } else {
                         -1
                     },
-                    algo: algo.to_string(),
+                    algo: label,
                     out_of_place: measures[0],
                     in_place: measures[1],
-                    predicted: None,
+                    predicted,
                 };
                 progress.suspend(|| writeln!(out, "{}", format_row(&row)))?;
                 rows.push(row);

@@ -10,8 +10,9 @@ use crate::types::{CollectiveKind, DType, ReduceOp};
 pub fn input_value(op: ReduceOp, rank: usize, i: usize) -> f64 {
     let h = (i.wrapping_mul(2654435761) ^ rank.wrapping_mul(40503)) % 1024;
     match op {
-        ReduceOp::Prod => 1.0 + h.is_multiple_of(7) as u8 as f64, // 1 or 2
-        _ => (h % 9) as f64,                                      // 0..8
+        // 1 or 2, and 2 only on the first 8 ranks: products stay within 2^8.
+        ReduceOp::Prod => 1.0 + (rank < 8 && h.is_multiple_of(7)) as u8 as f64,
+        _ => (h % 9) as f64, // 0..8
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use wccl::bench::{self, Settings};
+use wccl::model::{Figures, LinkModel, Probe, scaling_table};
 use wccl::{Algorithm, CollectiveKind, CommConfig, CommGroup, DType, ReduceOp};
 
 #[derive(Parser)]
@@ -39,6 +40,34 @@ enum Command {
     Broadcast(Sweep),
     /// reduce_perf
     Reduce(Sweep),
+    /// Measure each rank's device (upload, read-back, copy, reduce kernel, step cost) and the
+    /// host's reduce, alone and all ranks at once.
+    Probe {
+        /// Number of ranks (devices).
+        #[arg(short = 'g', long = "ngpus", default_value_t = 4)]
+        ranks: usize,
+        /// Bytes per measurement.
+        #[arg(short = 'b', long = "bytes", default_value = "16M", value_parser = bench::parse_size)]
+        bytes: u64,
+    },
+    /// Predicted all-reduce busbw of ring, central and tree over independent links, at scale.
+    Model {
+        /// Rank counts: a list (2,4,8) or a range of powers of two (2..1024).
+        #[arg(long = "ranks", default_value = "2..1024")]
+        ranks: String,
+        /// Link bandwidth, GB/s.
+        #[arg(long = "link-gbps", default_value_t = 25.0)]
+        link_gbps: f64,
+        /// Link latency, microseconds.
+        #[arg(long = "link-latency-us", default_value_t = 5.0)]
+        link_latency_us: f64,
+        /// Reduction rate per rank, GB/s (0: ignore the reduction).
+        #[arg(long = "reduce-gbps", default_value_t = 0.0)]
+        reduce_gbps: f64,
+        /// Bytes per rank.
+        #[arg(short = 'b', long = "bytes", default_value = "256M", value_parser = bench::parse_size)]
+        bytes: u64,
+    },
 }
 
 #[derive(Args)]
@@ -91,6 +120,10 @@ struct Sweep {
     /// Pipeline slice in bytes.
     #[arg(long = "slice", default_value = "4M", value_parser = bench::parse_size)]
     slice: u64,
+    /// Bytes per probe measurement for the cost model (all_reduce only; 0 skips the probe and
+    /// the model column).
+    #[arg(long = "probe-bytes", default_value = "16M", value_parser = bench::parse_size)]
+    probe_bytes: u64,
     /// Corrupt one element of rank 0's result before checking (to test the checker).
     #[arg(long = "corrupt-one", hide = true)]
     corrupt_one: bool,
@@ -129,6 +162,93 @@ fn parse_algos(s: &str) -> Result<Vec<Algorithm>, String> {
     s.split(',').map(|a| a.trim().parse()).collect()
 }
 
+fn parse_ranks(s: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("'{s}' is not a rank list (2,4,8) or range (2..1024)");
+    if let Some((lo, hi)) = s.split_once("..") {
+        let (lo, hi): (usize, usize) = (
+            lo.parse().map_err(|_| bad())?,
+            hi.parse().map_err(|_| bad())?,
+        );
+        let mut v = Vec::new();
+        let mut n = lo.max(2);
+        while n <= hi {
+            v.push(n);
+            n *= 2;
+        }
+        return Ok(v);
+    }
+    s.split(',')
+        .map(|x| x.trim().parse().map_err(|_| bad()))
+        .collect()
+}
+
+fn write_probe(out: &mut dyn Write, p: &Probe) -> std::io::Result<()> {
+    let gb = |x: f64| x / 1e9;
+    writeln!(
+        out,
+        "# probe ({} B per measurement; {}):",
+        p.bytes,
+        if p.shared {
+            "ranks share an adapter"
+        } else {
+            "one adapter per rank"
+        }
+    )?;
+    writeln!(
+        out,
+        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "", "upload", "readback", "copy", "reduce", "host_red", "step"
+    )?;
+    writeln!(
+        out,
+        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "", "GB/s", "GB/s", "GB/s", "GB/s", "GB/s", "us"
+    )?;
+    let mut line = |name: String, f: &Figures| {
+        writeln!(
+            out,
+            "#  {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1}",
+            name,
+            gb(f.upload),
+            gb(f.readback),
+            gb(f.copy),
+            gb(f.reduce),
+            gb(f.host_reduce),
+            f.step * 1e6
+        )
+    };
+    for (r, f) in p.alone.iter().enumerate() {
+        line(format!("rank {r}"), f)?;
+    }
+    line("together".into(), &p.together)
+}
+
+fn probe(ranks: usize, bytes: usize) -> Result<ExitCode, bench::BenchError> {
+    let mut group = CommGroup::builder().ranks(ranks).build()?;
+    let mut out = std::io::stdout().lock();
+    for (r, info) in group.adapters().iter().enumerate() {
+        writeln!(
+            out,
+            "#  rank {r}: {} ({:?}, {:?})",
+            info.name, info.backend, info.device_type
+        )?;
+    }
+    let p = group.probe(bytes)?;
+    write_probe(&mut out, &p)?;
+    // The reduce kernel against the adapter's own buffer copy, counting bytes read and
+    // written (reduce reads 2 and writes 1 per element; a copy reads 1 and writes 1).
+    for (r, f) in p.alone.iter().enumerate() {
+        writeln!(
+            out,
+            "# rank {r}: reduce kernel traffic {:.3} GB/s = {:.0}% of copy_buffer_to_buffer traffic {:.3} GB/s",
+            3.0 * f.reduce / 1e9,
+            100.0 * 1.5 * f.reduce / f.native_copy.max(1.0),
+            2.0 * f.native_copy / 1e9
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -146,6 +266,25 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
         Command::AllGather(a) => (CollectiveKind::AllGather, a),
         Command::Broadcast(a) => (CollectiveKind::Broadcast, a),
         Command::Reduce(a) => (CollectiveKind::Reduce, a),
+        Command::Probe { ranks, bytes } => return probe(ranks, bytes as usize),
+        Command::Model {
+            ranks,
+            link_gbps,
+            link_latency_us,
+            reduce_gbps,
+            bytes,
+        } => {
+            let link = LinkModel {
+                gbps: link_gbps,
+                latency_us: link_latency_us,
+                reduce_gbps: (reduce_gbps > 0.0).then_some(reduce_gbps),
+            };
+            print!(
+                "{}",
+                scaling_table(&parse_ranks(&ranks)?, bytes as f64, &link)
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     let settings = Settings {
         kind,
@@ -190,6 +329,10 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
         a.algo,
         a.slice
     )?;
+    if kind == CollectiveKind::AllReduce && a.probe_bytes > 0 {
+        let p = group.probe(a.probe_bytes as usize)?;
+        write_probe(&mut out, &p)?;
+    }
     writeln!(out, "#")?;
     let rows = bench::run(&mut group, &settings, &mut out)?;
     if let Some(path) = &a.csv {

@@ -8,6 +8,7 @@ use crate::algo::{self, Algorithm, Plan};
 use crate::device::{DeviceBuffer, RankDevice, TensorRef};
 use crate::error::{At, Error, Result};
 use crate::link::Link;
+use crate::model::CostModel;
 use crate::types::{CollectiveKind, DType, Element, ReduceOp};
 
 /// Settings shared by every rank of a communicator group.
@@ -149,6 +150,8 @@ pub struct Communicator {
     config: CommConfig,
     seq: u64,
     broken: Option<Error>,
+    cost_model: Option<CostModel>,
+    last_algorithm: std::cell::Cell<Option<Algorithm>>,
 }
 
 impl Communicator {
@@ -180,6 +183,8 @@ impl Communicator {
             config,
             seq: 0,
             broken: None,
+            cost_model: None,
+            last_algorithm: std::cell::Cell::new(None),
         }
     }
 
@@ -440,7 +445,7 @@ impl Communicator {
                 let in_place = disjoint_or_same(at, &input, &output)?;
                 let se = slice / input.dtype.size();
                 let count = input.count;
-                let algorithm = self.resolve(algorithm, count, input.dtype);
+                let algorithm = self.resolve(algorithm, count, input.dtype, in_place);
                 let plan = match algorithm {
                     Algorithm::Central => {
                         algo::central_all_reduce(n, r, 0, count, op, in_place, se)
@@ -451,6 +456,7 @@ impl Communicator {
                     }
                 };
                 header.algo = algorithm.code();
+                self.last_algorithm.set(Some(algorithm));
                 header.count = count as u64;
                 (plan, input, output, Some(op))
             }
@@ -544,12 +550,37 @@ impl Communicator {
         Ok((plan, header, Some((input, output))))
     }
 
-    /// The concrete algorithm for an all-reduce of `count` elements.
-    fn resolve(&self, algorithm: Algorithm, _count: usize, _dtype: DType) -> Algorithm {
-        match algorithm {
-            Algorithm::Auto => Algorithm::Ring,
-            a => a,
+    /// The concrete algorithm for an all-reduce of `count` elements: `Auto` asks the cost
+    /// model (every rank holds the same one, so every rank picks the same), or takes the ring
+    /// when no probe has run.
+    fn resolve(
+        &self,
+        algorithm: Algorithm,
+        count: usize,
+        dtype: DType,
+        in_place: bool,
+    ) -> Algorithm {
+        match (algorithm, &self.cost_model) {
+            (Algorithm::Auto, Some(m)) => m.choose(count * dtype.size(), in_place),
+            (Algorithm::Auto, None) => Algorithm::Ring,
+            (a, _) => a,
         }
+    }
+
+    /// Installs the cost model that `Algorithm::Auto` consults. Every rank must hold the same
+    /// model; [`CommGroup::probe`](crate::CommGroup::probe) installs one on all ranks.
+    pub fn set_cost_model(&mut self, model: CostModel) {
+        self.cost_model = Some(model);
+    }
+
+    /// The algorithm the last all-reduce ran (what `Auto` resolved to).
+    pub fn last_algorithm(&self) -> Option<Algorithm> {
+        self.last_algorithm.get()
+    }
+
+    /// The cost model in use, if any.
+    pub fn cost_model(&self) -> Option<&CostModel> {
+        self.cost_model.as_ref()
     }
 
     /// Checks both tensors of a call: same element type, supported, valid views.

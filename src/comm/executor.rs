@@ -19,9 +19,9 @@ use crate::types::{Combine, DType};
 /// One rank's device-side machinery, created once per communicator and reused by every call.
 pub(crate) struct Engine {
     pub(crate) dev: RankDevice,
-    kernels: ReduceKernels,
-    reads: ReadRing,
-    uploads: UploadRing,
+    pub(crate) kernels: ReduceKernels,
+    pub(crate) reads: ReadRing,
+    pub(crate) uploads: UploadRing,
     scratch: Option<Buffer>,
     placeholder: Buffer,
 }

@@ -8,6 +8,7 @@ use super::communicator::{CallOptions, Collective, CommConfig, Communicator};
 use crate::device::{AdapterSelector, RankDevice, TensorRef, discover_adapters};
 use crate::error::{At, Error, Result};
 use crate::link::in_process_mesh;
+use crate::model::{CostModel, Figures, Probe};
 use crate::types::ReduceOp;
 
 /// Builds a [`CommGroup`]; see [`CommGroup::builder`].
@@ -195,6 +196,49 @@ impl CommGroup {
                 })
                 .collect()
         })
+    }
+
+    /// Measures every device alone and all together (see
+    /// [`Communicator::probe_device`]), and installs the resulting cost model on every rank, so
+    /// that `Algorithm::Auto` picks what it predicts fastest. Returns the figures.
+    pub fn probe(&mut self, bytes: usize) -> Result<Probe> {
+        let n = self.size();
+        let alone = (0..n)
+            .map(|r| self.comms[r].probe_device(bytes, &|| {}))
+            .collect::<Result<Vec<Figures>>>()?;
+        let barrier = std::sync::Barrier::new(n);
+        let sync = || {
+            barrier.wait();
+        };
+        let together = self
+            .run_each(|c| c.probe_device(bytes, &sync))
+            .into_iter()
+            .collect::<Result<Vec<Figures>>>()?;
+        // Ranks that ran at once: throughputs add up; the step cost is each rank's own.
+        let sum = |f: fn(&Figures) -> f64| together.iter().map(f).sum::<f64>();
+        let together = Figures {
+            upload: sum(|f| f.upload),
+            readback: sum(|f| f.readback),
+            copy: sum(|f| f.copy),
+            reduce: sum(|f| f.reduce),
+            host_reduce: sum(|f| f.host_reduce),
+            step: sum(|f| f.step) / n as f64,
+            native_copy: sum(|f| f.native_copy),
+        };
+        let infos = self.adapters();
+        let key = |i: &AdapterInfo| (i.name.clone(), i.backend, i.vendor, i.device);
+        let shared = (0..n).any(|a| (0..a).any(|b| key(&infos[a]) == key(&infos[b])));
+        let probe = Probe {
+            alone,
+            together,
+            shared,
+            bytes,
+        };
+        for c in &mut self.comms {
+            let slice = c.config().slice_bytes;
+            c.set_cost_model(CostModel::new(probe.clone(), slice));
+        }
+        Ok(probe)
     }
 
     /// Runs one call per rank (in rank order) at once; the first rank's error, if any.

@@ -5,6 +5,7 @@ mod communicator;
 mod executor;
 mod group;
 mod host_ops;
+mod probe;
 mod protocol;
 
 pub use communicator::{CallOptions, Collective, CommConfig, Communicator};

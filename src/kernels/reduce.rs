@@ -14,6 +14,8 @@ use crate::types::{Combine, DType};
 
 const SOURCE: &str = include_str!("../../shaders/reduce.wgsl");
 const WORKGROUP: u32 = 256;
+/// Elements per invocation (the `PER_THREAD` override of reduce.wgsl).
+const PER_THREAD: u32 = 4;
 /// Bytes between two parameter blocks in the uniform buffer (the largest offset alignment).
 const PARAM_STRIDE: u64 = 256;
 /// Dispatches one submission may hold.
@@ -143,12 +145,19 @@ impl ReduceKernels {
             if dtype == DType::F16 {
                 source = format!("enable f16;\n{source}");
             }
-            let module = dev
-                .device()
-                .create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some("wccl reduce.wgsl"),
-                    source: wgpu::ShaderSource::Wgsl(source.into()),
-                });
+            let desc = wgpu::ShaderModuleDescriptor {
+                label: Some("wccl reduce.wgsl"),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            };
+            // SAFETY: every access in reduce.wgsl is `offset + i` with `i < count`, and
+            // `encode` binds windows that cover `[offset, offset + count)` of each buffer (it
+            // computes the binding sizes from the same offset and count it writes into the
+            // parameters), so the bounds checks wgpu would add can never fire. Dropping them
+            // lets the compiler vectorise the loop on software adapters.
+            let module = unsafe {
+                dev.device()
+                    .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+            };
             let (layout, entry_point, op) = match entry {
                 Entry::Combine(c) => (
                     &self.combine_pipeline_layout,
@@ -157,7 +166,11 @@ impl ReduceKernels {
                 ),
                 Entry::Scale => (&self.scale_pipeline_layout, "scale_main", 0),
             };
-            let constants = [("OP", op as f64), ("WORKGROUP", WORKGROUP as f64)];
+            let constants = [
+                ("OP", op as f64),
+                ("WORKGROUP", WORKGROUP as f64),
+                ("PER_THREAD", PER_THREAD as f64),
+            ];
             let pipeline = dev
                 .device()
                 .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -198,7 +211,7 @@ impl ReduceKernels {
             let d_off = dst.1 + done as u64 * es;
             let (d_bind, d_rel) = self.binding_window(d_off);
             let d_size = (d_rel + n as u64 * es).next_multiple_of(4);
-            let groups = (n as u32).div_ceil(WORKGROUP);
+            let groups = (n as u32).div_ceil(WORKGROUP * PER_THREAD);
             let groups_x = groups.min(self.max_groups);
             let groups_y = groups.div_ceil(groups_x);
             let mut params = Params {

@@ -1,0 +1,202 @@
+//! Measuring a rank's device through the same paths the executor uses (staging rings, kernels),
+//! for the cost model.
+
+use std::time::{Duration, Instant};
+
+use wgpu::{Buffer, BufferUsages};
+
+use super::communicator::Communicator;
+use super::host_ops;
+use crate::device::wait_error;
+use crate::error::{At, Result};
+use crate::kernels::KernelOp;
+use crate::model::Figures;
+use crate::types::{Combine, DType};
+
+const REPEATS: usize = 3;
+const STEP_SAMPLES: usize = 15;
+
+impl Communicator {
+    /// Measures this rank's device: upload and read-back through the staging rings, the copy and
+    /// reduce kernels, the host's reduce, and the fixed cost of one small pipeline step, each on
+    /// `bytes` (median of 3). `sync` is called before each measurement, so that ranks probed at
+    /// the same time measure the same thing together.
+    pub fn probe_device(&mut self, bytes: usize, sync: &(dyn Fn() + Sync)) -> Result<Figures> {
+        let at = At::rank(self.rank());
+        let bytes = bytes.next_multiple_of(4).max(4096);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let make = |c: &Communicator| {
+            c.engine
+                .dev
+                .device()
+                .create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wccl probe"),
+                    size: bytes as u64,
+                    usage: BufferUsages::STORAGE | BufferUsages::COPY_SRC | BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+        };
+        let (a, b) = (make(self), make(self));
+        let host = vec![0u8; bytes];
+        let rate = |secs: f64| bytes as f64 / secs.max(1e-9);
+
+        sync();
+        let upload = rate(median(REPEATS, || {
+            self.upload_all(&host, &b, deadline, at)
+        })?);
+        sync();
+        let readback = rate(median(REPEATS, || {
+            self.readback_all(&a, bytes, deadline, at)
+        })?);
+        sync();
+        let count = bytes / 4;
+        let copy = rate(median(REPEATS, || {
+            self.kernel_once(
+                KernelOp::Combine(Combine::Copy),
+                &b,
+                &a,
+                count,
+                deadline,
+                at,
+            )
+        })?);
+        sync();
+        let reduce = rate(median(REPEATS, || {
+            self.kernel_once(KernelOp::Combine(Combine::Sum), &b, &a, count, deadline, at)
+        })?);
+        sync();
+        let native_copy = rate(median(REPEATS, || {
+            let t = Instant::now();
+            let e = &mut self.engine;
+            let mut enc = e.dev.device().create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&a, 0, &b, 0, bytes as u64);
+            let idx = e.dev.queue().submit([enc.finish()]);
+            e.dev
+                .wait_submission(&idx, deadline)
+                .map_err(|w| wait_error(at, w))?;
+            Ok(t.elapsed().as_secs_f64())
+        })?);
+        sync();
+        let mut acc = vec![0u32; count];
+        let host_reduce = rate(median(REPEATS, || {
+            let t = Instant::now();
+            host_ops::combine(
+                DType::F32,
+                Combine::Sum,
+                bytemuck::cast_slice_mut(&mut acc),
+                &host,
+            );
+            Ok(t.elapsed().as_secs_f64())
+        })?);
+        sync();
+        // One pipeline step's fixed cost: a 4-byte read-back, then a 4-byte upload and kernel.
+        let step = median(STEP_SAMPLES, || {
+            let t = Instant::now();
+            self.readback_all(&a, 4, deadline, at)?;
+            self.upload_all(&host[..4], &b, deadline, at)?;
+            Ok(t.elapsed().as_secs_f64())
+        })?;
+        Ok(Figures {
+            upload,
+            readback,
+            copy,
+            reduce,
+            host_reduce,
+            step,
+            native_copy,
+        })
+    }
+
+    /// Uploads `host` through the upload ring in slot-sized pieces and copies each into `dst`.
+    fn upload_all(&mut self, host: &[u8], dst: &Buffer, deadline: Instant, at: At) -> Result<f64> {
+        let t = Instant::now();
+        let e = &mut self.engine;
+        let slot = e.uploads.slot_bytes() as usize;
+        let mut last = None;
+        for (i, piece) in host.chunks(slot).enumerate() {
+            let mut enc = e.dev.device().create_command_encoder(&Default::default());
+            let staged = e
+                .uploads
+                .stage(&e.dev, piece, &mut enc, deadline)
+                .map_err(|w| wait_error(at, w))?;
+            let off = (i * slot) as u64;
+            let len = (piece.len() as u64).next_multiple_of(4);
+            enc.copy_buffer_to_buffer(&staged, 0, dst, off, len.min(dst.size() - off));
+            let idx = e.kernels.submit(&e.dev, enc);
+            e.uploads.submitted(&idx);
+            last = Some(idx);
+        }
+        if let Some(idx) = last {
+            e.dev
+                .wait_submission(&idx, deadline)
+                .map_err(|w| wait_error(at, w))?;
+        }
+        e.dev.check(at)?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// Reads `bytes` of `src` back through the read ring, keeping every slot busy.
+    fn readback_all(
+        &mut self,
+        src: &Buffer,
+        bytes: usize,
+        deadline: Instant,
+        at: At,
+    ) -> Result<f64> {
+        let t = Instant::now();
+        let e = &mut self.engine;
+        let slot = e.uploads.slot_bytes() as usize;
+        let mut pending = std::collections::VecDeque::new();
+        let mut off = 0;
+        while off < bytes || !pending.is_empty() {
+            while off < bytes && e.reads.has_free_slot() {
+                let len = slot.min(bytes - off);
+                pending.push_back(e.reads.begin(&e.dev, src, off as u64, len));
+                off += len;
+            }
+            if let Some(ticket) = pending.pop_front() {
+                e.reads
+                    .finish(&e.dev, ticket, deadline)
+                    .map_err(|w| wait_error(at, w))?;
+            }
+        }
+        e.dev.check(at)?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    fn kernel_once(
+        &mut self,
+        op: KernelOp,
+        dst: &Buffer,
+        src: &Buffer,
+        count: usize,
+        deadline: Instant,
+        at: At,
+    ) -> Result<f64> {
+        let t = Instant::now();
+        let e = &mut self.engine;
+        let mut enc = e.dev.device().create_command_encoder(&Default::default());
+        e.kernels.encode(
+            &e.dev,
+            &mut enc,
+            op,
+            DType::F32,
+            (dst, 0),
+            Some((src, 0)),
+            count,
+        );
+        let idx = e.kernels.submit(&e.dev, enc);
+        e.dev
+            .wait_submission(&idx, deadline)
+            .map_err(|w| wait_error(at, w))?;
+        e.dev.check(at)?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+}
+
+/// The median of `k` timings (seconds).
+fn median(k: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut v = (0..k).map(|_| f()).collect::<Result<Vec<f64>>>()?;
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}

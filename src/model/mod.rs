@@ -1,0 +1,310 @@
+//! The cost model: what each all-reduce algorithm costs on these devices, from measured figures
+//! (see [`CommGroup::probe`](crate::CommGroup::probe)), and the choice `Algorithm::Auto` makes.
+//!
+//! Every rank's work is a list of bytes per resource (read-back, upload, on-device reduce, device
+//! copy, host reduce) plus a number of pipeline steps, each with a fixed cost. Ranks with their
+//! own adapters work in parallel: the slowest rank sets the time. Ranks that share an adapter
+//! share its resources: their bytes add up, at the throughput measured with all ranks busy.
+//! Within a rank the terms add up (on a software adapter every resource is the same CPU).
+
+mod scaling;
+
+pub use scaling::{LinkModel, scaling_table};
+
+use crate::algo::Algorithm;
+
+/// Throughputs (payload bytes per second) and fixed costs of one device, or of all ranks'
+/// devices working at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Figures {
+    /// Host -> device through the staging ring, bytes/s.
+    pub upload: f64,
+    /// Device -> host through the staging ring, bytes/s.
+    pub readback: f64,
+    /// On-device copy kernel, bytes copied/s.
+    pub copy: f64,
+    /// On-device reduce kernel (`dst += src`), bytes of `dst`/s.
+    pub reduce: f64,
+    /// The host's own reduce, bytes of `dst`/s.
+    pub host_reduce: f64,
+    /// Fixed cost of one pipeline step (a small read-back plus a small upload and kernel), s.
+    pub step: f64,
+    /// The adapter's own buffer copy (`copy_buffer_to_buffer`), bytes copied/s: the yardstick
+    /// for the kernels, not used by the model.
+    pub native_copy: f64,
+}
+
+/// What a probe measured: each device alone, all at once, and whether devices share adapters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Probe {
+    /// Each rank's device, probed alone.
+    pub alone: Vec<Figures>,
+    /// All ranks probed at the same time: aggregate throughputs, and the step cost per rank.
+    pub together: Figures,
+    /// Whether two or more ranks share an adapter (their resources add up).
+    pub shared: bool,
+    /// Bytes per probe transfer.
+    pub bytes: usize,
+}
+
+/// A predicted time and what bounds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prediction {
+    /// Seconds.
+    pub seconds: f64,
+    /// The largest term: "readback", "upload", "reduce", "copy", "host", "steps".
+    pub bound: &'static str,
+    /// Every term, seconds.
+    pub terms: Vec<(&'static str, f64)>,
+}
+
+/// One rank's work for one call.
+#[derive(Clone, Copy, Debug, Default)]
+struct Work {
+    readback: f64,
+    upload: f64,
+    reduce: f64,
+    copy: f64,
+    host: f64,
+    steps: f64,
+}
+
+impl Work {
+    fn add(self, o: Work) -> Work {
+        Work {
+            readback: self.readback + o.readback,
+            upload: self.upload + o.upload,
+            reduce: self.reduce + o.reduce,
+            copy: self.copy + o.copy,
+            host: self.host + o.host,
+            steps: self.steps + o.steps,
+        }
+    }
+
+    fn terms(&self, f: &Figures) -> Vec<(&'static str, f64)> {
+        let t = |bytes: f64, rate: f64| {
+            if bytes > 0.0 {
+                bytes / rate.max(1.0)
+            } else {
+                0.0
+            }
+        };
+        vec![
+            ("readback", t(self.readback, f.readback)),
+            ("upload", t(self.upload, f.upload)),
+            ("reduce", t(self.reduce, f.reduce)),
+            ("copy", t(self.copy, f.copy)),
+            ("host", t(self.host, f.host_reduce)),
+            ("steps", self.steps * f.step),
+        ]
+    }
+}
+
+/// Predicts all-reduce times from a [`Probe`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct CostModel {
+    probe: Probe,
+    slice_bytes: usize,
+}
+
+impl CostModel {
+    /// A model from probe figures, for a communicator that pipelines in `slice_bytes` slices.
+    pub fn new(probe: Probe, slice_bytes: usize) -> Self {
+        CostModel { probe, slice_bytes }
+    }
+
+    /// The figures it predicts from.
+    pub fn probe(&self) -> &Probe {
+        &self.probe
+    }
+
+    /// Predicted time of an all-reduce of `bytes` per rank with `algo` (not `Auto`) on the
+    /// probed ranks.
+    pub fn predict(&self, algo: Algorithm, bytes: usize, in_place: bool) -> Prediction {
+        let n = self.probe.alone.len().max(1);
+        let works: Vec<Work> = (0..n)
+            .map(|r| work(algo, n, r, bytes, in_place, self.slice_bytes))
+            .collect();
+        let terms = if self.probe.shared {
+            let total = works.iter().fold(Work::default(), |a, w| a.add(*w));
+            let mut t = total.terms(&self.probe.together);
+            // The step costs of ranks that share a device are measured per rank, all at once.
+            if let Some(s) = t.iter_mut().find(|t| t.0 == "steps") {
+                s.1 /= n as f64;
+            }
+            t
+        } else {
+            // The slowest rank sets the pace.
+            works
+                .iter()
+                .zip(&self.probe.alone)
+                .map(|(w, f)| w.terms(f))
+                .max_by(|a, b| total(a).total_cmp(&total(b)))
+                .unwrap_or_default()
+        };
+        let seconds = total(&terms);
+        let bound = terms
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or("steps", |t| t.0);
+        Prediction {
+            seconds,
+            bound,
+            terms,
+        }
+    }
+
+    /// The algorithm with the smallest predicted time.
+    pub fn choose(&self, bytes: usize, in_place: bool) -> Algorithm {
+        Algorithm::CONCRETE
+            .into_iter()
+            .min_by(|a, b| {
+                self.predict(*a, bytes, in_place)
+                    .seconds
+                    .total_cmp(&self.predict(*b, bytes, in_place).seconds)
+            })
+            .unwrap_or(Algorithm::Ring)
+    }
+}
+
+fn total(terms: &[(&'static str, f64)]) -> f64 {
+    terms.iter().map(|t| t.1).sum()
+}
+
+/// What rank `r` of `n` does in an all-reduce of `bytes` (rank 0 is the root of central and
+/// naive), following the plans in `algo/`.
+fn work(algo: Algorithm, n: usize, r: usize, bytes: usize, in_place: bool, slice: usize) -> Work {
+    let s = bytes as f64;
+    let c = (n - 1) as f64;
+    let nf = n as f64;
+    let oop_copy = if in_place { 0.0 } else { s };
+    if n == 1 {
+        return Work {
+            copy: oop_copy,
+            ..Work::default()
+        };
+    }
+    match algo {
+        Algorithm::Ring | Algorithm::Auto => {
+            let chunk = bytes.div_ceil(n);
+            let k = chunk.div_ceil(slice.max(1)).max(1) as f64;
+            Work {
+                readback: 2.0 * c / nf * s,
+                upload: 2.0 * c / nf * s,
+                reduce: c / nf * s,
+                copy: c / nf * s + oop_copy,
+                host: 0.0,
+                steps: 2.0 * c * k,
+            }
+        }
+        Algorithm::Central | Algorithm::Naive => {
+            let k = bytes.div_ceil(slice.max(1)).max(1) as f64;
+            if r != 0 {
+                return Work {
+                    readback: s,
+                    upload: s,
+                    copy: s,
+                    steps: 2.0 * k,
+                    ..Work::default()
+                };
+            }
+            if algo == Algorithm::Central {
+                Work {
+                    readback: s,
+                    upload: c * s,
+                    reduce: c * s,
+                    copy: oop_copy,
+                    host: 0.0,
+                    steps: (c + 1.0) * k,
+                }
+            } else {
+                Work {
+                    readback: s,
+                    upload: s,
+                    reduce: 0.0,
+                    copy: s,
+                    host: c * s,
+                    steps: (c + 2.0) * k,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(x: f64) -> Figures {
+        Figures {
+            upload: x,
+            readback: x,
+            copy: x,
+            reduce: x,
+            host_reduce: x,
+            step: 0.0,
+            native_copy: x,
+        }
+    }
+
+    #[test]
+    fn independent_ring_matches_the_hand_computed_cost() {
+        // 4 ranks, 1 GB/s everywhere, no step cost, 400 MB in place: each rank reads back and
+        // uploads 2*3/4*400 MB, reduces and copies 3/4*400 MB: 600+600+300+300 MB = 1.8 s.
+        let p = Probe {
+            alone: vec![figures(1e9); 4],
+            together: figures(1e9),
+            shared: false,
+            bytes: 0,
+        };
+        let m = CostModel::new(p, 1 << 30);
+        let t = m.predict(Algorithm::Ring, 400_000_000, true);
+        assert!((t.seconds - 1.8).abs() < 1e-9, "{t:?}");
+    }
+
+    #[test]
+    fn shared_central_adds_every_ranks_work() {
+        // 2 ranks sharing 1 GB/s, 100 MB in place. Root: readback 100, upload 100, reduce 100.
+        // Other: readback 100, upload 100, copy 100. Total 600 MB -> 0.6 s, plus 3 steps x 1 ms
+        // over 2 ranks... steps: root (1+1)*1 + other 2*1 = 4 steps / 2 ranks * 1 ms = 2 ms.
+        let mut f = figures(1e9);
+        f.step = 1e-3;
+        let p = Probe {
+            alone: vec![f; 2],
+            together: f,
+            shared: true,
+            bytes: 0,
+        };
+        let m = CostModel::new(p, 1 << 30);
+        let t = m.predict(Algorithm::Central, 100_000_000, true);
+        assert!((t.seconds - 0.602).abs() < 1e-9, "{t:?}");
+    }
+
+    #[test]
+    fn auto_follows_the_model() {
+        // A host that reduces 100x faster than the device: naive wins; the reverse: not naive.
+        let mut f = figures(1e9);
+        f.host_reduce = 1e11;
+        f.reduce = 1e8;
+        let p = Probe {
+            alone: vec![f; 4],
+            together: f,
+            shared: true,
+            bytes: 0,
+        };
+        let m = CostModel::new(p.clone(), 1 << 20);
+        assert_eq!(m.choose(64 << 20, true), Algorithm::Naive);
+        let mut g = figures(1e9);
+        g.host_reduce = 1e7;
+        let p = Probe {
+            alone: vec![g; 4],
+            together: g,
+            shared: false,
+            bytes: 0,
+        };
+        assert_ne!(
+            CostModel::new(p, 1 << 20).choose(64 << 20, true),
+            Algorithm::Naive
+        );
+    }
+}
