@@ -121,3 +121,49 @@ fn central_and_naive_all_reduce() {
         }
     }
 }
+
+/// Caller buffers need only `STORAGE | COPY_SRC`: without `COPY_DST` wccl writes through its
+/// kernels instead of copies.
+#[test]
+fn buffers_without_copy_dst() {
+    use wgpu::util::DeviceExt;
+    let n = 3;
+    let count = 1001;
+    let mut g = group(n);
+    let make = |g: &mut wccl::CommGroup, r: usize, v: &[f32]| {
+        g.comm(r)
+            .device()
+            .device()
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(v),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            })
+    };
+    let inputs: Vec<Vec<f32>> = (0..n)
+        .map(|r| (0..count).map(|i| (i % 7 + r) as f32).collect())
+        .collect();
+    let ins: Vec<_> = (0..n).map(|r| make(&mut g, r, &inputs[r])).collect();
+    let outs: Vec<_> = (0..n)
+        .map(|r| make(&mut g, r, &vec![f32::NAN; n * count]))
+        .collect();
+    fn t(b: &wgpu::Buffer, c: usize) -> wccl::TensorRef<'_> {
+        wccl::TensorRef::new(b, 0, c, DType::F32)
+    }
+    let iv: Vec<_> = ins.iter().map(|b| t(b, count)).collect();
+    let ov: Vec<_> = outs.iter().map(|b| t(b, count)).collect();
+    g.all_reduce_into(&iv, &ov, ReduceOp::Sum)
+        .expect("all_reduce");
+    for r in 0..n {
+        let got = g.comm(r).read::<f32>(ov[r]).unwrap();
+        for (i, x) in got.iter().enumerate() {
+            let e: f32 = (0..n).map(|q| inputs[q][i]).sum();
+            assert_eq!(*x, e, "rank {r} element {i}");
+        }
+    }
+    let ov: Vec<_> = outs.iter().map(|b| t(b, n * count)).collect();
+    g.all_gather(&iv, &ov).expect("all_gather");
+    for r in 0..n {
+        assert_eq!(g.comm(r).read::<f32>(ov[r]).unwrap(), inputs.concat());
+    }
+}

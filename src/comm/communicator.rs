@@ -7,7 +7,7 @@ use super::protocol::{Header, NONE};
 use crate::algo::{self, Algorithm, Plan};
 use crate::device::{DeviceBuffer, RankDevice, TensorRef};
 use crate::error::{At, Error, Result};
-use crate::link::Link;
+use crate::link::{Link, LinkEmulation};
 use crate::model::CostModel;
 use crate::types::{CollectiveKind, DType, Element, ReduceOp};
 
@@ -25,6 +25,8 @@ pub struct CommConfig {
     pub max_binding_bytes: Option<u64>,
     /// How all-reduces run unless the call says otherwise (default `Ring`).
     pub algorithm: Algorithm,
+    /// Emulate network links between the ranks of an in-process group (default none).
+    pub link_emulation: Option<LinkEmulation>,
 }
 
 impl Default for CommConfig {
@@ -35,6 +37,7 @@ impl Default for CommConfig {
             pipeline_depth: 3,
             max_binding_bytes: None,
             algorithm: Algorithm::Ring,
+            link_emulation: None,
         }
     }
 }

@@ -7,7 +7,7 @@ use wgpu::{AdapterInfo, Device, Queue};
 use super::communicator::{CallOptions, Collective, CommConfig, Communicator};
 use crate::device::{AdapterSelector, RankDevice, TensorRef, discover_adapters};
 use crate::error::{At, Error, Result};
-use crate::link::in_process_mesh;
+use crate::link::{EmulatedLink, in_process_mesh};
 use crate::model::{CostModel, Figures, Probe};
 use crate::types::ReduceOp;
 
@@ -114,10 +114,17 @@ impl CommGroup {
 
     fn link(devices: Vec<RankDevice>, config: CommConfig) -> CommGroup {
         let links = in_process_mesh(devices.len());
+        let epoch = std::time::Instant::now();
         let comms = devices
             .into_iter()
             .zip(links)
-            .map(|(dev, link)| Communicator::new(dev, Box::new(link), config.clone()))
+            .map(|(dev, link)| {
+                let link: Box<dyn crate::link::Link> = match config.link_emulation {
+                    Some(emu) => Box::new(EmulatedLink::new(link, emu, epoch)),
+                    None => Box::new(link),
+                };
+                Communicator::new(dev, link, config.clone())
+            })
             .collect();
         CommGroup { comms }
     }

@@ -181,6 +181,20 @@ impl UploadRing {
         enc: &mut CommandEncoder,
         deadline: Instant,
     ) -> Result<Buffer, WaitError> {
+        self.stage_to(dev, bytes, enc, None, deadline)
+    }
+
+    /// Like [`stage`](Self::stage), but when `dst` is given the bytes are copied straight to
+    /// that buffer and byte offset instead of to the slot's twin (`bytes.len()` and the offset
+    /// must then be multiples of 4).
+    pub(crate) fn stage_to(
+        &mut self,
+        dev: &RankDevice,
+        bytes: &[u8],
+        enc: &mut CommandEncoder,
+        dst: Option<(&Buffer, u64)>,
+        deadline: Instant,
+    ) -> Result<Buffer, WaitError> {
         let index = self.next;
         self.next = (self.next + 1) % self.slots.len();
         let slot = &mut self.slots[index];
@@ -195,7 +209,10 @@ impl UploadRing {
         }
         slot.staging.unmap();
         slot.mapped.store(false, Ordering::Release);
-        enc.copy_buffer_to_buffer(&slot.staging, 0, &slot.target, 0, len4);
+        match dst {
+            Some((buf, off)) => enc.copy_buffer_to_buffer(&slot.staging, 0, buf, off, len4),
+            None => enc.copy_buffer_to_buffer(&slot.staging, 0, &slot.target, 0, len4),
+        }
         let flag = Arc::clone(&slot.mapped);
         enc.map_buffer_on_submit(&slot.staging, MapMode::Write, .., move |_| {
             flag.store(true, Ordering::Release)

@@ -2,10 +2,12 @@
 //! runs over it; the in-process link is a mesh of crossbeam channels, and a later TCP transport
 //! or a fault-injecting wrapper implements the same [`Link`] trait.
 
+mod emulated;
 mod inproc;
 
 use std::time::Instant;
 
+pub use emulated::{EmulatedLink, LinkEmulation};
 pub use inproc::{InProcLink, in_process_mesh};
 
 /// One message between two ranks: a small header the communicator defines, and a payload.
