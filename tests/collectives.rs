@@ -154,8 +154,8 @@ fn buffers_without_copy_dst() {
     let ov: Vec<_> = outs.iter().map(|b| t(b, count)).collect();
     g.all_reduce_into(&iv, &ov, ReduceOp::Sum)
         .expect("all_reduce");
-    for r in 0..n {
-        let got = g.comm(r).read::<f32>(ov[r]).unwrap();
+    for (r, &o) in ov.iter().enumerate() {
+        let got = g.comm(r).read::<f32>(o).unwrap();
         for (i, x) in got.iter().enumerate() {
             let e: f32 = (0..n).map(|q| inputs[q][i]).sum();
             assert_eq!(*x, e, "rank {r} element {i}");
@@ -163,7 +163,7 @@ fn buffers_without_copy_dst() {
     }
     let ov: Vec<_> = outs.iter().map(|b| t(b, n * count)).collect();
     g.all_gather(&iv, &ov).expect("all_gather");
-    for r in 0..n {
-        assert_eq!(g.comm(r).read::<f32>(ov[r]).unwrap(), inputs.concat());
+    for (r, &o) in ov.iter().enumerate() {
+        assert_eq!(g.comm(r).read::<f32>(o).unwrap(), inputs.concat());
     }
 }

@@ -18,6 +18,7 @@ pub use report::{CSV_HEADER, Measure, Row, busbw_factor, csv_row, footer, format
 pub use sizes::{parse_size, size_steps};
 pub use verify::{count_wrong, decode, encode, expected, input_value, is_right};
 
+use crate::link::LinkEmulation;
 use crate::{
     Algorithm, CallOptions, Collective, CollectiveKind, CommGroup, DType, ReduceOp, TensorRef,
 };
@@ -52,6 +53,8 @@ pub struct Settings {
     pub algos: Vec<Algorithm>,
     /// Overwrite one element of rank 0's result before checking (tests `#wrong` itself).
     pub corrupt_one: bool,
+    /// The emulated links the group was built with, if any (for the bottleneck note).
+    pub link: Option<LinkEmulation>,
 }
 
 impl Default for Settings {
@@ -68,6 +71,7 @@ impl Default for Settings {
             timeout: Duration::from_secs(30),
             algos: vec![Algorithm::Ring],
             corrupt_one: false,
+            link: None,
         }
     }
 }
@@ -194,6 +198,20 @@ pub fn run(
                     predicted,
                 };
                 progress.suspend(|| writeln!(out, "{}", format_row(&row)))?;
+                if let Some(link) = s.link {
+                    let wire = link_seconds(&link, s.kind, algo_of(&row), n, bytes);
+                    let measured = row.out_of_place.time_us * 1e-6;
+                    if wire < 0.5 * measured {
+                        progress.suspend(|| {
+                            writeln!(
+                                out,
+                                "# note: the emulated link is not the bottleneck here: it needs {:.1} us of the {:.1} us measured",
+                                wire * 1e6,
+                                measured * 1e6
+                            )
+                        })?;
+                    }
+                }
                 rows.push(row);
                 progress.inc(1);
             }
@@ -202,6 +220,39 @@ pub fn run(
     progress.finish_and_clear();
     writeln!(out, "{}", footer(&rows))?;
     Ok(rows)
+}
+
+/// The algorithm a row ran (`auto:X` rows ran X).
+fn algo_of(row: &Row) -> Algorithm {
+    row.algo
+        .rsplit(':')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(Algorithm::Ring)
+}
+
+/// Seconds the busiest rank's emulated egress needs for one call: bytes over bandwidth plus one
+/// latency per dependent step.
+pub fn link_seconds(
+    link: &LinkEmulation,
+    kind: CollectiveKind,
+    algo: Algorithm,
+    n: usize,
+    bytes: usize,
+) -> f64 {
+    let (s, nf) = (bytes as f64, n as f64);
+    if n < 2 {
+        return 0.0;
+    }
+    let (egress, steps) = match (kind, algo) {
+        (CollectiveKind::AllReduce, Algorithm::Central | Algorithm::Naive) => ((nf - 1.0) * s, 2.0),
+        (CollectiveKind::AllReduce, _) => (2.0 * (nf - 1.0) / nf * s, 2.0 * (nf - 1.0)),
+        (CollectiveKind::ReduceScatter | CollectiveKind::AllGather, _) => {
+            ((nf - 1.0) / nf * s, nf - 1.0)
+        }
+        _ => (s, nf - 1.0),
+    };
+    link.wire_seconds(egress) + steps * link.latency_us * 1e-6
 }
 
 /// Element counts of one size: `total` is the whole array, `per` one rank's share of it for

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use wccl::bench::{self, Settings};
+use wccl::link::LinkEmulation;
 use wccl::model::{Figures, LinkModel, Probe, scaling_table};
 use wccl::{Algorithm, CollectiveKind, CommConfig, CommGroup, DType, ReduceOp};
 
@@ -120,6 +121,15 @@ struct Sweep {
     /// Pipeline slice in bytes.
     #[arg(long = "slice", default_value = "4M", value_parser = bench::parse_size)]
     slice: u64,
+    /// Emulate links between ranks: egress bandwidth per rank, GB/s (0: no emulation).
+    #[arg(long = "link-gbps", default_value_t = 0.0)]
+    link_gbps: f64,
+    /// Emulated link latency, microseconds.
+    #[arg(long = "link-latency-us", default_value_t = 0.0)]
+    link_latency_us: f64,
+    /// Emulated link jitter (uniform, up to), microseconds.
+    #[arg(long = "link-jitter-us", default_value_t = 0.0)]
+    link_jitter_us: f64,
     /// Bytes per probe measurement for the cost model (all_reduce only; 0 skips the probe and
     /// the model column).
     #[arg(long = "probe-bytes", default_value = "16M", value_parser = bench::parse_size)]
@@ -298,10 +308,16 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
         timeout: Duration::from_secs(a.timeout),
         algos: parse_algos(&a.algo)?,
         corrupt_one: a.corrupt_one,
+        link: (a.link_gbps > 0.0).then_some(LinkEmulation {
+            gbps: a.link_gbps,
+            latency_us: a.link_latency_us,
+            jitter_us: a.link_jitter_us,
+        }),
     };
     let config = CommConfig {
         timeout: settings.timeout,
         slice_bytes: a.slice as usize,
+        link_emulation: settings.link,
         ..CommConfig::default()
     };
     let mut group = CommGroup::builder().ranks(a.ranks).config(config).build()?;
@@ -332,6 +348,13 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
     if kind == CollectiveKind::AllReduce && a.probe_bytes > 0 {
         let p = group.probe(a.probe_bytes as usize)?;
         write_probe(&mut out, &p)?;
+    }
+    if let Some(l) = settings.link {
+        writeln!(
+            out,
+            "# emulated links: {} GB/s egress per rank, {} us latency, {} us jitter",
+            l.gbps, l.latency_us, l.jitter_us
+        )?;
     }
     writeln!(out, "#")?;
     let rows = bench::run(&mut group, &settings, &mut out)?;

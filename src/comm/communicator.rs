@@ -253,6 +253,58 @@ impl Communicator {
             .map(|bytes| bytemuck::pod_collect_to_vec(&bytes))
     }
 
+    /// `dst = op(dst, src)` element-wise on this rank's device with the reduce kernel, no
+    /// communication (what a parameter server's aggregation and the kernel benchmark use).
+    /// `Avg` is refused: it needs a count of contributions.
+    pub fn reduce_local<'a>(
+        &mut self,
+        dst: impl Into<TensorRef<'a>>,
+        src: impl Into<TensorRef<'a>>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (dst, src) = (dst.into(), src.into());
+        let at = At::rank(self.rank);
+        let bad = |message: String| Err(Error::InvalidArgument { at, message });
+        self.tensors(at, &src, &dst)?;
+        if dst.count != src.count {
+            return bad(format!("dst has {} elements, src {}", dst.count, src.count));
+        }
+        if dst.buffer == src.buffer {
+            return bad("dst and src must be different buffers".into());
+        }
+        if op == ReduceOp::Avg {
+            return bad("avg is not an element-wise operator; use sum and scale".into());
+        }
+        let e = &mut self.engine;
+        let deadline = Instant::now() + self.config.timeout;
+        let per = e.kernels.max_elements_per_submit(dst.dtype);
+        let es = dst.dtype.size() as u64;
+        let mut last = None;
+        let mut done = 0;
+        while done < dst.count {
+            let n = per.min(dst.count - done);
+            let off = done as u64 * es;
+            let mut enc = e.dev.device().create_command_encoder(&Default::default());
+            e.kernels.encode(
+                &e.dev,
+                &mut enc,
+                crate::kernels::KernelOp::Combine(op.combine()),
+                dst.dtype,
+                (dst.buffer, dst.offset + off),
+                Some((src.buffer, src.offset + off)),
+                n,
+            );
+            last = Some(e.kernels.submit(&e.dev, enc));
+            done += n;
+        }
+        if let Some(idx) = last {
+            e.dev
+                .wait_submission(&idx, deadline)
+                .map_err(|w| crate::device::wait_error(at, w))?;
+        }
+        e.dev.check(at)
+    }
+
     /// In-place all-reduce.
     ///
     /// ```no_run

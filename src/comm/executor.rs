@@ -104,6 +104,8 @@ struct Run<'e, 'a> {
     host: Vec<u32>,
     /// The payload of the last send, for `Source::Previous`.
     previous: Vec<u8>,
+    /// Per action: whether a later send re-sends this action's payload.
+    keep: Vec<bool>,
 }
 
 /// Executes `plan` for this rank. Returns once this rank's part is on its device.
@@ -127,6 +129,7 @@ pub(crate) fn execute(
         last: None,
         host: vec![0; (plan.host * call.dtype.size()).div_ceil(4)],
         previous: Vec::new(),
+        keep: keep_flags(plan),
     };
     run.plan(plan)?;
     if let Some(last) = run.last.take() {
@@ -204,7 +207,7 @@ impl Run<'_, '_> {
                     }
                 }
             };
-            self.send(to, payload)?;
+            self.send(to, payload, self.keep.get(i).copied().unwrap_or(false))?;
         }
         if !t.recv_first
             && let Some(r) = &t.recv
@@ -264,8 +267,11 @@ impl Run<'_, '_> {
         Ok(())
     }
 
-    fn send(&mut self, to: usize, payload: Vec<u8>) -> Result<()> {
-        self.previous.clone_from(&payload);
+    /// Sends a frame; `keep` keeps a copy of the payload for a following `Source::Previous`.
+    fn send(&mut self, to: usize, payload: Vec<u8>, keep: bool) -> Result<()> {
+        if keep {
+            self.previous.clone_from(&payload);
+        }
         let header = Header {
             unit: self.sent[to],
             payload_bytes: payload.len() as u64,
@@ -538,4 +544,27 @@ fn aligned4(offset: u64, len: usize) -> bool {
 /// `COPY_DST` the kernels write instead).
 fn copy_target(buf: &Buffer) -> bool {
     buf.usage().contains(BufferUsages::COPY_DST)
+}
+
+/// For each action, whether the next sending action re-sends its payload (`Source::Previous`),
+/// so that only those payloads are copied.
+fn keep_flags(plan: &Plan) -> Vec<bool> {
+    let sends: Vec<Option<Source>> = plan
+        .actions
+        .iter()
+        .map(|a| match a {
+            Action::Transfer(t) => t.send.map(|s| s.1),
+            _ => None,
+        })
+        .collect();
+    (0..sends.len())
+        .map(|i| {
+            sends[i].is_some()
+                && sends[i + 1..]
+                    .iter()
+                    .flatten()
+                    .next()
+                    .is_some_and(|s| *s == Source::Previous)
+        })
+        .collect()
 }

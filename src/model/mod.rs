@@ -215,7 +215,8 @@ fn work(algo: Algorithm, n: usize, r: usize, bytes: usize, in_place: bool, slice
                     upload: c * s,
                     reduce: c * s,
                     copy: oop_copy,
-                    host: 0.0,
+                    // Each result slice is read back once and copied for the other peers.
+                    host: (c - 1.0) * s,
                     steps: (c + 1.0) * k,
                 }
             } else {
@@ -224,7 +225,8 @@ fn work(algo: Algorithm, n: usize, r: usize, bytes: usize, in_place: bool, slice
                     upload: s,
                     reduce: 0.0,
                     copy: 0.0,
-                    host: c * s,
+                    // Folding in c buffers, plus copying the result into c frames.
+                    host: 2.0 * c * s,
                     steps: (c + 2.0) * k,
                 }
             }
@@ -265,8 +267,9 @@ mod tests {
 
     #[test]
     fn shared_central_adds_every_ranks_work() {
-        // 2 ranks sharing 1 GB/s, 100 MB in place. Root: readback 100, upload 100, reduce 100.
-        // Other: readback 100, upload 100. Total 500 MB -> 0.5 s; steps: root (1+1)*1 + other
+        // 2 ranks sharing 1 GB/s, 100 MB in place. Root: readback 100, upload 100, reduce 100
+        // (and no extra copies: one peer). Other: readback 100, upload 100. Total 500 MB ->
+        // 0.5 s; steps: root (1+1)*1 + other
         // 2*1 = 4 steps, shared by 2 ranks at 1 ms each = 2 ms.
         let mut f = figures(1e9);
         f.step = 1e-3;
