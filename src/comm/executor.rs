@@ -24,6 +24,8 @@ pub(crate) struct Engine {
     pub(crate) uploads: UploadRing,
     scratch: Option<Buffer>,
     placeholder: Buffer,
+    /// Host memory for plans with host regions, kept across calls (no page faults per call).
+    host: Vec<u32>,
 }
 
 impl Engine {
@@ -49,6 +51,7 @@ impl Engine {
             uploads,
             scratch: None,
             placeholder,
+            host: Vec::new(),
         }
     }
 
@@ -119,6 +122,11 @@ pub(crate) fn execute(
         eng.ensure_scratch((plan.scratch * call.dtype.size()) as u64);
     }
     let n = link.size();
+    let mut host = std::mem::take(&mut eng.host);
+    let words = (plan.host * call.dtype.size()).div_ceil(4);
+    if host.len() < words {
+        host.resize(words, 0);
+    }
     let mut run = Run {
         scratch: eng.scratch.clone(),
         eng,
@@ -127,11 +135,13 @@ pub(crate) fn execute(
         sent: vec![0; n],
         received: vec![0; n],
         last: None,
-        host: vec![0; (plan.host * call.dtype.size()).div_ceil(4)],
+        host,
         previous: Vec::new(),
         keep: keep_flags(plan),
     };
-    run.plan(plan)?;
+    let result = run.plan(plan);
+    run.eng.host = std::mem::take(&mut run.host);
+    result?;
     if let Some(last) = run.last.take() {
         run.eng
             .dev

@@ -221,16 +221,20 @@ impl CommGroup {
             .run_each(|c| c.probe_device(bytes, &sync))
             .into_iter()
             .collect::<Result<Vec<Figures>>>()?;
-        // Ranks that ran at once: throughputs add up; the step cost is each rank's own.
-        let sum = |f: fn(&Figures) -> f64| together.iter().map(f).sum::<f64>();
+        // Ranks that ran at once: the aggregate is n transfers in the time of the slowest rank
+        // (summing rates would credit ranks that finished early with idle time); the step cost
+        // is the slowest rank's.
+        let agg = |f: fn(&Figures) -> f64| {
+            n as f64 * together.iter().map(f).fold(f64::INFINITY, f64::min)
+        };
         let together = Figures {
-            upload: sum(|f| f.upload),
-            readback: sum(|f| f.readback),
-            copy: sum(|f| f.copy),
-            reduce: sum(|f| f.reduce),
-            host_reduce: sum(|f| f.host_reduce),
-            step: sum(|f| f.step) / n as f64,
-            native_copy: sum(|f| f.native_copy),
+            upload: agg(|f| f.upload),
+            readback: agg(|f| f.readback),
+            copy: agg(|f| f.copy),
+            reduce: agg(|f| f.reduce),
+            host_reduce: agg(|f| f.host_reduce),
+            step: together.iter().map(|f| f.step).fold(0.0, f64::max),
+            native_copy: agg(|f| f.native_copy),
         };
         let infos = self.adapters();
         let key = |i: &AdapterInfo| (i.name.clone(), i.backend, i.vendor, i.device);

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The one command to run on an NVIDIA machine with no network (see shared/reference/gpu.md).
+#
+# Prepare here (this machine has the toolchain and the network):
+#   cargo build --release --bin wccl-bench && mkdir -p .gpu && cp target/release/wccl-bench .gpu/
+#   and the Vulkan loader packages in .gl/ (gpu.md says how; both folders are git-ignored).
+# Run there, from the repository root, carrying .gl and .gpu:
+#   bash scripts/gpu-check.sh [OUT_DIR]
+# It probes the devices, measures the reduce kernel against the adapter's own copy, and sweeps
+# all_reduce for every algorithm from 1 MiB to 512 MiB on 4 ranks sharing the GPU, in well
+# under 5 minutes; full logs go to OUT_DIR (default ./gpu-check-out), a short table comes last.
+set -uo pipefail
+out="${1:-${OUT:-./gpu-check-out}}"
+mkdir -p "$out"
+bench="${WCCL_BENCH:-.gpu/wccl-bench}"
+
+if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan.so.1; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+fi
+if [ -z "${VK_DRIVER_FILES:-}" ] && [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+    export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.txt" 2>&1 || true
+
+echo "== probe (4 ranks, 256 MiB)"
+timeout 120 "$bench" probe -g 4 -b "${GPU_CHECK_PROBE:-256M}" 2>&1 | tee "$out/probe.log"
+
+echo "== all_reduce sweep, 4 ranks, 1 MiB .. 512 MiB"
+timeout 200 "$bench" all_reduce -b 1M -e "${GPU_CHECK_MAX:-512M}" -f 4 -g 4 -n 5 -w 2 --algo ring,central,naive,auto \
+    --probe-bytes "${GPU_CHECK_PROBE:-64M}" --csv "$out/all_reduce.csv" --plot "$out/all_reduce.svg" \
+    > "$out/all_reduce.log" 2>&1
+status=$?
+grep -v '^#  rank' "$out/all_reduce.log" | tail -n 30
+
+echo
+echo "== summary (GPU: $(head -n 2 "$out/nvidia-smi.txt" | tail -n 1))"
+grep -E "reduce kernel traffic" "$out/probe.log" | head -n 1
+grep -E "^#\s+(rank 0|together)" "$out/probe.log"
+echo "size(B) algo oop_busbw(GB/s) ip_busbw(GB/s) model_us bound"
+awk -F, 'NR > 1 && ($1 == 268435456 || $1 == 536870912 || $1 == 16777216) { print $1, $6, $9, $13, $15, $16 }' "$out/all_reduce.csv"
+exit $status
