@@ -36,7 +36,7 @@ grep -v '^#  rank' "$out/all_reduce.log" | tail -n 30
 echo
 echo "== summary (GPU: $(head -n 2 "$out/nvidia-smi.txt" | tail -n 1))"
 grep -E "reduce kernel traffic" "$out/probe.log" | head -n 1
-grep -E "^#\s+(rank 0|together)" "$out/probe.log"
+grep -E "^#\s+(rank 0|together)\s+[0-9]" "$out/probe.log"
 echo "size(B) algo oop_busbw(GB/s) ip_busbw(GB/s) model_us bound"
 awk -F, 'NR > 1 && ($1 == 268435456 || $1 == 536870912 || $1 == 16777216) { print $1, $6, $9, $13, $15, $16 }' "$out/all_reduce.csv"
 exit $status
