@@ -3,16 +3,8 @@
 
 mod common;
 
-use common::{Case, check, group};
+use common::{Case, KINDS, check, group};
 use wccl::{CollectiveKind, DType, ReduceOp};
-
-const KINDS: [CollectiveKind; 5] = [
-    CollectiveKind::AllReduce,
-    CollectiveKind::ReduceScatter,
-    CollectiveKind::AllGather,
-    CollectiveKind::Broadcast,
-    CollectiveKind::Reduce,
-];
 
 fn reduces(kind: CollectiveKind) -> bool {
     matches!(

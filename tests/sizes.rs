@@ -4,17 +4,9 @@
 
 mod common;
 
-use common::{Case, check, group, group_with};
+use common::{Case, KINDS, check, group, group_with};
 
 use wccl::{CollectiveKind, CommConfig, DType, ReduceOp};
-
-const KINDS: [CollectiveKind; 5] = [
-    CollectiveKind::AllReduce,
-    CollectiveKind::ReduceScatter,
-    CollectiveKind::AllGather,
-    CollectiveKind::Broadcast,
-    CollectiveKind::Reduce,
-];
 
 const BIG: usize = (1 << 20) + 7;
 

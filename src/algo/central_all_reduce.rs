@@ -21,19 +21,7 @@ pub fn central_all_reduce(
     let output = Region::new(Buf::Output, 0, count);
     let k = slices_per_chunk(count, slice_elems);
     if rank != root {
-        for s in slices(input, k) {
-            plan.transfer(Some((root, Source::Device(s))), None);
-        }
-        for s in slices(output, k) {
-            plan.transfer(
-                None,
-                Some(Recv {
-                    from: root,
-                    dst: s,
-                    combine: Combine::Copy,
-                }),
-            );
-        }
+        worker_side(&mut plan, root, input, output, k);
         return plan;
     }
     if !in_place {
@@ -57,6 +45,24 @@ pub fn central_all_reduce(
     }
     send_to_all(&mut plan, &peers, slices(output, k));
     plan
+}
+
+/// A non-root rank of a star: send the input to the root slice by slice, then receive the
+/// result into the output.
+pub(crate) fn worker_side(plan: &mut Plan, root: usize, input: Region, output: Region, k: usize) {
+    for s in slices(input, k) {
+        plan.transfer(Some((root, Source::Device(s))), None);
+    }
+    for s in slices(output, k) {
+        plan.transfer(
+            None,
+            Some(Recv {
+                from: root,
+                dst: s,
+                combine: Combine::Copy,
+            }),
+        );
+    }
 }
 
 /// Sends each region to every peer, reading it back once.

@@ -1,10 +1,10 @@
 //! Naive all-reduce, what a wgpu user writes by hand: read every buffer back to the host, reduce
 //! on the host (the root's CPU), write the result to every device. No kernel reduces anything.
 
-use super::central_all_reduce::send_to_all;
-use super::plan::{Buf, Plan, Recv, Region, Source, slices};
+use super::central_all_reduce::{send_to_all, worker_side};
+use super::plan::{Buf, Plan, Recv, Region, slices};
 use super::slices_per_chunk;
-use crate::types::{Combine, ReduceOp};
+use crate::types::ReduceOp;
 
 /// The plan of rank `rank` of `n` for a naive all-reduce of `count` elements through `root`'s
 /// host memory.
@@ -21,19 +21,7 @@ pub fn naive_all_reduce(
     let output = Region::new(Buf::Output, 0, count);
     let k = slices_per_chunk(count, slice_elems);
     if rank != root {
-        for s in slices(input, k) {
-            plan.transfer(Some((root, Source::Device(s))), None);
-        }
-        for s in slices(output, k) {
-            plan.transfer(
-                None,
-                Some(Recv {
-                    from: root,
-                    dst: s,
-                    combine: Combine::Copy,
-                }),
-            );
-        }
+        worker_side(&mut plan, root, input, output, k);
         return plan;
     }
     plan.host = count;

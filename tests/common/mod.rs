@@ -5,6 +5,15 @@
 use rand::Rng;
 use wccl::{CollectiveKind, CommConfig, CommGroup, Communicator, DType, ReduceOp, TensorRef, f16};
 
+/// The collectives that move data.
+pub const KINDS: [CollectiveKind; 5] = [
+    CollectiveKind::AllReduce,
+    CollectiveKind::ReduceScatter,
+    CollectiveKind::AllGather,
+    CollectiveKind::Broadcast,
+    CollectiveKind::Reduce,
+];
+
 /// A group of `n` ranks on the machine's adapters (the software adapter in CI).
 pub fn group(n: usize) -> CommGroup {
     group_with(n, CommConfig::default())
