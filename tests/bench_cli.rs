@@ -138,3 +138,41 @@ fn bad_flags_are_refused() {
     let (ok, _) = bench(&["broadcast", "-g", "2", "-r", "5", "-b", "8", "-e", "8"]);
     assert!(!ok);
 }
+
+#[test]
+fn probe_and_model_subcommands() {
+    let (ok, out) = bench(&["probe", "-g", "2", "-b", "64K"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("together") && out.contains("reduce kernel traffic"),
+        "{out}"
+    );
+    let (ok, out) = bench(&[
+        "model",
+        "--ranks",
+        "2..64",
+        "--link-gbps",
+        "10",
+        "--link-latency-us",
+        "5",
+        "-b",
+        "64M",
+    ]);
+    assert!(ok, "{out}");
+    let rows: Vec<Vec<f64>> = out
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().map(|w| w.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| r[0] as usize).collect::<Vec<_>>(),
+        vec![2, 4, 8, 16, 32, 64]
+    );
+    for r in &rows {
+        // Ring busbw stays near the link speed; central falls behind from 4 ranks on.
+        assert!(r[1] > 8.0 && r[1] <= 10.0, "{r:?}");
+        if r[0] >= 4.0 {
+            assert!(r[2] < r[1], "{r:?}");
+        }
+    }
+}
