@@ -35,6 +35,7 @@ mod error;
 mod kernels;
 pub mod link;
 pub mod model;
+pub mod ps;
 mod types;
 
 pub use algo::Algorithm;

@@ -651,6 +651,10 @@ impl Communicator {
         output.validate(at, "output")
     }
 
+    pub(crate) fn link_ref(&self) -> &dyn Link {
+        self.link.as_ref()
+    }
+
     pub(crate) fn into_parts(self) -> (RankDevice, CommConfig) {
         (self.engine.dev, self.config)
     }

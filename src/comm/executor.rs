@@ -536,6 +536,7 @@ impl Run<'_, '_> {
                 waited: self.call.started.elapsed(),
             },
             LinkError::Closed => Error::LinkClosed { at, peer },
+            LinkError::Gone(p) => Error::LinkClosed { at, peer: p },
             LinkError::Aborted { from, reason } => Error::PeerAborted {
                 at,
                 peer: from,

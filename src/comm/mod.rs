@@ -5,6 +5,7 @@ mod communicator;
 mod executor;
 mod group;
 mod host_ops;
+mod local;
 mod probe;
 mod protocol;
 

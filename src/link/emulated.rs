@@ -100,7 +100,23 @@ impl<L: Link> Link for EmulatedLink<L> {
     }
 
     fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
-        let mut frame = self.inner.recv(from, deadline)?;
+        let frame = self.inner.recv(from, deadline)?;
+        self.deliver(frame, deadline)
+    }
+
+    fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
+        let (peer, frame) = self.inner.recv_any(peers, deadline)?;
+        self.deliver(frame, deadline).map(|f| (peer, f))
+    }
+
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason);
+    }
+}
+
+impl<L: Link> EmulatedLink<L> {
+    /// Strips the delivery stamp and holds the frame until its delivery time.
+    fn deliver(&self, mut frame: Frame, deadline: Instant) -> Result<Frame, LinkError> {
         if frame.header.len() < STAMP {
             return Err(LinkError::Closed);
         }
@@ -118,10 +134,6 @@ impl<L: Link> Link for EmulatedLink<L> {
             std::thread::sleep(deliver - now);
         }
         Ok(frame)
-    }
-
-    fn abort(&self, reason: &str) {
-        self.inner.abort(reason);
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crossbeam::channel::{Receiver, Sender, TryRecvError, select_biased, unbounded};
+use crossbeam::channel::{Receiver, Select, Sender, TryRecvError, select_biased, unbounded};
 
 use super::{Frame, Link, LinkError};
 
@@ -90,6 +90,36 @@ impl Link for InProcLink {
                 Err(TryRecvError::Empty) => Err(LinkError::Timeout),
             },
         }
+    }
+
+    fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
+        let receivers: Vec<(usize, &Receiver<Frame>)> = peers
+            .iter()
+            .filter_map(|&p| self.from.get(p).map(|r| (p, r)))
+            .collect();
+        let mut sel = Select::new_biased();
+        let control = sel.recv(&self.control);
+        for (_, r) in &receivers {
+            sel.recv(r);
+        }
+        let op = match sel.select_deadline(deadline) {
+            Ok(op) => op,
+            Err(_) => return Err(LinkError::Timeout),
+        };
+        let index = op.index();
+        if index == control {
+            return match op.recv(&self.control) {
+                Ok(a) => Err(LinkError::Aborted {
+                    from: a.from,
+                    reason: a.reason,
+                }),
+                Err(_) => Err(LinkError::Closed),
+            };
+        }
+        let (peer, r) = receivers[index - 1];
+        op.recv(r)
+            .map(|f| (peer, f))
+            .map_err(|_| LinkError::Gone(peer))
     }
 
     fn abort(&self, reason: &str) {

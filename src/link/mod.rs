@@ -26,6 +26,8 @@ pub enum LinkError {
     Timeout,
     /// The peer's end is gone.
     Closed,
+    /// The peer's end is gone (from [`Link::recv_any`], which says which peer).
+    Gone(usize),
     /// A rank called [`Link::abort`] with a reason.
     Aborted {
         /// The rank that aborted.
@@ -49,6 +51,9 @@ pub trait Link: Send {
     fn send(&self, to: usize, frame: Frame) -> Result<(), LinkError>;
     /// Receives the next frame from `from`, waiting until `deadline` at most.
     fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError>;
+    /// Receives the next frame from any of `peers`, waiting until `deadline` at most; returns
+    /// the sender with the frame. A peer whose end is gone is reported as [`LinkError::Gone`].
+    fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError>;
     /// Tells every other rank that this rank gave up, and why (best effort).
     fn abort(&self, reason: &str);
 }

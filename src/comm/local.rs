@@ -1,0 +1,91 @@
+//! Device work outside collectives, for layers built on a communicator (the parameter server):
+//! read a tensor back through the staging ring, fold host bytes into a tensor, and reach the
+//! link. Crate-internal.
+
+use std::time::Instant;
+
+use super::communicator::Communicator;
+use crate::device::{TensorRef, wait_error};
+use crate::error::{At, Error, Result};
+use crate::kernels::KernelOp;
+use crate::link::Link;
+use crate::types::Combine;
+
+impl Communicator {
+    /// This rank's link.
+    pub(crate) fn link(&self) -> &dyn Link {
+        self.link_ref()
+    }
+
+    /// Reads `t` back to the host through the read ring, slot by slot.
+    pub(crate) fn read_now(&mut self, t: TensorRef<'_>, deadline: Instant) -> Result<Vec<u8>> {
+        let at = At::rank(self.rank());
+        t.validate(at, "read")?;
+        let e = &mut self.engine;
+        let slot = e.uploads.slot_bytes() as usize;
+        let total = t.bytes() as usize;
+        let mut out = Vec::with_capacity(total);
+        let mut off = 0;
+        while off < total {
+            let len = slot.min(total - off);
+            let ticket = e.reads.begin(&e.dev, t.buffer, t.offset + off as u64, len);
+            out.extend(
+                e.reads
+                    .finish(&e.dev, ticket, deadline)
+                    .map_err(|w| wait_error(at, w))?,
+            );
+            off += len;
+        }
+        e.dev.check(at)?;
+        Ok(out)
+    }
+
+    /// `t = combine(t, bytes)` on the device: the bytes go through the upload ring, slot by
+    /// slot, into the reduce kernel. Waits until done.
+    pub(crate) fn fold_now(
+        &mut self,
+        bytes: &[u8],
+        t: TensorRef<'_>,
+        combine: Combine,
+        deadline: Instant,
+    ) -> Result<()> {
+        let at = At::rank(self.rank());
+        t.validate(at, "fold")?;
+        if bytes.len() as u64 != t.bytes() {
+            return Err(Error::InvalidArgument {
+                at,
+                message: format!("{} bytes for a tensor of {}", bytes.len(), t.bytes()),
+            });
+        }
+        let es = t.dtype.size();
+        let e = &mut self.engine;
+        let slot = (e.uploads.slot_bytes() as usize / es) * es;
+        let mut last = None;
+        for (i, piece) in bytes.chunks(slot.max(es)).enumerate() {
+            let mut enc = e.dev.device().create_command_encoder(&Default::default());
+            let staged = e
+                .uploads
+                .stage(&e.dev, piece, &mut enc, deadline)
+                .map_err(|w| wait_error(at, w))?;
+            let off = t.offset + (i * slot) as u64;
+            e.kernels.encode(
+                &e.dev,
+                &mut enc,
+                KernelOp::Combine(combine),
+                t.dtype,
+                (t.buffer, off),
+                Some((&staged, 0)),
+                piece.len() / es,
+            );
+            let idx = e.kernels.submit(&e.dev, enc);
+            e.uploads.submitted(&idx);
+            last = Some(idx);
+        }
+        if let Some(idx) = last {
+            e.dev
+                .wait_submission(&idx, deadline)
+                .map_err(|w| wait_error(at, w))?;
+        }
+        e.dev.check(at)
+    }
+}

@@ -1,0 +1,247 @@
+//! Parameter-server aggregation: workers push gradients and pull parameters; servers aggregate
+//! the pushes with the WGSL reduce kernel and apply an update rule on their device.
+//!
+//! Roles are ranks of one communicator group: the first `servers` ranks serve, the rest work.
+//! Parameters are named f32 tensors, each owned by one server (keys spread round robin).
+//!
+//! Consistency modes (Li et al., OSDI 2014; Ho et al., NeurIPS 2013):
+//! - [`Mode::Sync`]: bulk synchronous. Step t's update applies once every worker pushed step t
+//!   (their gradients summed on the device and scaled by 1/k); a pull for step t waits for it.
+//!   With backup workers (`backups > 0`) the update applies after the first `workers - backups`
+//!   pushes and later pushes of that step are dropped and counted.
+//! - [`Mode::BoundedStaleness`]`(s)`: each push applies on arrival (scaled by 1/workers); a pull
+//!   for step c waits until every worker has pushed every step up to c-s-1.
+//! - [`Mode::Async`]: each push applies on arrival; pulls never wait.
+//!
+//! Every push carries (worker, step): a second push of the same step by the same worker is
+//! refused. A server that waits longer than the deadline for the pushes a pull needs returns
+//! an error naming the workers it waited for, instead of hanging.
+//!
+//! ```no_run
+//! # fn main() -> wccl::Result<()> {
+//! use wccl::ps::{Mode, ParameterServer, Sgd};
+//! let (servers, workers) = ParameterServer::builder()
+//!     .workers(2)
+//!     .mode(Mode::Sync)
+//!     .rule(Sgd { lr: 0.1, momentum: 0.0 })
+//!     .param("w", vec![0.0; 4])
+//!     .build()?;
+//! std::thread::scope(|s| {
+//!     for server in servers {
+//!         s.spawn(move || server.serve());
+//!     }
+//!     for mut w in workers {
+//!         s.spawn(move || -> wccl::Result<()> {
+//!             let grad = w.comm().upload(&[1.0f32; 4])?;
+//!             let params = w.comm().buffer::<f32>(4)?;
+//!             w.push("w", &grad, 0)?;
+//!             w.pull("w", 1, &params)?; // after step 0's update: 0 - 0.1 * 1
+//!             w.done()
+//!         });
+//!     }
+//! });
+//! # Ok(()) }
+//! ```
+
+mod protocol;
+mod server;
+mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use server::{PsServer, ServerReport};
+pub use worker::{PsWorker, PullInfo};
+
+use crate::comm::{CommConfig, CommGroup};
+use crate::error::{At, Error, Result};
+
+/// When a server applies pushes and when pulls may proceed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Bulk synchronous: one aggregated update per step.
+    Sync,
+    /// Stale synchronous parallel: pushes apply on arrival; the fastest worker may be at most
+    /// this many steps ahead of the slowest.
+    BoundedStaleness(u64),
+    /// Pushes apply on arrival; no bound.
+    Async,
+}
+
+/// An update rule the server applies on its device.
+///
+/// It is a WGSL function `fn update(w: f32, m: f32, g: f32, h: vec4<f32>) -> vec2<f32>` that
+/// returns the new parameter and the new optimiser state from the parameter `w`, the state `m`
+/// (zero at first) and the scaled gradient `g`; `h` holds the rule's hyper-parameters.
+pub trait UpdateRule: Send + Sync + 'static {
+    /// The WGSL `update` function.
+    fn wgsl(&self) -> String;
+    /// The hyper-parameters, as `h` in the WGSL function.
+    fn hyper(&self) -> [f32; 4];
+    /// The same rule on the host, for checks: returns (new w, new m).
+    fn host(&self, w: f64, m: f64, g: f64) -> (f64, f64);
+}
+
+/// SGD with momentum: `m = momentum * m + g; w = w - lr * m`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sgd {
+    /// Learning rate.
+    pub lr: f32,
+    /// Momentum (0 for plain SGD).
+    pub momentum: f32,
+}
+
+impl UpdateRule for Sgd {
+    fn wgsl(&self) -> String {
+        "fn update(w: f32, m: f32, g: f32, h: vec4<f32>) -> vec2<f32> {\n    let v = h.y * m + g;\n    return vec2<f32>(w - h.x * v, v);\n}".into()
+    }
+    fn hyper(&self) -> [f32; 4] {
+        [self.lr, self.momentum, 0.0, 0.0]
+    }
+    fn host(&self, w: f64, m: f64, g: f64) -> (f64, f64) {
+        let v = self.momentum as f64 * m + g;
+        (w - self.lr as f64 * v, v)
+    }
+}
+
+/// Builds the servers and workers of a parameter server in this process.
+pub struct ParameterServer {
+    servers: usize,
+    workers: usize,
+    backups: usize,
+    mode: Mode,
+    rule: Arc<dyn UpdateRule>,
+    params: Vec<(String, Vec<f32>)>,
+    config: CommConfig,
+}
+
+impl ParameterServer {
+    /// One server, two workers, `Sync`, SGD with lr 0.01, no parameters yet.
+    pub fn builder() -> ParameterServer {
+        ParameterServer {
+            servers: 1,
+            workers: 2,
+            backups: 0,
+            mode: Mode::Sync,
+            rule: Arc::new(Sgd {
+                lr: 0.01,
+                momentum: 0.0,
+            }),
+            params: Vec::new(),
+            config: CommConfig::default(),
+        }
+    }
+
+    /// Number of server ranks.
+    pub fn servers(mut self, n: usize) -> Self {
+        self.servers = n;
+        self
+    }
+
+    /// Number of worker ranks.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Backup workers in `Sync`: each step applies after the first `workers - backups` pushes.
+    pub fn backups(mut self, n: usize) -> Self {
+        self.backups = n;
+        self
+    }
+
+    /// The consistency mode.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The update rule.
+    pub fn rule(mut self, rule: impl UpdateRule) -> Self {
+        self.rule = Arc::new(rule);
+        self
+    }
+
+    /// Adds a parameter tensor with its initial values.
+    pub fn param(mut self, name: impl Into<String>, init: Vec<f32>) -> Self {
+        self.params.push((name.into(), init));
+        self
+    }
+
+    /// The deadline a server waits for the pushes a pull needs, and a worker for a reply.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.config.timeout = t;
+        self
+    }
+
+    /// Opens the devices and returns the servers (ranks `0..servers`) and workers.
+    pub fn build(self) -> Result<(Vec<PsServer>, Vec<PsWorker>)> {
+        let bad = |message: String| Error::InvalidArgument {
+            at: At::rank(0),
+            message,
+        };
+        if self.servers == 0 || self.workers == 0 {
+            return Err(bad(
+                "a parameter server needs at least one server and one worker".into(),
+            ));
+        }
+        if self.backups >= self.workers {
+            return Err(bad(format!(
+                "{} backups leave no required worker out of {}",
+                self.backups, self.workers
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (name, init) in &self.params {
+            if !seen.insert(name.as_str()) {
+                return Err(bad(format!("parameter '{name}' is given twice")));
+            }
+            if init.is_empty() {
+                return Err(bad(format!("parameter '{name}' is empty")));
+            }
+        }
+        let group = CommGroup::builder()
+            .ranks(self.servers + self.workers)
+            .config(self.config.clone())
+            .build()?;
+        let keys: Vec<(String, usize)> = self
+            .params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.len()))
+            .collect();
+        let owner = |k: usize| k % self.servers;
+        let worker_ranks: Vec<usize> = (self.servers..self.servers + self.workers).collect();
+        let mut servers = Vec::new();
+        let mut workers = Vec::new();
+        for comm in group.into_communicators() {
+            let r = comm.rank();
+            if r < self.servers {
+                let shard: Vec<(usize, String, Vec<f32>)> = self
+                    .params
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| owner(*k) == r)
+                    .map(|(k, (n, v))| (k, n.clone(), v.clone()))
+                    .collect();
+                servers.push(PsServer::new(
+                    comm,
+                    shard,
+                    worker_ranks.clone(),
+                    self.mode,
+                    self.backups,
+                    Arc::clone(&self.rule),
+                )?);
+            } else {
+                let owners = (0..keys.len()).map(owner).collect();
+                workers.push(PsWorker::new(
+                    comm,
+                    r - self.servers,
+                    keys.clone(),
+                    owners,
+                    self.servers,
+                ));
+            }
+        }
+        Ok((servers, workers))
+    }
+}

@@ -1,0 +1,346 @@
+//! A server rank: owns a shard of the parameters on its device, aggregates pushes with the
+//! reduce kernel, applies the update rule, and answers pulls when the mode allows.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use wgpu::Buffer;
+
+use super::protocol::{Kind, PsHeader};
+use super::{Mode, UpdateRule};
+use crate::comm::Communicator;
+use crate::device::TensorRef;
+use crate::error::{At, Error, Result};
+use crate::kernels::UpdateKernel;
+use crate::link::{Frame, LinkError};
+use crate::types::{Combine, DType};
+
+/// What a server did, returned when every worker is done.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServerReport {
+    /// Updates applied (one per step in `Sync`, one per push otherwise), all keys together.
+    pub applied: u64,
+    /// Pushes that came after their step's update (backup workers' late gradients), dropped.
+    pub late: u64,
+    /// Pushes of a (worker, step) already received, refused.
+    pub duplicates: u64,
+    /// Workers whose link closed before they said they were done.
+    pub gone: Vec<usize>,
+    /// The final parameters of this server's keys.
+    pub params: Vec<(String, Vec<f32>)>,
+}
+
+struct KeyState {
+    name: String,
+    count: usize,
+    w: Buffer,
+    m: Buffer,
+    acc: Buffer,
+    version: u64,
+    /// Sync: which workers pushed the step being aggregated (`version`).
+    pushed: Vec<bool>,
+    /// Per worker: one more than the last step it pushed.
+    clocks: Vec<u64>,
+    seen: HashSet<(usize, u64)>,
+}
+
+/// One server rank; run it with [`serve`](Self::serve) on its own thread.
+pub struct PsServer {
+    comm: Communicator,
+    keys: Vec<KeyState>,
+    local: HashMap<u32, usize>,
+    workers: Vec<usize>,
+    mode: Mode,
+    backups: usize,
+    rule: Arc<dyn UpdateRule>,
+    kernel: UpdateKernel,
+    report: ServerReport,
+}
+
+impl PsServer {
+    pub(crate) fn new(
+        comm: Communicator,
+        shard: Vec<(usize, String, Vec<f32>)>,
+        workers: Vec<usize>,
+        mode: Mode,
+        backups: usize,
+        rule: Arc<dyn UpdateRule>,
+    ) -> Result<Self> {
+        let kernel = UpdateKernel::new(comm.device(), &rule.wgsl());
+        let mut keys = Vec::new();
+        let mut local = HashMap::new();
+        for (key, name, init) in shard {
+            if init.len() > kernel.max_elements() {
+                return Err(Error::InvalidArgument {
+                    at: At::rank(comm.rank()),
+                    message: format!(
+                        "parameter '{name}' has {} elements; a server updates at most {} at once",
+                        init.len(),
+                        kernel.max_elements()
+                    ),
+                });
+            }
+            let w = comm.upload(&init)?.raw().clone();
+            let zero = vec![0.0f32; init.len()];
+            let m = comm.upload(&zero)?.raw().clone();
+            let acc = comm.upload(&zero)?.raw().clone();
+            local.insert(key as u32, keys.len());
+            keys.push(KeyState {
+                name,
+                count: init.len(),
+                w,
+                m,
+                acc,
+                version: 0,
+                pushed: vec![false; workers.len()],
+                clocks: vec![0; workers.len()],
+                seen: HashSet::new(),
+            });
+        }
+        Ok(PsServer {
+            comm,
+            keys,
+            local,
+            workers,
+            mode,
+            backups,
+            rule,
+            kernel,
+            report: ServerReport::default(),
+        })
+    }
+
+    /// This server's rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Serves until every worker is done (or gone); returns what happened and the final
+    /// parameters. Fails, naming the workers, when a pull waits longer than the deadline for
+    /// the pushes it needs, or when nothing at all arrives for that long.
+    pub fn serve(mut self) -> Result<ServerReport> {
+        let at = At::rank(self.comm.rank());
+        let timeout = self.comm.config().timeout;
+        let mut live = self.workers.clone();
+        let mut pending: Vec<(usize, PsHeader)> = Vec::new();
+        while !live.is_empty() {
+            let deadline = Instant::now() + timeout;
+            match self.comm.link().recv_any(&live, deadline) {
+                Ok((from, frame)) => {
+                    let Some(h) = PsHeader::decode(&frame.header) else {
+                        self.refuse(from, 0, "malformed frame")?;
+                        continue;
+                    };
+                    match h.kind() {
+                        Some(Kind::Push) => self.push(from, &h, &frame.payload)?,
+                        Some(Kind::Pull) => pending.push((from, h)),
+                        Some(Kind::Done) => live.retain(|&w| w != from),
+                        _ => self.refuse(from, h.key, "unexpected frame")?,
+                    }
+                }
+                Err(LinkError::Gone(p)) => {
+                    live.retain(|&w| w != p);
+                    self.report.gone.push(p);
+                }
+                Err(LinkError::Timeout) => {
+                    let waiting_on = self.blocking(&pending, &live);
+                    return Err(Error::Timeout {
+                        at,
+                        waiting_on: if waiting_on.is_empty() {
+                            live
+                        } else {
+                            waiting_on
+                        },
+                        waited: timeout,
+                    });
+                }
+                Err(LinkError::Aborted { from, reason }) => {
+                    return Err(Error::PeerAborted {
+                        at,
+                        peer: from,
+                        reason,
+                    });
+                }
+                Err(LinkError::Closed) => return Err(Error::LinkClosed { at, peer: at.rank }),
+            }
+            self.answer(&mut pending, &live)?;
+        }
+        self.answer(&mut pending, &live)?;
+        for k in 0..self.keys.len() {
+            let t = TensorRef::new(&self.keys[k].w, 0, self.keys[k].count, DType::F32);
+            let values = self.comm.read::<f32>(t)?;
+            self.report.params.push((self.keys[k].name.clone(), values));
+        }
+        Ok(self.report)
+    }
+
+    fn worker_index(&self, rank: usize) -> usize {
+        self.workers.iter().position(|&w| w == rank).unwrap_or(0)
+    }
+
+    fn refuse(&mut self, to: usize, key: u32, reason: &str) -> Result<()> {
+        let h = PsHeader::new(Kind::Refused, key as usize, 0, 0);
+        self.send(to, h, reason.as_bytes().to_vec())
+    }
+
+    fn send(&mut self, to: usize, h: PsHeader, payload: Vec<u8>) -> Result<()> {
+        let at = At::rank(self.comm.rank());
+        // A worker that is gone cannot be answered; that is its loss, not the server's.
+        match self.comm.link().send(
+            to,
+            Frame {
+                header: h.encode(),
+                payload,
+            },
+        ) {
+            Ok(()) | Err(LinkError::Closed) | Err(LinkError::Gone(_)) => Ok(()),
+            Err(e) => Err(Error::Device {
+                at,
+                message: format!("sending to rank {to}: {e:?}"),
+            }),
+        }
+    }
+
+    fn push(&mut self, from: usize, h: &PsHeader, payload: &[u8]) -> Result<()> {
+        let Some(&k) = self.local.get(&h.key) else {
+            return self.refuse(from, h.key, "this server does not hold that key");
+        };
+        if payload.len() != self.keys[k].count * 4 || h.count as usize != self.keys[k].count {
+            let reason = format!(
+                "push of {} values for '{}', which has {}",
+                payload.len() / 4,
+                self.keys[k].name,
+                self.keys[k].count
+            );
+            return self.refuse(from, h.key, &reason);
+        }
+        let w = self.worker_index(from);
+        if !self.keys[k].seen.insert((w, h.step)) {
+            self.report.duplicates += 1;
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.comm.config().timeout;
+        let required = self.workers.len() - self.backups;
+        let key = &self.keys[k];
+        let acc = TensorRef::new(&key.acc, 0, key.count, DType::F32);
+        match self.mode {
+            Mode::Sync => {
+                if h.step < key.version {
+                    self.report.late += 1;
+                    return Ok(());
+                }
+                if h.step > key.version {
+                    let reason = format!(
+                        "push for step {} while step {} is being aggregated (pull first)",
+                        h.step, key.version
+                    );
+                    return self.refuse(from, h.key, &reason);
+                }
+                self.comm.fold_now(payload, acc, Combine::Sum, deadline)?;
+                let key = &mut self.keys[k];
+                key.pushed[w] = true;
+                key.clocks[w] = key.clocks[w].max(h.step + 1);
+                let got = key.pushed.iter().filter(|p| **p).count();
+                if got >= required {
+                    self.apply(k, 1.0 / got as f32, deadline)?;
+                    self.keys[k].pushed.iter_mut().for_each(|p| *p = false);
+                }
+            }
+            Mode::BoundedStaleness(_) | Mode::Async => {
+                self.comm.fold_now(payload, acc, Combine::Sum, deadline)?;
+                let n = self.workers.len() as f32;
+                self.apply(k, 1.0 / n, deadline)?;
+                let key = &mut self.keys[k];
+                key.clocks[w] = key.clocks[w].max(h.step + 1);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, k: usize, scale: f32, deadline: Instant) -> Result<()> {
+        let at = At::rank(self.comm.rank());
+        let key = &self.keys[k];
+        let idx = self.kernel.apply(
+            self.comm.device(),
+            (&key.w, &key.m, &key.acc),
+            key.count,
+            scale,
+            self.rule.hyper(),
+        );
+        self.comm
+            .device()
+            .wait_submission(&idx, deadline)
+            .map_err(|e| crate::device::wait_error(at, e))?;
+        self.comm.device().check(at)?;
+        self.keys[k].version += 1;
+        self.report.applied += 1;
+        Ok(())
+    }
+
+    /// The slowest live worker's clock for key `k` (every step below it has been pushed).
+    fn min_clock(&self, k: usize, live: &[usize]) -> u64 {
+        live.iter()
+            .map(|&r| self.keys[k].clocks[self.worker_index(r)])
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    fn ready(&self, k: usize, step: u64, live: &[usize]) -> bool {
+        match self.mode {
+            Mode::Sync => self.keys[k].version >= step || live.is_empty(),
+            Mode::BoundedStaleness(s) => self.min_clock(k, live) >= step.saturating_sub(s),
+            Mode::Async => true,
+        }
+    }
+
+    /// Answers every pending pull the mode now allows.
+    fn answer(&mut self, pending: &mut Vec<(usize, PsHeader)>, live: &[usize]) -> Result<()> {
+        let mut i = 0;
+        while i < pending.len() {
+            let (from, h) = pending[i];
+            let Some(&k) = self.local.get(&h.key) else {
+                pending.swap_remove(i);
+                self.refuse(from, h.key, "this server does not hold that key")?;
+                continue;
+            };
+            if !self.ready(k, h.step, live) {
+                i += 1;
+                continue;
+            }
+            pending.swap_remove(i);
+            let key = &self.keys[k];
+            let t = TensorRef::new(&key.w, 0, key.count, DType::F32);
+            let deadline = Instant::now() + self.comm.config().timeout;
+            let bytes = self.comm.read_now(t, deadline)?;
+            let mut reply = PsHeader::new(Kind::Params, h.key as usize, h.step, self.keys[k].count);
+            reply.version = self.keys[k].version;
+            reply.clock = self.min_clock(k, live);
+            self.send(from, reply, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The workers whose pushes the pending pulls wait for.
+    fn blocking(&self, pending: &[(usize, PsHeader)], live: &[usize]) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (_, h) in pending {
+            let Some(&k) = self.local.get(&h.key) else {
+                continue;
+            };
+            for &r in live {
+                let w = self.worker_index(r);
+                let key = &self.keys[k];
+                let missing = match self.mode {
+                    Mode::Sync => !key.pushed[w],
+                    Mode::BoundedStaleness(s) => key.clocks[w] < h.step.saturating_sub(s),
+                    Mode::Async => false,
+                };
+                if missing && !out.contains(&r) {
+                    out.push(r);
+                }
+            }
+        }
+        out
+    }
+}

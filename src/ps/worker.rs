@@ -1,0 +1,179 @@
+//! A worker rank: pushes gradients from its device to the servers and pulls parameters back.
+
+use std::time::Instant;
+
+use super::protocol::{Kind, PsHeader};
+use crate::comm::Communicator;
+use crate::device::TensorRef;
+use crate::error::{At, Error, Result};
+use crate::link::{Frame, LinkError};
+use crate::types::{Combine, DType};
+
+/// How current a pulled parameter is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PullInfo {
+    /// Updates applied to the key when it was read.
+    pub version: u64,
+    /// The slowest worker's clock then: every step below it had been pushed by every worker.
+    pub clock: u64,
+}
+
+/// One worker rank.
+pub struct PsWorker {
+    comm: Communicator,
+    index: usize,
+    keys: Vec<(String, usize)>,
+    owners: Vec<usize>,
+    servers: usize,
+}
+
+impl PsWorker {
+    pub(crate) fn new(
+        comm: Communicator,
+        index: usize,
+        keys: Vec<(String, usize)>,
+        owners: Vec<usize>,
+        servers: usize,
+    ) -> Self {
+        PsWorker {
+            comm,
+            index,
+            keys,
+            owners,
+            servers,
+        }
+    }
+
+    /// This worker's index among the workers (0-based).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The worker's communicator (its device: upload gradients, allocate buffers).
+    pub fn comm(&mut self) -> &mut Communicator {
+        &mut self.comm
+    }
+
+    fn at(&self) -> At {
+        At::rank(self.comm.rank())
+    }
+
+    fn key(&self, name: &str, t: &TensorRef<'_>) -> Result<usize> {
+        let at = self.at();
+        let k = self
+            .keys
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| Error::InvalidArgument {
+                at,
+                message: format!("unknown parameter '{name}'"),
+            })?;
+        if t.dtype != DType::F32 || t.count != self.keys[k].1 {
+            return Err(Error::InvalidArgument {
+                at,
+                message: format!(
+                    "'{name}' is {} f32 values; got {} {} values",
+                    self.keys[k].1, t.count, t.dtype
+                ),
+            });
+        }
+        Ok(k)
+    }
+
+    /// Pushes this worker's gradient of `key` for `step` (read back from the device).
+    pub fn push<'a>(&mut self, key: &str, grad: impl Into<TensorRef<'a>>, step: u64) -> Result<()> {
+        let grad = grad.into();
+        let k = self.key(key, &grad)?;
+        let deadline = Instant::now() + self.comm.config().timeout;
+        let bytes = self.comm.read_now(grad, deadline)?;
+        let h = PsHeader::new(Kind::Push, k, step, grad.count);
+        self.send(self.owners[k], h, bytes)
+    }
+
+    /// Pulls `key` as of `step` into `into` (on this worker's device): waits until the mode
+    /// allows (in `Sync`, until step-1's update applied).
+    pub fn pull<'a>(
+        &mut self,
+        key: &str,
+        step: u64,
+        into: impl Into<TensorRef<'a>>,
+    ) -> Result<PullInfo> {
+        let into = into.into();
+        let k = self.key(key, &into)?;
+        let server = self.owners[k];
+        self.send(
+            server,
+            PsHeader::new(Kind::Pull, k, step, into.count),
+            Vec::new(),
+        )?;
+        let deadline = Instant::now() + self.comm.config().timeout;
+        let at = self.at();
+        loop {
+            let frame = self
+                .comm
+                .link()
+                .recv(server, deadline)
+                .map_err(|e| match e {
+                    LinkError::Timeout => Error::Timeout {
+                        at,
+                        waiting_on: vec![server],
+                        waited: self.comm.config().timeout,
+                    },
+                    LinkError::Aborted { from, reason } => Error::PeerAborted {
+                        at,
+                        peer: from,
+                        reason,
+                    },
+                    _ => Error::LinkClosed { at, peer: server },
+                })?;
+            let Some(h) = PsHeader::decode(&frame.header) else {
+                continue;
+            };
+            match h.kind() {
+                Some(Kind::Params) if h.key as usize == k => {
+                    self.comm
+                        .fold_now(&frame.payload, into, Combine::Copy, deadline)?;
+                    return Ok(PullInfo {
+                        version: h.version,
+                        clock: h.clock,
+                    });
+                }
+                Some(Kind::Refused) => {
+                    return Err(Error::InvalidArgument {
+                        at,
+                        message: format!(
+                            "server rank {server} refused a request for '{}': {}",
+                            self.keys.get(h.key as usize).map_or("?", |k| k.0.as_str()),
+                            String::from_utf8_lossy(&frame.payload)
+                        ),
+                    });
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Tells every server this worker is done.
+    pub fn done(self) -> Result<()> {
+        for s in 0..self.servers {
+            self.send(s, PsHeader::new(Kind::Done, 0, 0, 0), Vec::new())?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, to: usize, h: PsHeader, payload: Vec<u8>) -> Result<()> {
+        self.comm
+            .link()
+            .send(
+                to,
+                Frame {
+                    header: h.encode(),
+                    payload,
+                },
+            )
+            .map_err(|_| Error::LinkClosed {
+                at: self.at(),
+                peer: to,
+            })
+    }
+}
