@@ -400,3 +400,88 @@ fn a_worker_that_never_pushes_is_named() {
         other => panic!("the server should name the silent worker: {other:?}"),
     }
 }
+
+#[test]
+fn a_failed_worker_is_dropped_above_quorum_and_rejoins() {
+    let (steps, workers) = (3, 3);
+    let rule = Sgd {
+        lr: 0.5,
+        momentum: 0.0,
+    };
+    let grads = random_grads(steps, workers);
+    // Step 1 is aggregated without worker 2, which misses the deadline; steps 0 and 2 with all.
+    let mut reference = sync_reference(&rule, &grads[..1], &[0, 1, 2]);
+    let w1 = {
+        let mut w: Vec<Vec<f64>> = reference[1].clone();
+        for k in 0..SIZES.len() {
+            for i in 0..w[k].len() {
+                let g = (grads[1][0][k][i] as f64 + grads[1][1][k][i] as f64) / 2.0;
+                w[k][i] = rule.host(w[k][i], 0.0, g).0;
+            }
+        }
+        w
+    };
+    reference.push(w1.clone());
+    let mut w2 = w1.clone();
+    for k in 0..SIZES.len() {
+        for i in 0..w2[k].len() {
+            let g: f64 = (0..3).map(|q| grads[2][q][k][i] as f64).sum::<f64>() / 3.0;
+            w2[k][i] = rule.host(w2[k][i], 0.0, g).0;
+        }
+    }
+    let b = ParameterServer::builder()
+        .servers(1)
+        .workers(workers)
+        .mode(Mode::Sync)
+        .rule(rule)
+        .quorum(2)
+        .param("big", init()[0].clone())
+        .param("odd", init()[1].clone())
+        // Long enough that a busy CI machine never declares a merely slow worker failed.
+        .timeout(Duration::from_secs(3));
+    let (servers, ws) = b.build().expect("build");
+    let (tx, rx) = crossbeam::channel::unbounded::<()>();
+    let (back_tx, back_rx) = crossbeam::channel::unbounded::<()>();
+    let reports = run(servers, ws, |mut w| {
+        let q = w.index();
+        for (t, step) in grads.iter().enumerate() {
+            if q != 2 && t == 2 {
+                // Step 2 waits until worker 2 is back, so that it counts again.
+                back_rx.recv().expect("signal");
+            }
+            if q == 2 && t == 1 {
+                // Silent through step 1 (alive, link open) until the others saw step 2.
+                for _ in 0..2 * SIZES.len() {
+                    rx.recv().expect("signal");
+                }
+                continue;
+            }
+            for (k, (name, n)) in SIZES.iter().enumerate() {
+                let params = w.comm().buffer::<f32>(*n)?;
+                w.pull(name, t as u64, &params)?;
+                let got = w.comm().download(&params)?;
+                let want = if t == 2 { &w1[k] } else { &reference[t][k] };
+                assert_close(&got, want, &format!("worker {q} step {t} {name}"));
+                if q == 2 && t == 2 && k == 0 {
+                    // Its pull brought it back; let the others go on.
+                    back_tx.send(()).expect("signal");
+                    back_tx.send(()).expect("signal");
+                }
+                let g = w.comm().upload(&step[q][k])?;
+                w.push(name, &g, t as u64)?;
+                if q != 2 && t == 1 {
+                    w.pull(name, 2, &params)?;
+                    tx.send(()).expect("signal");
+                }
+            }
+        }
+        w.done()
+    });
+    let fin = final_params(&reports);
+    for k in 0..SIZES.len() {
+        assert_close(&fin[k], &w2[k], "final");
+    }
+    let events = reports[0].events.join("\n");
+    assert!(events.contains("worker rank 3 missed"), "{events}");
+    assert!(events.contains("worker rank 3 came back"), "{events}");
+}

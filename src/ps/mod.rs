@@ -113,6 +113,7 @@ pub struct ParameterServer {
     rule: Arc<dyn UpdateRule>,
     params: Vec<(String, Vec<f32>)>,
     config: CommConfig,
+    quorum: Option<usize>,
 }
 
 impl ParameterServer {
@@ -129,6 +130,7 @@ impl ParameterServer {
             }),
             params: Vec::new(),
             config: CommConfig::default(),
+            quorum: None,
         }
     }
 
@@ -147,6 +149,13 @@ impl ParameterServer {
     /// Backup workers in `Sync`: each step applies after the first `workers - backups` pushes.
     pub fn backups(mut self, n: usize) -> Self {
         self.backups = n;
+        self
+    }
+
+    /// The fewest workers a server carries on with after declaring others failed (default: a
+    /// majority of the workers).
+    pub fn quorum(mut self, n: usize) -> Self {
+        self.quorum = Some(n);
         self
     }
 
@@ -229,6 +238,7 @@ impl ParameterServer {
                     worker_ranks.clone(),
                     self.mode,
                     self.backups,
+                    self.quorum.unwrap_or(self.workers / 2 + 1).max(1),
                     Arc::clone(&self.rule),
                 )?);
             } else {

@@ -27,6 +27,8 @@ pub struct ServerReport {
     pub duplicates: u64,
     /// Workers whose link closed before they said they were done.
     pub gone: Vec<usize>,
+    /// What happened to the workers, in order (declared failed, rejoined, gone).
+    pub events: Vec<String>,
     /// The final parameters of this server's keys.
     pub params: Vec<(String, Vec<f32>)>,
 }
@@ -56,6 +58,10 @@ pub struct PsServer {
     rule: Arc<dyn UpdateRule>,
     kernel: UpdateKernel,
     report: ServerReport,
+    quorum: usize,
+    failed: HashSet<usize>,
+    /// Workers that said they are done or whose link closed.
+    finished: HashSet<usize>,
 }
 
 impl PsServer {
@@ -65,6 +71,7 @@ impl PsServer {
         workers: Vec<usize>,
         mode: Mode,
         backups: usize,
+        quorum: usize,
         rule: Arc<dyn UpdateRule>,
     ) -> Result<Self> {
         let kernel = UpdateKernel::new(comm.device(), &rule.wgsl());
@@ -108,6 +115,9 @@ impl PsServer {
             rule,
             kernel,
             report: ServerReport::default(),
+            quorum,
+            failed: HashSet::new(),
+            finished: HashSet::new(),
         })
     }
 
@@ -117,43 +127,92 @@ impl PsServer {
     }
 
     /// Serves until every worker is done (or gone); returns what happened and the final
-    /// parameters. Fails, naming the workers, when a pull waits longer than the deadline for
-    /// the pushes it needs, or when nothing at all arrives for that long.
+    /// parameters.
+    ///
+    /// A worker whose push a waiting pull needs and that misses the deadline is declared failed
+    /// (an event in the report); the others carry on while at least the quorum remains, and
+    /// the call fails, naming the workers, below it. A failed worker that sends anything again
+    /// rejoins at the current step. When nothing arrives at all for the deadline, the call
+    /// fails naming the workers it was listening to.
     pub fn serve(mut self) -> Result<ServerReport> {
         let at = At::rank(self.comm.rank());
         let timeout = self.comm.config().timeout;
-        let mut live = self.workers.clone();
-        let mut pending: Vec<(usize, PsHeader)> = Vec::new();
-        while !live.is_empty() {
-            let deadline = Instant::now() + timeout;
-            match self.comm.link().recv_any(&live, deadline) {
+        let mut connected = self.workers.clone();
+        let mut pending: Vec<(usize, PsHeader, Instant)> = Vec::new();
+        while !connected.is_empty() {
+            let now = Instant::now();
+            let deadline = pending
+                .iter()
+                .map(|p| p.2 + timeout)
+                .min()
+                .unwrap_or(now + timeout)
+                .max(now);
+            match self.comm.link().recv_any(&connected, deadline) {
                 Ok((from, frame)) => {
+                    if self.failed.remove(&from) {
+                        let v = self.keys.iter().map(|k| k.version).max().unwrap_or(0);
+                        self.report.events.push(format!(
+                            "worker rank {from} came back and rejoined at version {v}"
+                        ));
+                    }
                     let Some(h) = PsHeader::decode(&frame.header) else {
                         self.refuse(from, 0, "malformed frame")?;
                         continue;
                     };
                     match h.kind() {
                         Some(Kind::Push) => self.push(from, &h, &frame.payload)?,
-                        Some(Kind::Pull) => pending.push((from, h)),
-                        Some(Kind::Done) => live.retain(|&w| w != from),
+                        Some(Kind::Pull) => pending.push((from, h, Instant::now())),
+                        Some(Kind::Done) => {
+                            connected.retain(|&w| w != from);
+                            self.failed.remove(&from);
+                            self.finished.insert(from);
+                            self.settle()?;
+                        }
                         _ => self.refuse(from, h.key, "unexpected frame")?,
                     }
                 }
                 Err(LinkError::Gone(p)) => {
-                    live.retain(|&w| w != p);
+                    connected.retain(|&w| w != p);
+                    self.failed.remove(&p);
+                    self.finished.insert(p);
+                    self.settle()?;
                     self.report.gone.push(p);
+                    self.report
+                        .events
+                        .push(format!("worker rank {p} is gone (link closed)"));
                 }
                 Err(LinkError::Timeout) => {
-                    let waiting_on = self.blocking(&pending, &live);
-                    return Err(Error::Timeout {
-                        at,
-                        waiting_on: if waiting_on.is_empty() {
-                            live
-                        } else {
-                            waiting_on
-                        },
-                        waited: timeout,
-                    });
+                    let counted = self.counted();
+                    let blockers = self.blocking(&pending, &counted);
+                    if pending.is_empty() || blockers.is_empty() {
+                        return Err(Error::Timeout {
+                            at,
+                            waiting_on: counted,
+                            waited: timeout,
+                        });
+                    }
+                    for &b in &blockers {
+                        self.failed.insert(b);
+                        self.report.events.push(format!(
+                            "worker rank {b} missed the {timeout:?} deadline: declared failed"
+                        ));
+                    }
+                    let alive = self.counted().len();
+                    if alive < self.quorum {
+                        self.report.events.push(format!(
+                            "{alive} workers left, below the quorum of {}: giving up",
+                            self.quorum
+                        ));
+                        return Err(Error::Timeout {
+                            at,
+                            waiting_on: blockers,
+                            waited: timeout,
+                        });
+                    }
+                    self.settle()?;
+                    // The pulls that waited start a fresh deadline.
+                    let now = Instant::now();
+                    pending.iter_mut().for_each(|p| p.2 = now);
                 }
                 Err(LinkError::Aborted { from, reason }) => {
                     return Err(Error::PeerAborted {
@@ -164,15 +223,55 @@ impl PsServer {
                 }
                 Err(LinkError::Closed) => return Err(Error::LinkClosed { at, peer: at.rank }),
             }
-            self.answer(&mut pending, &live)?;
+            self.answer(&mut pending, &connected)?;
         }
-        self.answer(&mut pending, &live)?;
+        self.answer(&mut pending, &connected)?;
         for k in 0..self.keys.len() {
             let t = TensorRef::new(&self.keys[k].w, 0, self.keys[k].count, DType::F32);
             let values = self.comm.read::<f32>(t)?;
             self.report.params.push((self.keys[k].name.clone(), values));
         }
         Ok(self.report)
+    }
+
+    /// The workers whose pushes count: connected and not declared failed.
+    fn counted(&self) -> Vec<usize> {
+        self.workers
+            .iter()
+            .copied()
+            .filter(|w| !self.failed.contains(w) && !self.finished.contains(w))
+            .collect()
+    }
+
+    /// Sync: applies every key whose step now has all the pushes it needs (after workers were
+    /// declared failed or left).
+    fn settle(&mut self) -> Result<()> {
+        if self.mode != Mode::Sync {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.comm.config().timeout;
+        for k in 0..self.keys.len() {
+            self.try_apply_sync(k, deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Sync: applies key `k`'s step once the workers still counted (not failed, not finished)
+    /// have pushed it, less the backups; the gradient is the mean of every push folded in.
+    fn try_apply_sync(&mut self, k: usize, deadline: Instant) -> Result<()> {
+        let counted = self.counted();
+        let required = counted.len().saturating_sub(self.backups).max(1);
+        let key = &self.keys[k];
+        let folded = key.pushed.iter().filter(|p| **p).count();
+        let got = counted
+            .iter()
+            .filter(|&&r| key.pushed[self.worker_index(r)])
+            .count();
+        if folded > 0 && (got >= required || counted.is_empty()) {
+            self.apply(k, 1.0 / folded as f32, deadline)?;
+            self.keys[k].pushed.iter_mut().for_each(|p| *p = false);
+        }
+        Ok(())
     }
 
     fn worker_index(&self, rank: usize) -> usize {
@@ -221,7 +320,6 @@ impl PsServer {
             return Ok(());
         }
         let deadline = Instant::now() + self.comm.config().timeout;
-        let required = self.workers.len() - self.backups;
         let key = &self.keys[k];
         let acc = TensorRef::new(&key.acc, 0, key.count, DType::F32);
         match self.mode {
@@ -241,11 +339,7 @@ impl PsServer {
                 let key = &mut self.keys[k];
                 key.pushed[w] = true;
                 key.clocks[w] = key.clocks[w].max(h.step + 1);
-                let got = key.pushed.iter().filter(|p| **p).count();
-                if got >= required {
-                    self.apply(k, 1.0 / got as f32, deadline)?;
-                    self.keys[k].pushed.iter_mut().for_each(|p| *p = false);
-                }
+                self.try_apply_sync(k, deadline)?;
             }
             Mode::BoundedStaleness(_) | Mode::Async => {
                 self.comm.fold_now(payload, acc, Combine::Sum, deadline)?;
@@ -281,6 +375,7 @@ impl PsServer {
     /// The slowest live worker's clock for key `k` (every step below it has been pushed).
     fn min_clock(&self, k: usize, live: &[usize]) -> u64 {
         live.iter()
+            .filter(|w| !self.failed.contains(w))
             .map(|&r| self.keys[k].clocks[self.worker_index(r)])
             .min()
             .unwrap_or(u64::MAX)
@@ -295,10 +390,14 @@ impl PsServer {
     }
 
     /// Answers every pending pull the mode now allows.
-    fn answer(&mut self, pending: &mut Vec<(usize, PsHeader)>, live: &[usize]) -> Result<()> {
+    fn answer(
+        &mut self,
+        pending: &mut Vec<(usize, PsHeader, Instant)>,
+        live: &[usize],
+    ) -> Result<()> {
         let mut i = 0;
         while i < pending.len() {
-            let (from, h) = pending[i];
+            let (from, h, _) = pending[i];
             let Some(&k) = self.local.get(&h.key) else {
                 pending.swap_remove(i);
                 self.refuse(from, h.key, "this server does not hold that key")?;
@@ -322,9 +421,9 @@ impl PsServer {
     }
 
     /// The workers whose pushes the pending pulls wait for.
-    fn blocking(&self, pending: &[(usize, PsHeader)], live: &[usize]) -> Vec<usize> {
+    fn blocking(&self, pending: &[(usize, PsHeader, Instant)], live: &[usize]) -> Vec<usize> {
         let mut out = Vec::new();
-        for (_, h) in pending {
+        for (_, h, _) in pending {
             let Some(&k) = self.local.get(&h.key) else {
                 continue;
             };

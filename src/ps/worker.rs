@@ -1,6 +1,6 @@
 //! A worker rank: pushes gradients from its device to the servers and pulls parameters back.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::protocol::{Kind, PsHeader};
 use crate::comm::Communicator;
@@ -91,7 +91,8 @@ impl PsWorker {
     }
 
     /// Pulls `key` as of `step` into `into` (on this worker's device): waits until the mode
-    /// allows (in `Sync`, until step-1's update applied).
+    /// allows (in `Sync`, until step-1's update applied), at most twice the deadline (the
+    /// server may first wait one deadline for a worker it then declares failed).
     pub fn pull<'a>(
         &mut self,
         key: &str,
@@ -106,7 +107,8 @@ impl PsWorker {
             PsHeader::new(Kind::Pull, k, step, into.count),
             Vec::new(),
         )?;
-        let deadline = Instant::now() + self.comm.config().timeout;
+        // The server may first wait a whole deadline for a failed worker, then answer.
+        let deadline = Instant::now() + 2 * self.comm.config().timeout + Duration::from_millis(200);
         let at = self.at();
         loop {
             let frame = self
