@@ -175,6 +175,20 @@ pub fn train(o: &Options) -> wccl::Result<Outcome> {
     })
 }
 
+/// A thread's result, a panic turned into an error.
+fn joined<T>(r: std::thread::Result<wccl::Result<T>>) -> wccl::Result<T> {
+    r.unwrap_or_else(|_| {
+        Err(wccl::Error::Panicked {
+            at: wccl::At {
+                rank: 0,
+                op: None,
+                seq: 0,
+            },
+            message: "a parameter-server thread panicked".into(),
+        })
+    })
+}
+
 #[allow(dead_code)]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut o = Options::default();
