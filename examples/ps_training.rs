@@ -143,22 +143,9 @@ pub fn train(o: &Options) -> wccl::Result<Outcome> {
             })
             .collect();
         for h in ws {
-            h.join().unwrap_or_else(|_| Ok(()))?;
+            joined(h.join())?;
         }
-        hs.into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(wccl::Error::InvalidArgument {
-                        at: wccl::At {
-                            rank: 0,
-                            op: None,
-                            seq: 0,
-                        },
-                        message: "server thread panicked".into(),
-                    })
-                })
-            })
-            .collect()
+        hs.into_iter().map(|h| joined(h.join())).collect()
     })?;
     let learned = reports[0].params[0].1.clone();
     let max_error = learned
