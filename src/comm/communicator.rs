@@ -7,7 +7,7 @@ use super::protocol::{Header, NONE};
 use crate::algo::{self, Algorithm, Plan};
 use crate::device::{DeviceBuffer, RankDevice, TensorRef};
 use crate::error::{At, Error, Result};
-use crate::link::{Link, LinkEmulation};
+use crate::link::{FaultPlan, Link, LinkEmulation};
 use crate::model::CostModel;
 use crate::types::{CollectiveKind, DType, Element, ReduceOp};
 
@@ -27,6 +27,8 @@ pub struct CommConfig {
     pub algorithm: Algorithm,
     /// Emulate network links between the ranks of an in-process group (default none).
     pub link_emulation: Option<LinkEmulation>,
+    /// Inject the faults of this plan into an in-process group's links (default none).
+    pub faults: Option<FaultPlan>,
 }
 
 impl Default for CommConfig {
@@ -38,6 +40,7 @@ impl Default for CommConfig {
             max_binding_bytes: None,
             algorithm: Algorithm::Ring,
             link_emulation: None,
+            faults: None,
         }
     }
 }

@@ -7,7 +7,7 @@ use wgpu::{AdapterInfo, Device, Queue};
 use super::communicator::{CallOptions, Collective, CommConfig, Communicator};
 use crate::device::{AdapterSelector, RankDevice, TensorRef, discover_adapters};
 use crate::error::{At, Error, Result};
-use crate::link::{EmulatedLink, in_process_mesh};
+use crate::link::{EmulatedLink, Link, in_process_mesh};
 use crate::model::{CostModel, Figures, Probe};
 use crate::types::ReduceOp;
 
@@ -119,9 +119,13 @@ impl CommGroup {
             .into_iter()
             .zip(links)
             .map(|(dev, link)| {
-                let link: Box<dyn crate::link::Link> = match config.link_emulation {
+                let link: Box<dyn Link> = match config.link_emulation {
                     Some(emu) => Box::new(EmulatedLink::new(link, emu, epoch)),
                     None => Box::new(link),
+                };
+                let link: Box<dyn Link> = match &config.faults {
+                    Some(plan) => Box::new(plan.wrap(vec![link]).remove(0)),
+                    None => link,
                 };
                 Communicator::new(dev, link, config.clone())
             })

@@ -3,11 +3,13 @@
 //! or a fault-injecting wrapper implements the same [`Link`] trait.
 
 mod emulated;
+mod faulty;
 mod inproc;
 
 use std::time::Instant;
 
 pub use emulated::{EmulatedLink, LinkEmulation};
+pub use faulty::{FaultPlan, FaultyLink};
 pub use inproc::{InProcLink, in_process_mesh};
 
 /// One message between two ranks: a small header the communicator defines, and a payload.
@@ -56,4 +58,25 @@ pub trait Link: Send {
     fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError>;
     /// Tells every other rank that this rank gave up, and why (best effort).
     fn abort(&self, reason: &str);
+}
+
+impl<L: Link + ?Sized> Link for Box<L> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn size(&self) -> usize {
+        (**self).size()
+    }
+    fn send(&self, to: usize, frame: Frame) -> Result<(), LinkError> {
+        (**self).send(to, frame)
+    }
+    fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
+        (**self).recv(from, deadline)
+    }
+    fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
+        (**self).recv_any(peers, deadline)
+    }
+    fn abort(&self, reason: &str) {
+        (**self).abort(reason)
+    }
 }

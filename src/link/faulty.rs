@@ -1,0 +1,183 @@
+//! Fault injection: a link wrapper whose faults a test or bench turns on and off while the
+//! ranks run. Kill a rank (its frames vanish and its peers see its end as gone), delay a rank's
+//! frames, drop frames, or partition the ranks into groups that cannot reach each other.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use wccl::link::{FaultPlan, Frame, Link, in_process_mesh};
+//! let faults = FaultPlan::new();
+//! let links = faults.wrap(in_process_mesh(3));
+//! faults.partition(&[&[0], &[1, 2]]);
+//! links[0].send(1, Frame::default()).unwrap(); // dropped on the wire
+//! let r = links[1].recv(0, Instant::now() + Duration::from_millis(20));
+//! assert!(r.is_err());
+//! faults.heal();
+//! links[0].send(1, Frame::default()).unwrap();
+//! assert!(links[1].recv(0, Instant::now() + Duration::from_secs(1)).is_ok());
+//! ```
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{Frame, Link, LinkError};
+
+#[derive(Default)]
+struct Faults {
+    killed: Vec<usize>,
+    delays: HashMap<usize, Duration>,
+    /// Frames still to drop on each (from, to) pair.
+    drops: HashMap<(usize, usize), usize>,
+    /// Partition group of each rank; ranks in different groups cannot reach each other.
+    groups: HashMap<usize, usize>,
+    dropped: u64,
+}
+
+/// The faults in force for a set of wrapped links; clone it to control them from anywhere.
+#[derive(Clone, Default)]
+pub struct FaultPlan {
+    faults: Arc<Mutex<Faults>>,
+}
+
+impl std::fmt::Debug for FaultPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let x = self.lock();
+        f.debug_struct("FaultPlan")
+            .field("killed", &x.killed)
+            .field("delays", &x.delays)
+            .field("groups", &x.groups)
+            .field("dropped", &x.dropped)
+            .finish()
+    }
+}
+
+impl FaultPlan {
+    /// No faults yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Wraps every link of a mesh so that these faults apply to it.
+    pub fn wrap<L: Link>(&self, links: Vec<L>) -> Vec<FaultyLink<L>> {
+        links
+            .into_iter()
+            .map(|inner| FaultyLink {
+                inner,
+                plan: self.clone(),
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Faults> {
+        // A panic elsewhere while holding the lock leaves plain data; keep using it.
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Kills `rank`: its sends vanish, and its peers' receives from it report it gone.
+    pub fn kill(&self, rank: usize) {
+        self.lock().killed.push(rank);
+    }
+
+    /// Delays every frame `rank` sends by `by`.
+    pub fn delay(&self, rank: usize, by: Duration) {
+        self.lock().delays.insert(rank, by);
+    }
+
+    /// Drops the next `count` frames from `from` to `to`.
+    pub fn drop_next(&self, from: usize, to: usize, count: usize) {
+        *self.lock().drops.entry((from, to)).or_default() += count;
+    }
+
+    /// Splits the ranks into groups that cannot reach each other (ranks not listed form one
+    /// more group together).
+    pub fn partition(&self, groups: &[&[usize]]) {
+        let mut f = self.lock();
+        f.groups.clear();
+        for (g, ranks) in groups.iter().enumerate() {
+            for &r in *ranks {
+                f.groups.insert(r, g + 1);
+            }
+        }
+    }
+
+    /// Ends every partition, delay and pending drop (killed ranks stay dead).
+    pub fn heal(&self) {
+        let mut f = self.lock();
+        f.groups.clear();
+        f.delays.clear();
+        f.drops.clear();
+    }
+
+    /// Frames dropped so far (partitions, drops, killed senders).
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+}
+
+/// A [`Link`] subject to a [`FaultPlan`].
+pub struct FaultyLink<L: Link> {
+    inner: L,
+    plan: FaultPlan,
+}
+
+impl<L: Link> FaultyLink<L> {
+    fn check_peer(&self, peer: usize) -> Result<(), LinkError> {
+        if self.plan.lock().killed.contains(&peer) {
+            Err(LinkError::Gone(peer))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<L: Link> Link for FaultyLink<L> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+
+    fn send(&self, to: usize, frame: Frame) -> Result<(), LinkError> {
+        let me = self.inner.rank();
+        let delay = {
+            let mut f = self.plan.lock();
+            let cut =
+                f.groups.get(&me).copied().unwrap_or(0) != f.groups.get(&to).copied().unwrap_or(0);
+            let dropping = f.drops.get_mut(&(me, to)).is_some_and(|n| {
+                let hit = *n > 0;
+                *n = n.saturating_sub(1);
+                hit
+            });
+            if f.killed.contains(&me) || cut || dropping {
+                f.dropped += 1;
+                return Ok(()); // lost on the wire: the sender cannot tell
+            }
+            f.delays.get(&me).copied()
+        };
+        if let Some(d) = delay {
+            // The emulated slow sender holds its frame back.
+            std::thread::sleep(d);
+        }
+        self.inner.send(to, frame)
+    }
+
+    fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
+        self.check_peer(from)?;
+        self.inner.recv(from, deadline)
+    }
+
+    fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
+        for &p in peers {
+            self.check_peer(p)?;
+        }
+        self.inner.recv_any(peers, deadline)
+    }
+
+    fn abort(&self, reason: &str) {
+        if !self.plan.lock().killed.contains(&self.inner.rank()) {
+            self.inner.abort(reason);
+        }
+    }
+}
