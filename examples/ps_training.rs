@@ -53,6 +53,9 @@ pub struct Outcome {
     pub learned: Vec<f32>,
     pub max_error: f64,
     pub seconds: f64,
+    /// When each worker finished its steps, seconds from the start (a killed worker: when it
+    /// stopped).
+    pub finished: Vec<f64>,
     pub reports: Vec<ServerReport>,
 }
 
@@ -109,44 +112,52 @@ pub fn train(o: &Options) -> wccl::Result<Outcome> {
         .build()?;
     let started = Instant::now();
     let shards = &shards;
-    let reports = std::thread::scope(|s| -> wccl::Result<Vec<ServerReport>> {
-        let hs: Vec<_> = servers
-            .into_iter()
-            .map(|sv| s.spawn(move || sv.serve()))
-            .collect();
-        let ws: Vec<_> = workers
-            .into_iter()
-            .map(|mut w| {
-                s.spawn(move || -> wccl::Result<()> {
-                    let q = w.index();
-                    let params = w.comm().buffer::<f32>(o.dim)?;
-                    for step in 0..o.steps {
-                        if o.kill_worker && q == 1 && step == o.steps / 2 {
-                            println!("worker {q}: killed at step {step}");
-                            return Ok(()); // dropped without a word: its link closes
+    let (reports, finished) =
+        std::thread::scope(|s| -> wccl::Result<(Vec<ServerReport>, Vec<f64>)> {
+            let hs: Vec<_> = servers
+                .into_iter()
+                .map(|sv| s.spawn(move || sv.serve()))
+                .collect();
+            let ws: Vec<_> = workers
+                .into_iter()
+                .map(|mut w| {
+                    s.spawn(move || -> wccl::Result<f64> {
+                        let q = w.index();
+                        let params = w.comm().buffer::<f32>(o.dim)?;
+                        for step in 0..o.steps {
+                            if o.kill_worker && q == 1 && step == o.steps / 2 {
+                                println!("worker {q}: killed at step {step}");
+                                // Dropped without a word: its link closes.
+                                return Ok(started.elapsed().as_secs_f64());
+                            }
+                            w.pull("w", step, &params)?;
+                            let weights = w.comm().download(&params)?;
+                            let (grad, loss) = shards[q].gradient(&weights);
+                            if o.slow_worker && q == 0 {
+                                // The emulated straggler.
+                                std::thread::sleep(Duration::from_millis(o.slow_ms));
+                            }
+                            if q == 0 && step % (o.steps / 5).max(1) == 0 {
+                                println!("step {step:>4}: worker 0 loss {loss:.3e}");
+                            }
+                            let g = w.comm().upload(&grad)?;
+                            w.push("w", &g, step)?;
                         }
-                        w.pull("w", step, &params)?;
-                        let weights = w.comm().download(&params)?;
-                        let (grad, loss) = shards[q].gradient(&weights);
-                        if o.slow_worker && q == 0 {
-                            // The emulated straggler.
-                            std::thread::sleep(Duration::from_millis(o.slow_ms));
-                        }
-                        if q == 0 && step % (o.steps / 5).max(1) == 0 {
-                            println!("step {step:>4}: worker 0 loss {loss:.3e}");
-                        }
-                        let g = w.comm().upload(&grad)?;
-                        w.push("w", &g, step)?;
-                    }
-                    w.done()
+                        w.done()?;
+                        Ok(started.elapsed().as_secs_f64())
+                    })
                 })
-            })
-            .collect();
-        for h in ws {
-            joined(h.join())?;
-        }
-        hs.into_iter().map(|h| joined(h.join())).collect()
-    })?;
+                .collect();
+            let finished = ws
+                .into_iter()
+                .map(|h| joined(h.join()))
+                .collect::<wccl::Result<Vec<f64>>>()?;
+            let reports = hs
+                .into_iter()
+                .map(|h| joined(h.join()))
+                .collect::<wccl::Result<Vec<_>>>()?;
+            Ok((reports, finished))
+        })?;
     let learned = reports[0].params[0].1.clone();
     let max_error = learned
         .iter()
@@ -158,6 +169,7 @@ pub fn train(o: &Options) -> wccl::Result<Outcome> {
         learned,
         max_error,
         seconds: started.elapsed().as_secs_f64(),
+        finished,
         reports,
     })
 }
@@ -210,11 +222,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             r.applied, r.late, r.duplicates
         );
     }
+    // The fast workers' pace: the median worker's finish time.
+    let mut fin = out.finished.clone();
+    fin.sort_by(f64::total_cmp);
+    let median = fin[fin.len() / 2];
     println!(
-        "{} steps in {:.2} s ({:.0} steps/s); largest weight error {:.2e}",
+        "{} steps in {:.2} s; the median worker finished at {:.2} s ({:.0} steps/s); largest weight error {:.2e}",
         o.steps,
         out.seconds,
-        o.steps as f64 / out.seconds,
+        median,
+        o.steps as f64 / median,
         out.max_error
     );
     if out.max_error > 1e-3 {
