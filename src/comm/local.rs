@@ -17,7 +17,7 @@ impl Communicator {
         self.link_ref()
     }
 
-    /// Reads `t` back to the host through the read ring, slot by slot.
+    /// Reads `t` back to the host through the read ring, keeping every slot busy.
     pub(crate) fn read_now(&mut self, t: TensorRef<'_>, deadline: Instant) -> Result<Vec<u8>> {
         let at = At::rank(self.rank());
         t.validate(at, "read")?;
@@ -25,16 +25,21 @@ impl Communicator {
         let slot = e.uploads.slot_bytes() as usize;
         let total = t.bytes() as usize;
         let mut out = Vec::with_capacity(total);
+        let mut pending = std::collections::VecDeque::new();
         let mut off = 0;
-        while off < total {
-            let len = slot.min(total - off);
-            let ticket = e.reads.begin(&e.dev, t.buffer, t.offset + off as u64, len);
-            out.extend(
-                e.reads
-                    .finish(&e.dev, ticket, deadline)
-                    .map_err(|w| wait_error(at, w))?,
-            );
-            off += len;
+        while off < total || !pending.is_empty() {
+            while off < total && e.reads.has_free_slot() {
+                let len = slot.min(total - off);
+                pending.push_back(e.reads.begin(&e.dev, t.buffer, t.offset + off as u64, len));
+                off += len;
+            }
+            if let Some(ticket) = pending.pop_front() {
+                out.extend(
+                    e.reads
+                        .finish(&e.dev, ticket, deadline)
+                        .map_err(|w| wait_error(at, w))?,
+                );
+            }
         }
         e.dev.check(at)?;
         Ok(out)

@@ -7,7 +7,7 @@ use wgpu::{Buffer, BufferUsages};
 
 use super::communicator::Communicator;
 use super::host_ops;
-use crate::device::wait_error;
+use crate::device::{TensorRef, wait_error};
 use crate::error::{At, Result};
 use crate::kernels::KernelOp;
 use crate::model::Figures;
@@ -45,9 +45,7 @@ impl Communicator {
             self.upload_all(&host, &b, deadline, at)
         })?);
         sync();
-        let readback = rate(median(REPEATS, || {
-            self.readback_all(&a, bytes, deadline, at)
-        })?);
+        let readback = rate(median(REPEATS, || self.readback_all(&a, bytes, deadline))?);
         sync();
         let count = bytes / 4;
         let copy = rate(median(REPEATS, || {
@@ -92,7 +90,7 @@ impl Communicator {
         // One pipeline step's fixed cost: a 4-byte read-back, then a 4-byte upload and kernel.
         let step = median(STEP_SAMPLES, || {
             let t = Instant::now();
-            self.readback_all(&a, 4, deadline, at)?;
+            self.readback_all(&a, 4, deadline)?;
             self.upload_all(&host[..4], &b, deadline, at)?;
             Ok(t.elapsed().as_secs_f64())
         })?;
@@ -135,32 +133,10 @@ impl Communicator {
         Ok(t.elapsed().as_secs_f64())
     }
 
-    /// Reads `bytes` of `src` back through the read ring, keeping every slot busy.
-    fn readback_all(
-        &mut self,
-        src: &Buffer,
-        bytes: usize,
-        deadline: Instant,
-        at: At,
-    ) -> Result<f64> {
+    /// Reads `bytes` of `src` back through the read ring, as the executor does.
+    fn readback_all(&mut self, src: &Buffer, bytes: usize, deadline: Instant) -> Result<f64> {
         let t = Instant::now();
-        let e = &mut self.engine;
-        let slot = e.uploads.slot_bytes() as usize;
-        let mut pending = std::collections::VecDeque::new();
-        let mut off = 0;
-        while off < bytes || !pending.is_empty() {
-            while off < bytes && e.reads.has_free_slot() {
-                let len = slot.min(bytes - off);
-                pending.push_back(e.reads.begin(&e.dev, src, off as u64, len));
-                off += len;
-            }
-            if let Some(ticket) = pending.pop_front() {
-                e.reads
-                    .finish(&e.dev, ticket, deadline)
-                    .map_err(|w| wait_error(at, w))?;
-            }
-        }
-        e.dev.check(at)?;
+        self.read_now(TensorRef::new(src, 0, bytes / 4, DType::F32), deadline)?;
         Ok(t.elapsed().as_secs_f64())
     }
 
