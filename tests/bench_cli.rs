@@ -176,3 +176,34 @@ fn probe_and_model_subcommands() {
         }
     }
 }
+
+#[test]
+fn ps_row_sits_beside_the_ring() {
+    let (ok, out) = bench(&[
+        "all_reduce",
+        "-b",
+        "4K",
+        "-e",
+        "64K",
+        "-f",
+        "16",
+        "-g",
+        "3",
+        "-n",
+        "2",
+        "-w",
+        "1",
+        "--algo",
+        "ring,ps",
+        "--probe-bytes",
+        "0",
+    ]);
+    assert!(ok, "{out}");
+    let r = rows(&out);
+    let ps: Vec<_> = r.iter().filter(|row| row[5] == "ps").collect();
+    assert_eq!(ps.len(), 2, "{out}");
+    for row in ps {
+        assert_eq!(row[3], "avg");
+        assert_eq!(row[9], "0", "{out}");
+    }
+}

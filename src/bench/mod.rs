@@ -4,6 +4,7 @@
 //! The binary (`src/bin/wccl-bench.rs`) only parses flags into [`Settings`] and calls [`run`].
 
 mod plot;
+mod ps_row;
 mod report;
 mod sizes;
 mod verify;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub use plot::plot_busbw;
+pub use ps_row::ps_rows;
 pub use report::{CSV_HEADER, Measure, Row, busbw_factor, csv_row, footer, format_row, header};
 pub use sizes::{parse_size, size_steps};
 pub use verify::{count_wrong, decode, encode, expected, input_value, is_right};

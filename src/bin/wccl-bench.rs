@@ -109,7 +109,8 @@ struct Sweep {
     /// Deadline of each call, seconds.
     #[arg(short = 'T', long = "timeout", default_value_t = 30)]
     timeout: u64,
-    /// All-reduce algorithms, comma separated: ring, central, naive, auto, all.
+    /// All-reduce algorithms, comma separated: ring, central, naive, auto, ps (through the
+    /// parameter server, on one more rank), all.
     #[arg(long = "algo", default_value = "ring")]
     algo: String,
     /// Also write the rows as CSV to this file.
@@ -160,16 +161,25 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
-fn parse_algos(s: &str) -> Result<Vec<Algorithm>, String> {
+/// The collective algorithms asked for, and whether `ps` is among them.
+fn parse_algos(s: &str) -> Result<(Vec<Algorithm>, bool), String> {
     if s == "all" {
-        return Ok(vec![
+        let all = vec![
             Algorithm::Ring,
             Algorithm::Central,
             Algorithm::Naive,
             Algorithm::Auto,
-        ]);
+        ];
+        return Ok((all, true));
     }
-    s.split(',').map(|a| a.trim().parse()).collect()
+    let ps = s.split(',').any(|a| a.trim() == "ps");
+    let algos = s
+        .split(',')
+        .map(str::trim)
+        .filter(|a| *a != "ps")
+        .map(str::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((algos, ps))
 }
 
 fn parse_ranks(s: &str) -> Result<Vec<usize>, String> {
@@ -296,6 +306,7 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
             return Ok(ExitCode::SUCCESS);
         }
     };
+    let (algos, with_ps) = parse_algos(&a.algo)?;
     let settings = Settings {
         kind,
         sizes: bench::size_steps(a.min_bytes, a.max_bytes, a.step_factor, a.step_bytes),
@@ -306,7 +317,7 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
         dtype: parse_dtype(&a.dtype)?,
         root: a.root,
         timeout: Duration::from_secs(a.timeout),
-        algos: parse_algos(&a.algo)?,
+        algos: algos.clone(),
         corrupt_one: a.corrupt_one,
         link: (a.link_gbps > 0.0).then_some(LinkEmulation {
             gbps: a.link_gbps,
@@ -357,7 +368,31 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
         )?;
     }
     writeln!(out, "#")?;
-    let rows = bench::run(&mut group, &settings, &mut out)?;
+    let mut rows = if settings.algos.is_empty() {
+        Vec::new()
+    } else {
+        bench::run(&mut group, &settings, &mut out)?
+    };
+    if with_ps && kind == CollectiveKind::AllReduce {
+        writeln!(
+            out,
+            "# ps: {} workers and 1 server rank, Sync, push + aggregate + pull (avg), f32",
+            a.ranks
+        )?;
+        let ps = bench::ps_rows(
+            a.ranks,
+            &settings.sizes,
+            a.iters,
+            a.warmup,
+            settings.check,
+            settings.timeout,
+        )?;
+        for r in &ps {
+            writeln!(out, "{}", bench::format_row(r))?;
+        }
+        writeln!(out, "{}", bench::footer(&ps))?;
+        rows.extend(ps);
+    }
     if let Some(path) = &a.csv {
         let mut text = String::from(bench::CSV_HEADER);
         text.push('\n');
