@@ -24,6 +24,7 @@ use super::{Frame, Link, LinkError};
 
 #[derive(Default)]
 struct Faults {
+    // Each field is one kind of fault; `dropped` counts the frames they cost.
     killed: Vec<usize>,
     delays: HashMap<usize, Duration>,
     /// Frames still to drop on each (from, to) pair.
@@ -73,7 +74,8 @@ impl FaultPlan {
         self.faults.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Kills `rank`: its sends vanish, and its peers' receives from it report it gone.
+    /// Kills `rank`: frames from and to it vanish, and its peers' receives from it report it
+    /// gone.
     pub fn kill(&self, rank: usize) {
         self.lock().killed.push(rank);
     }
@@ -150,7 +152,7 @@ impl<L: Link> Link for FaultyLink<L> {
                 *n = n.saturating_sub(1);
                 hit
             });
-            if f.killed.contains(&me) || cut || dropping {
+            if f.killed.contains(&me) || f.killed.contains(&to) || cut || dropping {
                 f.dropped += 1;
                 return Ok(()); // lost on the wire: the sender cannot tell
             }
@@ -179,5 +181,68 @@ impl<L: Link> Link for FaultyLink<L> {
         if !self.plan.lock().killed.contains(&self.inner.rank()) {
             self.inner.abort(reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::in_process_mesh;
+
+    #[test]
+    fn frames_to_and_from_a_killed_rank_vanish() {
+        let plan = FaultPlan::new();
+        let links = plan.wrap(in_process_mesh(3));
+        plan.kill(1);
+        let soon = || Instant::now() + Duration::from_millis(20);
+        links[0].send(1, Frame::default()).expect("send");
+        links[1].send(2, Frame::default()).expect("send");
+        assert_eq!(plan.dropped(), 2);
+        assert_eq!(links[2].recv(1, soon()).err(), Some(LinkError::Gone(1)));
+        assert_eq!(
+            links[2].recv_any(&[0, 1], soon()).err(),
+            Some(LinkError::Gone(1))
+        );
+        // Other pairs are untouched.
+        links[0]
+            .send(
+                2,
+                Frame {
+                    header: vec![9],
+                    payload: vec![],
+                },
+            )
+            .expect("send");
+        assert_eq!(links[2].recv(0, soon()).expect("recv").header, vec![9]);
+    }
+
+    #[test]
+    fn drops_count_down_and_heal_clears_them() {
+        let plan = FaultPlan::new();
+        let links = plan.wrap(in_process_mesh(2));
+        plan.drop_next(0, 1, 2);
+        for i in 0..3u8 {
+            links[0]
+                .send(
+                    1,
+                    Frame {
+                        header: vec![i],
+                        payload: vec![],
+                    },
+                )
+                .expect("send");
+        }
+        let got = links[1]
+            .recv(0, Instant::now() + Duration::from_millis(50))
+            .expect("third frame");
+        assert_eq!(got.header, vec![2]);
+        plan.drop_next(0, 1, 5);
+        plan.heal();
+        links[0].send(1, Frame::default()).expect("send");
+        assert!(
+            links[1]
+                .recv(0, Instant::now() + Duration::from_millis(50))
+                .is_ok()
+        );
     }
 }
