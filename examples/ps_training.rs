@@ -8,12 +8,15 @@
 //!     [--kill-worker] [--slow-worker] [--backups 1] [--steps 300]
 //! ```
 //! `--kill-worker` drops worker 1 halfway (its link closes; the servers go on without it),
+//! `--kill-primary` runs two replicated servers (Strong) and kills the primary halfway (the
+//! backup takes over; no update the workers saw is lost),
 //! `--slow-worker` makes worker 0 sleep `--slow-ms` (default 16, about ten times the others'
 //! step time on the software adapter) every step.
 
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
+use wccl::link::FaultPlan;
 use wccl::ps::{Mode, ParameterServer, ServerReport, Sgd};
 
 /// How to train.
@@ -24,6 +27,7 @@ pub struct Options {
     pub backups: usize,
     pub steps: u64,
     pub kill_worker: bool,
+    pub kill_primary: bool,
     pub slow_worker: bool,
     pub slow_ms: u64,
     pub dim: usize,
@@ -38,6 +42,7 @@ impl Default for Options {
             backups: 0,
             steps: 300,
             kill_worker: false,
+            kill_primary: false,
             slow_worker: false,
             slow_ms: 16,
             dim: 16,
@@ -98,8 +103,12 @@ pub fn train(o: &Options) -> wccl::Result<Outcome> {
             Shard { x, y }
         })
         .collect();
+    let faults = FaultPlan::new();
+    let n_servers = if o.kill_primary { 2 } else { 1 };
     let (servers, workers) = ParameterServer::builder()
-        .servers(1)
+        .servers(n_servers)
+        .replicas(n_servers)
+        .faults(faults.clone())
         .workers(o.workers)
         .backups(o.backups)
         .mode(o.mode)
@@ -112,6 +121,7 @@ pub fn train(o: &Options) -> wccl::Result<Outcome> {
         .build()?;
     let started = Instant::now();
     let shards = &shards;
+    let faults = &faults;
     let (reports, finished) =
         std::thread::scope(|s| -> wccl::Result<(Vec<ServerReport>, Vec<f64>)> {
             let hs: Vec<_> = servers
@@ -129,6 +139,10 @@ pub fn train(o: &Options) -> wccl::Result<Outcome> {
                                 println!("worker {q}: killed at step {step}");
                                 // Dropped without a word: its link closes.
                                 return Ok(started.elapsed().as_secs_f64());
+                            }
+                            if o.kill_primary && q == 0 && step == o.steps / 2 {
+                                println!("killing the primary server (rank 0) at step {step}");
+                                faults.kill(0);
                             }
                             w.pull("w", step, &params)?;
                             let weights = w.comm().download(&params)?;
@@ -152,10 +166,16 @@ pub fn train(o: &Options) -> wccl::Result<Outcome> {
                 .into_iter()
                 .map(|h| joined(h.join()))
                 .collect::<wccl::Result<Vec<f64>>>()?;
+            // A killed server's report (or error) describes a world nobody else sees any more:
+            // keep the survivors'.
             let reports = hs
                 .into_iter()
-                .map(|h| joined(h.join()))
-                .collect::<wccl::Result<Vec<_>>>()?;
+                .enumerate()
+                .filter_map(|(r, h)| {
+                    let report = joined(h.join());
+                    (!(o.kill_primary && r == 0)).then_some(report)
+                })
+                .collect::<wccl::Result<Vec<ServerReport>>>()?;
             Ok((reports, finished))
         })?;
     let learned = reports[0].params[0].1.clone();
@@ -206,6 +226,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--backups" => o.backups = args.next().ok_or("--backups N")?.parse()?,
             "--steps" => o.steps = args.next().ok_or("--steps N")?.parse()?,
             "--kill-worker" => o.kill_worker = true,
+            "--kill-primary" => o.kill_primary = true,
             "--slow-worker" => o.slow_worker = true,
             "--slow-ms" => o.slow_ms = args.next().ok_or("--slow-ms N")?.parse()?,
             other => return Err(format!("unknown flag {other}").into()),

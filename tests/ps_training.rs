@@ -37,3 +37,25 @@ fn converges_in_every_mode_also_with_a_worker_killed() {
         }
     }
 }
+
+#[test]
+fn converges_when_the_primary_server_is_killed() {
+    for mode in [Mode::Sync, Mode::Async] {
+        let o = Options {
+            mode,
+            kill_primary: true,
+            steps: 200,
+            ..Options::default()
+        };
+        let out = train(&o).unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        assert!(out.max_error < 1e-3, "{mode:?}: error {}", out.max_error);
+        assert!(
+            out.reports[0]
+                .events
+                .iter()
+                .any(|e| e.contains("took over")),
+            "{:?}",
+            out.reports[0].events
+        );
+    }
+}

@@ -34,6 +34,9 @@ struct Faults {
     dropped: u64,
 }
 
+/// How often a waiting receive looks again for a killed peer.
+const KILL_CHECK: Duration = Duration::from_millis(20);
+
 /// The faults in force for a set of wrapped links; clone it to control them from anywhere.
 #[derive(Clone, Default)]
 pub struct FaultPlan {
@@ -166,15 +169,33 @@ impl<L: Link> Link for FaultyLink<L> {
     }
 
     fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
-        self.check_peer(from)?;
-        self.inner.recv(from, deadline)
+        // Wait in short slices, so that a peer killed while this rank waits is seen at once
+        // (as a reset connection would be), not at the deadline.
+        loop {
+            self.check_peer(from)?;
+            match self
+                .inner
+                .recv(from, deadline.min(Instant::now() + KILL_CHECK))
+            {
+                Err(LinkError::Timeout) if Instant::now() < deadline => continue,
+                other => return other,
+            }
+        }
     }
 
     fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
-        for &p in peers {
-            self.check_peer(p)?;
+        loop {
+            for &p in peers {
+                self.check_peer(p)?;
+            }
+            match self
+                .inner
+                .recv_any(peers, deadline.min(Instant::now() + KILL_CHECK))
+            {
+                Err(LinkError::Timeout) if Instant::now() < deadline => continue,
+                other => return other,
+            }
         }
-        self.inner.recv_any(peers, deadline)
     }
 
     fn abort(&self, reason: &str) {

@@ -13,6 +13,13 @@
 //!   for step c waits until every worker has pushed every step up to c-s-1.
 //! - [`Mode::Async`]: each push applies on arrival; pulls never wait.
 //!
+//! Replication: with `replicas(r)` each key lives on r servers, its primary first. After every
+//! update the primary sends the new parameters and optimiser state to its backups. Under
+//! [`Consistency::Strong`] it answers a pull only after every live backup has applied it, so a
+//! backup that takes over (when a worker finds the primary gone and turns to it) has every
+//! update a worker has seen. Under [`Consistency::Eventual`] it answers at once; a take-over may
+//! lose the tail, and workers count the loss ([`PsWorker::lost_updates`]).
+//!
 //! Every push carries (worker, step): a second push of the same step by the same worker is
 //! refused. A server that waits longer than the deadline for the pushes a pull needs returns
 //! an error naming the workers it waited for, instead of hanging.
@@ -55,6 +62,17 @@ pub use worker::{PsWorker, PullInfo};
 
 use crate::comm::{CommConfig, CommGroup};
 use crate::error::{At, Error, Result};
+
+/// What a replicated shard promises when a server fails or a link partitions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// The primary answers a pull for an update only after every live backup applied it, so a
+    /// backup that takes over has every update a worker has seen.
+    Strong,
+    /// The primary answers at once and replicates behind; a take-over may lose the tail that
+    /// had not reached the backup, and workers count what they lost.
+    Eventual,
+}
 
 /// When a server applies pushes and when pulls may proceed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +122,26 @@ impl UpdateRule for Sgd {
     }
 }
 
+/// How a server behaves, as the builder set it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Policy {
+    pub mode: Mode,
+    pub backups: usize,
+    pub quorum: usize,
+    /// Number of server ranks (ranks 0..servers).
+    pub servers: usize,
+    pub consistency: Consistency,
+}
+
+/// One key as a server holds it.
+pub(crate) struct ShardKey {
+    pub key: usize,
+    pub name: String,
+    pub init: Vec<f32>,
+    /// The servers holding it: the primary first, then its backups.
+    pub chain: Vec<usize>,
+}
+
 /// Builds the servers and workers of a parameter server in this process.
 pub struct ParameterServer {
     servers: usize,
@@ -114,6 +152,8 @@ pub struct ParameterServer {
     params: Vec<(String, Vec<f32>)>,
     config: CommConfig,
     quorum: Option<usize>,
+    replicas: usize,
+    consistency: Consistency,
 }
 
 impl ParameterServer {
@@ -131,6 +171,8 @@ impl ParameterServer {
             params: Vec::new(),
             config: CommConfig::default(),
             quorum: None,
+            replicas: 1,
+            consistency: Consistency::Strong,
         }
     }
 
@@ -156,6 +198,25 @@ impl ParameterServer {
     /// majority of the workers).
     pub fn quorum(mut self, n: usize) -> Self {
         self.quorum = Some(n);
+        self
+    }
+
+    /// Copies of each parameter, on as many servers: the primary (key k's is server k mod
+    /// servers) and the backups that follow it (default 1: no replication).
+    pub fn replicas(mut self, n: usize) -> Self {
+        self.replicas = n;
+        self
+    }
+
+    /// What replication promises (default `Strong`).
+    pub fn consistency(mut self, c: Consistency) -> Self {
+        self.consistency = c;
+        self
+    }
+
+    /// Faults to inject into the group's links (for tests and drills).
+    pub fn faults(mut self, plan: crate::link::FaultPlan) -> Self {
+        self.config.faults = Some(plan);
         self
     }
 
@@ -200,6 +261,12 @@ impl ParameterServer {
                 self.backups, self.workers
             )));
         }
+        if self.replicas == 0 || self.replicas > self.servers {
+            return Err(bad(format!(
+                "{} replicas need between 1 and {} servers",
+                self.replicas, self.servers
+            )));
+        }
         let mut seen = std::collections::HashSet::new();
         for (name, init) in &self.params {
             if !seen.insert(name.as_str()) {
@@ -218,31 +285,43 @@ impl ParameterServer {
             .iter()
             .map(|(n, v)| (n.clone(), v.len()))
             .collect();
-        let owner = |k: usize| k % self.servers;
+        let chain = |k: usize| -> Vec<usize> {
+            (0..self.replicas).map(|j| (k + j) % self.servers).collect()
+        };
         let worker_ranks: Vec<usize> = (self.servers..self.servers + self.workers).collect();
         let mut servers = Vec::new();
         let mut workers = Vec::new();
         for comm in group.into_communicators() {
             let r = comm.rank();
             if r < self.servers {
-                let shard: Vec<(usize, String, Vec<f32>)> = self
+                let shard: Vec<ShardKey> = self
                     .params
                     .iter()
                     .enumerate()
-                    .filter(|(k, _)| owner(*k) == r)
-                    .map(|(k, (n, v))| (k, n.clone(), v.clone()))
+                    .filter(|(k, _)| chain(*k).contains(&r))
+                    .map(|(k, (n, v))| ShardKey {
+                        key: k,
+                        name: n.clone(),
+                        init: v.clone(),
+                        chain: chain(k),
+                    })
                     .collect();
+                let policy = Policy {
+                    mode: self.mode,
+                    backups: self.backups,
+                    quorum: self.quorum.unwrap_or(self.workers / 2 + 1).max(1),
+                    servers: self.servers,
+                    consistency: self.consistency,
+                };
                 servers.push(PsServer::new(
                     comm,
                     shard,
                     worker_ranks.clone(),
-                    self.mode,
-                    self.backups,
-                    self.quorum.unwrap_or(self.workers / 2 + 1).max(1),
+                    policy,
                     Arc::clone(&self.rule),
                 )?);
             } else {
-                let owners = (0..keys.len()).map(owner).collect();
+                let owners = (0..keys.len()).map(chain).collect();
                 workers.push(PsWorker::new(
                     comm,
                     r - self.servers,

@@ -14,6 +14,10 @@ pub(crate) enum Kind {
     Done = 4,
     /// Server -> worker: the request was refused; payload: the reason, UTF-8.
     Refused = 5,
+    /// Primary -> backup: `key` at `version`; payload: the parameters, then the optimiser state.
+    Replicate = 6,
+    /// Backup -> primary: `key` at `version` applied.
+    ReplicaAck = 7,
 }
 
 #[repr(C)]
@@ -58,6 +62,8 @@ impl PsHeader {
             3 => Kind::Params,
             4 => Kind::Done,
             5 => Kind::Refused,
+            6 => Kind::Replicate,
+            7 => Kind::ReplicaAck,
             _ => return None,
         })
     }

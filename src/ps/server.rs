@@ -8,7 +8,7 @@ use std::time::Instant;
 use wgpu::Buffer;
 
 use super::protocol::{Kind, PsHeader};
-use super::{Mode, UpdateRule};
+use super::{Consistency, Mode, Policy, ShardKey, UpdateRule};
 use crate::comm::Communicator;
 use crate::device::TensorRef;
 use crate::error::{At, Error, Result};
@@ -34,6 +34,8 @@ pub struct ServerReport {
 }
 
 struct KeyState {
+    /// The key's id among all keys.
+    id: u32,
     name: String,
     count: usize,
     w: Buffer,
@@ -45,6 +47,15 @@ struct KeyState {
     /// Per worker: one more than the last step it pushed.
     clocks: Vec<u64>,
     seen: HashSet<(usize, u64)>,
+    /// The servers holding the key, primary first.
+    chain: Vec<usize>,
+    /// Whether this server answers for the key (the first in its chain, or a backup that took
+    /// over).
+    primary: bool,
+    /// Whether it became primary by taking over from a failed one.
+    took_over: bool,
+    /// The backups this server replicates to, while it is primary.
+    backups: Vec<usize>,
 }
 
 /// One server rank; run it with [`serve`](Self::serve) on its own thread.
@@ -62,22 +73,37 @@ pub struct PsServer {
     failed: HashSet<usize>,
     /// Workers that said they are done or whose link closed.
     finished: HashSet<usize>,
+    consistency: Consistency,
+    /// The other servers still reachable.
+    servers: Vec<usize>,
 }
 
 impl PsServer {
     pub(crate) fn new(
         comm: Communicator,
-        shard: Vec<(usize, String, Vec<f32>)>,
+        shard: Vec<ShardKey>,
         workers: Vec<usize>,
-        mode: Mode,
-        backups: usize,
-        quorum: usize,
+        policy: Policy,
         rule: Arc<dyn UpdateRule>,
     ) -> Result<Self> {
+        let Policy {
+            mode,
+            backups,
+            quorum,
+            servers: server_count,
+            consistency,
+        } = policy;
         let kernel = UpdateKernel::new(comm.device(), &rule.wgsl());
         let mut keys = Vec::new();
         let mut local = HashMap::new();
-        for (key, name, init) in shard {
+        let me = comm.rank();
+        for ShardKey {
+            key,
+            name,
+            init,
+            chain,
+        } in shard
+        {
             if init.len() > kernel.max_elements() {
                 return Err(Error::InvalidArgument {
                     at: At::rank(comm.rank()),
@@ -94,6 +120,7 @@ impl PsServer {
             let acc = comm.upload(&zero)?.raw().clone();
             local.insert(key as u32, keys.len());
             keys.push(KeyState {
+                id: key as u32,
                 name,
                 count: init.len(),
                 w,
@@ -103,6 +130,10 @@ impl PsServer {
                 pushed: vec![false; workers.len()],
                 clocks: vec![0; workers.len()],
                 seen: HashSet::new(),
+                primary: chain.first() == Some(&me),
+                took_over: false,
+                backups: chain.iter().copied().skip(1).collect(),
+                chain,
             });
         }
         Ok(PsServer {
@@ -118,6 +149,8 @@ impl PsServer {
             quorum,
             failed: HashSet::new(),
             finished: HashSet::new(),
+            consistency,
+            servers: (0..server_count).filter(|&r| r != me).collect(),
         })
     }
 
@@ -147,7 +180,13 @@ impl PsServer {
                 .min()
                 .unwrap_or(now + timeout)
                 .max(now);
-            match self.comm.link().recv_any(&connected, deadline) {
+            let mut listen = connected.clone();
+            listen.extend(&self.servers);
+            match self.comm.link().recv_any(&listen, deadline) {
+                Ok((from, frame)) if self.servers.contains(&from) => {
+                    self.on_server_frame(from, &frame)?;
+                }
+                Err(LinkError::Gone(p)) if self.servers.contains(&p) => self.server_gone(p),
                 Ok((from, frame)) => {
                     if self.failed.remove(&from) {
                         let v = self.keys.iter().map(|k| k.version).max().unwrap_or(0);
@@ -305,6 +344,7 @@ impl PsServer {
         let Some(&k) = self.local.get(&h.key) else {
             return self.refuse(from, h.key, "this server does not hold that key");
         };
+        self.take_over(k);
         if payload.len() != self.keys[k].count * 4 || h.count as usize != self.keys[k].count {
             let reason = format!(
                 "push of {} values for '{}', which has {}",
@@ -320,14 +360,31 @@ impl PsServer {
             return Ok(());
         }
         let deadline = Instant::now() + self.comm.config().timeout;
+        let (acc_buf, count) = (self.keys[k].acc.clone(), self.keys[k].count);
+        let acc = TensorRef::new(&acc_buf, 0, count, DType::F32);
         let key = &self.keys[k];
-        let acc = TensorRef::new(&key.acc, 0, key.count, DType::F32);
         match self.mode {
             Mode::Sync => {
                 if h.step < key.version {
                     self.report.late += 1;
                     return Ok(());
                 }
+                if h.step > key.version && key.took_over {
+                    // Under Eventual the old primary applied steps this replica never got: the
+                    // workers are past them. Skip ahead; the workers count what was lost.
+                    let from_version = key.version;
+                    self.report.events.push(format!(
+                        "'{}' skipped from version {from_version} to {} after the take-over (lost)",
+                        key.name, h.step
+                    ));
+                    let key = &mut self.keys[k];
+                    key.version = h.step;
+                    key.pushed.iter_mut().for_each(|p| *p = false);
+                    // Pushes of the skipped step folded so far go too.
+                    self.comm
+                        .fold_now(&vec![0u8; 4 * count], acc, Combine::Copy, deadline)?;
+                }
+                let key = &self.keys[k];
                 if h.step > key.version {
                     let reason = format!(
                         "push for step {} while step {} is being aggregated (pull first)",
@@ -369,7 +426,130 @@ impl PsServer {
         self.comm.device().check(at)?;
         self.keys[k].version += 1;
         self.report.applied += 1;
+        self.replicate(k, deadline)
+    }
+
+    /// A worker asks this server for a key it only backed up: its primary is gone, so this
+    /// server answers for it from now on, replicating to the backups after it in the chain.
+    fn take_over(&mut self, k: usize) {
+        if self.keys[k].primary {
+            return;
+        }
+        let me = self.comm.rank();
+        let key = &mut self.keys[k];
+        key.primary = true;
+        key.took_over = true;
+        let pos = key.chain.iter().position(|&r| r == me).unwrap_or(0);
+        key.backups = key.chain[pos + 1..]
+            .iter()
+            .copied()
+            .filter(|r| self.servers.contains(r))
+            .collect();
+        self.report.events.push(format!(
+            "server rank {me} took over '{}' at version {}",
+            key.name, key.version
+        ));
+    }
+
+    /// Sends key `k`'s new state to its backups; under `Strong`, waits until each applied it
+    /// (a backup that does not answer by the deadline is dropped from the chain).
+    fn replicate(&mut self, k: usize, deadline: Instant) -> Result<()> {
+        if !self.keys[k].primary || self.keys[k].backups.is_empty() {
+            return Ok(());
+        }
+        let key = &self.keys[k];
+        let (count, version) = (key.count, key.version);
+        let w = TensorRef::new(&key.w, 0, count, DType::F32);
+        let m = TensorRef::new(&key.m, 0, count, DType::F32);
+        let (w, m) = (w.buffer.clone(), m.buffer.clone());
+        let mut payload = self
+            .comm
+            .read_now(TensorRef::new(&w, 0, count, DType::F32), deadline)?;
+        payload.extend(
+            self.comm
+                .read_now(TensorRef::new(&m, 0, count, DType::F32), deadline)?,
+        );
+        let mut h = PsHeader::new(Kind::Replicate, self.keys[k].id as usize, 0, count);
+        h.version = version;
+        for b in self.keys[k].backups.clone() {
+            self.send(b, h, payload.clone())?;
+        }
+        if self.consistency == Consistency::Eventual {
+            return Ok(());
+        }
+        for b in self.keys[k].backups.clone() {
+            loop {
+                match self.comm.link().recv(b, deadline) {
+                    Ok(frame) => {
+                        let ack = PsHeader::decode(&frame.header);
+                        if ack.is_some_and(|a| {
+                            a.kind() == Some(Kind::ReplicaAck)
+                                && a.key == h.key
+                                && a.version == version
+                        }) {
+                            break;
+                        }
+                        // The backup may be replicating its own keys to this server meanwhile.
+                        self.on_server_frame(b, &frame)?;
+                    }
+                    Err(_) => {
+                        self.server_gone(b);
+                        break;
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// A frame from another server: a replica to apply (and acknowledge), or a late ack.
+    fn on_server_frame(&mut self, from: usize, frame: &Frame) -> Result<()> {
+        let Some(h) = PsHeader::decode(&frame.header) else {
+            return Ok(());
+        };
+        if h.kind() != Some(Kind::Replicate) {
+            return Ok(()); // acks that arrive after an Eventual primary moved on
+        }
+        let Some(&k) = self.local.get(&h.key) else {
+            return Ok(());
+        };
+        let count = self.keys[k].count;
+        if frame.payload.len() != 8 * count || self.keys[k].primary {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.comm.config().timeout;
+        let (w, m) = (self.keys[k].w.clone(), self.keys[k].m.clone());
+        let (wb, mb) = frame.payload.split_at(4 * count);
+        self.comm.fold_now(
+            wb,
+            TensorRef::new(&w, 0, count, DType::F32),
+            Combine::Copy,
+            deadline,
+        )?;
+        self.comm.fold_now(
+            mb,
+            TensorRef::new(&m, 0, count, DType::F32),
+            Combine::Copy,
+            deadline,
+        )?;
+        self.keys[k].version = h.version;
+        let mut ack = PsHeader::new(Kind::ReplicaAck, h.key as usize, 0, 0);
+        ack.version = h.version;
+        self.send(from, ack, Vec::new())
+    }
+
+    /// Another server is unreachable: stop listening to it and replicating to it.
+    fn server_gone(&mut self, rank: usize) {
+        if !self.servers.contains(&rank) {
+            return;
+        }
+        self.servers.retain(|&r| r != rank);
+        for key in &mut self.keys {
+            key.backups.retain(|&r| r != rank);
+        }
+        self.report.events.push(format!(
+            "server rank {rank} is unreachable: no longer replicated to"
+        ));
     }
 
     /// The slowest live worker's clock for key `k` (every step below it has been pushed).
@@ -403,6 +583,7 @@ impl PsServer {
                 self.refuse(from, h.key, "this server does not hold that key")?;
                 continue;
             };
+            self.take_over(k);
             if !self.ready(k, h.step, live) {
                 i += 1;
                 continue;

@@ -23,7 +23,15 @@ pub struct PsWorker {
     comm: Communicator,
     index: usize,
     keys: Vec<(String, usize)>,
-    owners: Vec<usize>,
+    /// Per key: the servers holding it, primary first, and which one this worker uses now.
+    chains: Vec<Vec<usize>>,
+    current: Vec<usize>,
+    /// Per key: the last push (step, bytes), re-sent to a backup that takes over.
+    last_push: Vec<Option<(u64, Vec<u8>)>>,
+    /// Per key: the highest version this worker has been answered with.
+    seen: Vec<u64>,
+    lost: u64,
+    failovers: u64,
     servers: usize,
 }
 
@@ -32,16 +40,36 @@ impl PsWorker {
         comm: Communicator,
         index: usize,
         keys: Vec<(String, usize)>,
-        owners: Vec<usize>,
+        chains: Vec<Vec<usize>>,
         servers: usize,
     ) -> Self {
+        let n = keys.len();
         PsWorker {
             comm,
             index,
             keys,
-            owners,
+            current: vec![0; chains.len()],
+            chains,
+            last_push: vec![None; n],
+            seen: vec![0; n],
+            lost: 0,
+            failovers: 0,
             servers,
         }
+    }
+
+    /// Updates this worker saw that a server taking over no longer had (0 under `Strong`).
+    pub fn lost_updates(&self) -> u64 {
+        self.lost
+    }
+
+    /// Times this worker moved to a backup server because a primary stopped answering.
+    pub fn failovers(&self) -> u64 {
+        self.failovers
+    }
+
+    fn owner(&self, k: usize) -> usize {
+        self.chains[k][self.current[k].min(self.chains[k].len() - 1)]
     }
 
     /// This worker's index among the workers (0-based).
@@ -87,7 +115,8 @@ impl PsWorker {
         let deadline = Instant::now() + self.comm.config().timeout;
         let bytes = self.comm.read_now(grad, deadline)?;
         let h = PsHeader::new(Kind::Push, k, step, grad.count);
-        self.send(self.owners[k], h, bytes)
+        self.last_push[k] = Some((step, bytes.clone()));
+        self.send(self.owner(k), h, bytes)
     }
 
     /// Pulls `key` as of `step` into `into` (on this worker's device): waits until the mode
@@ -101,13 +130,41 @@ impl PsWorker {
     ) -> Result<PullInfo> {
         let into = into.into();
         let k = self.key(key, &into)?;
-        let server = self.owners[k];
+        loop {
+            let server = self.owner(k);
+            match self.pull_from(server, k, step, into) {
+                Ok(info) => return Ok(info),
+                // The server stopped answering: move to the next replica, if there is one,
+                // and give it this worker's last push again (it rejects it if it has it).
+                Err(e @ (Error::Timeout { .. } | Error::LinkClosed { .. }))
+                    if self.current[k] + 1 < self.chains[k].len() =>
+                {
+                    tracing::warn!(error = %e, "parameter server failover");
+                    self.current[k] += 1;
+                    self.failovers += 1;
+                    if let Some((s, bytes)) = self.last_push[k].clone() {
+                        let h = PsHeader::new(Kind::Push, k, s, into.count);
+                        self.send(self.owner(k), h, bytes)?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn pull_from(
+        &mut self,
+        server: usize,
+        k: usize,
+        step: u64,
+        into: TensorRef<'_>,
+    ) -> Result<PullInfo> {
         self.send(
             server,
             PsHeader::new(Kind::Pull, k, step, into.count),
             Vec::new(),
         )?;
-        // The server may first wait a whole deadline for a failed worker, then answer.
+        // The server may first wait a whole deadline for a worker it then declares failed.
         let deadline = Instant::now() + 2 * self.comm.config().timeout + Duration::from_millis(200);
         let at = self.at();
         loop {
@@ -135,6 +192,9 @@ impl PsWorker {
                 Some(Kind::Params) if h.key as usize == k => {
                     self.comm
                         .fold_now(&frame.payload, into, Combine::Copy, deadline)?;
+                    // A replica that took over without updates this worker had seen lost them.
+                    self.lost += self.seen[k].saturating_sub(h.version);
+                    self.seen[k] = self.seen[k].max(h.version);
                     return Ok(PullInfo {
                         version: h.version,
                         clock: h.clock,

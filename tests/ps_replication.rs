@@ -1,0 +1,161 @@
+//! Replicated parameter servers: kill the primary at a random point; under `Strong` no update a
+//! worker has seen is lost and training ends exactly where the fault-free run would.
+
+use std::time::Duration;
+
+use rand::Rng;
+use wccl::link::FaultPlan;
+use wccl::ps::{Consistency, Mode, ParameterServer, Sgd, UpdateRule};
+
+const N: usize = 33;
+
+struct Run {
+    lost: u64,
+    failovers: u64,
+    params: Vec<f32>,
+    events: Vec<String>,
+}
+
+/// 2 servers (both holding the one key), 2 workers, Sync; worker 0 kills server 0 (the
+/// primary) just before its pull of step `kill_at`.
+fn run(consistency: Consistency, grads: &[Vec<Vec<f32>>], kill_at: usize) -> Run {
+    let faults = FaultPlan::new();
+    let (servers, workers) = ParameterServer::builder()
+        .servers(2)
+        .workers(2)
+        .replicas(2)
+        .consistency(consistency)
+        .mode(Mode::Sync)
+        .rule(Sgd {
+            lr: 0.1,
+            momentum: 0.5,
+        })
+        .param("w", vec![0.5; N])
+        .timeout(Duration::from_secs(5))
+        .faults(faults.clone())
+        .build()
+        .expect("build");
+    let faults = &faults;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = servers
+            .into_iter()
+            .map(|sv| s.spawn(move || sv.serve()))
+            .collect();
+        let ws: Vec<_> = workers
+            .into_iter()
+            .map(|mut w| {
+                s.spawn(move || {
+                    let q = w.index();
+                    let p = w.comm().buffer::<f32>(N).expect("buffer");
+                    for (t, step) in grads.iter().enumerate() {
+                        if q == 0 && t == kill_at {
+                            faults.kill(0);
+                        }
+                        if let Err(e) = w.pull("w", t as u64, &p) {
+                            panic!("worker {q} pull {t} (kill at {kill_at}): {e}");
+                        }
+                        let g = w.comm().upload(&step[q]).expect("upload");
+                        w.push("w", &g, t as u64).expect("push");
+                    }
+                    w.pull("w", grads.len() as u64, &p).expect("final pull");
+                    let params = w.comm().download(&p).expect("download");
+                    let (lost, failovers) = (w.lost_updates(), w.failovers());
+                    w.done().expect("done");
+                    (lost, failovers, params)
+                })
+            })
+            .collect();
+        let ws: Vec<_> = ws.into_iter().map(|h| h.join()).collect();
+        let mut reports: Vec<_> = hs
+            .into_iter()
+            .map(|h| h.join().expect("server thread"))
+            .collect();
+        // Server 0 was killed: it ends with an error; server 1 took over and reports.
+        let survivor = match reports.remove(1) {
+            Ok(r) => r,
+            Err(e) => panic!("server 1 failed: {e}"),
+        };
+        let ws: Vec<_> = ws
+            .into_iter()
+            .map(|w| {
+                w.unwrap_or_else(|_| panic!("a worker failed; server 1: {:?}", survivor.events))
+            })
+            .collect();
+        Run {
+            lost: ws.iter().map(|w| w.0).sum(),
+            failovers: ws.iter().map(|w| w.1).sum(),
+            params: ws[0].2.clone(),
+            events: survivor.events,
+        }
+    })
+}
+
+fn reference(grads: &[Vec<Vec<f32>>]) -> Vec<f64> {
+    let rule = Sgd {
+        lr: 0.1,
+        momentum: 0.5,
+    };
+    let mut w = vec![0.5f64; N];
+    let mut m = vec![0.0f64; N];
+    for step in grads {
+        for i in 0..N {
+            let g = (step[0][i] as f64 + step[1][i] as f64) / 2.0;
+            (w[i], m[i]) = rule.host(w[i], m[i], g);
+        }
+    }
+    w
+}
+
+#[test]
+fn strong_loses_no_acknowledged_update_over_many_primary_kills() {
+    let mut rng = rand::rng();
+    let steps = 5;
+    let kills = 100;
+    for _ in 0..kills {
+        let grads: Vec<Vec<Vec<f32>>> = (0..steps)
+            .map(|_| {
+                (0..2)
+                    .map(|_| (0..N).map(|_| rng.random_range(-1.0..1.0)).collect())
+                    .collect()
+            })
+            .collect();
+        let kill_at = rng.random_range(0..steps);
+        let r = run(Consistency::Strong, &grads, kill_at);
+        assert_eq!(r.lost, 0, "kill at step {kill_at}: {:?}", r.events);
+        assert!(r.failovers >= 1);
+        assert!(
+            r.events.iter().any(|e| e.contains("took over")),
+            "{:?}",
+            r.events
+        );
+        let want = reference(&grads);
+        for (i, (g, w)) in r.params.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() < 1e-4,
+                "kill at {kill_at}: [{i}] {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn eventual_fails_over_and_counts_what_it_lost() {
+    let mut rng = rand::rng();
+    let grads: Vec<Vec<Vec<f32>>> = (0..5)
+        .map(|_| {
+            (0..2)
+                .map(|_| (0..N).map(|_| rng.random_range(-1.0..1.0)).collect())
+                .collect()
+        })
+        .collect();
+    let r = run(Consistency::Eventual, &grads, 3);
+    assert!(r.failovers >= 1);
+    assert!(
+        r.events.iter().any(|e| e.contains("took over")),
+        "{:?}",
+        r.events
+    );
+    assert!(r.params.iter().all(|x| x.is_finite()));
+    // What it lost is counted, not hidden: a lost update shows as a lower version.
+    assert!(r.lost <= 1, "at most the one update in flight: {}", r.lost);
+}
