@@ -159,3 +159,95 @@ fn eventual_fails_over_and_counts_what_it_lost() {
     // What it lost is counted, not hidden: a lost update shows as a lower version.
     assert!(r.lost <= 1, "at most the one update in flight: {}", r.lost);
 }
+
+/// One worker and two replicated servers; after 3 steps the primary (rank 0) is partitioned
+/// from everyone else. The worker's pull times out and it turns to the backup.
+fn partition_run(
+    consistency: Consistency,
+) -> (
+    Vec<wccl::Result<wccl::ps::PullInfo>>,
+    Vec<wccl::ps::ServerReport>,
+) {
+    let faults = FaultPlan::new();
+    let (servers, mut workers) = ParameterServer::builder()
+        .servers(2)
+        .workers(1)
+        .replicas(2)
+        .consistency(consistency)
+        .mode(Mode::Async)
+        .rule(Sgd {
+            lr: 0.1,
+            momentum: 0.0,
+        })
+        .param("w", vec![1.0; N])
+        .timeout(Duration::from_millis(400))
+        .faults(faults.clone())
+        .build()
+        .expect("build");
+    let mut w = workers.remove(0);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = servers
+            .into_iter()
+            .map(|sv| s.spawn(move || sv.serve()))
+            .collect();
+        let p = w.comm().buffer::<f32>(N).expect("buffer");
+        let g = w.comm().upload(&[1.0f32; N]).expect("upload");
+        let mut pulls = Vec::new();
+        for t in 0..3u64 {
+            w.push("w", &g, t).expect("push");
+            pulls.push(w.pull("w", t + 1, &p));
+        }
+        // Rank 0 (primary) | rank 1 (backup) and rank 2 (the worker).
+        faults.partition(&[&[0], &[1, 2]]);
+        for t in 3..5u64 {
+            w.push("w", &g, t).expect("push");
+            pulls.push(w.pull("w", t + 1, &p));
+        }
+        faults.heal();
+        for t in 5..6u64 {
+            let _ = w.push("w", &g, t);
+            pulls.push(w.pull("w", t + 1, &p));
+        }
+        let _ = w.done();
+        let reports = hs
+            .into_iter()
+            .map(|h| h.join().expect("server thread").expect("server"))
+            .collect();
+        (pulls, reports)
+    })
+}
+
+#[test]
+fn strong_refuses_to_answer_from_a_replica_cut_off_from_its_primary() {
+    let (pulls, _) = partition_run(Consistency::Strong);
+    assert!(pulls[..3].iter().all(|p| p.is_ok()));
+    let e = pulls[3]
+        .as_ref()
+        .expect_err("the backup cannot prove its data is current");
+    assert!(e.to_string().contains("cannot prove"), "{e}");
+}
+
+#[test]
+fn eventual_answers_stale_and_converges_after_healing() {
+    let (pulls, reports) = partition_run(Consistency::Eventual);
+    for (i, p) in pulls.iter().enumerate() {
+        let p = p.as_ref().unwrap_or_else(|e| panic!("pull {i}: {e}"));
+        if i < 3 {
+            assert_eq!(p.staleness, None, "pull {i}");
+        }
+        if (3..5).contains(&i) {
+            assert!(
+                p.staleness.is_some(),
+                "pull {i} came from the cut-off backup"
+            );
+        }
+    }
+    let events: Vec<_> = reports.iter().flat_map(|r| r.events.clone()).collect();
+    assert!(
+        events.iter().any(|e| e.contains("answering stale")),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| e.contains("yielded")), "{events:?}");
+    // After the partition heals every replica holds the same parameters.
+    assert_eq!(reports[0].digests, reports[1].digests, "{events:?}");
+}

@@ -20,6 +20,14 @@
 //! update a worker has seen. Under [`Consistency::Eventual`] it answers at once; a take-over may
 //! lose the tail, and workers count the loss ([`PsWorker::lost_updates`]).
 //!
+//! Partitions, the CAP choice: a backup asked for a key pings the servers before it in the
+//! key's chain. One that answers is alive (the worker is told to ask it); one whose link is
+//! closed is dead, and the backup takes over. One that does not answer may be alive behind a
+//! partition: under `Strong` the backup refuses, saying it cannot prove its data is current;
+//! under `Eventual` it answers with what it has, marked stale ([`PullInfo::staleness`]), and
+//! once the partition heals the replicas converge (higher version wins; the report's
+//! `digests` show it).
+//!
 //! Every push carries (worker, step): a second push of the same step by the same worker is
 //! refused. A server that waits longer than the deadline for the pushes a pull needs returns
 //! an error naming the workers it waited for, instead of hanging.

@@ -18,6 +18,10 @@ pub(crate) enum Kind {
     Replicate = 6,
     /// Backup -> primary: `key` at `version` applied.
     ReplicaAck = 7,
+    /// Server -> server: are you there?
+    Ping = 8,
+    /// Server -> server: yes.
+    Pong = 9,
 }
 
 #[repr(C)]
@@ -31,8 +35,13 @@ pub(crate) struct PsHeader {
     pub kind: u32,
     pub key: u32,
     pub count: u32,
-    pub _pad: u32,
+    /// Params from a replica cut off from its primary: milliseconds since it last heard from
+    /// it (`NOT_STALE` otherwise).
+    pub stale_ms: u32,
 }
+
+/// `stale_ms` of parameters that are known to be current.
+pub(crate) const NOT_STALE: u32 = u32::MAX;
 
 impl PsHeader {
     pub(crate) fn new(kind: Kind, key: usize, step: u64, count: usize) -> Self {
@@ -43,7 +52,7 @@ impl PsHeader {
             kind: kind as u32,
             key: key as u32,
             count: count as u32,
-            _pad: 0,
+            stale_ms: NOT_STALE,
         }
     }
 
@@ -64,6 +73,8 @@ impl PsHeader {
             5 => Kind::Refused,
             6 => Kind::Replicate,
             7 => Kind::ReplicaAck,
+            8 => Kind::Ping,
+            9 => Kind::Pong,
             _ => return None,
         })
     }

@@ -31,6 +31,18 @@ pub struct ServerReport {
     pub events: Vec<String>,
     /// The final parameters of this server's keys.
     pub params: Vec<(String, Vec<f32>)>,
+    /// A digest (FNV-1a of the f32 bits) of each final parameter tensor, to check that
+    /// replicas agree.
+    pub digests: Vec<(String, u64)>,
+}
+
+/// FNV-1a over the bytes of `values`.
+fn digest(values: &[f32]) -> u64 {
+    bytemuck::cast_slice::<f32, u8>(values)
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        })
 }
 
 struct KeyState {
@@ -54,6 +66,11 @@ struct KeyState {
     primary: bool,
     /// Whether it became primary by taking over from a failed one.
     took_over: bool,
+    /// When a replica last heard from its primary (a replica, or creation).
+    last_heard: Instant,
+    /// Set while this server answers for the key cut off from a primary that may be alive
+    /// (`Eventual` only).
+    cut_off: bool,
     /// The backups this server replicates to, while it is primary.
     backups: Vec<usize>,
 }
@@ -132,6 +149,8 @@ impl PsServer {
                 seen: HashSet::new(),
                 primary: chain.first() == Some(&me),
                 took_over: false,
+                last_heard: Instant::now(),
+                cut_off: false,
                 backups: chain.iter().copied().skip(1).collect(),
                 chain,
             });
@@ -165,8 +184,8 @@ impl PsServer {
     /// A worker whose push a waiting pull needs and that misses the deadline is declared failed
     /// (an event in the report); the others carry on while at least the quorum remains, and
     /// the call fails, naming the workers, below it. A failed worker that sends anything again
-    /// rejoins at the current step. When nothing arrives at all for the deadline, the call
-    /// fails naming the workers it was listening to.
+    /// rejoins at the current step. Without pulls waiting, a server waits for its workers as
+    /// long as their links are open: serving is its job.
     pub fn serve(mut self) -> Result<ServerReport> {
         let at = At::rank(self.comm.rank());
         let timeout = self.comm.config().timeout;
@@ -221,9 +240,13 @@ impl PsServer {
                         .push(format!("worker rank {p} is gone (link closed)"));
                 }
                 Err(LinkError::Timeout) => {
+                    if pending.is_empty() {
+                        // Idle: a server serves until its workers are done; waiting is its job.
+                        continue;
+                    }
                     let counted = self.counted();
                     let blockers = self.blocking(&pending, &counted);
-                    if pending.is_empty() || blockers.is_empty() {
+                    if blockers.is_empty() {
                         return Err(Error::Timeout {
                             at,
                             waiting_on: counted,
@@ -268,7 +291,9 @@ impl PsServer {
         for k in 0..self.keys.len() {
             let t = TensorRef::new(&self.keys[k].w, 0, self.keys[k].count, DType::F32);
             let values = self.comm.read::<f32>(t)?;
-            self.report.params.push((self.keys[k].name.clone(), values));
+            let name = self.keys[k].name.clone();
+            self.report.digests.push((name.clone(), digest(&values)));
+            self.report.params.push((name, values));
         }
         Ok(self.report)
     }
@@ -344,7 +369,9 @@ impl PsServer {
         let Some(&k) = self.local.get(&h.key) else {
             return self.refuse(from, h.key, "this server does not hold that key");
         };
-        self.take_over(k);
+        if let Some(reason) = self.take_over(k)? {
+            return self.refuse(from, h.key, &reason);
+        }
         if payload.len() != self.keys[k].count * 4 || h.count as usize != self.keys[k].count {
             let reason = format!(
                 "push of {} values for '{}', which has {}",
@@ -429,26 +456,89 @@ impl PsServer {
         self.replicate(k, deadline)
     }
 
-    /// A worker asks this server for a key it only backed up: its primary is gone, so this
-    /// server answers for it from now on, replicating to the backups after it in the chain.
-    fn take_over(&mut self, k: usize) {
+    /// A worker asks this server for a key it only backed up, so the worker could not reach
+    /// the primary. If the servers before this one in the key's chain are known dead (their
+    /// links closed), or prove dead when pinged, this server answers for the key from now on.
+    /// If one answers the ping, the worker is refused (ask that one). If none answers but none
+    /// is known dead, this server may be partitioned from a live primary: under `Strong` it
+    /// refuses, since it cannot prove its data is current; under `Eventual` it answers with
+    /// what it has, marked stale. Returns the reason for a refusal.
+    fn take_over(&mut self, k: usize) -> Result<Option<String>> {
         if self.keys[k].primary {
-            return;
+            return Ok(None);
         }
         let me = self.comm.rank();
+        let pos = self.keys[k]
+            .chain
+            .iter()
+            .position(|&r| r == me)
+            .unwrap_or(0);
+        let before: Vec<usize> = self.keys[k].chain[..pos].to_vec();
+        let timeout = self.comm.config().timeout;
+        for &p in &before {
+            if self.servers.contains(&p) && self.ping(p, Instant::now() + timeout / 2)? {
+                return Ok(Some(format!(
+                    "server rank {p}, which holds '{}' before this one, is alive: ask it",
+                    self.keys[k].name
+                )));
+            }
+        }
+        let unreachable: Vec<usize> = before
+            .iter()
+            .copied()
+            .filter(|p| self.servers.contains(p))
+            .collect();
+        if !unreachable.is_empty() && self.consistency == Consistency::Strong {
+            return Ok(Some(format!(
+                "server rank {me} cannot prove its copy of '{}' (version {}) is current: rank(s) \
+                 {unreachable:?} before it are unreachable but not known to be dead",
+                self.keys[k].name, self.keys[k].version
+            )));
+        }
+        let cut_off = !unreachable.is_empty();
+        let others: Vec<usize> = self.keys[k]
+            .chain
+            .iter()
+            .copied()
+            .filter(|&r| r != me && self.servers.contains(&r))
+            .collect();
         let key = &mut self.keys[k];
         key.primary = true;
         key.took_over = true;
-        let pos = key.chain.iter().position(|&r| r == me).unwrap_or(0);
-        key.backups = key.chain[pos + 1..]
-            .iter()
-            .copied()
-            .filter(|r| self.servers.contains(r))
-            .collect();
+        key.cut_off = cut_off;
+        // Every other replica, the old primary too: after a partition heals it must converge.
+        key.backups = others;
         self.report.events.push(format!(
-            "server rank {me} took over '{}' at version {}",
-            key.name, key.version
+            "server rank {me} took over '{}' at version {}{}",
+            key.name,
+            key.version,
+            if cut_off {
+                " (cut off from a primary that may be alive: answering stale)"
+            } else {
+                ""
+            }
         ));
+        Ok(None)
+    }
+
+    /// Whether `peer` answers a ping before `deadline` (replicas it sends meanwhile are applied).
+    fn ping(&mut self, peer: usize, deadline: Instant) -> Result<bool> {
+        self.send(peer, PsHeader::new(Kind::Ping, 0, 0, 0), Vec::new())?;
+        loop {
+            match self.comm.link().recv(peer, deadline) {
+                Ok(frame) => {
+                    if PsHeader::decode(&frame.header).and_then(|h| h.kind()) == Some(Kind::Pong) {
+                        return Ok(true);
+                    }
+                    self.on_server_frame(peer, &frame)?;
+                }
+                Err(LinkError::Gone(_)) | Err(LinkError::Closed) => {
+                    self.server_gone(peer);
+                    return Ok(false);
+                }
+                Err(_) => return Ok(false),
+            }
+        }
     }
 
     /// Sends key `k`'s new state to its backups; under `Strong`, waits until each applied it
@@ -507,15 +597,45 @@ impl PsServer {
         let Some(h) = PsHeader::decode(&frame.header) else {
             return Ok(());
         };
-        if h.kind() != Some(Kind::Replicate) {
-            return Ok(()); // acks that arrive after an Eventual primary moved on
+        match h.kind() {
+            Some(Kind::Ping) => {
+                return self.send(from, PsHeader::new(Kind::Pong, 0, 0, 0), Vec::new());
+            }
+            Some(Kind::Replicate) => {}
+            _ => return Ok(()), // pongs and acks that come after their wait ended
         }
         let Some(&k) = self.local.get(&h.key) else {
             return Ok(());
         };
         let count = self.keys[k].count;
-        if frame.payload.len() != 8 * count || self.keys[k].primary {
+        if frame.payload.len() != 8 * count {
             return Ok(());
+        }
+        if self.keys[k].primary {
+            // Two servers answered for the key (a partition under Eventual): the higher
+            // version wins, on a tie the one earlier in the chain; the loser yields.
+            let me = self.comm.rank();
+            let pos = |r: usize| {
+                self.keys[k]
+                    .chain
+                    .iter()
+                    .position(|&x| x == r)
+                    .unwrap_or(usize::MAX)
+            };
+            let theirs_wins = h.version > self.keys[k].version
+                || (h.version == self.keys[k].version && pos(from) < pos(me));
+            if !theirs_wins {
+                return Ok(());
+            }
+            let key = &mut self.keys[k];
+            key.primary = false;
+            key.took_over = false;
+            key.cut_off = false;
+            key.backups.clear();
+            self.report.events.push(format!(
+                "server rank {me} yielded '{}' to rank {from} at version {}",
+                key.name, h.version
+            ));
         }
         let deadline = Instant::now() + self.comm.config().timeout;
         let (w, m) = (self.keys[k].w.clone(), self.keys[k].m.clone());
@@ -533,6 +653,7 @@ impl PsServer {
             deadline,
         )?;
         self.keys[k].version = h.version;
+        self.keys[k].last_heard = Instant::now();
         let mut ack = PsHeader::new(Kind::ReplicaAck, h.key as usize, 0, 0);
         ack.version = h.version;
         self.send(from, ack, Vec::new())
@@ -583,7 +704,11 @@ impl PsServer {
                 self.refuse(from, h.key, "this server does not hold that key")?;
                 continue;
             };
-            self.take_over(k);
+            if let Some(reason) = self.take_over(k)? {
+                pending.swap_remove(i);
+                self.refuse(from, h.key, &reason)?;
+                continue;
+            }
             if !self.ready(k, h.step, live) {
                 i += 1;
                 continue;
@@ -596,6 +721,10 @@ impl PsServer {
             let mut reply = PsHeader::new(Kind::Params, h.key as usize, h.step, self.keys[k].count);
             reply.version = self.keys[k].version;
             reply.clock = self.min_clock(k, live);
+            if self.keys[k].cut_off {
+                let ms = self.keys[k].last_heard.elapsed().as_millis();
+                reply.stale_ms = ms.min(u32::MAX as u128 - 1) as u32;
+            }
             self.send(from, reply, bytes)?;
         }
         Ok(())

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::protocol::{Kind, PsHeader};
+use super::protocol::{Kind, NOT_STALE, PsHeader};
 use crate::comm::Communicator;
 use crate::device::TensorRef;
 use crate::error::{At, Error, Result};
@@ -16,6 +16,9 @@ pub struct PullInfo {
     pub version: u64,
     /// The slowest worker's clock then: every step below it had been pushed by every worker.
     pub clock: u64,
+    /// Set when a replica cut off from its primary answered (`Consistency::Eventual`): how long
+    /// since it last heard from the primary. The parameters may be that stale.
+    pub staleness: Option<Duration>,
 }
 
 /// One worker rank.
@@ -198,6 +201,8 @@ impl PsWorker {
                     return Ok(PullInfo {
                         version: h.version,
                         clock: h.clock,
+                        staleness: (h.stale_ms != NOT_STALE)
+                            .then(|| Duration::from_millis(h.stale_ms as u64)),
                     });
                 }
                 Some(Kind::Refused) => {
