@@ -10,6 +10,8 @@
 //! `--kill-worker` drops worker 1 halfway (its link closes; the servers go on without it),
 //! `--kill-primary` runs two replicated servers (Strong) and kills the primary halfway (the
 //! backup takes over; no update the workers saw is lost),
+//! `--partition-backup` runs two replicated servers and cuts the backup (rank 1) off from
+//! everyone for the middle third of the run (the primary stops replicating to it),
 //! `--slow-worker` makes worker 0 sleep `--slow-ms` (default 16, about ten times the others'
 //! step time on the software adapter) every step.
 
@@ -28,6 +30,7 @@ pub struct Options {
     pub steps: u64,
     pub kill_worker: bool,
     pub kill_primary: bool,
+    pub partition_backup: bool,
     pub slow_worker: bool,
     pub slow_ms: u64,
     pub dim: usize,
@@ -43,6 +46,7 @@ impl Default for Options {
             steps: 300,
             kill_worker: false,
             kill_primary: false,
+            partition_backup: false,
             slow_worker: false,
             slow_ms: 16,
             dim: 16,
@@ -104,7 +108,11 @@ pub fn train(o: &Options) -> wccl::Result<Outcome> {
         })
         .collect();
     let faults = FaultPlan::new();
-    let n_servers = if o.kill_primary { 2 } else { 1 };
+    let n_servers = if o.kill_primary || o.partition_backup {
+        2
+    } else {
+        1
+    };
     let (servers, workers) = ParameterServer::builder()
         .servers(n_servers)
         .replicas(n_servers)
@@ -139,6 +147,14 @@ pub fn train(o: &Options) -> wccl::Result<Outcome> {
                                 println!("worker {q}: killed at step {step}");
                                 // Dropped without a word: its link closes.
                                 return Ok(started.elapsed().as_secs_f64());
+                            }
+                            if o.partition_backup && q == 0 && step == o.steps / 3 {
+                                println!("cutting the backup server (rank 1) off at step {step}");
+                                faults.partition(&[&[1]]);
+                            }
+                            if o.partition_backup && q == 0 && step == 2 * o.steps / 3 {
+                                println!("healing the partition at step {step}");
+                                faults.heal();
                             }
                             if o.kill_primary && q == 0 && step == o.steps / 2 {
                                 println!("killing the primary server (rank 0) at step {step}");
@@ -227,6 +243,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--steps" => o.steps = args.next().ok_or("--steps N")?.parse()?,
             "--kill-worker" => o.kill_worker = true,
             "--kill-primary" => o.kill_primary = true,
+            "--partition-backup" => o.partition_backup = true,
             "--slow-worker" => o.slow_worker = true,
             "--slow-ms" => o.slow_ms = args.next().ok_or("--slow-ms N")?.parse()?,
             other => return Err(format!("unknown flag {other}").into()),
