@@ -10,7 +10,10 @@
 //! - [`link`]: how frames move between ranks (in-process crossbeam channels today);
 //! - [`algo`]: one schedule per algorithm (ring all-reduce, chain broadcast, ...), pure code;
 //! - [`comm`]: [`Communicator`] (one rank), [`CommGroup`] (all ranks of a process), and the
-//!   executor that runs an algorithm's plan on a device over a link.
+//!   executor that runs an algorithm's plan on a device over a link;
+//! - [`ps`]: the parameter server (push/pull, modes, replication, CAP choice);
+//! - [`tp`]: tensor parallelism (a tiled WGSL matmul, column- and row-parallel products and
+//!   layers, the Megatron MLP block).
 //!
 //! ```no_run
 //! # fn main() -> wccl::Result<()> {
@@ -36,6 +39,7 @@ mod kernels;
 pub mod link;
 pub mod model;
 pub mod ps;
+pub mod tp;
 mod types;
 
 pub use algo::Algorithm;

@@ -3,6 +3,7 @@
 //!
 //! The binary (`src/bin/wccl-bench.rs`) only parses flags into [`Settings`] and calls [`run`].
 
+mod matmul;
 mod plot;
 mod ps_row;
 mod report;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+pub use matmul::{MatmulRow, matmul_rows, parse_shape};
 pub use plot::plot_busbw;
 pub use ps_row::ps_rows;
 pub use report::{CSV_HEADER, Measure, Row, busbw_factor, csv_row, footer, format_row, header};

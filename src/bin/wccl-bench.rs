@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use wccl::bench::{self, Settings};
 use wccl::link::LinkEmulation;
 use wccl::model::{Figures, LinkModel, Probe, scaling_table};
+use wccl::tp::MatmulKernel;
 use wccl::{Algorithm, CollectiveKind, CommConfig, CommGroup, DType, ReduceOp};
 
 #[derive(Parser)]
@@ -50,6 +51,28 @@ enum Command {
         /// Bytes per measurement.
         #[arg(short = 'b', long = "bytes", default_value = "16M", value_parser = bench::parse_size)]
         bytes: u64,
+    },
+    /// The matmul kernels' GFLOP/s on one device, beside the plain kernel, checked against an
+    /// f64 host reference.
+    Matmul {
+        /// Sizes: a cube (512) or m x n x k (256x512x128), comma separated.
+        #[arg(long = "sizes", default_value = "512")]
+        sizes: String,
+        /// Kernels, comma separated: plain, tiled.
+        #[arg(long = "kernel", default_value = "plain,tiled")]
+        kernel: String,
+        /// Element type: float or half.
+        #[arg(short = 'd', long = "datatype", default_value = "float")]
+        dtype: String,
+        /// Timed iterations per size (the median is reported).
+        #[arg(short = 'n', long = "iters", default_value_t = 5)]
+        iters: usize,
+        /// Warm-up iterations per size.
+        #[arg(short = 'w', long = "warmup_iters", default_value_t = 1)]
+        warmup: usize,
+        /// Check results (0/1).
+        #[arg(short = 'c', long = "check", default_value_t = 1)]
+        check: u8,
     },
     /// Predicted all-reduce busbw of ring, central and tree over independent links, at scale.
     Model {
@@ -269,6 +292,59 @@ fn probe(ranks: usize, bytes: usize) -> Result<ExitCode, bench::BenchError> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn matmul(
+    sizes: &str,
+    kernels: &str,
+    dtype: &str,
+    iters: usize,
+    warmup: usize,
+    check: bool,
+) -> Result<ExitCode, bench::BenchError> {
+    let shapes = sizes
+        .split(',')
+        .map(bench::parse_shape)
+        .collect::<Result<Vec<_>, _>>()?;
+    let kernels = kernels
+        .split(',')
+        .map(|k| match k.trim() {
+            "plain" => Ok(MatmulKernel::Plain),
+            "tiled" => Ok(MatmulKernel::Tiled),
+            other => Err(format!("unknown kernel '{other}' (plain, tiled)")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let dtype = parse_dtype(dtype)?;
+    let mut group = CommGroup::builder().ranks(1).build()?;
+    let mut out = std::io::stdout().lock();
+    let info = &group.adapters()[0];
+    writeln!(
+        out,
+        "# wccl-bench matmul on {} ({:?}, {:?}, driver {}), {iters} iters, {warmup} warm-up",
+        info.name, info.backend, info.device_type, info.driver_info
+    )?;
+    let rows = bench::matmul_rows(
+        group.comm(0),
+        &shapes,
+        &kernels,
+        dtype,
+        iters,
+        warmup,
+        check,
+        &mut out,
+    )?;
+    // The correctness targets: 1e-5 for f32, 1e-2 for f16.
+    let limit = if dtype == DType::F16 { 1e-2 } else { 1e-5 };
+    let wrong = rows
+        .iter()
+        .filter(|r| r.rel_err.is_some_and(|e| e >= limit))
+        .count();
+    writeln!(out, "# rows over the {limit:e} error limit: {wrong}")?;
+    Ok(if wrong == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -287,6 +363,14 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
         Command::Broadcast(a) => (CollectiveKind::Broadcast, a),
         Command::Reduce(a) => (CollectiveKind::Reduce, a),
         Command::Probe { ranks, bytes } => return probe(ranks, bytes as usize),
+        Command::Matmul {
+            sizes,
+            kernel,
+            dtype,
+            iters,
+            warmup,
+            check,
+        } => return matmul(&sizes, &kernel, &dtype, iters, warmup, check != 0),
         Command::Model {
             ranks,
             link_gbps,

@@ -631,6 +631,25 @@ impl Communicator {
         self.cost_model = Some(model);
     }
 
+    /// Breaks this communicator with `error` and tells the peers, as a failed collective does:
+    /// for work between collectives (a rank's own kernels) that fails on one rank, so that the
+    /// others leave their next collective at once with [`Error::PeerAborted`] instead of waiting
+    /// for the deadline. Rebuild the group afterwards.
+    pub fn abort(&mut self, error: &Error) {
+        if self.broken.is_none() {
+            if !matches!(error, Error::PeerAborted { .. }) {
+                self.link.abort(&error.to_string());
+            }
+            self.broken = Some(error.clone());
+        }
+    }
+
+    /// Payload bytes this rank has sent to its peers through collectives since the communicator
+    /// was made (frame headers not counted): what a collective moved, measured, not modelled.
+    pub fn bytes_sent(&self) -> u64 {
+        self.engine.bytes_sent
+    }
+
     /// The algorithm the last all-reduce ran (what `Auto` resolved to).
     pub fn last_algorithm(&self) -> Option<Algorithm> {
         self.last_algorithm.get()

@@ -26,6 +26,8 @@ pub(crate) struct Engine {
     placeholder: Buffer,
     /// Host memory for plans with host regions, kept across calls (no page faults per call).
     host: Vec<u32>,
+    /// Payload bytes sent over the link since the engine was made (headers not counted).
+    pub(crate) bytes_sent: u64,
 }
 
 impl Engine {
@@ -52,6 +54,7 @@ impl Engine {
             scratch: None,
             placeholder,
             host: Vec::new(),
+            bytes_sent: 0,
         }
     }
 
@@ -288,6 +291,7 @@ impl Run<'_, '_> {
             ..self.call.header
         };
         self.sent[to] += 1;
+        self.eng.bytes_sent += payload.len() as u64;
         self.link
             .send(
                 to,

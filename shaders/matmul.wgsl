@@ -1,0 +1,150 @@
+// C = op(A) op(B): row-major matrices, C is M x N, op(A) is M x K, op(B) is K x N.
+//
+// The host replaces ELEM with f32 or f16 (and puts `enable f16;` first for f16); products are
+// accumulated in f32 either way. TRANS_A means A is stored K x M (so op(A) = A^T), TRANS_B that B
+// is stored N x K. Offsets are in elements from the start of each binding.
+//
+// Two kernels:
+// - plain_main: one output per invocation, straight from global memory (the reference and the
+//   baseline the tiled kernel is measured against);
+// - tiled_main: a 64 x 64 tile of C per workgroup of 16 x 16 invocations, each computing a 4 x 4
+//   block; K is walked in steps of 16, with the slices of A and B staged in workgroup memory as
+//   vec4s, so that each step is 2 vec4 loads and 4 vec4 FMAs per invocation.
+// Edges (any M, N, K) are handled by loading zeros outside the matrices and skipping the stores.
+
+override TRANS_A: bool = false;
+override TRANS_B: bool = false;
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    a_off: u32,
+    b_off: u32,
+    c_off: u32,
+    a_ld: u32, // row stride of A as stored (K, or M when transposed; row blocks keep it)
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<storage, read> a: array<ELEM>;
+@group(0) @binding(1) var<storage, read> b: array<ELEM>;
+@group(0) @binding(2) var<storage, read_write> c: array<ELEM>;
+@group(0) @binding(3) var<uniform> p: Params;
+
+// Index of op(A)[row, col] in `a` (no bounds check).
+fn a_index(row: u32, col: u32) -> u32 {
+    if (TRANS_A) {
+        return p.a_off + col * p.a_ld + row;
+    }
+    return p.a_off + row * p.a_ld + col;
+}
+
+// Index of op(B)[row, col] in `b` (no bounds check).
+fn b_index(row: u32, col: u32) -> u32 {
+    if (TRANS_B) {
+        return p.b_off + col * p.k + row;
+    }
+    return p.b_off + row * p.n + col;
+}
+
+@compute @workgroup_size(16, 16)
+fn plain_main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let col = gid.x;
+    let row = gid.y;
+    if (row >= p.m || col >= p.n) {
+        return;
+    }
+    var acc = 0.0;
+    for (var i = 0u; i < p.k; i++) {
+        acc = fma(f32(a[a_index(row, i)]), f32(b[b_index(i, col)]), acc);
+    }
+    c[p.c_off + row * p.n + col] = ELEM(acc);
+}
+
+const TILE_M: u32 = 64u;
+const TILE_N: u32 = 64u;
+const TILE_K: u32 = 16u;
+// Invocations per side of the workgroup; each covers 4 rows and 4 columns of the tile.
+const SIDE: u32 = 16u;
+
+// a_tile[kk * SIDE + q] holds op(A)[row0 + 4q .. row0 + 4q + 3, k0 + kk];
+// b_tile[kk * SIDE + q] holds op(B)[k0 + kk, col0 + 4q .. col0 + 4q + 3].
+var<workgroup> a_tile: array<vec4<f32>, 256>;
+var<workgroup> b_tile: array<vec4<f32>, 256>;
+
+fn load_a(row: u32, col: u32) -> f32 {
+    if (row < p.m && col < p.k) {
+        return f32(a[a_index(row, col)]);
+    }
+    return 0.0;
+}
+
+fn load_b(row: u32, col: u32) -> f32 {
+    if (row < p.k && col < p.n) {
+        return f32(b[b_index(row, col)]);
+    }
+    return 0.0;
+}
+
+@compute @workgroup_size(16, 16)
+fn tiled_main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let row0 = wg.y * TILE_M;
+    let col0 = wg.x * TILE_N;
+    // Which slot of each tile this invocation fills: neighbouring invocations take neighbouring
+    // addresses of the stored matrix, whichever way it is laid out.
+    var a_kk = li % SIDE;
+    var a_q = li / SIDE;
+    if (TRANS_A) {
+        a_kk = li / SIDE;
+        a_q = li % SIDE;
+    }
+    var b_kk = li / SIDE;
+    var b_q = li % SIDE;
+    if (TRANS_B) {
+        b_kk = li % SIDE;
+        b_q = li / SIDE;
+    }
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
+        let ar = row0 + 4u * a_q;
+        let ak = k0 + a_kk;
+        a_tile[a_kk * SIDE + a_q] = vec4<f32>(
+            load_a(ar, ak), load_a(ar + 1u, ak), load_a(ar + 2u, ak), load_a(ar + 3u, ak));
+        let bk = k0 + b_kk;
+        let bc = col0 + 4u * b_q;
+        b_tile[b_kk * SIDE + b_q] = vec4<f32>(
+            load_b(bk, bc), load_b(bk, bc + 1u), load_b(bk, bc + 2u), load_b(bk, bc + 3u));
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE_K; kk++) {
+            let av = a_tile[kk * SIDE + lid.y];
+            let bv = b_tile[kk * SIDE + lid.x];
+            acc0 = fma(vec4<f32>(av.x), bv, acc0);
+            acc1 = fma(vec4<f32>(av.y), bv, acc1);
+            acc2 = fma(vec4<f32>(av.z), bv, acc2);
+            acc3 = fma(vec4<f32>(av.w), bv, acc3);
+        }
+        workgroupBarrier();
+    }
+    var rows = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    let col = col0 + 4u * lid.x;
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + 4u * lid.y + i;
+        if (row >= p.m) {
+            return;
+        }
+        let base = p.c_off + row * p.n;
+        let v = rows[i];
+        for (var j = 0u; j < 4u; j++) {
+            if (col + j < p.n) {
+                c[base + col + j] = ELEM(v[j]);
+            }
+        }
+    }
+}
