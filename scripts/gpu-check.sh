@@ -2,13 +2,15 @@
 # The one command to run on an NVIDIA machine with no network (see shared/reference/gpu.md).
 #
 # Prepare here (this machine has the toolchain and the network):
-#   cargo build --release --bin wccl-bench && mkdir -p .gpu && cp target/release/wccl-bench .gpu/
+#   cargo build --release --bin wccl-bench --example tensor_parallel && mkdir -p .gpu &&
+#   cp target/release/wccl-bench target/release/examples/tensor_parallel .gpu/
 #   and the Vulkan loader packages in .gl/ (gpu.md says how; both folders are git-ignored).
 # Run there, from the repository root, carrying .gl and .gpu:
 #   bash scripts/gpu-check.sh [OUT_DIR]
-# It probes the devices, measures the reduce kernel against the adapter's own copy, and sweeps
-# all_reduce for every algorithm from 1 MiB to 512 MiB on 4 ranks sharing the GPU, in well
-# under 5 minutes; full logs go to OUT_DIR (default ./gpu-check-out), a short table comes last.
+# It probes the devices, measures the reduce kernel against the adapter's own copy, sweeps
+# all_reduce for every algorithm from 1 MiB to 512 MiB on 4 ranks sharing the GPU, measures the
+# matmul kernels at 4096^3 (f32 and f16) and runs the tensor-parallel MLP block on 4 ranks, in
+# well under 5 minutes; full logs go to OUT_DIR (default ./gpu-check-out), a short table last.
 set -uo pipefail
 out="${1:-${OUT:-./gpu-check-out}}"
 mkdir -p "$out"
@@ -26,6 +28,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvi
 echo "== probe (4 ranks, 256 MiB)"
 timeout 120 "$bench" probe -g 4 -b "${GPU_CHECK_PROBE:-256M}" 2>&1 | tee "$out/probe.log"
 
+echo "== matmul kernels, 1024^3 and 4096^3 (target: 10 TFLOP/s f32 at 4096^3)"
+timeout 120 "$bench" matmul --sizes "${GPU_CHECK_MM:-1024,4096}" --kernel plain,tiled,tiled-large -n 5 -w 2 \
+    > "$out/matmul.log" 2>&1
+mm_status=$?
+timeout 60 "$bench" matmul --sizes "${GPU_CHECK_MM_HALF:-4096}" --kernel tiled,tiled-large -d half -n 5 -w 2 \
+    >> "$out/matmul.log" 2>&1 || mm_status=$?
+grep -v '^# rows over' "$out/matmul.log"
+
+echo "== tensor-parallel MLP block, 4 ranks, batch 512, d_model 2048, d_ffn 8192"
+tp="${WCCL_TP:-.gpu/tensor_parallel}"
+timeout 90 "$tp" --ranks 4 ${GPU_CHECK_TP:---batch 512 --d-model 2048 --d-ffn 8192} --iters 5 > "$out/tensor_parallel.log" 2>&1
+tp_status=$?
+cat "$out/tensor_parallel.log"
+
 echo "== all_reduce sweep, 4 ranks, 1 MiB .. 512 MiB"
 timeout 200 "$bench" all_reduce -b 1M -e "${GPU_CHECK_MAX:-512M}" -f 4 -g 4 -n 5 -w 2 --algo ring,central,naive,auto \
     --probe-bytes "${GPU_CHECK_PROBE:-64M}" --csv "$out/all_reduce.csv" --plot "$out/all_reduce.svg" \
@@ -39,4 +55,8 @@ grep -E "reduce kernel traffic" "$out/probe.log" | head -n 1
 grep -E "^#\s+(rank 0|together)\s+[0-9]" "$out/probe.log"
 echo "size(B) algo oop_busbw(GB/s) ip_busbw(GB/s) model_us bound"
 awk -F, 'NR > 1 && ($1 == 268435456 || $1 == 536870912 || $1 == 16777216) { print $1, $6, $9, $13, $15, $16 }' "$out/all_reduce.csv"
+grep -E "^\s+4096\s+4096\s+4096" "$out/matmul.log"
+grep -E "ranks:|matches" "$out/tensor_parallel.log"
+[ "$status" -eq 0 ] && status=$mm_status
+[ "$status" -eq 0 ] && status=$tp_status
 exit $status

@@ -7,9 +7,10 @@
 // Two kernels:
 // - plain_main: one output per invocation, straight from global memory (the reference and the
 //   baseline the tiled kernel is measured against);
-// - tiled_main: a 64 x 64 tile of C per workgroup of 16 x 16 invocations, each computing a 4 x 4
-//   block; K is walked in steps of 16, with the slices of A and B staged in workgroup memory as
-//   vec4s, so that each step is 2 vec4 loads and 4 vec4 FMAs per invocation.
+// - tiled_main: a 64 x 64 (or 128 x 128) tile of C per workgroup of 16 x 16 invocations, each
+//   computing a 4 x 4 (or 8 x 8) block; K is walked in steps of 16, with the slices of A and B
+//   staged in workgroup memory as vec4s, so that each step of a 4 x 4 block is 2 vec4 loads and
+//   4 vec4 FMAs per invocation (4 loads and 16 FMAs for 8 x 8).
 // Edges (any M, N, K) are handled by loading zeros outside the matrices and skipping the stores.
 
 override TRANS_A: bool = false;
@@ -144,6 +145,106 @@ fn tiled_main(
         for (var j = 0u; j < 4u; j++) {
             if (col + j < p.n) {
                 c[base + col + j] = ELEM(v[j]);
+            }
+        }
+    }
+}
+
+// The large tiled kernel: 128 x 128 tiles, 8 x 8 outputs per invocation, held as RM4 x RN4
+// groups of 4 x 4 (the loops over them have constant bounds and unroll).
+const RM4: u32 = 2u;
+const RN4: u32 = 2u;
+const L_TILE_M: u32 = 64u * RM4;
+const L_TILE_N: u32 = 64u * RN4;
+const A_VECS: u32 = TILE_K * L_TILE_M / 4u;
+const B_VECS: u32 = TILE_K * L_TILE_N / 4u;
+const ACC: u32 = 4u * RM4 * RN4;
+
+// As a_tile and b_tile, for the large tiles.
+var<workgroup> a_tile_l: array<vec4<f32>, A_VECS>;
+var<workgroup> b_tile_l: array<vec4<f32>, B_VECS>;
+
+// Invocation (tx, ty) computes rows 4 (i * 16 + ty) + r and columns 4 (j * 16 + tx) + c of the
+// tile, for i < RM4, j < RN4, r, c < 4: neighbouring invocations read neighbouring vec4s of the
+// tiles (no bank conflicts) and write neighbouring columns of C.
+@compute @workgroup_size(16, 16)
+fn tiled_large_main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let row0 = wg.y * L_TILE_M;
+    let col0 = wg.x * L_TILE_N;
+    var acc: array<vec4<f32>, ACC>;
+    for (var i = 0u; i < ACC; i++) {
+        acc[i] = vec4<f32>(0.0);
+    }
+    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
+        // Fill the tiles; neighbouring invocations take neighbouring addresses of the stored
+        // matrix, whichever way it is laid out.
+        for (var l = 0u; l < A_VECS / 256u; l++) {
+            let slot = li + 256u * l;
+            var kk = slot % TILE_K;
+            var q = slot / TILE_K;
+            if (TRANS_A) {
+                kk = slot / (L_TILE_M / 4u);
+                q = slot % (L_TILE_M / 4u);
+            }
+            let ar = row0 + 4u * q;
+            let ac = k0 + kk;
+            a_tile_l[kk * (L_TILE_M / 4u) + q] = vec4<f32>(
+                load_a(ar, ac), load_a(ar + 1u, ac), load_a(ar + 2u, ac), load_a(ar + 3u, ac));
+        }
+        for (var l = 0u; l < B_VECS / 256u; l++) {
+            let slot = li + 256u * l;
+            var kk = slot / (L_TILE_N / 4u);
+            var q = slot % (L_TILE_N / 4u);
+            if (TRANS_B) {
+                kk = slot % TILE_K;
+                q = slot / TILE_K;
+            }
+            let br = k0 + kk;
+            let bc = col0 + 4u * q;
+            b_tile_l[kk * (L_TILE_N / 4u) + q] = vec4<f32>(
+                load_b(br, bc), load_b(br, bc + 1u), load_b(br, bc + 2u), load_b(br, bc + 3u));
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE_K; kk++) {
+            var av: array<vec4<f32>, RM4>;
+            var bv: array<vec4<f32>, RN4>;
+            for (var i = 0u; i < RM4; i++) {
+                av[i] = a_tile_l[kk * (L_TILE_M / 4u) + i * SIDE + lid.y];
+            }
+            for (var j = 0u; j < RN4; j++) {
+                bv[j] = b_tile_l[kk * (L_TILE_N / 4u) + j * SIDE + lid.x];
+            }
+            for (var i = 0u; i < RM4; i++) {
+                for (var r = 0u; r < 4u; r++) {
+                    let x = vec4<f32>(av[i][r]);
+                    for (var j = 0u; j < RN4; j++) {
+                        let t = (i * 4u + r) * RN4 + j;
+                        acc[t] = fma(x, bv[j], acc[t]);
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < RM4; i++) {
+        for (var r = 0u; r < 4u; r++) {
+            let row = row0 + 4u * (i * SIDE + lid.y) + r;
+            if (row >= p.m) {
+                return;
+            }
+            let base = p.c_off + row * p.n;
+            for (var j = 0u; j < RN4; j++) {
+                let col = col0 + 4u * (j * SIDE + lid.x);
+                let v = acc[(i * 4u + r) * RN4 + j];
+                for (var e = 0u; e < 4u; e++) {
+                    if (col + e < p.n) {
+                        c[base + col + e] = ELEM(v[e]);
+                    }
+                }
             }
         }
     }

@@ -207,3 +207,39 @@ fn ps_row_sits_beside_the_ring() {
         assert_eq!(row[9], "0", "{out}");
     }
 }
+
+#[test]
+fn matmul_table_puts_each_kernel_beside_the_plain_one_and_checks_it() {
+    let (ok, out) = bench(&[
+        "matmul",
+        "--sizes",
+        "7,65x33x130",
+        "--kernel",
+        "tiled,plain,tiled-large",
+        "-n",
+        "1",
+        "-w",
+        "0",
+    ]);
+    assert!(ok, "{out}");
+    let rows = rows(&out);
+    assert_eq!(rows.len(), 6, "{out}");
+    for row in &rows {
+        // m n k type kernel time_ms GFLOP/s x_plain rel_err
+        assert_eq!(row.len(), 9, "{row:?}");
+        let err: f64 = row[8].parse().unwrap();
+        assert!(err < 1e-5, "{row:?}");
+        let gflops: f64 = row[6].parse().unwrap();
+        assert!(gflops >= 0.0, "{row:?}");
+    }
+    // Plain runs first for each shape so the others can be put beside it.
+    assert_eq!(rows[0][4], "plain", "{out}");
+    assert_eq!(rows[3][4], "plain", "{out}");
+    assert!(rows[1][7].parse::<f64>().is_ok(), "{out}");
+    assert!(out.contains("# rows over the 1e-5 error limit: 0"), "{out}");
+    let (ok, out) = bench(&["matmul", "--sizes", "8x8", "--kernel", "plain"]);
+    assert!(
+        !ok && !out.contains("plain"),
+        "a malformed shape must be refused: {out}"
+    );
+}

@@ -14,6 +14,12 @@ use wccl::tp::{
 };
 use wccl::{CommConfig, CommGroup, Communicator, DType, Error, TensorRef};
 
+const KERNELS: [MatmulKernel; 3] = [
+    MatmulKernel::Plain,
+    MatmulKernel::Tiled,
+    MatmulKernel::TiledLarge,
+];
+
 // ---------------------------------------------------------------- host reference (f64)
 
 /// `op(A) op(B)` with A stored `m x k` (or `k x m` transposed) and B `k x n` (or `n x k`).
@@ -152,9 +158,10 @@ fn matmul_matches_the_f64_reference_on_odd_shapes_transposes_and_offsets() {
         (129, 63, 130),
         (3, 200, 1),
         (64, 64, 64),
+        (131, 257, 33),
     ];
     for (m, n, k) in shapes {
-        for kernel in [MatmulKernel::Plain, MatmulKernel::Tiled] {
+        for kernel in KERNELS {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let mut spec = Matmul::new(m, n, k).kernel(kernel);
                 spec.trans_a = ta;
@@ -176,7 +183,7 @@ fn matmul_in_f16_accumulates_in_f32() {
     let mut kernels = Kernels::new(comm.device());
     let mut rng = rand::rng();
     for (m, n, k) in [(1, 1, 1), (33, 17, 70), (130, 65, 257)] {
-        for kernel in [MatmulKernel::Plain, MatmulKernel::Tiled] {
+        for kernel in KERNELS {
             let spec = Matmul::new(m, n, k).kernel(kernel).trans_b();
             let round = |v: Vec<f64>| -> Vec<f64> {
                 v.into_iter()
@@ -209,7 +216,7 @@ fn products_larger_than_one_binding_run_in_row_blocks() {
     let mut kernels = Kernels::with_binding_limit(comm.device(), 16 << 10);
     let mut rng = rand::rng();
     let (m, n, k) = (300, 20, 30);
-    for kernel in [MatmulKernel::Plain, MatmulKernel::Tiled] {
+    for kernel in KERNELS {
         for tb in [false, true] {
             let mut spec = Matmul::new(m, n, k).kernel(kernel);
             spec.trans_b = tb;

@@ -69,7 +69,7 @@ pub fn matmul_rows(
     let mut ks = Kernels::new(dev);
     writeln!(
         out,
-        "# {:>6} {:>6} {:>6} {:>5} {:>6} {:>10} {:>9} {:>8} {:>9}",
+        "# {:>6} {:>6} {:>6} {:>5} {:>11} {:>10} {:>9} {:>8} {:>9}",
         "m", "n", "k", "type", "kernel", "time_ms", "GFLOP/s", "x_plain", "rel_err"
     )?;
     let mut rows = Vec::new();
@@ -129,12 +129,12 @@ pub fn matmul_rows(
             };
             writeln!(
                 out,
-                "  {:>6} {:>6} {:>6} {:>5} {:>6} {:>10.3} {:>9.2} {:>8} {:>9}",
+                "  {:>6} {:>6} {:>6} {:>5} {:>11} {:>10.3} {:>9.2} {:>8} {:>9}",
                 m,
                 n,
                 k,
                 dtype.to_string(),
-                format!("{kernel:?}").to_lowercase(),
+                kernel_name(kernel),
                 seconds * 1e3,
                 row.gflops,
                 plain_seconds.map_or("-".into(), |p| format!("{:.2}", p / seconds)),
@@ -144,6 +144,15 @@ pub fn matmul_rows(
         }
     }
     Ok(rows)
+}
+
+/// The kernel's name on the command line.
+pub fn kernel_name(kernel: MatmulKernel) -> &'static str {
+    match kernel {
+        MatmulKernel::Plain => "plain",
+        MatmulKernel::Tiled => "tiled",
+        MatmulKernel::TiledLarge => "tiled-large",
+    }
 }
 
 enum Operand {

@@ -58,7 +58,7 @@ enum Command {
         /// Sizes: a cube (512) or m x n x k (256x512x128), comma separated.
         #[arg(long = "sizes", default_value = "512")]
         sizes: String,
-        /// Kernels, comma separated: plain, tiled.
+        /// Kernels, comma separated: plain, tiled, tiled-large.
         #[arg(long = "kernel", default_value = "plain,tiled")]
         kernel: String,
         /// Element type: float or half.
@@ -309,7 +309,10 @@ fn matmul(
         .map(|k| match k.trim() {
             "plain" => Ok(MatmulKernel::Plain),
             "tiled" => Ok(MatmulKernel::Tiled),
-            other => Err(format!("unknown kernel '{other}' (plain, tiled)")),
+            "tiled-large" => Ok(MatmulKernel::TiledLarge),
+            other => Err(format!(
+                "unknown kernel '{other}' (plain, tiled, tiled-large)"
+            )),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let dtype = parse_dtype(dtype)?;

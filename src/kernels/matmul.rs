@@ -21,6 +21,9 @@ pub enum MatmulKernel {
     /// invocation with vec4 arithmetic. The default.
     #[default]
     Tiled,
+    /// 128 x 128 tiles, 8 x 8 outputs per invocation: twice the arithmetic per workgroup-memory
+    /// load, for large products on GPUs (16 KiB of workgroup memory).
+    TiledLarge,
 }
 
 impl MatmulKernel {
@@ -29,6 +32,7 @@ impl MatmulKernel {
         match self {
             MatmulKernel::Plain => 16,
             MatmulKernel::Tiled => 64,
+            MatmulKernel::TiledLarge => 128,
         }
     }
 
@@ -36,6 +40,7 @@ impl MatmulKernel {
         match self {
             MatmulKernel::Plain => "plain_main",
             MatmulKernel::Tiled => "tiled_main",
+            MatmulKernel::TiledLarge => "tiled_large_main",
         }
     }
 }
@@ -147,8 +152,10 @@ impl MatmulKernels {
             // SAFETY: every global access in matmul.wgsl is guarded by `row < m`, `col < n`,
             // `i < k` against the parameters, and `encode` binds windows that hold
             // `offset + m*k`, `offset + k*n` and `offset + m*n` elements for exactly those
-            // parameters (it computes both from the same numbers). Workgroup-array indices are
-            // below 16 * 16 by construction. So the bounds checks wgpu would add cannot fire.
+            // parameters (it computes both from the same numbers); a transposed A's row block
+            // reads rows below `row + rows <= m` of a binding holding all m*k. Workgroup and
+            // private array indices run over loops bounded by the same constants that size the
+            // arrays. So the bounds checks wgpu would add cannot fire.
             let module = unsafe {
                 dev.device()
                     .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
