@@ -150,7 +150,7 @@ fn matmul_matches_the_f64_reference_on_odd_shapes_transposes_and_offsets() {
     let comm = g.comm(0);
     let mut kernels = Kernels::new(comm.device());
     let mut rng = rand::rng();
-    let shapes = [
+    let mut shapes = vec![
         (1, 1, 1),
         (2, 3, 5),
         (7, 13, 31),
@@ -160,6 +160,14 @@ fn matmul_matches_the_f64_reference_on_odd_shapes_transposes_and_offsets() {
         (64, 64, 64),
         (131, 257, 33),
     ];
+    // And fresh random shapes each run, up to a few tiles in every direction.
+    for _ in 0..6 {
+        shapes.push((
+            rng.random_range(1..=300),
+            rng.random_range(1..=300),
+            rng.random_range(1..=150),
+        ));
+    }
     for (m, n, k) in shapes {
         for kernel in KERNELS {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -724,6 +732,47 @@ fn one_rank_with_bad_shapes_stops_the_others_at_once() {
             }
             (_, Err(Error::PeerAborted { peer: 1, .. })) => {}
             (r, other) => panic!("rank {r}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn column_parallel_gathers_f16_shards_of_odd_sizes() {
+    let mut rng = rand::rng();
+    let ranks = 3;
+    // Odd m and a width that leaves shards of 3, 2 and 2 columns: blocks of odd f16 counts.
+    let (m, n, k) = (5, 7, 9);
+    let half = |v: Vec<f64>| -> Vec<f64> {
+        v.into_iter()
+            .map(|x| wccl::f16::from_f64(x).to_f64())
+            .collect()
+    };
+    let a = half(random(&mut rng, m * k));
+    let b = half(random(&mut rng, k * n));
+    let want = matmul_ref(&a, &b, &Matmul::new(m, n, k));
+    let to16 =
+        |v: &[f64]| -> Vec<wccl::f16> { v.iter().map(|&x| wccl::f16::from_f64(x)).collect() };
+    let out = each(ranks, |comm| {
+        if !comm.device().supports(DType::F16) {
+            return Ok(None);
+        }
+        let mut kernels = Kernels::new(comm.device());
+        let mut split = ColumnParallel::new(comm, m, n, k)?;
+        let ab = comm.upload(&to16(&a))?;
+        let bb = comm.upload(&to16(&tp::columns_of(&b, n, split.columns())))?;
+        let c = comm.upload(&vec![wccl::f16::NAN; m * n])?;
+        split.forward_gathered(comm, &mut kernels, ab.view(), bb.view(), c.view())?;
+        Ok(Some(
+            comm.download(&c)?
+                .iter()
+                .map(|x| x.to_f64())
+                .collect::<Vec<_>>(),
+        ))
+    });
+    for (r, c) in out.into_iter().enumerate() {
+        match c {
+            Some(c) => assert_close(&format!("f16 rank {r}"), &c, &want, 1e-2),
+            None => assert!(!group(1).comm(0).device().supports(DType::F16)),
         }
     }
 }

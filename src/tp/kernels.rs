@@ -160,6 +160,11 @@ impl Kernels {
                     "k = 0 needs c at a 4-byte boundary and of whole 4-byte words".into(),
                 ));
             }
+            if !c.buffer.usage().contains(wgpu::BufferUsages::COPY_DST) {
+                return Err(bad(
+                    "k = 0 clears c, whose buffer lacks COPY_DST usage".into()
+                ));
+            }
             enc.clear_buffer(c.buffer, c.offset, Some(c.bytes()));
             dev.queue().submit([enc.finish()]);
             return Ok(());

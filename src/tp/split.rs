@@ -4,12 +4,10 @@
 
 use std::ops::Range;
 
-use wgpu::{Buffer, BufferUsages};
-
 use super::kernels::{Kernels, Matmul};
 use super::local;
 use crate::comm::Communicator;
-use crate::device::TensorRef;
+use crate::device::{DeviceBuffer, TensorRef};
 use crate::error::{At, Error, Result};
 use crate::types::{DType, ReduceOp};
 
@@ -79,7 +77,9 @@ pub struct ColumnParallel {
     spec: Matmul,
     rank: usize,
     ranks: usize,
-    scratch: Option<(Buffer, Buffer, DType)>,
+    /// The gather's scratch: this rank's padded block and everyone's, as 4-byte words, with the
+    /// element type and block length they were made for.
+    scratch: Option<(DeviceBuffer<u32>, DeviceBuffer<u32>, DType, usize)>,
 }
 
 impl ColumnParallel {
@@ -147,10 +147,13 @@ impl ColumnParallel {
         }
         let width = n.div_ceil(self.ranks);
         let block_len = m * width;
-        let scratch = self.scratch(comm, c.dtype, block_len);
-        let (block, all) = local(comm, scratch)?;
-        let block = TensorRef::new(&block, 0, block_len, c.dtype);
-        let all = TensorRef::new(&all, 0, block_len * self.ranks, c.dtype);
+        let made = self.make_scratch(comm, c.dtype, block_len);
+        local(comm, made)?;
+        let Some((block, all, _, _)) = &self.scratch else {
+            return local(comm, Err(bad(comm, "internal: no scratch buffers".into())));
+        };
+        let block = TensorRef::new(block.raw(), 0, block_len, c.dtype);
+        let all = TensorRef::new(all.raw(), 0, block_len * self.ranks, c.dtype);
         let own = self.columns().len();
         self.forward(comm, kernels, a, b_shard, block.slice(0, m * own))?;
         comm.all_gather(block, all)?;
@@ -172,37 +175,19 @@ impl ColumnParallel {
 
     /// The gather's two scratch buffers (this rank's padded block, everyone's), kept while
     /// their size and type stay the same.
-    fn scratch(
-        &mut self,
-        comm: &Communicator,
-        dtype: DType,
-        block_len: usize,
-    ) -> Result<(Buffer, Buffer)> {
-        let bytes = |len: usize| ((len * dtype.size()) as u64).next_multiple_of(4).max(4);
+    fn make_scratch(&mut self, comm: &Communicator, dtype: DType, block_len: usize) -> Result<()> {
         let fits = self
             .scratch
             .as_ref()
-            .is_some_and(|(b, _, t)| *t == dtype && b.size() == bytes(block_len));
+            .is_some_and(|s| s.2 == dtype && s.3 == block_len);
         if !fits {
             comm.device().check_dtype(At::rank(comm.rank()), dtype)?;
-            let make = |len| {
-                comm.device()
-                    .device()
-                    .create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("wccl column-parallel gather"),
-                        size: bytes(len),
-                        usage: BufferUsages::STORAGE
-                            | BufferUsages::COPY_SRC
-                            | BufferUsages::COPY_DST,
-                        mapped_at_creation: false,
-                    })
-            };
-            self.scratch = Some((make(block_len), make(block_len * self.ranks), dtype));
+            let words = |len: usize| (len * dtype.size()).div_ceil(4);
+            let block = comm.buffer::<u32>(words(block_len))?;
+            let all = comm.buffer::<u32>(words(block_len * self.ranks))?;
+            self.scratch = Some((block, all, dtype, block_len));
         }
-        match &self.scratch {
-            Some((b, a, _)) => Ok((b.clone(), a.clone())),
-            None => Err(bad(comm, "internal: scratch buffers missing".into())),
-        }
+        Ok(())
     }
 }
 
