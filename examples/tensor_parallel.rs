@@ -1,7 +1,8 @@
 //! Tensor parallelism: Megatron-LM's MLP block (column-parallel, GELU, row-parallel) split over
 //! several ranks, forward and backward, checked against the same block on one device.
 //!
-//! `cargo run --release --example tensor_parallel -- --ranks 4 --batch 64 --d-model 256 --d-ffn 1024`
+//! `cargo run --release --example tensor_parallel -- [--ranks 4] [--batch 64 --d-model 256 --d-ffn 1024]`
+//! (by default one rank per adapter, at least two).
 //!
 //! Prints the time of one forward + backward step, its GFLOP/s, the bytes each collective moved
 //! (measured by the communicators), and the relative error of every output and gradient.
@@ -16,8 +17,9 @@ use wccl::{CommGroup, Communicator};
 #[derive(Parser)]
 #[command(about = "A tensor-parallel MLP block, checked against one device")]
 struct Args {
-    /// Ranks to split over (they share adapters when there are fewer).
-    #[arg(long, default_value_t = 4)]
+    /// Ranks to split over (they share adapters when there are fewer); 0: one per adapter,
+    /// at least 2.
+    #[arg(long, default_value_t = 0)]
     ranks: usize,
     /// Rows of the input.
     #[arg(long, default_value_t = 64)]
@@ -117,7 +119,14 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.ranks == 0 {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapters =
+            wccl::device::discover_adapters(&instance, &wccl::AdapterSelector::default())?;
+        args.ranks = adapters.len().max(2);
+    }
     let (b, d, f) = (args.batch, args.d_model, args.d_ffn);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut random = |len: usize, scale: f32| -> Vec<f32> {
