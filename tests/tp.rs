@@ -776,3 +776,24 @@ fn column_parallel_gathers_f16_shards_of_odd_sizes() {
         }
     }
 }
+
+#[test]
+fn mlp_backward_needs_a_forward_pass_on_the_same_batch() {
+    let (d, ffn) = (4, 8);
+    let w = vec![0.1f32; d * ffn];
+    let results = group(2).run_each(|comm| {
+        let mut kernels = Kernels::new(comm.device());
+        let mut mlp = ParallelMlp::new(comm, (d, ffn, d), &w, &w)?;
+        let x = comm.upload(&vec![1.0f32; 3 * d])?;
+        let dx = comm.buffer::<f32>(3 * d)?;
+        mlp.backward(comm, &mut kernels, x.view(), x.view(), dx.view())
+    });
+    for r in results {
+        match r {
+            Err(Error::InvalidArgument { message, .. }) => {
+                assert!(message.contains("without a forward pass"), "{message}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+}

@@ -236,39 +236,34 @@ impl MatmulKernels {
                 });
             let b_len = (call.k * call.n) as u64 * es;
             let c_len = (rows * call.n) as u64 * es;
-            let binding = |buffer, start: u64, rel: u64, len: u64| wgpu::BufferBinding {
-                buffer,
-                offset: start,
-                size: NonZeroU64::new((rel + len).next_multiple_of(4).max(4)),
-            };
+            let windows = [
+                (call.a.0, a_bind, a_rel, a_len),
+                (call.b.0, b_bind, b_rel, b_len),
+                (call.c.0, c_bind, c_rel, c_len),
+            ];
+            let mut entries: Vec<_> = windows
+                .iter()
+                .zip(0u32..)
+                .map(
+                    |(&(buffer, start, rel, len), binding)| wgpu::BindGroupEntry {
+                        binding,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer,
+                            offset: start,
+                            size: NonZeroU64::new((rel + len).next_multiple_of(4).max(4)),
+                        }),
+                    },
+                )
+                .collect();
+            entries.push(wgpu::BindGroupEntry {
+                binding: 3,
+                resource: uniform.as_entire_binding(),
+            });
             let pipeline = self.pipeline(dev, key).clone();
             let bind_group = dev.device().create_bind_group(&wgpu::BindGroupDescriptor {
                 label: None,
                 layout: &pipeline.get_bind_group_layout(0),
-                entries: &[
-                    wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: wgpu::BindingResource::Buffer(binding(
-                            call.a.0, a_bind, a_rel, a_len,
-                        )),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 1,
-                        resource: wgpu::BindingResource::Buffer(binding(
-                            call.b.0, b_bind, b_rel, b_len,
-                        )),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 2,
-                        resource: wgpu::BindingResource::Buffer(binding(
-                            call.c.0, c_bind, c_rel, c_len,
-                        )),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 3,
-                        resource: uniform.as_entire_binding(),
-                    },
-                ],
+                entries: &entries,
             });
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("wccl matmul"),

@@ -6,26 +6,17 @@
 use std::ops::Range;
 
 use super::kernels::{Kernels, Matmul};
-use super::local;
 use super::split::{ColumnParallel, columns_of, rows_of, shard};
+use super::{local, refuse};
 use crate::comm::Communicator;
 use crate::device::{DeviceBuffer, TensorRef};
-use crate::error::{At, Error, Result};
+use crate::error::Result;
 use crate::types::ReduceOp;
-
-fn invalid(comm: &mut Communicator, message: String) -> Error {
-    let e = Error::InvalidArgument {
-        at: At::rank(comm.rank()),
-        message,
-    };
-    comm.abort(&e);
-    e
-}
 
 /// The batch size of `x`, which holds whole rows of `width` elements.
 fn batch_of(comm: &mut Communicator, what: &str, x: &TensorRef<'_>, width: usize) -> Result<usize> {
     if width == 0 || !x.count.is_multiple_of(width) {
-        return Err(invalid(
+        return Err(refuse(
             comm,
             format!("{what}: {} elements are not whole rows of {width}", x.count),
         ));
@@ -41,7 +32,7 @@ fn check_weight(
     len: usize,
 ) -> Result<()> {
     if split < comm.size() {
-        return Err(invalid(
+        return Err(refuse(
             comm,
             format!(
                 "{what}: cannot split {split} over {} ranks: every rank needs at least one",
@@ -50,7 +41,7 @@ fn check_weight(
         ));
     }
     if len != rows * cols {
-        return Err(invalid(
+        return Err(refuse(
             comm,
             format!(
                 "{what}: weight has {len} elements, {rows} x {cols} needs {}",
@@ -59,6 +50,66 @@ fn check_weight(
         ));
     }
     Ok(())
+}
+
+/// One rank's shard of a linear layer as a dense layer of its own: `y = x W` with W `n_in x
+/// n_out`, and its backward pass; the parallel layers add the communication around it.
+struct LocalLinear {
+    n_in: usize,
+    n_out: usize,
+    weight: DeviceBuffer<f32>,
+    weight_grad: DeviceBuffer<f32>,
+}
+
+impl LocalLinear {
+    fn upload(comm: &mut Communicator, weight: &[f32], n_in: usize, n_out: usize) -> Result<Self> {
+        let made = comm
+            .upload(weight)
+            .and_then(|w| Ok((w, comm.buffer::<f32>(weight.len())?)));
+        let (weight, weight_grad) = local(comm, made)?;
+        Ok(LocalLinear {
+            n_in,
+            n_out,
+            weight,
+            weight_grad,
+        })
+    }
+
+    /// `y (batch x n_out) = x (batch x n_in) W`.
+    fn forward(
+        &self,
+        comm: &mut Communicator,
+        kernels: &mut Kernels,
+        what: &str,
+        x: TensorRef<'_>,
+        y: TensorRef<'_>,
+    ) -> Result<()> {
+        let batch = batch_of(comm, what, &x, self.n_in)?;
+        let spec = Matmul::new(batch, self.n_out, self.n_in);
+        let r = kernels.matmul(comm.device(), &spec, x, self.weight.view(), y);
+        local(comm, r)
+    }
+
+    /// The weight gradient `xᵀ dy` (`n_in x n_out`) and `dx = dy Wᵀ` (`batch x n_in`).
+    fn backward(
+        &self,
+        comm: &mut Communicator,
+        kernels: &mut Kernels,
+        what: &str,
+        x: TensorRef<'_>,
+        dy: TensorRef<'_>,
+        dx: TensorRef<'_>,
+    ) -> Result<()> {
+        let batch = batch_of(comm, what, &x, self.n_in)?;
+        let (n_in, n_out) = (self.n_in, self.n_out);
+        let dev = comm.device();
+        let weight_grad = Matmul::new(n_in, n_out, batch).trans_a();
+        let input_grad = Matmul::new(batch, n_in, n_out).trans_b();
+        let r = kernels
+            .matmul(dev, &weight_grad, x, dy, self.weight_grad.view())
+            .and_then(|()| kernels.matmul(dev, &input_grad, dy, self.weight.view(), dx));
+        local(comm, r)
+    }
 }
 
 /// `Y = X W` with W (`in x out`) split by columns: rank r keeps columns
@@ -71,8 +122,7 @@ pub struct ColumnParallelLinear {
     in_features: usize,
     out_features: usize,
     columns: Range<usize>,
-    weight: DeviceBuffer<f32>,
-    weight_grad: DeviceBuffer<f32>,
+    shard: LocalLinear,
     gather: Option<ColumnParallel>,
     dy_shard: Option<DeviceBuffer<f32>>,
 }
@@ -95,17 +145,13 @@ impl ColumnParallelLinear {
             weight.len(),
         )?;
         let columns = shard(out_features, comm.size(), comm.rank());
-        let shard = columns_of(weight, out_features, columns.clone());
-        let made = comm
-            .upload(&shard)
-            .and_then(|w| Ok((w, comm.buffer::<f32>(shard.len())?)));
-        let (weight, weight_grad) = local(comm, made)?;
+        let part = columns_of(weight, out_features, columns.clone());
+        let shard = LocalLinear::upload(comm, &part, in_features, columns.len())?;
         Ok(ColumnParallelLinear {
             in_features,
             out_features,
             columns,
-            weight,
-            weight_grad,
+            shard,
             gather: None,
             dy_shard: None,
         })
@@ -128,12 +174,12 @@ impl ColumnParallelLinear {
 
     /// This rank's weight shard (`in x out_r`).
     pub fn weight(&self) -> &DeviceBuffer<f32> {
-        &self.weight
+        &self.shard.weight
     }
 
     /// This rank's weight gradient (`in x out_r`), written by the last backward pass.
     pub fn weight_grad(&self) -> &DeviceBuffer<f32> {
-        &self.weight_grad
+        &self.shard.weight_grad
     }
 
     /// `y_shard (batch x out_r) = x (batch x in) W_r`.
@@ -144,10 +190,8 @@ impl ColumnParallelLinear {
         x: TensorRef<'_>,
         y_shard: TensorRef<'_>,
     ) -> Result<()> {
-        let batch = batch_of(comm, "column-parallel forward x", &x, self.in_features)?;
-        let spec = Matmul::new(batch, self.columns.len(), self.in_features);
-        let r = kernels.matmul(comm.device(), &spec, x, self.weight.view(), y_shard);
-        local(comm, r)
+        let what = "column-parallel forward x";
+        self.shard.forward(comm, kernels, what, x, y_shard)
     }
 
     /// `y (batch x out) = x W`, the same on every rank (one all-gather).
@@ -168,8 +212,8 @@ impl ColumnParallelLinear {
             )?);
         }
         match self.gather.as_mut() {
-            Some(g) => g.forward_gathered(comm, kernels, x, self.weight.view(), y),
-            None => Err(invalid(comm, "internal: no gather".into())),
+            Some(g) => g.forward_gathered(comm, kernels, x, self.shard.weight.view(), y),
+            None => Err(refuse(comm, "internal: no gather".into())),
         }
     }
 
@@ -184,27 +228,8 @@ impl ColumnParallelLinear {
         dy_shard: TensorRef<'_>,
         dx: TensorRef<'_>,
     ) -> Result<()> {
-        let batch = batch_of(comm, "column-parallel backward x", &x, self.in_features)?;
-        let (n_in, n_r) = (self.in_features, self.columns.len());
-        let dev = comm.device();
-        let r = kernels
-            .matmul(
-                dev,
-                &Matmul::new(n_in, n_r, batch).trans_a(),
-                x,
-                dy_shard,
-                self.weight_grad.view(),
-            )
-            .and_then(|()| {
-                kernels.matmul(
-                    dev,
-                    &Matmul::new(batch, n_in, n_r).trans_b(),
-                    dy_shard,
-                    self.weight.view(),
-                    dx,
-                )
-            });
-        local(comm, r)?;
+        let what = "column-parallel backward x";
+        self.shard.backward(comm, kernels, what, x, dy_shard, dx)?;
         comm.all_reduce(dx, ReduceOp::Sum)
     }
 
@@ -226,7 +251,7 @@ impl ColumnParallelLinear {
             self.dy_shard = Some(local(comm, made)?);
         }
         let Some(dy_shard) = self.dy_shard.take() else {
-            return Err(invalid(comm, "internal: no dy shard".into()));
+            return Err(refuse(comm, "internal: no dy shard".into()));
         };
         let start = self.columns.start;
         let r = kernels.copy_columns(
@@ -252,8 +277,7 @@ pub struct RowParallelLinear {
     in_features: usize,
     out_features: usize,
     rows: Range<usize>,
-    weight: DeviceBuffer<f32>,
-    weight_grad: DeviceBuffer<f32>,
+    shard: LocalLinear,
 }
 
 impl RowParallelLinear {
@@ -274,17 +298,13 @@ impl RowParallelLinear {
             weight.len(),
         )?;
         let rows = shard(in_features, comm.size(), comm.rank());
-        let shard = rows_of(weight, out_features, rows.clone());
-        let made = comm
-            .upload(shard)
-            .and_then(|w| Ok((w, comm.buffer::<f32>(shard.len())?)));
-        let (weight, weight_grad) = local(comm, made)?;
+        let part = rows_of(weight, out_features, rows.clone());
+        let shard = LocalLinear::upload(comm, part, rows.len(), out_features)?;
         Ok(RowParallelLinear {
             in_features,
             out_features,
             rows,
-            weight,
-            weight_grad,
+            shard,
         })
     }
 
@@ -295,12 +315,12 @@ impl RowParallelLinear {
 
     /// This rank's weight shard (`in_r x out`).
     pub fn weight(&self) -> &DeviceBuffer<f32> {
-        &self.weight
+        &self.shard.weight
     }
 
     /// This rank's weight gradient (`in_r x out`), written by the last backward pass.
     pub fn weight_grad(&self) -> &DeviceBuffer<f32> {
-        &self.weight_grad
+        &self.shard.weight_grad
     }
 
     /// `y (batch x out) = sum over ranks of x_shard (batch x in_r) W_r`, on every rank.
@@ -311,10 +331,8 @@ impl RowParallelLinear {
         x_shard: TensorRef<'_>,
         y: TensorRef<'_>,
     ) -> Result<()> {
-        let batch = batch_of(comm, "row-parallel forward x", &x_shard, self.rows.len())?;
-        let spec = Matmul::new(batch, self.out_features, self.rows.len());
-        let r = kernels.matmul(comm.device(), &spec, x_shard, self.weight.view(), y);
-        local(comm, r)?;
+        let what = "row-parallel forward x";
+        self.shard.forward(comm, kernels, what, x_shard, y)?;
         comm.all_reduce(y, ReduceOp::Sum)
     }
 
@@ -328,27 +346,9 @@ impl RowParallelLinear {
         dy: TensorRef<'_>,
         dx_shard: TensorRef<'_>,
     ) -> Result<()> {
-        let batch = batch_of(comm, "row-parallel backward dy", &dy, self.out_features)?;
-        let (n_r, n_out) = (self.rows.len(), self.out_features);
-        let dev = comm.device();
-        let r = kernels
-            .matmul(
-                dev,
-                &Matmul::new(n_r, n_out, batch).trans_a(),
-                x_shard,
-                dy,
-                self.weight_grad.view(),
-            )
-            .and_then(|()| {
-                kernels.matmul(
-                    dev,
-                    &Matmul::new(batch, n_r, n_out).trans_b(),
-                    dy,
-                    self.weight.view(),
-                    dx_shard,
-                )
-            });
-        local(comm, r)
+        let what = "row-parallel backward x";
+        self.shard
+            .backward(comm, kernels, what, x_shard, dy, dx_shard)
     }
 
     /// The layer's (full) input width.

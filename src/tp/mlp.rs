@@ -3,10 +3,10 @@
 
 use super::kernels::Kernels;
 use super::linear::{ColumnParallelLinear, RowParallelLinear};
-use super::local;
+use super::{local, refuse};
 use crate::comm::Communicator;
 use crate::device::{DeviceBuffer, TensorRef};
-use crate::error::{At, Error, Result};
+use crate::error::Result;
 
 /// `Y = gelu(X W1) W2` split over the ranks: W1 (`d_in x d_ffn`) by columns, W2 (`d_ffn x
 /// d_out`) by rows, so that each rank's hidden shard feeds its own rows of W2 and only the
@@ -93,9 +93,12 @@ impl ParallelMlp {
     ) -> Result<()> {
         let d_in = self.fc1.in_features();
         if d_in == 0 || !x.count.is_multiple_of(d_in) {
-            return Err(self.fail(
+            return Err(refuse(
                 comm,
-                format!("x has {} elements, not whole rows of {d_in}", x.count),
+                format!(
+                    "parallel MLP: x has {} elements, not whole rows of {d_in}",
+                    x.count
+                ),
             ));
         }
         let batch = x.count / d_in;
@@ -123,9 +126,11 @@ impl ParallelMlp {
         let d_in = self.fc1.in_features();
         let batch = x.count.checked_div(d_in).unwrap_or(0);
         let Some(acts) = self.acts.take_if(|a| a.forward_done && a.batch == batch) else {
-            return Err(self.fail(
+            return Err(refuse(
                 comm,
-                format!("backward for a batch of {batch} rows without a forward pass on it"),
+                format!(
+                    "parallel MLP: backward for a batch of {batch} rows without a forward pass on it"
+                ),
             ));
         };
         let result = self
@@ -162,14 +167,5 @@ impl ParallelMlp {
             })
         })();
         local(comm, made)
-    }
-
-    fn fail(&self, comm: &mut Communicator, message: String) -> Error {
-        let e = Error::InvalidArgument {
-            at: At::rank(comm.rank()),
-            message: format!("parallel MLP: {message}"),
-        };
-        comm.abort(&e);
-        e
     }
 }

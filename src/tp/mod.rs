@@ -24,7 +24,7 @@ pub use mlp::ParallelMlp;
 pub use split::{ColumnParallel, RowParallel, columns_of, rows_of, shard};
 
 use crate::comm::Communicator;
-use crate::error::Result;
+use crate::error::{At, Error, Result};
 
 /// Passes on the result of a rank-local step; a failure breaks `comm` and aborts its peers.
 fn local<T>(comm: &mut Communicator, result: Result<T>) -> Result<T> {
@@ -32,4 +32,15 @@ fn local<T>(comm: &mut Communicator, result: Result<T>) -> Result<T> {
         comm.abort(e);
     }
     result
+}
+
+/// Refuses a call with `message`: an [`Error::InvalidArgument`] that also breaks `comm` and
+/// aborts its peers.
+fn refuse(comm: &mut Communicator, message: String) -> Error {
+    let e = Error::InvalidArgument {
+        at: At::rank(comm.rank()),
+        message,
+    };
+    comm.abort(&e);
+    e
 }

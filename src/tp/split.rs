@@ -5,10 +5,10 @@
 use std::ops::Range;
 
 use super::kernels::{Kernels, Matmul};
-use super::local;
+use super::{local, refuse};
 use crate::comm::Communicator;
 use crate::device::{DeviceBuffer, TensorRef};
-use crate::error::{At, Error, Result};
+use crate::error::{At, Result};
 use crate::types::{DType, ReduceOp};
 
 /// The part of `len` items that part `index` of `parts` owns: contiguous, in order, the first
@@ -48,17 +48,10 @@ pub fn rows_of<T>(matrix: &[T], width: usize, rows: Range<usize>) -> &[T] {
     &matrix[rows.start * width..rows.end * width]
 }
 
-fn bad(comm: &Communicator, message: String) -> Error {
-    Error::InvalidArgument {
-        at: At::rank(comm.rank()),
-        message,
-    }
-}
-
 /// Checks that `len` (columns or rows to split) gives every rank at least one.
-fn check_split(comm: &Communicator, what: &str, len: usize) -> Result<()> {
+fn check_split(comm: &mut Communicator, what: &str, len: usize) -> Result<()> {
     if len < comm.size() {
-        return Err(bad(
+        return Err(refuse(
             comm,
             format!(
                 "cannot split {len} {what} over {} ranks: every rank needs at least one",
@@ -84,7 +77,7 @@ pub struct ColumnParallel {
 
 impl ColumnParallel {
     /// The split of an `m x n x k` product over `comm`'s ranks; fails when n < ranks.
-    pub fn new(comm: &Communicator, m: usize, n: usize, k: usize) -> Result<Self> {
+    pub fn new(comm: &mut Communicator, m: usize, n: usize, k: usize) -> Result<Self> {
         check_split(comm, "columns", n)?;
         Ok(ColumnParallel {
             spec: Matmul::new(m, n, k),
@@ -135,22 +128,21 @@ impl ColumnParallel {
     ) -> Result<()> {
         let Matmul { m, n, .. } = self.spec;
         if c.count != m * n {
-            let e = bad(
+            return Err(refuse(
                 comm,
                 format!(
                     "column-parallel: c has {} elements, m x n is {}",
                     c.count,
                     m * n
                 ),
-            );
-            return local(comm, Err(e));
+            ));
         }
         let width = n.div_ceil(self.ranks);
         let block_len = m * width;
         let made = self.make_scratch(comm, c.dtype, block_len);
         local(comm, made)?;
         let Some((block, all, _, _)) = &self.scratch else {
-            return local(comm, Err(bad(comm, "internal: no scratch buffers".into())));
+            return Err(refuse(comm, "internal: no scratch buffers".into()));
         };
         let block = TensorRef::new(block.raw(), 0, block_len, c.dtype);
         let all = TensorRef::new(all.raw(), 0, block_len * self.ranks, c.dtype);
@@ -202,7 +194,7 @@ pub struct RowParallel {
 
 impl RowParallel {
     /// The split of an `m x n x k` product over `comm`'s ranks; fails when k < ranks.
-    pub fn new(comm: &Communicator, m: usize, n: usize, k: usize) -> Result<Self> {
+    pub fn new(comm: &mut Communicator, m: usize, n: usize, k: usize) -> Result<Self> {
         check_split(comm, "inner rows", k)?;
         Ok(RowParallel {
             spec: Matmul::new(m, n, k),
