@@ -150,23 +150,34 @@ fn tiled_main(
     }
 }
 
-// The large tiled kernel: 128 x 128 tiles, 8 x 8 outputs per invocation, held as RM4 x RN4
-// groups of 4 x 4 (the loops over them have constant bounds and unroll).
-const RM4: u32 = 2u;
-const RN4: u32 = 2u;
-const L_TILE_M: u32 = 64u * RM4;
-const L_TILE_N: u32 = 64u * RN4;
+// The large tiled kernel: 128 x 128 tiles, 8 x 8 outputs per invocation in 16 vec4
+// accumulators, written out by name: software adapters keep an indexed array of them in memory
+// (measured: twice as slow for the 4 x 4 kernel), GPUs may spill it.
+const L_TILE_M: u32 = 128u;
+const L_TILE_N: u32 = 128u;
 const A_VECS: u32 = TILE_K * L_TILE_M / 4u;
 const B_VECS: u32 = TILE_K * L_TILE_N / 4u;
-const ACC: u32 = 4u * RM4 * RN4;
 
 // As a_tile and b_tile, for the large tiles.
 var<workgroup> a_tile_l: array<vec4<f32>, A_VECS>;
 var<workgroup> b_tile_l: array<vec4<f32>, B_VECS>;
 
-// Invocation (tx, ty) computes rows 4 (i * 16 + ty) + r and columns 4 (j * 16 + tx) + c of the
-// tile, for i < RM4, j < RN4, r, c < 4: neighbouring invocations read neighbouring vec4s of the
-// tiles (no bank conflicts) and write neighbouring columns of C.
+// c[row, col .. col + 3] = v, where inside C.
+fn store4(row: u32, col: u32, v: vec4<f32>) {
+    if (row >= p.m) {
+        return;
+    }
+    let base = p.c_off + row * p.n;
+    for (var e = 0u; e < 4u; e++) {
+        if (col + e < p.n) {
+            c[base + col + e] = ELEM(v[e]);
+        }
+    }
+}
+
+// Invocation (tx, ty) computes rows 4 (i * 16 + ty) + r and columns 4 (j * 16 + tx) + e of the
+// tile, for i, j < 2 and r, e < 4 (accumulator c{4i + r}{j}): neighbouring invocations read
+// neighbouring vec4s of the tiles (no bank conflicts) and write neighbouring columns of C.
 @compute @workgroup_size(16, 16)
 fn tiled_large_main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -175,10 +186,22 @@ fn tiled_large_main(
 ) {
     let row0 = wg.y * L_TILE_M;
     let col0 = wg.x * L_TILE_N;
-    var acc: array<vec4<f32>, ACC>;
-    for (var i = 0u; i < ACC; i++) {
-        acc[i] = vec4<f32>(0.0);
-    }
+    var c00 = vec4<f32>(0.0);
+    var c01 = vec4<f32>(0.0);
+    var c10 = vec4<f32>(0.0);
+    var c11 = vec4<f32>(0.0);
+    var c20 = vec4<f32>(0.0);
+    var c21 = vec4<f32>(0.0);
+    var c30 = vec4<f32>(0.0);
+    var c31 = vec4<f32>(0.0);
+    var c40 = vec4<f32>(0.0);
+    var c41 = vec4<f32>(0.0);
+    var c50 = vec4<f32>(0.0);
+    var c51 = vec4<f32>(0.0);
+    var c60 = vec4<f32>(0.0);
+    var c61 = vec4<f32>(0.0);
+    var c70 = vec4<f32>(0.0);
+    var c71 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
         // Fill the tiles; neighbouring invocations take neighbouring addresses of the stored
         // matrix, whichever way it is laid out.
@@ -210,42 +233,51 @@ fn tiled_large_main(
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TILE_K; kk++) {
-            var av: array<vec4<f32>, RM4>;
-            var bv: array<vec4<f32>, RN4>;
-            for (var i = 0u; i < RM4; i++) {
-                av[i] = a_tile_l[kk * (L_TILE_M / 4u) + i * SIDE + lid.y];
-            }
-            for (var j = 0u; j < RN4; j++) {
-                bv[j] = b_tile_l[kk * (L_TILE_N / 4u) + j * SIDE + lid.x];
-            }
-            for (var i = 0u; i < RM4; i++) {
-                for (var r = 0u; r < 4u; r++) {
-                    let x = vec4<f32>(av[i][r]);
-                    for (var j = 0u; j < RN4; j++) {
-                        let t = (i * 4u + r) * RN4 + j;
-                        acc[t] = fma(x, bv[j], acc[t]);
-                    }
-                }
-            }
+            let a0 = a_tile_l[kk * (L_TILE_M / 4u) + lid.y];
+            let a1 = a_tile_l[kk * (L_TILE_M / 4u) + SIDE + lid.y];
+            let b0 = b_tile_l[kk * (L_TILE_N / 4u) + lid.x];
+            let b1 = b_tile_l[kk * (L_TILE_N / 4u) + SIDE + lid.x];
+            let x0 = vec4<f32>(a0.x);
+            let x1 = vec4<f32>(a0.y);
+            let x2 = vec4<f32>(a0.z);
+            let x3 = vec4<f32>(a0.w);
+            let x4 = vec4<f32>(a1.x);
+            let x5 = vec4<f32>(a1.y);
+            let x6 = vec4<f32>(a1.z);
+            let x7 = vec4<f32>(a1.w);
+            c00 = fma(x0, b0, c00);
+            c01 = fma(x0, b1, c01);
+            c10 = fma(x1, b0, c10);
+            c11 = fma(x1, b1, c11);
+            c20 = fma(x2, b0, c20);
+            c21 = fma(x2, b1, c21);
+            c30 = fma(x3, b0, c30);
+            c31 = fma(x3, b1, c31);
+            c40 = fma(x4, b0, c40);
+            c41 = fma(x4, b1, c41);
+            c50 = fma(x5, b0, c50);
+            c51 = fma(x5, b1, c51);
+            c60 = fma(x6, b0, c60);
+            c61 = fma(x6, b1, c61);
+            c70 = fma(x7, b0, c70);
+            c71 = fma(x7, b1, c71);
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < RM4; i++) {
-        for (var r = 0u; r < 4u; r++) {
-            let row = row0 + 4u * (i * SIDE + lid.y) + r;
-            if (row >= p.m) {
-                return;
-            }
-            let base = p.c_off + row * p.n;
-            for (var j = 0u; j < RN4; j++) {
-                let col = col0 + 4u * (j * SIDE + lid.x);
-                let v = acc[(i * 4u + r) * RN4 + j];
-                for (var e = 0u; e < 4u; e++) {
-                    if (col + e < p.n) {
-                        c[base + col + e] = ELEM(v[e]);
-                    }
-                }
-            }
-        }
-    }
+    store4(row0 + 4u * (0u * SIDE + lid.y) + 0u, col0 + 4u * (0u * SIDE + lid.x), c00);
+    store4(row0 + 4u * (0u * SIDE + lid.y) + 0u, col0 + 4u * (1u * SIDE + lid.x), c01);
+    store4(row0 + 4u * (0u * SIDE + lid.y) + 1u, col0 + 4u * (0u * SIDE + lid.x), c10);
+    store4(row0 + 4u * (0u * SIDE + lid.y) + 1u, col0 + 4u * (1u * SIDE + lid.x), c11);
+    store4(row0 + 4u * (0u * SIDE + lid.y) + 2u, col0 + 4u * (0u * SIDE + lid.x), c20);
+    store4(row0 + 4u * (0u * SIDE + lid.y) + 2u, col0 + 4u * (1u * SIDE + lid.x), c21);
+    store4(row0 + 4u * (0u * SIDE + lid.y) + 3u, col0 + 4u * (0u * SIDE + lid.x), c30);
+    store4(row0 + 4u * (0u * SIDE + lid.y) + 3u, col0 + 4u * (1u * SIDE + lid.x), c31);
+    store4(row0 + 4u * (1u * SIDE + lid.y) + 0u, col0 + 4u * (0u * SIDE + lid.x), c40);
+    store4(row0 + 4u * (1u * SIDE + lid.y) + 0u, col0 + 4u * (1u * SIDE + lid.x), c41);
+    store4(row0 + 4u * (1u * SIDE + lid.y) + 1u, col0 + 4u * (0u * SIDE + lid.x), c50);
+    store4(row0 + 4u * (1u * SIDE + lid.y) + 1u, col0 + 4u * (1u * SIDE + lid.x), c51);
+    store4(row0 + 4u * (1u * SIDE + lid.y) + 2u, col0 + 4u * (0u * SIDE + lid.x), c60);
+    store4(row0 + 4u * (1u * SIDE + lid.y) + 2u, col0 + 4u * (1u * SIDE + lid.x), c61);
+    store4(row0 + 4u * (1u * SIDE + lid.y) + 3u, col0 + 4u * (0u * SIDE + lid.x), c70);
+    store4(row0 + 4u * (1u * SIDE + lid.y) + 3u, col0 + 4u * (1u * SIDE + lid.x), c71);
 }
