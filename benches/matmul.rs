@@ -1,4 +1,4 @@
-//! The matmul kernels (plain and tiled, f32) at 256^3 and 512^3, and the tensor-parallel MLP
+//! The matmul kernels (plain, tiled and tiled-large, f32) at 256^3 and 512^3, and the tensor-parallel MLP
 //! block (forward + backward) split over 1, 2 and 4 ranks. Throughput is in floating-point
 //! operations: criterion's "Gelem/s" reads as GFLOP/s.
 //!
@@ -29,7 +29,11 @@ fn kernels(c: &mut Criterion) {
         let a = comm.upload(&values(size * size, 1)).expect("upload");
         let b = comm.upload(&values(size * size, 2)).expect("upload");
         let out = comm.buffer::<f32>(size * size).expect("buffer");
-        for kernel in [MatmulKernel::Plain, MatmulKernel::Tiled] {
+        for kernel in [
+            MatmulKernel::Plain,
+            MatmulKernel::Tiled,
+            MatmulKernel::TiledLarge,
+        ] {
             let spec = Matmul::new(size, size, size).kernel(kernel);
             bench.throughput(Throughput::Elements(spec.flops() as u64));
             bench.bench_function(format!("{kernel:?} {size}^3"), |bch| {

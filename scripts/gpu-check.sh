@@ -29,7 +29,7 @@ echo "== probe (4 ranks, 256 MiB)"
 timeout 120 "$bench" probe -g 4 -b "${GPU_CHECK_PROBE:-256M}" 2>&1 | tee "$out/probe.log"
 
 echo "== matmul kernels, 1024^3 and 4096^3 (target: 10 TFLOP/s f32 at 4096^3)"
-timeout 120 "$bench" matmul --sizes "${GPU_CHECK_MM:-1024,4096}" --kernel plain,tiled,tiled-large -n 5 -w 2 \
+timeout 120 "$bench" matmul --sizes "${GPU_CHECK_MM:-1024,4096}" --kernel plain,tiled,tiled-large,auto -n 5 -w 2 \
     > "$out/matmul.log" 2>&1
 mm_status=$?
 timeout 60 "$bench" matmul --sizes "${GPU_CHECK_MM_HALF:-4096}" --kernel tiled,tiled-large -d half -n 5 -w 2 \

@@ -797,3 +797,28 @@ fn mlp_backward_needs_a_forward_pass_on_the_same_batch() {
         }
     }
 }
+
+#[test]
+fn auto_takes_the_large_tiles_where_the_product_has_enough_of_them() {
+    use MatmulKernel::*;
+    // On a GPU (256 large tiles wanted) and on a CPU adapter (one is enough).
+    assert_eq!(Auto.resolve(4096, 4096, 256), TiledLarge);
+    assert_eq!(Auto.resolve(1024, 1024, 256), Tiled);
+    assert_eq!(Auto.resolve(2048, 2048, 256), TiledLarge);
+    assert_eq!(Auto.resolve(512, 512, 1), TiledLarge);
+    assert_eq!(Auto.resolve(127, 4096, 1), Tiled);
+    // Other kernels stand for themselves.
+    assert_eq!(Plain.resolve(4096, 4096, 1), Plain);
+    assert_eq!(Tiled.resolve(4096, 4096, 1), Tiled);
+    assert_eq!(TiledLarge.resolve(1, 1, 256), TiledLarge);
+    // The default is Auto, and a device resolves it by its type.
+    let mut g = group(1);
+    let comm = g.comm(0);
+    let kernels = Kernels::new(comm.device());
+    let spec = Matmul::new(512, 512, 512);
+    assert_eq!(spec.kernel, Auto);
+    let cpu = comm.device().info().device_type == wgpu::DeviceType::Cpu;
+    let want = if cpu { TiledLarge } else { Tiled };
+    assert_eq!(kernels.resolve(&spec), want);
+    assert_eq!(kernels.resolve(&Matmul::new(100, 37, 129)), Tiled);
+}

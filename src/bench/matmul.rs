@@ -134,7 +134,11 @@ pub fn matmul_rows(
                 n,
                 k,
                 dtype.to_string(),
-                kernel_name(kernel),
+                if kernel == MatmulKernel::Auto {
+                    format!("auto:{}", kernel_name(ks.resolve(&spec)))
+                } else {
+                    kernel_name(kernel).to_string()
+                },
                 seconds * 1e3,
                 row.gflops,
                 plain_seconds.map_or("-".into(), |p| format!("{:.2}", p / seconds)),
@@ -152,6 +156,7 @@ pub fn kernel_name(kernel: MatmulKernel) -> &'static str {
         MatmulKernel::Plain => "plain",
         MatmulKernel::Tiled => "tiled",
         MatmulKernel::TiledLarge => "tiled-large",
+        MatmulKernel::Auto => "auto",
     }
 }
 

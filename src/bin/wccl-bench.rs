@@ -58,7 +58,7 @@ enum Command {
         /// Sizes: a cube (512) or m x n x k (256x512x128), comma separated.
         #[arg(long = "sizes", default_value = "512")]
         sizes: String,
-        /// Kernels, comma separated: plain, tiled, tiled-large.
+        /// Kernels, comma separated: plain, tiled, tiled-large, auto (the default's choice).
         #[arg(long = "kernel", default_value = "plain,tiled")]
         kernel: String,
         /// Element type: float or half.
@@ -310,8 +310,9 @@ fn matmul(
             "plain" => Ok(MatmulKernel::Plain),
             "tiled" => Ok(MatmulKernel::Tiled),
             "tiled-large" => Ok(MatmulKernel::TiledLarge),
+            "auto" => Ok(MatmulKernel::Auto),
             other => Err(format!(
-                "unknown kernel '{other}' (plain, tiled, tiled-large)"
+                "unknown kernel '{other}' (plain, tiled, tiled-large, auto)"
             )),
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -18,20 +18,39 @@ pub enum MatmulKernel {
     /// One output per invocation, read straight from global memory: the reference and baseline.
     Plain,
     /// 64 x 64 tiles of C per workgroup, staged through workgroup memory, 4 x 4 outputs per
-    /// invocation with vec4 arithmetic. The default.
-    #[default]
+    /// invocation with vec4 arithmetic.
     Tiled,
     /// 128 x 128 tiles, 8 x 8 outputs per invocation: twice the arithmetic per workgroup-memory
-    /// load, for large products on GPUs (16 KiB of workgroup memory).
+    /// load, for large products (16 KiB of workgroup memory).
     TiledLarge,
+    /// The default: `TiledLarge` where the product has enough 128 x 128 tiles to keep the
+    /// device busy, `Tiled` otherwise (see [`MatmulKernel::resolve`]).
+    #[default]
+    Auto,
 }
 
 impl MatmulKernel {
+    /// The kernel `Auto` stands for on an `m x n` product: `TiledLarge` when the product has
+    /// at least `min_tiles` whole 128 x 128 tiles, else `Tiled`. `min_tiles` is 1 on CPU
+    /// adapters (a handful of cores, where the larger block always paid: 1.7x at 512^3 on
+    /// lavapipe) and 256 on GPUs (two large workgroups for each of an H100's 132 SMs, below
+    /// which the 64 x 64 kernel's four times as many workgroups fill the GPU better). Other
+    /// kernels stand for themselves.
+    pub fn resolve(self, m: usize, n: usize, min_tiles: usize) -> MatmulKernel {
+        match self {
+            MatmulKernel::Auto if (m / 128) * (n / 128) >= min_tiles.max(1) => {
+                MatmulKernel::TiledLarge
+            }
+            MatmulKernel::Auto => MatmulKernel::Tiled,
+            other => other,
+        }
+    }
+
     /// Rows and columns of C that one workgroup covers.
     const fn tile(self) -> u32 {
         match self {
             MatmulKernel::Plain => 16,
-            MatmulKernel::Tiled => 64,
+            MatmulKernel::Tiled | MatmulKernel::Auto => 64,
             MatmulKernel::TiledLarge => 128,
         }
     }
@@ -39,7 +58,7 @@ impl MatmulKernel {
     const fn entry_point(self) -> &'static str {
         match self {
             MatmulKernel::Plain => "plain_main",
-            MatmulKernel::Tiled => "tiled_main",
+            MatmulKernel::Tiled | MatmulKernel::Auto => "tiled_main",
             MatmulKernel::TiledLarge => "tiled_large_main",
         }
     }
@@ -78,6 +97,8 @@ type Key = (DType, MatmulKernel, bool, bool);
 /// Matmul pipelines of one device.
 pub(crate) struct MatmulKernels {
     pipelines: HashMap<Key, ComputePipeline>,
+    /// `Auto`'s threshold on this device (see [`MatmulKernel::resolve`]).
+    pub(crate) auto_min_tiles: usize,
     offset_align: u64,
     max_binding: u64,
     max_groups: u32,
@@ -89,8 +110,10 @@ impl MatmulKernels {
     pub(crate) fn new(dev: &RankDevice, max_binding: Option<u64>) -> Self {
         let limits = dev.limits();
         let device_max = limits.max_storage_buffer_binding_size.min(u32::MAX as u64);
+        let cpu = dev.info().device_type == wgpu::DeviceType::Cpu;
         MatmulKernels {
             pipelines: HashMap::new(),
+            auto_min_tiles: if cpu { 1 } else { 256 },
             offset_align: limits.min_storage_buffer_offset_alignment.max(4) as u64,
             max_binding: max_binding.map_or(device_max, |m| m.min(device_max)),
             max_groups: limits.max_compute_workgroups_per_dimension.max(1),

@@ -34,7 +34,8 @@ pub struct Matmul {
 }
 
 impl Matmul {
-    /// `C (m x n) = A (m x k) B (k x n)` with the tiled kernel.
+    /// `C (m x n) = A (m x k) B (k x n)`, with the kernel chosen for its shape
+    /// ([`MatmulKernel::Auto`]).
     pub fn new(m: usize, n: usize, k: usize) -> Self {
         Matmul {
             m,
@@ -42,7 +43,7 @@ impl Matmul {
             k,
             trans_a: false,
             trans_b: false,
-            kernel: MatmulKernel::Tiled,
+            kernel: MatmulKernel::Auto,
         }
     }
 
@@ -179,12 +180,18 @@ impl Kernels {
             trans_a: spec.trans_a,
             trans_b: spec.trans_b,
             dtype,
-            kernel: spec.kernel,
+            kernel: self.resolve(spec),
         };
         let rows = self.matmul.rows_per_dispatch(&call).map_err(bad)?;
         self.matmul.encode(dev, &mut enc, &call, rows);
         dev.queue().submit([enc.finish()]);
         Ok(())
+    }
+
+    /// The kernel that runs `spec` on this device (what [`MatmulKernel::Auto`] stands for).
+    pub fn resolve(&self, spec: &Matmul) -> MatmulKernel {
+        spec.kernel
+            .resolve(spec.m, spec.n, self.matmul.auto_min_tiles)
     }
 
     /// `out = gelu(x)` element-wise (the tanh form Megatron-LM uses); `out` may not share a
