@@ -2,11 +2,24 @@
 
 use std::process::Command;
 
+/// Runs wccl-bench; whether it succeeded, and its standard output. A failure must be a clean
+/// one: exit code 1 (a wrong value or an error) or 2 (bad flags), never a panic (101) or a
+/// signal.
 fn bench(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_wccl-bench"))
         .args(args)
         .output()
         .expect("run wccl-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() || matches!(out.status.code(), Some(1 | 2)),
+        "wccl-bench {args:?} failed uncleanly ({:?}):\n{stderr}",
+        out.status
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "wccl-bench {args:?} panicked:\n{stderr}"
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -113,8 +126,49 @@ fn a_corrupted_element_is_counted_and_fails_the_run() {
     );
     let r = rows(&out);
     assert_eq!(r.len(), 1);
-    assert_eq!((r[0][9].as_str(), r[0][13].as_str()), ("1", "1"), "{out}");
-    assert!(out.contains("# Out of bounds values : 2 FAILED"), "{out}");
+    // Checked at each of the 4 buffer shifts, out of place and in place.
+    assert_eq!((r[0][9].as_str(), r[0][13].as_str()), ("4", "4"), "{out}");
+    assert!(out.contains("# Out of bounds values : 8 FAILED"), "{out}");
+}
+
+/// The checker must see the bugs it is there for: a chunk written 1024·k elements off, and
+/// another rank's chunk, in every collective that moves data.
+#[test]
+fn a_misplaced_or_swapped_chunk_is_counted() {
+    for c in [
+        "all_reduce",
+        "reduce_scatter",
+        "all_gather",
+        "broadcast",
+        "reduce",
+    ] {
+        for corrupt in ["misplace:1024", "misplace:4096", "misplace:65536", "swap"] {
+            let (ok, out) = bench(&[
+                c,
+                "-b",
+                "1M",
+                "-e",
+                "1M",
+                "-g",
+                "3",
+                "-n",
+                "1",
+                "-w",
+                "0",
+                "-d",
+                "float",
+                "--corrupt",
+                corrupt,
+            ]);
+            let r = rows(&out);
+            assert_eq!(r.len(), 1, "{c} {corrupt}:\n{out}");
+            let wrong: u64 = r[0][9].parse().unwrap();
+            assert!(
+                !ok && wrong >= 4 * 1000,
+                "{c} {corrupt}: #wrong {wrong}\n{out}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -20,7 +20,8 @@ pub use plot::plot_busbw;
 pub use ps_row::ps_rows;
 pub use report::{CSV_HEADER, Measure, Row, busbw_factor, csv_row, footer, format_row, header};
 pub use sizes::{parse_size, size_steps};
-pub use verify::{count_wrong, decode, encode, expected, input_value, is_right};
+use verify::par_values;
+pub use verify::{Expected, Pattern, count_wrong, decode, encode, is_right, reduce_values};
 
 use crate::link::LinkEmulation;
 use crate::{
@@ -55,8 +56,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// All-reduce algorithms to compare (`--algo`); other collectives run their own.
     pub algos: Vec<Algorithm>,
-    /// Overwrite one element of rank 0's result before checking (tests `#wrong` itself).
-    pub corrupt_one: bool,
+    /// Damage rank 0's result before checking it (tests `#wrong` itself).
+    pub corrupt: Option<Corrupt>,
     /// The emulated links the group was built with, if any (for the bottleneck note).
     pub link: Option<LinkEmulation>,
 }
@@ -74,8 +75,51 @@ impl Default for Settings {
             root: 0,
             timeout: Duration::from_secs(30),
             algos: vec![Algorithm::Ring],
-            corrupt_one: false,
+            corrupt: None,
             link: None,
+        }
+    }
+}
+
+/// A deliberate error in rank 0's result, applied after reading it back and before checking it,
+/// to show that the checker sees each kind of bug it is there for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Corrupt {
+    /// One element off by one.
+    One,
+    /// A chunk of 1024 elements holding the elements `by` places further on (a chunk written at
+    /// the wrong offset).
+    Misplace {
+        /// How far off the chunk is, in elements.
+        by: usize,
+    },
+    /// The first and the last of the result's `ranks` equal parts swapped (another rank's chunk).
+    Swap,
+}
+
+impl Corrupt {
+    fn apply(self, got: &mut [f64], ranks: usize) {
+        match self {
+            Corrupt::One => {
+                if let Some(g) = got.first_mut() {
+                    *g += 1.0;
+                }
+            }
+            Corrupt::Misplace { by } => {
+                let chunk = 1024.min(got.len());
+                if let Some(end) = by.checked_add(chunk).filter(|&e| e <= got.len()) {
+                    got.copy_within(by..end, 0);
+                }
+            }
+            Corrupt::Swap => {
+                let part = got.len() / ranks.max(2);
+                let last = got.len() - part;
+                if part > 0 && last >= part {
+                    for i in 0..part {
+                        got.swap(i, last + i);
+                    }
+                }
+            }
         }
     }
 }
@@ -160,7 +204,7 @@ pub fn run(
                     };
                     let seconds = case.time(group, &bufs, s.warmup, s.iters)?;
                     let wrong = if s.check {
-                        case.check(group, &bufs, s.corrupt_one)?
+                        case.check(group, &bufs, s.corrupt)?
                     } else {
                         0
                     };
@@ -381,71 +425,129 @@ impl Case {
         Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
     }
 
-    /// Writes known inputs, poisons outputs, runs once and counts wrong elements on all ranks.
+    /// At every shift: writes known inputs, poisons the whole output buffer, runs once, and
+    /// counts the wrong elements on all ranks, inside the output view against the f64 reference
+    /// and outside it against the poison (a write past either end of the view is wrong too).
     fn check(
         &self,
         group: &mut CommGroup,
         bufs: &[(wgpu::Buffer, wgpu::Buffer)],
-        corrupt_one: bool,
+        corrupt: Option<Corrupt>,
     ) -> crate::Result<u64> {
         let n = bufs.len();
         let Shape { total, per } = self.shape;
+        let es = self.dtype.size();
         let in_len = match self.kind {
             CollectiveKind::AllGather => per,
             _ => total,
         };
+        // Where rank r's result lies in its output buffer, from the view's start.
+        let result_at = |r: usize| match (self.kind, self.in_place) {
+            (CollectiveKind::ReduceScatter, false) => (0, per),
+            (CollectiveKind::ReduceScatter, true) => (r * per, per),
+            _ => (0, total),
+        };
+        let expect = Expected::new(self.kind, self.dtype, self.op, n, self.root, per);
         // Inputs are never negative, so -1 (or, for u32, 4e9) is no possible result.
         let poison = if self.dtype == DType::U32 {
             4.0e9
         } else {
             -1.0
         };
-        for (r, (inb, outb)) in bufs.iter().enumerate() {
-            let values: Vec<f64> = (0..in_len).map(|i| input_value(self.op, r, i)).collect();
-            let q = group.comm(r).device().queue().clone();
-            // Whole buffers from offset 0, so every write is 4-byte aligned whatever the type.
-            let mut out = vec![poison; total];
-            if self.in_place {
-                let at = if self.kind == CollectiveKind::AllGather {
-                    r * per
-                } else {
-                    0
-                };
-                out[at..at + in_len].copy_from_slice(&values);
-            } else {
-                write(&q, inb, &encode(self.dtype, &values));
-            }
-            write(&q, outb, &encode(self.dtype, &out));
-        }
-        self.run_once(group, bufs, 0)?;
         let mut wrong = 0;
-        for (r, pair) in bufs.iter().enumerate() {
-            let (_, output) = self.views(r, pair, 0);
-            let comm = group.comm(r);
-            let bytes = match self.dtype {
-                DType::F32 => comm
-                    .read::<f32>(output)
-                    .map(|v| bytemuck::cast_slice(&v).to_vec()),
-                DType::F16 => comm
-                    .read::<half::f16>(output)
-                    .map(|v| bytemuck::cast_slice(&v).to_vec()),
-                DType::I32 => comm
-                    .read::<i32>(output)
-                    .map(|v| bytemuck::cast_slice(&v).to_vec()),
-                DType::U32 => comm
-                    .read::<u32>(output)
-                    .map(|v| bytemuck::cast_slice(&v).to_vec()),
-            }?;
-            let mut got = decode(self.dtype, &bytes);
-            if corrupt_one && r == 0 && !got.is_empty() {
-                got[0] += 1.0;
+        for k in 0..SHIFTS {
+            let shift = k * SHIFT;
+            // Elements of the output buffer, whole, so that every write is 4-byte aligned
+            // whatever the type.
+            let cap = (bufs.first().map_or(0, |(_, o)| o.size()) as usize) / es;
+            for (r, (inb, outb)) in bufs.iter().enumerate() {
+                let values = par_values(in_len, |i| expect.pattern.value(r, i));
+                let q = group.comm(r).device().queue().clone();
+                let mut out = vec![poison; cap];
+                if self.in_place {
+                    let at = shift
+                        + if self.kind == CollectiveKind::AllGather {
+                            r * per
+                        } else {
+                            0
+                        };
+                    out[at..at + in_len].copy_from_slice(&values);
+                } else {
+                    let mut input = vec![poison; cap];
+                    input[shift..shift + in_len].copy_from_slice(&values);
+                    write(&q, inb, &encode(self.dtype, &input));
+                }
+                write(&q, outb, &encode(self.dtype, &out));
             }
-            // Ranks without a defined result (non-root reduce) count nothing wrong.
-            wrong += count_wrong(self.dtype, &got, |i| {
-                expected(self.kind, self.dtype, self.op, n, r, self.root, per, i).unwrap_or(got[i])
-            });
+            self.run_once(group, bufs, shift)?;
+            for (r, (_, outb)) in bufs.iter().enumerate() {
+                let whole = TensorRef::new(outb, 0, cap, self.dtype);
+                let mut got = decode(self.dtype, &read_bytes(group, r, whole, self.dtype)?);
+                let (from, len) = result_at(r);
+                let view = shift + from..shift + from + len;
+                if let (Some(c), 0) = (corrupt, r) {
+                    c.apply(&mut got[view.clone()], n);
+                }
+                let (head, rest) = got.split_at(view.start);
+                let (inside, tail) = rest.split_at(len);
+                // Outside the view: poison, except an in-place input that lives there.
+                let stays = |i: usize| poison_or_input(self, r, shift, i, &expect, poison);
+                wrong += count_wrong(self.dtype, head, stays);
+                wrong += count_wrong(self.dtype, tail, |i| stays(view.end + i));
+                // Inside: the reference; ranks without a defined result (non-root reduce) keep
+                // what they had.
+                wrong += count_wrong(self.dtype, inside, |i| {
+                    expect.at(r, i).unwrap_or_else(|| stays(view.start + i))
+                });
+            }
         }
         Ok(wrong)
+    }
+}
+
+/// What an element of rank `r`'s output buffer outside the result (or of a non-root reduce's
+/// output) must still hold after the call: the poison, or the in-place input written there.
+fn poison_or_input(
+    case: &Case,
+    r: usize,
+    shift: usize,
+    i: usize,
+    expect: &Expected,
+    poison: f64,
+) -> f64 {
+    let per = case.shape.per;
+    let (at, len) = match case.kind {
+        CollectiveKind::AllGather => (shift + r * per, per),
+        _ => (shift, case.shape.total),
+    };
+    if case.in_place && (at..at + len).contains(&i) {
+        expect.pattern.value(r, i - at)
+    } else {
+        poison
+    }
+}
+
+/// Rank `r`'s tensor `t` read back as bytes.
+fn read_bytes(
+    group: &mut CommGroup,
+    r: usize,
+    t: TensorRef<'_>,
+    dtype: DType,
+) -> crate::Result<Vec<u8>> {
+    let comm = group.comm(r);
+    match dtype {
+        DType::F32 => comm
+            .read::<f32>(t)
+            .map(|v| bytemuck::cast_slice(&v).to_vec()),
+        DType::F16 => comm
+            .read::<half::f16>(t)
+            .map(|v| bytemuck::cast_slice(&v).to_vec()),
+        DType::I32 => comm
+            .read::<i32>(t)
+            .map(|v| bytemuck::cast_slice(&v).to_vec()),
+        DType::U32 => comm
+            .read::<u32>(t)
+            .map(|v| bytemuck::cast_slice(&v).to_vec()),
     }
 }
 

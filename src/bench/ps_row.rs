@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::BenchError;
 use super::report::{Measure, Row, busbw_factor};
-use super::verify::{input_value, is_right};
+use super::verify::{Pattern, is_right};
 use crate::ps::{Mode, ParameterServer, Sgd};
 use crate::{CollectiveKind, DType, ReduceOp};
 
@@ -49,9 +49,9 @@ pub fn ps_rows(
                 .map(|mut w| {
                     s.spawn(move || -> crate::Result<(f64, u64)> {
                         let q = w.index();
-                        let values: Vec<f32> = (0..count)
-                            .map(|i| input_value(ReduceOp::Sum, q, i) as f32)
-                            .collect();
+                        let pattern = Pattern::new(DType::F32, ReduceOp::Sum, ranks);
+                        let values: Vec<f32> =
+                            (0..count).map(|i| pattern.value(q, i) as f32).collect();
                         let grad = w.comm().upload(&values)?;
                         let params = w.comm().buffer::<f32>(count)?;
                         let mut wrong = 0;
@@ -68,10 +68,9 @@ pub fn ps_rows(
                                     .iter()
                                     .enumerate()
                                     .filter(|&(i, g)| {
-                                        let mean = (0..ranks)
-                                            .map(|r| input_value(ReduceOp::Sum, r, i))
-                                            .sum::<f64>()
-                                            / ranks as f64;
+                                        let mean =
+                                            (0..ranks).map(|r| pattern.value(r, i)).sum::<f64>()
+                                                / ranks as f64;
                                         !is_right(DType::F32, *g as f64, mean)
                                     })
                                     .count() as u64;

@@ -1,61 +1,177 @@
 //! Inputs whose reductions are exact in every element type, the expected results, and the count
 //! of wrong elements (`#wrong`).
+//!
+//! The inputs must make a misplaced chunk visible: a chunk written `d` elements off, or swapped
+//! with another rank's, has to change the values the checker sees. So each rank's input is
+//! `(i + rank * stride) mod period` with a prime `period` (never a power of two, so no power-of-two
+//! offset maps the pattern onto itself) as long as the element type's exactness allows: the sum
+//! over `ranks` stays below the largest integer the type holds exactly (2^24 for f32, i32 and u32,
+//! 2^11 for f16, 2^8 for bf16). Since `period` is prime and larger than the rank count, the sum
+//! over ranks at element `i` differs from the sum at `i + d` for every `d` that is not a multiple
+//! of `period`: `n * d` is then no multiple of `period`.
 
 use half::f16;
 
 use crate::types::{CollectiveKind, DType, ReduceOp};
 
-/// Rank `rank`'s input element `i` for `op`: small integers, so that sums, products, minima and
-/// maxima over up to 64 ranks are exact in f16, f32, i32 and u32 alike.
-pub fn input_value(op: ReduceOp, rank: usize, i: usize) -> f64 {
-    let h = (i.wrapping_mul(2654435761) ^ rank.wrapping_mul(40503)) % 1024;
-    match op {
-        // 1 or 2, and 2 only on the first 8 ranks: products stay within 2^8.
-        ReduceOp::Prod => 1.0 + (rank < 8 && h.is_multiple_of(7)) as u8 as f64,
-        _ => (h % 9) as f64, // 0..8
+/// The inputs of one check: which value rank `r` holds at element `i`, for one element type,
+/// operator and rank count.
+///
+/// ```
+/// use wccl::{DType, ReduceOp, bench::Pattern};
+/// let p = Pattern::new(DType::F32, ReduceOp::Sum, 8);
+/// assert!(p.period() >= 1 << 17 && !p.period().is_power_of_two());
+/// assert_ne!(p.value(0, 5), p.value(1, 5)); // ranks differ
+/// assert_ne!(p.value(0, 5), p.value(0, 5 + 1024)); // so do nearby elements
+/// assert_eq!(p.value(3, 5), p.value(3, 5 + p.period()));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pattern {
+    op: ReduceOp,
+    period: u64,
+    stride: u64,
+}
+
+impl Pattern {
+    /// The pattern for `ranks` ranks reducing `dtype` under `op`.
+    pub fn new(dtype: DType, op: ReduceOp, ranks: usize) -> Pattern {
+        let exact: u64 = match dtype {
+            DType::F16 => 1 << 11,
+            _ => 1 << 24,
+        };
+        let ranks = (ranks as u64).max(1);
+        // Every value is below `period`, so the sum over all ranks is below `exact`.
+        let period = largest_prime_at_most((exact / ranks).max(2));
+        // Ranks start the pattern at distinct points (stride is nonzero modulo a prime, so
+        // `r * stride` differs for every r below `period`), far apart rather than neighbours.
+        let stride = (period * 5 / 8).max(1) % period;
+        Pattern {
+            op,
+            period,
+            stride: if stride == 0 { 1 } else { stride },
+        }
     }
+
+    /// Elements after which every rank's input repeats.
+    pub fn period(&self) -> usize {
+        self.period as usize
+    }
+
+    /// Rank `rank`'s input element `i`.
+    pub fn value(&self, rank: usize, i: usize) -> f64 {
+        let p = self.period;
+        let r = (rank as u64) % p;
+        let v = ((i as u64) % p + r * self.stride % p) % p;
+        match self.op {
+            // 1 or 2, and 2 only on the first 8 ranks: products stay within 2^8, exact in
+            // every type; which elements get a 2 still depends on (rank, element).
+            ReduceOp::Prod => 1.0 + (rank < 8 && v.is_multiple_of(3)) as u8 as f64,
+            _ => v as f64,
+        }
+    }
+}
+
+/// The largest prime at or below `n` (at least 2).
+fn largest_prime_at_most(n: u64) -> u64 {
+    let is_prime = |k: u64| {
+        k >= 2
+            && (2..)
+                .take_while(|d| d * d <= k)
+                .all(|d| !k.is_multiple_of(d))
+    };
+    (2..=n.max(2)).rev().find(|&k| is_prime(k)).unwrap_or(2)
 }
 
 /// The reduction of `values` (one per rank) under `op`, with `dtype`'s integer semantics.
 pub fn reduce_values(dtype: DType, op: ReduceOp, values: impl Iterator<Item = f64>) -> f64 {
-    let v: Vec<f64> = values.collect();
-    let n = v.len().max(1) as f64;
+    let (mut count, mut acc) = (0usize, None::<f64>);
+    for v in values {
+        count += 1;
+        acc = Some(match (acc, op) {
+            (None, _) => v,
+            (Some(a), ReduceOp::Sum | ReduceOp::Avg) => a + v,
+            (Some(a), ReduceOp::Prod) => a * v,
+            (Some(a), ReduceOp::Min) => a.min(v),
+            (Some(a), ReduceOp::Max) => a.max(v),
+        });
+    }
+    let acc = acc.unwrap_or(match op {
+        ReduceOp::Prod => 1.0,
+        ReduceOp::Min => f64::INFINITY,
+        ReduceOp::Max => f64::NEG_INFINITY,
+        ReduceOp::Sum | ReduceOp::Avg => 0.0,
+    });
     match op {
-        ReduceOp::Sum => v.iter().sum(),
-        ReduceOp::Prod => v.iter().product(),
-        ReduceOp::Min => v.iter().copied().fold(f64::INFINITY, f64::min),
-        ReduceOp::Max => v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        ReduceOp::Avg if dtype.is_float() => v.iter().sum::<f64>() / n,
-        ReduceOp::Avg => (v.iter().sum::<f64>() / n).trunc(),
+        ReduceOp::Avg if dtype.is_float() => acc / count.max(1) as f64,
+        ReduceOp::Avg => (acc / count.max(1) as f64).trunc(),
+        _ => acc,
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-/// Rank `rank`'s expected output element `i` of a collective over `n` ranks. `count` is the
-/// per-rank count of the call (output count for reduce_scatter, input count for all_gather).
-pub fn expected(
-    kind: CollectiveKind,
-    dtype: DType,
-    op: ReduceOp,
-    n: usize,
-    rank: usize,
-    root: usize,
-    count: usize,
-    i: usize,
-) -> Option<f64> {
-    let all = |j: usize| reduce_values(dtype, op, (0..n).map(|q| input_value(op, q, j)));
-    match kind {
-        CollectiveKind::AllReduce => Some(all(i)),
-        CollectiveKind::ReduceScatter => Some(all(rank * count + i)),
-        CollectiveKind::AllGather => Some(input_value(op, i / count.max(1), i % count.max(1))),
-        CollectiveKind::Broadcast => Some(input_value(op, root, i)),
-        CollectiveKind::Reduce if rank == root => Some(all(i)),
-        CollectiveKind::Reduce | CollectiveKind::Barrier => None,
+/// What every rank of one collective call should hold afterwards, from the call's inputs
+/// ([`Pattern`]) and an f64 reduction on the host.
+#[derive(Clone, Copy, Debug)]
+pub struct Expected {
+    /// The collective.
+    pub kind: CollectiveKind,
+    /// The element type.
+    pub dtype: DType,
+    /// The operator (ignored by collectives that do not reduce).
+    pub op: ReduceOp,
+    /// The number of ranks.
+    pub ranks: usize,
+    /// The root of broadcast and reduce.
+    pub root: usize,
+    /// The per-rank count of the call: output count for reduce_scatter, input count for
+    /// all_gather, the whole count for the others.
+    pub count: usize,
+    /// The inputs.
+    pub pattern: Pattern,
+}
+
+impl Expected {
+    /// The expectation of one call, with the inputs [`Pattern::new`] gives.
+    pub fn new(
+        kind: CollectiveKind,
+        dtype: DType,
+        op: ReduceOp,
+        ranks: usize,
+        root: usize,
+        count: usize,
+    ) -> Expected {
+        Expected {
+            kind,
+            dtype,
+            op,
+            ranks,
+            root,
+            count,
+            pattern: Pattern::new(dtype, op, ranks),
+        }
+    }
+
+    /// Rank `rank`'s expected output element `i`; `None` where the call defines no result
+    /// (non-root ranks of reduce, barrier).
+    pub fn at(&self, rank: usize, i: usize) -> Option<f64> {
+        let p = &self.pattern;
+        let all =
+            |j: usize| reduce_values(self.dtype, self.op, (0..self.ranks).map(|q| p.value(q, j)));
+        let count = self.count.max(1);
+        match self.kind {
+            CollectiveKind::AllReduce => Some(all(i)),
+            CollectiveKind::ReduceScatter => {
+                Some(all(rank.saturating_mul(count).saturating_add(i)))
+            }
+            CollectiveKind::AllGather => Some(p.value(i / count, i % count)),
+            CollectiveKind::Broadcast => Some(p.value(self.root, i)),
+            CollectiveKind::Reduce if rank == self.root => Some(all(i)),
+            CollectiveKind::Reduce | CollectiveKind::Barrier => None,
+        }
     }
 }
 
-/// Whether `got` is `expected` up to `dtype`'s rounding (the inputs make most results exact;
-/// avg on floats is not).
+/// Whether `got` is `expected` up to `dtype`'s rounding (the inputs make every result exact but
+/// avg on floats).
 pub fn is_right(dtype: DType, got: f64, expected: f64) -> bool {
     let tol = match dtype {
         DType::F32 => 1e-6 * expected.abs().max(1.0),
@@ -65,7 +181,8 @@ pub fn is_right(dtype: DType, got: f64, expected: f64) -> bool {
     (got - expected).abs() <= tol
 }
 
-/// Counts the elements of `got` that are not right.
+/// Counts the elements of `got` that are not right, on every core of the host (the check of a
+/// 512 MiB result must not dominate a GPU run).
 ///
 /// ```
 /// use wccl::{DType, bench::count_wrong};
@@ -73,11 +190,57 @@ pub fn is_right(dtype: DType, got: f64, expected: f64) -> bool {
 /// assert_eq!(count_wrong(DType::I32, &[1.0, 5.0, 3.0], |i| (i + 1) as f64), 1);
 /// assert_eq!(count_wrong(DType::F32, &[f64::NAN], |_| 0.0), 1);
 /// ```
-pub fn count_wrong(dtype: DType, got: &[f64], expected: impl Fn(usize) -> f64) -> u64 {
-    got.iter()
-        .enumerate()
-        .filter(|&(i, &g)| !is_right(dtype, g, expected(i)))
-        .count() as u64
+pub fn count_wrong(dtype: DType, got: &[f64], expected: impl Fn(usize) -> f64 + Sync) -> u64 {
+    let expected = &expected;
+    let count = |start: usize, part: &[f64]| {
+        part.iter()
+            .enumerate()
+            .filter(|&(k, &g)| !is_right(dtype, g, expected(start + k)))
+            .count() as u64
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    const MIN_PART: usize = 1 << 16;
+    if threads < 2 || got.len() < 2 * MIN_PART {
+        return count(0, got);
+    }
+    let part = got.len().div_ceil(threads).max(MIN_PART);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = got
+            .chunks(part)
+            .enumerate()
+            .map(|(k, chunk)| s.spawn(move || count(k * part, chunk)))
+            .collect();
+        // A checker thread cannot panic on these inputs; if one did, count its part as wrong
+        // rather than unwinding into the caller.
+        handles
+            .into_iter()
+            .zip(got.chunks(part))
+            .map(|(h, chunk)| h.join().unwrap_or(chunk.len() as u64))
+            .sum()
+    })
+}
+
+/// `f(0..len)` collected, on every core of the host.
+pub(crate) fn par_values(len: usize, f: impl Fn(usize) -> f64 + Sync) -> Vec<f64> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    const MIN_PART: usize = 1 << 16;
+    let mut out = vec![0.0; len];
+    if threads < 2 || len < 2 * MIN_PART {
+        out.iter_mut().enumerate().for_each(|(i, v)| *v = f(i));
+        return out;
+    }
+    let part = len.div_ceil(threads).max(MIN_PART);
+    let f = &f;
+    std::thread::scope(|s| {
+        for (k, chunk) in out.chunks_mut(part).enumerate() {
+            s.spawn(move || {
+                for (j, v) in chunk.iter_mut().enumerate() {
+                    *v = f(k * part + j);
+                }
+            });
+        }
+    });
+    out
 }
 
 /// The bytes of `values` as `dtype`.
@@ -119,18 +282,162 @@ pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f64> {
 mod tests {
     use super::*;
 
+    const ALL_KINDS: [CollectiveKind; 5] = [
+        CollectiveKind::AllReduce,
+        CollectiveKind::ReduceScatter,
+        CollectiveKind::AllGather,
+        CollectiveKind::Broadcast,
+        CollectiveKind::Reduce,
+    ];
+
     #[test]
-    fn inputs_reduce_exactly_in_half_precision() {
-        for op in ReduceOp::ALL {
-            for n in [1, 2, 8, 64] {
-                for i in 0..500 {
-                    let e = reduce_values(DType::F16, op, (0..n).map(|q| input_value(op, q, i)));
-                    if op != ReduceOp::Avg {
-                        assert_eq!(f16::from_f64(e).to_f64(), e, "{op} n={n} i={i}");
+    fn results_are_exact_in_every_type() {
+        for dtype in DType::ALL {
+            for op in ReduceOp::ALL {
+                for n in [1, 2, 3, 8, 64] {
+                    let p = Pattern::new(dtype, op, n);
+                    for i in (0..p.period())
+                        .step_by(p.period() / 97 + 1)
+                        .chain([p.period() - 1])
+                    {
+                        let e = reduce_values(dtype, op, (0..n).map(|q| p.value(q, i)));
+                        if op != ReduceOp::Avg {
+                            let back = decode(dtype, &encode(dtype, &[e]))[0];
+                            assert_eq!(back, e, "{dtype} {op} n={n} i={i}");
+                        }
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn periods_are_long_and_not_powers_of_two() {
+        for dtype in DType::ALL {
+            let exact = if dtype == DType::F16 {
+                1 << 11
+            } else {
+                1 << 24
+            };
+            for n in 1..=128 {
+                let p = Pattern::new(dtype, ReduceOp::Sum, n).period();
+                assert!(!p.is_power_of_two(), "{dtype} n={n}: {p}");
+                // Sums stay exact, and the period is as long as that allows (a prime lies
+                // between k/2 and k).
+                assert!(p * n <= exact, "{dtype} n={n}: {p}");
+                assert!(p >= exact / n / 2, "{dtype} n={n}: {p}");
+                if dtype != DType::F16 && n <= 64 {
+                    assert!(p >= 1 << 17, "{dtype} n={n}: period {p}");
+                }
+            }
+        }
+    }
+
+    /// Rank `r`'s correct result for the call, then the same with one chunk misplaced.
+    fn right_then_broken(e: &Expected, r: usize, len: usize) -> Vec<f64> {
+        (0..len).map(|i| e.at(r, i).unwrap_or(0.0)).collect()
+    }
+
+    #[test]
+    fn a_chunk_written_1024k_elements_off_is_wrong() {
+        for kind in ALL_KINDS {
+            for dtype in [DType::F32, DType::I32, DType::F16] {
+                for n in [2, 4, 8] {
+                    let len = 1 << 18;
+                    let count = match kind {
+                        CollectiveKind::AllGather => len / n,
+                        CollectiveKind::ReduceScatter => len,
+                        _ => len,
+                    };
+                    let e = Expected::new(kind, dtype, ReduceOp::Sum, n, 0, count);
+                    let right = right_then_broken(&e, 0, len);
+                    assert_eq!(count_wrong(dtype, &right, |i| e.at(0, i).unwrap_or(0.0)), 0);
+                    for k in [1, 2, 3, 4, 16, 64, 127] {
+                        let by = 1024 * k;
+                        let chunk = 4096;
+                        let mut got = right.clone();
+                        let at = 1024;
+                        got.copy_within(at + by..at + by + chunk, at);
+                        let wrong = count_wrong(dtype, &got, |i| e.at(0, i).unwrap_or(0.0));
+                        // Every element of the moved chunk is seen (bar coincidences in the
+                        // small f16 period, at most a few per period).
+                        let min = if dtype == DType::F16 {
+                            chunk / 2
+                        } else {
+                            chunk
+                        };
+                        assert!(
+                            wrong as usize >= min,
+                            "{kind} {dtype} n={n}: a chunk {by} elements off gave #wrong {wrong}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn another_ranks_chunk_is_wrong() {
+        for dtype in [DType::F32, DType::U32, DType::F16] {
+            for n in [2, 3, 8] {
+                let per = 3000;
+                // all-gather: rank chunks a and b swapped.
+                let e = Expected::new(CollectiveKind::AllGather, dtype, ReduceOp::Sum, n, 0, per);
+                let right = right_then_broken(&e, 0, per * n);
+                let mut got = right.clone();
+                let (a, b) = (0, n - 1);
+                for i in 0..per {
+                    got.swap(a * per + i, b * per + i);
+                }
+                let wrong = count_wrong(dtype, &got, |i| e.at(0, i).unwrap_or(0.0));
+                assert!(
+                    wrong as usize >= 2 * per * 9 / 10,
+                    "{dtype} n={n}: #wrong {wrong}"
+                );
+                // reduce_scatter: rank 1 holding rank 0's share.
+                let e = Expected::new(
+                    CollectiveKind::ReduceScatter,
+                    dtype,
+                    ReduceOp::Sum,
+                    n,
+                    0,
+                    per,
+                );
+                let theirs = right_then_broken(&e, 0, per);
+                let wrong = count_wrong(dtype, &theirs, |i| e.at(1, i).unwrap_or(0.0));
+                assert!(
+                    wrong as usize >= per * 9 / 10,
+                    "{dtype} n={n}: #wrong {wrong}"
+                );
+                // broadcast: the wrong root's data.
+                let e = Expected::new(CollectiveKind::Broadcast, dtype, ReduceOp::Sum, n, 1, per);
+                let from0: Vec<f64> = (0..per).map(|i| e.pattern.value(0, i)).collect();
+                let wrong = count_wrong(dtype, &from0, |i| e.at(2, i).unwrap_or(0.0));
+                assert!(
+                    wrong as usize >= per * 9 / 10,
+                    "{dtype} n={n}: #wrong {wrong}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_parallel_count_matches_the_serial_one() {
+        let got: Vec<f64> = (0..300_007).map(|i| (i % 1013) as f64).collect();
+        let expected = |i: usize| {
+            if i.is_multiple_of(7) {
+                -1.0
+            } else {
+                (i % 1013) as f64
+            }
+        };
+        let serial = got
+            .iter()
+            .enumerate()
+            .filter(|&(i, &g)| !is_right(DType::F32, g, expected(i)))
+            .count() as u64;
+        assert_eq!(count_wrong(DType::F32, &got, expected), serial);
+        assert_eq!(par_values(300_007, |i| i as f64)[300_006], 300_006.0);
     }
 
     #[test]

@@ -161,6 +161,22 @@ struct Sweep {
     /// Corrupt one element of rank 0's result before checking (to test the checker).
     #[arg(long = "corrupt-one", hide = true)]
     corrupt_one: bool,
+    /// Damage rank 0's result before checking: `one`, `misplace:N` (a chunk N elements off) or
+    /// `swap` (another rank's chunk); to test the checker.
+    #[arg(long = "corrupt", hide = true, value_parser = parse_corrupt)]
+    corrupt: Option<bench::Corrupt>,
+}
+
+fn parse_corrupt(s: &str) -> Result<bench::Corrupt, String> {
+    match s.split_once(':') {
+        None if s == "one" => Ok(bench::Corrupt::One),
+        None if s == "swap" => Ok(bench::Corrupt::Swap),
+        Some(("misplace", by)) => by
+            .parse()
+            .map(|by| bench::Corrupt::Misplace { by })
+            .map_err(|e| format!("misplace:{by}: {e}")),
+        _ => Err(format!("'{s}': expected one, swap or misplace:N")),
+    }
 }
 
 fn parse_ops(s: &str) -> Result<Vec<ReduceOp>, String> {
@@ -406,7 +422,7 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
         root: a.root,
         timeout: Duration::from_secs(a.timeout),
         algos: algos.clone(),
-        corrupt_one: a.corrupt_one,
+        corrupt: a.corrupt.or(a.corrupt_one.then_some(bench::Corrupt::One)),
         link: (a.link_gbps > 0.0).then_some(LinkEmulation {
             gbps: a.link_gbps,
             latency_us: a.link_latency_us,
