@@ -3,11 +3,14 @@
 #
 # Prepare here (this machine has the toolchain and the network):
 #   cargo build --release --bin wccl-bench --example tensor_parallel && mkdir -p .gpu &&
-#   cp target/release/wccl-bench target/release/examples/tensor_parallel .gpu/
+#   cp target/release/wccl-bench target/release/examples/tensor_parallel .gpu/ &&
+#   cargo test --release --test properties --no-run 2>&1 | grep -o 'target/release/deps/properties-[0-9a-f]*' |
+#   xargs -I{} cp {} .gpu/properties
 #   and the Vulkan loader packages in .gl/ (gpu.md says how; both folders are git-ignored).
 # Run there, from the repository root, carrying .gl and .gpu:
 #   bash scripts/gpu-check.sh [OUT_DIR]
-# It probes the devices, measures the reduce kernel against the adapter's own copy, sweeps
+# It runs the randomized property test (every collective, op and type against the f64 reference)
+# on the GPU, probes the devices, measures the reduce kernel against the adapter's own copy, sweeps
 # all_reduce for every algorithm from 1 MiB to 512 MiB on 4 ranks sharing the GPU, measures the
 # matmul kernels at 4096^3 (f32 and f16) and runs the tensor-parallel MLP block on 4 ranks, in
 # well under 5 minutes; full logs go to OUT_DIR (default ./gpu-check-out), a short table last.
@@ -24,6 +27,17 @@ if [ -z "${VK_DRIVER_FILES:-}" ] && [ -f /usr/local/nvidia/share/vulkan/icd.d/nv
     export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.txt" 2>&1 || true
+
+echo "== randomized property test on the GPU (every collective x op x type against f64)"
+props_status=0
+if [ -x .gpu/properties ]; then
+    timeout 180 .gpu/properties --test-threads 1 > "$out/properties.log" 2>&1
+    props_status=$?
+    grep -E "^test |test result" "$out/properties.log"
+else
+    echo "(no .gpu/properties: build it as the header says)"
+    props_status=1
+fi
 
 echo "== probe (4 ranks, 256 MiB)"
 timeout 120 "$bench" probe -g 4 -b "${GPU_CHECK_PROBE:-256M}" 2>&1 | tee "$out/probe.log"
@@ -57,6 +71,8 @@ echo "size(B) algo oop_busbw(GB/s) ip_busbw(GB/s) model_us bound"
 awk -F, 'NR > 1 && ($1 == 268435456 || $1 == 536870912 || $1 == 16777216) { print $1, $6, $9, $13, $15, $16 }' "$out/all_reduce.csv"
 grep -E "^\s+4096\s+4096\s+4096" "$out/matmul.log"
 grep -E "ranks:|matches" "$out/tensor_parallel.log"
+grep -E "test result" "$out/properties.log" 2>/dev/null
 [ "$status" -eq 0 ] && status=$mm_status
 [ "$status" -eq 0 ] && status=$tp_status
+[ "$status" -eq 0 ] && status=$props_status
 exit $status

@@ -265,6 +265,8 @@ impl Communicator {
         src: impl Into<TensorRef<'a>>,
         op: ReduceOp,
     ) -> Result<()> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = self.engine.dev.error_scope();
         let (dst, src) = (dst.into(), src.into());
         let at = At::rank(self.rank);
         let bad = |message: String| Err(Error::InvalidArgument { at, message });

@@ -37,6 +37,8 @@ impl Engine {
         depth: usize,
         max_binding: Option<u64>,
     ) -> Self {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let kernels = ReduceKernels::new(&dev, max_binding);
         let reads = ReadRing::new(&dev, depth, slice_bytes);
         let uploads = UploadRing::new(&dev, depth, slice_bytes);
@@ -64,6 +66,8 @@ impl Engine {
     }
 
     fn ensure_scratch(&mut self, bytes: u64) {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = self.dev.error_scope();
         let size = bytes.next_multiple_of(4).max(4);
         if self.scratch.as_ref().is_none_or(|s| s.size() < size) {
             self.scratch = Some(self.dev.device().create_buffer(&wgpu::BufferDescriptor {
@@ -352,6 +356,8 @@ impl Run<'_, '_> {
 
     /// Folds host bytes into a device region: staged through an upload slot, then the kernel.
     fn upload(&mut self, bytes: &[u8], dst: Region, combine: Combine) -> Result<()> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = self.eng.dev.error_scope();
         if dst.len == 0 {
             return Ok(());
         }
@@ -408,6 +414,8 @@ impl Run<'_, '_> {
     /// Device copy; through the bounce buffer when both sides are in the same wgpu buffer
     /// (a kernel may not bind one buffer twice).
     fn copy(&mut self, src: Region, dst: Region) -> Result<()> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = self.eng.dev.error_scope();
         match (src.buf, dst.buf) {
             (Buf::Host, Buf::Host) => {
                 let bytes = self.host_bytes(src).to_vec();
@@ -481,6 +489,8 @@ impl Run<'_, '_> {
         src: Option<(&Buffer, u64)>,
         len: usize,
     ) {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = self.eng.dev.error_scope();
         let es = self.call.dtype.size() as u64;
         let per = self.eng.kernels.max_elements_per_submit(self.call.dtype);
         let mut done = 0;

@@ -54,6 +54,8 @@ impl Communicator {
         combine: Combine,
         deadline: Instant,
     ) -> Result<()> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = self.engine.dev.error_scope();
         let at = At::rank(self.rank());
         t.validate(at, "fold")?;
         if bytes.len() as u64 != t.bytes() {

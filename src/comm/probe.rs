@@ -22,6 +22,8 @@ impl Communicator {
     /// `bytes` (median of 3). `sync` is called before each measurement, so that ranks probed at
     /// the same time measure the same thing together.
     pub fn probe_device(&mut self, bytes: usize, sync: &(dyn Fn() + Sync)) -> Result<Figures> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = self.engine.dev.error_scope();
         let at = At::rank(self.rank());
         let bytes = bytes.next_multiple_of(4).max(4096);
         let deadline = Instant::now() + Duration::from_secs(600);
@@ -107,6 +109,8 @@ impl Communicator {
 
     /// Uploads `host` through the upload ring in slot-sized pieces and copies each into `dst`.
     fn upload_all(&mut self, host: &[u8], dst: &Buffer, deadline: Instant, at: At) -> Result<f64> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = self.engine.dev.error_scope();
         let t = Instant::now();
         let e = &mut self.engine;
         let slot = e.uploads.slot_bytes() as usize;
@@ -149,6 +153,8 @@ impl Communicator {
         deadline: Instant,
         at: At,
     ) -> Result<f64> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = self.engine.dev.error_scope();
         let t = Instant::now();
         let e = &mut self.engine;
         let mut enc = e.dev.device().create_command_encoder(&Default::default());

@@ -125,6 +125,8 @@ pub struct DeviceBuffer<T: Element> {
 impl<T: Element> DeviceBuffer<T> {
     /// Allocates `len` elements (zero-initialised). Zero-length buffers are valid.
     pub fn zeroed(dev: &RankDevice, len: usize) -> Result<Self> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         dev.check_dtype(At::rank(dev.rank()), T::DTYPE)?;
         // wgpu copies whole 4-byte words and rejects empty bindings: round up, at least one word.
         let size = ((len * T::DTYPE.size()) as u64).next_multiple_of(4).max(4);
@@ -151,6 +153,8 @@ impl<T: Element> DeviceBuffer<T> {
 
     /// Overwrites the buffer with `data`, which must have the buffer's length.
     pub fn write(&self, dev: &RankDevice, data: &[T]) -> Result<()> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let at = At::rank(dev.rank());
         if data.len() != self.len {
             return Err(Error::InvalidArgument {
@@ -229,6 +233,8 @@ pub(crate) fn wait_error(at: At, e: WaitError) -> Error {
 
 /// Reads any tensor view back to the host as bytes (blocking, through a temporary buffer).
 pub(crate) fn read_tensor(dev: &RankDevice, t: &TensorRef<'_>) -> Result<Vec<u8>> {
+    // Errors of this device work reach the rank's error store when the scope ends.
+    let _scope = dev.error_scope();
     let at = At::rank(dev.rank());
     t.validate(at, "read")?;
     if t.count == 0 {

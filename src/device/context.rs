@@ -14,15 +14,49 @@ const POLL_SLICE: Duration = Duration::from_millis(200);
 
 /// One rank's wgpu device and queue, with the adapter's description.
 ///
-/// Opening one installs an uncaptured-error handler and a device-lost callback on the device, so
-/// that validation errors and device loss become [`Error::Device`] values on the next call
-/// instead of panics.
+/// wccl's own device work runs inside wgpu error scopes, so its
+/// validation and out-of-memory errors become [`Error::Device`] values on this rank's next wait
+/// or check, and errors of the caller's own work on a shared device stay the caller's: a device
+/// passed in with [`RankDevice::from_wgpu`] keeps its uncaptured-error handler and device-lost
+/// callback. Only a device that wccl opened itself ([`RankDevice::open`]) gets a device-lost
+/// callback and an uncaptured-error handler of wccl's (as a net under the scopes).
 pub struct RankDevice {
     rank: usize,
     device: Device,
     queue: Queue,
     info: AdapterInfo,
     error: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for RankDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RankDevice")
+            .field("rank", &self.rank)
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// wgpu error scopes around a piece of wccl's device work on this thread: when dropped, it pops
+/// them and records what they caught in the rank's error store, where the next wait or check
+/// finds it (as an [`Error::Device`]). Not `Send`: wgpu's scopes are per thread.
+#[must_use = "the scope catches errors only while it is alive"]
+pub(crate) struct ErrorScope {
+    // Innermost last; popped in reverse order, as wgpu requires.
+    guards: Vec<wgpu::ErrorScopeGuard>,
+    sink: Arc<Mutex<Option<String>>>,
+}
+
+impl Drop for ErrorScope {
+    fn drop(&mut self) {
+        while let Some(guard) = self.guards.pop() {
+            // Native backends resolve the pop at once; the future only wraps the value.
+            if let Some(e) = pollster::block_on(guard.pop()) {
+                record(&self.sink, e.to_string());
+            }
+        }
+    }
 }
 
 /// Why a wait on the device ended without success.
@@ -35,6 +69,9 @@ pub(crate) enum WaitError {
 impl RankDevice {
     /// Opens a device on `adapter` with the adapter's own limits and the features wccl can use
     /// (`SHADER_F16`, `TIMESTAMP_QUERY`) where the adapter has them.
+    ///
+    /// The device is wccl's: device loss and errors outside wccl's scopes (the caller's own work
+    /// on [`RankDevice::device`], say) are recorded, so the next call on this rank reports them.
     pub fn open(rank: usize, adapter: &Adapter) -> Result<Self> {
         let wanted = Features::SHADER_F16 | Features::TIMESTAMP_QUERY;
         let desc = wgpu::DeviceDescriptor {
@@ -50,30 +87,49 @@ impl RankDevice {
                 message: e.to_string(),
             }
         })?;
-        Ok(Self::from_wgpu(rank, device, queue))
+        let dev = Self::from_wgpu(rank, device, queue);
+        let sink = Arc::clone(&dev.error);
+        dev.device
+            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                record(&sink, e.to_string());
+            }));
+        let sink = Arc::clone(&dev.error);
+        dev.device.set_device_lost_callback(move |reason, message| {
+            record(&sink, format!("device lost ({reason:?}): {message}"));
+        });
+        Ok(dev)
     }
 
     /// Wraps a device and queue that the caller already has (training code usually does).
     ///
-    /// wccl replaces the device's uncaptured-error handler with its own, which records the
-    /// first error so that the next collective on this rank reports it.
+    /// wccl installs nothing on the device: the caller's uncaptured-error handler and
+    /// device-lost callback stay as they are. wccl catches its own errors with error scopes, so a
+    /// validation error in the caller's own work neither fails a collective nor reaches wccl,
+    /// and several ranks can share one device.
     pub fn from_wgpu(rank: usize, device: Device, queue: Queue) -> Self {
-        let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-        let sink = Arc::clone(&error);
-        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            record(&sink, e.to_string());
-        }));
-        let sink = Arc::clone(&error);
-        device.set_device_lost_callback(move |reason, message| {
-            record(&sink, format!("device lost ({reason:?}): {message}"));
-        });
         let info = device.adapter_info();
         RankDevice {
             rank,
             device,
             queue,
             info,
-            error,
+            error: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Error scopes for wccl's own work on this thread, until the returned value is dropped.
+    pub(crate) fn error_scope(&self) -> ErrorScope {
+        let guards = [
+            wgpu::ErrorFilter::Validation,
+            wgpu::ErrorFilter::OutOfMemory,
+            wgpu::ErrorFilter::Internal,
+        ]
+        .into_iter()
+        .map(|f| self.device.push_error_scope(f))
+        .collect();
+        ErrorScope {
+            guards,
+            sink: Arc::clone(&self.error),
         }
     }
 
@@ -121,7 +177,7 @@ impl RankDevice {
 
     /// Takes the first device error recorded since the last call, if any.
     pub(crate) fn take_error(&self) -> Option<String> {
-        self.error.lock().ok().and_then(|mut e| e.take())
+        take(&self.error)
     }
 
     /// Turns a recorded device error into an [`Error::Device`].
@@ -143,7 +199,12 @@ impl RankDevice {
             if flag.load(Ordering::Acquire) {
                 return Ok(());
             }
-            self.poll_once(submission, deadline)?;
+            match self.poll_once(submission, deadline) {
+                Ok(_) => {}
+                // The deadline's last poll may have run the callback that sets the flag.
+                Err(WaitError::Deadline) if flag.load(Ordering::Acquire) => return Ok(()),
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -188,11 +249,43 @@ impl RankDevice {
     }
 }
 
+/// Takes the recorded error. A thread that panicked while holding the lock leaves the error it
+/// recorded intact: a poisoned lock still yields it.
+fn take(sink: &Mutex<Option<String>>) -> Option<String> {
+    sink.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+}
+
 fn record(sink: &Mutex<Option<String>>, message: String) {
     tracing::error!(%message, "wgpu device error");
-    if let Ok(mut slot) = sink.lock()
-        && slot.is_none()
-    {
+    let mut slot = sink
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if slot.is_none() {
         *slot = Some(message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_poisoned_store_keeps_its_error() {
+        let sink = Arc::new(Mutex::new(None));
+        record(&sink, "first".into());
+        record(&sink, "second".into());
+        let s2 = Arc::clone(&sink);
+        let _ = std::thread::spawn(move || {
+            let _held = s2.lock();
+            panic!("poison the store");
+        })
+        .join();
+        assert!(sink.is_poisoned());
+        assert_eq!(take(&sink).as_deref(), Some("first"));
+        assert_eq!(take(&sink), None);
+        record(&sink, "third".into());
+        assert_eq!(take(&sink).as_deref(), Some("third"));
     }
 }

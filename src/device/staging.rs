@@ -66,6 +66,8 @@ impl ReadRing {
         offset: u64,
         len: usize,
     ) -> ReadTicket {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let slot = self.busy.iter().position(|b| !b).unwrap_or(0);
         self.busy[slot] = true;
         if len == 0 {

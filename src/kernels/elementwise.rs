@@ -83,6 +83,8 @@ impl ElementwiseKernels {
     }
 
     fn pipeline(&mut self, dev: &RankDevice, dtype: DType, which: Elementwise) -> ComputePipeline {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         self.pipelines
             .entry((dtype, which))
             .or_insert_with(|| {
@@ -181,6 +183,8 @@ impl ElementwiseKernels {
         rows: u32,
         (x_ld, out_ld): (u32, u32),
     ) {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let total = count as u64 * rows as u64;
         if total == 0 {
             return;

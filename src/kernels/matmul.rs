@@ -162,6 +162,8 @@ impl MatmulKernels {
     }
 
     fn pipeline(&mut self, dev: &RankDevice, key: Key) -> &ComputePipeline {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         self.pipelines.entry(key).or_insert_with(|| {
             let (dtype, kernel, trans_a, trans_b) = key;
             let mut source = SOURCE.replace("ELEM", dtype.wgsl());
@@ -210,6 +212,8 @@ impl MatmulKernels {
         call: &MatmulCall<'_>,
         rows_per_dispatch: usize,
     ) {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let es = call.dtype.size() as u64;
         let key = (call.dtype, call.kernel, call.trans_a, call.trans_b);
         let tile = call.kernel.tile();

@@ -66,6 +66,8 @@ impl ReduceKernels {
     /// `max_binding` caps the storage binding size below the device's own limit (tests use it
     /// to exercise chunking on small buffers).
     pub(crate) fn new(dev: &RankDevice, max_binding: Option<u64>) -> Self {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let limits = dev.limits();
         let device = dev.device();
         let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
@@ -139,6 +141,8 @@ impl ReduceKernels {
     }
 
     fn pipeline(&mut self, dev: &RankDevice, dtype: DType, entry: Entry) -> &ComputePipeline {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let key = (dtype, entry);
         if !self.pipelines.contains_key(&key) {
             let mut source = SOURCE.replace("ELEM", dtype.wgsl());
@@ -203,6 +207,8 @@ impl ReduceKernels {
         src: Option<(&Buffer, u64)>,
         count: usize,
     ) {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let es = dtype.size() as u64;
         let per = self.max_elements(dtype);
         let mut done = 0usize;
@@ -300,6 +306,8 @@ impl ReduceKernels {
 
     /// Writes the parameters of the dispatches recorded since the last submit, then submits.
     pub(crate) fn submit(&mut self, dev: &RankDevice, enc: CommandEncoder) -> SubmissionIndex {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         if !self.pending.is_empty() {
             dev.queue().write_buffer(&self.params, 0, &self.pending);
             self.pending.clear();

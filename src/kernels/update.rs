@@ -31,6 +31,8 @@ impl UpdateKernel {
     /// Compiles the update kernel with `rule_wgsl`, which must define
     /// `fn update(w: f32, m: f32, g: f32, hyper: vec4<f32>) -> vec2<f32>`.
     pub(crate) fn new(dev: &RankDevice, rule_wgsl: &str) -> Self {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let module = dev
             .device()
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -80,6 +82,8 @@ impl UpdateKernel {
         scale: f32,
         hyper: [f32; 4],
     ) -> wgpu::SubmissionIndex {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let groups = (count as u32).div_ceil(WORKGROUP).max(1);
         let groups_x = groups.min(self.max_groups);
         let p = Params {

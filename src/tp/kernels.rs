@@ -126,6 +126,8 @@ impl Kernels {
         b: TensorRef<'_>,
         c: TensorRef<'_>,
     ) -> Result<()> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let at = At::rank(dev.rank());
         let bad = |message: String| Error::InvalidArgument {
             at,
@@ -219,6 +221,8 @@ impl Kernels {
         dy: Option<TensorRef<'_>>,
         out: TensorRef<'_>,
     ) -> Result<()> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let at = At::rank(dev.rank());
         let what = if dy.is_some() {
             "gelu_backward"
@@ -286,6 +290,8 @@ impl Kernels {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let at = At::rank(dev.rank());
         let bad = |message: String| Error::InvalidArgument {
             at,
@@ -329,6 +335,8 @@ impl Kernels {
     /// Blocks until everything submitted to `dev` has finished (at most `timeout`), and reports
     /// any device error. For timing; reads and collectives wait on their own.
     pub fn finish(&self, dev: &RankDevice, timeout: Duration) -> Result<()> {
+        // Errors of this device work reach the rank's error store when the scope ends.
+        let _scope = dev.error_scope();
         let at = At::rank(dev.rank());
         let idx = dev.queue().submit([]);
         dev.wait_submission(&idx, std::time::Instant::now() + timeout)
