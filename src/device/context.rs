@@ -23,6 +23,9 @@ pub struct RankDevice {
     queue: Queue,
     info: AdapterInfo,
     error: Arc<Mutex<Option<String>>>,
+    /// Which adapter object the device was opened on (see `discovery::next_adapter_token`):
+    /// ranks with the same token share a GPU even where the driver reports no bus id.
+    adapter_token: Option<u64>,
 }
 
 /// Why a wait on the device ended without success.
@@ -74,7 +77,18 @@ impl RankDevice {
             queue,
             info,
             error,
+            adapter_token: None,
         }
+    }
+
+    /// Records which adapter object the device was opened on.
+    pub(crate) fn set_adapter_token(&mut self, token: u64) {
+        self.adapter_token = Some(token);
+    }
+
+    /// The adapter object's token, where the device was opened by discovery.
+    pub(crate) fn adapter_token(&self) -> Option<u64> {
+        self.adapter_token
     }
 
     /// The rank this device serves.
