@@ -145,7 +145,11 @@ impl Wanted {
     }
 
     fn describe(&self) -> String {
-        let mut s = format!("backends {:?}", self.backends);
+        let mut s = if self.explicit {
+            format!("backends {:?}", self.backends)
+        } else {
+            "backends Vulkan/Metal/DX12, else GL".to_string()
+        };
         if let Some(n) = &self.name {
             s.push_str(&format!(" and name containing '{n}'"));
         }
