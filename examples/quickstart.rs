@@ -11,6 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let ranks: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(4);
     let mib: f64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(16.0);
+    run(ranks, mib)
+}
+
+/// The quickstart itself (tests/quickstart.rs runs it too, on a headless environment).
+pub fn run(ranks: usize, mib: f64) -> Result<(), Box<dyn std::error::Error>> {
     let count = ((mib * (1 << 20) as f64) / 4.0) as usize;
 
     let mut group = CommGroup::builder().ranks(ranks).build()?;

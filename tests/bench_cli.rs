@@ -26,6 +26,20 @@ fn bench(args: &[&str]) -> (bool, String) {
     )
 }
 
+#[test]
+fn probe_on_a_headless_machine_writes_no_error() {
+    // Without the variable that `.cargo/config.toml` sets: the binary quiets the layer itself.
+    let out = Command::new(env!("CARGO_BIN_EXE_wccl-bench"))
+        .args(["probe", "-g", "2", "-b", "4K"])
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NODEVICE_SELECT")
+        .output()
+        .expect("run wccl-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.to_lowercase().contains("error"), "{stderr}");
+}
+
 /// The data rows of the table.
 fn rows(out: &str) -> Vec<Vec<String>> {
     out.lines()
@@ -201,6 +215,11 @@ fn probe_and_model_subcommands() {
         out.contains("together") && out.contains("reduce kernel traffic"),
         "{out}"
     );
+    // Each rank's adapter with its bus id ("unknown" where the driver reports none).
+    for r in 0..2 {
+        let line = out.lines().find(|l| l.contains(&format!("rank {r}: ")));
+        assert!(line.is_some_and(|l| l.contains(", bus ")), "{out}");
+    }
     let (ok, out) = bench(&[
         "model",
         "--ranks",

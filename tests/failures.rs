@@ -402,6 +402,37 @@ fn an_adapter_name_that_matches_nothing() {
 }
 
 #[test]
+fn local_takes_one_adapter_of_the_host_and_refuses_one_past_the_end() {
+    let all = wccl::device::discover(&AdapterSelector::default()).expect("discover");
+    let key = |i: &wgpu::AdapterInfo| (i.name.clone(), i.backend, i.device_pci_bus_id.clone());
+    for (i, adapter) in all.iter().enumerate() {
+        let g = CommGroup::builder()
+            .ranks(2)
+            .adapters(AdapterSelector::default().local(i))
+            .build()
+            .expect("build on one local adapter");
+        for info in g.adapters() {
+            assert_eq!(key(&info), key(&adapter.get_info()));
+        }
+    }
+    let n = all.len();
+    let e = CommGroup::builder()
+        .adapters(AdapterSelector::default().local(n))
+        .build()
+        .err()
+        .expect("one past the host's adapters must fail");
+    match e {
+        Error::NoAdapter { wanted, .. } => {
+            assert!(
+                wanted.contains(&format!("local adapter {n} (the host has {n})")),
+                "{wanted}"
+            );
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
 fn a_lost_device_is_an_error_value_not_a_panic() {
     let mut g = common::group(1);
     let input = g.comm(0).upload(&[1.0f32; 64]).unwrap();

@@ -286,9 +286,15 @@ fn probe(ranks: usize, bytes: usize) -> Result<ExitCode, bench::BenchError> {
     let mut group = CommGroup::builder().ranks(ranks).build()?;
     let mut out = std::io::stdout().lock();
     for (r, info) in group.adapters().iter().enumerate() {
+        // The bus id tells two identical GPUs apart (and shows when ranks share one).
+        let bus = if info.device_pci_bus_id.is_empty() {
+            "unknown"
+        } else {
+            info.device_pci_bus_id.as_str()
+        };
         writeln!(
             out,
-            "#  rank {r}: {} ({:?}, {:?})",
+            "#  rank {r}: {} ({:?}, {:?}, bus {bus})",
             info.name, info.backend, info.device_type
         )?;
     }
@@ -366,12 +372,27 @@ fn matmul(
 }
 
 fn main() -> ExitCode {
+    quiet_headless_vulkan();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("wccl-bench: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// On a machine without a desktop session (`XDG_RUNTIME_DIR` unset), turns off Mesa's Vulkan
+/// device-select layer, unless the environment already decides: the layer looks for a Wayland
+/// compositor in every adapter enumeration, and libwayland then prints
+/// "error: XDG_RUNTIME_DIR is invalid or not set" into the benchmark's output. The layer only
+/// reorders adapters, which wccl orders itself.
+fn quiet_headless_vulkan() {
+    let headless = std::env::var_os("XDG_RUNTIME_DIR").is_none_or(|d| d.is_empty());
+    if headless && std::env::var_os("NODEVICE_SELECT").is_none() {
+        // SAFETY: called first thing in `main`, before any thread exists, so nothing reads the
+        // environment while it changes.
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
     }
 }
 

@@ -5,7 +5,9 @@ use std::time::Duration;
 use wgpu::{AdapterInfo, Device, Queue};
 
 use super::communicator::{CallOptions, Collective, CommConfig, Communicator};
-use crate::device::{AdapterSelector, RankDevice, TensorRef, discover_adapters};
+use crate::device::{
+    AdapterSelector, RankDevice, TensorRef, discover, next_adapter_token, same_physical,
+};
 use crate::error::{At, Error, Result};
 use crate::link::{EmulatedLink, Link, in_process_mesh};
 use crate::model::{CostModel, Figures, Probe};
@@ -59,11 +61,16 @@ impl GroupBuilder {
                 message: "a group needs at least one rank".into(),
             });
         }
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapters = discover_adapters(&instance, &self.selector)?;
+        // Instances of discovery's own, enabling only the backends it enumerates.
+        let adapters = discover(&self.selector)?;
+        let tokens: Vec<u64> = adapters.iter().map(|_| next_adapter_token()).collect();
         let devices = (0..self.ranks)
-            .map(|r| RankDevice::open(r, &adapters[r % adapters.len()]))
+            .map(|r| {
+                let a = r % adapters.len();
+                let mut dev = RankDevice::open(r, &adapters[a])?;
+                dev.set_adapter_token(tokens[a]);
+                Ok(dev)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(CommGroup::link(devices, self.config))
     }
@@ -240,9 +247,12 @@ impl CommGroup {
             step: together.iter().map(|f| f.step).fold(0.0, f64::max),
             native_copy: agg(|f| f.native_copy),
         };
-        let infos = self.adapters();
-        let key = |i: &AdapterInfo| (i.name.clone(), i.backend, i.vendor, i.device);
-        let shared = (0..n).any(|a| (0..a).any(|b| key(&infos[a]) == key(&infos[b])));
+        let devs: Vec<(&AdapterInfo, Option<u64>)> = self
+            .comms
+            .iter()
+            .map(|c| (c.device().info(), c.device().adapter_token()))
+            .collect();
+        let shared = (0..n).any(|a| (0..a).any(|b| shares_adapter(devs[a], devs[b])));
         let probe = Probe {
             alone,
             together,
@@ -351,6 +361,24 @@ impl CommGroup {
     }
 }
 
+/// Whether two ranks' devices run on one physical adapter: by PCI bus id where both drivers
+/// report one; else by the adapter object discovery opened them on; else (devices the caller
+/// brought, no bus ids) when their adapters look the same, which errs towards "shared".
+/// Each side is a device's adapter and its discovery token.
+fn shares_adapter(a: (&AdapterInfo, Option<u64>), b: (&AdapterInfo, Option<u64>)) -> bool {
+    let ((ia, ta), (ib, tb)) = (a, b);
+    if !ia.device_pci_bus_id.is_empty() && !ib.device_pci_bus_id.is_empty() {
+        return same_physical(ia, ib).unwrap_or(false);
+    }
+    match (ta, tb) {
+        (Some(x), Some(y)) => x == y,
+        _ => {
+            let key = |i: &AdapterInfo| (i.name.clone(), i.backend, i.vendor, i.device);
+            key(ia) == key(ib)
+        }
+    }
+}
+
 fn pairs<'a>(
     a: &[TensorRef<'a>],
     b: &[TensorRef<'a>],
@@ -368,4 +396,36 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wgpu::{Backend, DeviceType};
+
+    fn h100(bus: &str) -> AdapterInfo {
+        let mut i = AdapterInfo::new(DeviceType::DiscreteGpu, Backend::Vulkan);
+        (i.name, i.vendor, i.device) = ("NVIDIA H100 80GB HBM3".into(), 0x10de, 0x2330);
+        i.device_pci_bus_id = bus.into();
+        i
+    }
+
+    #[test]
+    fn shared_means_one_physical_adapter() {
+        let (a, b) = (h100("0000:18:00.0"), h100("0000:2a:00.0"));
+        // Identical GPUs with distinct bus ids: not shared, whatever else matches.
+        assert!(!shares_adapter((&a, Some(0)), (&b, Some(0))));
+        assert!(!shares_adapter((&a, None), (&b, None)));
+        // The same bus id: shared, even through two adapter objects.
+        assert!(shares_adapter((&a, Some(1)), (&a.clone(), Some(2))));
+        // No bus ids: the adapter object discovery opened them on decides.
+        let (c, d) = (h100(""), h100(""));
+        assert!(!shares_adapter((&c, Some(3)), (&d, Some(4))));
+        assert!(shares_adapter((&c, Some(3)), (&d, Some(3))));
+        // Devices the caller brought, no bus ids: alike adapters count as shared.
+        assert!(shares_adapter((&c, None), (&d, None)));
+        let mut e = h100("");
+        e.device = 0x2331;
+        assert!(!shares_adapter((&c, None), (&e, None)));
+    }
 }

@@ -26,6 +26,9 @@ pub struct RankDevice {
     queue: Queue,
     info: AdapterInfo,
     error: Arc<Mutex<Option<String>>>,
+    /// Which adapter object the device was opened on (see `discovery::next_adapter_token`):
+    /// ranks with the same token share a GPU even where the driver reports no bus id.
+    adapter_token: Option<u64>,
 }
 
 impl std::fmt::Debug for RankDevice {
@@ -114,6 +117,7 @@ impl RankDevice {
             queue,
             info,
             error: Arc::new(Mutex::new(None)),
+            adapter_token: None,
         }
     }
 
@@ -131,6 +135,16 @@ impl RankDevice {
             guards,
             sink: Arc::clone(&self.error),
         }
+    }
+
+    /// Records which adapter object the device was opened on.
+    pub(crate) fn set_adapter_token(&mut self, token: u64) {
+        self.adapter_token = Some(token);
+    }
+
+    /// The adapter object's token, where the device was opened by discovery.
+    pub(crate) fn adapter_token(&self) -> Option<u64> {
+        self.adapter_token
     }
 
     /// The rank this device serves.
