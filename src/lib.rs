@@ -36,6 +36,7 @@ pub mod algo;
 pub mod bench;
 pub mod comm;
 pub mod device;
+mod deadline;
 mod error;
 mod kernels;
 pub mod link;

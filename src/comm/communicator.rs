@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use super::executor::{Call, Engine, execute};
 use super::protocol::{Header, NONE};
 use crate::algo::{self, Algorithm, Plan};
+use crate::deadline::{deadline_after, deadline_from};
 use crate::device::{DeviceBuffer, RankDevice, TensorRef};
 use crate::error::{At, Error, Result};
 use crate::link::{FaultPlan, Link, LinkEmulation};
@@ -279,7 +280,7 @@ impl Communicator {
             return bad("avg is not an element-wise operator; use sum and scale".into());
         }
         let e = &mut self.engine;
-        let deadline = Instant::now() + self.config.timeout;
+        let deadline = deadline_after(self.config.timeout);
         let per = e.kernels.max_elements_per_submit(dst.dtype);
         let es = dst.dtype.size() as u64;
         let mut last = None;
@@ -431,7 +432,7 @@ impl Communicator {
             });
         }
         let started = Instant::now();
-        let deadline = started + opts.timeout.unwrap_or(self.config.timeout);
+        let deadline = deadline_from(started, opts.timeout.unwrap_or(self.config.timeout));
         let algorithm = opts.algorithm.unwrap_or(self.config.algorithm);
         let result = self
             .validate_and_plan(at, &call, algorithm)

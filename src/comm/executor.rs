@@ -10,6 +10,7 @@ use wgpu::{Buffer, BufferUsages, SubmissionIndex};
 use super::host_ops;
 use super::protocol::Header;
 use crate::algo::{Action, Buf, Plan, Recv, Region, Source, Transfer};
+use crate::deadline::deadline_from;
 use crate::device::{RankDevice, ReadRing, ReadTicket, TensorRef, UploadRing, wait_error};
 use crate::error::{At, Error, Result};
 use crate::kernels::{KernelOp, ReduceKernels};
@@ -313,7 +314,8 @@ impl Run<'_, '_> {
             Err(LinkError::Timeout) if self.received[r.from] > 0 => {
                 let grace = (self.call.deadline - self.call.started) / 10;
                 let grace = grace.min(MAX_GRACE);
-                self.link.recv(r.from, self.call.deadline + grace)
+                self.link
+                    .recv(r.from, deadline_from(self.call.deadline, grace))
             }
             other => other,
         }

@@ -331,7 +331,7 @@ impl Kernels {
     pub fn finish(&self, dev: &RankDevice, timeout: Duration) -> Result<()> {
         let at = At::rank(dev.rank());
         let idx = dev.queue().submit([]);
-        dev.wait_submission(&idx, std::time::Instant::now() + timeout)
+        dev.wait_submission(&idx, crate::deadline::deadline_after(timeout))
             .map_err(|e| crate::device::wait_error(at, e))?;
         dev.check(at)
     }
