@@ -35,8 +35,8 @@
 pub mod algo;
 pub mod bench;
 pub mod comm;
-pub mod device;
 mod deadline;
+pub mod device;
 mod error;
 mod kernels;
 pub mod link;

@@ -237,12 +237,12 @@ impl Communicator {
 
     /// A buffer on this rank's device holding `data`.
     pub fn upload<T: Element>(&self, data: &[T]) -> Result<DeviceBuffer<T>> {
-        DeviceBuffer::from_slice(&self.engine.dev, data)
+        DeviceBuffer::from_slice_until(&self.engine.dev, data, deadline_after(self.config.timeout))
     }
 
     /// Reads a buffer of this rank's device back to the host.
     pub fn download<T: Element>(&self, buf: &DeviceBuffer<T>) -> Result<Vec<T>> {
-        buf.read(&self.engine.dev)
+        buf.read_until(&self.engine.dev, deadline_after(self.config.timeout))
     }
 
     /// Reads any tensor view on this rank's device back to the host, as elements of `T`.
@@ -253,7 +253,7 @@ impl Communicator {
                 message: format!("reading a {} tensor as {}", t.dtype, T::DTYPE),
             });
         }
-        crate::device::read_tensor(&self.engine.dev, &t)
+        crate::device::read_tensor(&self.engine.dev, &t, deadline_after(self.config.timeout))
             .map(|bytes| bytemuck::pod_collect_to_vec(&bytes))
     }
 
@@ -268,6 +268,7 @@ impl Communicator {
     ) -> Result<()> {
         let (dst, src) = (dst.into(), src.into());
         let at = At::rank(self.rank);
+        self.gate(at)?;
         let bad = |message: String| Err(Error::InvalidArgument { at, message });
         self.tensors(at, &src, &dst)?;
         if dst.count != src.count {
@@ -521,12 +522,11 @@ impl Communicator {
             }
             Collective::ReduceScatter { input, output, op } => {
                 self.tensors(at, &input, &output)?;
-                if input.count != n * output.count {
+                // Checked: the counts are the caller's, and a wrapped product could match.
+                if n.checked_mul(output.count) != Some(input.count) {
                     return Err(bad(format!(
-                        "input has {} elements; it must have ranks ({n}) x output ({}) = {}",
-                        input.count,
-                        output.count,
-                        n * output.count
+                        "input has {} elements; it must have ranks ({n}) x output ({})",
+                        input.count, output.count,
                     )));
                 }
                 if !output.same_as(&input.slice(r * output.count, output.count)) {
@@ -539,12 +539,10 @@ impl Communicator {
             }
             Collective::AllGather { input, output } => {
                 self.tensors(at, &input, &output)?;
-                if output.count != n * input.count {
+                if n.checked_mul(input.count) != Some(output.count) {
                     return Err(bad(format!(
-                        "output has {} elements; it must have ranks ({n}) x input ({}) = {}",
-                        output.count,
-                        input.count,
-                        n * input.count
+                        "output has {} elements; it must have ranks ({n}) x input ({})",
+                        output.count, input.count,
                     )));
                 }
                 if !input.same_as(&output.slice(r * input.count, input.count)) {
@@ -620,7 +618,7 @@ impl Communicator {
         in_place: bool,
     ) -> Algorithm {
         match (algorithm, &self.cost_model) {
-            (Algorithm::Auto, Some(m)) => m.choose(count * dtype.size(), in_place),
+            (Algorithm::Auto, Some(m)) => m.choose(count.saturating_mul(dtype.size()), in_place),
             (Algorithm::Auto, None) => Algorithm::Ring,
             (a, _) => a,
         }
@@ -672,6 +670,26 @@ impl Communicator {
         self.engine.dev.check_dtype(at, input.dtype)?;
         input.validate(at, "input")?;
         output.validate(at, "output")
+    }
+
+    /// Refuses work on the engine once a call has failed: an error may have left the device or
+    /// the peers half-way, and only [`CommGroup::rebuild`](crate::CommGroup::rebuild) starts
+    /// afresh.
+    pub(crate) fn gate(&self, at: At) -> Result<()> {
+        match &self.broken {
+            Some(cause) => Err(Error::Broken {
+                at,
+                cause: Box::new(cause.clone()),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Read-back staging slots busy, mapped or waiting for a map: zero between calls, whatever
+    /// the last call returned. For tests of the clean-up after errors; not a stable API.
+    #[doc(hidden)]
+    pub fn staging_in_use(&self) -> usize {
+        self.engine.reads.in_use()
     }
 
     pub(crate) fn link_ref(&self) -> &dyn Link {

@@ -1,10 +1,12 @@
 //! Building a group of communicators, and group calls from one thread over all ranks.
 
-use std::time::Duration;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use wgpu::{AdapterInfo, Device, Queue};
 
 use super::communicator::{CallOptions, Collective, CommConfig, Communicator};
+use crate::deadline::deadline_after;
 use crate::device::{AdapterSelector, RankDevice, TensorRef, discover_adapters};
 use crate::error::{At, Error, Result};
 use crate::link::{EmulatedLink, Link, in_process_mesh};
@@ -186,7 +188,7 @@ impl CommGroup {
         f: impl Fn(&mut Communicator) -> Result<R> + Sync,
     ) -> Vec<Result<R>> {
         let f = &f;
-        std::thread::scope(|s| {
+        let results: Vec<Result<R>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .comms
                 .iter_mut()
@@ -206,7 +208,15 @@ impl CommGroup {
                     })
                 })
                 .collect()
-        })
+        });
+        // A rank whose thread panicked may have stopped anywhere in a call: break it and tell
+        // the peers, as any other failed call does.
+        for (c, r) in self.comms.iter_mut().zip(&results) {
+            if let Err(e @ Error::Panicked { .. }) = r {
+                c.abort(e);
+            }
+        }
+        results
     }
 
     /// Measures every device alone and all together (see
@@ -215,14 +225,19 @@ impl CommGroup {
     pub fn probe(&mut self, bytes: usize) -> Result<Probe> {
         let n = self.size();
         let alone = (0..n)
-            .map(|r| self.comms[r].probe_device(bytes, &|| {}))
+            .map(|r| self.comms[r].probe_device(bytes, &|| Ok(())))
             .collect::<Result<Vec<Figures>>>()?;
-        let barrier = std::sync::Barrier::new(n);
-        let sync = || {
-            barrier.wait();
-        };
+        let timeout = self.comms.first().map(|c| c.config().timeout);
+        let barrier = ProbeBarrier::new(n, timeout.unwrap_or_default());
         let together = self
-            .run_each(|c| c.probe_device(bytes, &sync))
+            .run_each(|c| {
+                let at = At::rank(c.rank());
+                // A rank that leaves early, by an error or a panic, releases the others.
+                let leave = LeaveOnDrop(&barrier, at);
+                let figures = c.probe_device(bytes, &|| barrier.wait(at))?;
+                std::mem::forget(leave);
+                Ok(figures)
+            })
             .into_iter()
             .collect::<Result<Vec<Figures>>>()?;
         // Ranks that ran at once: the aggregate is n transfers in the time of the slowest rank
@@ -348,6 +363,102 @@ impl CommGroup {
     pub fn barrier(&mut self) -> Result<()> {
         let calls = vec![Collective::Barrier; self.size()];
         self.run(&calls, CallOptions::default())
+    }
+}
+
+/// The rendezvous of [`CommGroup::probe`]'s ranks before each measurement: every wait has the
+/// communicators' timeout as its deadline, and a rank that fails releases the others at once
+/// with an error instead of leaving them blocked (as `std::sync::Barrier` would).
+struct ProbeBarrier {
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+    n: usize,
+    timeout: Duration,
+}
+
+struct BarrierState {
+    arrived: usize,
+    generation: u64,
+    /// The first rank that left without finishing.
+    failed: Option<usize>,
+}
+
+impl ProbeBarrier {
+    fn new(n: usize, timeout: Duration) -> Self {
+        ProbeBarrier {
+            state: Mutex::new(BarrierState {
+                arrived: 0,
+                generation: 0,
+                failed: None,
+            }),
+            cv: Condvar::new(),
+            n,
+            timeout,
+        }
+    }
+
+    /// Blocks until every rank has arrived, a rank has failed, or the deadline passes.
+    fn wait(&self, at: At) -> Result<()> {
+        let started = Instant::now();
+        let deadline = deadline_after(self.timeout);
+        let poisoned = || Error::Panicked {
+            at,
+            message: "a probing rank panicked holding the probe barrier".into(),
+        };
+        let mut s = self.state.lock().map_err(|_| poisoned())?;
+        let failed = |s: &BarrierState| {
+            s.failed.map(|peer| Error::PeerAborted {
+                at,
+                peer,
+                reason: "its probe failed".into(),
+            })
+        };
+        if let Some(e) = failed(&s) {
+            return Err(e);
+        }
+        let generation = s.generation;
+        s.arrived += 1;
+        if s.arrived == self.n {
+            s.arrived = 0;
+            s.generation = s.generation.wrapping_add(1);
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while s.generation == generation {
+            if let Some(e) = failed(&s) {
+                return Err(e);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // This rank gives up too: the others must not wait for it either.
+                s.failed.get_or_insert(at.rank);
+                self.cv.notify_all();
+                return Err(Error::Timeout {
+                    at,
+                    waiting_on: Vec::new(),
+                    waited: started.elapsed(),
+                });
+            }
+            s = self.cv.wait_timeout(s, left).map_err(|_| poisoned())?.0;
+        }
+        Ok(())
+    }
+
+    /// Marks `rank` as gone and wakes everyone waiting.
+    fn leave(&self, rank: usize) {
+        // A poisoned lock still holds a usable state: releasing the others matters more.
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.failed.get_or_insert(rank);
+        self.cv.notify_all();
+    }
+}
+
+/// Calls [`ProbeBarrier::leave`] when dropped (forgotten on success).
+struct LeaveOnDrop<'a>(&'a ProbeBarrier, At);
+
+impl Drop for LeaveOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.leave(self.1.rank);
     }
 }
 

@@ -9,5 +9,6 @@ mod staging;
 pub use buffer::{DeviceBuffer, TensorRef};
 pub(crate) use buffer::{read_tensor, wait_error};
 pub use context::RankDevice;
+pub(crate) use context::WaitError;
 pub use discovery::{AdapterSelector, discover_adapters};
 pub(crate) use staging::{ReadRing, ReadTicket, UploadRing};
