@@ -480,3 +480,65 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `n` threads through the barrier; `leaver` (if any) drops its guard instead of
+    /// arriving. Returns each waiter's result, by rank.
+    fn round(n: usize, leaver: Option<usize>, timeout: Duration) -> Vec<Result<()>> {
+        let barrier = ProbeBarrier::new(n, timeout);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|r| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        let at = At::rank(r);
+                        let guard = LeaveOnDrop(barrier, at);
+                        if leaver == Some(r) {
+                            drop(guard);
+                            return Ok(());
+                        }
+                        let res = barrier.wait(at);
+                        std::mem::forget(guard);
+                        res
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Ok(())))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn the_barrier_lets_everyone_through_together() {
+        let res = round(3, None, Duration::from_secs(30));
+        assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
+    }
+
+    #[test]
+    fn a_rank_that_fails_releases_the_others_at_once() {
+        // Without the release the others would end at the deadline with `Timeout` instead.
+        let res = round(3, Some(1), Duration::from_secs(20));
+        for r in [0, 2] {
+            assert!(
+                matches!(&res[r], Err(Error::PeerAborted { peer: 1, .. })),
+                "rank {r}: {:?}",
+                res[r]
+            );
+        }
+    }
+
+    #[test]
+    fn a_rank_that_never_comes_ends_the_wait_at_the_deadline() {
+        let barrier = ProbeBarrier::new(2, Duration::from_millis(50));
+        let e = barrier.wait(At::rank(0)).expect_err("rank 1 never arrives");
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        // The rank that gave up is marked, so a late arrival does not wait in turn.
+        let e = barrier.wait(At::rank(1)).expect_err("rank 0 gave up");
+        assert!(matches!(e, Error::PeerAborted { peer: 0, .. }), "{e}");
+    }
+}
