@@ -95,8 +95,8 @@ fn extreme_timeouts_never_panic() {
     let g = std::cell::RefCell::new(g);
     let result = runner(12).run(&(timeouts(), any::<bool>()), |(t, per_call)| {
         let mut g = g.borrow_mut();
-        for r in 0..RANKS {
-            bufs[r].write(g.comm(r).device(), &input(r)).expect("reset");
+        for (r, b) in bufs.iter().enumerate() {
+            b.write(g.comm(r).device(), &input(r)).expect("reset");
         }
         let calls: Vec<Collective<'_>> = bufs
             .iter()
@@ -115,13 +115,13 @@ fn extreme_timeouts_never_panic() {
             g.run(&calls, CallOptions::default())
         };
         prop_assert!(res.is_ok(), "timeout {t:?}: {res:?}");
-        for r in 0..RANKS {
+        for (r, b) in bufs.iter().enumerate() {
             // The communicator's own waits (download, local reduce) take the timeout too.
-            let got = g.comm(r).download(&bufs[r]).expect("download");
+            let got = g.comm(r).download(b).expect("download");
             prop_assert_eq!(&got, &want, "timeout {:?} rank {}", t, r);
             let scratch = g.comm(r).buffer::<f32>(LEN).expect("buffer");
             g.comm(r)
-                .reduce_local(&scratch, &bufs[r], ReduceOp::Sum)
+                .reduce_local(&scratch, b, ReduceOp::Sum)
                 .map_err(|e| TestCaseError::fail(format!("reduce_local {t:?}: {e}")))?;
             prop_assert_eq!(
                 g.comm(r).download(&scratch).expect("download"),
@@ -225,8 +225,8 @@ fn extreme_offsets_and_counts_are_refused_or_exact() {
         }
         if valid && which == 0 {
             let o = (offset / 4) as usize;
-            for r in 0..RANKS {
-                let got = gr.comm(r).download(&bufs[r]).expect("download");
+            for (r, b) in bufs.iter().enumerate() {
+                let got = gr.comm(r).download(b).expect("download");
                 for (i, &x) in got.iter().enumerate() {
                     let summed = (o..o + count).contains(&i);
                     let want: f32 = if summed {

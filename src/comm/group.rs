@@ -508,7 +508,10 @@ mod tests {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Ok(())))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| panic!("a barrier thread panicked"))
+                })
                 .collect()
         })
     }
