@@ -285,3 +285,59 @@ impl UploadRing {
         &self.slots[0].target
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use wgpu::BufferUsages;
+
+    use crate::CommGroup;
+    use crate::deadline::deadline_after;
+
+    #[test]
+    fn a_full_ring_refuses_and_a_failed_wait_frees_its_slot() {
+        let Ok(mut g) = CommGroup::builder().ranks(1).build() else {
+            panic!("no adapter for the test");
+        };
+        let comm = g.comm(0);
+        let e = &mut comm.engine;
+        let src = e.dev.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("test source"),
+            size: 64,
+            usage: BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut tickets = Vec::new();
+        while e.reads.has_free_slot() {
+            let t = e.reads.begin(&e.dev, &src, 0, 16);
+            tickets.push(t.unwrap_or_else(|_| panic!("a free slot refused")));
+        }
+        let depth = tickets.len();
+        assert_eq!(e.reads.in_use(), depth);
+        // No slot is taken over while busy: the next read-back is refused.
+        assert!(e.reads.begin(&e.dev, &src, 0, 16).is_err());
+        // A wait that fails (its deadline already passed) still unmaps and frees its slot.
+        // (Its map may have landed already on a synchronous adapter: un-set the flag, as if not.)
+        let first = tickets.remove(0);
+        e.reads.slots[first.slot]
+            .mapped
+            .store(false, Ordering::Release);
+        let past = deadline_after(Duration::ZERO);
+        assert!(e.reads.finish(&e.dev, first, past).is_err());
+        assert_eq!(e.reads.in_use(), depth - 1);
+        for t in tickets {
+            e.reads.abandon(&e.dev, t);
+        }
+        assert_eq!(e.reads.in_use(), 0);
+        // The ring works afterwards, and no clean-up left a device error behind.
+        let t = e.reads.begin(&e.dev, &src, 0, 16);
+        let t = t.unwrap_or_else(|_| panic!("a freed slot refused"));
+        let bytes = e
+            .reads
+            .finish(&e.dev, t, deadline_after(Duration::from_secs(30)));
+        assert_eq!(bytes.map(|b| b.len()).ok(), Some(16));
+        assert!(e.dev.take_error().is_none());
+    }
+}
