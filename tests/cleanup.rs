@@ -170,3 +170,30 @@ fn a_broken_communicator_refuses_to_probe() {
     let e = g.probe(4096).expect_err("a broken rank cannot be probed");
     assert!(matches!(e, Error::Broken { .. }), "{e}");
 }
+
+#[test]
+fn a_rank_that_panics_in_a_group_call_is_broken_and_its_peers_told() {
+    let faults = FaultPlan::new();
+    let mut g = group(&faults, Duration::from_secs(30));
+    let res = g.run_each(|c| -> wccl::Result<()> {
+        if c.rank() == 1 {
+            panic!("a bug in the caller's closure");
+        }
+        Ok(())
+    });
+    assert!(
+        matches!(res[1], Err(Error::Panicked { .. })),
+        "{:?}",
+        res[1]
+    );
+    assert!(
+        matches!(g.comm(1).broken(), Some(Error::Panicked { .. })),
+        "the panicked rank is broken"
+    );
+    // Its peers hear of it at their next call instead of waiting out the deadline.
+    let b = buffers(&mut g);
+    for (r, x) in all_reduce(&mut g, &b).iter().enumerate() {
+        assert!(x.is_err(), "rank {r}: {x:?}");
+        assert_eq!(g.comm(r).staging_in_use(), 0, "rank {r}");
+    }
+}

@@ -336,3 +336,34 @@ fn a_huge_rank_range_in_the_model_ends() {
     assert_eq!(ranks.len(), usize::BITS as usize - 1, "{text}");
     assert_eq!(ranks.last(), Some(&(1usize << (usize::BITS - 1))), "{text}");
 }
+
+#[test]
+fn wild_group_settings_are_refused_or_bounded() {
+    let e = CommGroup::builder()
+        .ranks(usize::MAX)
+        .build()
+        .err()
+        .unwrap_or_else(|| panic!("a group of usize::MAX ranks"));
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+    // A wild pipeline depth is capped (it only allocates staging buffers); the group works.
+    let mut g = common::group_with(
+        RANKS,
+        CommConfig {
+            pipeline_depth: usize::MAX,
+            slice_bytes: 4096,
+            timeout: Duration::MAX,
+            ..CommConfig::default()
+        },
+    );
+    let bufs: Vec<DeviceBuffer<f32>> = (0..RANKS)
+        .map(|r| g.comm(r).upload(&input(r)).expect("upload"))
+        .collect();
+    let views: Vec<TensorRef<'_>> = bufs.iter().map(|b| b.view()).collect();
+    g.all_reduce(&views, ReduceOp::Sum).expect("all-reduce");
+    let want: Vec<f32> = (0..LEN)
+        .map(|i| (0..RANKS).map(|r| input(r)[i]).sum())
+        .collect();
+    for (r, b) in bufs.iter().enumerate() {
+        assert_eq!(g.comm(r).download(b).expect("download"), want, "rank {r}");
+    }
+}

@@ -12,6 +12,10 @@ use crate::link::{FaultPlan, Link, LinkEmulation};
 use crate::model::CostModel;
 use crate::types::{CollectiveKind, DType, Element, ReduceOp};
 
+/// The deepest pipeline a communicator builds: a deeper one only allocates staging buffers (a
+/// wild setting must not allocate without bound).
+pub const MAX_PIPELINE_DEPTH: usize = 64;
+
 /// Settings shared by every rank of a communicator group.
 #[derive(Clone, Debug)]
 pub struct CommConfig {
@@ -19,7 +23,8 @@ pub struct CommConfig {
     pub timeout: Duration,
     /// Pipeline slice: the largest piece read back, sent and reduced at once (default 4 MiB).
     pub slice_bytes: usize,
-    /// Read-backs and uploads in flight per rank (default 3).
+    /// Read-backs and uploads in flight per rank (default 3; at least 1, at most
+    /// [`MAX_PIPELINE_DEPTH`]: each one is a pair of staging buffers).
     pub pipeline_depth: usize,
     /// Caps the storage-binding size the kernels use below the device's own limit, to exercise
     /// chunking on small buffers; `None` uses the device limit.
@@ -175,7 +180,7 @@ impl Communicator {
         let engine = Engine::new(
             dev,
             slice,
-            config.pipeline_depth.max(1),
+            config.pipeline_depth.clamp(1, MAX_PIPELINE_DEPTH),
             config.max_binding_bytes,
         );
         let config = CommConfig {

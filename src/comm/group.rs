@@ -13,6 +13,10 @@ use crate::link::{EmulatedLink, Link, in_process_mesh};
 use crate::model::{CostModel, Figures, Probe};
 use crate::types::ReduceOp;
 
+/// The most ranks one process links: each rank opens a device, and the in-process mesh has a
+/// channel per pair of ranks (a wild count must fail, not allocate until memory runs out).
+pub const MAX_RANKS: usize = 1024;
+
 /// Builds a [`CommGroup`]; see [`CommGroup::builder`].
 #[derive(Clone, Debug)]
 pub struct GroupBuilder {
@@ -55,10 +59,13 @@ impl GroupBuilder {
 
     /// Finds the adapters, opens one device per rank, and links the ranks in this process.
     pub fn build(self) -> Result<CommGroup> {
-        if self.ranks == 0 {
+        if self.ranks == 0 || self.ranks > MAX_RANKS {
             return Err(Error::InvalidArgument {
                 at: At::rank(0),
-                message: "a group needs at least one rank".into(),
+                message: format!(
+                    "a group needs 1 to {MAX_RANKS} ranks in one process, not {}",
+                    self.ranks
+                ),
             });
         }
         let instance =
