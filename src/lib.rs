@@ -35,6 +35,7 @@
 pub mod algo;
 pub mod bench;
 pub mod comm;
+mod deadline;
 pub mod device;
 mod error;
 mod kernels;

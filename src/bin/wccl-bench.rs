@@ -232,7 +232,11 @@ fn parse_ranks(s: &str) -> Result<Vec<usize>, String> {
         let mut n = lo.max(2);
         while n <= hi {
             v.push(n);
-            n *= 2;
+            // Checked: a bound near usize::MAX must end the doubling, not wrap it to 0.
+            match n.checked_mul(2) {
+                Some(next) => n = next,
+                None => break,
+            }
         }
         return Ok(v);
     }

@@ -5,11 +5,16 @@ use std::time::{Duration, Instant};
 use super::executor::{Call, Engine, execute};
 use super::protocol::{Header, NONE};
 use crate::algo::{self, Algorithm, Plan};
+use crate::deadline::{deadline_after, deadline_from};
 use crate::device::{DeviceBuffer, RankDevice, TensorRef};
 use crate::error::{At, Error, Result};
 use crate::link::{FaultPlan, Link, LinkEmulation};
 use crate::model::CostModel;
 use crate::types::{CollectiveKind, DType, Element, ReduceOp};
+
+/// The deepest pipeline a communicator builds: a deeper one only allocates staging buffers (a
+/// wild setting must not allocate without bound).
+pub const MAX_PIPELINE_DEPTH: usize = 64;
 
 /// Settings shared by every rank of a communicator group.
 #[derive(Clone, Debug)]
@@ -18,7 +23,8 @@ pub struct CommConfig {
     pub timeout: Duration,
     /// Pipeline slice: the largest piece read back, sent and reduced at once (default 4 MiB).
     pub slice_bytes: usize,
-    /// Read-backs and uploads in flight per rank (default 3).
+    /// Read-backs and uploads in flight per rank (default 3; at least 1, at most
+    /// [`MAX_PIPELINE_DEPTH`]: each one is a pair of staging buffers).
     pub pipeline_depth: usize,
     /// Caps the storage-binding size the kernels use below the device's own limit, to exercise
     /// chunking on small buffers; `None` uses the device limit.
@@ -174,7 +180,7 @@ impl Communicator {
         let engine = Engine::new(
             dev,
             slice,
-            config.pipeline_depth.max(1),
+            config.pipeline_depth.clamp(1, MAX_PIPELINE_DEPTH),
             config.max_binding_bytes,
         );
         let config = CommConfig {
@@ -236,12 +242,12 @@ impl Communicator {
 
     /// A buffer on this rank's device holding `data`.
     pub fn upload<T: Element>(&self, data: &[T]) -> Result<DeviceBuffer<T>> {
-        DeviceBuffer::from_slice(&self.engine.dev, data)
+        DeviceBuffer::from_slice_until(&self.engine.dev, data, deadline_after(self.config.timeout))
     }
 
     /// Reads a buffer of this rank's device back to the host.
     pub fn download<T: Element>(&self, buf: &DeviceBuffer<T>) -> Result<Vec<T>> {
-        buf.read(&self.engine.dev)
+        buf.read_until(&self.engine.dev, deadline_after(self.config.timeout))
     }
 
     /// Reads any tensor view on this rank's device back to the host, as elements of `T`.
@@ -252,7 +258,7 @@ impl Communicator {
                 message: format!("reading a {} tensor as {}", t.dtype, T::DTYPE),
             });
         }
-        crate::device::read_tensor(&self.engine.dev, &t)
+        crate::device::read_tensor(&self.engine.dev, &t, deadline_after(self.config.timeout))
             .map(|bytes| bytemuck::pod_collect_to_vec(&bytes))
     }
 
@@ -269,6 +275,7 @@ impl Communicator {
         let _scope = self.engine.dev.error_scope();
         let (dst, src) = (dst.into(), src.into());
         let at = At::rank(self.rank);
+        self.gate(at)?;
         let bad = |message: String| Err(Error::InvalidArgument { at, message });
         self.tensors(at, &src, &dst)?;
         if dst.count != src.count {
@@ -281,7 +288,7 @@ impl Communicator {
             return bad("avg is not an element-wise operator; use sum and scale".into());
         }
         let e = &mut self.engine;
-        let deadline = Instant::now() + self.config.timeout;
+        let deadline = deadline_after(self.config.timeout);
         let per = e.kernels.max_elements_per_submit(dst.dtype);
         let es = dst.dtype.size() as u64;
         let mut last = None;
@@ -433,7 +440,7 @@ impl Communicator {
             });
         }
         let started = Instant::now();
-        let deadline = started + opts.timeout.unwrap_or(self.config.timeout);
+        let deadline = deadline_from(started, opts.timeout.unwrap_or(self.config.timeout));
         let algorithm = opts.algorithm.unwrap_or(self.config.algorithm);
         let result = self
             .validate_and_plan(at, &call, algorithm)
@@ -522,12 +529,11 @@ impl Communicator {
             }
             Collective::ReduceScatter { input, output, op } => {
                 self.tensors(at, &input, &output)?;
-                if input.count != n * output.count {
+                // Checked: the counts are the caller's, and a wrapped product could match.
+                if n.checked_mul(output.count) != Some(input.count) {
                     return Err(bad(format!(
-                        "input has {} elements; it must have ranks ({n}) x output ({}) = {}",
-                        input.count,
-                        output.count,
-                        n * output.count
+                        "input has {} elements; it must have ranks ({n}) x output ({})",
+                        input.count, output.count,
                     )));
                 }
                 if !output.same_as(&input.slice(r * output.count, output.count)) {
@@ -540,12 +546,10 @@ impl Communicator {
             }
             Collective::AllGather { input, output } => {
                 self.tensors(at, &input, &output)?;
-                if output.count != n * input.count {
+                if n.checked_mul(input.count) != Some(output.count) {
                     return Err(bad(format!(
-                        "output has {} elements; it must have ranks ({n}) x input ({}) = {}",
-                        output.count,
-                        input.count,
-                        n * input.count
+                        "output has {} elements; it must have ranks ({n}) x input ({})",
+                        output.count, input.count,
                     )));
                 }
                 if !input.same_as(&output.slice(r * input.count, input.count)) {
@@ -621,7 +625,7 @@ impl Communicator {
         in_place: bool,
     ) -> Algorithm {
         match (algorithm, &self.cost_model) {
-            (Algorithm::Auto, Some(m)) => m.choose(count * dtype.size(), in_place),
+            (Algorithm::Auto, Some(m)) => m.choose(count.saturating_mul(dtype.size()), in_place),
             (Algorithm::Auto, None) => Algorithm::Ring,
             (a, _) => a,
         }
@@ -673,6 +677,26 @@ impl Communicator {
         self.engine.dev.check_dtype(at, input.dtype)?;
         input.validate(at, "input")?;
         output.validate(at, "output")
+    }
+
+    /// Refuses work on the engine once a call has failed: an error may have left the device or
+    /// the peers half-way, and only [`CommGroup::rebuild`](crate::CommGroup::rebuild) starts
+    /// afresh.
+    pub(crate) fn gate(&self, at: At) -> Result<()> {
+        match &self.broken {
+            Some(cause) => Err(Error::Broken {
+                at,
+                cause: Box::new(cause.clone()),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Read-back staging slots busy, mapped or waiting for a map: zero between calls, whatever
+    /// the last call returned. For tests of the clean-up after errors; not a stable API.
+    #[doc(hidden)]
+    pub fn staging_in_use(&self) -> usize {
+        self.engine.reads.in_use()
     }
 
     pub(crate) fn link_ref(&self) -> &dyn Link {

@@ -10,6 +10,7 @@ use wgpu::{Buffer, BufferUsages, SubmissionIndex};
 use super::host_ops;
 use super::protocol::Header;
 use crate::algo::{Action, Buf, Plan, Recv, Region, Source, Transfer};
+use crate::deadline::deadline_from;
 use crate::device::{RankDevice, ReadRing, ReadTicket, TensorRef, UploadRing, wait_error};
 use crate::error::{At, Error, Result};
 use crate::kernels::{KernelOp, ReduceKernels};
@@ -159,12 +160,22 @@ pub(crate) fn execute(
 }
 
 impl Run<'_, '_> {
+    /// Runs the plan's actions; on every exit, the read-backs begun and not finished are
+    /// abandoned, so that no staging slot stays busy or mapped after an error.
     fn plan(&mut self, plan: &Plan) -> Result<()> {
+        let mut tickets = VecDeque::new();
+        let result = self.actions(plan, &mut tickets);
+        for (_, ticket) in tickets.drain(..) {
+            self.eng.reads.abandon(&self.eng.dev, ticket);
+        }
+        result
+    }
+
+    fn actions(&mut self, plan: &Plan, tickets: &mut VecDeque<(usize, ReadTicket)>) -> Result<()> {
         let reads = self.send_reads(plan);
         let mut next_read = 0usize;
-        let mut tickets = VecDeque::new();
         for (i, action) in plan.actions.iter().enumerate() {
-            self.begin_reads(&reads, &mut next_read, &mut tickets, i as isize - 1)?;
+            self.begin_reads(&reads, &mut next_read, tickets, i as isize - 1)?;
             match action {
                 Action::Copy { src, dst } => self.copy(*src, *dst)?,
                 Action::Scale { dst, divisor } if dst.buf == Buf::Host => {
@@ -176,7 +187,7 @@ impl Run<'_, '_> {
                     self.kernel(KernelOp::Scale(*divisor), (&buf, off), None, dst.len);
                 }
                 Action::Transfer(t) => {
-                    self.transfer(i, t, &reads, &mut next_read, &mut tickets)?;
+                    self.transfer(i, t, &reads, &mut next_read, tickets)?;
                 }
             }
         }
@@ -215,7 +226,10 @@ impl Run<'_, '_> {
                             .reads
                             .finish(&self.eng.dev, ticket, self.call.deadline)
                             .map_err(|e| wait_error(self.call.at, e))?,
-                        _ => {
+                        other => {
+                            if let Some((_, ticket)) = other {
+                                self.eng.reads.abandon(&self.eng.dev, ticket);
+                            }
                             return Err(Error::Device {
                                 at: self.call.at,
                                 message: "internal: read-back schedule out of order".into(),
@@ -277,7 +291,11 @@ impl Run<'_, '_> {
             }
             let (buf, off) = self.locate(r.region);
             let bytes = r.region.len * self.call.dtype.size();
-            let ticket = self.eng.reads.begin(&self.eng.dev, &buf, off, bytes);
+            let ticket = self
+                .eng
+                .reads
+                .begin(&self.eng.dev, &buf, off, bytes)
+                .map_err(|e| wait_error(self.call.at, e))?;
             tickets.push_back((r.action, ticket));
             *next += 1;
         }
@@ -317,7 +335,8 @@ impl Run<'_, '_> {
             Err(LinkError::Timeout) if self.received[r.from] > 0 => {
                 let grace = (self.call.deadline - self.call.started) / 10;
                 let grace = grace.min(MAX_GRACE);
-                self.link.recv(r.from, self.call.deadline + grace)
+                self.link
+                    .recv(r.from, deadline_from(self.call.deadline, grace))
             }
             other => other,
         }
@@ -425,7 +444,11 @@ impl Run<'_, '_> {
             (_, Buf::Host) => {
                 let (buf, off) = self.locate(src);
                 let bytes = src.len * self.call.dtype.size();
-                let ticket = self.eng.reads.begin(&self.eng.dev, &buf, off, bytes);
+                let ticket = self
+                    .eng
+                    .reads
+                    .begin(&self.eng.dev, &buf, off, bytes)
+                    .map_err(|e| wait_error(self.call.at, e))?;
                 let data = self
                     .eng
                     .reads

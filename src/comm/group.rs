@@ -1,10 +1,12 @@
 //! Building a group of communicators, and group calls from one thread over all ranks.
 
-use std::time::Duration;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use wgpu::{AdapterInfo, Device, Queue};
 
 use super::communicator::{CallOptions, Collective, CommConfig, Communicator};
+use crate::deadline::deadline_after;
 use crate::device::{
     AdapterSelector, RankDevice, TensorRef, discover, next_adapter_token, same_physical,
 };
@@ -12,6 +14,10 @@ use crate::error::{At, Error, Result};
 use crate::link::{EmulatedLink, Link, in_process_mesh};
 use crate::model::{CostModel, Figures, Probe};
 use crate::types::ReduceOp;
+
+/// The most ranks one process links: each rank opens a device, and the in-process mesh has a
+/// channel per pair of ranks (a wild count must fail, not allocate until memory runs out).
+pub const MAX_RANKS: usize = 1024;
 
 /// Builds a [`CommGroup`]; see [`CommGroup::builder`].
 #[derive(Clone, Debug)]
@@ -55,10 +61,13 @@ impl GroupBuilder {
 
     /// Finds the adapters, opens one device per rank, and links the ranks in this process.
     pub fn build(self) -> Result<CommGroup> {
-        if self.ranks == 0 {
+        if self.ranks == 0 || self.ranks > MAX_RANKS {
             return Err(Error::InvalidArgument {
                 at: At::rank(0),
-                message: "a group needs at least one rank".into(),
+                message: format!(
+                    "a group needs 1 to {MAX_RANKS} ranks in one process, not {}",
+                    self.ranks
+                ),
             });
         }
         // Instances of discovery's own, enabling only the backends it enumerates.
@@ -193,7 +202,7 @@ impl CommGroup {
         f: impl Fn(&mut Communicator) -> Result<R> + Sync,
     ) -> Vec<Result<R>> {
         let f = &f;
-        std::thread::scope(|s| {
+        let results: Vec<Result<R>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .comms
                 .iter_mut()
@@ -213,7 +222,15 @@ impl CommGroup {
                     })
                 })
                 .collect()
-        })
+        });
+        // A rank whose thread panicked may have stopped anywhere in a call: break it and tell
+        // the peers, as any other failed call does.
+        for (c, r) in self.comms.iter_mut().zip(&results) {
+            if let Err(e @ Error::Panicked { .. }) = r {
+                c.abort(e);
+            }
+        }
+        results
     }
 
     /// Measures every device alone and all together (see
@@ -222,14 +239,19 @@ impl CommGroup {
     pub fn probe(&mut self, bytes: usize) -> Result<Probe> {
         let n = self.size();
         let alone = (0..n)
-            .map(|r| self.comms[r].probe_device(bytes, &|| {}))
+            .map(|r| self.comms[r].probe_device(bytes, &|| Ok(())))
             .collect::<Result<Vec<Figures>>>()?;
-        let barrier = std::sync::Barrier::new(n);
-        let sync = || {
-            barrier.wait();
-        };
+        let timeout = self.comms.first().map(|c| c.config().timeout);
+        let barrier = ProbeBarrier::new(n, timeout.unwrap_or_default());
         let together = self
-            .run_each(|c| c.probe_device(bytes, &sync))
+            .run_each(|c| {
+                let at = At::rank(c.rank());
+                // A rank that leaves early, by an error or a panic, releases the others.
+                let leave = LeaveOnDrop(&barrier, at);
+                let figures = c.probe_device(bytes, &|| barrier.wait(at))?;
+                std::mem::forget(leave);
+                Ok(figures)
+            })
             .into_iter()
             .collect::<Result<Vec<Figures>>>()?;
         // Ranks that ran at once: the aggregate is n transfers in the time of the slowest rank
@@ -379,6 +401,102 @@ fn shares_adapter(a: (&AdapterInfo, Option<u64>), b: (&AdapterInfo, Option<u64>)
     }
 }
 
+/// The rendezvous of [`CommGroup::probe`]'s ranks before each measurement: every wait has the
+/// communicators' timeout as its deadline, and a rank that fails releases the others at once
+/// with an error instead of leaving them blocked (as `std::sync::Barrier` would).
+struct ProbeBarrier {
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+    n: usize,
+    timeout: Duration,
+}
+
+struct BarrierState {
+    arrived: usize,
+    generation: u64,
+    /// The first rank that left without finishing.
+    failed: Option<usize>,
+}
+
+impl ProbeBarrier {
+    fn new(n: usize, timeout: Duration) -> Self {
+        ProbeBarrier {
+            state: Mutex::new(BarrierState {
+                arrived: 0,
+                generation: 0,
+                failed: None,
+            }),
+            cv: Condvar::new(),
+            n,
+            timeout,
+        }
+    }
+
+    /// Blocks until every rank has arrived, a rank has failed, or the deadline passes.
+    fn wait(&self, at: At) -> Result<()> {
+        let started = Instant::now();
+        let deadline = deadline_after(self.timeout);
+        let poisoned = || Error::Panicked {
+            at,
+            message: "a probing rank panicked holding the probe barrier".into(),
+        };
+        let mut s = self.state.lock().map_err(|_| poisoned())?;
+        let failed = |s: &BarrierState| {
+            s.failed.map(|peer| Error::PeerAborted {
+                at,
+                peer,
+                reason: "its probe failed".into(),
+            })
+        };
+        if let Some(e) = failed(&s) {
+            return Err(e);
+        }
+        let generation = s.generation;
+        s.arrived += 1;
+        if s.arrived == self.n {
+            s.arrived = 0;
+            s.generation = s.generation.wrapping_add(1);
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while s.generation == generation {
+            if let Some(e) = failed(&s) {
+                return Err(e);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // This rank gives up too: the others must not wait for it either.
+                s.failed.get_or_insert(at.rank);
+                self.cv.notify_all();
+                return Err(Error::Timeout {
+                    at,
+                    waiting_on: Vec::new(),
+                    waited: started.elapsed(),
+                });
+            }
+            s = self.cv.wait_timeout(s, left).map_err(|_| poisoned())?.0;
+        }
+        Ok(())
+    }
+
+    /// Marks `rank` as gone and wakes everyone waiting.
+    fn leave(&self, rank: usize) {
+        // A poisoned lock still holds a usable state: releasing the others matters more.
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.failed.get_or_insert(rank);
+        self.cv.notify_all();
+    }
+}
+
+/// Calls [`ProbeBarrier::leave`] when dropped (forgotten on success).
+struct LeaveOnDrop<'a>(&'a ProbeBarrier, At);
+
+impl Drop for LeaveOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.leave(self.1.rank);
+    }
+}
+
 fn pairs<'a>(
     a: &[TensorRef<'a>],
     b: &[TensorRef<'a>],
@@ -427,5 +545,65 @@ mod tests {
         let mut e = h100("");
         e.device = 0x2331;
         assert!(!shares_adapter((&c, None), (&e, None)));
+    }
+
+    /// Runs `n` threads through the barrier; `leaver` (if any) drops its guard instead of
+    /// arriving. Returns each waiter's result, by rank.
+    fn round(n: usize, leaver: Option<usize>, timeout: Duration) -> Vec<Result<()>> {
+        let barrier = ProbeBarrier::new(n, timeout);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|r| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        let at = At::rank(r);
+                        let guard = LeaveOnDrop(barrier, at);
+                        if leaver == Some(r) {
+                            drop(guard);
+                            return Ok(());
+                        }
+                        let res = barrier.wait(at);
+                        std::mem::forget(guard);
+                        res
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| panic!("a barrier thread panicked"))
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn the_barrier_lets_everyone_through_together() {
+        let res = round(3, None, Duration::from_secs(30));
+        assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
+    }
+
+    #[test]
+    fn a_rank_that_fails_releases_the_others_at_once() {
+        // Without the release the others would end at the deadline with `Timeout` instead.
+        let res = round(3, Some(1), Duration::from_secs(20));
+        for r in [0, 2] {
+            assert!(
+                matches!(&res[r], Err(Error::PeerAborted { peer: 1, .. })),
+                "rank {r}: {:?}",
+                res[r]
+            );
+        }
+    }
+
+    #[test]
+    fn a_rank_that_never_comes_ends_the_wait_at_the_deadline() {
+        let barrier = ProbeBarrier::new(2, Duration::from_millis(50));
+        let e = barrier.wait(At::rank(0)).expect_err("rank 1 never arrives");
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        // The rank that gave up is marked, so a late arrival does not wait in turn.
+        let e = barrier.wait(At::rank(1)).expect_err("rank 0 gave up");
+        assert!(matches!(e, Error::PeerAborted { peer: 0, .. }), "{e}");
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use super::communicator::Communicator;
-use crate::device::{TensorRef, wait_error};
+use crate::device::{TensorRef, WaitError, wait_error};
 use crate::error::{At, Error, Result};
 use crate::kernels::KernelOp;
 use crate::link::Link;
@@ -17,30 +17,47 @@ impl Communicator {
         self.link_ref()
     }
 
-    /// Reads `t` back to the host through the read ring, keeping every slot busy.
+    /// Reads `t` back to the host through the read ring, keeping every slot busy. On an error
+    /// the read-backs in flight are abandoned: no slot stays busy or mapped.
     pub(crate) fn read_now(&mut self, t: TensorRef<'_>, deadline: Instant) -> Result<Vec<u8>> {
         let at = At::rank(self.rank());
+        self.gate(at)?;
         t.validate(at, "read")?;
         let e = &mut self.engine;
         let slot = e.uploads.slot_bytes() as usize;
-        let total = t.bytes() as usize;
+        let total = usize::try_from(t.bytes()).map_err(|_| Error::InvalidArgument {
+            at,
+            message: format!("{} bytes do not fit this host's memory", t.bytes()),
+        })?;
         let mut out = Vec::with_capacity(total);
         let mut pending = std::collections::VecDeque::new();
         let mut off = 0;
-        while off < total || !pending.is_empty() {
-            while off < total && e.reads.has_free_slot() {
-                let len = slot.min(total - off);
-                pending.push_back(e.reads.begin(&e.dev, t.buffer, t.offset + off as u64, len));
-                off += len;
+        let result = (|| {
+            while off < total || !pending.is_empty() {
+                while off < total && e.reads.has_free_slot() {
+                    let len = slot.min(total - off);
+                    // `off < total <= t.bytes()`, and the view's end was checked: no overflow.
+                    let ticket = e
+                        .reads
+                        .begin(&e.dev, t.buffer, t.offset + off as u64, len)?;
+                    pending.push_back(ticket);
+                    off += len;
+                }
+                // With no slot free and none of ours in flight nothing would ever progress:
+                // an error, not a loop that spins for ever.
+                let Some(ticket) = pending.pop_front() else {
+                    return Err(WaitError::Device(
+                        "internal: every read staging slot is busy".into(),
+                    ));
+                };
+                out.extend(e.reads.finish(&e.dev, ticket, deadline)?);
             }
-            if let Some(ticket) = pending.pop_front() {
-                out.extend(
-                    e.reads
-                        .finish(&e.dev, ticket, deadline)
-                        .map_err(|w| wait_error(at, w))?,
-                );
-            }
+            Ok(())
+        })();
+        for ticket in pending {
+            e.reads.abandon(&e.dev, ticket);
         }
+        result.map_err(|w| wait_error(at, w))?;
         e.dev.check(at)?;
         Ok(out)
     }
@@ -57,6 +74,7 @@ impl Communicator {
         // Errors of this device work reach the rank's error store when the scope ends.
         let _scope = self.engine.dev.error_scope();
         let at = At::rank(self.rank());
+        self.gate(at)?;
         t.validate(at, "fold")?;
         if bytes.len() as u64 != t.bytes() {
             return Err(Error::InvalidArgument {

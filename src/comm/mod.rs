@@ -9,5 +9,5 @@ mod local;
 mod probe;
 mod protocol;
 
-pub use communicator::{CallOptions, Collective, CommConfig, Communicator};
-pub use group::{CommGroup, GroupBuilder};
+pub use communicator::{CallOptions, Collective, CommConfig, Communicator, MAX_PIPELINE_DEPTH};
+pub use group::{CommGroup, GroupBuilder, MAX_RANKS};

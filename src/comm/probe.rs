@@ -1,14 +1,15 @@
 //! Measuring a rank's device through the same paths the executor uses (staging rings, kernels),
 //! for the cost model.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use wgpu::{Buffer, BufferUsages};
 
 use super::communicator::Communicator;
 use super::host_ops;
+use crate::deadline::deadline_after;
 use crate::device::{TensorRef, wait_error};
-use crate::error::{At, Result};
+use crate::error::{At, Error, Result};
 use crate::kernels::KernelOp;
 use crate::model::Figures;
 use crate::types::{Combine, DType};
@@ -20,13 +21,27 @@ impl Communicator {
     /// Measures this rank's device: upload and read-back through the staging rings, the copy and
     /// reduce kernels, the host's reduce, and the fixed cost of one small pipeline step, each on
     /// `bytes` (median of 3). `sync` is called before each measurement, so that ranks probed at
-    /// the same time measure the same thing together.
-    pub fn probe_device(&mut self, bytes: usize, sync: &(dyn Fn() + Sync)) -> Result<Figures> {
+    /// the same time measure the same thing together; its error (a peer that failed or never
+    /// came) ends the probe. Each measurement has the communicator's timeout as its deadline.
+    pub fn probe_device(
+        &mut self,
+        bytes: usize,
+        sync: &(dyn Fn() -> Result<()> + Sync),
+    ) -> Result<Figures> {
         // Errors of this device work reach the rank's error store when the scope ends.
         let _scope = self.engine.dev.error_scope();
         let at = At::rank(self.rank());
-        let bytes = bytes.next_multiple_of(4).max(4096);
-        let deadline = Instant::now() + Duration::from_secs(600);
+        self.gate(at)?;
+        let max = self.engine.dev.limits().max_buffer_size;
+        let bytes = bytes
+            .checked_next_multiple_of(4)
+            .map(|b| b.max(4096))
+            .filter(|&b| b as u64 <= max)
+            .ok_or_else(|| Error::InvalidArgument {
+                at,
+                message: format!("a probe of {bytes} bytes exceeds the largest buffer ({max})"),
+            })?;
+        let timeout = self.config().timeout;
         let make = |c: &Communicator| {
             c.engine
                 .dev
@@ -42,13 +57,16 @@ impl Communicator {
         let host = vec![0u8; bytes];
         let rate = |secs: f64| bytes as f64 / secs.max(1e-9);
 
-        sync();
+        sync()?;
+        let deadline = deadline_after(timeout);
         let upload = rate(median(REPEATS, || {
             self.upload_all(&host, &b, deadline, at)
         })?);
-        sync();
+        sync()?;
+        let deadline = deadline_after(timeout);
         let readback = rate(median(REPEATS, || self.readback_all(&a, bytes, deadline))?);
-        sync();
+        sync()?;
+        let deadline = deadline_after(timeout);
         let count = bytes / 4;
         let copy = rate(median(REPEATS, || {
             self.kernel_once(
@@ -60,11 +78,13 @@ impl Communicator {
                 at,
             )
         })?);
-        sync();
+        sync()?;
+        let deadline = deadline_after(timeout);
         let reduce = rate(median(REPEATS, || {
             self.kernel_once(KernelOp::Combine(Combine::Sum), &b, &a, count, deadline, at)
         })?);
-        sync();
+        sync()?;
+        let deadline = deadline_after(timeout);
         let native_copy = rate(median(REPEATS, || {
             let t = Instant::now();
             let e = &mut self.engine;
@@ -76,7 +96,7 @@ impl Communicator {
                 .map_err(|w| wait_error(at, w))?;
             Ok(t.elapsed().as_secs_f64())
         })?);
-        sync();
+        sync()?;
         let mut acc = vec![0u32; count];
         let host_reduce = rate(median(REPEATS, || {
             let t = Instant::now();
@@ -88,7 +108,8 @@ impl Communicator {
             );
             Ok(t.elapsed().as_secs_f64())
         })?);
-        sync();
+        sync()?;
+        let deadline = deadline_after(timeout);
         // One pipeline step's fixed cost: a 4-byte read-back, then a 4-byte upload and kernel.
         let step = median(STEP_SAMPLES, || {
             let t = Instant::now();

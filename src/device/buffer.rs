@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use wgpu::{Buffer, BufferUsages};
 
 use super::context::{RankDevice, WaitError};
+use crate::deadline::deadline_after;
 use crate::error::{At, Error, Result};
 use crate::types::{DType, Element};
 
@@ -44,15 +45,23 @@ impl<'a> TensorRef<'a> {
         }
     }
 
-    /// Size of the view in bytes.
+    /// Size of the view in bytes (saturating at `u64::MAX`, which no buffer can hold, so that a
+    /// wild count fails validation instead of wrapping).
     pub fn bytes(&self) -> u64 {
-        (self.count * self.dtype.size()) as u64
+        (self.count as u64).saturating_mul(self.dtype.size() as u64)
     }
 
-    /// The sub-view of `count` elements starting `start` elements in.
+    /// One past the view's last byte; `None` when that overflows `u64`.
+    fn end(&self) -> Option<u64> {
+        self.offset.checked_add(self.bytes())
+    }
+
+    /// The sub-view of `count` elements starting `start` elements in (the offset saturates, so a
+    /// wild `start` gives a view that fails validation).
     pub fn slice(&self, start: usize, count: usize) -> TensorRef<'a> {
+        let skip = (start as u64).saturating_mul(self.dtype.size() as u64);
         TensorRef {
-            offset: self.offset + (start * self.dtype.size()) as u64,
+            offset: self.offset.saturating_add(skip),
             count,
             ..*self
         }
@@ -68,8 +77,8 @@ impl<'a> TensorRef<'a> {
         self.buffer == other.buffer
             && self.bytes() > 0
             && other.bytes() > 0
-            && self.offset < other.offset + other.bytes()
-            && other.offset < self.offset + self.bytes()
+            && self.offset < other.offset.saturating_add(other.bytes())
+            && other.offset < self.offset.saturating_add(self.bytes())
     }
 
     /// Checks usage, alignment and bounds; `at` says where the error is reported.
@@ -93,8 +102,10 @@ impl<'a> TensorRef<'a> {
             )));
         }
         let start = self.offset & !3;
-        let end = (self.offset + self.bytes()).next_multiple_of(4);
-        if end > self.buffer.size() {
+        // Checked: an offset or count from the caller must not wrap past the bounds check.
+        let end = self.end().and_then(|e| e.checked_next_multiple_of(4));
+        if end.is_none_or(|end| end > self.buffer.size()) {
+            let end = end.map_or_else(|| "overflow".to_string(), |e| e.to_string());
             return Err(bad(format!(
                 "{} elements of {} at byte {} (rounded out to 4-byte words: {start}..{end}) do not fit a buffer of {} bytes",
                 self.count,
@@ -127,9 +138,23 @@ impl<T: Element> DeviceBuffer<T> {
     pub fn zeroed(dev: &RankDevice, len: usize) -> Result<Self> {
         // Errors of this device work reach the rank's error store when the scope ends.
         let _scope = dev.error_scope();
-        dev.check_dtype(At::rank(dev.rank()), T::DTYPE)?;
+        let at = At::rank(dev.rank());
+        dev.check_dtype(at, T::DTYPE)?;
         // wgpu copies whole 4-byte words and rejects empty bindings: round up, at least one word.
-        let size = ((len * T::DTYPE.size()) as u64).next_multiple_of(4).max(4);
+        // Checked: `len` is the caller's, and a wrapped size would allocate a small buffer.
+        let max = dev.limits().max_buffer_size;
+        let size = (len as u64)
+            .checked_mul(T::DTYPE.size() as u64)
+            .and_then(|b| b.checked_next_multiple_of(4))
+            .filter(|&b| b <= max)
+            .ok_or_else(|| Error::InvalidArgument {
+                at,
+                message: format!(
+                    "{len} elements of {} exceed the device's largest buffer ({max} bytes)",
+                    T::DTYPE
+                ),
+            })?
+            .max(4);
         let buffer = dev.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("wccl tensor"),
             size,
@@ -146,13 +171,32 @@ impl<T: Element> DeviceBuffer<T> {
 
     /// Allocates a buffer holding `data`.
     pub fn from_slice(dev: &RankDevice, data: &[T]) -> Result<Self> {
+        Self::from_slice_until(dev, data, deadline_after(TRANSFER_DEADLINE))
+    }
+
+    /// [`from_slice`](Self::from_slice) with the caller's deadline (a communicator's timeout).
+    pub(crate) fn from_slice_until(
+        dev: &RankDevice,
+        data: &[T],
+        deadline: Instant,
+    ) -> Result<Self> {
         let buf = Self::zeroed(dev, data.len())?;
-        buf.write(dev, data)?;
+        buf.write_until(dev, data, deadline)?;
         Ok(buf)
     }
 
     /// Overwrites the buffer with `data`, which must have the buffer's length.
     pub fn write(&self, dev: &RankDevice, data: &[T]) -> Result<()> {
+        self.write_until(dev, data, deadline_after(TRANSFER_DEADLINE))
+    }
+
+    /// [`write`](Self::write) with the caller's deadline.
+    pub(crate) fn write_until(
+        &self,
+        dev: &RankDevice,
+        data: &[T],
+        deadline: Instant,
+    ) -> Result<()> {
         // Errors of this device work reach the rank's error store when the scope ends.
         let _scope = dev.error_scope();
         let at = At::rank(dev.rank());
@@ -172,13 +216,19 @@ impl<T: Element> DeviceBuffer<T> {
             dev.queue().write_buffer(&self.buffer, 0, &bytes);
         }
         let idx = dev.queue().submit([]);
-        wait(dev, &idx, at)?;
+        dev.wait_submission(&idx, deadline)
+            .map_err(|e| wait_error(at, e))?;
         dev.check(at)
     }
 
     /// Reads the buffer back to the host (a blocking read through a temporary staging buffer).
     pub fn read(&self, dev: &RankDevice) -> Result<Vec<T>> {
-        read_tensor(dev, &self.view()).map(|bytes| bytemuck::pod_collect_to_vec(&bytes))
+        self.read_until(dev, deadline_after(TRANSFER_DEADLINE))
+    }
+
+    /// [`read`](Self::read) with the caller's deadline.
+    pub(crate) fn read_until(&self, dev: &RankDevice, deadline: Instant) -> Result<Vec<T>> {
+        read_tensor(dev, &self.view(), deadline).map(|bytes| bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Number of elements.
@@ -213,13 +263,9 @@ impl<'a, T: Element> From<&'a DeviceBuffer<T>> for TensorRef<'a> {
     }
 }
 
-/// How long a plain upload or download may take before it is reported as a device error.
+/// How long a plain upload or download outside a communicator may take before it is reported
+/// as a device error (a communicator's own use its configured timeout instead).
 const TRANSFER_DEADLINE: Duration = Duration::from_secs(120);
-
-fn wait(dev: &RankDevice, idx: &wgpu::SubmissionIndex, at: At) -> Result<()> {
-    dev.wait_submission(idx, Instant::now() + TRANSFER_DEADLINE)
-        .map_err(|e| wait_error(at, e))
-}
 
 pub(crate) fn wait_error(at: At, e: WaitError) -> Error {
     Error::Device {
@@ -232,7 +278,11 @@ pub(crate) fn wait_error(at: At, e: WaitError) -> Error {
 }
 
 /// Reads any tensor view back to the host as bytes (blocking, through a temporary buffer).
-pub(crate) fn read_tensor(dev: &RankDevice, t: &TensorRef<'_>) -> Result<Vec<u8>> {
+pub(crate) fn read_tensor(
+    dev: &RankDevice,
+    t: &TensorRef<'_>,
+    deadline: Instant,
+) -> Result<Vec<u8>> {
     // Errors of this device work reach the rank's error store when the scope ends.
     let _scope = dev.error_scope();
     let at = At::rank(dev.rank());
@@ -256,7 +306,8 @@ pub(crate) fn read_tensor(dev: &RankDevice, t: &TensorRef<'_>) -> Result<Vec<u8>
         flag.store(true, Ordering::Release)
     });
     let idx = dev.queue().submit([enc.finish()]);
-    dev.wait_flag(&done, Some(&idx), Instant::now() + TRANSFER_DEADLINE)
+    // On an error the temporary is dropped here, mapped or not: nothing stays behind.
+    dev.wait_flag(&done, Some(&idx), deadline)
         .map_err(|e| wait_error(at, e))?;
     dev.check(at)?;
     let view = staging.get_mapped_range(..).map_err(|e| Error::Device {

@@ -222,6 +222,38 @@ impl RankDevice {
         }
     }
 
+    /// Polls until `flag` is set, the deadline passes or the device has recorded an error;
+    /// whether the flag was set. Unlike [`wait_flag`](Self::wait_flag) it leaves a recorded
+    /// error in place: clean-up after a failed call must not swallow the cause that the next
+    /// [`check`](Self::check) reports.
+    pub(crate) fn settle(
+        &self,
+        flag: &AtomicBool,
+        submission: Option<&SubmissionIndex>,
+        deadline: Instant,
+    ) -> bool {
+        loop {
+            if flag.load(Ordering::Acquire) {
+                return true;
+            }
+            let now = Instant::now();
+            let failed = self.error.lock().map_or(true, |e| e.is_some());
+            if failed || now >= deadline {
+                return false;
+            }
+            let timeout = (deadline - now).min(POLL_SLICE);
+            match self.device.poll(PollType::Wait {
+                submission_index: submission.cloned(),
+                timeout: Some(timeout),
+            }) {
+                // The work is done and its map callbacks have run: the flag is final.
+                Ok(_) => return flag.load(Ordering::Acquire),
+                Err(wgpu::PollError::Timeout) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// Blocks until a submission has finished, or the deadline passes.
     pub(crate) fn wait_submission(
         &self,

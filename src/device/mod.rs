@@ -9,6 +9,7 @@ mod staging;
 pub use buffer::{DeviceBuffer, TensorRef};
 pub(crate) use buffer::{read_tensor, wait_error};
 pub use context::RankDevice;
+pub(crate) use context::WaitError;
 pub use discovery::{AdapterSelector, discover, discover_adapters};
 pub(crate) use discovery::{next_adapter_token, same_physical};
 pub(crate) use staging::{ReadRing, ReadTicket, UploadRing};

@@ -29,10 +29,20 @@ pub(crate) struct ReadTicket {
 }
 
 /// Reusable `MAP_READ` staging slots.
+///
+/// A slot is busy from [`begin`](ReadRing::begin) until [`finish`](ReadRing::finish) or
+/// [`abandon`](ReadRing::abandon) has unmapped it, so that a slot is never reused while its map
+/// is pending or held.
 pub(crate) struct ReadRing {
     slots: Vec<ReadSlot>,
     busy: Vec<bool>,
+    /// Per slot: a map was requested and the buffer has not been unmapped since.
+    held: Vec<bool>,
 }
+
+/// How long clean-up after a failed call waits for a read-back's copy to land before it cancels
+/// the map (the copy itself is harmless once nobody maps the slot).
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ReadRing {
     /// `slots` buffers of `slot_bytes` each (plus room for rounding a range out to 4 bytes).
@@ -49,7 +59,8 @@ impl ReadRing {
             })
             .collect();
         let busy = vec![false; slots.len()];
-        ReadRing { slots, busy }
+        let held = vec![false; slots.len()];
+        ReadRing { slots, busy, held }
     }
 
     /// Whether another read-back can begin.
@@ -57,32 +68,52 @@ impl ReadRing {
         self.busy.iter().any(|b| !b)
     }
 
-    /// Starts copying `len` bytes at `offset` of `src` into the next slot. The caller must check
-    /// [`has_free_slot`](Self::has_free_slot) and keep `len` within the slot size.
+    /// Slots that are busy or whose buffer is mapped or waiting for a map: zero between calls,
+    /// whatever the last call returned.
+    pub(crate) fn in_use(&self) -> usize {
+        self.busy
+            .iter()
+            .zip(&self.held)
+            .filter(|(b, h)| **b || **h)
+            .count()
+    }
+
+    /// Starts copying `len` bytes at `offset` of `src` into a free slot. `len` must be within
+    /// the slot size; with no slot free this is an error, never a busy slot taken over.
     pub(crate) fn begin(
         &mut self,
         dev: &RankDevice,
         src: &Buffer,
         offset: u64,
         len: usize,
-    ) -> ReadTicket {
+    ) -> Result<ReadTicket, WaitError> {
         // Errors of this device work reach the rank's error store when the scope ends.
         let _scope = dev.error_scope();
-        let slot = self.busy.iter().position(|b| !b).unwrap_or(0);
+        let slot = self.busy.iter().position(|b| !b).ok_or_else(|| {
+            WaitError::Device("internal: a read-back began with every staging slot busy".into())
+        })?;
+        let s = &self.slots[slot];
+        // Copies move whole 4-byte words: round the range out (f16 views may start mid-word).
+        let start = offset & !3;
+        let end = offset
+            .checked_add(len as u64)
+            .and_then(|e| e.checked_next_multiple_of(4))
+            .filter(|&e| e - start <= s.buffer.size())
+            .ok_or_else(|| {
+                WaitError::Device(format!(
+                    "internal: a read-back of {len} bytes at {offset} does not fit a staging slot"
+                ))
+            })?;
         self.busy[slot] = true;
         if len == 0 {
-            return ReadTicket {
+            return Ok(ReadTicket {
                 slot,
                 submission: None,
                 head: 0,
                 len: 0,
                 mapped_len: 0,
-            };
+            });
         }
-        // Copies move whole 4-byte words: round the range out (f16 views may start mid-word).
-        let start = offset & !3;
-        let end = (offset + len as u64).next_multiple_of(4);
-        let s = &self.slots[slot];
         s.mapped.store(false, Ordering::Release);
         let mut enc = dev.device().create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(src, start, &s.buffer, 0, end - start);
@@ -91,38 +122,60 @@ impl ReadRing {
             flag.store(true, Ordering::Release)
         });
         let submission = dev.queue().submit([enc.finish()]);
-        ReadTicket {
+        self.held[slot] = true;
+        Ok(ReadTicket {
             slot,
             submission: Some(submission),
             head: (offset - start) as usize,
             len,
             mapped_len: end - start,
-        }
+        })
     }
 
-    /// Waits for a read-back and copies its bytes out of the slot, freeing the slot.
+    /// Waits for a read-back and copies its bytes out of the slot.
     ///
-    /// The slot is free again once this returns, whether or not it succeeded.
+    /// The slot is unmapped and free again once this returns, whether or not it succeeded.
     pub(crate) fn finish(
         &mut self,
         dev: &RankDevice,
         ticket: ReadTicket,
         deadline: Instant,
     ) -> Result<Vec<u8>, WaitError> {
-        self.busy[ticket.slot] = false;
-        let Some(submission) = ticket.submission else {
+        let Some(submission) = &ticket.submission else {
+            self.busy[ticket.slot] = false;
             return Ok(Vec::new());
         };
         let s = &self.slots[ticket.slot];
-        dev.wait_flag(&s.mapped, Some(&submission), deadline)?;
-        let view = s
-            .buffer
-            .get_mapped_range(0..ticket.mapped_len)
-            .map_err(|e| WaitError::Device(format!("mapping a read-back: {e}")))?;
-        let out = view[ticket.head..ticket.head + ticket.len].to_vec();
-        drop(view);
-        s.buffer.unmap();
-        Ok(out)
+        if let Err(e) = dev.wait_flag(&s.mapped, Some(submission), deadline) {
+            self.abandon(dev, ticket);
+            return Err(e);
+        }
+        let out = match s.buffer.get_mapped_range(0..ticket.mapped_len) {
+            Ok(view) => Ok(view[ticket.head..ticket.head + ticket.len].to_vec()),
+            Err(e) => Err(WaitError::Device(format!("mapping a read-back: {e}"))),
+        };
+        self.release(ticket.slot);
+        out
+    }
+
+    /// Gives up a read-back that nobody will finish (the call failed): waits a bounded time for
+    /// its copy and map, then unmaps the slot, or cancels a map still pending, and frees it.
+    pub(crate) fn abandon(&mut self, dev: &RankDevice, ticket: ReadTicket) {
+        if let Some(submission) = &ticket.submission {
+            let s = &self.slots[ticket.slot];
+            let deadline = crate::deadline::deadline_after(DRAIN_WAIT);
+            dev.settle(&s.mapped, Some(submission), deadline);
+        }
+        self.release(ticket.slot);
+    }
+
+    /// Unmaps a slot whose map was requested (a pending map is cancelled) and frees it.
+    fn release(&mut self, slot: usize) {
+        if self.held[slot] {
+            self.slots[slot].buffer.unmap();
+            self.held[slot] = false;
+        }
+        self.busy[slot] = false;
     }
 }
 
@@ -232,5 +285,61 @@ impl UploadRing {
     /// buffer for device-side copies (its GPU uses are ordered by the queue).
     pub(crate) fn bounce(&self) -> &Buffer {
         &self.slots[0].target
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use wgpu::BufferUsages;
+
+    use crate::CommGroup;
+    use crate::deadline::deadline_after;
+
+    #[test]
+    fn a_full_ring_refuses_and_a_failed_wait_frees_its_slot() {
+        let Ok(mut g) = CommGroup::builder().ranks(1).build() else {
+            panic!("no adapter for the test");
+        };
+        let comm = g.comm(0);
+        let e = &mut comm.engine;
+        let src = e.dev.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("test source"),
+            size: 64,
+            usage: BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut tickets = Vec::new();
+        while e.reads.has_free_slot() {
+            let t = e.reads.begin(&e.dev, &src, 0, 16);
+            tickets.push(t.unwrap_or_else(|_| panic!("a free slot refused")));
+        }
+        let depth = tickets.len();
+        assert_eq!(e.reads.in_use(), depth);
+        // No slot is taken over while busy: the next read-back is refused.
+        assert!(e.reads.begin(&e.dev, &src, 0, 16).is_err());
+        // A wait that fails (its deadline already passed) still unmaps and frees its slot.
+        // (Its map may have landed already on a synchronous adapter: un-set the flag, as if not.)
+        let first = tickets.remove(0);
+        e.reads.slots[first.slot]
+            .mapped
+            .store(false, Ordering::Release);
+        let past = deadline_after(Duration::ZERO);
+        assert!(e.reads.finish(&e.dev, first, past).is_err());
+        assert_eq!(e.reads.in_use(), depth - 1);
+        for t in tickets {
+            e.reads.abandon(&e.dev, t);
+        }
+        assert_eq!(e.reads.in_use(), 0);
+        // The ring works afterwards, and no clean-up left a device error behind.
+        let t = e.reads.begin(&e.dev, &src, 0, 16);
+        let t = t.unwrap_or_else(|_| panic!("a freed slot refused"));
+        let bytes = e
+            .reads
+            .finish(&e.dev, t, deadline_after(Duration::from_secs(30)));
+        assert_eq!(bytes.map(|b| b.len()).ok(), Some(16));
+        assert!(e.dev.take_error().is_none());
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{Frame, Link, LinkError};
+use crate::deadline::deadline_from;
 
 /// Link characteristics to emulate.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -41,6 +42,16 @@ pub struct EmulatedLink<L: Link> {
 struct EgressState {
     free_at: Instant,
     rng: u64,
+}
+
+/// A duration from emulation settings in seconds; a negative or NaN figure (a zero bandwidth
+/// gives infinity) becomes zero or the far future instead of a panic in `from_secs_f64`.
+fn seconds(x: f64) -> Duration {
+    if x.is_nan() || x <= 0.0 {
+        Duration::ZERO
+    } else {
+        Duration::try_from_secs_f64(x).unwrap_or(crate::deadline::FAR_FUTURE)
+    }
 }
 
 impl<L: Link> EmulatedLink<L> {
@@ -83,9 +94,9 @@ impl<L: Link> Link for EmulatedLink<L> {
         let deliver = {
             let mut s = self.state.lock().map_err(|_| LinkError::Closed)?;
             let start = s.free_at.max(Instant::now());
-            s.free_at = start + Duration::from_secs_f64(self.emu.wire_seconds(bytes));
+            s.free_at = deadline_from(start, seconds(self.emu.wire_seconds(bytes)));
             let jitter = self.emu.jitter_us * next_random(&mut s.rng);
-            s.free_at + Duration::from_secs_f64((self.emu.latency_us + jitter) * 1e-6)
+            deadline_from(s.free_at, seconds((self.emu.latency_us + jitter) * 1e-6))
         };
         let stamp = deliver.saturating_duration_since(self.epoch).as_nanos() as u64;
         let mut header = stamp.to_le_bytes().to_vec();
@@ -122,7 +133,8 @@ impl<L: Link> EmulatedLink<L> {
         }
         let mut stamp = [0u8; STAMP];
         stamp.copy_from_slice(&frame.header[..STAMP]);
-        let deliver = self.epoch + Duration::from_nanos(u64::from_le_bytes(stamp));
+        // The stamp comes from the peer: a wild one must not overflow the `Instant`.
+        let deliver = deadline_from(self.epoch, Duration::from_nanos(u64::from_le_bytes(stamp)));
         frame.header.drain(..STAMP);
         // The frame is on the wire until its delivery time: the emulated network's delay.
         let now = Instant::now();

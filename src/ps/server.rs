@@ -10,6 +10,7 @@ use wgpu::Buffer;
 use super::protocol::{Kind, PsHeader};
 use super::{Consistency, Mode, Policy, ShardKey, UpdateRule};
 use crate::comm::Communicator;
+use crate::deadline::{deadline_after, deadline_from};
 use crate::device::TensorRef;
 use crate::error::{At, Error, Result};
 use crate::kernels::UpdateKernel;
@@ -195,9 +196,9 @@ impl PsServer {
             let now = Instant::now();
             let deadline = pending
                 .iter()
-                .map(|p| p.2 + timeout)
+                .map(|p| deadline_from(p.2, timeout))
                 .min()
-                .unwrap_or(now + timeout)
+                .unwrap_or_else(|| deadline_from(now, timeout))
                 .max(now);
             let mut listen = connected.clone();
             listen.extend(&self.servers);
@@ -313,7 +314,7 @@ impl PsServer {
         if self.mode != Mode::Sync {
             return Ok(());
         }
-        let deadline = Instant::now() + self.comm.config().timeout;
+        let deadline = deadline_after(self.comm.config().timeout);
         for k in 0..self.keys.len() {
             self.try_apply_sync(k, deadline)?;
         }
@@ -386,7 +387,7 @@ impl PsServer {
             self.report.duplicates += 1;
             return Ok(());
         }
-        let deadline = Instant::now() + self.comm.config().timeout;
+        let deadline = deadline_after(self.comm.config().timeout);
         let (acc_buf, count) = (self.keys[k].acc.clone(), self.keys[k].count);
         let acc = TensorRef::new(&acc_buf, 0, count, DType::F32);
         let key = &self.keys[k];
@@ -476,7 +477,7 @@ impl PsServer {
         let before: Vec<usize> = self.keys[k].chain[..pos].to_vec();
         let timeout = self.comm.config().timeout;
         for &p in &before {
-            if self.servers.contains(&p) && self.ping(p, Instant::now() + timeout / 2)? {
+            if self.servers.contains(&p) && self.ping(p, deadline_after(timeout / 2))? {
                 return Ok(Some(format!(
                     "server rank {p}, which holds '{}' before this one, is alive: ask it",
                     self.keys[k].name
@@ -637,7 +638,7 @@ impl PsServer {
                 key.name, h.version
             ));
         }
-        let deadline = Instant::now() + self.comm.config().timeout;
+        let deadline = deadline_after(self.comm.config().timeout);
         let (w, m) = (self.keys[k].w.clone(), self.keys[k].m.clone());
         let (wb, mb) = frame.payload.split_at(4 * count);
         self.comm.fold_now(
@@ -716,7 +717,7 @@ impl PsServer {
             pending.swap_remove(i);
             let key = &self.keys[k];
             let t = TensorRef::new(&key.w, 0, key.count, DType::F32);
-            let deadline = Instant::now() + self.comm.config().timeout;
+            let deadline = deadline_after(self.comm.config().timeout);
             let bytes = self.comm.read_now(t, deadline)?;
             let mut reply = PsHeader::new(Kind::Params, h.key as usize, h.step, self.keys[k].count);
             reply.version = self.keys[k].version;

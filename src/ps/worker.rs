@@ -1,9 +1,10 @@
 //! A worker rank: pushes gradients from its device to the servers and pulls parameters back.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::protocol::{Kind, NOT_STALE, PsHeader};
 use crate::comm::Communicator;
+use crate::deadline::deadline_after;
 use crate::device::TensorRef;
 use crate::error::{At, Error, Result};
 use crate::link::{Frame, LinkError};
@@ -115,7 +116,7 @@ impl PsWorker {
     pub fn push<'a>(&mut self, key: &str, grad: impl Into<TensorRef<'a>>, step: u64) -> Result<()> {
         let grad = grad.into();
         let k = self.key(key, &grad)?;
-        let deadline = Instant::now() + self.comm.config().timeout;
+        let deadline = deadline_after(self.comm.config().timeout);
         let bytes = self.comm.read_now(grad, deadline)?;
         let h = PsHeader::new(Kind::Push, k, step, grad.count);
         self.last_push[k] = Some((step, bytes.clone()));
@@ -168,7 +169,13 @@ impl PsWorker {
             Vec::new(),
         )?;
         // The server may first wait a whole deadline for a worker it then declares failed.
-        let deadline = Instant::now() + 2 * self.comm.config().timeout + Duration::from_millis(200);
+        let deadline = deadline_after(
+            self.comm
+                .config()
+                .timeout
+                .saturating_mul(2)
+                .saturating_add(Duration::from_millis(200)),
+        );
         let at = self.at();
         loop {
             let frame = self

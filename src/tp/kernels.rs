@@ -134,10 +134,15 @@ impl Kernels {
             message: format!("matmul {}x{}x{}: {message}", spec.m, spec.n, spec.k),
         };
         let dtype = float_dtype(dev, at, "matmul", &[&a, &b, &c])?;
+        // Checked: the shape is the caller's, and a wrapped product could match a small view.
+        let product = |x: usize, y: usize| {
+            x.checked_mul(y)
+                .ok_or_else(|| bad(format!("{x} x {y} elements overflow")))
+        };
         for (t, what, want) in [
-            (&a, "a", spec.m * spec.k),
-            (&b, "b", spec.k * spec.n),
-            (&c, "c", spec.m * spec.n),
+            (&a, "a", product(spec.m, spec.k)?),
+            (&b, "b", product(spec.k, spec.n)?),
+            (&c, "c", product(spec.m, spec.n)?),
         ] {
             t.validate(at, what)?;
             if t.count != want {
@@ -304,13 +309,16 @@ impl Kernels {
             return Ok(());
         }
         for (t, what, ld) in [(&src, "src", src_ld), (&dst, "dst", dst_ld)] {
-            let span = (rows - 1) * ld + cols;
-            if ld < cols || span > t.count {
+            // Checked: rows, stride and columns are the caller's.
+            let span = (rows - 1).checked_mul(ld).and_then(|s| s.checked_add(cols));
+            let Some(span) = span.filter(|&s| ld >= cols && s <= t.count) else {
+                let need = span.map_or_else(|| "overflowing".to_string(), |s| s.to_string());
                 return Err(bad(format!(
-                    "{rows} rows of {cols} with row stride {ld} need {span} elements; {what} has {}",
+                    "{rows} rows of {cols} with row stride {ld} need {need} elements; {what} has {}",
                     t.count
                 )));
-            }
+            };
+            // `span <= t.count`, and the view's byte size was validated: no overflow.
             if (span * dtype.size()) as u64 > self.elementwise.max_span() {
                 return Err(bad(format!("{what} spans more than one storage binding")));
             }
@@ -339,7 +347,7 @@ impl Kernels {
         let _scope = dev.error_scope();
         let at = At::rank(dev.rank());
         let idx = dev.queue().submit([]);
-        dev.wait_submission(&idx, std::time::Instant::now() + timeout)
+        dev.wait_submission(&idx, crate::deadline::deadline_after(timeout))
             .map_err(|e| crate::device::wait_error(at, e))?;
         dev.check(at)
     }

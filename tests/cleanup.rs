@@ -1,0 +1,199 @@
+//! An error leaves nothing behind: a call broken mid-way (a dropped frame, a partition, a killed
+//! rank, a lost device) returns with no read-back staging slot busy or mapped on any rank, the
+//! broken communicator refuses further engine work, and after `rebuild` the next all-reduce is
+//! exact against an f64 reference.
+
+mod common;
+
+use std::time::Duration;
+
+use wccl::link::FaultPlan;
+use wccl::{CommConfig, CommGroup, DeviceBuffer, Error, ReduceOp};
+
+const RANKS: usize = 3;
+/// Many slices per chunk (256 f32 per slice), so that read-backs are in flight when it breaks.
+const COUNT: usize = 3 * 1000 + 7;
+
+fn group(faults: &FaultPlan, timeout: Duration) -> CommGroup {
+    common::group_with(
+        RANKS,
+        CommConfig {
+            timeout,
+            slice_bytes: 1024,
+            pipeline_depth: 3,
+            faults: Some(faults.clone()),
+            ..CommConfig::default()
+        },
+    )
+}
+
+/// Input of `rank`: distinct per (rank, element), period 997 (not a power of two), small
+/// integers so that the f32 sum is exact.
+fn input(rank: usize) -> Vec<f32> {
+    (0..COUNT)
+        .map(|i| ((rank * 7919 + i * 31) % 997) as f32 - 498.0)
+        .collect()
+}
+
+fn reference() -> Vec<f64> {
+    (0..COUNT)
+        .map(|i| (0..RANKS).map(|r| f64::from(input(r)[i])).sum())
+        .collect()
+}
+
+struct Bufs {
+    inputs: Vec<DeviceBuffer<f32>>,
+    outputs: Vec<DeviceBuffer<f32>>,
+}
+
+fn buffers(g: &mut CommGroup) -> Bufs {
+    let inputs = (0..RANKS)
+        .map(|r| g.comm(r).upload(&input(r)).expect("upload"))
+        .collect();
+    let outputs = (0..RANKS)
+        .map(|r| g.comm(r).upload(&vec![f32::NAN; COUNT]).expect("poison"))
+        .collect();
+    Bufs { inputs, outputs }
+}
+
+fn all_reduce(g: &mut CommGroup, b: &Bufs) -> Vec<wccl::Result<()>> {
+    g.run_each(|c| {
+        let r = c.rank();
+        c.all_reduce_into(&b.inputs[r], &b.outputs[r], ReduceOp::Sum)
+    })
+}
+
+/// Every rank failed, and none holds a staging slot.
+fn assert_failed_clean(g: &mut CommGroup, res: &[wccl::Result<()>], what: &str) {
+    for (r, x) in res.iter().enumerate() {
+        assert!(x.is_err(), "{what}: rank {r} should fail: {x:?}");
+        assert_eq!(
+            g.comm(r).staging_in_use(),
+            0,
+            "{what}: rank {r} left read-back staging slots busy or mapped after {x:?}"
+        );
+    }
+}
+
+/// After a rebuild the next all-reduce is exact on every rank (outputs re-poisoned first).
+fn assert_exact_after_rebuild(g: CommGroup, b: &Bufs, what: &str) -> CommGroup {
+    let mut g = g.rebuild();
+    for r in 0..RANKS {
+        b.outputs[r]
+            .write(g.comm(r).device(), &vec![f32::NAN; COUNT])
+            .expect("re-poison");
+    }
+    let want = reference();
+    for (r, x) in all_reduce(&mut g, b).into_iter().enumerate() {
+        x.unwrap_or_else(|e| panic!("{what}: rank {r} after rebuild: {e}"));
+        let got = g.comm(r).download(&b.outputs[r]).expect("download");
+        for (i, (&x, &w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(f64::from(x), w, "{what}: rank {r} element {i}");
+        }
+        assert_eq!(
+            g.comm(r).staging_in_use(),
+            0,
+            "{what}: rank {r} after success"
+        );
+    }
+    g
+}
+
+#[test]
+fn a_dropped_frame_leaves_no_staging_mapped_and_the_rebuilt_group_is_exact() {
+    let faults = FaultPlan::new();
+    let mut g = group(&faults, Duration::from_secs(5));
+    let b = buffers(&mut g);
+    faults.drop_next(0, 1, 1);
+    let res = all_reduce(&mut g, &b);
+    assert_failed_clean(&mut g, &res, "dropped frame");
+    // The broken communicator refuses engine work until the rebuild.
+    let e = g
+        .comm(0)
+        .reduce_local(&b.outputs[0], &b.inputs[0], ReduceOp::Sum)
+        .expect_err("a broken communicator refuses reduce_local");
+    assert!(matches!(e, Error::Broken { .. }), "{e}");
+    faults.heal();
+    assert_exact_after_rebuild(g, &b, "dropped frame");
+}
+
+#[test]
+fn a_partition_leaves_no_staging_mapped_and_the_rebuilt_group_is_exact() {
+    let faults = FaultPlan::new();
+    let mut g = group(&faults, Duration::from_secs(2));
+    let b = buffers(&mut g);
+    faults.partition(&[&[0], &[1, 2]]);
+    let res = all_reduce(&mut g, &b);
+    assert_failed_clean(&mut g, &res, "partition");
+    faults.heal();
+    assert_exact_after_rebuild(g, &b, "partition");
+}
+
+#[test]
+fn a_killed_rank_leaves_no_staging_mapped() {
+    let faults = FaultPlan::new();
+    let mut g = group(&faults, Duration::from_secs(2));
+    let b = buffers(&mut g);
+    faults.kill(2);
+    let res = all_reduce(&mut g, &b);
+    assert_failed_clean(&mut g, &res, "killed rank");
+}
+
+#[test]
+fn a_device_lost_on_one_rank_leaves_no_staging_mapped_on_any() {
+    let faults = FaultPlan::new();
+    let mut g = group(&faults, Duration::from_secs(5));
+    let b = buffers(&mut g);
+    g.comm(1).device().device().destroy();
+    let res = all_reduce(&mut g, &b);
+    assert_failed_clean(&mut g, &res, "lost device");
+    assert!(
+        matches!(res[1], Err(Error::Device { .. })),
+        "rank 1 names its device: {:?}",
+        res[1]
+    );
+}
+
+#[test]
+fn a_broken_communicator_refuses_to_probe() {
+    let faults = FaultPlan::new();
+    let mut g = group(&faults, Duration::from_secs(5));
+    let cause = Error::InvalidArgument {
+        at: wccl::At {
+            rank: 1,
+            op: None,
+            seq: 0,
+        },
+        message: "test".into(),
+    };
+    g.comm(1).abort(&cause);
+    let e = g.probe(4096).expect_err("a broken rank cannot be probed");
+    assert!(matches!(e, Error::Broken { .. }), "{e}");
+}
+
+#[test]
+fn a_rank_that_panics_in_a_group_call_is_broken_and_its_peers_told() {
+    let faults = FaultPlan::new();
+    let mut g = group(&faults, Duration::from_secs(30));
+    let res = g.run_each(|c| -> wccl::Result<()> {
+        if c.rank() == 1 {
+            panic!("a bug in the caller's closure");
+        }
+        Ok(())
+    });
+    assert!(
+        matches!(res[1], Err(Error::Panicked { .. })),
+        "{:?}",
+        res[1]
+    );
+    assert!(
+        matches!(g.comm(1).broken(), Some(Error::Panicked { .. })),
+        "the panicked rank is broken"
+    );
+    // Its peers hear of it at their next call instead of waiting out the deadline.
+    let b = buffers(&mut g);
+    for (r, x) in all_reduce(&mut g, &b).iter().enumerate() {
+        assert!(x.is_err(), "rank {r}: {x:?}");
+        assert_eq!(g.comm(r).staging_in_use(), 0, "rank {r}");
+    }
+}
