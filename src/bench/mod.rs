@@ -20,7 +20,6 @@ pub use plot::plot_busbw;
 pub use ps_row::ps_rows;
 pub use report::{CSV_HEADER, Measure, Row, busbw_factor, csv_row, footer, format_row, header};
 pub use sizes::{parse_size, size_steps};
-use verify::par_values;
 pub use verify::{Expected, Pattern, count_wrong, decode, encode, is_right, reduce_values};
 
 use crate::link::LinkEmulation;
@@ -448,36 +447,43 @@ impl Case {
             _ => (0, total),
         };
         let expect = Expected::new(self.kind, self.dtype, self.op, n, self.root, per);
+        // Every rank's results, once for all shifts (they do not depend on where the views lie).
+        let results = expect.results();
         // Inputs are never negative, so -1 (or, for u32, 4e9) is no possible result.
         let poison = if self.dtype == DType::U32 {
             4.0e9
         } else {
             -1.0
         };
+        // Elements of the output buffer, whole, so that every write is 4-byte aligned whatever
+        // the type.
+        let cap = (bufs.first().map_or(0, |(_, o)| o.size()) as usize) / es;
+        // What rank r's output buffer holds before the call at `shift`: poison, and the input
+        // where it lives in place.
+        let before = |r: usize, shift: usize| {
+            let mut img = vec![poison; cap];
+            if self.in_place {
+                let at = shift
+                    + if self.kind == CollectiveKind::AllGather {
+                        r * per
+                    } else {
+                        0
+                    };
+                expect.pattern.fill(r, 0, &mut img[at..at + in_len]);
+            }
+            img
+        };
         let mut wrong = 0;
         for k in 0..SHIFTS {
             let shift = k * SHIFT;
-            // Elements of the output buffer, whole, so that every write is 4-byte aligned
-            // whatever the type.
-            let cap = (bufs.first().map_or(0, |(_, o)| o.size()) as usize) / es;
             for (r, (inb, outb)) in bufs.iter().enumerate() {
-                let values = par_values(in_len, |i| expect.pattern.value(r, i));
                 let q = group.comm(r).device().queue().clone();
-                let mut out = vec![poison; cap];
-                if self.in_place {
-                    let at = shift
-                        + if self.kind == CollectiveKind::AllGather {
-                            r * per
-                        } else {
-                            0
-                        };
-                    out[at..at + in_len].copy_from_slice(&values);
-                } else {
+                if !self.in_place {
                     let mut input = vec![poison; cap];
-                    input[shift..shift + in_len].copy_from_slice(&values);
+                    expect.pattern.fill(r, 0, &mut input[shift..shift + in_len]);
                     write(&q, inb, &encode(self.dtype, &input));
                 }
-                write(&q, outb, &encode(self.dtype, &out));
+                write(&q, outb, &encode(self.dtype, &before(r, shift)));
             }
             self.run_once(group, bufs, shift)?;
             for (r, (_, outb)) in bufs.iter().enumerate() {
@@ -488,42 +494,23 @@ impl Case {
                 if let (Some(c), 0) = (corrupt, r) {
                     c.apply(&mut got[view.clone()], n);
                 }
-                let (head, rest) = got.split_at(view.start);
-                let (inside, tail) = rest.split_at(len);
-                // Outside the view: poison, except an in-place input that lives there.
-                let stays = |i: usize| poison_or_input(self, r, shift, i, &expect, poison);
-                wrong += count_wrong(self.dtype, head, stays);
-                wrong += count_wrong(self.dtype, tail, |i| stays(view.end + i));
-                // Inside: the reference; ranks without a defined result (non-root reduce) keep
-                // what they had.
-                wrong += count_wrong(self.dtype, inside, |i| {
-                    expect.at(r, i).unwrap_or_else(|| stays(view.start + i))
-                });
+                // The whole buffer as it must be: as before the call outside the result (a
+                // write past either end of the view is wrong too), the reference inside it;
+                // ranks without a defined result (non-root reduce) keep what they had.
+                let mut want = before(r, shift);
+                let defined = !(self.kind == CollectiveKind::Reduce && r != self.root);
+                if defined {
+                    let at = if self.kind == CollectiveKind::ReduceScatter {
+                        r * per
+                    } else {
+                        0
+                    };
+                    want[view.clone()].copy_from_slice(&results[at..at + len]);
+                }
+                wrong += count_wrong(self.dtype, &got, |i| want[i]);
             }
         }
         Ok(wrong)
-    }
-}
-
-/// What an element of rank `r`'s output buffer outside the result (or of a non-root reduce's
-/// output) must still hold after the call: the poison, or the in-place input written there.
-fn poison_or_input(
-    case: &Case,
-    r: usize,
-    shift: usize,
-    i: usize,
-    expect: &Expected,
-    poison: f64,
-) -> f64 {
-    let per = case.shape.per;
-    let (at, len) = match case.kind {
-        CollectiveKind::AllGather => (shift + r * per, per),
-        _ => (shift, case.shape.total),
-    };
-    if case.in_place && (at..at + len).contains(&i) {
-        expect.pattern.value(r, i - at)
-    } else {
-        poison
     }
 }
 

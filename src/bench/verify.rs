@@ -57,17 +57,37 @@ impl Pattern {
         self.period as usize
     }
 
-    /// Rank `rank`'s input element `i`.
-    pub fn value(&self, rank: usize, i: usize) -> f64 {
+    /// Rank `rank`'s input elements `start..start + out.len()`, into `out` (what
+    /// [`value`](Self::value) gives, without a division per element).
+    pub fn fill(&self, rank: usize, start: usize, out: &mut [f64]) {
         let p = self.period;
         let r = (rank as u64) % p;
-        let v = ((i as u64) % p + r * self.stride % p) % p;
+        let mut v = ((start as u64) % p + r * self.stride % p) % p;
+        for o in out {
+            *o = self.of(rank, v);
+            v += 1;
+            if v == p {
+                v = 0;
+            }
+        }
+    }
+
+    /// The input that position `v` of the period stands for on `rank`.
+    fn of(&self, rank: usize, v: u64) -> f64 {
         match self.op {
             // 1 or 2, and 2 only on the first 8 ranks: products stay within 2^8, exact in
             // every type; which elements get a 2 still depends on (rank, element).
             ReduceOp::Prod => 1.0 + (rank < 8 && v.is_multiple_of(3)) as u8 as f64,
             _ => v as f64,
         }
+    }
+
+    /// Rank `rank`'s input element `i`.
+    pub fn value(&self, rank: usize, i: usize) -> f64 {
+        let p = self.period;
+        let r = (rank as u64) % p;
+        let v = ((i as u64) % p + r * self.stride % p) % p;
+        self.of(rank, v)
     }
 }
 
@@ -150,6 +170,73 @@ impl Expected {
         }
     }
 
+    /// Every rank's expected results at once, laid out as one array: for all-reduce, reduce
+    /// and broadcast the `count` elements every rank (or the root) holds; for reduce_scatter
+    /// and all_gather the `ranks * count` elements of the whole (rank r's share of a
+    /// reduce_scatter at `r * count`). Computed rank by rank over slices, on every core, so a
+    /// check of hundreds of MiB costs little beside the call.
+    pub fn results(&self) -> Vec<f64> {
+        let p = &self.pattern;
+        let count = self.count;
+        match self.kind {
+            CollectiveKind::Barrier => Vec::new(),
+            CollectiveKind::Broadcast => {
+                par_fill(count, |start, out| p.fill(self.root, start, out))
+            }
+            CollectiveKind::AllGather => {
+                let total = count.saturating_mul(self.ranks);
+                par_fill(total, |start, out| {
+                    // A part may span several ranks' blocks.
+                    let mut i = start;
+                    let mut rest = out;
+                    while !rest.is_empty() {
+                        let (r, j) = (i / count.max(1), i % count.max(1));
+                        let take = (count - j).min(rest.len());
+                        let (now, later) = rest.split_at_mut(take);
+                        p.fill(r, j, now);
+                        (i, rest) = (i + take, later);
+                    }
+                })
+            }
+            CollectiveKind::AllReduce | CollectiveKind::Reduce | CollectiveKind::ReduceScatter => {
+                let total = if self.kind == CollectiveKind::ReduceScatter {
+                    count.saturating_mul(self.ranks)
+                } else {
+                    count
+                };
+                let (dtype, op, ranks) = (self.dtype, self.op, self.ranks);
+                par_fill(total, move |start, out| {
+                    let mut one = vec![0.0; out.len()];
+                    for q in 0..ranks {
+                        p.fill(q, start, &mut one);
+                        for (acc, &v) in out.iter_mut().zip(&one) {
+                            *acc = if q == 0 {
+                                v
+                            } else {
+                                match op {
+                                    ReduceOp::Sum | ReduceOp::Avg => *acc + v,
+                                    ReduceOp::Prod => *acc * v,
+                                    ReduceOp::Min => acc.min(v),
+                                    ReduceOp::Max => acc.max(v),
+                                }
+                            };
+                        }
+                    }
+                    if op == ReduceOp::Avg {
+                        let n = ranks.max(1) as f64;
+                        for acc in out.iter_mut() {
+                            *acc = if dtype.is_float() {
+                                *acc / n
+                            } else {
+                                (*acc / n).trunc()
+                            };
+                        }
+                    }
+                })
+            }
+        }
+    }
+
     /// Rank `rank`'s expected output element `i`; `None` where the call defines no result
     /// (non-root ranks of reduce, barrier).
     pub fn at(&self, rank: usize, i: usize) -> Option<f64> {
@@ -220,24 +307,16 @@ pub fn count_wrong(dtype: DType, got: &[f64], expected: impl Fn(usize) -> f64 + 
     })
 }
 
-/// `f(0..len)` collected, on every core of the host.
-pub(crate) fn par_values(len: usize, f: impl Fn(usize) -> f64 + Sync) -> Vec<f64> {
+/// A `len`-element array filled part by part by `f(start, part)`, on every core of the host.
+pub(crate) fn par_fill(len: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     const MIN_PART: usize = 1 << 16;
     let mut out = vec![0.0; len];
-    if threads < 2 || len < 2 * MIN_PART {
-        out.iter_mut().enumerate().for_each(|(i, v)| *v = f(i));
-        return out;
-    }
-    let part = len.div_ceil(threads).max(MIN_PART);
+    let part = len.div_ceil(threads.max(1)).max(MIN_PART);
     let f = &f;
     std::thread::scope(|s| {
         for (k, chunk) in out.chunks_mut(part).enumerate() {
-            s.spawn(move || {
-                for (j, v) in chunk.iter_mut().enumerate() {
-                    *v = f(k * part + j);
-                }
-            });
+            s.spawn(move || f(k * part, chunk));
         }
     });
     out
@@ -437,7 +516,41 @@ mod tests {
             .filter(|&(i, &g)| !is_right(DType::F32, g, expected(i)))
             .count() as u64;
         assert_eq!(count_wrong(DType::F32, &got, expected), serial);
-        assert_eq!(par_values(300_007, |i| i as f64)[300_006], 300_006.0);
+        let filled = par_fill(300_007, |start, out| {
+            for (k, o) in out.iter_mut().enumerate() {
+                *o = (start + k) as f64;
+            }
+        });
+        assert!(filled.iter().enumerate().all(|(i, &v)| v == i as f64));
+    }
+
+    #[test]
+    fn fill_and_results_agree_with_the_element_wise_forms() {
+        for kind in ALL_KINDS {
+            for op in ReduceOp::ALL {
+                for (dtype, n) in [(DType::F32, 3), (DType::F16, 5), (DType::I32, 1)] {
+                    let count = 70_001;
+                    let e = Expected::new(kind, dtype, op, n, n - 1, count);
+                    let all = e.results();
+                    for r in 0..n {
+                        let mut got = vec![0.0; 1000];
+                        e.pattern.fill(r, 69_500, &mut got);
+                        for (k, &g) in got.iter().enumerate() {
+                            assert_eq!(g, e.pattern.value(r, 69_500 + k));
+                        }
+                        let (at, len) = match kind {
+                            CollectiveKind::ReduceScatter => (r * count, count),
+                            _ => (0, all.len()),
+                        };
+                        for i in (0..len).step_by(97) {
+                            if let Some(want) = e.at(r, i) {
+                                assert_eq!(all[at + i], want, "{kind} {op} {dtype} r={r} i={i}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
