@@ -1,7 +1,16 @@
 //! Pipelined chain broadcast: root -> root+1 -> ... -> root-1, slice by slice; each rank
-//! forwards a slice's bytes as soon as they arrive, so every link carries the buffer once. The
-//! last rank then sends an empty acknowledgement back to the root, so that no rank returns
-//! success while another refused the call.
+//! forwards a slice's bytes as soon as they arrive, so every link carries the buffer once.
+//!
+//! Then the outcome goes round the ring: the last rank sends an empty acknowledgement to the
+//! root, and the root relays an empty "done" down the chain to root-2. Every frame's header is
+//! checked against the receiver's view of the call, and the acknowledgement leaves the last
+//! rank only once every rank before it has checked its data, so a rank that receives "done"
+//! knows that every rank agreed; a rank that disagreed aborts the ranks still waiting for it.
+//! So no rank returns success while another refused the call, for one empty frame per rank.
+//!
+//! Like every other plan, this one only ever sends to rank+1 and receives from rank-1, so ranks
+//! that disagree about the collective or its root still meet on the same links: as long as one
+//! rank starts by sending, a disagreement is found rather than waited out.
 
 use super::plan::{Buf, Plan, Recv, Region, Source, Transfer, slices};
 use super::slices_per_chunk;
@@ -28,9 +37,12 @@ pub fn chain_broadcast(
             for s in slices(input, k) {
                 plan.transfer(Some((next, Source::Device(s))), None);
             }
-            // The last rank's acknowledgement: without it the root could return success while
-            // a rank down the chain refused the call.
-            plan.transfer(None, Some(ack(prev)));
+            // The last rank's acknowledgement, then "done" for the ranks between (none when
+            // the next rank is the last).
+            plan.push(super::Action::Transfer(relay(
+                prev,
+                (n > 2).then_some(next),
+            )));
         }
         return plan;
     }
@@ -47,18 +59,36 @@ pub fn chain_broadcast(
         }));
     }
     if last {
+        // Every rank before this one has checked its data: tell the root.
         plan.transfer(Some((next, Source::Device(EMPTY))), None);
+    } else {
+        // Wait for "done" and pass it on, except to the last rank, which started it.
+        let to_last = pos + 2 == n;
+        plan.push(super::Action::Transfer(relay(
+            prev,
+            (!to_last).then_some(next),
+        )));
     }
     plan
 }
 
 const EMPTY: Region = Region::new(Buf::Output, 0, 0);
 
-/// An empty frame that closes a chain: it arrives only after every rank accepted the call.
+/// An empty frame that tells the receiver how the call went: it is sent only once every rank
+/// the sender has heard from, directly or through others, accepted the call.
 pub(crate) fn ack(from: usize) -> Recv {
     Recv {
         from,
         dst: EMPTY,
         combine: Combine::Copy,
+    }
+}
+
+/// Receives the empty acknowledgement from `from`, then passes it on to `to`, if any.
+pub(crate) fn relay(from: usize, to: Option<usize>) -> Transfer {
+    Transfer {
+        send: to.map(|t| (t, Source::Forward)),
+        recv: Some(ack(from)),
+        recv_first: true,
     }
 }

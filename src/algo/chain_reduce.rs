@@ -1,7 +1,13 @@
 //! Pipelined chain reduce: root+1 -> root+2 -> ... -> root, slice by slice; each rank folds its
-//! input into the partial result and passes it on, so every link carries the buffer once. The
-//! root then acknowledges to the head, so that no rank returns success while another refused.
+//! input into the partial result and passes it on, so every link carries the buffer once.
+//!
+//! Then the outcome goes round the ring: the root, which receives last and so is the last to
+//! check, sends an empty "done" to the head, and each rank passes it on to its successor, up to
+//! root-1. A rank returns only once it has "done", that is once every rank accepted the call; a
+//! rank that refused aborts the ranks still waiting. One empty frame per rank, after the
+//! pipeline, and every frame goes from a rank to rank+1 (see `chain_broadcast`).
 
+use super::chain_broadcast::relay;
 use super::plan::{Action, Buf, Plan, Recv, Region, Source, Transfer, slices};
 use super::slices_per_chunk;
 use crate::types::ReduceOp;
@@ -26,12 +32,13 @@ pub fn chain_reduce(
         plan.copy(input, output);
         return plan;
     }
+    // "done" goes on to the next rank unless that is the root, which started it.
+    let done = relay(prev, (next != root).then_some(next));
     if pos == 0 {
         for s in slices(input, k) {
             plan.transfer(Some((next, Source::Device(s))), None);
         }
-        // The root's acknowledgement: the head would otherwise never hear from anyone.
-        plan.transfer(None, Some(super::chain_broadcast::ack(prev)));
+        plan.push(Action::Transfer(done));
         return plan;
     }
     let acc = if rank == root {
@@ -60,6 +67,8 @@ pub fn chain_reduce(
             Some((next, Source::Device(Region::new(Buf::Output, 0, 0)))),
             None,
         );
+    } else {
+        plan.push(Action::Transfer(done));
     }
     plan
 }

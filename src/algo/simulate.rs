@@ -57,7 +57,22 @@ fn simulate(
     out_len: usize,
     in_place: bool,
 ) -> Vec<Vec<f64>> {
+    simulate_with(plans, inputs, out_len, in_place, None).0
+}
+
+/// Like [`simulate`], with rank `odd` (if any) disagreeing about the call: frames to and from
+/// it are refused (the receiver stops there for good, as a rank that finds a header mismatch
+/// does), and a deadlock ends the run instead of panicking. Returns the outputs and which
+/// ranks reached the end of their plans.
+fn simulate_with(
+    plans: Vec<Plan>,
+    inputs: Vec<Vec<f64>>,
+    out_len: usize,
+    in_place: bool,
+    odd: Option<usize>,
+) -> (Vec<Vec<f64>>, Vec<bool>) {
     let n = plans.len();
+    let mut refused = vec![false; n];
     let mut ranks: Vec<Rank> = plans
         .into_iter()
         .zip(inputs)
@@ -82,7 +97,7 @@ fn simulate(
     loop {
         let mut progress = false;
         for r in 0..n {
-            loop {
+            while !refused[r] {
                 let rank = &mut ranks[r];
                 let Some(&action) = rank.plan.actions.get(rank.pc) else {
                     break;
@@ -98,26 +113,33 @@ fn simulate(
                         }
                     }
                     Action::Transfer(t) => {
-                        let recv_now = |rank: &mut Rank, queues: &mut Vec<VecDeque<Vec<f64>>>| {
-                            let Some(rv) = t.recv else { return true };
-                            if rank.received.is_some() {
-                                return true;
-                            }
-                            let Some(p) = queues[rv.from * n + r].pop_front() else {
-                                return false;
+                        let recv_now =
+                            |rank: &mut Rank,
+                             queues: &mut Vec<VecDeque<Vec<f64>>>,
+                             refused: &mut Vec<bool>| {
+                                let Some(rv) = t.recv else { return true };
+                                if rank.received.is_some() {
+                                    return true;
+                                }
+                                let Some(p) = queues[rv.from * n + r].pop_front() else {
+                                    return false;
+                                };
+                                if odd == Some(r) || odd == Some(rv.from) {
+                                    refused[r] = true;
+                                    return false;
+                                }
+                                assert_eq!(p.len(), rv.dst.len, "frame length");
+                                let d = rv.dst;
+                                for (x, y) in rank.buf(d.buf)[d.offset..d.offset + d.len]
+                                    .iter_mut()
+                                    .zip(&p)
+                                {
+                                    *x = apply(rv.combine, *x, *y);
+                                }
+                                rank.received = Some(p);
+                                true
                             };
-                            assert_eq!(p.len(), rv.dst.len, "frame length");
-                            let d = rv.dst;
-                            for (x, y) in rank.buf(d.buf)[d.offset..d.offset + d.len]
-                                .iter_mut()
-                                .zip(&p)
-                            {
-                                *x = apply(rv.combine, *x, *y);
-                            }
-                            rank.received = Some(p);
-                            true
-                        };
-                        if t.recv_first && !recv_now(rank, &mut queues) {
+                        if t.recv_first && !recv_now(rank, &mut queues, &mut refused) {
                             break;
                         }
                         if let (Some((to, src)), false) = (t.send, rank.sent) {
@@ -130,7 +152,7 @@ fn simulate(
                             queues[r * n + to].push_back(payload);
                             rank.sent = true;
                         }
-                        if !recv_now(rank, &mut queues) {
+                        if !recv_now(rank, &mut queues, &mut refused) {
                             break;
                         }
                     }
@@ -144,10 +166,16 @@ fn simulate(
         if ranks.iter().all(|k| k.pc == k.plan.actions.len()) {
             break;
         }
+        if odd.is_some() && !progress {
+            break;
+        }
         assert!(progress, "deadlock");
     }
-    assert!(queues.iter().all(|q| q.is_empty()), "frames left unread");
-    ranks.into_iter().map(|k| k.output).collect()
+    let finished = ranks.iter().map(|k| k.pc == k.plan.actions.len()).collect();
+    if odd.is_none() {
+        assert!(queues.iter().all(|q| q.is_empty()), "frames left unread");
+    }
+    (ranks.into_iter().map(|k| k.output).collect(), finished)
 }
 
 fn inputs(n: usize, len: usize, seed: u64) -> Vec<Vec<f64>> {
@@ -266,5 +294,75 @@ fn ring_all_reduce_moves_the_bandwidth_optimal_volume() {
             "n={n}: sent {sent}, bound {bound}"
         );
         assert_eq!(plan.sends(), 2 * (n - 1));
+    }
+}
+
+#[test]
+fn no_rank_finishes_while_another_refuses_the_call() {
+    // A rank whose view of the call differs refuses the first frame it receives, and its
+    // successor refuses the first frame it sends; with the plans otherwise alike (as for a
+    // count, type or op disagreement), no rank may reach the end of its plan, or it would
+    // return success while another fails.
+    for n in 2..=16 {
+        // By symmetry only the odd rank's place relative to the root matters.
+        let odd = 0;
+        for root in 0..n {
+            for &(count, slice) in &[(0, 1), (5, 1), (17, 3), (64, 1 << 20)] {
+                type Make = Box<dyn Fn(usize) -> Plan>;
+                let algorithms: Vec<(&str, Make, usize)> = vec![
+                    (
+                        "ring all_reduce",
+                        Box::new(move |r| ring_all_reduce(n, r, count, ReduceOp::Sum, true, slice)),
+                        count,
+                    ),
+                    (
+                        "central all_reduce",
+                        Box::new(move |r| {
+                            central_all_reduce(n, r, root, count, ReduceOp::Sum, true, slice)
+                        }),
+                        count,
+                    ),
+                    (
+                        "naive all_reduce",
+                        Box::new(move |r| {
+                            naive_all_reduce(n, r, root, count, ReduceOp::Sum, slice)
+                        }),
+                        count,
+                    ),
+                    (
+                        "reduce_scatter",
+                        Box::new(move |r| ring_reduce_scatter(n, r, count, ReduceOp::Sum, slice)),
+                        n * count,
+                    ),
+                    (
+                        "all_gather",
+                        Box::new(move |r| ring_all_gather(n, r, count, slice)),
+                        n * count,
+                    ),
+                    (
+                        "broadcast",
+                        Box::new(move |r| chain_broadcast(n, r, root, count, slice)),
+                        count,
+                    ),
+                    (
+                        "reduce",
+                        Box::new(move |r| chain_reduce(n, r, root, count, ReduceOp::Sum, slice)),
+                        count,
+                    ),
+                    ("barrier", Box::new(move |r| super::ring_barrier(n, r)), 0),
+                ];
+                for (name, make, len) in algorithms {
+                    let plans = (0..n).map(&make).collect();
+                    let x = inputs(n, len, 1);
+                    let (_, finished) = simulate_with(plans, x, len, true, Some(odd));
+                    let done: Vec<usize> = (0..n).filter(|&r| finished[r]).collect();
+                    assert!(
+                        done.is_empty(),
+                        "{name} n={n} root={root} count={count} slice={slice}: rank {odd} \
+                         disagrees, yet ranks {done:?} finish"
+                    );
+                }
+            }
+        }
     }
 }
