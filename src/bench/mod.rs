@@ -429,6 +429,9 @@ impl Case {
                 DType::F16 => comm
                     .read::<half::f16>(output)
                     .map(|v| bytemuck::cast_slice(&v).to_vec()),
+                DType::BF16 => comm
+                    .read::<half::bf16>(output)
+                    .map(|v| bytemuck::cast_slice(&v).to_vec()),
                 DType::I32 => comm
                     .read::<i32>(output)
                     .map(|v| bytemuck::cast_slice(&v).to_vec()),

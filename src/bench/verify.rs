@@ -1,7 +1,7 @@
 //! Inputs whose reductions are exact in every element type, the expected results, and the count
 //! of wrong elements (`#wrong`).
 
-use half::f16;
+use half::{bf16, f16};
 
 use crate::types::{CollectiveKind, DType, ReduceOp};
 
@@ -60,6 +60,8 @@ pub fn is_right(dtype: DType, got: f64, expected: f64) -> bool {
     let tol = match dtype {
         DType::F32 => 1e-6 * expected.abs().max(1.0),
         DType::F16 => 2e-3 * expected.abs().max(1.0),
+        // bf16 keeps 8 significant bits: sums past 256 over many ranks round at every step.
+        DType::BF16 => 1.6e-2 * expected.abs().max(1.0),
         DType::I32 | DType::U32 => 0.0,
     };
     (got - expected).abs() <= tol
@@ -88,6 +90,7 @@ pub fn encode(dtype: DType, values: &[f64]) -> Vec<u8> {
     match dtype {
         DType::F32 => cast(values.iter().map(|&v| v as f32).collect()),
         DType::F16 => cast(values.iter().map(|&v| f16::from_f64(v)).collect()),
+        DType::BF16 => cast(values.iter().map(|&v| bf16::from_f64(v)).collect()),
         DType::I32 => cast(values.iter().map(|&v| v as i32).collect()),
         DType::U32 => cast(values.iter().map(|&v| v as u32).collect()),
     }
@@ -101,6 +104,10 @@ pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f64> {
             .map(f64::from)
             .collect(),
         DType::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(bytes)
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+        DType::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(bytes)
             .into_iter()
             .map(f64::from)
             .collect(),

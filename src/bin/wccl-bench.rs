@@ -123,7 +123,8 @@ struct Sweep {
     /// Reduction operator: sum, prod, min, max, avg, all.
     #[arg(short = 'o', long = "op", default_value = "sum")]
     op: String,
-    /// Element type: float, half, int32, uint32 (f32, f16, i32, u32 also accepted).
+    /// Element type: float, half, bfloat16, int32, uint32 (f32, f16, bf16, i32, u32 also
+    /// accepted).
     #[arg(short = 'd', long = "datatype", default_value = "float")]
     dtype: String,
     /// Root rank of broadcast and reduce.
@@ -178,9 +179,12 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     match s {
         "float" | "f32" | "float32" => Ok(DType::F32),
         "half" | "f16" | "float16" => Ok(DType::F16),
+        "bfloat16" | "bf16" => Ok(DType::BF16),
         "int32" | "i32" | "int" => Ok(DType::I32),
         "uint32" | "u32" => Ok(DType::U32),
-        _ => Err(format!("unknown type '{s}' (float, half, int32, uint32)")),
+        _ => Err(format!(
+            "unknown type '{s}' (float, half, bfloat16, int32, uint32)"
+        )),
     }
 }
 
@@ -317,6 +321,9 @@ fn matmul(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let dtype = parse_dtype(dtype)?;
+    if !matches!(dtype, DType::F32 | DType::F16) {
+        return Err(format!("matmul runs on float and half, not {dtype}").into());
+    }
     let mut group = CommGroup::builder().ranks(1).build()?;
     let mut out = std::io::stdout().lock();
     let info = &group.adapters()[0];

@@ -337,7 +337,7 @@ impl Kernels {
     }
 }
 
-/// The common element type of `views`, which must be f32 or an f16 the device supports.
+/// The common element type of `views`, which must be f32, or f16 on a device with native f16.
 fn float_dtype(dev: &RankDevice, at: At, what: &str, views: &[&TensorRef<'_>]) -> Result<DType> {
     let dtype = views[0].dtype;
     if let Some(other) = views.iter().find(|t| t.dtype != dtype) {
@@ -347,11 +347,12 @@ fn float_dtype(dev: &RankDevice, at: At, what: &str, views: &[&TensorRef<'_>]) -
         });
     }
     if !matches!(dtype, DType::F32 | DType::F16) {
+        // bfloat16 included: its packed words would need whole-word stores of C.
         return Err(Error::InvalidArgument {
             at,
             message: format!("{what}: {dtype} is not supported (float and half are)"),
         });
     }
-    dev.check_dtype(at, dtype)?;
+    dev.check_native(at, dtype)?;
     Ok(dtype)
 }
