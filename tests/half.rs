@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Instant;
-
 use common::{group, make_buffer, poison, read};
 use wccl::{
     AdapterSelector, CallOptions, Collective, CollectiveKind, CommConfig, CommGroup, DType,
@@ -262,70 +260,4 @@ fn plain_devices(n: usize) -> Vec<(wgpu::Device, wgpu::Queue)> {
             .expect("a device")
         })
         .collect()
-}
-
-/// Native f16 (`SHADER_F16`) against f16 packed in words, same adapter, same run: medians of
-/// all-reduces of 4 Mi halves on 2 ranks. A measurement, not a check: run with
-/// `cargo test --test half -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn native_and_packed_f16_timing() {
-    let mut native = group(2);
-    if !native.comm(0).device().native_f16() {
-        println!("skipped native_and_packed_f16_timing: the adapter has no SHADER_F16");
-        return;
-    }
-    let packed = CommGroup::from_devices(plain_devices(2), CommConfig::default()).unwrap();
-    let count = 4 << 20;
-    let mut groups = [("native", native), ("packed", packed)];
-    let mut times: Vec<Vec<f64>> = vec![Vec::new(); 2];
-    for _ in 0..15 {
-        for (k, (_, g)) in groups.iter_mut().enumerate() {
-            let bufs: Vec<_> = (0..2)
-                .map(|r| {
-                    g.comm(r)
-                        .upload(&vec![wccl::f16::from_f32(0.5); count])
-                        .unwrap()
-                })
-                .collect();
-            let views: Vec<_> = bufs.iter().map(|b| b.view()).collect();
-            let t = Instant::now();
-            g.all_reduce(&views, ReduceOp::Sum).unwrap();
-            times[k].push(t.elapsed().as_secs_f64());
-        }
-    }
-    // The kernel alone: sums of 16 Mi halves on one device, no transfers.
-    let big = 16 << 20;
-    let mut kernel: Vec<Vec<f64>> = vec![Vec::new(); 2];
-    let bufs: Vec<_> = groups
-        .iter_mut()
-        .map(|(_, g)| {
-            let c = g.comm(0);
-            let v = vec![wccl::f16::from_f32(0.5); big];
-            (c.upload(&v).unwrap(), c.upload(&v).unwrap())
-        })
-        .collect();
-    for _ in 0..15 {
-        for (k, (_, g)) in groups.iter_mut().enumerate() {
-            let t = Instant::now();
-            g.comm(0)
-                .reduce_local(&bufs[k].0, &bufs[k].1, ReduceOp::Max)
-                .unwrap();
-            kernel[k].push(t.elapsed().as_secs_f64());
-        }
-    }
-    for (k, (name, _)) in groups.iter().enumerate() {
-        kernel[k].sort_by(f64::total_cmp);
-        println!(
-            "{name} f16 max kernel over {big} halves: median {:.1} ms, best {:.1} ms",
-            kernel[k][kernel[k].len() / 2] * 1e3,
-            kernel[k][0] * 1e3
-        );
-        times[k].sort_by(f64::total_cmp);
-        println!(
-            "{name} f16 all_reduce of {count} halves on 2 ranks: median {:.1} ms, best {:.1} ms",
-            times[k][times[k].len() / 2] * 1e3,
-            times[k][0] * 1e3
-        );
-    }
 }
