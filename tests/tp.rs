@@ -408,6 +408,13 @@ fn f16_matmul_on_a_device_without_shader_f16_is_a_clear_error() {
         }) => {}
         other => panic!("expected UnsupportedDType, got {other:?}"),
     }
+    // bf16 is a collective type, not a matmul one (on any device): refused by name.
+    let t = TensorRef::new(raw.raw(), 0, 4, DType::BF16);
+    let c = TensorRef::new(out.raw(), 0, 4, DType::BF16);
+    match kernels.matmul(comm.device(), &Matmul::new(2, 2, 2), t, t, c) {
+        Err(Error::InvalidArgument { message, .. }) => assert!(message.contains("bfloat16")),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
 }
 
 // ---------------------------------------------------------------- the splits
