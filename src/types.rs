@@ -11,8 +11,9 @@ pub enum DType {
     I32,
     /// 32-bit unsigned integer (wrapping arithmetic, as in WGSL).
     U32,
-    /// 16-bit IEEE float. Works on every adapter: the kernels hold two to a u32 word and
-    /// combine them in f32 where the device lacks `wgpu::Features::SHADER_F16`.
+    /// 16-bit IEEE float. Works on every adapter: the reduce kernels hold two to a u32 word and
+    /// combine them in f32, so no `wgpu::Features::SHADER_F16` is needed (the tensor-parallel
+    /// kernels, which compute in f16, do need it).
     F16,
     /// bfloat16, the upper half of an f32 (8 exponent bits, 7 mantissa bits). Works on every
     /// adapter: WGSL has no bf16, so the kernels hold two to a u32 word, combine them in f32 and

@@ -170,6 +170,64 @@ fn odd_counts_and_offsets_are_exact_and_leave_neighbours_alone() {
     }
 }
 
+/// Slices of 3 halves and a binding limit of 512 bytes: pipeline slices and kernel dispatches
+/// begin and end in the middle of words, in the ring's every step.
+#[test]
+fn odd_slices_and_small_bindings_split_words() {
+    let config = CommConfig {
+        slice_bytes: 6,
+        max_binding_bytes: Some(512),
+        ..CommConfig::default()
+    };
+    let mut g = common::group_with(3, config);
+    for dtype in HALVES {
+        for kind in common::KINDS {
+            check_exact(&mut g, kind, ReduceOp::Sum, dtype, 1001, 1);
+        }
+        check_exact(
+            &mut g,
+            CollectiveKind::AllReduce,
+            ReduceOp::Avg,
+            dtype,
+            1001,
+            2,
+        );
+    }
+}
+
+/// One rank's element-wise kernel over counts that fill whole dispatch grids (1024 words per
+/// workgroup), starting mid-word: the extra word a mid-word start needs must get an invocation.
+#[test]
+fn a_mid_word_start_gets_its_last_word() {
+    let mut g = group(1);
+    let comm = g.comm(0);
+    for dtype in HALVES {
+        for count in [2047, 2048, 4096] {
+            let pad = 1;
+            let a: Vec<f64> = (0..count).map(|i| value(ReduceOp::Sum, 0, i)).collect();
+            let b: Vec<f64> = (0..count).map(|i| value(ReduceOp::Sum, 1, i)).collect();
+            let mut dst_values = vec![SENTINEL; pad];
+            dst_values.extend_from_slice(&a);
+            dst_values.extend(std::iter::repeat_n(SENTINEL, pad));
+            let dst = make_buffer(comm, dtype, &dst_values, 0);
+            let src = make_buffer(comm, dtype, &b, pad);
+            let es = dtype.size() as u64;
+            let d = TensorRef::new(&dst, es, count, dtype);
+            comm.reduce_local(d, TensorRef::new(&src, es, count, dtype), ReduceOp::Sum)
+                .unwrap_or_else(|e| panic!("{dtype} {count}: {e}"));
+            let got = read(comm, TensorRef::new(&dst, 0, count + 2 * pad, dtype));
+            for (i, &x) in got.iter().enumerate() {
+                let want = if i < pad || i >= pad + count {
+                    SENTINEL
+                } else {
+                    a[i - pad] + b[i - pad]
+                };
+                assert_eq!(x, want, "{dtype} count {count}: element {i} of the buffer");
+            }
+        }
+    }
+}
+
 /// Two ranks' sum is one rounding of the exact sum, to nearest with ties to even; the cases are
 /// ties and near-ties where truncation (or rounding ties away) would give another answer.
 #[test]

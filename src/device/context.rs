@@ -103,8 +103,7 @@ impl RankDevice {
     }
 
     /// Whether tensors of `dtype` can be buffers and collective arguments on this device. Every
-    /// type can: where the device lacks `SHADER_F16`, f16 (like bf16 everywhere) is reduced two
-    /// to a u32 word in f32.
+    /// type can: f16 and bf16 are reduced two to a u32 word in f32, with no device feature.
     pub fn supports(&self, dtype: DType) -> bool {
         DType::ALL.contains(&dtype)
     }
