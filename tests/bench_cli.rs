@@ -130,7 +130,7 @@ fn every_collective_runs_and_checks() {
 }
 
 /// `-d bfloat16`, as nccl-tests spells it: every op on 3 ranks checks out, the type column says
-/// bfloat16, a corrupted element is caught, and the matmul (float and half only) refuses it.
+/// bfloat16, a corrupted element is caught, and the matmul checks out in bfloat16 too.
 #[test]
 fn bfloat16_runs_checks_and_catches_a_wrong_element() {
     let args = [
@@ -160,8 +160,11 @@ fn bfloat16_runs_checks_and_catches_a_wrong_element() {
     let (ok, out) = bench(&[&args[..], &["--corrupt-one"]].concat());
     assert!(!ok, "a wrong bf16 value must fail the run:\n{out}");
     assert!(out.contains("FAILED"), "{out}");
-    let (ok, _) = bench(&["matmul", "--sizes", "8x8x8", "-d", "bfloat16"]);
-    assert!(!ok, "the matmul does not take bfloat16");
+    let (ok, out) = bench(&["matmul", "--sizes", "33x17x70", "-d", "bfloat16", "-n", "1"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("over the 1e-2 error limit: 0"), "{out}");
+    let (ok, _) = bench(&["matmul", "--sizes", "8x8x8", "-d", "int32"]);
+    assert!(!ok, "the matmul takes float types only");
 }
 
 #[test]

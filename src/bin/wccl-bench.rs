@@ -61,7 +61,7 @@ enum Command {
         /// Kernels, comma separated: plain, tiled, tiled-large, auto (the default's choice).
         #[arg(long = "kernel", default_value = "plain,tiled")]
         kernel: String,
-        /// Element type: float or half.
+        /// Element type: float, half or bfloat16.
         #[arg(short = 'd', long = "datatype", default_value = "float")]
         dtype: String,
         /// Timed iterations per size (the median is reported).
@@ -321,8 +321,8 @@ fn matmul(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let dtype = parse_dtype(dtype)?;
-    if !matches!(dtype, DType::F32 | DType::F16) {
-        return Err(format!("matmul runs on float and half, not {dtype}").into());
+    if !dtype.is_float() {
+        return Err(format!("matmul runs on float, half and bfloat16, not {dtype}").into());
     }
     let mut group = CommGroup::builder().ranks(1).build()?;
     let mut out = std::io::stdout().lock();
@@ -342,8 +342,9 @@ fn matmul(
         check,
         &mut out,
     )?;
-    // The correctness targets: 1e-5 for f32, 1e-2 for f16.
-    let limit = if dtype == DType::F16 { 1e-2 } else { 1e-5 };
+    // The correctness targets: 1e-5 for f32, 1e-2 for f16 and bf16 (bf16 rounds each output
+    // by up to 2^-8 relative).
+    let limit = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
     let wrong = rows
         .iter()
         .filter(|r| r.rel_err.is_some_and(|e| e >= limit))
