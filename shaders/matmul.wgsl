@@ -1,7 +1,9 @@
 // C = op(A) op(B): row-major matrices, C is M x N, op(A) is M x K, op(B) is K x N.
 //
-// The host replaces ELEM with f32 or f16 (and puts `enable f16;` first for f16); products are
-// accumulated in f32 either way. TRANS_A means A is stored K x M (so op(A) = A^T), TRANS_B that B
+// The host puts a prelude first that declares the bindings a, b, c and read_a, read_b (the element
+// at an index, as f32) and write_c (rounds an f32 into C): f32, f16 (with `enable f16;`), or bf16
+// held two to a u32 word (see MATMUL_BF16 in src/kernels/matmul.rs). Products are accumulated in
+// f32 either way. TRANS_A means A is stored K x M (so op(A) = A^T), TRANS_B that B
 // is stored N x K. Offsets are in elements from the start of each binding.
 //
 // Two kernels:
@@ -27,9 +29,6 @@ struct Params {
     _pad: u32,
 }
 
-@group(0) @binding(0) var<storage, read> a: array<ELEM>;
-@group(0) @binding(1) var<storage, read> b: array<ELEM>;
-@group(0) @binding(2) var<storage, read_write> c: array<ELEM>;
 @group(0) @binding(3) var<uniform> p: Params;
 
 // Index of op(A)[row, col] in `a` (no bounds check).
@@ -57,9 +56,9 @@ fn plain_main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var acc = 0.0;
     for (var i = 0u; i < p.k; i++) {
-        acc = fma(f32(a[a_index(row, i)]), f32(b[b_index(i, col)]), acc);
+        acc = fma(read_a(a_index(row, i)), read_b(b_index(i, col)), acc);
     }
-    c[p.c_off + row * p.n + col] = ELEM(acc);
+    write_c(p.c_off + row * p.n + col, acc);
 }
 
 const TILE_M: u32 = 64u;
@@ -75,14 +74,14 @@ var<workgroup> b_tile: array<vec4<f32>, 256>;
 
 fn load_a(row: u32, col: u32) -> f32 {
     if (row < p.m && col < p.k) {
-        return f32(a[a_index(row, col)]);
+        return read_a(a_index(row, col));
     }
     return 0.0;
 }
 
 fn load_b(row: u32, col: u32) -> f32 {
     if (row < p.k && col < p.n) {
-        return f32(b[b_index(row, col)]);
+        return read_b(b_index(row, col));
     }
     return 0.0;
 }
@@ -144,7 +143,7 @@ fn tiled_main(
         let v = rows[i];
         for (var j = 0u; j < 4u; j++) {
             if (col + j < p.n) {
-                c[base + col + j] = ELEM(v[j]);
+                write_c(base + col + j, v[j]);
             }
         }
     }
@@ -170,7 +169,7 @@ fn store4(row: u32, col: u32, v: vec4<f32>) {
     let base = p.c_off + row * p.n;
     for (var e = 0u; e < 4u; e++) {
         if (col + e < p.n) {
-            c[base + col + e] = ELEM(v[e]);
+            write_c(base + col + e, v[e]);
         }
     }
 }

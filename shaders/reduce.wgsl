@@ -1,6 +1,6 @@
 // Element-wise kernels of the reducing collectives.
 //
-// The host replaces ELEM with f32, i32, u32 or f16 (and puts `enable f16;` first for f16); the
+// The host replaces ELEM with f32, i32 or u32 (f16 and bf16 are in reduce_packed.wgsl); the
 // OP override constant picks the combine operator, so each (type, operator) pair is one pipeline.
 // PER_THREAD elements per invocation; a 2-D grid of workgroups lifts the 65,535-per-dimension limit.
 

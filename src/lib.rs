@@ -49,7 +49,7 @@ pub use algo::Algorithm;
 pub use comm::{CallOptions, Collective, CommConfig, CommGroup, Communicator, GroupBuilder};
 pub use device::{AdapterSelector, DeviceBuffer, RankDevice, TensorRef};
 pub use error::{At, Error, Result};
-pub use half::f16;
+pub use half::{bf16, f16};
 pub use types::{CollectiveKind, DType, Element, ReduceOp};
 
 /// README.md's examples, compiled as doc tests so they cannot rot.

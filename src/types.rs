@@ -11,35 +11,42 @@ pub enum DType {
     I32,
     /// 32-bit unsigned integer (wrapping arithmetic, as in WGSL).
     U32,
-    /// 16-bit float; needs an adapter with `wgpu::Features::SHADER_F16`.
+    /// 16-bit IEEE float. Works on every adapter: the reduce kernels hold two to a u32 word and
+    /// combine them in f32, so no `wgpu::Features::SHADER_F16` is needed (the tensor-parallel
+    /// kernels, which compute in f16, do need it).
     F16,
+    /// bfloat16, the upper half of an f32 (8 exponent bits, 7 mantissa bits). Works on every
+    /// adapter: WGSL has no bf16, so the kernels hold two to a u32 word, combine them in f32 and
+    /// round to nearest even.
+    BF16,
 }
 
 impl DType {
     /// Every element type, in a fixed order.
-    pub const ALL: [DType; 4] = [DType::F32, DType::I32, DType::U32, DType::F16];
+    pub const ALL: [DType; 5] = [DType::F32, DType::I32, DType::U32, DType::F16, DType::BF16];
 
     /// Size of one element in bytes.
     pub const fn size(self) -> usize {
         match self {
-            DType::F16 => 2,
+            DType::F16 | DType::BF16 => 2,
             _ => 4,
         }
     }
 
-    /// The WGSL spelling of the type.
+    /// The WGSL spelling of the type. WGSL has no bf16: bf16 tensors are bound as `u32` words
+    /// holding two elements each, so its spelling is `u32`.
     pub const fn wgsl(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::I32 => "i32",
-            DType::U32 => "u32",
+            DType::U32 | DType::BF16 => "u32",
             DType::F16 => "f16",
         }
     }
 
     /// Whether the type is a floating-point type.
     pub const fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F16)
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 
     pub(crate) const fn code(self) -> u32 {
@@ -49,19 +56,20 @@ impl DType {
 
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // nccl-tests names: float, int32, uint32, half.
+        // nccl-tests names: float, int32, uint32, half, bfloat16.
         f.write_str(match self {
             DType::F32 => "float",
             DType::I32 => "int32",
             DType::U32 => "uint32",
             DType::F16 => "half",
+            DType::BF16 => "bfloat16",
         })
     }
 }
 
 /// A Rust type that can live in a device tensor.
 ///
-/// Implemented for `f32`, `i32`, `u32` and [`half::f16`].
+/// Implemented for `f32`, `i32`, `u32`, [`half::f16`] and [`half::bf16`].
 pub trait Element: bytemuck::Pod + Send + Sync + fmt::Debug + 'static {
     /// The matching [`DType`].
     const DTYPE: DType;
@@ -78,6 +86,9 @@ impl Element for u32 {
 }
 impl Element for half::f16 {
     const DTYPE: DType = DType::F16;
+}
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::BF16;
 }
 
 /// How a reducing collective combines the ranks' elements.

@@ -201,8 +201,9 @@ fn matmul_in_f16_accumulates_in_f32() {
             let a = round(random(&mut rng, m * k));
             let b = round(random(&mut rng, k * n));
             let result = run_matmul(comm, &mut kernels, &spec, DType::F16, (&a, &b), 2);
-            if !comm.device().supports(DType::F16) {
+            if !comm.device().native_f16() {
                 assert!(matches!(result, Err(Error::UnsupportedDType { .. })));
+                println!("skipped matmul_in_f16_accumulates_in_f32 {spec:?}: no SHADER_F16");
                 continue;
             }
             let got = result.unwrap_or_else(|e| panic!("{spec:?}: {e}"));
@@ -383,6 +384,59 @@ fn bad_matmul_input_is_refused_without_writing() {
     assert!(comm.download(&c).unwrap().iter().all(|v| v.is_nan()));
 }
 
+/// bf16 inputs, f32 accumulation, one rounding of each output to bf16: against the f64 product of
+/// the bf16 inputs, within the output's rounding (2^-8 relative per element; accumulating in bf16
+/// would be far off at k = 257). Operands at odd element offsets and odd widths, so neighbouring
+/// outputs share words, on every kernel and transpose, and on a device without `SHADER_F16`.
+#[test]
+fn matmul_in_bf16_accumulates_in_f32() {
+    let mut g = CommGroup::from_devices(plain_devices(1), CommConfig::default()).unwrap();
+    let comm = g.comm(0);
+    let mut kernels = Kernels::new(comm.device());
+    let mut rng = rand::rng();
+    let round = |v: Vec<f64>| -> Vec<f64> {
+        v.into_iter()
+            .map(|x| wccl::bf16::from_f64(x).to_f64())
+            .collect()
+    };
+    for (m, n, k) in [(1, 1, 1), (33, 17, 70), (130, 65, 257)] {
+        for kernel in KERNELS {
+            for (ta, tb) in [(false, false), (true, true)] {
+                let mut spec = Matmul::new(m, n, k).kernel(kernel);
+                spec.trans_a = ta;
+                spec.trans_b = tb;
+                let a = round(random(&mut rng, m * k));
+                let b = round(random(&mut rng, k * n));
+                let got = run_matmul(comm, &mut kernels, &spec, DType::BF16, (&a, &b), 1)
+                    .unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+                assert_close(
+                    &format!("bf16 {spec:?}"),
+                    &got,
+                    &matmul_ref(&a, &b, &spec),
+                    4e-3,
+                );
+            }
+        }
+    }
+}
+
+/// `n` devices on the first adapter, opened with no optional feature.
+fn plain_devices(n: usize) -> Vec<(wgpu::Device, wgpu::Queue)> {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapters =
+        wccl::device::discover_adapters(&instance, &wccl::AdapterSelector::default()).unwrap();
+    (0..n)
+        .map(|_| {
+            pollster::block_on(adapters[0].request_device(&wgpu::DeviceDescriptor {
+                required_features: wgpu::Features::empty(),
+                ..Default::default()
+            }))
+            .unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn f16_matmul_on_a_device_without_shader_f16_is_a_clear_error() {
     let instance =
@@ -406,6 +460,13 @@ fn f16_matmul_on_a_device_without_shader_f16_is_a_clear_error() {
             dtype: DType::F16, ..
         }) => {}
         other => panic!("expected UnsupportedDType, got {other:?}"),
+    }
+    // GELU takes float and half only (its kernel would run on bf16's u32 words): refused by name.
+    let t = TensorRef::new(raw.raw(), 0, 4, DType::BF16);
+    let c = TensorRef::new(out.raw(), 0, 4, DType::BF16);
+    match kernels.gelu(comm.device(), t, c) {
+        Err(Error::InvalidArgument { message, .. }) => assert!(message.contains("bfloat16")),
+        other => panic!("expected InvalidArgument, got {other:?}"),
     }
 }
 
@@ -753,7 +814,8 @@ fn column_parallel_gathers_f16_shards_of_odd_sizes() {
     let to16 =
         |v: &[f64]| -> Vec<wccl::f16> { v.iter().map(|&x| wccl::f16::from_f64(x)).collect() };
     let out = each(ranks, |comm| {
-        if !comm.device().supports(DType::F16) {
+        if !comm.device().native_f16() {
+            println!("skipped column_parallel_gathers_f16_shards_of_odd_sizes: no SHADER_F16");
             return Ok(None);
         }
         let mut kernels = Kernels::new(comm.device());
@@ -772,7 +834,7 @@ fn column_parallel_gathers_f16_shards_of_odd_sizes() {
     for (r, c) in out.into_iter().enumerate() {
         match c {
             Some(c) => assert_close(&format!("f16 rank {r}"), &c, &want, 1e-2),
-            None => assert!(!group(1).comm(0).device().supports(DType::F16)),
+            None => assert!(!group(1).comm(0).device().native_f16()),
         }
     }
 }

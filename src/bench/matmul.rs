@@ -89,6 +89,18 @@ pub fn matmul_rows(
                     Operand::F16(comm.buffer(m * n)?),
                 )
             }
+            DType::BF16 => {
+                let h = |v: &[f32]| {
+                    v.iter()
+                        .map(|&x| half::bf16::from_f32(x))
+                        .collect::<Vec<_>>()
+                };
+                (
+                    Operand::BF16(comm.upload(&h(&a_host))?),
+                    Operand::BF16(comm.upload(&h(&b_host))?),
+                    Operand::BF16(comm.buffer(m * n)?),
+                )
+            }
             _ => (
                 Operand::F32(comm.upload(&a_host)?),
                 Operand::F32(comm.upload(&b_host)?),
@@ -163,6 +175,7 @@ pub fn kernel_name(kernel: MatmulKernel) -> &'static str {
 enum Operand {
     F32(crate::DeviceBuffer<f32>),
     F16(crate::DeviceBuffer<half::f16>),
+    BF16(crate::DeviceBuffer<half::bf16>),
 }
 
 impl Operand {
@@ -170,6 +183,7 @@ impl Operand {
         match self {
             Operand::F32(b) => b.view(),
             Operand::F16(b) => b.view(),
+            Operand::BF16(b) => b.view(),
         }
     }
 
@@ -177,6 +191,7 @@ impl Operand {
         Ok(match self {
             Operand::F32(b) => comm.download(b)?.into_iter().map(f64::from).collect(),
             Operand::F16(b) => comm.download(b)?.into_iter().map(|x| x.to_f64()).collect(),
+            Operand::BF16(b) => comm.download(b)?.into_iter().map(|x| x.to_f64()).collect(),
         })
     }
 }
@@ -192,6 +207,7 @@ fn sampled_error(
 ) -> f64 {
     let round = |x: f32| match dtype {
         DType::F16 => half::f16::from_f32(x).to_f64(),
+        DType::BF16 => half::bf16::from_f32(x).to_f64(),
         _ => f64::from(x),
     };
     let total = m * n;

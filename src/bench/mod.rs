@@ -529,6 +529,9 @@ fn read_bytes(
         DType::F16 => comm
             .read::<half::f16>(t)
             .map(|v| bytemuck::cast_slice(&v).to_vec()),
+        DType::BF16 => comm
+            .read::<half::bf16>(t)
+            .map(|v| bytemuck::cast_slice(&v).to_vec()),
         DType::I32 => comm
             .read::<i32>(t)
             .map(|v| bytemuck::cast_slice(&v).to_vec()),

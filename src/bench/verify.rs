@@ -10,7 +10,7 @@
 //! over ranks at element `i` differs from the sum at `i + d` for every `d` that is not a multiple
 //! of `period`: `n * d` is then no multiple of `period`.
 
-use half::f16;
+use half::{bf16, f16};
 
 use crate::types::{CollectiveKind, DType, ReduceOp};
 
@@ -35,13 +35,11 @@ pub struct Pattern {
 impl Pattern {
     /// The pattern for `ranks` ranks reducing `dtype` under `op`.
     pub fn new(dtype: DType, op: ReduceOp, ranks: usize) -> Pattern {
-        let exact: u64 = match dtype {
-            DType::F16 => 1 << 11,
-            _ => 1 << 24,
-        };
+        let exact = exact_integers(dtype);
         let ranks = (ranks as u64).max(1);
-        // Every value is below `period`, so the sum over all ranks is below `exact`.
-        let period = largest_prime_at_most((exact / ranks).max(2));
+        // Every value is below `period`, so the sum over all ranks is at most `exact`. At least
+        // 3 (an odd prime): with more ranks than bf16 can sum exactly, avg's tolerance covers it.
+        let period = largest_prime_at_most((exact / ranks).saturating_add(1).max(3));
         // Ranks start the pattern at distinct points (stride is nonzero modulo a prime, so
         // `r * stride` differs for every r below `period`), far apart rather than neighbours.
         let stride = (period * 5 / 8).max(1) % period;
@@ -91,7 +89,17 @@ impl Pattern {
     }
 }
 
-/// The largest prime at or below `n` (at least 2).
+/// Integers up to this are exact in `dtype` (capped at 2^24 for the 32-bit types, so that every
+/// type sees the same inputs where it can).
+fn exact_integers(dtype: DType) -> u64 {
+    match dtype {
+        DType::F16 => 1 << 11,
+        DType::BF16 => 1 << 8,
+        DType::F32 | DType::I32 | DType::U32 => 1 << 24,
+    }
+}
+
+/// The largest prime at or below `n` (2 if none).
 fn largest_prime_at_most(n: u64) -> u64 {
     let is_prime = |k: u64| {
         k >= 2
@@ -257,12 +265,29 @@ impl Expected {
     }
 }
 
-/// Whether `got` is `expected` up to `dtype`'s rounding (the inputs make every result exact but
-/// avg on floats).
+/// Whether `got` is `expected` up to `dtype`'s rounding.
+///
+/// The inputs make every result but float avg an integer that the type holds exactly, and such a
+/// result must match exactly in f16 and bf16: a tolerance of a few of their coarse steps would
+/// let a misplaced chunk whose sums differ by one or two pass. f32 allows two units in the last
+/// place (avg's division, and a mean taken as a product with 1/n). Other results (float avg,
+/// sums past bf16's exact range on very many ranks) get a few units of each type's last place.
+///
+/// ```
+/// use wccl::{DType, bench::is_right};
+/// assert!(is_right(DType::F16, 1000.0, 1000.0));
+/// assert!(!is_right(DType::F16, 1001.0, 1000.0));
+/// assert!(is_right(DType::F16, 333.25, 1000.0 / 3.0));
+/// assert!(!is_right(DType::F32, 8_000_002.0, 8_000_000.0));
+/// ```
 pub fn is_right(dtype: DType, got: f64, expected: f64) -> bool {
+    let exact = expected.fract() == 0.0 && expected.abs() <= exact_integers(dtype) as f64;
     let tol = match dtype {
-        DType::F32 => 1e-6 * expected.abs().max(1.0),
+        DType::F16 | DType::BF16 if exact => 0.0,
+        DType::F32 => 2.4e-7 * expected.abs().max(1.0),
         DType::F16 => 2e-3 * expected.abs().max(1.0),
+        // bf16 keeps 8 significant bits: sums past 256 over many ranks round at every step.
+        DType::BF16 => 1.6e-2 * expected.abs().max(1.0),
         DType::I32 | DType::U32 => 0.0,
     };
     (got - expected).abs() <= tol
@@ -330,6 +355,7 @@ pub fn encode(dtype: DType, values: &[f64]) -> Vec<u8> {
     match dtype {
         DType::F32 => cast(values.iter().map(|&v| v as f32).collect()),
         DType::F16 => cast(values.iter().map(|&v| f16::from_f64(v)).collect()),
+        DType::BF16 => cast(values.iter().map(|&v| bf16::from_f64(v)).collect()),
         DType::I32 => cast(values.iter().map(|&v| v as i32).collect()),
         DType::U32 => cast(values.iter().map(|&v| v as u32).collect()),
     }
@@ -343,6 +369,10 @@ pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f64> {
             .map(f64::from)
             .collect(),
         DType::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(bytes)
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+        DType::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(bytes)
             .into_iter()
             .map(f64::from)
             .collect(),
@@ -393,19 +423,15 @@ mod tests {
     #[test]
     fn periods_are_long_and_not_powers_of_two() {
         for dtype in DType::ALL {
-            let exact = if dtype == DType::F16 {
-                1 << 11
-            } else {
-                1 << 24
-            };
+            let exact = exact_integers(dtype) as usize;
             for n in 1..=128 {
                 let p = Pattern::new(dtype, ReduceOp::Sum, n).period();
                 assert!(!p.is_power_of_two(), "{dtype} n={n}: {p}");
                 // Sums stay exact, and the period is as long as that allows (a prime lies
                 // between k/2 and k).
-                assert!(p * n <= exact, "{dtype} n={n}: {p}");
+                assert!((p - 1) * n <= exact, "{dtype} n={n}: {p}");
                 assert!(p >= exact / n / 2, "{dtype} n={n}: {p}");
-                if dtype != DType::F16 && n <= 64 {
+                if !matches!(dtype, DType::F16 | DType::BF16) && n <= 64 {
                     assert!(p >= 1 << 17, "{dtype} n={n}: period {p}");
                 }
             }

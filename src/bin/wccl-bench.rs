@@ -61,7 +61,7 @@ enum Command {
         /// Kernels, comma separated: plain, tiled, tiled-large, auto (the default's choice).
         #[arg(long = "kernel", default_value = "plain,tiled")]
         kernel: String,
-        /// Element type: float or half.
+        /// Element type: float, half or bfloat16.
         #[arg(short = 'd', long = "datatype", default_value = "float")]
         dtype: String,
         /// Timed iterations per size (the median is reported).
@@ -123,7 +123,8 @@ struct Sweep {
     /// Reduction operator: sum, prod, min, max, avg, all.
     #[arg(short = 'o', long = "op", default_value = "sum")]
     op: String,
-    /// Element type: float, half, int32, uint32 (f32, f16, i32, u32 also accepted).
+    /// Element type: float, half, bfloat16, int32, uint32 (f32, f16, bf16, i32, u32 also
+    /// accepted).
     #[arg(short = 'd', long = "datatype", default_value = "float")]
     dtype: String,
     /// Root rank of broadcast and reduce.
@@ -194,9 +195,12 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     match s {
         "float" | "f32" | "float32" => Ok(DType::F32),
         "half" | "f16" | "float16" => Ok(DType::F16),
+        "bfloat16" | "bf16" => Ok(DType::BF16),
         "int32" | "i32" | "int" => Ok(DType::I32),
         "uint32" | "u32" => Ok(DType::U32),
-        _ => Err(format!("unknown type '{s}' (float, half, int32, uint32)")),
+        _ => Err(format!(
+            "unknown type '{s}' (float, half, bfloat16, int32, uint32)"
+        )),
     }
 }
 
@@ -343,6 +347,9 @@ fn matmul(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let dtype = parse_dtype(dtype)?;
+    if !dtype.is_float() {
+        return Err(format!("matmul runs on float, half and bfloat16, not {dtype}").into());
+    }
     let mut group = CommGroup::builder().ranks(1).build()?;
     let mut out = std::io::stdout().lock();
     let info = &group.adapters()[0];
@@ -361,8 +368,9 @@ fn matmul(
         check,
         &mut out,
     )?;
-    // The correctness targets: 1e-5 for f32, 1e-2 for f16.
-    let limit = if dtype == DType::F16 { 1e-2 } else { 1e-5 };
+    // The correctness targets: 1e-5 for f32, 1e-2 for f16 and bf16 (bf16 rounds each output
+    // by up to 2^-8 relative).
+    let limit = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
     let wrong = rows
         .iter()
         .filter(|r| r.rel_err.is_some_and(|e| e >= limit))

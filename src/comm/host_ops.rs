@@ -1,8 +1,10 @@
 //! Element-wise reductions on the host, for algorithms that reduce in host memory (`naive`).
-//! Same arithmetic as the WGSL kernels: wrapping integers, IEEE f32/f16, truncating division.
+//! Same arithmetic as the WGSL kernels: wrapping integers, IEEE f32/f16, bf16
+//! rounded to nearest even (the `half` crate's arithmetic goes through f32 and rounds once, as the
+//! packed kernels do), truncating division.
 
 use bytemuck::Pod;
-use half::f16;
+use half::{bf16, f16};
 
 use crate::types::{Combine, DType};
 
@@ -17,6 +19,13 @@ pub(crate) fn combine(dtype: DType, c: Combine, dst: &mut [u8], src: &[u8]) {
             Combine::Copy => b,
         }),
         DType::F16 => zip::<f16>(dst, src, |a, b| match c {
+            Combine::Sum => a + b,
+            Combine::Prod => a * b,
+            Combine::Min => a.min(b),
+            Combine::Max => a.max(b),
+            Combine::Copy => b,
+        }),
+        DType::BF16 => zip::<bf16>(dst, src, |a, b| match c {
             Combine::Sum => a + b,
             Combine::Prod => a * b,
             Combine::Min => a.min(b),
@@ -45,6 +54,7 @@ pub(crate) fn scale(dtype: DType, dst: &mut [u8], divisor: u32) {
     match dtype {
         DType::F32 => map::<f32>(dst, |a| a / divisor as f32),
         DType::F16 => map::<f16>(dst, |a| a / f16::from_f32(divisor as f32)),
+        DType::BF16 => map::<bf16>(dst, |a| bf16::from_f32(a.to_f32() / divisor as f32)),
         DType::I32 => map::<i32>(dst, |a| a / divisor as i32),
         DType::U32 => map::<u32>(dst, |a| a / divisor),
     }

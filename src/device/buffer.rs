@@ -20,8 +20,10 @@ pub const COLLECTIVE_USAGES: BufferUsages = BufferUsages::STORAGE.union(BufferUs
 /// which collectives take their inputs and outputs.
 ///
 /// The buffer needs `STORAGE | COPY_SRC` usage (wccl writes through compute kernels and reads
-/// through copies), the offset must be a multiple of the element size, and for `f16` the view,
-/// rounded out to 4-byte boundaries, must stay inside the buffer (wgpu copies whole 4-byte words).
+/// through copies), the offset must be a multiple of the element size, and for `f16` and `bf16`
+/// the view, rounded out to 4-byte boundaries, must stay inside the buffer (wgpu copies whole
+/// 4-byte words, and the kernels bind 16-bit elements as u32 words). The halves of those words
+/// outside the view are never changed.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorRef<'a> {
     /// The buffer.

@@ -172,9 +172,30 @@ impl RankDevice {
         self.device.limits()
     }
 
-    /// Whether tensors of `dtype` can be used on this device.
+    /// Whether tensors of `dtype` can be buffers and collective arguments on this device. Every
+    /// type can: f16 and bf16 are reduced two to a u32 word in f32, with no device feature.
     pub fn supports(&self, dtype: DType) -> bool {
-        dtype != DType::F16 || self.device.features().contains(Features::SHADER_F16)
+        DType::ALL.contains(&dtype)
+    }
+
+    /// Whether the device has native f16 arithmetic (`SHADER_F16`), which the tensor-parallel
+    /// kernels (matmul, GELU) need for f16 operands.
+    pub fn native_f16(&self) -> bool {
+        self.device.features().contains(Features::SHADER_F16)
+    }
+
+    /// Refuses f16 where the device lacks native f16: for the kernels that compute in the
+    /// element type itself (the tensor-parallel ones).
+    pub(crate) fn check_native(&self, at: At, dtype: DType) -> Result<()> {
+        if dtype != DType::F16 || self.native_f16() {
+            Ok(())
+        } else {
+            Err(Error::UnsupportedDType {
+                at,
+                dtype,
+                adapter: self.info.name.clone(),
+            })
+        }
     }
 
     pub(crate) fn check_dtype(&self, at: At, dtype: DType) -> Result<()> {

@@ -12,6 +12,43 @@ use crate::types::DType;
 
 const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
 
+/// matmul.wgsl's bindings and accessors for f32 and f16 (ELEM replaced by the type).
+const PRELUDE_NATIVE: &str = "
+@group(0) @binding(0) var<storage, read> a: array<ELEM>;
+@group(0) @binding(1) var<storage, read> b: array<ELEM>;
+@group(0) @binding(2) var<storage, read_write> c: array<ELEM>;
+fn read_a(i: u32) -> f32 { return f32(a[i]); }
+fn read_b(i: u32) -> f32 { return f32(b[i]); }
+fn write_c(i: u32, v: f32) { c[i] = ELEM(v); }
+";
+
+/// matmul.wgsl's bindings and accessors for bf16, two to a u32 word: element i is the upper half
+/// of an f32 in bits 16 * (i % 2) of word i / 2. Two invocations may write the two halves of one
+/// word of C: each clears and sets only its own 16 bits with atomics, which commute with the
+/// neighbour's on the other bits. Rounding to bf16 is to nearest, ties to even (a NaN stays NaN).
+const PRELUDE_BF16: &str = "
+@group(0) @binding(0) var<storage, read> a: array<u32>;
+@group(0) @binding(1) var<storage, read> b: array<u32>;
+@group(0) @binding(2) var<storage, read_write> c: array<atomic<u32>>;
+fn bf16_half(w: u32, i: u32) -> f32 {
+    return bitcast<f32>(((w >> ((i & 1u) * 16u)) & 0xffffu) << 16u);
+}
+fn read_a(i: u32) -> f32 { return bf16_half(a[i >> 1u], i); }
+fn read_b(i: u32) -> f32 { return bf16_half(b[i >> 1u], i); }
+fn to_bf16(x: f32) -> u32 {
+    let bits = bitcast<u32>(x);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        return (bits >> 16u) | 0x40u;
+    }
+    return (bits + 0x7fffu + ((bits >> 16u) & 1u)) >> 16u;
+}
+fn write_c(i: u32, v: f32) {
+    let shift = (i & 1u) * 16u;
+    atomicAnd(&c[i >> 1u], ~(0xffffu << shift));
+    atomicOr(&c[i >> 1u], to_bf16(v) << shift);
+}
+";
+
 /// Which matmul kernel runs a product.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum MatmulKernel {
@@ -166,10 +203,13 @@ impl MatmulKernels {
         let _scope = dev.error_scope();
         self.pipelines.entry(key).or_insert_with(|| {
             let (dtype, kernel, trans_a, trans_b) = key;
-            let mut source = SOURCE.replace("ELEM", dtype.wgsl());
-            if dtype == DType::F16 {
-                source = format!("enable f16;\n{source}");
-            }
+            let source = match dtype {
+                DType::BF16 => format!("{PRELUDE_BF16}{SOURCE}"),
+                DType::F16 => {
+                    format!("enable f16;\n{PRELUDE_NATIVE}{SOURCE}").replace("ELEM", "f16")
+                }
+                _ => format!("{PRELUDE_NATIVE}{SOURCE}").replace("ELEM", dtype.wgsl()),
+            };
             let desc = wgpu::ShaderModuleDescriptor {
                 label: Some("wccl matmul.wgsl"),
                 source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -180,7 +220,8 @@ impl MatmulKernels {
             // parameters (it computes both from the same numbers); a transposed A's row block
             // reads rows below `row + rows <= m` of a binding holding all m*k. Workgroup and
             // private array indices run over loops bounded by the same constants that size the
-            // arrays. So the bounds checks wgpu would add cannot fire.
+            // arrays. So the bounds checks wgpu would add cannot fire. For bf16 the windows, rounded
+            // out to whole words, hold the word of every element index they hold.
             let module = unsafe {
                 dev.device()
                     .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())

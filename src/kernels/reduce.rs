@@ -1,5 +1,6 @@
-//! The element-wise reduce kernels (`shaders/reduce.wgsl`): one pipeline per element type and
-//! operator, built on first use, dispatched in pieces that respect the storage-binding limit.
+//! The element-wise reduce kernels (`shaders/reduce.wgsl`, and `shaders/reduce_packed.wgsl` for
+//! f16 and bf16 held two to a u32 word): one pipeline per element type and operator, built on
+//! first use, dispatched in pieces that respect the storage-binding limit.
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
@@ -13,6 +14,7 @@ use crate::device::RankDevice;
 use crate::types::{Combine, DType};
 
 const SOURCE: &str = include_str!("../../shaders/reduce.wgsl");
+const PACKED_SOURCE: &str = include_str!("../../shaders/reduce_packed.wgsl");
 const WORKGROUP: u32 = 256;
 /// Elements per invocation (the `PER_THREAD` override of reduce.wgsl).
 const PER_THREAD: u32 = 4;
@@ -59,6 +61,17 @@ pub(crate) struct ReduceKernels {
     offset_align: u64,
     max_binding: u64,
     max_groups: u32,
+}
+
+/// The `FORMAT` of reduce_packed.wgsl for the 16-bit types, which it holds two to a u32 word;
+/// `None` for the 32-bit ones (reduce.wgsl). f16 is packed on devices with `SHADER_F16` too: on
+/// lavapipe the packed kernel measured about 25% faster than native f16 (tests/half.rs history).
+fn packed_format(dtype: DType) -> Option<u32> {
+    match dtype {
+        DType::F16 => Some(0),
+        DType::BF16 => Some(1),
+        _ => None,
+    }
 }
 
 impl ReduceKernels {
@@ -145,10 +158,11 @@ impl ReduceKernels {
         let _scope = dev.error_scope();
         let key = (dtype, entry);
         if !self.pipelines.contains_key(&key) {
-            let mut source = SOURCE.replace("ELEM", dtype.wgsl());
-            if dtype == DType::F16 {
-                source = format!("enable f16;\n{source}");
-            }
+            let format = packed_format(dtype);
+            let source = match format {
+                Some(_) => PACKED_SOURCE.to_string(),
+                None => SOURCE.replace("ELEM", dtype.wgsl()),
+            };
             let desc = wgpu::ShaderModuleDescriptor {
                 label: Some("wccl reduce.wgsl"),
                 source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -156,7 +170,9 @@ impl ReduceKernels {
             // SAFETY: every access in reduce.wgsl is `offset + i` with `i < count`, and
             // `encode` binds windows that cover `[offset, offset + count)` of each buffer (it
             // computes the binding sizes from the same offset and count it writes into the
-            // parameters), so the bounds checks wgpu would add can never fire. Dropping them
+            // parameters), so the bounds checks wgpu would add can never fire. reduce_packed.wgsl
+            // reads and writes only the words holding a half of `[offset, offset + count)`, and
+            // the windows, rounded out to whole words, hold those words. Dropping them
             // lets the compiler vectorise the loop on software adapters.
             let module = unsafe {
                 dev.device()
@@ -170,11 +186,14 @@ impl ReduceKernels {
                 ),
                 Entry::Scale => (&self.scale_pipeline_layout, "scale_main", 0),
             };
-            let constants = [
+            let mut constants = vec![
                 ("OP", op as f64),
                 ("WORKGROUP", WORKGROUP as f64),
                 ("PER_THREAD", PER_THREAD as f64),
             ];
+            if let Some(format) = format {
+                constants.push(("FORMAT", format as f64));
+            }
             let pipeline = dev
                 .device()
                 .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -217,7 +236,12 @@ impl ReduceKernels {
             let d_off = dst.1 + done as u64 * es;
             let (d_bind, d_rel) = self.binding_window(d_off);
             let d_size = (d_rel + n as u64 * es).next_multiple_of(4);
-            let groups = (n as u32).div_ceil(WORKGROUP * PER_THREAD);
+            // Packed halves: one invocation per word the range touches, a partial one included.
+            let items = match packed_format(dtype) {
+                Some(_) => ((d_rel / es) % 2 + n as u64).div_ceil(2) as u32,
+                None => n as u32,
+            };
+            let groups = items.div_ceil(WORKGROUP * PER_THREAD);
             let groups_x = groups.min(self.max_groups);
             let groups_y = groups.div_ceil(groups_x);
             let mut params = Params {

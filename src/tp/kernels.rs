@@ -116,7 +116,8 @@ impl Kernels {
     }
 
     /// `c = op(a) op(b)` with the shape and kernel in `spec`. The three views must have the same
-    /// element type (f32, or f16 where the device has `SHADER_F16`; f16 accumulates in f32) and
+    /// element type (f32; f16 where the device has `SHADER_F16`; bf16 on any device; the 16-bit
+    /// types accumulate in f32) and
     /// exactly `m*k`, `k*n` and `m*n` elements; `c` may not share a buffer with `a` or `b`.
     pub fn matmul(
         &mut self,
@@ -133,7 +134,7 @@ impl Kernels {
             at,
             message: format!("matmul {}x{}x{}: {message}", spec.m, spec.n, spec.k),
         };
-        let dtype = float_dtype(dev, at, "matmul", &[&a, &b, &c])?;
+        let dtype = float_dtype(dev, at, "matmul", &[&a, &b, &c], true)?;
         // Checked: the shape is the caller's, and a wrapped product could match a small view.
         let product = |x: usize, y: usize| {
             x.checked_mul(y)
@@ -240,7 +241,7 @@ impl Kernels {
         };
         let mut all = vec![&x, &out];
         all.extend(dy.as_ref());
-        let dtype = float_dtype(dev, at, what, &all)?;
+        let dtype = float_dtype(dev, at, what, &all, false)?;
         for t in &all {
             t.validate(at, what)?;
             if t.count != x.count {
@@ -302,7 +303,7 @@ impl Kernels {
             at,
             message: format!("copy_columns: {message}"),
         };
-        let dtype = float_dtype(dev, at, "copy_columns", &[&src, &dst])?;
+        let dtype = float_dtype(dev, at, "copy_columns", &[&src, &dst], false)?;
         src.validate(at, "copy_columns src")?;
         dst.validate(at, "copy_columns dst")?;
         if rows == 0 || cols == 0 {
@@ -353,8 +354,15 @@ impl Kernels {
     }
 }
 
-/// The common element type of `views`, which must be f32 or an f16 the device supports.
-fn float_dtype(dev: &RankDevice, at: At, what: &str, views: &[&TensorRef<'_>]) -> Result<DType> {
+/// The common element type of `views`, which must be f32, f16 on a device with native f16, or
+/// (where `bf16` says the kernel reads and writes it, two to a word) bf16.
+fn float_dtype(
+    dev: &RankDevice,
+    at: At,
+    what: &str,
+    views: &[&TensorRef<'_>],
+    bf16: bool,
+) -> Result<DType> {
     let dtype = views[0].dtype;
     if let Some(other) = views.iter().find(|t| t.dtype != dtype) {
         return Err(Error::InvalidArgument {
@@ -362,12 +370,18 @@ fn float_dtype(dev: &RankDevice, at: At, what: &str, views: &[&TensorRef<'_>]) -
             message: format!("{what}: operands of {dtype} and {}", other.dtype),
         });
     }
-    if !matches!(dtype, DType::F32 | DType::F16) {
+    let ok = matches!(dtype, DType::F32 | DType::F16) || (bf16 && dtype == DType::BF16);
+    if !ok {
+        let types = if bf16 {
+            "float, half and bfloat16 are"
+        } else {
+            "float and half are"
+        };
         return Err(Error::InvalidArgument {
             at,
-            message: format!("{what}: {dtype} is not supported (float and half are)"),
+            message: format!("{what}: {dtype} is not supported ({types})"),
         });
     }
-    dev.check_dtype(at, dtype)?;
+    dev.check_native(at, dtype)?;
     Ok(dtype)
 }

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use rand::Rng;
-use wccl::{CollectiveKind, CommConfig, CommGroup, Communicator, DType, ReduceOp, TensorRef, f16};
+use wccl::{
+    CollectiveKind, CommConfig, CommGroup, Communicator, DType, ReduceOp, TensorRef, bf16, f16,
+};
 
 /// The collectives that move data.
 pub const KINDS: [CollectiveKind; 5] = [
@@ -32,11 +34,13 @@ pub fn random_values(rng: &mut impl Rng, dtype: DType, op: ReduceOp, len: usize)
     (0..len)
         .map(|_| {
             let v: f64 = match (dtype, op) {
-                (DType::F32 | DType::F16, ReduceOp::Prod) => rng.random_range(0.5..1.5),
-                (DType::F32 | DType::F16, ReduceOp::Min | ReduceOp::Max) => {
+                (DType::F32 | DType::F16 | DType::BF16, ReduceOp::Prod) => {
+                    rng.random_range(0.5..1.5)
+                }
+                (DType::F32 | DType::F16 | DType::BF16, ReduceOp::Min | ReduceOp::Max) => {
                     rng.random_range(-100.0..100.0)
                 }
-                (DType::F32 | DType::F16, _) => rng.random_range(-1.0..1.0),
+                (DType::F32 | DType::F16 | DType::BF16, _) => rng.random_range(-1.0..1.0),
                 (DType::I32, ReduceOp::Prod) => rng.random_range(-3..=3) as f64,
                 (DType::I32, _) => rng.random_range(-100_000..=100_000) as f64,
                 (DType::U32, ReduceOp::Prod) => rng.random_range(0..=4) as f64,
@@ -52,6 +56,7 @@ pub fn round_to(dtype: DType, v: f64) -> f64 {
     match dtype {
         DType::F32 => v as f32 as f64,
         DType::F16 => f16::from_f64(v).to_f64(),
+        DType::BF16 => bf16::from_f64(v).to_f64(),
         DType::I32 | DType::U32 => v.round(),
     }
 }
@@ -66,6 +71,13 @@ pub fn encode(dtype: DType, values: &[f64]) -> Vec<u8> {
             bytemuck::cast_slice(&values.iter().map(|&v| f16::from_f64(v)).collect::<Vec<_>>())
                 .to_vec()
         }
+        DType::BF16 => bytemuck::cast_slice(
+            &values
+                .iter()
+                .map(|&v| bf16::from_f64(v))
+                .collect::<Vec<_>>(),
+        )
+        .to_vec(),
         DType::I32 => {
             bytemuck::cast_slice(&values.iter().map(|&v| v as i32).collect::<Vec<_>>()).to_vec()
         }
@@ -78,7 +90,7 @@ pub fn encode(dtype: DType, values: &[f64]) -> Vec<u8> {
 /// A value no correct run produces: NaN for floats, a sentinel for integers.
 pub fn poison(dtype: DType) -> f64 {
     match dtype {
-        DType::F32 | DType::F16 => f64::NAN,
+        DType::F32 | DType::F16 | DType::BF16 => f64::NAN,
         DType::I32 => -123_456_789.0,
         DType::U32 => 3_999_999_999.0,
     }
@@ -115,6 +127,9 @@ pub fn read(comm: &Communicator, t: TensorRef<'_>) -> Vec<f64> {
             .map(|v| v.into_iter().map(f64::from).collect()),
         DType::F16 => comm
             .read::<f16>(t)
+            .map(|v| v.into_iter().map(|x| x.to_f64()).collect()),
+        DType::BF16 => comm
+            .read::<bf16>(t)
             .map(|v| v.into_iter().map(|x| x.to_f64()).collect()),
         DType::I32 => comm
             .read::<i32>(t)
@@ -160,6 +175,7 @@ pub fn tolerance(dtype: DType, op: ReduceOp, inputs: &[Vec<f64>], i: usize, expe
     let eps = match dtype {
         DType::F32 => f32::EPSILON as f64,
         DType::F16 => 2f64.powi(-10),
+        DType::BF16 => 2f64.powi(-7),
         _ => return 0.0,
     };
     let n = inputs.len() as f64;
