@@ -183,6 +183,31 @@ fn a_misplaced_or_swapped_chunk_is_counted() {
             );
         }
     }
+    // prod's inputs hold a 1 or a 2: a chunk shifted by a multiple of 3 must still show.
+    for corrupt in ["misplace:3072", "swap"] {
+        let (ok, out) = bench(&[
+            "all_reduce",
+            "-b",
+            "1M",
+            "-e",
+            "1M",
+            "-g",
+            "4",
+            "-n",
+            "1",
+            "-w",
+            "0",
+            "-o",
+            "prod",
+            "--corrupt",
+            corrupt,
+        ]);
+        let wrong: u64 = rows(&out)[0][9].parse().unwrap();
+        assert!(
+            !ok && wrong >= 4 * 300,
+            "prod {corrupt}: #wrong {wrong}\n{out}"
+        );
+    }
 }
 
 #[test]

@@ -173,3 +173,65 @@ fn a_validation_error_in_wccls_work_is_every_ranks_error_not_the_callers() {
         "wccl's error went to the caller's handler"
     );
 }
+
+#[test]
+fn reading_a_destroyed_buffer_is_this_calls_error_not_the_next_ones() {
+    let (device, queue) = user_device();
+    let mut g =
+        CommGroup::from_devices(vec![(device.clone(), queue.clone())], CommConfig::default())
+            .expect("a group");
+    let buf = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("caller's tensor"),
+        size: 4096,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    buf.destroy();
+    let view = wccl::TensorRef::new(&buf, 0, 1024, wccl::DType::F32);
+    let e = g
+        .comm(0)
+        .read::<f32>(view)
+        .expect_err("a read of a destroyed buffer cannot succeed");
+    assert!(matches!(e, Error::Device { .. }), "{e}");
+    // The error was this call's: the next call on the rank is not blamed for it.
+    let ok = g
+        .comm(0)
+        .upload(&[1.0f32; 8])
+        .expect("the next call is clean");
+    assert_eq!(g.comm(0).download(&ok).expect("download"), vec![1.0f32; 8]);
+}
+
+#[test]
+fn a_rank_that_panics_in_a_group_call_releases_its_peers_at_once() {
+    let config = CommConfig {
+        timeout: std::time::Duration::from_secs(120),
+        ..CommConfig::default()
+    };
+    let mut g = CommGroup::builder()
+        .ranks(3)
+        .config(config)
+        .build()
+        .expect("a group");
+    let bufs: Vec<_> = (0..3)
+        .map(|r| g.comm(r).upload(&input(r, 1000)).expect("upload"))
+        .collect();
+    let results = g.run_each(|c| {
+        if c.rank() == 1 {
+            panic!("rank 1 fails before the call");
+        }
+        c.all_reduce(&bufs[c.rank()], ReduceOp::Sum)
+    });
+    assert!(
+        matches!(results[1], Err(Error::Panicked { .. })),
+        "{:?}",
+        results[1]
+    );
+    for r in [0, 2] {
+        // Told by rank 1's abort, not released by the 120 s deadline.
+        assert!(
+            matches!(&results[r], Err(Error::PeerAborted { peer: 1, .. })),
+            "rank {r}: {:?}",
+            results[r]
+        );
+    }
+}

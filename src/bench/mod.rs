@@ -20,7 +20,10 @@ pub use plot::plot_busbw;
 pub use ps_row::ps_rows;
 pub use report::{CSV_HEADER, Measure, Row, busbw_factor, csv_row, footer, format_row, header};
 pub use sizes::{parse_size, size_steps};
-pub use verify::{Expected, Pattern, count_wrong, decode, encode, is_right, reduce_values};
+pub use verify::{
+    Expected, Pattern, count_wrong, count_wrong_by, decode, encode, is_right, is_right_for,
+    reduce_values,
+};
 
 use crate::link::LinkEmulation;
 use crate::{
@@ -507,7 +510,8 @@ impl Case {
                     };
                     want[view.clone()].copy_from_slice(&results[at..at + len]);
                 }
-                wrong += count_wrong(self.dtype, &got, |i| want[i]);
+                let (dtype, op) = (self.dtype, self.op);
+                wrong += count_wrong_by(&got, |i| want[i], |g, w| is_right_for(dtype, op, g, w));
             }
         }
         Ok(wrong)

@@ -39,7 +39,9 @@ impl Pattern {
         let ranks = (ranks as u64).max(1);
         // Every value is below `period`, so the sum over all ranks is at most `exact`. At least
         // 3 (an odd prime): with more ranks than bf16 can sum exactly, avg's tolerance covers it.
-        let period = largest_prime_at_most((exact / ranks).saturating_add(1).max(3));
+        // Not a divisor of the rank count either: with p | n, n * d would be a multiple of p and
+        // every sum over the ranks the same constant (bf16 on 28 ranks: p = 7).
+        let period = prime_not_dividing((exact / ranks).saturating_add(1).max(3), ranks);
         // Ranks start the pattern at distinct points (stride is nonzero modulo a prime, so
         // `r * stride` differs for every r below `period`), far apart rather than neighbours.
         let stride = (period * 5 / 8).max(1) % period;
@@ -75,7 +77,13 @@ impl Pattern {
         match self.op {
             // 1 or 2, and 2 only on the first 8 ranks: products stay within 2^8, exact in
             // every type; which elements get a 2 still depends on (rank, element).
-            ReduceOp::Prod => 1.0 + (rank < 8 && v.is_multiple_of(3)) as u8 as f64,
+            // The choice hashes the position, so a chunk shifted by any distance (not only one
+            // that is no multiple of 3) changes which elements hold a 2.
+            ReduceOp::Prod => {
+                let h = (v ^ (rank as u64).wrapping_mul(0x9e37_79b9))
+                    .wrapping_mul(0x2545_f491_4f6c_dd1d);
+                1.0 + (rank < 8 && (h >> 61) < 3) as u8 as f64
+            }
             _ => v as f64,
         }
     }
@@ -99,15 +107,24 @@ fn exact_integers(dtype: DType) -> u64 {
     }
 }
 
-/// The largest prime at or below `n` (2 if none).
-fn largest_prime_at_most(n: u64) -> u64 {
-    let is_prime = |k: u64| {
-        k >= 2
-            && (2..)
-                .take_while(|d| d * d <= k)
-                .all(|d| !k.is_multiple_of(d))
-    };
-    (2..=n.max(2)).rev().find(|&k| is_prime(k)).unwrap_or(2)
+/// The largest prime at or below `n` that does not divide `ranks` (a prime above `n` if every
+/// one at or below does).
+fn prime_not_dividing(n: u64, ranks: u64) -> u64 {
+    let fits = |p: u64| p >= 3 && is_prime(p) && !ranks.is_multiple_of(p);
+    // Below n: primes are dense enough that this ends at once; above: as many steps as the
+    // rank count has prime factors, at most.
+    (3..=n.max(3))
+        .rev()
+        .find(|&p| fits(p))
+        .or_else(|| (n.saturating_add(1)..).find(|&p| fits(p)))
+        .unwrap_or(3)
+}
+
+fn is_prime(k: u64) -> bool {
+    k >= 2
+        && (2..)
+            .take_while(|d| d * d <= k)
+            .all(|d| !k.is_multiple_of(d))
 }
 
 /// The reduction of `values` (one per rank) under `op`, with `dtype`'s integer semantics.
@@ -293,6 +310,20 @@ pub fn is_right(dtype: DType, got: f64, expected: f64) -> bool {
     (got - expected).abs() <= tol
 }
 
+/// [`is_right`] for a result of `op`: every result but float avg is an integer the type holds
+/// exactly (the inputs make it so), and must match exactly, in f32 too (where `is_right`'s
+/// tolerance would let a sum off by a few pass above 2^22).
+pub fn is_right_for(dtype: DType, op: ReduceOp, got: f64, expected: f64) -> bool {
+    let exact = op != ReduceOp::Avg
+        && expected.fract() == 0.0
+        && expected.abs() <= exact_integers(dtype) as f64;
+    if exact {
+        got == expected
+    } else {
+        is_right(dtype, got, expected)
+    }
+}
+
 /// Counts the elements of `got` that are not right, on every core of the host (the check of a
 /// 512 MiB result must not dominate a GPU run).
 ///
@@ -303,11 +334,20 @@ pub fn is_right(dtype: DType, got: f64, expected: f64) -> bool {
 /// assert_eq!(count_wrong(DType::F32, &[f64::NAN], |_| 0.0), 1);
 /// ```
 pub fn count_wrong(dtype: DType, got: &[f64], expected: impl Fn(usize) -> f64 + Sync) -> u64 {
-    let expected = &expected;
+    count_wrong_by(got, expected, |g, e| is_right(dtype, g, e))
+}
+
+/// [`count_wrong`] with the comparison given: `right(got, expected)`.
+pub fn count_wrong_by(
+    got: &[f64],
+    expected: impl Fn(usize) -> f64 + Sync,
+    right: impl Fn(f64, f64) -> bool + Sync,
+) -> u64 {
+    let (expected, right) = (&expected, &right);
     let count = |start: usize, part: &[f64]| {
         part.iter()
             .enumerate()
-            .filter(|&(k, &g)| !is_right(dtype, g, expected(start + k)))
+            .filter(|&(k, &g)| !right(g, expected(start + k)))
             .count() as u64
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -428,8 +468,12 @@ mod tests {
                 let p = Pattern::new(dtype, ReduceOp::Sum, n).period();
                 assert!(!p.is_power_of_two(), "{dtype} n={n}: {p}");
                 // Sums stay exact, and the period is as long as that allows (a prime lies
-                // between k/2 and k).
-                assert!((p - 1) * n <= exact, "{dtype} n={n}: {p}");
+                // between k/2 and k), where the type leaves room for a few values per rank
+                // (bf16 past 16 ranks may have none that also avoids the rank count's factors).
+                assert!(p % 2 == 1 && n % p != 0 || n == 1, "{dtype} n={n}: {p}");
+                if exact / n >= 16 {
+                    assert!((p - 1) * n <= exact, "{dtype} n={n}: {p}");
+                }
                 assert!(p >= exact / n / 2, "{dtype} n={n}: {p}");
                 if !matches!(dtype, DType::F16 | DType::BF16) && n <= 64 {
                     assert!(p >= 1 << 17, "{dtype} n={n}: period {p}");
@@ -479,6 +523,78 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_shifted_chunk_is_wrong_under_prod_and_with_p_dividing_n_cases_gone() {
+        // prod: any shift, multiples of 3 included (the old pattern repeated every 3).
+        for n in [3, 4, 8] {
+            let len = 1 << 18;
+            let e = Expected::new(
+                CollectiveKind::AllReduce,
+                DType::F32,
+                ReduceOp::Prod,
+                n,
+                0,
+                len,
+            );
+            let right = e.results();
+            for by in [3, 1024, 3072, 12288, 65536] {
+                let mut got = right.clone();
+                got.copy_within(1024 + by..1024 + by + 4096, 1024);
+                let wrong = count_wrong_by(
+                    &got,
+                    |i| right[i],
+                    |g, w| is_right_for(DType::F32, ReduceOp::Prod, g, w),
+                );
+                assert!(
+                    wrong >= 1000,
+                    "prod n={n}: a chunk {by} off gave #wrong {wrong}"
+                );
+            }
+        }
+        // No period divides the rank count.
+        for dtype in DType::ALL {
+            for n in 1..=200u64 {
+                let p = Pattern::new(dtype, ReduceOp::Sum, n as usize).period() as u64;
+                assert!(n == 1 || !n.is_multiple_of(p), "{dtype} n={n}: period {p}");
+            }
+        }
+        // bf16 on 28 ranks (period 7 once): sums must still tell a shifted chunk apart.
+        let e = Expected::new(
+            CollectiveKind::AllReduce,
+            DType::BF16,
+            ReduceOp::Sum,
+            28,
+            0,
+            5000,
+        );
+        let right = e.results();
+        let mut got = right.clone();
+        got.copy_within(2..1002, 1);
+        let wrong = count_wrong_by(
+            &got,
+            |i| right[i],
+            |g, w| is_right_for(DType::BF16, ReduceOp::Sum, g, w),
+        );
+        assert!(wrong >= 900, "bf16 n=28: #wrong {wrong}");
+    }
+
+    #[test]
+    fn f32_sums_must_be_exact() {
+        assert!(is_right(DType::F32, 8_000_001.0, 8_000_000.0));
+        assert!(!is_right_for(
+            DType::F32,
+            ReduceOp::Sum,
+            8_000_001.0,
+            8_000_000.0
+        ));
+        assert!(is_right_for(
+            DType::F32,
+            ReduceOp::Avg,
+            2_666_666.75,
+            8_000_000.0 / 3.0
+        ));
     }
 
     #[test]

@@ -208,7 +208,25 @@ impl CommGroup {
                 .iter_mut()
                 .map(|c| {
                     let rank = c.rank();
-                    (rank, s.spawn(move || f(c)))
+                    (
+                        rank,
+                        s.spawn(move || {
+                            // A panic is caught on the rank's own thread, so its peers, blocked
+                            // in the same call, are told at once rather than at their deadline.
+                            let caught =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    f(&mut *c)
+                                }));
+                            caught.unwrap_or_else(|p| {
+                                let e = Error::Panicked {
+                                    at: At::rank(rank),
+                                    message: panic_message(&p),
+                                };
+                                c.abort(&e);
+                                Err(e)
+                            })
+                        }),
+                    )
                 })
                 .collect();
             handles
@@ -223,13 +241,6 @@ impl CommGroup {
                 })
                 .collect()
         });
-        // A rank whose thread panicked may have stopped anywhere in a call: break it and tell
-        // the peers, as any other failed call does.
-        for (c, r) in self.comms.iter_mut().zip(&results) {
-            if let Err(e @ Error::Panicked { .. }) = r {
-                c.abort(e);
-            }
-        }
         results
     }
 

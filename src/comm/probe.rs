@@ -28,8 +28,9 @@ impl Communicator {
         bytes: usize,
         sync: &(dyn Fn() -> Result<()> + Sync),
     ) -> Result<Figures> {
-        // Errors of this device work reach the rank's error store when the scope ends.
-        let _scope = self.engine.dev.error_scope();
+        // The probe's own allocations run in this scope, ended (and so recorded) before the first
+        // wait; the measurements' submits have scopes of their own.
+        let scope = self.engine.dev.error_scope();
         let at = At::rank(self.rank());
         self.gate(at)?;
         let max = self.engine.dev.limits().max_buffer_size;
@@ -54,6 +55,8 @@ impl Communicator {
                 })
         };
         let (a, b) = (make(self), make(self));
+        drop(scope);
+        self.engine.dev.check(at)?;
         let host = vec![0u8; bytes];
         let rate = |secs: f64| bytes as f64 / secs.max(1e-9);
 
@@ -130,8 +133,7 @@ impl Communicator {
 
     /// Uploads `host` through the upload ring in slot-sized pieces and copies each into `dst`.
     fn upload_all(&mut self, host: &[u8], dst: &Buffer, deadline: Instant, at: At) -> Result<f64> {
-        // Errors of this device work reach the rank's error store when the scope ends.
-        let _scope = self.engine.dev.error_scope();
+        // No scope of its own: staging and `submit` have theirs, ended before any wait here.
         let t = Instant::now();
         let e = &mut self.engine;
         let slot = e.uploads.slot_bytes() as usize;
@@ -174,8 +176,7 @@ impl Communicator {
         deadline: Instant,
         at: At,
     ) -> Result<f64> {
-        // Errors of this device work reach the rank's error store when the scope ends.
-        let _scope = self.engine.dev.error_scope();
+        // No scope of its own: `encode` and `submit` have theirs, ended before the wait.
         let t = Instant::now();
         let e = &mut self.engine;
         let mut enc = e.dev.device().create_command_encoder(&Default::default());

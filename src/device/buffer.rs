@@ -139,7 +139,7 @@ impl<T: Element> DeviceBuffer<T> {
     /// Allocates `len` elements (zero-initialised). Zero-length buffers are valid.
     pub fn zeroed(dev: &RankDevice, len: usize) -> Result<Self> {
         // Errors of this device work reach the rank's error store when the scope ends.
-        let _scope = dev.error_scope();
+        let scope = dev.error_scope();
         let at = At::rank(dev.rank());
         dev.check_dtype(at, T::DTYPE)?;
         // wgpu copies whole 4-byte words and rejects empty bindings: round up, at least one word.
@@ -163,6 +163,8 @@ impl<T: Element> DeviceBuffer<T> {
             usage: COLLECTIVE_USAGES | BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        // End the scope first: an allocation that failed (out of memory) is this call's error.
+        drop(scope);
         dev.check(At::rank(dev.rank()))?;
         Ok(DeviceBuffer {
             buffer,
@@ -200,7 +202,7 @@ impl<T: Element> DeviceBuffer<T> {
         deadline: Instant,
     ) -> Result<()> {
         // Errors of this device work reach the rank's error store when the scope ends.
-        let _scope = dev.error_scope();
+        let scope = dev.error_scope();
         let at = At::rank(dev.rank());
         if data.len() != self.len {
             return Err(Error::InvalidArgument {
@@ -217,6 +219,8 @@ impl<T: Element> DeviceBuffer<T> {
         if !bytes.is_empty() {
             dev.queue().write_buffer(&self.buffer, 0, &bytes);
         }
+        // End the scope before the wait, so that an error of this write is seen by it.
+        drop(scope);
         let idx = dev.queue().submit([]);
         dev.wait_submission(&idx, deadline)
             .map_err(|e| wait_error(at, e))?;
@@ -286,7 +290,7 @@ pub(crate) fn read_tensor(
     deadline: Instant,
 ) -> Result<Vec<u8>> {
     // Errors of this device work reach the rank's error store when the scope ends.
-    let _scope = dev.error_scope();
+    let scope = dev.error_scope();
     let at = At::rank(dev.rank());
     t.validate(at, "read")?;
     if t.count == 0 {
@@ -308,6 +312,8 @@ pub(crate) fn read_tensor(
         flag.store(true, Ordering::Release)
     });
     let idx = dev.queue().submit([enc.finish()]);
+    // End the scope before the wait: a failed copy must not come back as Ok with no data.
+    drop(scope);
     // On an error the temporary is dropped here, mapped or not: nothing stays behind.
     dev.wait_flag(&done, Some(&idx), deadline)
         .map_err(|e| wait_error(at, e))?;

@@ -232,7 +232,12 @@ impl RankDevice {
     ) -> Result<(), WaitError> {
         loop {
             if flag.load(Ordering::Acquire) {
-                return Ok(());
+                // Set by a poll elsewhere (a shared device): the error store still speaks first,
+                // so data read after a failed submission is never passed on.
+                return match self.take_error() {
+                    Some(message) => Err(WaitError::Device(message)),
+                    None => Ok(()),
+                };
             }
             match self.poll_once(submission, deadline) {
                 Ok(_) => {}

@@ -154,7 +154,7 @@ impl ReadRing {
             Ok(view) => Ok(view[ticket.head..ticket.head + ticket.len].to_vec()),
             Err(e) => Err(WaitError::Device(format!("mapping a read-back: {e}"))),
         };
-        self.release(ticket.slot);
+        self.release(dev, ticket.slot);
         out
     }
 
@@ -166,12 +166,15 @@ impl ReadRing {
             let deadline = crate::deadline::deadline_after(DRAIN_WAIT);
             dev.settle(&s.mapped, Some(submission), deadline);
         }
-        self.release(ticket.slot);
+        self.release(dev, ticket.slot);
     }
 
     /// Unmaps a slot whose map was requested (a pending map is cancelled) and frees it.
-    fn release(&mut self, slot: usize) {
+    fn release(&mut self, dev: &RankDevice, slot: usize) {
         if self.held[slot] {
+            // In a scope: after a failed map (a lost device, say) the unmap is an error too, and
+            // on a caller's device it must not reach the caller's handler.
+            let _scope = dev.error_scope();
             self.slots[slot].buffer.unmap();
             self.held[slot] = false;
         }
@@ -262,7 +265,10 @@ impl UploadRing {
                 .map_err(|e| WaitError::Device(format!("mapping an upload slot: {e}")))?;
             view.slice(..bytes.len()).copy_from_slice(bytes);
         }
-        slot.staging.unmap();
+        {
+            let _scope = dev.error_scope();
+            slot.staging.unmap();
+        }
         slot.mapped.store(false, Ordering::Release);
         match dst {
             Some((buf, off)) => enc.copy_buffer_to_buffer(&slot.staging, 0, buf, off, len4),
