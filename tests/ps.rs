@@ -360,8 +360,9 @@ fn bad_input_is_refused() {
 /// Pushes whose size is wrong, sent past the worker's own check (which would refuse them
 /// first), reach the server's: it refuses each one naming the key and both sizes, applies
 /// nothing, and goes on serving: every worker's right push afterwards lands, as in the f64
-/// reference. One wrong push per worker: after a refused request the worker's next pull would
-/// read the refused pull's own answer (see the report of this change).
+/// reference. One wrong push per worker, and no pull after its refusal: the server still
+/// answers the pull that came back refused, and `PsWorker::pull` does not drain that answer,
+/// so the worker's next pull would return it (stale) instead of its own (an open fault).
 #[test]
 fn the_server_itself_refuses_a_wrong_size_push_and_keeps_serving() {
     let rule = Sgd {
