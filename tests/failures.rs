@@ -46,9 +46,10 @@ fn per_rank<R: Send>(
     })
 }
 
-/// Every rank fails quickly with an error naming the collective and sequence 1, and at least
-/// one reports a mismatch on `field`. A rank whose own view of the call was consistent with
-/// everything it received may have returned first; its next call must fail, naming call #1.
+/// Every rank fails, none returns `Ok`, each with an error naming the collective and sequence
+/// 1, and at least one reports a mismatch on `field`. They fail because of the disagreement,
+/// not by the deadline: a `Timeout` is refused (the callers' deadline is a minute). Every
+/// communicator is broken afterwards, its next call naming call #1.
 fn expect_mismatch(
     comms: &mut [Communicator],
     results: Vec<(wccl::Result<()>, Duration)>,
@@ -56,35 +57,30 @@ fn expect_mismatch(
     field: &str,
 ) {
     let mut saw = false;
-    let mut failed = 0;
-    for (r, (res, took)) in results.into_iter().enumerate() {
+    for (r, (res, _)) in results.into_iter().enumerate() {
         let e = match res {
-            Ok(()) => {
-                let e = comms[r]
-                    .barrier()
-                    .expect_err("the next call after a failed one fails");
-                assert!(e.to_string().contains(&format!("{kind} #1")), "{e}");
-                continue;
-            }
+            Ok(()) => panic!("rank {r} returned Ok from a call its peers disagree on"),
             Err(e) => e,
         };
-        failed += 1;
         let at = e.at().expect("the error names a rank");
         assert_eq!(at.rank, r);
         assert_eq!(at.op, Some(kind), "{e}");
         assert_eq!(at.seq, 1, "{e}");
-        assert!(
-            took < Duration::from_secs(10),
-            "rank {r} took {took:?} to fail: {e}"
-        );
         match &e {
             Error::Mismatch { field: f, .. } if f.contains(field) => saw = true,
             Error::Mismatch { .. } | Error::PeerAborted { .. } => {}
             other => panic!("unexpected error on rank {r}: {other}"),
         }
+        let next = comms[r]
+            .barrier()
+            .expect_err("the next call after a failed one fails");
+        assert!(
+            matches!(next, Error::Broken { .. })
+                && next.to_string().contains(&format!("{kind} #1")),
+            "rank {r}: {next}"
+        );
     }
     assert!(saw, "no rank reported a mismatch on {field}");
-    assert!(failed >= 2, "both sides of a disagreement fail");
 }
 
 #[test]
@@ -199,10 +195,8 @@ fn a_rank_that_never_arrives_times_out_everyone_within_the_deadline() {
     for (r, res) in results.into_iter().enumerate() {
         let Some((res, took)) = res else { continue };
         let e = res.expect_err("must fail");
-        assert!(
-            took < deadline + Duration::from_millis(1000),
-            "rank {r} returned after {took:?}"
-        );
+        // Within a generous multiple of the deadline: never a hang, on a loaded machine too.
+        assert!(took < deadline * 10, "rank {r} returned after {took:?}");
         let at = e.at().expect("rank");
         assert_eq!(
             (at.rank, at.op, at.seq),
@@ -212,7 +206,11 @@ fn a_rank_that_never_arrives_times_out_everyone_within_the_deadline() {
         if r == 3 {
             // Rank 3 waits on rank 2 directly.
             match &e {
-                Error::Timeout { waiting_on, .. } => assert_eq!(waiting_on, &vec![2]),
+                Error::Timeout { waiting_on, .. } => {
+                    assert_eq!(waiting_on, &vec![2]);
+                    // Not before its deadline.
+                    assert!(took >= deadline, "rank 3 gave up after {took:?}");
+                }
                 other => panic!("rank 3 should time out waiting on rank 2: {other}"),
             }
         }
@@ -235,9 +233,9 @@ fn a_rank_that_is_gone_is_reported_at_once() {
         let b = c.buffer::<f32>(100)?;
         c.all_reduce(&b, ReduceOp::Sum)
     });
-    for (res, took) in results {
+    // At once: by the closed link (or a peer's abort), not by the minute's deadline.
+    for (res, _) in results {
         let e = res.expect_err("must fail");
-        assert!(took < Duration::from_secs(10), "{e}");
         assert!(
             matches!(
                 e,
@@ -258,7 +256,13 @@ fn per_call_deadline_overrides_the_default() {
             CallOptions::timeout(Duration::from_millis(300)),
         )
         .expect_err("rank 1 never calls");
-    assert!(t.elapsed() < Duration::from_secs(5));
+    // The call waited its own 300 ms, not the default 600 s: at least the one, and well
+    // under a tenth of the other (200 times the per-call deadline).
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(60),
+        "{took:?}"
+    );
     assert!(
         matches!(e, Error::Timeout { ref waiting_on, .. } if waiting_on == &vec![1]),
         "{e}"
@@ -336,14 +340,14 @@ fn a_refused_call_on_one_rank_aborts_the_others_promptly() {
     });
     assert!(matches!(results[0].0, Err(Error::InvalidArgument { .. })));
     match &results[1] {
+        // Promptly: by rank 0's abort (not a timeout, the deadline being a minute).
         (
             Err(Error::PeerAborted {
                 peer: 0, reason, ..
             }),
-            took,
+            _,
         ) => {
             assert!(reason.contains("root"), "{reason}");
-            assert!(*took < Duration::from_secs(10));
         }
         other => panic!("rank 1 should see rank 0's abort: {other:?}"),
     }

@@ -44,10 +44,11 @@ fn a_killed_rank_is_named_by_everyone_at_once() {
     let faults = FaultPlan::new();
     let mut g = group(4, &faults, Duration::from_secs(30));
     faults.kill(2);
-    let (res, _, took) = all_reduce(&mut g, 1000);
-    assert!(took < Duration::from_secs(10), "{took:?}");
+    let (res, _, _) = all_reduce(&mut g, 1000);
     for (r, e) in res.into_iter().enumerate() {
         let e = e.expect_err("a collective with a dead rank fails");
+        // At once: by the dead links, not by the 30 s deadline.
+        assert!(!matches!(e, Error::Timeout { .. }), "rank {r}: {e}");
         let text = e.to_string();
         assert!(text.contains("rank 2"), "rank {r}: {text}");
     }
@@ -60,7 +61,9 @@ fn a_partition_times_out_within_the_deadline_and_heals() {
     let mut g = group(4, &faults, deadline);
     faults.partition(&[&[0, 1], &[2, 3]]);
     let (res, _, took) = all_reduce(&mut g, 1000);
-    assert!(took < deadline + Duration::from_secs(2), "{took:?}");
+    // Only the deadline ends a partition (nothing closes), and nothing hangs past a generous
+    // multiple of it.
+    assert!(took >= deadline && took < deadline * 10, "{took:?}");
     assert!(
         res.iter()
             .all(|r| matches!(r, Err(Error::Timeout { .. } | Error::PeerAborted { .. }))),

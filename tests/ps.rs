@@ -357,6 +357,53 @@ fn bad_input_is_refused() {
     );
 }
 
+/// Pushes whose size is wrong, sent past the worker's own check (which would refuse them
+/// first), reach the server's: it refuses each one naming the key and both sizes, applies
+/// nothing, and goes on serving: every worker's right push afterwards lands, as in the f64
+/// reference. One wrong push per worker, and no pull after its refusal: the server still
+/// answers the pull that came back refused, and `PsWorker::pull` does not drain that answer,
+/// so the worker's next pull would return it (stale) instead of its own (an open fault).
+#[test]
+fn the_server_itself_refuses_a_wrong_size_push_and_keeps_serving() {
+    let rule = Sgd {
+        lr: 1.0,
+        momentum: 0.0,
+    };
+    let workers = 3;
+    let grads = random_grads(1, workers);
+    let reference = sync_reference(&rule, &grads, &[0, 1, 2]);
+    let (servers, ws) = builder(workers, Mode::Sync, rule).build().expect("build");
+    let reports = run(servers, ws, |mut w| {
+        let p = w.comm().buffer::<f32>(1000)?;
+        // Per worker: too few values, saying so; too few values claiming the right count; the
+        // right number of values claiming a wrong count.
+        let (count, len, says) = [
+            (3, 3, "push of 3 values for 'big', which has 1000"),
+            (1000, 3, "push of 3 values for 'big', which has 1000"),
+            (999, 1000, "'big', which has 1000"),
+        ][w.index()];
+        w.push_unchecked("big", 0, count, &vec![7.0f32; len])?;
+        // The refusal is the server's answer to the next request on that key.
+        let e = w
+            .pull("big", 0, &p)
+            .expect_err(&format!("the server refuses {count} claimed, {len} sent"));
+        let what = format!("{count} claimed, {len} sent: {e}");
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{what}");
+        assert!(e.to_string().contains(says), "{what}");
+        // Still serving: the right pushes for step 0 apply, the wrong ones nowhere.
+        for (k, (name, _)) in SIZES.iter().enumerate() {
+            let q = w.index();
+            let g = w.comm().upload(&grads[0][q][k])?;
+            w.push(name, &g, 0)?;
+        }
+        w.done()
+    });
+    let fin = final_params(&reports);
+    for k in 0..SIZES.len() {
+        assert_close(&fin[k], &reference[1][k], "final");
+    }
+}
+
 #[test]
 fn a_worker_that_never_pushes_is_named() {
     let rule = Sgd {

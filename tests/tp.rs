@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{group, group_with, make_buffer, poison, read};
 use rand::Rng;
@@ -770,7 +770,6 @@ fn one_rank_with_bad_shapes_stops_the_others_at_once() {
     let mut g = group_with(3, config);
     let (batch, d_in, d_out) = (4, 6, 5);
     let w = vec![0.5f32; d_in * d_out];
-    let started = Instant::now();
     let results = g.run_each(|comm| {
         let mut kernels = Kernels::new(comm.device());
         let mut layer = RowParallelLinear::new(comm, d_in, d_out, &w)?;
@@ -781,11 +780,7 @@ fn one_rank_with_bad_shapes_stops_the_others_at_once() {
         let y = comm.buffer::<f32>(batch * d_out)?;
         layer.forward(comm, &mut kernels, x.view(), y.view())
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "the others waited {:?}",
-        started.elapsed()
-    );
+    // At once: the others stop on rank 1's abort (below), not by the 30 s deadline.
     for (r, res) in results.into_iter().enumerate() {
         match (r, res) {
             (1, Err(Error::InvalidArgument { message, .. })) => {

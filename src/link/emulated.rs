@@ -180,15 +180,10 @@ mod tests {
         links[1].recv(0, deadline).expect("recv");
         let t2 = t.elapsed();
         assert_eq!(first.header, vec![7]);
-        // First: 10 ms on the wire + 20 ms latency; second queues behind it: +10 ms.
-        assert!(
-            t1 >= Duration::from_millis(30) && t1 < Duration::from_millis(200),
-            "{t1:?}"
-        );
-        assert!(
-            t2 >= Duration::from_millis(40) && t2 < Duration::from_millis(250),
-            "{t2:?}"
-        );
+        // First: 10 ms on the wire + 20 ms latency; second queues behind it: +10 ms. Lower
+        // bounds only (a loaded machine may deliver late; the 5 s deadline bounds that).
+        assert!(t1 >= Duration::from_millis(30), "{t1:?}");
+        assert!(t2 >= Duration::from_millis(40) && t2 >= t1, "{t1:?} {t2:?}");
     }
 
     #[test]

@@ -123,6 +123,29 @@ impl PsWorker {
         self.send(self.owner(k), h, bytes)
     }
 
+    /// Sends a push of `values` for `key` whose header claims `count` values, without this
+    /// worker's own checks of the size: tests reach the server's own check through it. Not
+    /// part of the API.
+    #[doc(hidden)]
+    pub fn push_unchecked(
+        &mut self,
+        key: &str,
+        step: u64,
+        count: usize,
+        values: &[f32],
+    ) -> Result<()> {
+        let k = self
+            .keys
+            .iter()
+            .position(|(n, _)| n == key)
+            .ok_or_else(|| Error::InvalidArgument {
+                at: self.at(),
+                message: format!("unknown parameter '{key}'"),
+            })?;
+        let h = PsHeader::new(Kind::Push, k, step, count);
+        self.send(self.owner(k), h, bytemuck::cast_slice(values).to_vec())
+    }
+
     /// Pulls `key` as of `step` into `into` (on this worker's device): waits until the mode
     /// allows (in `Sync`, until step-1's update applied), at most twice the deadline (the
     /// server may first wait one deadline for a worker it then declares failed).
