@@ -4,20 +4,29 @@
 # Prepare here (this machine has the toolchain and the network):
 #   cargo build --release --bin wccl-bench --example tensor_parallel && mkdir -p .gpu &&
 #   cp target/release/wccl-bench target/release/examples/tensor_parallel .gpu/ &&
-#   cargo test --release --test properties --no-run 2>&1 | grep -o 'target/release/deps/properties-[0-9a-f]*' |
-#   xargs -I{} cp {} .gpu/properties
+#   for t in properties half disagree device_errors; do
+#     cargo test --release --test $t --no-run 2>&1 | grep -o "target/release/deps/$t-[0-9a-f]*" |
+#     head -n 1 | xargs -I{} cp {} .gpu/$t; done
 #   and the Vulkan loader packages in .gl/ (gpu.md says how; both folders are git-ignored).
 # Run there, from the repository root, carrying .gl and .gpu:
 #   bash scripts/gpu-check.sh [OUT_DIR]
-# It runs the randomized property test (every collective, op and type against the f64 reference)
-# on the GPU, probes the devices, measures the reduce kernel against the adapter's own copy, sweeps
-# all_reduce for every algorithm from 1 MiB to 512 MiB on 4 ranks sharing the GPU, measures the
-# matmul kernels at 4096^3 (f32 and f16) and runs the tensor-parallel MLP block on 4 ranks, in
-# well under 5 minutes; full logs go to OUT_DIR (default ./gpu-check-out), a short table last.
+# Steps (GPU_CHECK_STEPS picks some, default all, in this order):
+#   tests   the test binaries in .gpu/ (the randomized property test: every collective, op and
+#           type against f64; packed f16/bf16; every rank errs when ranks disagree; device errors)
+#   probe   the devices, and the reduce kernel against the adapter's own copy
+#   matmul  the matmul kernels at 1024^3 and 4096^3, f32 and f16
+#   tp      the tensor-parallel MLP block on 4 ranks, against an f64 host reference
+#   sweep   all_reduce for every algorithm on 4 ranks sharing the GPU: 1-64 MiB checked at every
+#           buffer shift, f16 and bf16 at 4 and 16 MiB with every op checked, 256 and 512 MiB timed
+# Full logs go to OUT_DIR (default ./gpu-check-out), a short table last; about 5 minutes.
 set -uo pipefail
 out="${1:-${OUT:-./gpu-check-out}}"
 mkdir -p "$out"
 bench="${WCCL_BENCH:-.gpu/wccl-bench}"
+steps=" ${GPU_CHECK_STEPS:-tests probe matmul tp sweep} "
+want() { [[ "$steps" == *" $1 "* ]]; }
+status=0
+fail() { [ "$1" -eq 0 ] || status=$1; }
 
 if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan.so.1; then
     for f in .gl/*.deb; do dpkg -x "$f" /; done
@@ -28,61 +37,80 @@ if [ -z "${VK_DRIVER_FILES:-}" ] && [ -f /usr/local/nvidia/share/vulkan/icd.d/nv
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.txt" 2>&1 || true
 
-echo "== randomized property test on the GPU (every collective x op x type against f64)"
-props_status=0
-if [ -x .gpu/properties ]; then
-    timeout 180 .gpu/properties --test-threads 1 > "$out/properties.log" 2>&1
-    props_status=$?
-    grep -E "^test |test result" "$out/properties.log"
-else
-    echo "(no .gpu/properties: build it as the header says)"
-    props_status=1
+if want tests; then
+    echo "== test binaries on the GPU"
+    found=0
+    for t in properties half disagree device_errors; do
+        [ -x ".gpu/$t" ] || continue
+        found=1
+        timeout 150 ".gpu/$t" --test-threads 4 > "$out/test-$t.log" 2>&1
+        rc=$?
+        fail $rc
+        echo "$t (exit $rc): $(grep -E '^test result' "$out/test-$t.log" | tail -n 1)"
+    done
+    [ "$found" -eq 1 ] || { echo "(no test binaries in .gpu/: build them as the header says)"; fail 1; }
 fi
 
-echo "== probe (4 ranks, 256 MiB)"
-timeout 120 "$bench" probe -g 4 -b "${GPU_CHECK_PROBE:-256M}" 2>&1 | tee "$out/probe.log"
+if want probe; then
+    echo "== probe (4 ranks, 256 MiB)"
+    timeout 120 "$bench" probe -g 4 -b "${GPU_CHECK_PROBE:-256M}" > "$out/probe.log" 2>&1
+    fail $?
+    cat "$out/probe.log"
+fi
 
-echo "== matmul kernels, 1024^3 and 4096^3 (target: 10 TFLOP/s f32 at 4096^3)"
-timeout 120 "$bench" matmul --sizes "${GPU_CHECK_MM:-1024,4096}" --kernel plain,tiled,tiled-large,auto -n 5 -w 2 \
-    > "$out/matmul.log" 2>&1
-mm_status=$?
-timeout 60 "$bench" matmul --sizes "${GPU_CHECK_MM_HALF:-4096}" --kernel tiled,tiled-large -d half -n 5 -w 2 \
-    >> "$out/matmul.log" 2>&1 || mm_status=$?
-grep -v '^# rows over' "$out/matmul.log"
+if want matmul; then
+    echo "== matmul kernels, 1024^3 and 4096^3 (target: 10 TFLOP/s f32 at 4096^3)"
+    timeout 120 "$bench" matmul --sizes "${GPU_CHECK_MM:-1024,4096}" --kernel plain,tiled,tiled-large,auto -n 5 -w 2 \
+        > "$out/matmul.log" 2>&1
+    fail $?
+    timeout 60 "$bench" matmul --sizes "${GPU_CHECK_MM_HALF:-4096}" --kernel tiled,tiled-large -d half -n 5 -w 2 \
+        >> "$out/matmul.log" 2>&1
+    fail $?
+    grep -v '^# rows over' "$out/matmul.log"
+fi
 
-echo "== tensor-parallel MLP block, 4 ranks, batch 512, d_model 2048, d_ffn 8192"
-tp="${WCCL_TP:-.gpu/tensor_parallel}"
-timeout 90 "$tp" --ranks 4 ${GPU_CHECK_TP:---batch 512 --d-model 2048 --d-ffn 8192} --iters 5 > "$out/tensor_parallel.log" 2>&1
-tp_status=$?
-cat "$out/tensor_parallel.log"
+if want tp; then
+    echo "== tensor-parallel MLP block, 4 ranks, batch 512, d_model 2048, d_ffn 8192"
+    tp="${WCCL_TP:-.gpu/tensor_parallel}"
+    timeout 120 "$tp" --ranks 4 ${GPU_CHECK_TP:---batch 512 --d-model 2048 --d-ffn 8192} --iters 5 > "$out/tensor_parallel.log" 2>&1
+    fail $?
+    cat "$out/tensor_parallel.log"
+fi
 
-# Checked at every buffer shift up to 64 MiB (the checker reads every rank's whole output back);
-# 256 and 512 MiB are timed only (-c 0): correctness there rests on the smaller sizes and the
-# property test above.
-echo "== all_reduce sweep, 4 ranks, 1 MiB .. 64 MiB, checked"
-timeout 200 "$bench" all_reduce -b 1M -e "${GPU_CHECK_MAX_CHECKED:-64M}" -f 4 -g 4 -n 5 -w 2 --algo ring,central,naive,auto \
-    --probe-bytes "${GPU_CHECK_PROBE:-64M}" --csv "$out/all_reduce.csv" --plot "$out/all_reduce.svg" \
-    > "$out/all_reduce.log" 2>&1
-status=$?
-grep -v '^#  rank' "$out/all_reduce.log" | tail -n 22
-echo "== all_reduce, 4 ranks, 256 MiB and 512 MiB, timed only"
-timeout 150 "$bench" all_reduce -b "${GPU_CHECK_BIG_MIN:-256M}" -e "${GPU_CHECK_MAX:-512M}" -f 2 -g 4 -n 3 -w 1 -c 0 \
-    --algo ring,central,naive,auto --probe-bytes "${GPU_CHECK_PROBE:-64M}" --csv "$out/all_reduce_big.csv" \
-    > "$out/all_reduce_big.log" 2>&1
-big_status=$?
-grep -v '^#  rank' "$out/all_reduce_big.log" | tail -n 12
+if want sweep; then
+    # Checked at every buffer shift up to 64 MiB (the checker reads every rank's whole output
+    # back); 256 and 512 MiB are timed only (-c 0): correctness there rests on the smaller sizes
+    # and the property test.
+    echo "== all_reduce sweep, 4 ranks, 1 MiB .. 64 MiB, checked"
+    timeout 200 "$bench" all_reduce -b 1M -e "${GPU_CHECK_MAX_CHECKED:-64M}" -f 4 -g 4 -n 5 -w 2 --algo ring,central,naive,auto \
+        --probe-bytes "${GPU_CHECK_PROBE_SWEEP:-64M}" --csv "$out/all_reduce.csv" --plot "$out/all_reduce.svg" \
+        > "$out/all_reduce.log" 2>&1
+    fail $?
+    grep -v '^#  rank' "$out/all_reduce.log" | tail -n 22
+    for d in half bfloat16; do
+        echo "== all_reduce $d, 4 ranks, 4 and 16 MiB, every op, checked"
+        timeout 90 "$bench" all_reduce -b 4M -e 16M -f 4 -g 4 -n 5 -w 2 -d "$d" -o all --probe-bytes 0 \
+            > "$out/all_reduce_$d.log" 2>&1
+        fail $?
+        grep -E '^ +[0-9]|Out of bounds' "$out/all_reduce_$d.log"
+    done
+    echo "== all_reduce, 4 ranks, 256 MiB and 512 MiB, timed only"
+    timeout 150 "$bench" all_reduce -b "${GPU_CHECK_BIG_MIN:-256M}" -e "${GPU_CHECK_MAX:-512M}" -f 2 -g 4 -n 3 -w 1 -c 0 \
+        --algo ring,central,naive,auto --probe-bytes "${GPU_CHECK_PROBE_SWEEP:-64M}" --csv "$out/all_reduce_big.csv" \
+        > "$out/all_reduce_big.log" 2>&1
+    fail $?
+    grep -v '^#  rank' "$out/all_reduce_big.log" | tail -n 12
+fi
 
 echo
 echo "== summary (GPU: $(head -n 2 "$out/nvidia-smi.txt" | tail -n 1))"
-grep -E "reduce kernel traffic" "$out/probe.log" | head -n 1
-grep -E "^#\s+(rank 0|together)\s+[0-9]" "$out/probe.log"
+grep -h -E '^test result' "$out"/test-*.log 2>/dev/null
+grep -E "reduce kernel traffic" "$out/probe.log" 2>/dev/null | head -n 1
+grep -E "^\s+4096\s+4096\s+4096" "$out/matmul.log" 2>/dev/null
+grep -E "ranks:|matches" "$out/tensor_parallel.log" 2>/dev/null
 echo "size(B) algo oop_busbw(GB/s) ip_busbw(GB/s) model_us bound"
-awk -F, 'FNR > 1 && ($1 == 268435456 || $1 == 536870912 || $1 == 16777216 || $1 == 67108864) { print $1, $6, $9, $13, $15, $16 }' "$out/all_reduce.csv" "$out/all_reduce_big.csv"
-grep -E "^\s+4096\s+4096\s+4096" "$out/matmul.log"
-grep -E "ranks:|matches" "$out/tensor_parallel.log"
-grep -E "test result" "$out/properties.log" 2>/dev/null
-[ "$status" -eq 0 ] && status=$big_status
-[ "$status" -eq 0 ] && status=$mm_status
-[ "$status" -eq 0 ] && status=$tp_status
-[ "$status" -eq 0 ] && status=$props_status
+for f in "$out/all_reduce.csv" "$out/all_reduce_big.csv"; do
+    [ -f "$f" ] && awk -F, 'FNR > 1 && ($1 == 16777216 || $1 == 67108864 || $1 == 268435456 || $1 == 536870912) { print $1, $6, $9, $13, $15, $16 }' "$f"
+done
+echo "exit $status"
 exit $status
