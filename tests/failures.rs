@@ -13,14 +13,7 @@ use wccl::{
 };
 
 fn comms(n: usize, timeout: Duration) -> Vec<Communicator> {
-    common::group_with(
-        n,
-        CommConfig {
-            timeout,
-            ..CommConfig::default()
-        },
-    )
-    .into_communicators()
+    common::group_with(n, CommConfig::default().timeout(timeout)).into_communicators()
 }
 
 /// Runs `f(comm)` on every rank's own thread and returns each rank's result and duration.
@@ -278,7 +271,7 @@ fn bad_arguments_are_refused_without_touching_data() {
     for (words, which) in cases {
         // Each refused call breaks its communicator, so every case gets a fresh one.
         let mut g = common::group(1);
-        let c = g.comm(0);
+        let c = g.comm_mut(0);
         let a = c.upload(&[1.0f32, 2.0, 3.0, 4.0]).unwrap();
         let b = c.buffer::<f32>(3).unwrap();
         let call = match which {
@@ -403,7 +396,7 @@ fn a_lost_device_is_an_error_value_not_a_panic() {
     let output = g.comm(0).buffer::<f32>(64).unwrap();
     g.comm(0).device().device().destroy();
     let e = g
-        .comm(0)
+        .comm_mut(0)
         .all_reduce_into(&input, &output, ReduceOp::Sum)
         .expect_err("a destroyed device cannot run a collective");
     assert!(matches!(e, Error::Device { .. }), "{e}");
