@@ -259,7 +259,6 @@ fn extreme_buffer_lengths_and_shapes_are_refused() {
     let a = comm.upload(&input(0)[..16]).expect("upload");
     let b = comm.upload(&input(1)[..16]).expect("upload");
     let c = comm.buffer::<f32>(16).expect("buffer");
-    let comm = &*comm;
     let dev = comm.device();
     let kernels = std::cell::RefCell::new(Kernels::new(dev));
     let dims = prop_oneof![

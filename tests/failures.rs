@@ -347,8 +347,7 @@ fn an_adapter_name_that_matches_nothing() {
     let e = CommGroup::builder()
         .adapters(AdapterSelector::default().name("no-such-gpu-3000"))
         .build()
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     match e {
         Error::NoAdapter { wanted, found } => {
             assert!(wanted.contains("no-such-gpu-3000"));
@@ -376,8 +375,7 @@ fn local_takes_one_adapter_of_the_host_and_refuses_one_past_the_end() {
     let e = CommGroup::builder()
         .adapters(AdapterSelector::default().local(n))
         .build()
-        .err()
-        .expect("one past the host's adapters must fail");
+        .expect_err("one past the host's adapters must fail");
     match e {
         Error::NoAdapter { wanted, .. } => {
             assert!(
