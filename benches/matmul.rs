@@ -18,7 +18,7 @@ fn values(len: usize, seed: usize) -> Vec<f32> {
 }
 
 fn kernels(c: &mut Criterion) {
-    let mut group = CommGroup::builder().ranks(1).build().expect("an adapter");
+    let group = CommGroup::builder().ranks(1).build().expect("an adapter");
     let comm = group.comm(0);
     let dev = comm.device();
     let mut ks = Kernels::new(dev);

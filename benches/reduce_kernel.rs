@@ -16,7 +16,7 @@ fn reduce_kernel(c: &mut Criterion) {
     bench.sample_size(10);
     for mib in [1usize, 16] {
         let count = (mib << 20) / 4;
-        let comm = group.comm(0);
+        let comm = group.comm_mut(0);
         let dst = comm.upload(&vec![1.0f32; count]).expect("upload");
         let src = comm.upload(&vec![0.0f32; count]).expect("upload");
         bench.throughput(Throughput::Bytes(3 * (count * 4) as u64));

@@ -8,8 +8,9 @@ override OP: u32 = 0u; // 0 sum, 1 prod, 2 min, 3 max, 4 copy
 override WORKGROUP: u32 = 256u;
 // Elements per invocation: a workgroup covers WORKGROUP * PER_THREAD consecutive elements,
 // invocation t taking t, t + WORKGROUP, ... (coalesced on GPUs, vector lanes on CPUs), which
-// spreads the per-workgroup cost over more work.
-override PER_THREAD: u32 = 8u;
+// spreads the per-workgroup cost over more work. The host always sets it (kernels/reduce.rs's
+// PER_THREAD, the single source, which also sizes the dispatch); the default only matches it.
+override PER_THREAD: u32 = 4u;
 
 struct Params {
     dst_offset: u32, // elements from the start of the dst binding

@@ -13,6 +13,7 @@
 override OP: u32 = 0u; // 0 sum, 1 prod, 2 min, 3 max, 4 copy
 override FORMAT: u32 = 0u; // 0 f16, 1 bf16
 override WORKGROUP: u32 = 256u;
+// Set by the host from kernels/reduce.rs's PER_THREAD (the single source); the default matches.
 override PER_THREAD: u32 = 4u;
 
 struct Params {

@@ -37,7 +37,10 @@ impl fmt::Display for At {
 }
 
 /// Everything that can go wrong in wccl.
+///
+/// Non-exhaustive: new failure kinds are not breaking changes, so a `match` needs a `_` arm.
 #[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No adapter matched the selection.
     #[error("no adapter matches {wanted}; adapters found: {found}")]
@@ -142,7 +145,18 @@ pub enum Error {
         /// Where.
         at: At,
         /// The error that broke it.
+        #[source]
         cause: Box<Error>,
+    },
+
+    /// This rank was aborted through an [`AbortHandle`](crate::AbortHandle) (by a watchdog,
+    /// say); its peers see [`Error::PeerAborted`] naming it.
+    #[error("{at}: aborted through its abort handle: {reason}")]
+    Aborted {
+        /// Where.
+        at: At,
+        /// The reason given to [`AbortHandle::abort`](crate::AbortHandle::abort).
+        reason: String,
     },
 
     /// A rank's thread panicked during a group call.
@@ -169,6 +183,7 @@ impl Error {
             | Error::LinkClosed { at, .. }
             | Error::Device { at, .. }
             | Error::Broken { at, .. }
+            | Error::Aborted { at, .. }
             | Error::Panicked { at, .. } => Some(*at),
         }
     }

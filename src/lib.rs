@@ -30,7 +30,7 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 
 pub mod algo;
 pub mod bench;
@@ -45,12 +45,18 @@ pub mod ps;
 pub mod tp;
 mod types;
 
-pub use algo::Algorithm;
-pub use comm::{CallOptions, Collective, CommConfig, CommGroup, Communicator, GroupBuilder};
+pub use algo::{Algorithm, ParseAlgorithmError};
+pub use comm::{
+    AbortHandle, CallOptions, Collective, CommConfig, CommGroup, Communicator, GroupBuilder,
+};
 pub use device::{AdapterSelector, DeviceBuffer, RankDevice, TensorRef};
 pub use error::{At, Error, Result};
 pub use half::{bf16, f16};
 pub use types::{CollectiveKind, DType, Element, ReduceOp};
+/// The wgpu this crate is built against: its types ([`wgpu::Device`], [`wgpu::AdapterInfo`],
+/// ...) appear in wccl's API, so callers name them through this re-export and never mismatch
+/// versions.
+pub use wgpu;
 
 /// README.md's examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

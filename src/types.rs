@@ -3,7 +3,10 @@
 use std::fmt;
 
 /// The element type of a tensor taking part in a collective.
+///
+/// Non-exhaustive: new element types are not breaking changes, so a `match` needs a `_` arm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum DType {
     /// 32-bit float.
     F32,

@@ -17,13 +17,11 @@ const COUNT: usize = 3 * 1000 + 7;
 fn group(faults: &FaultPlan, timeout: Duration) -> CommGroup {
     common::group_with(
         RANKS,
-        CommConfig {
-            timeout,
-            slice_bytes: 1024,
-            pipeline_depth: 3,
-            faults: Some(faults.clone()),
-            ..CommConfig::default()
-        },
+        CommConfig::default()
+            .timeout(timeout)
+            .slice_bytes(1024)
+            .pipeline_depth(3)
+            .faults(faults.clone()),
     )
 }
 
@@ -77,7 +75,8 @@ fn assert_failed_clean(g: &mut CommGroup, res: &[wccl::Result<()>], what: &str) 
 
 /// After a rebuild the next all-reduce is exact on every rank (outputs re-poisoned first).
 fn assert_exact_after_rebuild(g: CommGroup, b: &Bufs, what: &str) -> CommGroup {
-    let mut g = g.rebuild();
+    let mut g = g;
+    g.rebuild();
     for r in 0..RANKS {
         b.outputs[r]
             .write(g.comm(r).device(), &vec![f32::NAN; COUNT])
@@ -109,7 +108,7 @@ fn a_dropped_frame_leaves_no_staging_mapped_and_the_rebuilt_group_is_exact() {
     assert_failed_clean(&mut g, &res, "dropped frame");
     // The broken communicator refuses engine work until the rebuild.
     let e = g
-        .comm(0)
+        .comm_mut(0)
         .reduce_local(&b.outputs[0], &b.inputs[0], ReduceOp::Sum)
         .expect_err("a broken communicator refuses reduce_local");
     assert!(matches!(e, Error::Broken { .. }), "{e}");
@@ -166,7 +165,7 @@ fn a_broken_communicator_refuses_to_probe() {
         },
         message: "test".into(),
     };
-    g.comm(1).abort(&cause);
+    g.comm_mut(1).abort(&cause);
     let e = g.probe(4096).expect_err("a broken rank cannot be probed");
     assert!(matches!(e, Error::Broken { .. }), "{e}");
 }

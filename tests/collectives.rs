@@ -88,11 +88,9 @@ fn central_and_naive_all_reduce() {
     let mut rng = rand::rng();
     for algorithm in [wccl::Algorithm::Central, wccl::Algorithm::Naive] {
         for n in 1..=5 {
-            let config = wccl::CommConfig {
-                algorithm,
-                slice_bytes: 512,
-                ..wccl::CommConfig::default()
-            };
+            let config = wccl::CommConfig::default()
+                .algorithm(algorithm)
+                .slice_bytes(512);
             let mut g = common::group_with(n, config);
             for op in ReduceOp::ALL {
                 for dtype in DType::ALL {

@@ -109,7 +109,7 @@ fn wccls_own_errors_are_still_values_on_a_callers_device() {
     let output = g.comm(0).buffer::<f32>(64).expect("buffer");
     device.destroy();
     let e = g
-        .comm(0)
+        .comm_mut(0)
         .all_reduce_into(&input, &output, ReduceOp::Sum)
         .expect_err("a destroyed device cannot run a collective");
     assert!(matches!(e, Error::Device { .. }), "{e}");

@@ -328,9 +328,9 @@ fn every_rank_errs(n: usize) {
                 if case.is_err() {
                     failed.push(format!("{kind}/{d:?}/rank {odd} ({pos})"));
                 }
-                group = group.rebuild();
+                group.rebuild();
                 exact(&mut group, kind);
-                group = group.rebuild();
+                group.rebuild();
             }
         }
     }

@@ -27,10 +27,7 @@ fn runner(cases: u32) -> TestRunner {
 fn group() -> CommGroup {
     common::group_with(
         RANKS,
-        CommConfig {
-            timeout: Duration::from_secs(30),
-            ..CommConfig::default()
-        },
+        CommConfig::default().timeout(Duration::from_secs(30)),
     )
 }
 
@@ -85,7 +82,7 @@ fn fits(offset: u64, count: usize, size: u64) -> bool {
 
 #[test]
 fn extreme_timeouts_never_panic() {
-    let mut g = group();
+    let g = group();
     let bufs: Vec<DeviceBuffer<f32>> = (0..RANKS)
         .map(|r| g.comm(r).upload(&input(r)).expect("upload"))
         .collect();
@@ -110,7 +107,7 @@ fn extreme_timeouts_never_panic() {
             g.run(&calls, CallOptions::timeout(t))
         } else {
             for r in 0..RANKS {
-                g.comm(r).set_timeout(t);
+                g.comm_mut(r).set_timeout(t);
             }
             g.run(&calls, CallOptions::default())
         };
@@ -120,14 +117,14 @@ fn extreme_timeouts_never_panic() {
             let got = g.comm(r).download(b).expect("download");
             prop_assert_eq!(&got, &want, "timeout {:?} rank {}", t, r);
             let scratch = g.comm(r).buffer::<f32>(LEN).expect("buffer");
-            g.comm(r)
+            g.comm_mut(r)
                 .reduce_local(&scratch, b, ReduceOp::Sum)
                 .map_err(|e| TestCaseError::fail(format!("reduce_local {t:?}: {e}")))?;
             prop_assert_eq!(
                 g.comm(r).download(&scratch).expect("download"),
                 want.clone()
             );
-            g.comm(r).set_timeout(Duration::from_secs(30));
+            g.comm_mut(r).set_timeout(Duration::from_secs(30));
         }
         Ok(())
     });
@@ -183,7 +180,7 @@ fn extreme_offsets_and_counts_are_refused_or_exact() {
             ),
             _ => {
                 // Outside collectives: a local reduction and a read of the same view.
-                let c = gr.comm(0);
+                let c = gr.comm_mut(0);
                 let local = c.reduce_local(view(0), others[0].view(), ReduceOp::Sum);
                 let read = c.read::<f32>(view(0));
                 let ok = fits(offset, count, size) && count == LEN;
@@ -239,8 +236,7 @@ fn extreme_offsets_and_counts_are_refused_or_exact() {
             }
         }
         if res.iter().any(|x| x.is_err()) {
-            let old = slot.take().expect("group");
-            *slot = Some(old.rebuild());
+            slot.as_mut().expect("group").rebuild();
         }
         Ok(())
     });
@@ -251,7 +247,7 @@ fn extreme_offsets_and_counts_are_refused_or_exact() {
 
 #[test]
 fn extreme_buffer_lengths_and_shapes_are_refused() {
-    let mut g = group();
+    let g = group();
     let comm = g.comm(0);
     for len in [usize::MAX, usize::MAX / 4 + 1, usize::MAX / 2 + 1, 1 << 62] {
         let e = comm
@@ -263,7 +259,6 @@ fn extreme_buffer_lengths_and_shapes_are_refused() {
     let a = comm.upload(&input(0)[..16]).expect("upload");
     let b = comm.upload(&input(1)[..16]).expect("upload");
     let c = comm.buffer::<f32>(16).expect("buffer");
-    let comm = &*comm;
     let dev = comm.device();
     let kernels = std::cell::RefCell::new(Kernels::new(dev));
     let dims = prop_oneof![
@@ -348,12 +343,10 @@ fn wild_group_settings_are_refused_or_bounded() {
     // A wild pipeline depth is capped (it only allocates staging buffers); the group works.
     let mut g = common::group_with(
         RANKS,
-        CommConfig {
-            pipeline_depth: usize::MAX,
-            slice_bytes: 4096,
-            timeout: Duration::MAX,
-            ..CommConfig::default()
-        },
+        CommConfig::default()
+            .pipeline_depth(usize::MAX)
+            .slice_bytes(4096)
+            .timeout(Duration::MAX),
     );
     let bufs: Vec<DeviceBuffer<f32>> = (0..RANKS)
         .map(|r| g.comm(r).upload(&input(r)).expect("upload"))

@@ -13,14 +13,7 @@ use wccl::{
 };
 
 fn comms(n: usize, timeout: Duration) -> Vec<Communicator> {
-    common::group_with(
-        n,
-        CommConfig {
-            timeout,
-            ..CommConfig::default()
-        },
-    )
-    .into_communicators()
+    common::group_with(n, CommConfig::default().timeout(timeout)).into_communicators()
 }
 
 /// Runs `f(comm)` on every rank's own thread and returns each rank's result and duration.
@@ -282,7 +275,7 @@ fn bad_arguments_are_refused_without_touching_data() {
     for (words, which) in cases {
         // Each refused call breaks its communicator, so every case gets a fresh one.
         let mut g = common::group(1);
-        let c = g.comm(0);
+        let c = g.comm_mut(0);
         let a = c.upload(&[1.0f32, 2.0, 3.0, 4.0]).unwrap();
         let b = c.buffer::<f32>(3).unwrap();
         let call = match which {
@@ -358,8 +351,7 @@ fn an_adapter_name_that_matches_nothing() {
     let e = CommGroup::builder()
         .adapters(AdapterSelector::default().name("no-such-gpu-3000"))
         .build()
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     match e {
         Error::NoAdapter { wanted, found } => {
             assert!(wanted.contains("no-such-gpu-3000"));
@@ -387,8 +379,7 @@ fn local_takes_one_adapter_of_the_host_and_refuses_one_past_the_end() {
     let e = CommGroup::builder()
         .adapters(AdapterSelector::default().local(n))
         .build()
-        .err()
-        .expect("one past the host's adapters must fail");
+        .expect_err("one past the host's adapters must fail");
     match e {
         Error::NoAdapter { wanted, .. } => {
             assert!(
@@ -407,7 +398,7 @@ fn a_lost_device_is_an_error_value_not_a_panic() {
     let output = g.comm(0).buffer::<f32>(64).unwrap();
     g.comm(0).device().device().destroy();
     let e = g
-        .comm(0)
+        .comm_mut(0)
         .all_reduce_into(&input, &output, ReduceOp::Sum)
         .expect_err("a destroyed device cannot run a collective");
     assert!(matches!(e, Error::Device { .. }), "{e}");

@@ -11,11 +11,9 @@ use wccl::{CommConfig, CommGroup, Error, ReduceOp};
 fn group(n: usize, faults: &FaultPlan, timeout: Duration) -> CommGroup {
     common::group_with(
         n,
-        CommConfig {
-            timeout,
-            faults: Some(faults.clone()),
-            ..CommConfig::default()
-        },
+        CommConfig::default()
+            .timeout(timeout)
+            .faults(faults.clone()),
     )
 }
 
@@ -71,7 +69,7 @@ fn a_partition_times_out_within_the_deadline_and_heals() {
     );
     assert!(faults.dropped() > 0);
     faults.heal();
-    let mut g = g.rebuild();
+    g.rebuild();
     let (res, bufs, _) = all_reduce(&mut g, 1000);
     for (r, x) in res.into_iter().enumerate() {
         x.expect("healed");

@@ -174,11 +174,7 @@ fn odd_counts_and_offsets_are_exact_and_leave_neighbours_alone() {
 /// begin and end in the middle of words, in the ring's every step.
 #[test]
 fn odd_slices_and_small_bindings_split_words() {
-    let config = CommConfig {
-        slice_bytes: 6,
-        max_binding_bytes: Some(512),
-        ..CommConfig::default()
-    };
+    let config = CommConfig::default().slice_bytes(6).max_binding_bytes(512);
     let mut g = common::group_with(3, config);
     for dtype in HALVES {
         for kind in common::KINDS {
@@ -200,7 +196,7 @@ fn odd_slices_and_small_bindings_split_words() {
 #[test]
 fn a_mid_word_start_gets_its_last_word() {
     let mut g = group(1);
-    let comm = g.comm(0);
+    let comm = g.comm_mut(0);
     for dtype in HALVES {
         for count in [2047, 2048, 4096] {
             let pad = 1;

@@ -44,15 +44,9 @@ fn any_collective_matches_the_reference() {
         &strategy,
         |(n, kind, op, dtype, count, in_place, root_seed, pad, slice_bytes)| {
             let mut groups = groups.borrow_mut();
-            let g = groups.entry((n, slice_bytes)).or_insert_with(|| {
-                group_with(
-                    n,
-                    CommConfig {
-                        slice_bytes,
-                        ..CommConfig::default()
-                    },
-                )
-            });
+            let g = groups
+                .entry((n, slice_bytes))
+                .or_insert_with(|| group_with(n, CommConfig::default().slice_bytes(slice_bytes)));
             let case = Case {
                 kind,
                 op,

@@ -25,10 +25,7 @@ fn case(kind: CollectiveKind, op: ReduceOp, dtype: DType, count: usize, in_place
 #[test]
 fn two_to_the_20_plus_7_on_3_ranks_in_many_slices() {
     // 64 KiB slices: each ring step is cut into several slices, so read-backs run ahead.
-    let config = CommConfig {
-        slice_bytes: 64 << 10,
-        ..CommConfig::default()
-    };
+    let config = CommConfig::default().slice_bytes(64 << 10);
     let mut g = group_with(3, config);
     let mut rng = rand::rng();
     for kind in KINDS {
@@ -76,10 +73,7 @@ fn two_to_the_20_plus_7_on_8_ranks() {
 #[test]
 fn lowered_binding_limit_forces_chunked_kernels() {
     // A 4 KiB binding limit turns every copy, scale and reduce into many dispatches.
-    let config = CommConfig {
-        max_binding_bytes: Some(4096),
-        ..CommConfig::default()
-    };
+    let config = CommConfig::default().max_binding_bytes(4096);
     let mut g = group_with(3, config);
     let mut rng = rand::rng();
     for kind in KINDS {
@@ -100,10 +94,7 @@ fn over_the_storage_binding_limit() {
     // 130 MiB of f32 per rank, past lavapipe's 128 MiB binding limit (and held to that limit on
     // adapters that allow more): the out-of-place copy is chunked, and its dispatch needs more
     // than 65,535 workgroups in one dimension.
-    let config = CommConfig {
-        max_binding_bytes: Some(128 << 20),
-        ..CommConfig::default()
-    };
+    let config = CommConfig::default().max_binding_bytes(128 << 20);
     let mut g = group_with(2, config);
     let count = (130usize << 20) / 4;
     let mut rng = rand::rng();

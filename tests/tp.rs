@@ -146,7 +146,7 @@ fn run_matmul(
 
 #[test]
 fn matmul_matches_the_f64_reference_on_odd_shapes_transposes_and_offsets() {
-    let mut g = group(1);
+    let g = group(1);
     let comm = g.comm(0);
     let mut kernels = Kernels::new(comm.device());
     let mut rng = rand::rng();
@@ -186,7 +186,7 @@ fn matmul_matches_the_f64_reference_on_odd_shapes_transposes_and_offsets() {
 
 #[test]
 fn matmul_in_f16_accumulates_in_f32() {
-    let mut g = group(1);
+    let g = group(1);
     let comm = g.comm(0);
     let mut kernels = Kernels::new(comm.device());
     let mut rng = rand::rng();
@@ -219,7 +219,7 @@ fn matmul_in_f16_accumulates_in_f32() {
 
 #[test]
 fn products_larger_than_one_binding_run_in_row_blocks() {
-    let mut g = group(1);
+    let g = group(1);
     let comm = g.comm(0);
     // 16 KiB bindings: A (300 x 30 f32, 36 KB) and C need three row blocks.
     let mut kernels = Kernels::with_binding_limit(comm.device(), 16 << 10);
@@ -257,7 +257,7 @@ fn products_larger_than_one_binding_run_in_row_blocks() {
 
 #[test]
 fn empty_products() {
-    let mut g = group(1);
+    let g = group(1);
     let comm = g.comm(0);
     let mut kernels = Kernels::new(comm.device());
     // k = 0: C is an empty sum, zero.
@@ -302,7 +302,7 @@ fn empty_products() {
 
 #[test]
 fn gelu_forward_and_backward_match_the_reference() {
-    let mut g = group(1);
+    let g = group(1);
     let comm = g.comm(0);
     let mut kernels = Kernels::new(comm.device());
     let mut rng = rand::rng();
@@ -329,7 +329,7 @@ fn gelu_forward_and_backward_match_the_reference() {
 
 #[test]
 fn bad_matmul_input_is_refused_without_writing() {
-    let mut g = group(1);
+    let g = group(1);
     let comm = g.comm(0);
     let mut kernels = Kernels::new(comm.device());
     let dev = comm.device();
@@ -390,7 +390,7 @@ fn bad_matmul_input_is_refused_without_writing() {
 /// outputs share words, on every kernel and transpose, and on a device without `SHADER_F16`.
 #[test]
 fn matmul_in_bf16_accumulates_in_f32() {
-    let mut g = CommGroup::from_devices(plain_devices(1), CommConfig::default()).unwrap();
+    let g = CommGroup::from_devices(plain_devices(1), CommConfig::default()).unwrap();
     let comm = g.comm(0);
     let mut kernels = Kernels::new(comm.device());
     let mut rng = rand::rng();
@@ -448,7 +448,7 @@ fn f16_matmul_on_a_device_without_shader_f16_is_a_clear_error() {
         ..Default::default()
     }))
     .unwrap();
-    let mut g = CommGroup::from_devices(vec![(device, queue)], CommConfig::default()).unwrap();
+    let g = CommGroup::from_devices(vec![(device, queue)], CommConfig::default()).unwrap();
     let comm = g.comm(0);
     let raw = comm.buffer::<u32>(8).unwrap();
     let t = TensorRef::new(raw.raw(), 0, 4, DType::F16);
@@ -526,7 +526,7 @@ fn column_parallel_equals_the_single_device_product_on_1_to_8_ranks() {
 }
 
 fn single_device_product(a: &[f64], b: &[f64], (m, n, k): (usize, usize, usize)) -> Vec<f64> {
-    let mut g = group(1);
+    let g = group(1);
     let comm = g.comm(0);
     let mut kernels = Kernels::new(comm.device());
     run_matmul(
@@ -763,10 +763,7 @@ fn row_parallel_linear_forward_and_backward() {
 
 #[test]
 fn one_rank_with_bad_shapes_stops_the_others_at_once() {
-    let config = CommConfig {
-        timeout: Duration::from_secs(30),
-        ..CommConfig::default()
-    };
+    let config = CommConfig::default().timeout(Duration::from_secs(30));
     let mut g = group_with(3, config);
     let (batch, d_in, d_out) = (4, 6, 5);
     let w = vec![0.5f32; d_in * d_out];
@@ -869,7 +866,7 @@ fn auto_takes_the_large_tiles_where_the_product_has_enough_of_them() {
     assert_eq!(Tiled.resolve(4096, 4096, 1), Tiled);
     assert_eq!(TiledLarge.resolve(1, 1, 256), TiledLarge);
     // The default is Auto, and a device resolves it by its type.
-    let mut g = group(1);
+    let g = group(1);
     let comm = g.comm(0);
     let kernels = Kernels::new(comm.device());
     let spec = Matmul::new(512, 512, 512);

@@ -34,7 +34,10 @@ pub(crate) fn slices_per_chunk(largest_chunk: usize, slice_elems: usize) -> usiz
 }
 
 /// How an all-reduce is carried out.
+///
+/// Non-exhaustive: new algorithms are not breaking changes, so a `match` needs a `_` arm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Algorithm {
     /// Ring reduce-scatter + all-gather, reductions on the devices: bandwidth-optimal.
     #[default]
@@ -45,6 +48,11 @@ pub enum Algorithm {
     /// Everything is read back to rank 0's host, reduced by its CPU, and written back.
     Naive,
     /// Whichever the cost model predicts fastest for this size and these devices.
+    ///
+    /// Without a cost model (no [`CommGroup::probe`](crate::CommGroup::probe) and no
+    /// [`Communicator::set_cost_model`](crate::Communicator::set_cost_model)), `Auto` runs the
+    /// ring, silently; [`Communicator::last_algorithm`](crate::Communicator::last_algorithm)
+    /// then says `Ring`, never `Auto`.
     Auto,
 }
 
@@ -68,17 +76,24 @@ impl std::fmt::Display for Algorithm {
     }
 }
 
+/// The error of parsing an [`Algorithm`] from a name that is none of `ring`, `central`,
+/// `naive`, `auto`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown algorithm '{name}' (ring, central, naive, auto)")]
+pub struct ParseAlgorithmError {
+    /// The name that was given.
+    pub name: String,
+}
+
 impl std::str::FromStr for Algorithm {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ParseAlgorithmError;
+    fn from_str(s: &str) -> Result<Self, ParseAlgorithmError> {
         match s {
             "ring" => Ok(Algorithm::Ring),
             "central" => Ok(Algorithm::Central),
             "naive" => Ok(Algorithm::Naive),
             "auto" => Ok(Algorithm::Auto),
-            _ => Err(format!(
-                "unknown algorithm '{s}' (ring, central, naive, auto)"
-            )),
+            _ => Err(ParseAlgorithmError { name: s.into() }),
         }
     }
 }

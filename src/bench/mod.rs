@@ -4,18 +4,23 @@
 //! The binary (`src/bin/wccl-bench.rs`) only parses flags into [`Settings`] and calls [`run`].
 
 mod matmul;
+// The SVG plot and the progress bar need the CLI-only dependencies (the `cli` feature, on by
+// default): training code that links the library without it compiles neither.
+#[cfg(feature = "cli")]
 mod plot;
 mod ps_row;
 mod report;
 mod sizes;
 mod verify;
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "cli")]
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub use matmul::{MatmulRow, matmul_rows, parse_shape};
+#[cfg(feature = "cli")]
 pub use plot::plot_busbw;
 pub use ps_row::ps_rows;
 pub use report::{CSV_HEADER, Measure, Row, busbw_factor, csv_row, footer, format_row, header};
@@ -29,6 +34,42 @@ use crate::link::LinkEmulation;
 use crate::{
     Algorithm, CallOptions, Collective, CollectiveKind, CommGroup, DType, ReduceOp, TensorRef,
 };
+
+/// The sweep's progress bar on a terminal (hidden otherwise).
+#[cfg(feature = "cli")]
+fn progress_bar(total_steps: u64) -> ProgressBar {
+    use std::io::IsTerminal;
+    let progress = if std::io::stderr().is_terminal() && total_steps > 1 {
+        ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    progress
+}
+
+/// Without the `cli` feature (no indicatif), a progress bar that shows nothing.
+#[cfg(not(feature = "cli"))]
+fn progress_bar(_total_steps: u64) -> NoProgress {
+    NoProgress
+}
+
+/// The part of indicatif's `ProgressBar` the sweep uses, doing nothing.
+#[cfg(not(feature = "cli"))]
+struct NoProgress;
+
+#[cfg(not(feature = "cli"))]
+impl NoProgress {
+    fn set_message(&self, _message: String) {}
+    fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        f()
+    }
+    fn inc(&self, _delta: u64) {}
+    fn finish_and_clear(&self) {}
+}
 
 /// Elements each iteration shifts the buffers by (cycling through 4 positions), as nccl-tests
 /// does, to keep caches honest and catch offset bugs. 64 elements keep 256-byte alignment.
@@ -177,15 +218,7 @@ pub fn run(
         vec![Algorithm::Ring]
     };
     let total_steps = (shapes.len() * ops.len() * algos.len()) as u64;
-    let progress = if std::io::stderr().is_terminal() && total_steps > 1 {
-        ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr())
-    } else {
-        ProgressBar::hidden()
-    };
-    progress.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let progress = progress_bar(total_steps);
     writeln!(out, "{}", header())?;
     let mut rows = Vec::new();
     for &algo in &algos {

@@ -220,7 +220,10 @@ fn parse_algos(s: &str) -> Result<(Vec<Algorithm>, bool), String> {
         .split(',')
         .map(str::trim)
         .filter(|a| *a != "ps")
-        .map(str::parse)
+        .map(|a| {
+            a.parse()
+                .map_err(|e: wccl::ParseAlgorithmError| e.to_string())
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((algos, ps))
 }
@@ -350,7 +353,7 @@ fn matmul(
     if !dtype.is_float() {
         return Err(format!("matmul runs on float, half and bfloat16, not {dtype}").into());
     }
-    let mut group = CommGroup::builder().ranks(1).build()?;
+    let group = CommGroup::builder().ranks(1).build()?;
     let mut out = std::io::stdout().lock();
     let info = &group.adapters()[0];
     writeln!(
@@ -462,12 +465,10 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
             jitter_us: a.link_jitter_us,
         }),
     };
-    let config = CommConfig {
-        timeout: settings.timeout,
-        slice_bytes: a.slice as usize,
-        link_emulation: settings.link,
-        ..CommConfig::default()
-    };
+    let config = CommConfig::default()
+        .timeout(settings.timeout)
+        .slice_bytes(a.slice as usize)
+        .link_emulation(settings.link);
     let mut group = CommGroup::builder().ranks(a.ranks).config(config).build()?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "# wccl-bench {kind}: {} ranks", a.ranks)?;

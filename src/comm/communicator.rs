@@ -1,5 +1,6 @@
 //! The per-rank communicator: validates a call, asks the algorithm for a plan, runs it.
 
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::executor::{Call, Engine, execute};
@@ -8,7 +9,7 @@ use crate::algo::{self, Algorithm, Plan};
 use crate::deadline::{deadline_after, deadline_from};
 use crate::device::{DeviceBuffer, RankDevice, TensorRef};
 use crate::error::{At, Error, Result};
-use crate::link::{FaultPlan, Link, LinkEmulation};
+use crate::link::{FaultPlan, Link, LinkEmulation, RemoteAbort};
 use crate::model::CostModel;
 use crate::types::{CollectiveKind, DType, Element, ReduceOp};
 
@@ -17,7 +18,21 @@ use crate::types::{CollectiveKind, DType, Element, ReduceOp};
 pub const MAX_PIPELINE_DEPTH: usize = 64;
 
 /// Settings shared by every rank of a communicator group.
+///
+/// Non-exhaustive, so that new settings are not breaking changes: start from
+/// [`CommConfig::default`] and chain the setters.
+///
+/// ```
+/// use std::time::Duration;
+/// use wccl::{Algorithm, CommConfig};
+/// let config = CommConfig::default()
+///     .timeout(Duration::from_secs(5))
+///     .slice_bytes(1 << 20)
+///     .algorithm(Algorithm::Central);
+/// assert_eq!(config.timeout, Duration::from_secs(5));
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct CommConfig {
     /// Deadline of each collective unless the call sets its own (default 30 s, as Gloo).
     pub timeout: Duration,
@@ -51,6 +66,50 @@ impl Default for CommConfig {
     }
 }
 
+impl CommConfig {
+    /// Sets [`timeout`](Self::timeout), the default deadline of each collective.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets [`slice_bytes`](Self::slice_bytes), the pipeline slice.
+    pub fn slice_bytes(mut self, bytes: usize) -> Self {
+        self.slice_bytes = bytes;
+        self
+    }
+
+    /// Sets [`pipeline_depth`](Self::pipeline_depth), the read-backs in flight per rank.
+    pub fn pipeline_depth(mut self, depth: usize) -> Self {
+        self.pipeline_depth = depth;
+        self
+    }
+
+    /// Sets [`max_binding_bytes`](Self::max_binding_bytes) (a value or `None`).
+    pub fn max_binding_bytes(mut self, bytes: impl Into<Option<u64>>) -> Self {
+        self.max_binding_bytes = bytes.into();
+        self
+    }
+
+    /// Sets [`algorithm`](Self::algorithm), how all-reduces run by default.
+    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+
+    /// Sets [`link_emulation`](Self::link_emulation) (an emulation or `None`).
+    pub fn link_emulation(mut self, emulation: impl Into<Option<LinkEmulation>>) -> Self {
+        self.link_emulation = emulation.into();
+        self
+    }
+
+    /// Sets [`faults`](Self::faults) (a plan or `None`).
+    pub fn faults(mut self, plan: impl Into<Option<FaultPlan>>) -> Self {
+        self.faults = plan.into();
+        self
+    }
+}
+
 /// Per-call settings.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CallOptions {
@@ -72,10 +131,13 @@ impl CallOptions {
 
 /// One collective call, with its tensors (which live on this rank's device).
 ///
+/// Non-exhaustive: new collectives are not breaking changes, so a `match` needs a `_` arm.
+///
 /// In-place calls pass the same tensor as input and output; for `ReduceScatter` in place means
 /// the output is this rank's chunk of the input, for `AllGather` that the input is this rank's
 /// piece of the output (NCCL's conventions).
 #[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
 pub enum Collective<'a> {
     /// Every rank's output becomes the reduction of all inputs.
     AllReduce {
@@ -163,7 +225,22 @@ pub struct Communicator {
     seq: u64,
     broken: Option<Error>,
     cost_model: Option<CostModel>,
-    last_algorithm: std::cell::Cell<Option<Algorithm>>,
+    last_algorithm: Option<Algorithm>,
+    /// The reason an [`AbortHandle`] gave, once one fired (shared with every handle).
+    aborted: Arc<OnceLock<String>>,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator")
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("seq", &self.seq)
+            .field("config", &self.config)
+            .field("broken", &self.broken)
+            .field("last_algorithm", &self.last_algorithm)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Communicator {
@@ -196,7 +273,8 @@ impl Communicator {
             seq: 0,
             broken: None,
             cost_model: None,
-            last_algorithm: std::cell::Cell::new(None),
+            last_algorithm: None,
+            aborted: Arc::new(OnceLock::new()),
         }
     }
 
@@ -248,6 +326,12 @@ impl Communicator {
     /// Reads a buffer of this rank's device back to the host.
     pub fn download<T: Element>(&self, buf: &DeviceBuffer<T>) -> Result<Vec<T>> {
         buf.read_until(&self.engine.dev, deadline_after(self.config.timeout))
+    }
+
+    /// Overwrites `buf` (on this rank's device) with `data`, which must have its length; waits
+    /// at most the communicator's timeout for the copy.
+    pub fn write<T: Element>(&self, buf: &DeviceBuffer<T>, data: &[T]) -> Result<()> {
+        buf.write_until(&self.engine.dev, data, deadline_after(self.config.timeout))
     }
 
     /// Reads any tensor view on this rank's device back to the host, as elements of `T`.
@@ -401,6 +485,80 @@ impl Communicator {
         )
     }
 
+    /// Out-of-place broadcast from `root`: every rank's `output` becomes the root's `input`.
+    /// Only the root reads its `input`; other ranks may pass their `output` again.
+    pub fn broadcast_into<'a>(
+        &mut self,
+        input: impl Into<TensorRef<'a>>,
+        output: impl Into<TensorRef<'a>>,
+        root: usize,
+    ) -> Result<()> {
+        let (input, output) = (input.into(), output.into());
+        self.run(
+            Collective::Broadcast {
+                input,
+                output,
+                root,
+            },
+            CallOptions::default(),
+        )
+    }
+
+    /// Out-of-place reduce to `root`: the root's `output` becomes the reduction of every rank's
+    /// `input`. Only the root needs an output; other ranks pass `None` (an output they pass is
+    /// not written). A root without an output fails the call on every rank.
+    ///
+    /// ```no_run
+    /// # fn main() -> wccl::Result<()> {
+    /// use wccl::{CommGroup, ReduceOp};
+    /// let comms = CommGroup::builder().ranks(2).build()?.into_communicators();
+    /// std::thread::scope(|s| {
+    ///     for mut comm in comms {
+    ///         s.spawn(move || -> wccl::Result<()> {
+    ///             let input = comm.upload(&[comm.rank() as f32 + 1.0; 4])?;
+    ///             if comm.rank() == 0 {
+    ///                 let sum = comm.buffer::<f32>(4)?;
+    ///                 comm.reduce_into(&input, Some(sum.view()), ReduceOp::Sum, 0)?;
+    ///                 assert_eq!(comm.download(&sum)?, vec![3.0; 4]);
+    ///             } else {
+    ///                 comm.reduce_into(&input, None, ReduceOp::Sum, 0)?;
+    ///             }
+    ///             Ok(())
+    ///         });
+    ///     }
+    /// });
+    /// # Ok(()) }
+    /// ```
+    pub fn reduce_into<'a>(
+        &mut self,
+        input: impl Into<TensorRef<'a>>,
+        output: Option<TensorRef<'a>>,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        let input = input.into();
+        let output = match output {
+            Some(output) => output,
+            // Non-root ranks never write their output (validation swaps in the input).
+            None if self.rank != root => input,
+            None => {
+                return self.refuse(
+                    CollectiveKind::Reduce,
+                    format!("rank {root} is the root of this reduce and needs an output"),
+                );
+            }
+        };
+        self.run(
+            Collective::Reduce {
+                input,
+                output,
+                op,
+                root,
+            },
+            CallOptions::default(),
+        )
+    }
+
     /// In-place reduce to `root`.
     pub fn reduce<'a>(
         &mut self,
@@ -440,10 +598,16 @@ impl Communicator {
             });
         }
         let started = Instant::now();
+        // Aborted between calls: fail this call the same way, before anyone waits on it.
+        let aborted = self.aborted.get().map(|reason| Error::Aborted {
+            at,
+            reason: reason.clone(),
+        });
         let deadline = deadline_from(started, opts.timeout.unwrap_or(self.config.timeout));
         let algorithm = opts.algorithm.unwrap_or(self.config.algorithm);
-        let result = self
-            .validate_and_plan(at, &call, algorithm)
+        let result = aborted
+            .map_or(Ok(()), Err)
+            .and_then(|()| self.validate_and_plan(at, &call, algorithm))
             .and_then(|(plan, header, t)| {
                 let c = Call {
                     at,
@@ -467,10 +631,32 @@ impl Communicator {
         result
     }
 
+    /// Fails a call of `kind` before it starts, as a failed call does (it takes a sequence
+    /// number, breaks the communicator and tells the peers, so that none of them waits for
+    /// this rank until its deadline): for arguments that no `Collective` can express.
+    fn refuse(&mut self, kind: CollectiveKind, message: String) -> Result<()> {
+        self.seq += 1;
+        let at = At {
+            rank: self.rank,
+            op: Some(kind),
+            seq: self.seq,
+        };
+        if let Some(cause) = &self.broken {
+            return Err(Error::Broken {
+                at,
+                cause: Box::new(cause.clone()),
+            });
+        }
+        let e = Error::InvalidArgument { at, message };
+        self.link.abort(&e.to_string());
+        self.broken = Some(e.clone());
+        Err(e)
+    }
+
     /// Checks the call's arguments and builds this rank's plan and frame header.
     #[allow(clippy::type_complexity)]
     fn validate_and_plan<'a>(
-        &self,
+        &mut self,
         at: At,
         call: &Collective<'a>,
         algorithm: Algorithm,
@@ -523,7 +709,7 @@ impl Communicator {
                     }
                 };
                 header.algo = algorithm.code();
-                self.last_algorithm.set(Some(algorithm));
+                self.last_algorithm = Some(algorithm);
                 header.count = count as u64;
                 (plan, input, output, Some(op))
             }
@@ -637,6 +823,18 @@ impl Communicator {
         self.cost_model = Some(model);
     }
 
+    /// A handle that aborts this communicator from any thread (a watchdog's, typically): see
+    /// [`AbortHandle`]. Every handle of a communicator shares one state; a group rebuilt with
+    /// [`CommGroup::rebuild`](crate::CommGroup::rebuild) has fresh communicators, whose
+    /// handles are new ones.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle {
+            rank: self.rank,
+            aborted: Arc::clone(&self.aborted),
+            remote: self.link.remote_abort(),
+        }
+    }
+
     /// Breaks this communicator with `error` and tells the peers, as a failed collective does:
     /// for work between collectives (a rank's own kernels) that fails on one rank, so that the
     /// others leave their next collective at once with [`Error::PeerAborted`] instead of waiting
@@ -656,9 +854,10 @@ impl Communicator {
         self.engine.bytes_sent
     }
 
-    /// The algorithm the last all-reduce ran (what `Auto` resolved to).
+    /// The algorithm the last all-reduce ran: what `Auto` resolved to, so `Ring` when `Auto`
+    /// ran without a cost model; never `Auto`.
     pub fn last_algorithm(&self) -> Option<Algorithm> {
-        self.last_algorithm.get()
+        self.last_algorithm
     }
 
     /// The cost model in use, if any.
@@ -683,12 +882,16 @@ impl Communicator {
     /// the peers half-way, and only [`CommGroup::rebuild`](crate::CommGroup::rebuild) starts
     /// afresh.
     pub(crate) fn gate(&self, at: At) -> Result<()> {
-        match &self.broken {
-            Some(cause) => Err(Error::Broken {
+        match (&self.broken, self.aborted.get()) {
+            (Some(cause), _) => Err(Error::Broken {
                 at,
                 cause: Box::new(cause.clone()),
             }),
-            None => Ok(()),
+            (None, Some(reason)) => Err(Error::Aborted {
+                at,
+                reason: reason.clone(),
+            }),
+            (None, None) => Ok(()),
         }
     }
 
@@ -708,6 +911,71 @@ impl Communicator {
     }
 }
 
+/// Aborts one [`Communicator`] from any thread, as NCCL's `ncclCommAbort` from a watchdog:
+/// `Clone + Send + Sync`, made by [`Communicator::abort_handle`].
+///
+/// [`abort`](Self::abort) makes the communicator's current call (if it is waiting for a peer)
+/// and every later call fail with [`Error::Aborted`] naming the rank and the reason, and tells
+/// the peers, whose current or next call fails with [`Error::PeerAborted`] naming this rank.
+/// A call blocked in device work rather than on a peer ends at that work's end or its deadline.
+/// Rebuild the group afterwards, as after any failed call.
+///
+/// ```no_run
+/// # fn main() -> wccl::Result<()> {
+/// use std::time::Duration;
+/// use wccl::{CommGroup, ReduceOp};
+/// let mut comms = CommGroup::builder().ranks(2).build()?.into_communicators();
+/// let watchdog = comms[0].abort_handle();
+/// std::thread::spawn(move || {
+///     std::thread::sleep(Duration::from_secs(5));
+///     watchdog.abort("no progress for 5 s");
+/// });
+/// // Rank 1 never calls: rank 0 fails with `Error::Aborted` after 5 s, not at its deadline.
+/// let buf = comms[0].upload(&[1.0f32; 4])?;
+/// assert!(matches!(comms[0].all_reduce(&buf, ReduceOp::Sum), Err(wccl::Error::Aborted { .. })));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AbortHandle {
+    rank: usize,
+    aborted: Arc<OnceLock<String>>,
+    /// The link's way to wake this rank's waits and tell its peers; `None` when the link has
+    /// none (the abort then takes effect at the next call, or the current call's deadline).
+    remote: Option<RemoteAbort>,
+}
+
+impl AbortHandle {
+    /// Aborts the communicator with `reason`. Only the first call on any of its handles counts;
+    /// later ones do nothing.
+    pub fn abort(&self, reason: &str) {
+        if self.aborted.set(reason.to_string()).is_ok()
+            && let Some(remote) = &self.remote
+        {
+            remote(reason);
+        }
+    }
+
+    /// Whether the communicator has been aborted through a handle.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.get().is_some()
+    }
+
+    /// The rank of the communicator this handle aborts.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+}
+
+impl std::fmt::Debug for AbortHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AbortHandle")
+            .field("rank", &self.rank)
+            .field("aborted", &self.aborted.get())
+            .field("wakes_waits", &self.remote.is_some())
+            .finish()
+    }
+}
+
 /// `Ok(true)` when input and output are the same tensor, `Ok(false)` when they do not overlap;
 /// an error when they partly overlap.
 fn disjoint_or_same(at: At, input: &TensorRef<'_>, output: &TensorRef<'_>) -> Result<bool> {
@@ -722,3 +990,11 @@ fn disjoint_or_same(at: At, input: &TensorRef<'_>, output: &TensorRef<'_>) -> Re
         Ok(false)
     }
 }
+
+// A communicator is shared by reference across threads (a watchdog reading its state while
+// the owner calls): it must stay `Sync`, which a `Cell` or a non-`Sync` link would undo.
+const _: () = {
+    const fn assert_sync<T: Sync + Send>() {}
+    assert_sync::<Communicator>();
+    assert_sync::<AbortHandle>();
+};

@@ -25,6 +25,10 @@ pub struct GroupBuilder {
     ranks: usize,
     selector: AdapterSelector,
     config: CommConfig,
+    /// Set by [`timeout`](GroupBuilder::timeout): wins over `config`'s, whichever came first.
+    timeout: Option<Duration>,
+    /// Set by [`slice_bytes`](GroupBuilder::slice_bytes): wins over `config`'s likewise.
+    slice_bytes: Option<usize>,
 }
 
 impl GroupBuilder {
@@ -41,22 +45,36 @@ impl GroupBuilder {
         self
     }
 
-    /// All settings at once.
+    /// All settings at once. A [`timeout`](Self::timeout) or [`slice_bytes`](Self::slice_bytes)
+    /// given to this builder, before or after, overrides `config`'s.
     pub fn config(mut self, config: CommConfig) -> Self {
         self.config = config;
         self
     }
 
-    /// Default deadline of each collective.
+    /// Default deadline of each collective (kept by a later [`config`](Self::config)).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.config.timeout = timeout;
+        self.timeout = Some(timeout);
         self
     }
 
-    /// Pipeline slice size in bytes.
+    /// Pipeline slice size in bytes (kept by a later [`config`](Self::config)).
     pub fn slice_bytes(mut self, bytes: usize) -> Self {
-        self.config.slice_bytes = bytes;
+        self.slice_bytes = Some(bytes);
         self
+    }
+
+    /// The settings the group will get: [`config`](Self::config)'s, with this builder's own
+    /// [`timeout`](Self::timeout) and [`slice_bytes`](Self::slice_bytes) on top.
+    pub fn settings(&self) -> CommConfig {
+        let mut config = self.config.clone();
+        if let Some(timeout) = self.timeout {
+            config.timeout = timeout;
+        }
+        if let Some(bytes) = self.slice_bytes {
+            config.slice_bytes = bytes;
+        }
+        config
     }
 
     /// Finds the adapters, opens one device per rank, and links the ranks in this process.
@@ -81,7 +99,7 @@ impl GroupBuilder {
                 Ok(dev)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(CommGroup::link(devices, self.config))
+        Ok(CommGroup::link(devices, self.settings()))
     }
 }
 
@@ -98,6 +116,7 @@ impl GroupBuilder {
 /// assert_eq!(group.comm(2).download(&bufs[2])?[0], 6.0);
 /// # Ok(()) }
 /// ```
+#[derive(Debug)]
 pub struct CommGroup {
     comms: Vec<Communicator>,
 }
@@ -109,6 +128,8 @@ impl CommGroup {
             ranks: 2,
             selector: AdapterSelector::default(),
             config: CommConfig::default(),
+            timeout: None,
+            slice_bytes: None,
         }
     }
 
@@ -149,10 +170,12 @@ impl CommGroup {
         CommGroup { comms }
     }
 
-    /// A group rebuilt from the same devices with fresh links and no error: what to do after a
-    /// collective failed.
-    pub fn rebuild(self) -> CommGroup {
-        Self::rebuild_from(self.comms)
+    /// Rebuilds the group in place from the same devices, with fresh links and no error: what
+    /// to do after a collective failed. Abort handles of the old communicators no longer
+    /// affect the new ones.
+    pub fn rebuild(&mut self) {
+        let comms = std::mem::take(&mut self.comms);
+        *self = Self::rebuild_from(comms);
     }
 
     /// Like [`rebuild`](Self::rebuild), from communicators taken out with
@@ -175,12 +198,30 @@ impl CommGroup {
         self.comms.len()
     }
 
-    /// Rank `r`'s communicator.
+    /// Rank `r`'s communicator (for uploads, downloads and other `&self` calls).
     ///
     /// # Panics
-    /// If `r` is not a rank of the group.
-    pub fn comm(&mut self, r: usize) -> &mut Communicator {
+    /// If `r` is not a rank of the group; [`get`](Self::get) does not panic.
+    pub fn comm(&self, r: usize) -> &Communicator {
+        &self.comms[r]
+    }
+
+    /// Rank `r`'s communicator, mutably (for its collectives and settings).
+    ///
+    /// # Panics
+    /// If `r` is not a rank of the group; [`get_mut`](Self::get_mut) does not panic.
+    pub fn comm_mut(&mut self, r: usize) -> &mut Communicator {
         &mut self.comms[r]
+    }
+
+    /// Rank `r`'s communicator, or `None` if `r` is not a rank of the group.
+    pub fn get(&self, r: usize) -> Option<&Communicator> {
+        self.comms.get(r)
+    }
+
+    /// Rank `r`'s communicator mutably, or `None` if `r` is not a rank of the group.
+    pub fn get_mut(&mut self, r: usize) -> Option<&mut Communicator> {
+        self.comms.get_mut(r)
     }
 
     /// The adapters of the ranks, in rank order.
@@ -373,6 +414,49 @@ impl CommGroup {
             output,
             root,
         });
+        self.run(&calls, CallOptions::default())
+    }
+
+    /// Out-of-place broadcast: every rank's `outputs[r]` becomes `input`, the root's tensor.
+    pub fn broadcast_into<'a>(
+        &mut self,
+        input: TensorRef<'a>,
+        outputs: &[TensorRef<'a>],
+        root: usize,
+    ) -> Result<()> {
+        // Non-root ranks never read their input: they name their output there.
+        let calls: Vec<_> = outputs
+            .iter()
+            .enumerate()
+            .map(|(r, &output)| Collective::Broadcast {
+                input: if r == root { input } else { output },
+                output,
+                root,
+            })
+            .collect();
+        self.run(&calls, CallOptions::default())
+    }
+
+    /// Out-of-place reduce: `output`, on the root's device, becomes the reduction of every
+    /// rank's `inputs[r]`; no other rank needs an output.
+    pub fn reduce_into<'a>(
+        &mut self,
+        inputs: &[TensorRef<'a>],
+        output: TensorRef<'a>,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        // Non-root ranks never write their output: they name their input there.
+        let calls: Vec<_> = inputs
+            .iter()
+            .enumerate()
+            .map(|(r, &input)| Collective::Reduce {
+                input,
+                output: if r == root { output } else { input },
+                op,
+                root,
+            })
+            .collect();
         self.run(&calls, CallOptions::default())
     }
 

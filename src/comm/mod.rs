@@ -9,5 +9,7 @@ mod local;
 mod probe;
 mod protocol;
 
-pub use communicator::{CallOptions, Collective, CommConfig, Communicator, MAX_PIPELINE_DEPTH};
+pub use communicator::{
+    AbortHandle, CallOptions, Collective, CommConfig, Communicator, MAX_PIPELINE_DEPTH,
+};
 pub use group::{CommGroup, GroupBuilder, MAX_RANKS};

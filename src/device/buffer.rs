@@ -129,6 +129,7 @@ impl<'a> TensorRef<'a> {
 /// assert_eq!(group.comm(0).download(&buf)?, vec![1.0, 2.0, 3.0]);
 /// # Ok(()) }
 /// ```
+#[derive(Debug)]
 pub struct DeviceBuffer<T: Element> {
     buffer: Buffer,
     len: usize,

@@ -309,7 +309,7 @@ mod tests {
         let Ok(mut g) = CommGroup::builder().ranks(1).build() else {
             panic!("no adapter for the test");
         };
-        let comm = g.comm(0);
+        let comm = g.comm_mut(0);
         let e = &mut comm.engine;
         let src = e.dev.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("test source"),

@@ -16,7 +16,8 @@ use crate::types::{Combine, DType};
 const SOURCE: &str = include_str!("../../shaders/reduce.wgsl");
 const PACKED_SOURCE: &str = include_str!("../../shaders/reduce_packed.wgsl");
 const WORKGROUP: u32 = 256;
-/// Elements per invocation (the `PER_THREAD` override of reduce.wgsl).
+/// Elements per invocation: the `PER_THREAD` override of reduce.wgsl and reduce_packed.wgsl,
+/// always set from here (the dispatch size depends on it), so this constant is the one source.
 const PER_THREAD: u32 = 4;
 /// Bytes between two parameter blocks in the uniform buffer (the largest offset alignment).
 const PARAM_STRIDE: u64 = 256;

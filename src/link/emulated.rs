@@ -39,6 +39,15 @@ pub struct EmulatedLink<L: Link> {
     state: Mutex<EgressState>,
 }
 
+impl<L: Link> std::fmt::Debug for EmulatedLink<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatedLink")
+            .field("rank", &self.inner.rank())
+            .field("emu", &self.emu)
+            .finish_non_exhaustive()
+    }
+}
+
 struct EgressState {
     free_at: Instant,
     rng: u64,
@@ -122,6 +131,11 @@ impl<L: Link> Link for EmulatedLink<L> {
 
     fn abort(&self, reason: &str) {
         self.inner.abort(reason);
+    }
+
+    fn remote_abort(&self) -> Option<super::RemoteAbort> {
+        // Aborts are control messages, not emulated traffic: no delay, as `abort`.
+        self.inner.remote_abort()
     }
 }
 

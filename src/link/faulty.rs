@@ -125,6 +125,15 @@ pub struct FaultyLink<L: Link> {
     plan: FaultPlan,
 }
 
+impl<L: Link> std::fmt::Debug for FaultyLink<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyLink")
+            .field("rank", &self.inner.rank())
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<L: Link> FaultyLink<L> {
     fn check_peer(&self, peer: usize) -> Result<(), LinkError> {
         if self.plan.lock().killed.contains(&peer) {
@@ -202,6 +211,17 @@ impl<L: Link> Link for FaultyLink<L> {
         if !self.plan.lock().killed.contains(&self.inner.rank()) {
             self.inner.abort(reason);
         }
+    }
+
+    fn remote_abort(&self) -> Option<super::RemoteAbort> {
+        // A killed rank's aborts vanish like its frames, as in `abort`.
+        let inner = self.inner.remote_abort()?;
+        let (plan, rank) = (self.plan.clone(), self.inner.rank());
+        Some(Arc::new(move |reason: &str| {
+            if !plan.lock().killed.contains(&rank) {
+                inner(reason);
+            }
+        }))
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crossbeam::channel::{Receiver, Select, Sender, TryRecvError, select_biased, unbounded};
 
-use super::{Frame, Link, LinkError};
+use super::{Frame, Link, LinkError, RemoteAbort};
 
 struct Abort {
     from: usize,
@@ -19,6 +19,15 @@ pub struct InProcLink {
     from: Vec<Receiver<Frame>>,
     control_to: Vec<Sender<Abort>>,
     control: Receiver<Abort>,
+}
+
+impl std::fmt::Debug for InProcLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcLink")
+            .field("rank", &self.rank)
+            .field("size", &self.to.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Builds the links of `n` ranks that talk through channels in one process.
@@ -131,5 +140,19 @@ impl Link for InProcLink {
                 });
             }
         }
+    }
+
+    fn remote_abort(&self) -> Option<RemoteAbort> {
+        // Every control channel including this rank's own: a receive blocked on this rank's
+        // thread wakes up exactly as its peers' do. A send to a dropped rank fails; ignored.
+        let (rank, control) = (self.rank, self.control_to.clone());
+        Some(std::sync::Arc::new(move |reason: &str| {
+            for c in &control {
+                let _ = c.send(Abort {
+                    from: rank,
+                    reason: reason.to_string(),
+                });
+            }
+        }))
     }
 }

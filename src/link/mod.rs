@@ -6,6 +6,7 @@ mod emulated;
 mod faulty;
 mod inproc;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 pub use emulated::{EmulatedLink, LinkEmulation};
@@ -39,12 +40,17 @@ pub enum LinkError {
     },
 }
 
+/// Aborts on a rank's behalf from any thread; see [`Link::remote_abort`].
+pub type RemoteAbort = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// A rank's connections to every other rank of its group.
+///
+/// `Send + Sync`: a communicator that owns a link is shared across threads by reference.
 ///
 /// `send` never blocks for long (frames queue at the receiver); `recv` waits for the next frame
 /// from one peer until the deadline, but returns early with [`LinkError::Aborted`] when any rank
 /// aborts.
-pub trait Link: Send {
+pub trait Link: Send + Sync {
     /// This rank.
     fn rank(&self) -> usize;
     /// Number of ranks in the group.
@@ -58,6 +64,14 @@ pub trait Link: Send {
     fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError>;
     /// Tells every other rank that this rank gave up, and why (best effort).
     fn abort(&self, reason: &str);
+    /// A function that aborts for this rank from another thread while this rank may be blocked
+    /// in [`recv`](Self::recv): it tells every other rank, as [`abort`](Self::abort) does, and
+    /// also wakes this rank's own `recv`/`recv_any` with [`LinkError::Aborted`] whose `from` is
+    /// this rank. `None` (the default) when the link cannot; an abort handle then takes effect
+    /// at the rank's next call or its deadline.
+    fn remote_abort(&self) -> Option<RemoteAbort> {
+        None
+    }
 }
 
 impl<L: Link + ?Sized> Link for Box<L> {
@@ -78,5 +92,8 @@ impl<L: Link + ?Sized> Link for Box<L> {
     }
     fn abort(&self, reason: &str) {
         (**self).abort(reason)
+    }
+    fn remote_abort(&self) -> Option<RemoteAbort> {
+        (**self).remote_abort()
     }
 }

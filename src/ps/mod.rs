@@ -164,6 +164,22 @@ pub struct ParameterServer {
     consistency: Consistency,
 }
 
+impl std::fmt::Debug for ParameterServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParameterServer")
+            .field("servers", &self.servers)
+            .field("workers", &self.workers)
+            .field("backups", &self.backups)
+            .field("mode", &self.mode)
+            .field("params", &self.params.len())
+            .field("config", &self.config)
+            .field("quorum", &self.quorum)
+            .field("replicas", &self.replicas)
+            .field("consistency", &self.consistency)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ParameterServer {
     /// One server, two workers, `Sync`, SGD with lr 0.01, no parameters yet.
     pub fn builder() -> ParameterServer {

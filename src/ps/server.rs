@@ -96,6 +96,20 @@ pub struct PsServer {
     servers: Vec<usize>,
 }
 
+impl std::fmt::Debug for PsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PsServer")
+            .field("comm", &self.comm)
+            .field("keys", &self.keys.len())
+            .field("workers", &self.workers)
+            .field("mode", &self.mode)
+            .field("backups", &self.backups)
+            .field("quorum", &self.quorum)
+            .field("consistency", &self.consistency)
+            .finish_non_exhaustive()
+    }
+}
+
 impl PsServer {
     pub(crate) fn new(
         comm: Communicator,

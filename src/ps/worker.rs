@@ -39,6 +39,19 @@ pub struct PsWorker {
     servers: usize,
 }
 
+impl std::fmt::Debug for PsWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PsWorker")
+            .field("comm", &self.comm)
+            .field("index", &self.index)
+            .field("keys", &self.keys)
+            .field("servers", &self.servers)
+            .field("lost", &self.lost)
+            .field("failovers", &self.failovers)
+            .finish_non_exhaustive()
+    }
+}
+
 impl PsWorker {
     pub(crate) fn new(
         comm: Communicator,

@@ -97,6 +97,12 @@ pub struct Kernels {
     elementwise: ElementwiseKernels,
 }
 
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernels").finish_non_exhaustive()
+    }
+}
+
 impl Kernels {
     /// Kernels for `dev`.
     pub fn new(dev: &RankDevice) -> Self {

@@ -127,6 +127,16 @@ pub struct ColumnParallelLinear {
     dy_shard: Option<DeviceBuffer<f32>>,
 }
 
+impl std::fmt::Debug for ColumnParallelLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ColumnParallelLinear")
+            .field("in_features", &self.in_features)
+            .field("out_features", &self.out_features)
+            .field("columns", &self.columns)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ColumnParallelLinear {
     /// The layer with the full weight `weight` (`in_features x out_features`, row-major, the
     /// same on every rank); this rank uploads its columns.
@@ -278,6 +288,16 @@ pub struct RowParallelLinear {
     out_features: usize,
     rows: Range<usize>,
     shard: LocalLinear,
+}
+
+impl std::fmt::Debug for RowParallelLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowParallelLinear")
+            .field("in_features", &self.in_features)
+            .field("out_features", &self.out_features)
+            .field("rows", &self.rows)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RowParallelLinear {

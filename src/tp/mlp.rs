@@ -44,6 +44,15 @@ pub struct ParallelMlp {
     acts: Option<Activations>,
 }
 
+impl std::fmt::Debug for ParallelMlp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParallelMlp")
+            .field("fc1", &self.fc1)
+            .field("fc2", &self.fc2)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Activations {
     batch: usize,
     h: DeviceBuffer<f32>,

@@ -75,6 +75,15 @@ pub struct ColumnParallel {
     scratch: Option<(DeviceBuffer<u32>, DeviceBuffer<u32>, DType, usize)>,
 }
 
+impl std::fmt::Debug for ColumnParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ColumnParallel")
+            .field("rank", &self.rank)
+            .field("ranks", &self.ranks)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ColumnParallel {
     /// The split of an `m x n x k` product over `comm`'s ranks; fails when n < ranks.
     pub fn new(comm: &mut Communicator, m: usize, n: usize, k: usize) -> Result<Self> {
@@ -190,6 +199,15 @@ pub struct RowParallel {
     spec: Matmul,
     rank: usize,
     ranks: usize,
+}
+
+impl std::fmt::Debug for RowParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowParallel")
+            .field("rank", &self.rank)
+            .field("ranks", &self.ranks)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RowParallel {

@@ -45,6 +45,7 @@ pub fn random_values(rng: &mut impl Rng, dtype: DType, op: ReduceOp, len: usize)
                 (DType::I32, _) => rng.random_range(-100_000..=100_000) as f64,
                 (DType::U32, ReduceOp::Prod) => rng.random_range(0..=4) as f64,
                 (DType::U32, _) => rng.random_range(0..=100_000) as f64,
+                (d, _) => panic!("no test values for {d}"),
             };
             round_to(dtype, v)
         })
@@ -58,6 +59,7 @@ pub fn round_to(dtype: DType, v: f64) -> f64 {
         DType::F16 => f16::from_f64(v).to_f64(),
         DType::BF16 => bf16::from_f64(v).to_f64(),
         DType::I32 | DType::U32 => v.round(),
+        d => panic!("no rounding for {d}"),
     }
 }
 
@@ -84,6 +86,7 @@ pub fn encode(dtype: DType, values: &[f64]) -> Vec<u8> {
         DType::U32 => {
             bytemuck::cast_slice(&values.iter().map(|&v| v as u32).collect::<Vec<_>>()).to_vec()
         }
+        d => panic!("no encoding for {d}"),
     }
 }
 
@@ -93,6 +96,7 @@ pub fn poison(dtype: DType) -> f64 {
         DType::F32 | DType::F16 | DType::BF16 => f64::NAN,
         DType::I32 => -123_456_789.0,
         DType::U32 => 3_999_999_999.0,
+        d => panic!("no poison for {d}"),
     }
 }
 
@@ -137,6 +141,7 @@ pub fn read(comm: &Communicator, t: TensorRef<'_>) -> Vec<f64> {
         DType::U32 => comm
             .read::<u32>(t)
             .map(|v| v.into_iter().map(f64::from).collect()),
+        d => panic!("no read-back for {d}"),
     };
     match r {
         Ok(v) => v,
