@@ -98,10 +98,7 @@ fn collectives_over_emulated_links_are_exact_and_take_the_wire_time() {
         latency_us: 2000.0,
         jitter_us: 500.0,
     };
-    let config = CommConfig {
-        link_emulation: Some(emu),
-        ..CommConfig::default()
-    };
+    let config = CommConfig::default().link_emulation(emu);
     let n = 3;
     let mut g = common::group_with(n, config);
     check_all_kinds(&mut g, DType::F32, ReduceOp::Sum, 101, 2);
@@ -148,7 +145,7 @@ fn collectives_over_emulated_links_are_exact_and_take_the_wire_time() {
 #[test]
 fn reduce_local_for_every_operator_and_type() {
     let mut g = common::group(1);
-    let comm = g.comm(0);
+    let comm = g.comm_mut(0);
     let mut rng = StdRng::seed_from_u64(4);
     let pad = 5;
     for dtype in [DType::F32, DType::F16, DType::BF16, DType::I32, DType::U32] {
@@ -205,12 +202,8 @@ fn reduce_local_for_every_operator_and_type() {
 #[test]
 fn pipeline_depths_1_2_and_8_over_many_slices() {
     for depth in [1usize, 2, 8] {
-        let config = CommConfig {
-            pipeline_depth: depth,
-            // 1000 f32 per rank are 4000 bytes: 16 slices, and several per ring chunk.
-            slice_bytes: 256,
-            ..CommConfig::default()
-        };
+        // 1000 f32 per rank are 4000 bytes: 16 slices, and several per ring chunk.
+        let config = CommConfig::default().pipeline_depth(depth).slice_bytes(256);
         let mut g = common::group_with(3, config);
         assert_eq!(g.comm(0).config().pipeline_depth, depth);
         check_all_kinds(&mut g, DType::F32, ReduceOp::Sum, 1000, 10 + depth as u64);

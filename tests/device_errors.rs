@@ -177,9 +177,8 @@ fn a_validation_error_in_wccls_work_is_every_ranks_error_not_the_callers() {
 #[test]
 fn reading_a_destroyed_buffer_is_this_calls_error_not_the_next_ones() {
     let (device, queue) = user_device();
-    let mut g =
-        CommGroup::from_devices(vec![(device.clone(), queue.clone())], CommConfig::default())
-            .expect("a group");
+    let g = CommGroup::from_devices(vec![(device.clone(), queue.clone())], CommConfig::default())
+        .expect("a group");
     let buf = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("caller's tensor"),
         size: 4096,
@@ -203,10 +202,7 @@ fn reading_a_destroyed_buffer_is_this_calls_error_not_the_next_ones() {
 
 #[test]
 fn a_rank_that_panics_in_a_group_call_releases_its_peers_at_once() {
-    let config = CommConfig {
-        timeout: std::time::Duration::from_secs(120),
-        ..CommConfig::default()
-    };
+    let config = CommConfig::default().timeout(std::time::Duration::from_secs(120));
     let mut g = CommGroup::builder()
         .ranks(3)
         .config(config)

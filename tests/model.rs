@@ -150,7 +150,7 @@ fn auto_follows_hand_built_figures_to_each_algorithm() {
             "{f:?}, shared {shared}"
         );
         for r in 0..3 {
-            g.comm(r).set_cost_model(model.clone());
+            g.comm_mut(r).set_cost_model(model.clone());
         }
         for (r, ran) in run_auto(&mut g, count).into_iter().enumerate() {
             assert_eq!(ran, Some(want), "rank {r} under {f:?}, shared {shared}");
