@@ -8,7 +8,7 @@
 //! knows that every rank agreed; a rank that disagreed aborts the ranks still waiting for it.
 //! So no rank returns success while another refused the call, for one empty frame per rank.
 //!
-//! Like every other plan, this one only ever sends to rank+1 and receives from rank-1, so ranks
+//! Like the ring plans, this one only ever sends to rank+1 and receives from rank-1, so ranks
 //! that disagree about the collective or its root still meet on the same links: as long as one
 //! rank starts by sending, a disagreement is found rather than waited out.
 
