@@ -42,21 +42,8 @@ fn input(rank: usize, len: usize) -> Vec<f32> {
 
 #[test]
 fn from_devices_with_three_distinct_devices() {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-        backends: wgpu::Backends::PRIMARY,
-        ..wgpu::InstanceDescriptor::new_without_display_handle()
-    });
-    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
-        .into_iter()
-        .next()
-        .expect("a Vulkan adapter (apt-get install mesa-vulkan-drivers)");
     // Three devices of their own (not one device shared three times).
-    let devices: Vec<(wgpu::Device, wgpu::Queue)> = (0..3)
-        .map(|_| {
-            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default()))
-                .expect("a device")
-        })
-        .collect();
+    let devices = common::user_devices(3);
     let handles: Vec<wgpu::Device> = devices.iter().map(|d| d.0.clone()).collect();
     assert!(handles[0] != handles[1] && handles[1] != handles[2] && handles[0] != handles[2]);
     let mut g = CommGroup::from_devices(devices, CommConfig::default()).expect("group");

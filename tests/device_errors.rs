@@ -5,20 +5,23 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+mod common;
+
 use wccl::{CommConfig, CommGroup, Error, ReduceOp};
 
 /// The caller's own device on the first primary adapter (the software adapter in CI).
 fn user_device() -> (wgpu::Device, wgpu::Queue) {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-        backends: wgpu::Backends::PRIMARY,
-        ..wgpu::InstanceDescriptor::new_without_display_handle()
-    });
-    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
-        .into_iter()
-        .next()
-        .expect("a Vulkan adapter (apt-get install mesa-vulkan-drivers)");
-    pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default()))
-        .expect("a device")
+    common::user_devices(1).remove(0)
+}
+
+/// Installs the caller's uncaptured-error handler: it counts what reaches it.
+fn counting_handler(device: &wgpu::Device) -> Arc<AtomicUsize> {
+    let caught = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&caught);
+    device.on_uncaptured_error(Arc::new(move |_e: wgpu::Error| {
+        c.fetch_add(1, Ordering::SeqCst);
+    }));
+    caught
 }
 
 /// A validation error in the caller's own work: a copy past the end of a buffer.
@@ -47,11 +50,7 @@ fn input(rank: usize, len: usize) -> Vec<f32> {
 #[test]
 fn the_callers_errors_stay_the_callers_and_collectives_still_work() {
     let (device, queue) = user_device();
-    let caught = Arc::new(AtomicUsize::new(0));
-    let c = Arc::clone(&caught);
-    device.on_uncaptured_error(Arc::new(move |_e: wgpu::Error| {
-        c.fetch_add(1, Ordering::SeqCst);
-    }));
+    let caught = counting_handler(&device);
     // Two ranks on the one device.
     let mut g = CommGroup::from_devices(
         vec![
@@ -98,11 +97,7 @@ fn the_callers_errors_stay_the_callers_and_collectives_still_work() {
 #[test]
 fn wccls_own_errors_are_still_values_on_a_callers_device() {
     let (device, queue) = user_device();
-    let caught = Arc::new(AtomicUsize::new(0));
-    let c = Arc::clone(&caught);
-    device.on_uncaptured_error(Arc::new(move |_e: wgpu::Error| {
-        c.fetch_add(1, Ordering::SeqCst);
-    }));
+    let caught = counting_handler(&device);
     let mut g = CommGroup::from_devices(vec![(device.clone(), queue)], CommConfig::default())
         .expect("a group");
     let input = g.comm(0).upload(&[1.0f32; 64]).expect("upload");
@@ -114,16 +109,17 @@ fn wccls_own_errors_are_still_values_on_a_callers_device() {
         .expect_err("a destroyed device cannot run a collective");
     assert!(matches!(e, Error::Device { .. }), "{e}");
     assert_eq!(e.rank(), Some(0));
+    assert_eq!(
+        caught.load(Ordering::SeqCst),
+        0,
+        "wccl's errors on the destroyed device went to the caller's handler"
+    );
 }
 
 #[test]
 fn a_validation_error_in_wccls_work_is_every_ranks_error_not_the_callers() {
     let (device, queue) = user_device();
-    let caught = Arc::new(AtomicUsize::new(0));
-    let c = Arc::clone(&caught);
-    device.on_uncaptured_error(Arc::new(move |_e: wgpu::Error| {
-        c.fetch_add(1, Ordering::SeqCst);
-    }));
+    let caught = counting_handler(&device);
     let mut g = CommGroup::from_devices(
         vec![
             (device.clone(), queue.clone()),

@@ -376,3 +376,22 @@ pub fn check(group: &mut CommGroup, case: Case, rng: &mut impl Rng) {
 fn same(a: f64, b: f64) -> bool {
     a == b || (a.is_nan() && b.is_nan())
 }
+
+/// `n` devices of the caller's own (not wccl's) on the first primary adapter (the software
+/// adapter in CI), each opened separately.
+pub fn user_devices(n: usize) -> Vec<(wgpu::Device, wgpu::Queue)> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::PRIMARY,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
+        .into_iter()
+        .next()
+        .expect("a Vulkan adapter (apt-get install mesa-vulkan-drivers)");
+    (0..n)
+        .map(|_| {
+            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default()))
+                .expect("a device")
+        })
+        .collect()
+}
