@@ -321,7 +321,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let single_err = errors(&single, &full, f, d);
     println!("  1 rank against f64: {}", show(&single_err));
-    let mut worst = single_err.iter().map(|e| e.1).fold(0.0f64, f64::max);
+    let mut worst = single_err.iter().map(|e| e.1).fold(0.0f64, nan_max);
     let mut worst_one = 0.0f64;
     for (r, run) in split.iter().enumerate() {
         let errs = errors(run, &full, f, d);
@@ -332,8 +332,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             show(&errs),
             show(&against_one)
         );
-        worst = errs.iter().map(|e| e.1).fold(worst, f64::max);
-        worst_one = against_one.iter().map(|e| e.1).fold(worst_one, f64::max);
+        worst = errs.iter().map(|e| e.1).fold(worst, nan_max);
+        worst_one = against_one.iter().map(|e| e.1).fold(worst_one, nan_max);
     }
     // f32 sums of up to d_ffn products: rounding stays far below 1e-5 (about 1e-7 here).
     if !(worst <= 1e-5 && worst_one <= 1e-5) {
@@ -347,4 +347,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "split block matches the f64 reference (worst relative error {worst:.1e}; against one device {worst_one:.1e})"
     );
     Ok(())
+}
+
+/// The larger of two errors, NaN winning: a NaN anywhere in an output must fail the check
+/// (`f64::max` would drop it).
+fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }

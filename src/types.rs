@@ -99,6 +99,7 @@ impl Element for half::bf16 {
 /// `Avg` is a sum followed by a division by the rank count; on integers the division truncates
 /// toward zero, as NCCL's does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ReduceOp {
     /// Element-wise sum.
     Sum,

@@ -46,6 +46,7 @@ fn reduced(dtype: DType, op: ReduceOp, n: usize, i: usize) -> f64 {
         ReduceOp::Min => xs.fold(f64::INFINITY, f64::min),
         ReduceOp::Max => xs.fold(f64::NEG_INFINITY, f64::max),
         ReduceOp::Avg => round(dtype, f64::from(xs.sum::<f64>() as f32 / n as f32)),
+        other => panic!("no reference for {other}"),
     }
 }
 

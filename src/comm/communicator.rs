@@ -356,7 +356,7 @@ impl Communicator {
         op: ReduceOp,
     ) -> Result<()> {
         // Errors of this device work reach the rank's error store when the scope ends.
-        let _scope = self.engine.dev.error_scope();
+        let scope = self.engine.dev.error_scope();
         let (dst, src) = (dst.into(), src.into());
         let at = At::rank(self.rank);
         self.gate(at)?;
@@ -393,6 +393,8 @@ impl Communicator {
             last = Some(e.kernels.submit(&e.dev, enc));
             done += n;
         }
+        // End the scope before the wait, so that an error of this work is this call's.
+        drop(scope);
         if let Some(idx) = last {
             e.dev
                 .wait_submission(&idx, deadline)

@@ -72,7 +72,7 @@ impl Communicator {
         deadline: Instant,
     ) -> Result<()> {
         // Errors of this device work reach the rank's error store when the scope ends.
-        let _scope = self.engine.dev.error_scope();
+        let scope = self.engine.dev.error_scope();
         let at = At::rank(self.rank());
         self.gate(at)?;
         t.validate(at, "fold")?;
@@ -106,6 +106,8 @@ impl Communicator {
             e.uploads.submitted(&idx);
             last = Some(idx);
         }
+        // End the scope before the wait, so that an error of this work is this call's.
+        drop(scope);
         if let Some(idx) = last {
             e.dev
                 .wait_submission(&idx, deadline)

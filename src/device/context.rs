@@ -241,8 +241,14 @@ impl RankDevice {
             }
             match self.poll_once(submission, deadline) {
                 Ok(_) => {}
-                // The deadline's last poll may have run the callback that sets the flag.
-                Err(WaitError::Deadline) if flag.load(Ordering::Acquire) => return Ok(()),
+                // The deadline's last poll may have run the callback that sets the flag; the
+                // error store still speaks first.
+                Err(WaitError::Deadline) if flag.load(Ordering::Acquire) => {
+                    return match self.take_error() {
+                        Some(message) => Err(WaitError::Device(message)),
+                        None => Ok(()),
+                    };
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -169,6 +169,7 @@ pub fn reference(dtype: DType, op: ReduceOp, inputs: &[Vec<f64>]) -> Vec<f64> {
                         (s / n as f64).trunc()
                     }
                 }
+                other => panic!("no f64 reference for {other}"),
             }
         })
         .collect()
@@ -190,6 +191,7 @@ pub fn tolerance(dtype: DType, op: ReduceOp, inputs: &[Vec<f64>], i: usize, expe
         ReduceOp::Sum => (n + 1.0) * eps * abs_sum,
         ReduceOp::Avg => (n + 2.0) * eps * abs_sum / n + eps * expected.abs(),
         ReduceOp::Prod => (n + 1.0) * eps * expected.abs(),
+        other => panic!("no tolerance for {other}"),
     }
 }
 
