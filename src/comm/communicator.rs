@@ -216,6 +216,11 @@ impl Collective<'_> {
 /// error naming the operation, its sequence number and the rank at fault, and the communicator
 /// stays broken until the group is rebuilt with
 /// [`CommGroup::rebuild`](crate::CommGroup::rebuild).
+///
+/// `Communicator` is `Sync`, so that a reference can be shared with threads that read its state.
+/// Device errors are recorded per rank, not per call: two `&self` calls running at once on one
+/// communicator (two `read`s, say) may see each other's device error. Make such calls from one
+/// thread at a time.
 pub struct Communicator {
     rank: usize,
     size: usize,
