@@ -360,9 +360,8 @@ fn bad_input_is_refused() {
 /// Pushes whose size is wrong, sent past the worker's own check (which would refuse them
 /// first), reach the server's: it refuses each one naming the key and both sizes, applies
 /// nothing, and goes on serving: every worker's right push afterwards lands, as in the f64
-/// reference. One wrong push per worker, and no pull after its refusal: the server still
-/// answers the pull that came back refused, and `PsWorker::pull` does not drain that answer,
-/// so the worker's next pull would return it (stale) instead of its own (an open fault).
+/// reference. The server still answers the pull that came back refused; that answer (step 0's
+/// parameters) must never be taken for a later pull's: each worker's next pulls return step 1's.
 #[test]
 fn the_server_itself_refuses_a_wrong_size_push_and_keeps_serving() {
     let rule = Sgd {
@@ -395,6 +394,22 @@ fn the_server_itself_refuses_a_wrong_size_push_and_keeps_serving() {
             let q = w.index();
             let g = w.comm().upload(&grads[0][q][k])?;
             w.push(name, &g, 0)?;
+        }
+        // The refused pull's own answer is queued or on its way: these pulls return their own.
+        for (k, (name, count)) in SIZES.iter().enumerate() {
+            let p = w.comm().buffer::<f32>(*count)?;
+            let info = w.pull(name, 1, &p)?;
+            assert_eq!(
+                info.version,
+                1,
+                "worker {}: '{name}' pulled a stale answer",
+                w.index()
+            );
+            assert_close(
+                &w.comm().download(&p)?,
+                &reference[1][k],
+                "pulled after a refusal",
+            );
         }
         w.done()
     });

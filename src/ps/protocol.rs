@@ -38,6 +38,10 @@ pub(crate) struct PsHeader {
     /// Params from a replica cut off from its primary: milliseconds since it last heard from
     /// it (`NOT_STALE` otherwise).
     pub stale_ms: u32,
+    /// A worker's number for a pull, echoed in the server's answer to it (`Params` or
+    /// `Refused`), so that an answer to an earlier request is never taken for this one's; 0 on
+    /// pushes and everything else.
+    pub req: u64,
 }
 
 /// `stale_ms` of parameters that are known to be current.
@@ -53,6 +57,7 @@ impl PsHeader {
             key: key as u32,
             count: count as u32,
             stale_ms: NOT_STALE,
+            req: 0,
         }
     }
 

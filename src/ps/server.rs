@@ -229,7 +229,7 @@ impl PsServer {
                         ));
                     }
                     let Some(h) = PsHeader::decode(&frame.header) else {
-                        self.refuse(from, 0, "malformed frame")?;
+                        self.refuse(from, None, 0, "malformed frame")?;
                         continue;
                     };
                     match h.kind() {
@@ -241,7 +241,7 @@ impl PsServer {
                             self.finished.insert(from);
                             self.settle()?;
                         }
-                        _ => self.refuse(from, h.key, "unexpected frame")?,
+                        _ => self.refuse(from, Some(&h), h.key, "unexpected frame")?,
                     }
                 }
                 Err(LinkError::Gone(p)) => {
@@ -357,8 +357,19 @@ impl PsServer {
         self.workers.iter().position(|&w| w == rank).unwrap_or(0)
     }
 
-    fn refuse(&mut self, to: usize, key: u32, reason: &str) -> Result<()> {
-        let h = PsHeader::new(Kind::Refused, key as usize, 0, 0);
+    /// Refuses `request` (when it could be decoded), echoing its number so that the worker
+    /// knows which of its requests the answer is for.
+    fn refuse(
+        &mut self,
+        to: usize,
+        request: Option<&PsHeader>,
+        key: u32,
+        reason: &str,
+    ) -> Result<()> {
+        let mut h = PsHeader::new(Kind::Refused, key as usize, 0, 0);
+        if let Some(r) = request {
+            (h.step, h.req) = (r.step, r.req);
+        }
         self.send(to, h, reason.as_bytes().to_vec())
     }
 
@@ -382,10 +393,10 @@ impl PsServer {
 
     fn push(&mut self, from: usize, h: &PsHeader, payload: &[u8]) -> Result<()> {
         let Some(&k) = self.local.get(&h.key) else {
-            return self.refuse(from, h.key, "this server does not hold that key");
+            return self.refuse(from, Some(h), h.key, "this server does not hold that key");
         };
         if let Some(reason) = self.take_over(k)? {
-            return self.refuse(from, h.key, &reason);
+            return self.refuse(from, Some(h), h.key, &reason);
         }
         if payload.len() != self.keys[k].count * 4 || h.count as usize != self.keys[k].count {
             let reason = format!(
@@ -394,7 +405,7 @@ impl PsServer {
                 self.keys[k].name,
                 self.keys[k].count
             );
-            return self.refuse(from, h.key, &reason);
+            return self.refuse(from, Some(h), h.key, &reason);
         }
         let w = self.worker_index(from);
         if !self.keys[k].seen.insert((w, h.step)) {
@@ -432,7 +443,7 @@ impl PsServer {
                         "push for step {} while step {} is being aggregated (pull first)",
                         h.step, key.version
                     );
-                    return self.refuse(from, h.key, &reason);
+                    return self.refuse(from, Some(h), h.key, &reason);
                 }
                 self.comm.fold_now(payload, acc, Combine::Sum, deadline)?;
                 let key = &mut self.keys[k];
@@ -716,12 +727,12 @@ impl PsServer {
             let (from, h, _) = pending[i];
             let Some(&k) = self.local.get(&h.key) else {
                 pending.swap_remove(i);
-                self.refuse(from, h.key, "this server does not hold that key")?;
+                self.refuse(from, Some(&h), h.key, "this server does not hold that key")?;
                 continue;
             };
             if let Some(reason) = self.take_over(k)? {
                 pending.swap_remove(i);
-                self.refuse(from, h.key, &reason)?;
+                self.refuse(from, Some(&h), h.key, &reason)?;
                 continue;
             }
             if !self.ready(k, h.step, live) {
@@ -736,6 +747,7 @@ impl PsServer {
             let mut reply = PsHeader::new(Kind::Params, h.key as usize, h.step, self.keys[k].count);
             reply.version = self.keys[k].version;
             reply.clock = self.min_clock(k, live);
+            reply.req = h.req;
             if self.keys[k].cut_off {
                 let ms = self.keys[k].last_heard.elapsed().as_millis();
                 reply.stale_ms = ms.min(u32::MAX as u128 - 1) as u32;

@@ -35,6 +35,8 @@ pub struct PsWorker {
     /// Per key: the highest version this worker has been answered with.
     seen: Vec<u64>,
     lost: u64,
+    /// The number of the last pull sent (see `PsHeader::req`).
+    pulls: u64,
     failovers: u64,
     servers: usize,
 }
@@ -70,6 +72,7 @@ impl PsWorker {
             last_push: vec![None; n],
             seen: vec![0; n],
             lost: 0,
+            pulls: 0,
             failovers: 0,
             servers,
         }
@@ -199,11 +202,13 @@ impl PsWorker {
         step: u64,
         into: TensorRef<'_>,
     ) -> Result<PullInfo> {
-        self.send(
-            server,
-            PsHeader::new(Kind::Pull, k, step, into.count),
-            Vec::new(),
-        )?;
+        // Numbered, so that an answer to an earlier pull still on its way (one whose refusal
+        // came back first) is never taken for this one's.
+        self.pulls = self.pulls.wrapping_add(1).max(1);
+        let req = self.pulls;
+        let mut request = PsHeader::new(Kind::Pull, k, step, into.count);
+        request.req = req;
+        self.send(server, request, Vec::new())?;
         // The server may first wait a whole deadline for a worker it then declares failed.
         let deadline = deadline_after(
             self.comm
@@ -235,6 +240,8 @@ impl PsWorker {
                 continue;
             };
             match h.kind() {
+                // The answer to an earlier pull that returned with a refusal: dropped.
+                Some(Kind::Params) if h.req != req => continue,
                 Some(Kind::Params) if h.key as usize == k => {
                     self.comm
                         .fold_now(&frame.payload, into, Combine::Copy, deadline)?;
