@@ -40,6 +40,21 @@ fn input(rank: usize, len: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Every rank's buffer holds the exact f64 sum of `inputs`.
+fn expect_sums(g: &mut CommGroup, bufs: &[wccl::DeviceBuffer<f32>], inputs: &[Vec<f64>]) {
+    let want = common::reference(DType::F32, ReduceOp::Sum, inputs);
+    for (r, b) in bufs.iter().enumerate() {
+        let got: Vec<f64> = g
+            .comm(r)
+            .download(b)
+            .expect("download")
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        common::assert_close(&format!("rank {r}"), &got, &want, |_| 0.0);
+    }
+}
+
 #[test]
 fn from_devices_with_three_distinct_devices() {
     // Three devices of their own (not one device shared three times).
@@ -62,17 +77,7 @@ fn from_devices_with_three_distinct_devices() {
     let inputs: Vec<Vec<f64>> = (0..3)
         .map(|r| input(r, len).into_iter().map(f64::from).collect())
         .collect();
-    let want = common::reference(DType::F32, ReduceOp::Sum, &inputs);
-    for (r, b) in bufs.iter().enumerate() {
-        let got: Vec<f64> = g
-            .comm(r)
-            .download(b)
-            .expect("download")
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        common::assert_close(&format!("rank {r}"), &got, &want, |_| 0.0);
-    }
+    expect_sums(&mut g, &bufs, &inputs);
     // And every other collective, random inputs against f64.
     check_all_kinds(&mut g, DType::F32, ReduceOp::Max, 333, 1);
 }
@@ -116,17 +121,7 @@ fn collectives_over_emulated_links_are_exact_and_take_the_wire_time() {
     let inputs: Vec<Vec<f64>> = (0..n)
         .map(|r| input(r, len).into_iter().map(f64::from).collect())
         .collect();
-    let want = common::reference(DType::F32, ReduceOp::Sum, &inputs);
-    for (r, b) in bufs.iter().enumerate() {
-        let got: Vec<f64> = g
-            .comm(r)
-            .download(b)
-            .expect("download")
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        common::assert_close(&format!("rank {r}"), &got, &want, |_| 0.0);
-    }
+    expect_sums(&mut g, &bufs, &inputs);
 }
 
 #[test]

@@ -47,19 +47,24 @@ fn input(rank: usize, len: usize) -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn the_callers_errors_stay_the_callers_and_collectives_still_work() {
-    let (device, queue) = user_device();
-    let caught = counting_handler(&device);
-    // Two ranks on the one device.
-    let mut g = CommGroup::from_devices(
+/// Two ranks on the caller's one device.
+fn two_ranks_on(device: &wgpu::Device, queue: &wgpu::Queue) -> CommGroup {
+    CommGroup::from_devices(
         vec![
             (device.clone(), queue.clone()),
             (device.clone(), queue.clone()),
         ],
         CommConfig::default(),
     )
-    .expect("a group on the caller's device");
+    .expect("a group on the caller's device")
+}
+
+#[test]
+fn the_callers_errors_stay_the_callers_and_collectives_still_work() {
+    let (device, queue) = user_device();
+    let caught = counting_handler(&device);
+    // Two ranks on the one device.
+    let mut g = two_ranks_on(&device, &queue);
     let len = 3001;
     let bufs: Vec<_> = (0..2)
         .map(|r| g.comm(r).upload(&input(r, len)).expect("upload"))
@@ -120,14 +125,7 @@ fn wccls_own_errors_are_still_values_on_a_callers_device() {
 fn a_validation_error_in_wccls_work_is_every_ranks_error_not_the_callers() {
     let (device, queue) = user_device();
     let caught = counting_handler(&device);
-    let mut g = CommGroup::from_devices(
-        vec![
-            (device.clone(), queue.clone()),
-            (device.clone(), queue.clone()),
-        ],
-        CommConfig::default(),
-    )
-    .expect("a group");
+    let mut g = two_ranks_on(&device, &queue);
     let len = 5000;
     let bufs: Vec<wgpu::Buffer> = (0..2)
         .map(|r| {
