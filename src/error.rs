@@ -159,6 +159,32 @@ pub enum Error {
         reason: String,
     },
 
+    /// A replica answered with less than a worker had already been answered with, under
+    /// `Consistency::Strong` (which promises that never happens): the updates in between are
+    /// lost, and the worker stops instead of training on from older parameters.
+    #[error("{at}: server rank {server} answered '{key}' at version {got}, but this worker was already answered with version {seen}: updates lost")]
+    Lost {
+        /// Where.
+        at: At,
+        /// The server that answered.
+        server: usize,
+        /// The parameter.
+        key: String,
+        /// The version it answered with.
+        got: u64,
+        /// The highest version this worker had seen.
+        seen: u64,
+    },
+
+    /// A checkpoint could not be written or restored; nothing was overwritten.
+    #[error("{at}: checkpoint: {message}")]
+    Checkpoint {
+        /// Where.
+        at: At,
+        /// What went wrong, with the path.
+        message: String,
+    },
+
     /// A rank's thread panicked during a group call.
     #[error("{at}: the rank's thread panicked: {message}")]
     Panicked {
@@ -184,6 +210,8 @@ impl Error {
             | Error::Device { at, .. }
             | Error::Broken { at, .. }
             | Error::Aborted { at, .. }
+            | Error::Lost { at, .. }
+            | Error::Checkpoint { at, .. }
             | Error::Panicked { at, .. } => Some(*at),
         }
     }

@@ -334,11 +334,12 @@ fn bad_input_is_refused() {
         let info = w.pull("odd", 0, &p)?;
         assert_eq!(info.version, 0);
         assert_eq!(w.comm().download(&p)?, init()[1]);
-        // A push for a step ahead of the one being aggregated is refused, and says why.
+        // A push for a step ahead of the one being aggregated is refused, and says why; the
+        // refusal is that push's error, and the next pull gets its own answer.
         let g = w.comm().upload(&[0.0f32; 7])?;
-        w.push("odd", &g, 5)?;
-        let e = w.pull("odd", 0, &p).expect_err("refused");
+        let e = w.push("odd", &g, 5).expect_err("refused");
         assert!(e.to_string().contains("step 5"), "{e}");
+        assert_eq!(w.pull("odd", 0, &p)?.version, 0);
         w.done()
     });
     assert!(
@@ -360,8 +361,8 @@ fn bad_input_is_refused() {
 /// Pushes whose size is wrong, sent past the worker's own check (which would refuse them
 /// first), reach the server's: it refuses each one naming the key and both sizes, applies
 /// nothing, and goes on serving: every worker's right push afterwards lands, as in the f64
-/// reference. The server still answers the pull that came back refused; that answer (step 0's
-/// parameters) must never be taken for a later pull's: each worker's next pulls return step 1's.
+/// reference. Each answer is taken only for the request it names: each worker's later pulls
+/// return step 1's parameters, never an earlier answer.
 #[test]
 fn the_server_itself_refuses_a_wrong_size_push_and_keeps_serving() {
     let rule = Sgd {
@@ -381,11 +382,11 @@ fn the_server_itself_refuses_a_wrong_size_push_and_keeps_serving() {
             (1000, 3, "push of 3 values for 'big', which has 1000"),
             (999, 1000, "'big', which has 1000"),
         ][w.index()];
-        w.push_unchecked("big", 0, count, &vec![7.0f32; len])?;
-        // The refusal is the server's answer to the next request on that key.
+        // The refusal is that push's own answer.
         let e = w
-            .pull("big", 0, &p)
+            .push_unchecked("big", 0, count, &vec![7.0f32; len])
             .expect_err(&format!("the server refuses {count} claimed, {len} sent"));
+        assert_eq!(w.pull("big", 0, &p)?.version, 0);
         let what = format!("{count} claimed, {len} sent: {e}");
         assert!(matches!(e, Error::InvalidArgument { .. }), "{what}");
         assert!(e.to_string().contains(says), "{what}");
@@ -447,8 +448,8 @@ fn a_worker_that_never_pushes_is_named() {
         });
         let g = w0.comm().upload(&[1.0f32; 4]).expect("upload");
         let p = w0.comm().buffer::<f32>(4).expect("buffer");
-        w0.push("w", &g, 0).expect("push");
-        let pulled = w0.pull("w", 1, &p);
+        // The push waits for step 0's update, which waits for worker 1: it fails.
+        let pulled = w0.push("w", &g, 0).and_then(|()| w0.pull("w", 1, &p).map(|_| ()));
         let served = h.join().expect("server thread");
         drop(done_tx);
         (pulled, served)

@@ -58,12 +58,21 @@
 //! # Ok(()) }
 //! ```
 
+mod checkpoint;
 mod protocol;
 mod server;
 mod worker;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The frames on the wire, for tests that send what a well-behaved worker never would. Not
+/// part of the API.
+#[doc(hidden)]
+pub mod wire {
+    pub use super::protocol::{F32, JOIN, Kind, NO_RANK, NOT_STALE, PsHeader, PushStatus, Refusal};
+}
 
 pub use server::{PsServer, ServerReport};
 pub use worker::{PsWorker, PullInfo};
@@ -131,7 +140,7 @@ impl UpdateRule for Sgd {
 }
 
 /// How a server behaves, as the builder set it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Policy {
     pub mode: Mode,
     pub backups: usize,
@@ -139,6 +148,12 @@ pub(crate) struct Policy {
     /// Number of server ranks (ranks 0..servers).
     pub servers: usize,
     pub consistency: Consistency,
+    /// Number of keys in all (ids `0..keys`).
+    pub keys: usize,
+    /// Where `PsWorker::checkpoint` writes each server's shard.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Where each server reads its shard from at start.
+    pub restore: Option<PathBuf>,
 }
 
 /// One key as a server holds it.
@@ -162,6 +177,8 @@ pub struct ParameterServer {
     quorum: Option<usize>,
     replicas: usize,
     consistency: Consistency,
+    checkpoint_dir: Option<PathBuf>,
+    restore: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ParameterServer {
@@ -176,6 +193,8 @@ impl std::fmt::Debug for ParameterServer {
             .field("quorum", &self.quorum)
             .field("replicas", &self.replicas)
             .field("consistency", &self.consistency)
+            .field("checkpoint_dir", &self.checkpoint_dir)
+            .field("restore", &self.restore)
             .finish_non_exhaustive()
     }
 }
@@ -197,7 +216,29 @@ impl ParameterServer {
             quorum: None,
             replicas: 1,
             consistency: Consistency::Strong,
+            checkpoint_dir: None,
+            restore: None,
         }
+    }
+
+    /// The directory each server writes its shard's checkpoint to (`shard-<rank>.wccl-ckpt`)
+    /// when a worker calls [`PsWorker::checkpoint`]: the parameters, the optimiser state and
+    /// the version of every key the server holds, with a checksum, written atomically (a
+    /// temporary file, fsync, rename), so that a crash mid-write leaves the previous
+    /// checkpoint whole.
+    pub fn checkpoint(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.checkpoint_dir = Some(dir.into());
+        self
+    }
+
+    /// Starts every server from its shard's checkpoint in `dir` instead of the initial
+    /// values: the same servers, keys, shapes and update rule are required, and a checkpoint
+    /// that is corrupt, truncated or of another shape is a clear error from
+    /// [`build`](Self::build) (nothing is overwritten). In `Sync` the workers resume at the
+    /// restored version (a pull of step 0 says which).
+    pub fn restore(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.restore = Some(dir.into());
+        self
     }
 
     /// Number of server ranks.
@@ -291,6 +332,11 @@ impl ParameterServer {
                 self.replicas, self.servers
             )));
         }
+        if u32::try_from(self.params.len()).is_err()
+            || u32::try_from(self.servers + self.workers).is_err()
+        {
+            return Err(bad("too many parameters or ranks for the wire's u32 fields".into()));
+        }
         let mut seen = std::collections::HashSet::new();
         for (name, init) in &self.params {
             if !seen.insert(name.as_str()) {
@@ -298,6 +344,14 @@ impl ParameterServer {
             }
             if init.is_empty() {
                 return Err(bad(format!("parameter '{name}' is empty")));
+            }
+            // The wire carries counts as u32.
+            if u32::try_from(init.len()).is_err() {
+                return Err(bad(format!(
+                    "parameter '{name}' has {} elements; at most {} fit a frame",
+                    init.len(),
+                    u32::MAX
+                )));
             }
         }
         let group = CommGroup::builder()
@@ -336,6 +390,9 @@ impl ParameterServer {
                     quorum: self.quorum.unwrap_or(self.workers / 2 + 1).max(1),
                     servers: self.servers,
                     consistency: self.consistency,
+                    keys: self.params.len(),
+                    checkpoint_dir: self.checkpoint_dir.clone(),
+                    restore: self.restore.clone(),
                 };
                 servers.push(PsServer::new(
                     comm,
@@ -352,6 +409,7 @@ impl ParameterServer {
                     keys.clone(),
                     owners,
                     self.servers,
+                    self.consistency,
                 ));
             }
         }

@@ -1,10 +1,15 @@
-//! Frames between parameter-server workers and servers.
+//! Frames between parameter-server workers and servers, and between servers.
+//!
+//! Every frame is a fixed [`PsHeader`] and a payload. A server validates every field of a
+//! frame (`server.rs`, `check_request`/`check_replica`) before the frame changes any state.
+//! Tests reach these types through `wccl::ps::wire` to send frames a well-behaved worker never
+//! would.
 
 /// What a frame asks or answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
-pub(crate) enum Kind {
-    /// Worker -> server: a gradient of `key` for `step`; payload: f32 values.
+pub enum Kind {
+    /// Worker -> server: a gradient of `key` for `step`; payload: `count` f32 values.
     Push = 1,
     /// Worker -> server: the parameters of `key` as of `step` (subject to the mode's bound).
     Pull = 2,
@@ -12,65 +17,34 @@ pub(crate) enum Kind {
     Params = 3,
     /// Worker -> server: no more requests from this worker.
     Done = 4,
-    /// Server -> worker: the request was refused; payload: the reason, UTF-8.
+    /// Server -> worker: the request was refused; `status` is a [`Refusal`] code, `hint` a
+    /// server to ask instead ([`NO_RANK`] if none); payload: the reason, UTF-8.
     Refused = 5,
-    /// Primary -> backup: `key` at `version`; payload: the parameters, then the optimiser state.
+    /// Server -> server: `key` at `version` in chain `epoch`; payload: the parameters, the
+    /// optimiser state, then the chain (head first) as `members` little-endian u32 ranks.
+    /// Each member applies it, forwards it to its successor and acknowledges it to the head.
     Replicate = 6,
-    /// Backup -> primary: `key` at `version` applied.
+    /// Member -> head: `key` at `version` (epoch `epoch`) applied.
     ReplicaAck = 7,
     /// Server -> server: are you there?
     Ping = 8,
     /// Server -> server: yes.
     Pong = 9,
+    /// Server -> worker: the push numbered `req` is accepted; `status` is a [`PushStatus`].
+    PushAck = 10,
+    /// Worker -> server: write your shard's checkpoint now.
+    Checkpoint = 11,
+    /// Server -> worker: the checkpoint numbered `req` is written.
+    CheckpointDone = 12,
+    /// Server -> server: every worker is done and every key this server heads is held by its
+    /// whole chain; it will send nothing more but answers.
+    Bye = 13,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct PsHeader {
-    pub step: u64,
-    /// Updates applied to the key so far (Params).
-    pub version: u64,
-    /// The slowest worker's clock for the key: every step below it is applied (Params).
-    pub clock: u64,
-    pub kind: u32,
-    pub key: u32,
-    pub count: u32,
-    /// Params from a replica cut off from its primary: milliseconds since it last heard from
-    /// it (`NOT_STALE` otherwise).
-    pub stale_ms: u32,
-    /// A worker's number for a pull, echoed in the server's answer to it (`Params` or
-    /// `Refused`), so that an answer to an earlier request is never taken for this one's; 0 on
-    /// pushes and everything else.
-    pub req: u64,
-}
-
-/// `stale_ms` of parameters that are known to be current.
-pub(crate) const NOT_STALE: u32 = u32::MAX;
-
-impl PsHeader {
-    pub(crate) fn new(kind: Kind, key: usize, step: u64, count: usize) -> Self {
-        PsHeader {
-            step,
-            version: 0,
-            clock: 0,
-            kind: kind as u32,
-            key: key as u32,
-            count: count as u32,
-            stale_ms: NOT_STALE,
-            req: 0,
-        }
-    }
-
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        bytemuck::bytes_of(self).to_vec()
-    }
-
-    pub(crate) fn decode(bytes: &[u8]) -> Option<PsHeader> {
-        bytemuck::try_pod_read_unaligned(bytes).ok()
-    }
-
-    pub(crate) fn kind(&self) -> Option<Kind> {
-        Some(match self.kind {
+impl Kind {
+    /// The kind a header's code names, if any.
+    pub fn from_code(code: u32) -> Option<Kind> {
+        Some(match code {
             1 => Kind::Push,
             2 => Kind::Pull,
             3 => Kind::Params,
@@ -80,7 +54,148 @@ impl PsHeader {
             7 => Kind::ReplicaAck,
             8 => Kind::Ping,
             9 => Kind::Pong,
+            10 => Kind::PushAck,
+            11 => Kind::Checkpoint,
+            12 => Kind::CheckpointDone,
+            13 => Kind::Bye,
             _ => return None,
         })
     }
+}
+
+/// Why a server refused a request (`status` of a `Refused` frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Refusal {
+    /// A field of the frame is wrong (kind, rank, dtype, shape, step): the caller's bug.
+    BadRequest = 1,
+    /// The request's number is not above the last one from that worker: a replay.
+    Replayed = 2,
+    /// This server does not hold the key.
+    NotHere = 3,
+    /// Another server answers for the key now (`hint`): ask it.
+    AskOther = 4,
+    /// This replica is cut off from the head and cannot prove its copy is current (Strong).
+    CannotProve = 5,
+    /// The server could not do what was asked (a checkpoint that failed to write).
+    Failed = 6,
+}
+
+impl Refusal {
+    /// The refusal a code names (unknown codes read as `BadRequest`).
+    pub fn from_code(code: u32) -> Refusal {
+        match code {
+            2 => Refusal::Replayed,
+            3 => Refusal::NotHere,
+            4 => Refusal::AskOther,
+            5 => Refusal::CannotProve,
+            6 => Refusal::Failed,
+            _ => Refusal::BadRequest,
+        }
+    }
+}
+
+/// What became of an accepted push (`status` of a `PushAck`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum PushStatus {
+    /// Applied, and held by every live replica under `Strong`.
+    Applied = 0,
+    /// It came after its step's update applied (a backup worker's late gradient): dropped.
+    Late = 1,
+    /// The server already had this (worker, step): dropped.
+    Duplicate = 2,
+}
+
+/// The only element type the parameter server carries today: f32 (`DType::F32`'s code).
+pub const F32: u32 = crate::types::DType::F32.code();
+
+/// `hint` and `rank` values that name no rank.
+pub const NO_RANK: u32 = u32::MAX;
+
+/// `stale_ms` of parameters that are known to be current.
+pub const NOT_STALE: u32 = u32::MAX;
+
+/// Flag in a `Replicate`'s `status`: the head (re)admits this member to the chain.
+pub const JOIN: u32 = 1;
+
+/// The fixed header of every parameter-server frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PsHeader {
+    /// Push/Pull: the worker's step; echoed in answers.
+    pub step: u64,
+    /// Params/Replicate/ReplicaAck: updates applied to the key.
+    pub version: u64,
+    /// Params: the slowest worker's clock for the key (every step below it is applied).
+    pub clock: u64,
+    /// A worker's number for a request, strictly increasing per worker, echoed in the
+    /// server's answer (`Params`, `PushAck`, `Refused`, `CheckpointDone`): an answer is only
+    /// ever taken for the request it names, and a replayed number is refused.
+    pub req: u64,
+    /// Replicate/ReplicaAck: the chain's membership epoch.
+    pub epoch: u64,
+    /// Replicate: FNV-1a digest of the parameters in the payload.
+    pub digest: u64,
+    /// A [`Kind`] code.
+    pub kind: u32,
+    /// The key's id.
+    pub key: u32,
+    /// Elements of the key the payload carries (Push, Params, Replicate).
+    pub count: u32,
+    /// Params from a replica cut off from its head: milliseconds since it last heard from it
+    /// ([`NOT_STALE`] otherwise).
+    pub stale_ms: u32,
+    /// The sender's rank, as it claims; a server checks it against the link's.
+    pub rank: u32,
+    /// The element type's code ([`F32`]).
+    pub dtype: u32,
+    /// Refused: a [`Refusal`]; PushAck: a [`PushStatus`]; Replicate: flags ([`JOIN`]).
+    pub status: u32,
+    /// Refused: a server to ask instead; Replicate: ranks in the chain after the payload.
+    pub hint: u32,
+}
+
+impl PsHeader {
+    /// A header of `kind` for `key` at `step` carrying `count` elements, from `rank`.
+    pub fn new(kind: Kind, rank: usize, key: usize, step: u64, count: usize) -> Self {
+        PsHeader {
+            step,
+            version: 0,
+            clock: 0,
+            req: 0,
+            epoch: 0,
+            digest: 0,
+            kind: kind as u32,
+            key: u32::try_from(key).unwrap_or(u32::MAX),
+            count: u32::try_from(count).unwrap_or(u32::MAX),
+            stale_ms: NOT_STALE,
+            rank: u32::try_from(rank).unwrap_or(NO_RANK),
+            dtype: F32,
+            status: 0,
+            hint: NO_RANK,
+        }
+    }
+
+    /// The header's bytes on the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        bytemuck::bytes_of(self).to_vec()
+    }
+
+    /// The header in `bytes`, if they are exactly one header long.
+    pub fn decode(bytes: &[u8]) -> Option<PsHeader> {
+        bytemuck::try_pod_read_unaligned(bytes).ok()
+    }
+
+    /// The frame's kind, if its code is known.
+    pub fn kind(&self) -> Option<Kind> {
+        Kind::from_code(self.kind)
+    }
+}
+
+/// FNV-1a over the bytes of `values` (a digest to compare replicas by).
+pub(crate) fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }

@@ -1,13 +1,31 @@
 //! A server rank: owns a shard of the parameters on its device, aggregates pushes with the
-//! reduce kernel, applies the update rule, and answers pulls when the mode allows.
+//! reduce kernel, applies the update rule, replicates along each key's chain and answers pulls
+//! when the mode (and, under `Strong`, the chain) allows.
+//!
+//! It is one event loop ([`PsServer::serve`]): every frame from any peer, every peer that
+//! goes, and every timer that fires is an event, and no handler waits for one peer. Requests
+//! that cannot be answered yet are kept (`waiting`, `parked`) and looked at again after each
+//! event; replication acks are counted per key (`acked`, `inflight`); time-outs come from a
+//! deadline heap (`Timers`).
+//!
+//! | state of a key here | events that change it |
+//! | --- | --- |
+//! | head (`chain[0]` is this server) | push: fold, apply, replicate to `chain[1]`; ack from a member: commit; a member's ack late or its link gone: drop it from the chain (epoch + 1) and send the state to the new successor; a dropped member answers a ping: re-admit it as the tail (state transfer) |
+//! | member | replica: check, apply, forward to its successor, ack to the head; a worker's request: ping the servers before it (take over if all are gone; refuse, or under `Eventual` take over cut off, if one is silent; point the worker to one that answers) |
+//! | head that took over | as head; a replica from another head of a newer epoch, or of the same epoch with a higher version (the earlier server in the chain on a tie): yield and become its member |
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wgpu::Buffer;
 
-use super::protocol::{Kind, PsHeader};
+use super::checkpoint;
+use super::protocol::{
+    F32, JOIN, Kind, NO_RANK, NOT_STALE, PsHeader, PushStatus, Refusal, digest,
+};
 use super::{Consistency, Mode, Policy, ShardKey, UpdateRule};
 use crate::comm::Communicator;
 use crate::deadline::{deadline_after, deadline_from};
@@ -17,6 +35,13 @@ use crate::kernels::UpdateKernel;
 use crate::link::{Frame, LinkError};
 use crate::types::{Combine, DType};
 
+/// Steps a worker's push may be ahead of its own clock (`BoundedStaleness`, `Async`), and the
+/// most a replica that took over under `Eventual` skips ahead to meet the workers: a push past
+/// that is refused as a bad step, whatever it claims.
+const MAX_AHEAD: u64 = 1024;
+/// Steps below a worker's clock whose pushes are remembered, to refuse duplicates.
+const WINDOW: u64 = 64;
+
 /// What a server did, returned when every worker is done.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServerReport {
@@ -24,26 +49,30 @@ pub struct ServerReport {
     pub applied: u64,
     /// Pushes that came after their step's update (backup workers' late gradients), dropped.
     pub late: u64,
-    /// Pushes of a (worker, step) already received, refused.
+    /// Pushes of a (worker, step) already received, dropped.
     pub duplicates: u64,
+    /// Requests refused (bad fields, replays, keys held elsewhere).
+    pub refused: u64,
     /// Workers whose link closed before they said they were done.
     pub gone: Vec<usize>,
-    /// What happened to the workers, in order (declared failed, rejoined, gone).
+    /// What happened to workers, servers and chains, in order.
     pub events: Vec<String>,
-    /// The final parameters of this server's keys.
+    /// The final parameters of this server's keys (those it heads and those it backs up).
     pub params: Vec<(String, Vec<f32>)>,
     /// A digest (FNV-1a of the f32 bits) of each final parameter tensor, to check that
     /// replicas agree.
     pub digests: Vec<(String, u64)>,
+    /// The final version of each key.
+    pub versions: Vec<(String, u64)>,
 }
 
-/// FNV-1a over the bytes of `values`.
-fn digest(values: &[f32]) -> u64 {
-    bytemuck::cast_slice::<f32, u8>(values)
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+/// An update sent down the chain and not yet acknowledged by every member.
+struct Inflight {
+    version: u64,
+    deadline: Instant,
+    /// The parameters at `version` (answers come from them once committed).
+    w: Vec<u8>,
+    clock: u64,
 }
 
 struct KeyState {
@@ -54,26 +83,101 @@ struct KeyState {
     w: Buffer,
     m: Buffer,
     acc: Buffer,
+    /// Updates applied.
     version: u64,
-    /// Sync: which workers pushed the step being aggregated (`version`).
+    /// Sync: which workers folded a push into the step being aggregated (`version`).
     pushed: Vec<bool>,
-    /// Per worker: one more than the last step it pushed.
+    /// Per worker: one more than the highest step it pushed.
     clocks: Vec<u64>,
-    seen: HashSet<(usize, u64)>,
-    /// The servers holding the key, primary first.
+    /// Per worker: bit i set when step `clock - 1 - i` was pushed (BoundedStaleness, Async).
+    window: Vec<u64>,
+    /// The servers that hold the key by the builder, head first.
+    statics: Vec<usize>,
+    /// The chain as agreed now, head first; it changes with `epoch`.
     chain: Vec<usize>,
-    /// Whether this server answers for the key (the first in its chain, or a backup that took
-    /// over).
-    primary: bool,
-    /// Whether it became primary by taking over from a failed one.
+    epoch: u64,
+    /// Whether this server became head by taking over.
     took_over: bool,
-    /// When a replica last heard from its primary (a replica, or creation).
-    last_heard: Instant,
-    /// Set while this server answers for the key cut off from a primary that may be alive
+    /// Set while this server answers for the key cut off from a head that may be alive
     /// (`Eventual` only).
     cut_off: bool,
-    /// The backups this server replicates to, while it is primary.
-    backups: Vec<usize>,
+    /// When this replica last heard from its head.
+    last_heard: Instant,
+    /// The slowest worker's clock the last replica carried (a member's view).
+    replica_clock: u64,
+    /// Head: the highest version each member acknowledged in this epoch.
+    acked: HashMap<usize, u64>,
+    /// Head: updates not yet held by the whole chain, oldest first.
+    inflight: VecDeque<Inflight>,
+    /// Head: the highest version every member holds, and its slowest-worker clock.
+    committed: u64,
+    committed_clock: u64,
+    /// The parameters at some version, kept on the host (`committed`'s, when it lags the
+    /// device's).
+    snapshot: Option<(u64, Vec<u8>)>,
+    /// A member's probe of the servers before it (take-over): who has not answered yet, and
+    /// until when.
+    probe: Option<(BTreeSet<usize>, Instant)>,
+}
+
+impl KeyState {
+    fn head(&self) -> Option<usize> {
+        self.chain.first().copied()
+    }
+}
+
+/// A worker's request that cannot be answered yet.
+#[derive(Clone, Copy)]
+struct Waiting {
+    from: usize,
+    h: PsHeader,
+    k: usize,
+    since: Instant,
+    /// Pull: `None`; push: the version whose visibility answers it.
+    need: Option<u64>,
+}
+
+/// What a timer is for; when it fires its handler looks at the state again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// A waiting request's deadline: find the workers it waits for.
+    Requests,
+    /// Key k's oldest update in flight: a member that has not acked it is dropped.
+    Inflight(usize),
+    /// Key k's take-over probe ends.
+    Probe(usize),
+    /// Ping the servers dropped from chains, to re-admit them.
+    Rejoin,
+    /// Give up waiting for the other servers' `Bye`.
+    Bye,
+}
+
+/// A deadline heap; entries are hints (a handler checks whether its deadline really passed).
+#[derive(Default)]
+struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, Timer)>>,
+}
+
+impl Timers {
+    fn at(&mut self, when: Instant, t: Timer) {
+        self.heap.push(Reverse((when, t)));
+    }
+    fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((i, _))| *i)
+    }
+    fn due(&mut self, now: Instant) -> Vec<Timer> {
+        let mut out = Vec::new();
+        while let Some(Reverse((i, t))) = self.heap.peek().copied() {
+            if i > now {
+                break;
+            }
+            self.heap.pop();
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        out
+    }
 }
 
 /// One server rank; run it with [`serve`](Self::serve) on its own thread.
@@ -81,6 +185,8 @@ pub struct PsServer {
     comm: Communicator,
     keys: Vec<KeyState>,
     local: HashMap<u32, usize>,
+    /// Every key's chain by the builder (to tell a key held elsewhere from an unknown one).
+    nkeys: usize,
     workers: Vec<usize>,
     mode: Mode,
     backups: usize,
@@ -88,12 +194,28 @@ pub struct PsServer {
     kernel: UpdateKernel,
     report: ServerReport,
     quorum: usize,
-    failed: HashSet<usize>,
-    /// Workers that said they are done or whose link closed.
-    finished: HashSet<usize>,
     consistency: Consistency,
-    /// The other servers still reachable.
-    servers: Vec<usize>,
+    server_count: usize,
+    timeout: Duration,
+    /// Workers declared failed (they rejoin when they send again).
+    failed: BTreeSet<usize>,
+    /// Workers still connected (not done, link open).
+    connected: Vec<usize>,
+    /// Per worker: the highest request number seen.
+    last_req: Vec<u64>,
+    /// Servers whose link closed.
+    dead: BTreeSet<usize>,
+    /// Servers dropped from a chain while alive (maybe cut off): pinged to re-admit them.
+    removed: BTreeSet<usize>,
+    waiting: Vec<Waiting>,
+    /// Requests for keys this server backs up, kept while it probes the head.
+    parked: Vec<(usize, PsHeader, Vec<u8>)>,
+    timers: Timers,
+    checkpoint_dir: Option<PathBuf>,
+    /// Shutdown: when `Bye` went out, and who said it.
+    bye_sent: Option<Instant>,
+    byes: BTreeSet<usize>,
+    drain_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for PsServer {
@@ -110,6 +232,13 @@ impl std::fmt::Debug for PsServer {
     }
 }
 
+/// A refusal: its code, a server to ask instead, the reason.
+type Refuse = (Refusal, Option<usize>, String);
+
+fn bad(reason: String) -> Refuse {
+    (Refusal::BadRequest, None, reason)
+}
+
 impl PsServer {
     pub(crate) fn new(
         comm: Communicator,
@@ -124,21 +253,45 @@ impl PsServer {
             quorum,
             servers: server_count,
             consistency,
+            keys: nkeys,
+            checkpoint_dir,
+            restore,
         } = policy;
+        let at = At::rank(comm.rank());
         let kernel = UpdateKernel::new(comm.device(), &rule.wgsl());
+        let me = comm.rank();
+        let restored = match &restore {
+            Some(dir) => {
+                let path = checkpoint::shard_path(dir, me);
+                let snap = checkpoint::read(&path).map_err(|e| Error::Checkpoint {
+                    at,
+                    message: e.to_string(),
+                })?;
+                let expected: Vec<(u32, &str, usize)> = shard
+                    .iter()
+                    .map(|s| (s.key as u32, s.name.as_str(), s.init.len()))
+                    .collect();
+                snap.check_against(me as u32, rule.hyper(), &expected)
+                    .map_err(|e| Error::Checkpoint {
+                        at,
+                        message: format!("{}: {e}", path.display()),
+                    })?;
+                Some(snap)
+            }
+            None => None,
+        };
         let mut keys = Vec::new();
         let mut local = HashMap::new();
-        let me = comm.rank();
-        for ShardKey {
-            key,
-            name,
-            init,
-            chain,
-        } in shard
-        {
+        for (i, s) in shard.into_iter().enumerate() {
+            let ShardKey {
+                key,
+                name,
+                init,
+                chain,
+            } = s;
             if init.len() > kernel.max_elements() {
                 return Err(Error::InvalidArgument {
-                    at: At::rank(comm.rank()),
+                    at,
                     message: format!(
                         "parameter '{name}' has {} elements; a server updates at most {} at once",
                         init.len(),
@@ -146,11 +299,17 @@ impl PsServer {
                     ),
                 });
             }
-            let w = comm.upload(&init)?.raw().clone();
             let zero = vec![0.0f32; init.len()];
-            let m = comm.upload(&zero)?.raw().clone();
+            let (w0, m0, version) = match restored.as_ref().and_then(|r| r.keys.get(i)) {
+                Some(k) => (k.w.clone(), k.m.clone(), k.version),
+                None => (init.clone(), zero.clone(), 0),
+            };
+            let w = comm.upload(&w0)?.raw().clone();
+            let m = comm.upload(&m0)?.raw().clone();
             let acc = comm.upload(&zero)?.raw().clone();
             local.insert(key as u32, keys.len());
+            // Sync: a step is a version; a restored key resumes at its version.
+            let clock0 = if mode == Mode::Sync { version } else { 0 };
             keys.push(KeyState {
                 id: key as u32,
                 name,
@@ -158,22 +317,32 @@ impl PsServer {
                 w,
                 m,
                 acc,
-                version: 0,
+                version,
                 pushed: vec![false; workers.len()],
-                clocks: vec![0; workers.len()],
-                seen: HashSet::new(),
-                primary: chain.first() == Some(&me),
-                took_over: false,
-                last_heard: Instant::now(),
-                cut_off: false,
-                backups: chain.iter().copied().skip(1).collect(),
+                clocks: vec![clock0; workers.len()],
+                window: vec![0; workers.len()],
+                statics: chain.clone(),
                 chain,
+                epoch: 0,
+                took_over: false,
+                cut_off: false,
+                last_heard: Instant::now(),
+                replica_clock: 0,
+                acked: HashMap::new(),
+                inflight: VecDeque::new(),
+                committed: version,
+                committed_clock: clock0,
+                snapshot: None,
+                probe: None,
             });
         }
+        let timeout = comm.config().timeout;
         Ok(PsServer {
-            comm,
             keys,
             local,
+            nkeys,
+            last_req: vec![0; workers.len()],
+            connected: workers.clone(),
             workers,
             mode,
             backups,
@@ -181,10 +350,20 @@ impl PsServer {
             kernel,
             report: ServerReport::default(),
             quorum,
-            failed: HashSet::new(),
-            finished: HashSet::new(),
             consistency,
-            servers: (0..server_count).filter(|&r| r != me).collect(),
+            server_count,
+            timeout,
+            failed: BTreeSet::new(),
+            dead: BTreeSet::new(),
+            removed: BTreeSet::new(),
+            waiting: Vec::new(),
+            parked: Vec::new(),
+            timers: Timers::default(),
+            checkpoint_dir,
+            bye_sent: None,
+            byes: BTreeSet::new(),
+            drain_since: None,
+            comm,
         })
     }
 
@@ -193,104 +372,45 @@ impl PsServer {
         self.comm.rank()
     }
 
-    /// Serves until every worker is done (or gone); returns what happened and the final
-    /// parameters.
+    fn at(&self) -> At {
+        At::rank(self.comm.rank())
+    }
+
+    fn me(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn event(&mut self, e: String) {
+        tracing::info!(rank = self.me(), "{e}");
+        self.report.events.push(e);
+    }
+
+    /// Serves until every worker is done (or gone) and the other servers said so too; returns
+    /// what happened and the final parameters.
     ///
-    /// A worker whose push a waiting pull needs and that misses the deadline is declared failed
-    /// (an event in the report); the others carry on while at least the quorum remains, and
-    /// the call fails, naming the workers, below it. A failed worker that sends anything again
-    /// rejoins at the current step. Without pulls waiting, a server waits for its workers as
-    /// long as their links are open: serving is its job.
+    /// A worker whose push a waiting request needs and that misses the deadline is declared
+    /// failed (an event in the report); the others carry on while at least the quorum remains,
+    /// and the call fails, naming the workers, below it. A failed worker that sends anything
+    /// again rejoins at the current step. Without requests waiting, a server waits for its
+    /// workers as long as their links are open: serving is its job.
     pub fn serve(mut self) -> Result<ServerReport> {
-        let at = At::rank(self.comm.rank());
-        let timeout = self.comm.config().timeout;
-        let mut connected = self.workers.clone();
-        let mut pending: Vec<(usize, PsHeader, Instant)> = Vec::new();
-        while !connected.is_empty() {
+        let at = self.at();
+        loop {
+            if self.connected.is_empty() && self.shutdown_ready() {
+                break;
+            }
             let now = Instant::now();
-            let deadline = pending
-                .iter()
-                .map(|p| deadline_from(p.2, timeout))
-                .min()
-                .unwrap_or_else(|| deadline_from(now, timeout))
+            let deadline = self
+                .timers
+                .next()
+                .unwrap_or_else(|| deadline_from(now, self.timeout))
                 .max(now);
-            let mut listen = connected.clone();
-            listen.extend(&self.servers);
+            let mut listen = self.connected.clone();
+            listen.extend(self.live_servers());
             match self.comm.link().recv_any(&listen, deadline) {
-                Ok((from, frame)) if self.servers.contains(&from) => {
-                    self.on_server_frame(from, &frame)?;
-                }
-                Err(LinkError::Gone(p)) if self.servers.contains(&p) => self.server_gone(p),
-                Ok((from, frame)) => {
-                    if self.failed.remove(&from) {
-                        let v = self.keys.iter().map(|k| k.version).max().unwrap_or(0);
-                        self.report.events.push(format!(
-                            "worker rank {from} came back and rejoined at version {v}"
-                        ));
-                    }
-                    let Some(h) = PsHeader::decode(&frame.header) else {
-                        self.refuse(from, None, 0, "malformed frame")?;
-                        continue;
-                    };
-                    match h.kind() {
-                        Some(Kind::Push) => self.push(from, &h, &frame.payload)?,
-                        Some(Kind::Pull) => pending.push((from, h, Instant::now())),
-                        Some(Kind::Done) => {
-                            connected.retain(|&w| w != from);
-                            self.failed.remove(&from);
-                            self.finished.insert(from);
-                            self.settle()?;
-                        }
-                        _ => self.refuse(from, Some(&h), h.key, "unexpected frame")?,
-                    }
-                }
-                Err(LinkError::Gone(p)) => {
-                    connected.retain(|&w| w != p);
-                    self.failed.remove(&p);
-                    self.finished.insert(p);
-                    self.settle()?;
-                    self.report.gone.push(p);
-                    self.report
-                        .events
-                        .push(format!("worker rank {p} is gone (link closed)"));
-                }
-                Err(LinkError::Timeout) => {
-                    if pending.is_empty() {
-                        // Idle: a server serves until its workers are done; waiting is its job.
-                        continue;
-                    }
-                    let counted = self.counted();
-                    let blockers = self.blocking(&pending, &counted);
-                    if blockers.is_empty() {
-                        return Err(Error::Timeout {
-                            at,
-                            waiting_on: counted,
-                            waited: timeout,
-                        });
-                    }
-                    for &b in &blockers {
-                        self.failed.insert(b);
-                        self.report.events.push(format!(
-                            "worker rank {b} missed the {timeout:?} deadline: declared failed"
-                        ));
-                    }
-                    let alive = self.counted().len();
-                    if alive < self.quorum {
-                        self.report.events.push(format!(
-                            "{alive} workers left, below the quorum of {}: giving up",
-                            self.quorum
-                        ));
-                        return Err(Error::Timeout {
-                            at,
-                            waiting_on: blockers,
-                            waited: timeout,
-                        });
-                    }
-                    self.settle()?;
-                    // The pulls that waited start a fresh deadline.
-                    let now = Instant::now();
-                    pending.iter_mut().for_each(|p| p.2 = now);
-                }
+                Ok((from, frame)) => self.on_frame(from, frame)?,
+                Err(LinkError::Gone(p)) => self.on_gone(p)?,
+                Err(LinkError::Timeout) => {}
                 Err(LinkError::Aborted { from, reason }) => {
                     return Err(Error::PeerAborted {
                         at,
@@ -300,25 +420,427 @@ impl PsServer {
                 }
                 Err(LinkError::Closed) => return Err(Error::LinkClosed { at, peer: at.rank }),
             }
-            self.answer(&mut pending, &connected)?;
+            self.on_timers()?;
+            self.answer()?;
         }
-        self.answer(&mut pending, &connected)?;
         for k in 0..self.keys.len() {
             let t = TensorRef::new(&self.keys[k].w, 0, self.keys[k].count, DType::F32);
             let values = self.comm.read::<f32>(t)?;
             let name = self.keys[k].name.clone();
-            self.report.digests.push((name.clone(), digest(&values)));
+            let d = digest(bytemuck::cast_slice(&values));
+            self.report.digests.push((name.clone(), d));
+            self.report
+                .versions
+                .push((name.clone(), self.keys[k].version));
             self.report.params.push((name, values));
         }
         Ok(self.report)
     }
 
+    fn live_servers(&self) -> Vec<usize> {
+        let me = self.me();
+        (0..self.server_count)
+            .filter(|r| *r != me && !self.dead.contains(r))
+            .collect()
+    }
+
+    /// Every worker is done: true once every key this server heads is held by its whole chain
+    /// (and, for a while, once the servers dropped from chains had a chance to rejoin), this
+    /// server said `Bye`, and every live server said it too (or stayed silent a deadline).
+    fn shutdown_ready(&mut self) -> bool {
+        let now = Instant::now();
+        let since = *self.drain_since.get_or_insert_with(|| {
+            self.timers.at(now, Timer::Rejoin);
+            now
+        });
+        if self.bye_sent.is_none() {
+            let me = self.me();
+            let settled = self
+                .keys
+                .iter()
+                .all(|k| k.head() != Some(me) || k.inflight.is_empty());
+            let waited = now >= deadline_from(since, self.timeout);
+            if !settled || (!self.removed.is_empty() && !waited) {
+                // Timers drop members that never ack and re-admit those that answer.
+                self.timers.at(deadline_from(since, self.timeout), Timer::Rejoin);
+                return false;
+            }
+            for s in self.live_servers() {
+                self.send(s, PsHeader::new(Kind::Bye, me, 0, 0, 0), Vec::new());
+            }
+            self.bye_sent = Some(now);
+            self.timers
+                .at(deadline_from(now, self.timeout), Timer::Bye);
+        }
+        let live = self.live_servers();
+        if live.iter().all(|s| self.byes.contains(s)) {
+            return true;
+        }
+        let sent = self.bye_sent.unwrap_or(now);
+        if now >= deadline_from(sent, self.timeout) {
+            let silent: Vec<usize> = live
+                .into_iter()
+                .filter(|s| !self.byes.contains(s))
+                .collect();
+            self.event(format!(
+                "server rank(s) {silent:?} said nothing at shutdown within {:?}: leaving",
+                self.timeout
+            ));
+            return true;
+        }
+        false
+    }
+
+    // ----- frames -----
+
+    fn on_frame(&mut self, from: usize, frame: Frame) -> Result<()> {
+        let Some(h) = PsHeader::decode(&frame.header) else {
+            if self.worker_index(from).is_some() {
+                self.refuse_raw(from, None, bad("malformed header".into()));
+            }
+            return Ok(());
+        };
+        if from < self.server_count {
+            return self.on_server_frame(from, h, frame.payload);
+        }
+        let Some(widx) = self.worker_index(from) else {
+            // Not a rank of this parameter server's group: nothing to serve.
+            self.report.refused += 1;
+            return Ok(());
+        };
+        if self.failed.remove(&from) {
+            let v = self.keys.iter().map(|k| k.version).max().unwrap_or(0);
+            self.event(format!(
+                "worker rank {from} came back and rejoined at version {v}"
+            ));
+        }
+        self.on_request(from, widx, h, frame.payload, true)
+    }
+
+    /// A worker's request; `fresh` is false for a parked one looked at again (its number was
+    /// checked when it came).
+    fn on_request(
+        &mut self,
+        from: usize,
+        widx: usize,
+        h: PsHeader,
+        payload: Vec<u8>,
+        fresh: bool,
+    ) -> Result<()> {
+        if let Err(r) = self.check_request(from, widx, &h, &payload, fresh) {
+            self.refuse_raw(from, Some(&h), r);
+            return Ok(());
+        }
+        if fresh {
+            self.last_req[widx] = h.req;
+        }
+        let Some(kind) = h.kind() else {
+            return Ok(());
+        };
+        match kind {
+            Kind::Done => {
+                self.connected.retain(|&w| w != from);
+                self.failed.remove(&from);
+                self.settle()?;
+                return Ok(());
+            }
+            Kind::Checkpoint => return self.checkpoint_request(from, &h),
+            _ => {}
+        }
+        let k = self.local[&h.key];
+        if self.keys[k].head() != Some(self.me()) {
+            match self.consider_take_over(k)? {
+                Some(refusal) => {
+                    self.refuse_raw(from, Some(&h), refusal);
+                    return Ok(());
+                }
+                None if self.keys[k].head() != Some(self.me()) => {
+                    self.parked.push((from, h, payload));
+                    return Ok(());
+                }
+                None => {}
+            }
+        }
+        match kind {
+            Kind::Push => self.push(from, widx, k, &h, &payload),
+            Kind::Pull => {
+                self.wait(Waiting {
+                    from,
+                    h,
+                    k,
+                    since: Instant::now(),
+                    need: None,
+                });
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every field of a worker's request, before it changes anything.
+    fn check_request(
+        &self,
+        from: usize,
+        widx: usize,
+        h: &PsHeader,
+        payload: &[u8],
+        fresh: bool,
+    ) -> std::result::Result<(), Refuse> {
+        if h.rank as usize != from {
+            return Err(bad(format!(
+                "the frame says it is from rank {}, but it came from rank {from}",
+                h.rank
+            )));
+        }
+        let kind = h
+            .kind()
+            .ok_or_else(|| bad(format!("unknown request kind {}", h.kind)))?;
+        if !matches!(
+            kind,
+            Kind::Push | Kind::Pull | Kind::Done | Kind::Checkpoint
+        ) {
+            return Err(bad(format!("{kind:?} is not a worker's request")));
+        }
+        if h.req == 0 {
+            return Err(bad("a request needs a number above 0".into()));
+        }
+        if fresh && h.req <= self.last_req[widx] {
+            return Err((
+                Refusal::Replayed,
+                None,
+                format!(
+                    "request number {} is not above the last one from rank {from} ({}): a replay",
+                    h.req, self.last_req[widx]
+                ),
+            ));
+        }
+        if matches!(kind, Kind::Done | Kind::Checkpoint) {
+            return Ok(());
+        }
+        if h.key as usize >= self.nkeys {
+            return Err(bad(format!(
+                "key {} does not exist ({} keys)",
+                h.key, self.nkeys
+            )));
+        }
+        let Some(&k) = self.local.get(&h.key) else {
+            return Err((
+                Refusal::NotHere,
+                None,
+                format!("server rank {} does not hold key {}", self.me(), h.key),
+            ));
+        };
+        let key = &self.keys[k];
+        if h.dtype != F32 {
+            return Err(bad(format!(
+                "'{}' holds f32 values; the request's dtype code is {}",
+                key.name, h.dtype
+            )));
+        }
+        if h.count as usize != key.count {
+            return Err(bad(format!(
+                "push of {} values for '{}', which has {}",
+                h.count, key.name, key.count
+            )));
+        }
+        let want = if kind == Kind::Push {
+            key.count.saturating_mul(4)
+        } else {
+            0
+        };
+        if payload.len() != want {
+            return Err(bad(format!(
+                "push of {} values for '{}', which has {}",
+                payload.len() / 4,
+                key.name,
+                key.count
+            )));
+        }
+        if kind == Kind::Pull {
+            // A pull waits for the pushes of the steps before it; one for a step no worker can
+            // reach yet would wait on everyone and get them declared failed.
+            let head = key.head() == Some(self.me()) && !key.took_over;
+            let base = match self.mode {
+                Mode::Sync => key.version,
+                _ => key.clocks[widx],
+            };
+            let limit = base.saturating_add(if head { 1 } else { MAX_AHEAD });
+            if h.step > limit {
+                return Err(bad(format!(
+                    "pull of '{}' for step {}, past step {limit}, the furthest this worker can be at",
+                    key.name, h.step
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a refusal for `request` (echoing its number) and counts it.
+    fn refuse_raw(&mut self, to: usize, request: Option<&PsHeader>, r: Refuse) {
+        let (code, hint, reason) = r;
+        let key = request.map_or(0, |h| h.key as usize);
+        let mut h = PsHeader::new(Kind::Refused, self.me(), key, 0, 0);
+        if let Some(q) = request {
+            (h.step, h.req) = (q.step, q.req);
+        }
+        h.status = code as u32;
+        h.hint = hint.map_or(NO_RANK, |x| x as u32);
+        self.report.refused += 1;
+        self.send(to, h, reason.into_bytes());
+    }
+
+    /// Sends a frame; a peer that is gone cannot be answered (that is its loss, not this
+    /// server's), and its going is seen by the receive loop.
+    fn send(&self, to: usize, h: PsHeader, payload: Vec<u8>) {
+        let _ = self.comm.link().send(
+            to,
+            Frame {
+                header: h.encode(),
+                payload,
+            },
+        );
+    }
+
+    fn worker_index(&self, rank: usize) -> Option<usize> {
+        self.workers.iter().position(|&w| w == rank)
+    }
+
+    fn wait(&mut self, w: Waiting) {
+        self.timers
+            .at(deadline_from(w.since, self.timeout), Timer::Requests);
+        self.waiting.push(w);
+    }
+
+    // ----- pushes and updates -----
+
+    fn push(&mut self, from: usize, widx: usize, k: usize, h: &PsHeader, payload: &[u8]) -> Result<()> {
+        let deadline = deadline_after(self.timeout);
+        let count = self.keys[k].count;
+        let acc_buf = self.keys[k].acc.clone();
+        let acc = TensorRef::new(&acc_buf, 0, count, DType::F32);
+        match self.mode {
+            Mode::Sync => {
+                let key = &self.keys[k];
+                if h.step < key.version {
+                    self.report.late += 1;
+                    self.push_ack(from, h, PushStatus::Late);
+                    return Ok(());
+                }
+                if h.step > key.version {
+                    let skip = key.took_over
+                        && self.consistency == Consistency::Eventual
+                        && h.step - key.version <= MAX_AHEAD;
+                    if !skip {
+                        let reason = format!(
+                            "push for step {} while step {} is being aggregated (pull first)",
+                            h.step, key.version
+                        );
+                        self.refuse_raw(from, Some(h), bad(reason));
+                        return Ok(());
+                    }
+                    // Under Eventual the old head applied steps this replica never got: the
+                    // workers are past them. Skip ahead; the workers count what was lost.
+                    let from_version = key.version;
+                    let name = key.name.clone();
+                    self.event(format!(
+                        "'{name}' skipped from version {from_version} to {} after the take-over (lost)",
+                        h.step
+                    ));
+                    let key = &mut self.keys[k];
+                    key.version = h.step;
+                    key.pushed.iter_mut().for_each(|p| *p = false);
+                    self.comm
+                        .fold_now(&vec![0u8; 4 * count], acc, Combine::Copy, deadline)?;
+                }
+                if self.keys[k].pushed[widx] {
+                    self.report.duplicates += 1;
+                    self.push_ack(from, h, PushStatus::Duplicate);
+                    return Ok(());
+                }
+                self.comm.fold_now(payload, acc, Combine::Sum, deadline)?;
+                let key = &mut self.keys[k];
+                key.pushed[widx] = true;
+                key.clocks[widx] = key.clocks[widx].max(h.step.saturating_add(1));
+                let need = h.step.saturating_add(1);
+                self.wait(Waiting {
+                    from,
+                    h: *h,
+                    k,
+                    since: Instant::now(),
+                    need: Some(need),
+                });
+                self.try_apply_sync(k)?;
+            }
+            Mode::BoundedStaleness(_) | Mode::Async => {
+                let key = &self.keys[k];
+                let clock = key.clocks[widx];
+                if h.step >= clock.saturating_add(MAX_AHEAD) {
+                    let reason = format!(
+                        "push for step {} is more than {MAX_AHEAD} steps past this worker's last ({})",
+                        h.step,
+                        clock.saturating_sub(1)
+                    );
+                    self.refuse_raw(from, Some(h), bad(reason));
+                    return Ok(());
+                }
+                if h.step < clock {
+                    let back = clock - 1 - h.step;
+                    if back >= WINDOW {
+                        let reason = format!(
+                            "push for step {} is more than {WINDOW} steps older than this worker's last ({})",
+                            h.step,
+                            clock - 1
+                        );
+                        self.refuse_raw(from, Some(h), bad(reason));
+                        return Ok(());
+                    }
+                    if key.window[widx] & (1u64 << back) != 0 {
+                        self.report.duplicates += 1;
+                        self.push_ack(from, h, PushStatus::Duplicate);
+                        return Ok(());
+                    }
+                }
+                self.comm.fold_now(payload, acc, Combine::Sum, deadline)?;
+                let key = &mut self.keys[k];
+                if h.step < clock {
+                    key.window[widx] |= 1u64 << (clock - 1 - h.step);
+                } else {
+                    let shift = h.step - clock + 1;
+                    key.window[widx] = if shift >= WINDOW {
+                        0
+                    } else {
+                        key.window[widx] << shift
+                    } | 1;
+                    key.clocks[widx] = h.step.saturating_add(1);
+                }
+                let n = self.workers.len() as f32;
+                self.apply(k, 1.0 / n)?;
+                let need = self.keys[k].version;
+                self.wait(Waiting {
+                    from,
+                    h: *h,
+                    k,
+                    since: Instant::now(),
+                    need: Some(need),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn push_ack(&self, to: usize, request: &PsHeader, status: PushStatus) {
+        let mut h = PsHeader::new(Kind::PushAck, self.me(), request.key as usize, request.step, 0);
+        h.req = request.req;
+        h.status = status as u32;
+        self.send(to, h, Vec::new());
+    }
+
     /// The workers whose pushes count: connected and not declared failed.
     fn counted(&self) -> Vec<usize> {
-        self.workers
+        self.connected
             .iter()
             .copied()
-            .filter(|w| !self.failed.contains(w) && !self.finished.contains(w))
+            .filter(|w| !self.failed.contains(w))
             .collect()
     }
 
@@ -328,142 +850,37 @@ impl PsServer {
         if self.mode != Mode::Sync {
             return Ok(());
         }
-        let deadline = deadline_after(self.comm.config().timeout);
         for k in 0..self.keys.len() {
-            self.try_apply_sync(k, deadline)?;
+            if self.keys[k].head() == Some(self.me()) {
+                self.try_apply_sync(k)?;
+            }
         }
         Ok(())
     }
 
-    /// Sync: applies key `k`'s step once the workers still counted (not failed, not finished)
-    /// have pushed it, less the backups; the gradient is the mean of every push folded in.
-    fn try_apply_sync(&mut self, k: usize, deadline: Instant) -> Result<()> {
+    /// Sync: applies key `k`'s step once the workers still counted have pushed it, less the
+    /// backups; the gradient is the mean of every push folded in.
+    fn try_apply_sync(&mut self, k: usize) -> Result<()> {
         let counted = self.counted();
         let required = counted.len().saturating_sub(self.backups).max(1);
         let key = &self.keys[k];
         let folded = key.pushed.iter().filter(|p| **p).count();
         let got = counted
             .iter()
-            .filter(|&&r| key.pushed[self.worker_index(r)])
+            .filter(|&&r| self.worker_index(r).is_some_and(|i| key.pushed[i]))
             .count();
         if folded > 0 && (got >= required || counted.is_empty()) {
-            self.apply(k, 1.0 / folded as f32, deadline)?;
+            self.apply(k, 1.0 / folded as f32)?;
             self.keys[k].pushed.iter_mut().for_each(|p| *p = false);
         }
         Ok(())
     }
 
-    fn worker_index(&self, rank: usize) -> usize {
-        self.workers.iter().position(|&w| w == rank).unwrap_or(0)
-    }
-
-    /// Refuses `request` (when it could be decoded), echoing its number so that the worker
-    /// knows which of its requests the answer is for.
-    fn refuse(
-        &mut self,
-        to: usize,
-        request: Option<&PsHeader>,
-        key: u32,
-        reason: &str,
-    ) -> Result<()> {
-        let mut h = PsHeader::new(Kind::Refused, key as usize, 0, 0);
-        if let Some(r) = request {
-            (h.step, h.req) = (r.step, r.req);
-        }
-        self.send(to, h, reason.as_bytes().to_vec())
-    }
-
-    fn send(&mut self, to: usize, h: PsHeader, payload: Vec<u8>) -> Result<()> {
-        let at = At::rank(self.comm.rank());
-        // A worker that is gone cannot be answered; that is its loss, not the server's.
-        match self.comm.link().send(
-            to,
-            Frame {
-                header: h.encode(),
-                payload,
-            },
-        ) {
-            Ok(()) | Err(LinkError::Closed) | Err(LinkError::Gone(_)) => Ok(()),
-            Err(e) => Err(Error::Device {
-                at,
-                message: format!("sending to rank {to}: {e:?}"),
-            }),
-        }
-    }
-
-    fn push(&mut self, from: usize, h: &PsHeader, payload: &[u8]) -> Result<()> {
-        let Some(&k) = self.local.get(&h.key) else {
-            return self.refuse(from, Some(h), h.key, "this server does not hold that key");
-        };
-        if let Some(reason) = self.take_over(k)? {
-            return self.refuse(from, Some(h), h.key, &reason);
-        }
-        if payload.len() != self.keys[k].count * 4 || h.count as usize != self.keys[k].count {
-            let reason = format!(
-                "push of {} values for '{}', which has {}",
-                payload.len() / 4,
-                self.keys[k].name,
-                self.keys[k].count
-            );
-            return self.refuse(from, Some(h), h.key, &reason);
-        }
-        let w = self.worker_index(from);
-        if !self.keys[k].seen.insert((w, h.step)) {
-            self.report.duplicates += 1;
-            return Ok(());
-        }
-        let deadline = deadline_after(self.comm.config().timeout);
-        let (acc_buf, count) = (self.keys[k].acc.clone(), self.keys[k].count);
-        let acc = TensorRef::new(&acc_buf, 0, count, DType::F32);
-        let key = &self.keys[k];
-        match self.mode {
-            Mode::Sync => {
-                if h.step < key.version {
-                    self.report.late += 1;
-                    return Ok(());
-                }
-                if h.step > key.version && key.took_over {
-                    // Under Eventual the old primary applied steps this replica never got: the
-                    // workers are past them. Skip ahead; the workers count what was lost.
-                    let from_version = key.version;
-                    self.report.events.push(format!(
-                        "'{}' skipped from version {from_version} to {} after the take-over (lost)",
-                        key.name, h.step
-                    ));
-                    let key = &mut self.keys[k];
-                    key.version = h.step;
-                    key.pushed.iter_mut().for_each(|p| *p = false);
-                    // Pushes of the skipped step folded so far go too.
-                    self.comm
-                        .fold_now(&vec![0u8; 4 * count], acc, Combine::Copy, deadline)?;
-                }
-                let key = &self.keys[k];
-                if h.step > key.version {
-                    let reason = format!(
-                        "push for step {} while step {} is being aggregated (pull first)",
-                        h.step, key.version
-                    );
-                    return self.refuse(from, Some(h), h.key, &reason);
-                }
-                self.comm.fold_now(payload, acc, Combine::Sum, deadline)?;
-                let key = &mut self.keys[k];
-                key.pushed[w] = true;
-                key.clocks[w] = key.clocks[w].max(h.step + 1);
-                self.try_apply_sync(k, deadline)?;
-            }
-            Mode::BoundedStaleness(_) | Mode::Async => {
-                self.comm.fold_now(payload, acc, Combine::Sum, deadline)?;
-                let n = self.workers.len() as f32;
-                self.apply(k, 1.0 / n, deadline)?;
-                let key = &mut self.keys[k];
-                key.clocks[w] = key.clocks[w].max(h.step + 1);
-            }
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, k: usize, scale: f32, deadline: Instant) -> Result<()> {
-        let at = At::rank(self.comm.rank());
+    /// Applies the accumulated gradient to key `k` (the kernel zeroes the accumulator), then
+    /// sends the new state down the chain.
+    fn apply(&mut self, k: usize, scale: f32) -> Result<()> {
+        let at = self.at();
+        let deadline = deadline_after(self.timeout);
         let key = &self.keys[k];
         let idx = self.kernel.apply(
             self.comm.device(),
@@ -477,299 +894,684 @@ impl PsServer {
             .wait_submission(&idx, deadline)
             .map_err(|e| crate::device::wait_error(at, e))?;
         self.comm.device().check(at)?;
-        self.keys[k].version += 1;
+        self.keys[k].version = self.keys[k].version.saturating_add(1);
         self.report.applied += 1;
-        self.replicate(k, deadline)
-    }
-
-    /// A worker asks this server for a key it only backed up, so the worker could not reach
-    /// the primary. If the servers before this one in the key's chain are known dead (their
-    /// links closed), or prove dead when pinged, this server answers for the key from now on.
-    /// If one answers the ping, the worker is refused (ask that one). If none answers but none
-    /// is known dead, this server may be partitioned from a live primary: under `Strong` it
-    /// refuses, since it cannot prove its data is current; under `Eventual` it answers with
-    /// what it has, marked stale. Returns the reason for a refusal.
-    fn take_over(&mut self, k: usize) -> Result<Option<String>> {
-        if self.keys[k].primary {
-            return Ok(None);
-        }
-        let me = self.comm.rank();
-        let pos = self.keys[k]
-            .chain
-            .iter()
-            .position(|&r| r == me)
-            .unwrap_or(0);
-        let before: Vec<usize> = self.keys[k].chain[..pos].to_vec();
-        let timeout = self.comm.config().timeout;
-        for &p in &before {
-            if self.servers.contains(&p) && self.ping(p, deadline_after(timeout / 2))? {
-                return Ok(Some(format!(
-                    "server rank {p}, which holds '{}' before this one, is alive: ask it",
-                    self.keys[k].name
-                )));
-            }
-        }
-        let unreachable: Vec<usize> = before
-            .iter()
-            .copied()
-            .filter(|p| self.servers.contains(p))
-            .collect();
-        if !unreachable.is_empty() && self.consistency == Consistency::Strong {
-            return Ok(Some(format!(
-                "server rank {me} cannot prove its copy of '{}' (version {}) is current: rank(s) \
-                 {unreachable:?} before it are unreachable but not known to be dead",
-                self.keys[k].name, self.keys[k].version
-            )));
-        }
-        let cut_off = !unreachable.is_empty();
-        let others: Vec<usize> = self.keys[k]
-            .chain
-            .iter()
-            .copied()
-            .filter(|&r| r != me && self.servers.contains(&r))
-            .collect();
-        let key = &mut self.keys[k];
-        key.primary = true;
-        key.took_over = true;
-        key.cut_off = cut_off;
-        // Every other replica, the old primary too: after a partition heals it must converge.
-        key.backups = others;
-        self.report.events.push(format!(
-            "server rank {me} took over '{}' at version {}{}",
-            key.name,
-            key.version,
-            if cut_off {
-                " (cut off from a primary that may be alive: answering stale)"
-            } else {
-                ""
-            }
-        ));
-        Ok(None)
-    }
-
-    /// Whether `peer` answers a ping before `deadline` (replicas it sends meanwhile are applied).
-    fn ping(&mut self, peer: usize, deadline: Instant) -> Result<bool> {
-        self.send(peer, PsHeader::new(Kind::Ping, 0, 0, 0), Vec::new())?;
-        loop {
-            match self.comm.link().recv(peer, deadline) {
-                Ok(frame) => {
-                    if PsHeader::decode(&frame.header).and_then(|h| h.kind()) == Some(Kind::Pong) {
-                        return Ok(true);
-                    }
-                    self.on_server_frame(peer, &frame)?;
-                }
-                Err(LinkError::Gone(_)) | Err(LinkError::Closed) => {
-                    self.server_gone(peer);
-                    return Ok(false);
-                }
-                Err(_) => return Ok(false),
-            }
-        }
-    }
-
-    /// Sends key `k`'s new state to its backups; under `Strong`, waits until each applied it
-    /// (a backup that does not answer by the deadline is dropped from the chain).
-    fn replicate(&mut self, k: usize, deadline: Instant) -> Result<()> {
-        if !self.keys[k].primary || self.keys[k].backups.is_empty() {
-            return Ok(());
-        }
-        let key = &self.keys[k];
-        let (count, version) = (key.count, key.version);
-        let w = TensorRef::new(&key.w, 0, count, DType::F32);
-        let m = TensorRef::new(&key.m, 0, count, DType::F32);
-        let (w, m) = (w.buffer.clone(), m.buffer.clone());
-        let mut payload = self
-            .comm
-            .read_now(TensorRef::new(&w, 0, count, DType::F32), deadline)?;
-        payload.extend(
-            self.comm
-                .read_now(TensorRef::new(&m, 0, count, DType::F32), deadline)?,
-        );
-        let mut h = PsHeader::new(Kind::Replicate, self.keys[k].id as usize, 0, count);
-        h.version = version;
-        for b in self.keys[k].backups.clone() {
-            self.send(b, h, payload.clone())?;
-        }
-        if self.consistency == Consistency::Eventual {
-            return Ok(());
-        }
-        for b in self.keys[k].backups.clone() {
-            loop {
-                match self.comm.link().recv(b, deadline) {
-                    Ok(frame) => {
-                        let ack = PsHeader::decode(&frame.header);
-                        if ack.is_some_and(|a| {
-                            a.kind() == Some(Kind::ReplicaAck)
-                                && a.key == h.key
-                                && a.version == version
-                        }) {
-                            break;
-                        }
-                        // The backup may be replicating its own keys to this server meanwhile.
-                        self.on_server_frame(b, &frame)?;
-                    }
-                    Err(_) => {
-                        self.server_gone(b);
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// A frame from another server: a replica to apply (and acknowledge), or a late ack.
-    fn on_server_frame(&mut self, from: usize, frame: &Frame) -> Result<()> {
-        let Some(h) = PsHeader::decode(&frame.header) else {
-            return Ok(());
-        };
-        match h.kind() {
-            Some(Kind::Ping) => {
-                return self.send(from, PsHeader::new(Kind::Pong, 0, 0, 0), Vec::new());
-            }
-            Some(Kind::Replicate) => {}
-            _ => return Ok(()), // pongs and acks that come after their wait ended
-        }
-        let Some(&k) = self.local.get(&h.key) else {
-            return Ok(());
-        };
-        let count = self.keys[k].count;
-        if frame.payload.len() != 8 * count {
-            return Ok(());
-        }
-        if self.keys[k].primary {
-            // Two servers answered for the key (a partition under Eventual): the higher
-            // version wins, on a tie the one earlier in the chain; the loser yields.
-            let me = self.comm.rank();
-            let pos = |r: usize| {
-                self.keys[k]
-                    .chain
-                    .iter()
-                    .position(|&x| x == r)
-                    .unwrap_or(usize::MAX)
-            };
-            let theirs_wins = h.version > self.keys[k].version
-                || (h.version == self.keys[k].version && pos(from) < pos(me));
-            if !theirs_wins {
-                return Ok(());
-            }
+        // Servers dropped from chains are asked again with every update (and by the rejoin
+        // timer when idle): one that answers after a partition heals rejoins at once.
+        self.ping_removed();
+        if self.keys[k].chain.len() > 1 {
+            self.replicate(k, 0)
+        } else {
             let key = &mut self.keys[k];
-            key.primary = false;
-            key.took_over = false;
-            key.cut_off = false;
-            key.backups.clear();
-            self.report.events.push(format!(
-                "server rank {me} yielded '{}' to rank {from} at version {}",
-                key.name, h.version
-            ));
+            key.committed = key.version;
+            key.snapshot = None;
+            Ok(())
         }
-        let deadline = deadline_after(self.comm.config().timeout);
-        let (w, m) = (self.keys[k].w.clone(), self.keys[k].m.clone());
-        let (wb, mb) = frame.payload.split_at(4 * count);
-        self.comm.fold_now(
-            wb,
-            TensorRef::new(&w, 0, count, DType::F32),
-            Combine::Copy,
-            deadline,
-        )?;
-        self.comm.fold_now(
-            mb,
-            TensorRef::new(&m, 0, count, DType::F32),
-            Combine::Copy,
-            deadline,
-        )?;
-        self.keys[k].version = h.version;
-        self.keys[k].last_heard = Instant::now();
-        let mut ack = PsHeader::new(Kind::ReplicaAck, h.key as usize, 0, 0);
-        ack.version = h.version;
-        self.send(from, ack, Vec::new())
     }
 
-    /// Another server is unreachable: stop listening to it and replicating to it.
-    fn server_gone(&mut self, rank: usize) {
-        if !self.servers.contains(&rank) {
-            return;
-        }
-        self.servers.retain(|&r| r != rank);
-        for key in &mut self.keys {
-            key.backups.retain(|&r| r != rank);
-        }
-        self.report.events.push(format!(
-            "server rank {rank} is unreachable: no longer replicated to"
-        ));
-    }
-
-    /// The slowest live worker's clock for key `k` (every step below it has been pushed).
-    fn min_clock(&self, k: usize, live: &[usize]) -> u64 {
-        live.iter()
+    /// The slowest counted worker's clock for key `k` (every step below it has been pushed).
+    fn min_clock(&self, k: usize) -> u64 {
+        self.connected
+            .iter()
             .filter(|w| !self.failed.contains(w))
-            .map(|&r| self.keys[k].clocks[self.worker_index(r)])
+            .filter_map(|&r| self.worker_index(r))
+            .map(|i| self.keys[k].clocks[i])
             .min()
             .unwrap_or(u64::MAX)
     }
 
-    fn ready(&self, k: usize, step: u64, live: &[usize]) -> bool {
-        match self.mode {
-            Mode::Sync => self.keys[k].version >= step || live.is_empty(),
-            Mode::BoundedStaleness(s) => self.min_clock(k, live) >= step.saturating_sub(s),
-            Mode::Async => true,
+    // ----- replication -----
+
+    /// Sends key `k`'s state to its successor in the chain, tracked until every member acks.
+    fn replicate(&mut self, k: usize, flags: u32) -> Result<()> {
+        let deadline = deadline_after(self.timeout);
+        let me = self.me();
+        let clock = self.min_clock(k);
+        let key = &self.keys[k];
+        let Some(&next) = key.chain.get(1) else {
+            return Ok(());
+        };
+        let (wb, mb, count) = (key.w.clone(), key.m.clone(), key.count);
+        let w = self
+            .comm
+            .read_now(TensorRef::new(&wb, 0, count, DType::F32), deadline)?;
+        let m = self
+            .comm
+            .read_now(TensorRef::new(&mb, 0, count, DType::F32), deadline)?;
+        let key = &mut self.keys[k];
+        let mut h = PsHeader::new(Kind::Replicate, me, key.id as usize, 0, count);
+        h.version = key.version;
+        h.epoch = key.epoch;
+        h.clock = clock;
+        h.digest = digest(&w);
+        h.status = flags;
+        h.hint = key.chain.len() as u32;
+        let mut payload = Vec::with_capacity(w.len() + m.len() + 4 * key.chain.len());
+        payload.extend_from_slice(&w);
+        payload.extend_from_slice(&m);
+        for &r in &key.chain {
+            payload.extend_from_slice(&(r as u32).to_le_bytes());
+        }
+        let sent = deadline_after(self.timeout);
+        key.inflight.push_back(Inflight {
+            version: key.version,
+            deadline: sent,
+            w,
+            clock,
+        });
+        self.timers.at(sent, Timer::Inflight(k));
+        self.send(next, h, payload);
+        Ok(())
+    }
+
+    /// Moves key `k`'s commit point to the lowest version every member acknowledged.
+    fn advance_commit(&mut self, k: usize) {
+        let key = &mut self.keys[k];
+        let low = key
+            .chain
+            .iter()
+            .skip(1)
+            .map(|m| key.acked.get(m).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(key.version);
+        while key.inflight.front().is_some_and(|f| f.version <= low) {
+            if let Some(f) = key.inflight.pop_front()
+                && f.version == low
+                && f.version > key.committed
+            {
+                key.committed = f.version;
+                key.committed_clock = f.clock;
+                key.snapshot = Some((f.version, f.w));
+            }
         }
     }
 
-    /// Answers every pending pull the mode now allows.
-    fn answer(
-        &mut self,
-        pending: &mut Vec<(usize, PsHeader, Instant)>,
-        live: &[usize],
-    ) -> Result<()> {
-        let mut i = 0;
-        while i < pending.len() {
-            let (from, h, _) = pending[i];
-            let Some(&k) = self.local.get(&h.key) else {
-                pending.swap_remove(i);
-                self.refuse(from, Some(&h), h.key, "this server does not hold that key")?;
-                continue;
-            };
-            if let Some(reason) = self.take_over(k)? {
-                pending.swap_remove(i);
-                self.refuse(from, Some(&h), h.key, &reason)?;
+    fn on_server_frame(&mut self, from: usize, h: PsHeader, payload: Vec<u8>) -> Result<()> {
+        if self.removed.remove(&from) {
+            self.readmit(from)?;
+        }
+        if h.rank as usize != from {
+            return Ok(());
+        }
+        match h.kind() {
+            Some(Kind::Ping) => {
+                self.send(from, PsHeader::new(Kind::Pong, self.me(), 0, 0, 0), Vec::new());
+                Ok(())
+            }
+            Some(Kind::Pong) => {
+                self.on_pong(from);
+                Ok(())
+            }
+            Some(Kind::Bye) => {
+                self.byes.insert(from);
+                Ok(())
+            }
+            Some(Kind::ReplicaAck) => {
+                self.on_ack(from, &h);
+                Ok(())
+            }
+            Some(Kind::Replicate) => self.on_replica(from, &h, &payload),
+            _ => Ok(()),
+        }
+    }
+
+    fn on_ack(&mut self, from: usize, h: &PsHeader) {
+        let me = self.me();
+        let Some(&k) = self.local.get(&h.key) else {
+            return;
+        };
+        let key = &mut self.keys[k];
+        if key.head() != Some(me)
+            || h.epoch != key.epoch
+            || h.version > key.version
+            || !key.chain.contains(&from)
+        {
+            return; // an ack from before a change of chain, or not for this head
+        }
+        let e = key.acked.entry(from).or_insert(0);
+        *e = (*e).max(h.version);
+        self.advance_commit(k);
+    }
+
+    /// Every field of a replica, before it changes anything; returns the chain it carries.
+    fn check_replica(&self, from: usize, h: &PsHeader, payload: &[u8]) -> Option<(usize, Vec<usize>)> {
+        let me = self.me();
+        let &k = self.local.get(&h.key)?;
+        let key = &self.keys[k];
+        if h.count as usize != key.count || h.dtype != F32 {
+            return None;
+        }
+        let members = h.hint as usize;
+        if members == 0 || members > self.server_count {
+            return None;
+        }
+        let state = key.count.checked_mul(8)?;
+        if payload.len() != state.checked_add(members.checked_mul(4)?)? {
+            return None;
+        }
+        let chain: Vec<usize> = payload[state..]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+            .collect();
+        let distinct: BTreeSet<usize> = chain.iter().copied().collect();
+        let pos = chain.iter().position(|&r| r == me)?;
+        if distinct.len() != chain.len()
+            || chain.iter().any(|&r| r >= self.server_count || !key.statics.contains(&r))
+            || pos == 0
+            || (chain[pos - 1] != from)
+        {
+            return None;
+        }
+        Some((k, chain))
+    }
+
+    /// A replica from the member before this one: apply it, pass it on, ack it to the head.
+    fn on_replica(&mut self, from: usize, h: &PsHeader, payload: &[u8]) -> Result<()> {
+        let me = self.me();
+        let Some((k, chain)) = self.check_replica(from, h, payload) else {
+            self.event(format!(
+                "dropped a malformed replica of key {} from server rank {from}",
+                h.key
+            ));
+            return Ok(());
+        };
+        let head = chain[0];
+        let key = &self.keys[k];
+        if h.epoch < key.epoch {
+            return Ok(()); // from a chain that has changed since
+        }
+        if key.head() == Some(me) {
+            // Two servers answer for the key (after a take-over or a partition): a newer
+            // epoch wins, then the higher version, then the server earlier in the chain.
+            let pos = |r: usize| key.statics.iter().position(|&x| x == r).unwrap_or(usize::MAX);
+            let theirs = h.epoch > key.epoch
+                || (h.epoch == key.epoch
+                    && (h.version > key.version
+                        || (h.version == key.version && pos(head) < pos(me))));
+            if !theirs {
+                return Ok(());
+            }
+            let name = key.name.clone();
+            self.event(format!(
+                "server rank {me} yielded '{name}' to rank {head} at version {}",
+                h.version
+            ));
+            self.keys[k].took_over = false;
+            self.keys[k].cut_off = false;
+            // Requests this server held for the key go to the new head.
+            self.redirect(k, head);
+        }
+        let deadline = deadline_after(self.timeout);
+        let count = self.keys[k].count;
+        let (wb, mb) = (self.keys[k].w.clone(), self.keys[k].m.clone());
+        let pos = chain.iter().position(|&r| r == me).unwrap_or(0);
+        // Only the tail is (re)admitted; the members before it pass the flag on.
+        let joining = h.status & JOIN != 0 && pos + 1 == chain.len();
+        let current = if joining && h.version == self.keys[k].version {
+            let mine = self
+                .comm
+                .read_now(TensorRef::new(&wb, 0, count, DType::F32), deadline)?;
+            digest(&mine) == h.digest
+        } else {
+            h.version == self.keys[k].version && h.epoch == self.keys[k].epoch
+        };
+        if !current {
+            let (w, rest) = payload.split_at(4 * count);
+            let m = &rest[..4 * count];
+            self.comm.fold_now(
+                w,
+                TensorRef::new(&wb, 0, count, DType::F32),
+                Combine::Copy,
+                deadline,
+            )?;
+            self.comm.fold_now(
+                m,
+                TensorRef::new(&mb, 0, count, DType::F32),
+                Combine::Copy,
+                deadline,
+            )?;
+        }
+        if joining {
+            let name = self.keys[k].name.clone();
+            self.event(format!(
+                "server rank {me} rejoined '{name}' at version {} ({})",
+                h.version,
+                if current {
+                    "digests matched: nothing to copy"
+                } else {
+                    "state transferred"
+                }
+            ));
+        }
+        let key = &mut self.keys[k];
+        key.version = h.version;
+        key.epoch = h.epoch;
+        key.chain = chain.clone();
+        key.last_heard = Instant::now();
+        key.replica_clock = h.clock;
+        key.acked.clear();
+        key.inflight.clear();
+        key.snapshot = None;
+        key.probe = None;
+        key.committed = h.version;
+        if let Some(&next) = chain.get(pos + 1) {
+            let mut fwd = *h;
+            fwd.rank = me as u32;
+            self.send(next, fwd, payload.to_vec());
+        }
+        let mut ack = PsHeader::new(Kind::ReplicaAck, me, h.key as usize, 0, 0);
+        ack.version = h.version;
+        ack.epoch = h.epoch;
+        self.send(head, ack, Vec::new());
+        // Requests parked while this server probed the head: the head is alive.
+        self.redirect(k, head);
+        Ok(())
+    }
+
+    /// Refuses every request held here for key `k`, pointing the workers to `head`.
+    fn redirect(&mut self, k: usize, head: usize) {
+        let id = self.keys[k].id;
+        let reason = format!(
+            "server rank {head} answers for '{}' now: ask it",
+            self.keys[k].name
+        );
+        let mut held: Vec<(usize, PsHeader)> = Vec::new();
+        self.waiting.retain(|w| {
+            let keep = w.k != k;
+            if !keep {
+                held.push((w.from, w.h));
+            }
+            keep
+        });
+        self.parked.retain(|(from, h, _)| {
+            let keep = h.key != id;
+            if !keep {
+                held.push((*from, *h));
+            }
+            keep
+        });
+        for (from, h) in held {
+            self.refuse_raw(from, Some(&h), (Refusal::AskOther, Some(head), reason.clone()));
+        }
+    }
+
+    /// Drops `member` from key `k`'s chain (a new epoch) and sends the state to the new
+    /// successor; `alive` members are pinged later to re-admit them.
+    fn drop_member(&mut self, k: usize, member: usize, why: &str) -> Result<()> {
+        let key = &mut self.keys[k];
+        if !key.chain.contains(&member) {
+            return Ok(());
+        }
+        key.chain.retain(|&r| r != member);
+        key.epoch = key.epoch.saturating_add(1);
+        key.acked.clear();
+        key.inflight.clear();
+        let (name, chain, epoch) = (key.name.clone(), key.chain.clone(), key.epoch);
+        if !self.dead.contains(&member) {
+            self.removed.insert(member);
+            self.timers
+                .at(deadline_after(self.timeout), Timer::Rejoin);
+        }
+        self.event(format!(
+            "server rank {member} {why}: dropped from the chain of '{name}' (now {chain:?}, epoch {epoch})"
+        ));
+        self.restart_chain(k)
+    }
+
+    /// After the chain changed: send the state down the new chain, or, alone, commit.
+    fn restart_chain(&mut self, k: usize) -> Result<()> {
+        if self.keys[k].chain.len() > 1 {
+            self.replicate(k, 0)
+        } else {
+            let clock = self.min_clock(k);
+            let key = &mut self.keys[k];
+            key.committed = key.version;
+            key.committed_clock = clock;
+            key.snapshot = None;
+            Ok(())
+        }
+    }
+
+    /// A server dropped from chains answered: every key this server heads and it should hold
+    /// takes it back as the tail, by state transfer.
+    fn readmit(&mut self, r: usize) -> Result<()> {
+        let me = self.me();
+        for k in 0..self.keys.len() {
+            let key = &mut self.keys[k];
+            if key.head() != Some(me) || !key.statics.contains(&r) || key.chain.contains(&r) {
                 continue;
             }
-            if !self.ready(k, h.step, live) {
-                i += 1;
-                continue;
-            }
-            pending.swap_remove(i);
-            let key = &self.keys[k];
-            let t = TensorRef::new(&key.w, 0, key.count, DType::F32);
-            let deadline = deadline_after(self.comm.config().timeout);
-            let bytes = self.comm.read_now(t, deadline)?;
-            let mut reply = PsHeader::new(Kind::Params, h.key as usize, h.step, self.keys[k].count);
-            reply.version = self.keys[k].version;
-            reply.clock = self.min_clock(k, live);
-            reply.req = h.req;
-            if self.keys[k].cut_off {
-                let ms = self.keys[k].last_heard.elapsed().as_millis();
-                reply.stale_ms = ms.min(u32::MAX as u128 - 1) as u32;
-            }
-            self.send(from, reply, bytes)?;
+            key.chain.push(r);
+            key.epoch = key.epoch.saturating_add(1);
+            key.acked.clear();
+            key.inflight.clear();
+            let (name, version) = (key.name.clone(), key.version);
+            self.event(format!(
+                "server rank {r} is reachable again: '{name}' sends it version {version} to rejoin as the tail"
+            ));
+            self.replicate(k, JOIN)?;
         }
         Ok(())
     }
 
-    /// The workers whose pushes the pending pulls wait for.
-    fn blocking(&self, pending: &[(usize, PsHeader, Instant)], live: &[usize]) -> Vec<usize> {
+    fn ping_removed(&self) {
+        let me = self.me();
+        for &r in &self.removed {
+            self.send(r, PsHeader::new(Kind::Ping, me, 0, 0, 0), Vec::new());
+        }
+    }
+
+    fn on_pong(&mut self, from: usize) {
+        // A member probing the head: the server before it is alive, so the worker should ask
+        // it.
+        for k in 0..self.keys.len() {
+            let waiting_on = self.keys[k]
+                .probe
+                .as_ref()
+                .is_some_and(|(w, _)| w.contains(&from));
+            if waiting_on {
+                self.keys[k].probe = None;
+                self.redirect(k, from);
+            }
+        }
+    }
+
+    // ----- take-over -----
+
+    /// A worker asks this server for a key it only backs up: it could not reach the head.
+    /// `Ok(None)` with this server head: take over done; `Ok(None)` otherwise: probing, the
+    /// request is parked; `Ok(Some(refusal))`: refuse it.
+    fn consider_take_over(&mut self, k: usize) -> Result<Option<Refuse>> {
+        let me = self.me();
+        let key = &self.keys[k];
+        let pos = key.chain.iter().position(|&r| r == me).unwrap_or(0);
+        let before: Vec<usize> = key.chain[..pos].to_vec();
+        let alive: BTreeSet<usize> = before
+            .iter()
+            .copied()
+            .filter(|p| !self.dead.contains(p))
+            .collect();
+        if alive.is_empty() {
+            self.take_over(k, false)?;
+            return Ok(None);
+        }
+        if key.probe.is_none() {
+            let until = deadline_after(self.timeout / 2);
+            for &p in &alive {
+                self.send(p, PsHeader::new(Kind::Ping, me, 0, 0, 0), Vec::new());
+            }
+            self.keys[k].probe = Some((alive, until));
+            self.timers.at(until, Timer::Probe(k));
+        }
+        Ok(None)
+    }
+
+    /// The probe of key `k`'s head ended: every server before this one is gone (take over),
+    /// or some stayed silent: under `Strong` refuse (this replica cannot prove its copy is
+    /// current), under `Eventual` take over cut off.
+    fn probe_ended(&mut self, k: usize, timed_out: bool) -> Result<()> {
+        let Some((silent, _)) = self.keys[k].probe.take() else {
+            return Ok(());
+        };
+        let silent: Vec<usize> = silent
+            .into_iter()
+            .filter(|p| !self.dead.contains(p))
+            .collect();
+        if silent.is_empty() {
+            self.take_over(k, false)?;
+        } else if !timed_out {
+            self.keys[k].probe = Some((silent.into_iter().collect(), Instant::now()));
+            return Ok(());
+        } else if self.consistency == Consistency::Strong {
+            let key = &self.keys[k];
+            let reason = format!(
+                "server rank {} cannot prove its copy of '{}' (version {}) is current: rank(s) \
+                 {silent:?} before it are unreachable but not known to be dead",
+                self.me(),
+                key.name,
+                key.version
+            );
+            let id = key.id;
+            let mut held = Vec::new();
+            self.parked.retain(|(from, h, _)| {
+                let keep = h.key != id;
+                if !keep {
+                    held.push((*from, *h));
+                }
+                keep
+            });
+            for (from, h) in held {
+                self.refuse_raw(from, Some(&h), (Refusal::CannotProve, None, reason.clone()));
+            }
+            return Ok(());
+        } else {
+            self.take_over(k, true)?;
+        }
+        // The parked requests for the key are served now.
+        let id = self.keys[k].id;
+        let mut mine = Vec::new();
+        self.parked.retain(|(from, h, p)| {
+            let keep = h.key != id;
+            if !keep {
+                mine.push((*from, *h, p.clone()));
+            }
+            keep
+        });
+        for (from, h, p) in mine {
+            if let Some(widx) = self.worker_index(from) {
+                self.on_request(from, widx, h, p, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// This server answers for key `k` from now on: the servers before it in the chain are
+    /// gone (or, `cut_off`, silent under `Eventual`).
+    fn take_over(&mut self, k: usize, cut_off: bool) -> Result<()> {
+        let me = self.me();
+        let deadline = deadline_after(self.timeout);
+        let key = &self.keys[k];
+        let pos = key.chain.iter().position(|&r| r == me).unwrap_or(0);
+        let before: Vec<usize> = key.chain[..pos].to_vec();
+        let after: Vec<usize> = key.chain[pos + 1..]
+            .iter()
+            .copied()
+            .filter(|r| !self.dead.contains(r))
+            .collect();
+        for p in &before {
+            if !self.dead.contains(p) {
+                self.removed.insert(*p);
+                self.timers
+                    .at(deadline_after(self.timeout), Timer::Rejoin);
+            }
+        }
+        let replica_clock = self.keys[k].replica_clock;
+        let key = &mut self.keys[k];
+        key.chain = std::iter::once(me).chain(after).collect();
+        key.epoch = key.epoch.saturating_add(1);
+        key.took_over = true;
+        key.cut_off = cut_off;
+        key.acked.clear();
+        key.inflight.clear();
+        key.snapshot = None;
+        key.probe = None;
+        // What the members hold is not known until they ack this epoch's state.
+        key.committed = if key.chain.len() > 1 { 0 } else { key.version };
+        key.pushed.iter_mut().for_each(|p| *p = false);
+        for c in key.clocks.iter_mut() {
+            *c = (*c).max(replica_clock);
+        }
+        let (name, version, chain, epoch) =
+            (key.name.clone(), key.version, key.chain.clone(), key.epoch);
+        let (acc, count) = (key.acc.clone(), key.count);
+        self.comm.fold_now(
+            &vec![0u8; 4 * count],
+            TensorRef::new(&acc, 0, count, DType::F32),
+            Combine::Copy,
+            deadline,
+        )?;
+        self.event(format!(
+            "server rank {me} took over '{name}' at version {version} (chain {chain:?}, epoch {epoch}){}",
+            if cut_off {
+                " (cut off from a head that may be alive: answering stale)"
+            } else {
+                ""
+            }
+        ));
+        self.restart_chain(k)
+    }
+
+    fn on_gone(&mut self, p: usize) -> Result<()> {
+        if p < self.server_count {
+            if !self.dead.insert(p) {
+                return Ok(());
+            }
+            self.removed.remove(&p);
+            self.event(format!("server rank {p} is gone (link closed)"));
+            let me = self.me();
+            for k in 0..self.keys.len() {
+                if self.keys[k].head() == Some(me) {
+                    self.drop_member(k, p, "is gone")?;
+                } else if self.keys[k].probe.is_some() {
+                    self.probe_ended(k, false)?;
+                }
+            }
+            return Ok(());
+        }
+        if self.connected.contains(&p) {
+            self.connected.retain(|&w| w != p);
+            self.failed.remove(&p);
+            self.report.gone.push(p);
+            self.event(format!("worker rank {p} is gone (link closed)"));
+            self.waiting.retain(|w| w.from != p);
+            self.parked.retain(|(from, _, _)| *from != p);
+            self.settle()?;
+        }
+        Ok(())
+    }
+
+    // ----- timers -----
+
+    fn on_timers(&mut self) -> Result<()> {
+        let now = Instant::now();
+        for t in self.timers.due(now) {
+            match t {
+                Timer::Requests => self.requests_due(now)?,
+                Timer::Inflight(k) => {
+                    let key = &self.keys[k];
+                    let Some(f) = key.inflight.front() else {
+                        continue;
+                    };
+                    if f.deadline > now {
+                        let d = f.deadline;
+                        self.timers.at(d, Timer::Inflight(k));
+                        continue;
+                    }
+                    let v = f.version;
+                    let late = key
+                        .chain
+                        .iter()
+                        .skip(1)
+                        .copied()
+                        .find(|m| key.acked.get(m).copied().unwrap_or(0) < v);
+                    if let Some(m) = late {
+                        let why = format!(
+                            "did not acknowledge version {v} within {:?}",
+                            self.timeout
+                        );
+                        self.drop_member(k, m, &why)?;
+                    }
+                }
+                Timer::Probe(k) => {
+                    if self.keys[k].probe.as_ref().is_some_and(|(_, d)| *d <= now) {
+                        self.probe_ended(k, true)?;
+                    }
+                }
+                Timer::Rejoin => {
+                    self.ping_removed();
+                    if !self.removed.is_empty() {
+                        self.timers.at(deadline_after(self.timeout), Timer::Rejoin);
+                    }
+                }
+                Timer::Bye => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Requests that waited a whole deadline: the workers they wait for are declared failed
+    /// (above the quorum), and the requests get a fresh deadline.
+    fn requests_due(&mut self, now: Instant) -> Result<()> {
+        let at = self.at();
+        let due: Vec<Waiting> = self
+            .waiting
+            .iter()
+            .copied()
+            .filter(|w| deadline_from(w.since, self.timeout) <= now)
+            .collect();
+        if due.is_empty() {
+            if let Some(first) = self.waiting.iter().map(|w| w.since).min() {
+                self.timers
+                    .at(deadline_from(first, self.timeout), Timer::Requests);
+            }
+            return Ok(());
+        }
+        let blockers = self.blocking(&due);
+        if !blockers.is_empty() {
+            for &b in &blockers {
+                self.failed.insert(b);
+                self.event(format!(
+                    "worker rank {b} missed the {:?} deadline: declared failed",
+                    self.timeout
+                ));
+            }
+            let alive = self.counted().len();
+            if alive < self.quorum {
+                let q = self.quorum;
+                self.event(format!(
+                    "{alive} workers left, below the quorum of {q}: giving up"
+                ));
+                return Err(Error::Timeout {
+                    at,
+                    waiting_on: blockers,
+                    waited: self.timeout,
+                });
+            }
+            self.settle()?;
+        }
+        // The requests that waited start a fresh deadline (what they wait for now is a
+        // replication, which has deadlines of its own, or the workers just declared failed).
+        for w in self.waiting.iter_mut() {
+            if deadline_from(w.since, self.timeout) <= now {
+                w.since = now;
+            }
+        }
+        self.timers
+            .at(deadline_from(now, self.timeout), Timer::Requests);
+        Ok(())
+    }
+
+    /// The workers whose pushes the waiting requests wait for.
+    fn blocking(&self, due: &[Waiting]) -> Vec<usize> {
         let mut out = Vec::new();
-        for (_, h, _) in pending {
-            let Some(&k) = self.local.get(&h.key) else {
+        for w in due {
+            let key = &self.keys[w.k];
+            if key.head() != Some(self.me()) {
                 continue;
+            }
+            let step = match w.need {
+                Some(v) => v.saturating_sub(1),
+                None => w.h.step,
             };
-            for &r in live {
-                let w = self.worker_index(r);
-                let key = &self.keys[k];
+            for r in self.counted() {
+                let Some(i) = self.worker_index(r) else {
+                    continue;
+                };
                 let missing = match self.mode {
-                    Mode::Sync => !key.pushed[w],
-                    Mode::BoundedStaleness(s) => key.clocks[w] < h.step.saturating_sub(s),
+                    Mode::Sync => step >= key.version && !key.pushed[i],
+                    Mode::BoundedStaleness(s) => {
+                        w.need.is_none() && key.clocks[i] < step.saturating_sub(s)
+                    }
                     Mode::Async => false,
                 };
                 if missing && !out.contains(&r) {
@@ -778,5 +1580,148 @@ impl PsServer {
             }
         }
         out
+    }
+
+    // ----- answers -----
+
+    /// The version and clock a request for key `k` may be answered from: the device's, or,
+    /// under `Strong` with members, the highest every member holds.
+    fn readable(&self, k: usize) -> Option<(u64, u64)> {
+        let key = &self.keys[k];
+        if self.consistency == Consistency::Strong && key.chain.len() > 1 {
+            if key.committed == key.version {
+                return Some((key.version, self.min_clock(k)));
+            }
+            return key
+                .snapshot
+                .as_ref()
+                .filter(|(v, _)| *v == key.committed)
+                .map(|_| (key.committed, key.committed_clock));
+        }
+        Some((key.version, self.min_clock(k)))
+    }
+
+    fn ready(&self, w: &Waiting) -> bool {
+        let Some((version, clock)) = self.readable(w.k) else {
+            return false;
+        };
+        if let Some(need) = w.need {
+            return version >= need;
+        }
+        match self.mode {
+            Mode::Sync => version >= w.h.step || self.counted().is_empty(),
+            Mode::BoundedStaleness(s) => clock >= w.h.step.saturating_sub(s),
+            Mode::Async => true,
+        }
+    }
+
+    /// Answers every waiting request that can be answered now.
+    fn answer(&mut self) -> Result<()> {
+        let me = self.me();
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let w = self.waiting[i];
+            if self.keys[w.k].head() != Some(me) {
+                // Yielded meanwhile: `redirect` refused these.
+                self.waiting.swap_remove(i);
+                continue;
+            }
+            if !self.ready(&w) {
+                i += 1;
+                continue;
+            }
+            self.waiting.swap_remove(i);
+            if w.need.is_some() {
+                self.push_ack(w.from, &w.h, PushStatus::Applied);
+            } else {
+                self.answer_pull(&w)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn answer_pull(&mut self, w: &Waiting) -> Result<()> {
+        let Some((version, clock)) = self.readable(w.k) else {
+            return Ok(());
+        };
+        let key = &self.keys[w.k];
+        let bytes = match &key.snapshot {
+            Some((v, bytes)) if *v == version => bytes.clone(),
+            _ => {
+                let (wb, count) = (key.w.clone(), key.count);
+                let deadline = deadline_after(self.timeout);
+                self.comm
+                    .read_now(TensorRef::new(&wb, 0, count, DType::F32), deadline)?
+            }
+        };
+        let key = &self.keys[w.k];
+        let mut reply = PsHeader::new(Kind::Params, self.me(), w.h.key as usize, w.h.step, key.count);
+        reply.version = version;
+        reply.clock = clock;
+        reply.req = w.h.req;
+        if key.cut_off {
+            let ms = key.last_heard.elapsed().as_millis();
+            reply.stale_ms = ms.min(u32::MAX as u128 - 1) as u32;
+        } else {
+            reply.stale_ms = NOT_STALE;
+        }
+        self.send(w.from, reply, bytes);
+        Ok(())
+    }
+
+    // ----- checkpoints -----
+
+    /// Writes this server's shard (every key it holds) to its checkpoint file, atomically.
+    fn checkpoint_request(&mut self, from: usize, h: &PsHeader) -> Result<()> {
+        let Some(dir) = self.checkpoint_dir.clone() else {
+            self.refuse_raw(
+                from,
+                Some(h),
+                (
+                    Refusal::Failed,
+                    None,
+                    "no checkpoint directory was given to the builder".into(),
+                ),
+            );
+            return Ok(());
+        };
+        let deadline = deadline_after(self.timeout);
+        let mut keys = Vec::new();
+        for k in 0..self.keys.len() {
+            let key = &self.keys[k];
+            let (wb, mb, count) = (key.w.clone(), key.m.clone(), key.count);
+            let w = self
+                .comm
+                .read_now(TensorRef::new(&wb, 0, count, DType::F32), deadline)?;
+            let m = self
+                .comm
+                .read_now(TensorRef::new(&mb, 0, count, DType::F32), deadline)?;
+            let key = &self.keys[k];
+            keys.push(checkpoint::KeySnapshot {
+                id: key.id,
+                name: key.name.clone(),
+                version: key.version,
+                w: bytemuck::pod_collect_to_vec(&w),
+                m: bytemuck::pod_collect_to_vec(&m),
+            });
+        }
+        let snap = checkpoint::Snapshot {
+            rank: self.me() as u32,
+            hyper: self.rule.hyper(),
+            keys,
+        };
+        let path = checkpoint::shard_path(&dir, self.me());
+        match checkpoint::write_atomic(&path, &snap) {
+            Ok(()) => {
+                let mut done = PsHeader::new(Kind::CheckpointDone, self.me(), 0, 0, 0);
+                done.req = h.req;
+                self.send(from, done, Vec::new());
+            }
+            Err(e) => {
+                self.event(format!("checkpoint failed: {e}"));
+                self.refuse_raw(from, Some(h), (Refusal::Failed, None, e.to_string()));
+            }
+        }
+        Ok(())
     }
 }

@@ -1,8 +1,13 @@
 //! A worker rank: pushes gradients from its device to the servers and pulls parameters back.
+//!
+//! Every request is numbered (strictly increasing per worker) and waits for the one answer
+//! that carries its number: an answer to an earlier request still on its way is never taken
+//! for this one's, and a refusal is the error of the request it refuses.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::protocol::{Kind, NOT_STALE, PsHeader};
+use super::Consistency;
+use super::protocol::{Kind, NO_RANK, NOT_STALE, PsHeader, Refusal};
 use crate::comm::Communicator;
 use crate::deadline::deadline_after;
 use crate::device::TensorRef;
@@ -22,23 +27,30 @@ pub struct PullInfo {
     pub staleness: Option<Duration>,
 }
 
+/// What a server said to one request.
+enum Answer {
+    Ok(PsHeader, Vec<u8>),
+    Refused(Refusal, Option<usize>, String),
+}
+
 /// One worker rank.
 pub struct PsWorker {
     comm: Communicator,
     index: usize,
     keys: Vec<(String, usize)>,
-    /// Per key: the servers holding it, primary first, and which one this worker uses now.
+    /// Per key: the servers holding it, head first, and which one this worker asks now.
     chains: Vec<Vec<usize>>,
     current: Vec<usize>,
-    /// Per key: the last push (step, bytes), re-sent to a backup that takes over.
+    /// Per key: the last push (step, bytes), sent again to a replica that takes over.
     last_push: Vec<Option<(u64, Vec<u8>)>>,
     /// Per key: the highest version this worker has been answered with.
     seen: Vec<u64>,
     lost: u64,
-    /// The number of the last pull sent (see `PsHeader::req`).
-    pulls: u64,
+    /// The number of the last request sent (see `PsHeader::req`).
+    req: u64,
     failovers: u64,
     servers: usize,
+    consistency: Consistency,
 }
 
 impl std::fmt::Debug for PsWorker {
@@ -61,6 +73,7 @@ impl PsWorker {
         keys: Vec<(String, usize)>,
         chains: Vec<Vec<usize>>,
         servers: usize,
+        consistency: Consistency,
     ) -> Self {
         let n = keys.len();
         PsWorker {
@@ -72,24 +85,28 @@ impl PsWorker {
             last_push: vec![None; n],
             seen: vec![0; n],
             lost: 0,
-            pulls: 0,
+            req: 0,
             failovers: 0,
             servers,
+            consistency,
         }
     }
 
-    /// Updates this worker saw that a server taking over no longer had (0 under `Strong`).
+    /// Updates this worker saw that a server taking over no longer had (`Eventual` only:
+    /// under `Strong` such an answer is an error, [`Error::Lost`]).
     pub fn lost_updates(&self) -> u64 {
         self.lost
     }
 
-    /// Times this worker moved to a backup server because a primary stopped answering.
+    /// Times this worker moved to another replica because the one it asked stopped answering
+    /// or pointed it elsewhere.
     pub fn failovers(&self) -> u64 {
         self.failovers
     }
 
     fn owner(&self, k: usize) -> usize {
-        self.chains[k][self.current[k].min(self.chains[k].len() - 1)]
+        let chain = &self.chains[k];
+        chain[self.current[k] % chain.len().max(1)]
     }
 
     /// This worker's index among the workers (0-based).
@@ -106,19 +123,21 @@ impl PsWorker {
         At::rank(self.comm.rank())
     }
 
-    fn key(&self, name: &str, t: &TensorRef<'_>) -> Result<usize> {
-        let at = self.at();
-        let k = self
-            .keys
+    fn key_index(&self, name: &str) -> Result<usize> {
+        self.keys
             .iter()
             .position(|(n, _)| n == name)
             .ok_or_else(|| Error::InvalidArgument {
-                at,
+                at: self.at(),
                 message: format!("unknown parameter '{name}'"),
-            })?;
+            })
+    }
+
+    fn key(&self, name: &str, t: &TensorRef<'_>) -> Result<usize> {
+        let k = self.key_index(name)?;
         if t.dtype != DType::F32 || t.count != self.keys[k].1 {
             return Err(Error::InvalidArgument {
-                at,
+                at: self.at(),
                 message: format!(
                     "'{name}' is {} f32 values; got {} {} values",
                     self.keys[k].1, t.count, t.dtype
@@ -128,20 +147,41 @@ impl PsWorker {
         Ok(k)
     }
 
-    /// Pushes this worker's gradient of `key` for `step` (read back from the device).
+    /// How long a request may wait for its answer: the server may first wait a deadline for a
+    /// worker it then declares failed, and another for a replica it then drops from the chain.
+    fn reply_deadline(&self) -> Instant {
+        deadline_after(
+            self.comm
+                .config()
+                .timeout
+                .saturating_mul(3)
+                .saturating_add(Duration::from_millis(200)),
+        )
+    }
+
+    /// Pushes this worker's gradient of `key` for `step` (read back from the device) and
+    /// waits for the server's answer: in `Sync`, until the step's update that includes it is
+    /// applied (and, under `Strong`, held by every live replica); otherwise until it is applied
+    /// (and held). A push the server refuses is an error carrying its reason; a late push (a
+    /// backup worker's) or a duplicate is `Ok` and counted in the server's report.
     pub fn push<'a>(&mut self, key: &str, grad: impl Into<TensorRef<'a>>, step: u64) -> Result<()> {
         let grad = grad.into();
         let k = self.key(key, &grad)?;
         let deadline = deadline_after(self.comm.config().timeout);
         let bytes = self.comm.read_now(grad, deadline)?;
-        let h = PsHeader::new(Kind::Push, k, step, grad.count);
         self.last_push[k] = Some((step, bytes.clone()));
-        self.send(self.owner(k), h, bytes)
+        let count = grad.count;
+        self.call(k, |w| {
+            let mut h = PsHeader::new(Kind::Push, w.comm.rank(), k, step, count);
+            h.dtype = DType::F32.code();
+            (h, bytes.clone())
+        })
+        .map(|_| ())
     }
 
     /// Sends a push of `values` for `key` whose header claims `count` values, without this
-    /// worker's own checks of the size: tests reach the server's own check through it. Not
-    /// part of the API.
+    /// worker's own checks of the size, and waits for the answer: tests reach the server's
+    /// own check through it. Not part of the API.
     #[doc(hidden)]
     pub fn push_unchecked(
         &mut self,
@@ -150,21 +190,20 @@ impl PsWorker {
         count: usize,
         values: &[f32],
     ) -> Result<()> {
-        let k = self
-            .keys
-            .iter()
-            .position(|(n, _)| n == key)
-            .ok_or_else(|| Error::InvalidArgument {
-                at: self.at(),
-                message: format!("unknown parameter '{key}'"),
-            })?;
-        let h = PsHeader::new(Kind::Push, k, step, count);
-        self.send(self.owner(k), h, bytemuck::cast_slice(values).to_vec())
+        let k = self.key_index(key)?;
+        let bytes: Vec<u8> = bytemuck::cast_slice(values).to_vec();
+        self.call(k, |w| {
+            (
+                PsHeader::new(Kind::Push, w.comm.rank(), k, step, count),
+                bytes.clone(),
+            )
+        })
+        .map(|_| ())
     }
 
     /// Pulls `key` as of `step` into `into` (on this worker's device): waits until the mode
-    /// allows (in `Sync`, until step-1's update applied), at most twice the deadline (the
-    /// server may first wait one deadline for a worker it then declares failed).
+    /// allows (in `Sync`, until step-1's update applied and, under `Strong`, is held by every
+    /// live replica).
     pub fn pull<'a>(
         &mut self,
         key: &str,
@@ -173,51 +212,118 @@ impl PsWorker {
     ) -> Result<PullInfo> {
         let into = into.into();
         let k = self.key(key, &into)?;
+        let count = into.count;
+        let (h, payload) = self.call(k, |w| {
+            (
+                PsHeader::new(Kind::Pull, w.comm.rank(), k, step, count),
+                Vec::new(),
+            )
+        })?;
+        let at = self.at();
+        let server = self.owner(k);
+        if h.count as usize != count || payload.len() != count.saturating_mul(4) {
+            return Err(Error::Device {
+                at,
+                message: format!(
+                    "server rank {server} answered '{key}' with {} bytes, not {count} values",
+                    payload.len()
+                ),
+            });
+        }
+        if h.version < self.seen[k] {
+            if self.consistency == Consistency::Strong {
+                return Err(Error::Lost {
+                    at,
+                    server,
+                    key: key.to_string(),
+                    got: h.version,
+                    seen: self.seen[k],
+                });
+            }
+            // A replica that took over without updates this worker had seen lost them.
+            self.lost = self.lost.saturating_add(self.seen[k] - h.version);
+        }
+        self.seen[k] = self.seen[k].max(h.version);
+        let deadline = deadline_after(self.comm.config().timeout);
+        self.comm.fold_now(&payload, into, Combine::Copy, deadline)?;
+        Ok(PullInfo {
+            version: h.version,
+            clock: h.clock,
+            staleness: (h.stale_ms != NOT_STALE).then(|| Duration::from_millis(h.stale_ms as u64)),
+        })
+    }
+
+    /// Sends the request `make` builds to key `k`'s server and returns its answer; moves to
+    /// another replica when the server is unreachable or points elsewhere (a pull first gives
+    /// the new one this worker's last push again; it drops it if it has it).
+    fn call(
+        &mut self,
+        k: usize,
+        make: impl Fn(&Self) -> (PsHeader, Vec<u8>),
+    ) -> Result<(PsHeader, Vec<u8>)> {
+        let at = self.at();
+        let n = self.chains[k].len();
+        let mut tries = 0usize;
         loop {
             let server = self.owner(k);
-            match self.pull_from(server, k, step, into) {
-                Ok(info) => return Ok(info),
-                // The server stopped answering: move to the next replica, if there is one,
-                // and give it this worker's last push again (it rejects it if it has it).
-                Err(e @ (Error::Timeout { .. } | Error::LinkClosed { .. }))
-                    if self.current[k] + 1 < self.chains[k].len() =>
-                {
-                    tracing::warn!(error = %e, "parameter server failover");
-                    self.current[k] += 1;
-                    self.failovers += 1;
-                    if let Some((s, bytes)) = self.last_push[k].clone() {
-                        let h = PsHeader::new(Kind::Push, k, s, into.count);
-                        self.send(self.owner(k), h, bytes)?;
+            let (h, payload) = make(self);
+            let is_pull = h.kind == Kind::Pull as u32;
+            let outcome = self.request(server, h, payload);
+            let hint = match outcome {
+                Ok(Answer::Ok(h, p)) => return Ok((h, p)),
+                Ok(Answer::Refused(Refusal::AskOther, hint, reason)) => {
+                    tracing::info!(server, %reason, "parameter server redirect");
+                    hint
+                }
+                Ok(Answer::Refused(_, _, reason)) => {
+                    return Err(Error::InvalidArgument {
+                        at,
+                        message: format!(
+                            "server rank {server} refused a request for '{}': {reason}",
+                            self.keys[k].0
+                        ),
+                    });
+                }
+                Err(e @ (Error::Timeout { .. } | Error::LinkClosed { .. })) => {
+                    if tries >= 2 * n {
+                        return Err(e);
                     }
+                    tracing::warn!(error = %e, "parameter server failover");
+                    None
                 }
                 Err(e) => return Err(e),
+            };
+            tries += 1;
+            if tries > 2 * n {
+                return Err(Error::Timeout {
+                    at,
+                    waiting_on: self.chains[k].clone(),
+                    waited: self.comm.config().timeout,
+                });
+            }
+            let next = hint
+                .and_then(|r| self.chains[k].iter().position(|&x| x == r))
+                .unwrap_or(self.current[k] + 1);
+            self.current[k] = next % n.max(1);
+            self.failovers += 1;
+            if is_pull && let Some((s, bytes)) = self.last_push[k].clone() {
+                let server = self.owner(k);
+                let count = self.keys[k].1;
+                let h = PsHeader::new(Kind::Push, self.comm.rank(), k, s, count);
+                // Its answer does not matter: a replica that cannot take it is asked again by
+                // the pull that follows.
+                let _ = self.request(server, h, bytes);
             }
         }
     }
 
-    fn pull_from(
-        &mut self,
-        server: usize,
-        k: usize,
-        step: u64,
-        into: TensorRef<'_>,
-    ) -> Result<PullInfo> {
-        // Numbered, so that an answer to an earlier pull still on its way (one whose refusal
-        // came back first) is never taken for this one's.
-        self.pulls = self.pulls.wrapping_add(1).max(1);
-        let req = self.pulls;
-        let mut request = PsHeader::new(Kind::Pull, k, step, into.count);
-        request.req = req;
-        self.send(server, request, Vec::new())?;
-        // The server may first wait a whole deadline for a worker it then declares failed.
-        let deadline = deadline_after(
-            self.comm
-                .config()
-                .timeout
-                .saturating_mul(2)
-                .saturating_add(Duration::from_millis(200)),
-        );
+    /// Sends one numbered request to `server` and waits for the answer with its number.
+    fn request(&mut self, server: usize, mut h: PsHeader, payload: Vec<u8>) -> Result<Answer> {
         let at = self.at();
+        self.req = self.req.saturating_add(1);
+        h.req = self.req;
+        self.send(server, h, payload)?;
+        let deadline = self.reply_deadline();
         loop {
             let frame = self
                 .comm
@@ -236,44 +342,62 @@ impl PsWorker {
                     },
                     _ => Error::LinkClosed { at, peer: server },
                 })?;
-            let Some(h) = PsHeader::decode(&frame.header) else {
+            let Some(a) = PsHeader::decode(&frame.header) else {
                 continue;
             };
-            match h.kind() {
-                // The answer to an earlier pull that returned with a refusal: dropped.
-                Some(Kind::Params) if h.req != req => continue,
-                Some(Kind::Params) if h.key as usize == k => {
-                    self.comm
-                        .fold_now(&frame.payload, into, Combine::Copy, deadline)?;
-                    // A replica that took over without updates this worker had seen lost them.
-                    self.lost += self.seen[k].saturating_sub(h.version);
-                    self.seen[k] = self.seen[k].max(h.version);
-                    return Ok(PullInfo {
-                        version: h.version,
-                        clock: h.clock,
-                        staleness: (h.stale_ms != NOT_STALE)
-                            .then(|| Duration::from_millis(h.stale_ms as u64)),
-                    });
+            // An answer to an earlier request (one that came back refused or timed out).
+            if a.req != h.req || a.rank as usize != server {
+                continue;
+            }
+            match a.kind() {
+                Some(Kind::Params | Kind::PushAck | Kind::CheckpointDone) => {
+                    return Ok(Answer::Ok(a, frame.payload));
                 }
                 Some(Kind::Refused) => {
-                    return Err(Error::InvalidArgument {
-                        at,
-                        message: format!(
-                            "server rank {server} refused a request for '{}': {}",
-                            self.keys.get(h.key as usize).map_or("?", |k| k.0.as_str()),
-                            String::from_utf8_lossy(&frame.payload)
-                        ),
-                    });
+                    let hint = (a.hint != NO_RANK).then_some(a.hint as usize);
+                    return Ok(Answer::Refused(
+                        Refusal::from_code(a.status),
+                        hint,
+                        String::from_utf8_lossy(&frame.payload).into_owned(),
+                    ));
                 }
                 _ => continue,
             }
         }
     }
 
-    /// Tells every server this worker is done.
-    pub fn done(self) -> Result<()> {
+    /// Asks every server to write its shard's checkpoint (to the directory the builder's
+    /// [`checkpoint`](super::ParameterServer::checkpoint) gave) and waits until each has.
+    /// Call it where every worker agrees the model is consistent (after a step's pulls in
+    /// `Sync`).
+    pub fn checkpoint(&mut self) -> Result<()> {
+        let at = self.at();
         for s in 0..self.servers {
-            self.send(s, PsHeader::new(Kind::Done, 0, 0, 0), Vec::new())?;
+            let h = PsHeader::new(Kind::Checkpoint, self.comm.rank(), 0, 0, 0);
+            match self.request(s, h, Vec::new())? {
+                Answer::Ok(..) => {}
+                Answer::Refused(_, _, reason) => {
+                    return Err(Error::Checkpoint {
+                        at,
+                        message: format!("server rank {s}: {reason}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells every server this worker is done.
+    pub fn done(mut self) -> Result<()> {
+        for s in 0..self.servers {
+            self.req = self.req.saturating_add(1);
+            let mut h = PsHeader::new(Kind::Done, self.comm.rank(), 0, 0, 0);
+            h.req = self.req;
+            match self.send(s, h, Vec::new()) {
+                // A server that is gone does not need to be told.
+                Ok(()) | Err(Error::LinkClosed { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -292,5 +416,39 @@ impl PsWorker {
                 at: self.at(),
                 peer: to,
             })
+    }
+
+    /// Sends a raw frame to `to`: tests reach the server's validation of each field through
+    /// it. Not part of the API.
+    #[doc(hidden)]
+    pub fn send_frame(&self, to: usize, h: PsHeader, payload: Vec<u8>) -> Result<()> {
+        self.send(to, h, payload)
+    }
+
+    /// Receives the next raw frame from `from` (waiting at most `wait`). Not part of the API.
+    #[doc(hidden)]
+    pub fn recv_frame(&self, from: usize, wait: Duration) -> Result<(PsHeader, Vec<u8>)> {
+        let at = self.at();
+        let frame = self
+            .comm
+            .link()
+            .recv(from, deadline_after(wait))
+            .map_err(|_| Error::Timeout {
+                at,
+                waiting_on: vec![from],
+                waited: wait,
+            })?;
+        let h = PsHeader::decode(&frame.header).ok_or_else(|| Error::InvalidArgument {
+            at,
+            message: "a malformed header".into(),
+        })?;
+        Ok((h, frame.payload))
+    }
+
+    /// A fresh request number, as the next request would use. Not part of the API.
+    #[doc(hidden)]
+    pub fn next_req(&mut self) -> u64 {
+        self.req = self.req.saturating_add(1);
+        self.req
     }
 }
