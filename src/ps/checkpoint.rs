@@ -159,7 +159,7 @@ pub(crate) enum CheckpointError {
     },
 
     /// A field runs past the end of the bytes.
-    #[error("{origin} is truncated: {what} needs {needed} bytes but only {left} are left")]
+    #[error("{origin} is truncated: reading {what} needs {needed} bytes but only {left} are left")]
     Truncated {
         /// Where the bytes came from.
         origin: Origin,
@@ -172,7 +172,9 @@ pub(crate) enum CheckpointError {
     },
 
     /// A count claims more bytes than a u64 can number: the file is corrupt.
-    #[error("{origin} is corrupt: {what} claims {count} values, more bytes than any file holds")]
+    #[error(
+        "{origin} is corrupt: it claims {count} values for {what}, more bytes than any file holds"
+    )]
     LengthOverflow {
         /// Where the bytes came from.
         origin: Origin,
