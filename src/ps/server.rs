@@ -274,7 +274,7 @@ impl PsServer {
                 snap.check_against(me as u32, rule.hyper(), &expected)
                     .map_err(|e| Error::Checkpoint {
                         at,
-                        message: format!("{}: {e}", path.display()),
+                        message: e.with_path(&path).to_string(),
                     })?;
                 Some(snap)
             }
