@@ -59,9 +59,12 @@ impl Spec {
     }
 }
 
+/// The reference parameters: `[step][key][element]`.
+type Refs = Vec<Vec<Vec<f64>>>;
+
 /// `refs[t][k]`: key k's parameters after the updates of steps `0..t` (Sync: each step's
 /// gradients averaged over the workers), in f64.
-fn reference(spec: &Spec) -> Vec<Vec<Vec<f64>>> {
+fn reference(spec: &Spec) -> Refs {
     let mut w: Vec<Vec<f64>> = spec
         .sizes
         .iter()
@@ -98,7 +101,8 @@ fn compare(what: &str, got: &[f32], want: &[f64]) -> Result<(), String> {
         // A few f32 roundings per step on values of magnitude ~1; a missed or doubled update
         // moves an element by lr * |g|, orders of magnitude more.
         let tol = 1e-5 * (1.0 + w.abs());
-        if !((f64::from(*g) - w).abs() <= tol) {
+        let diff = (f64::from(*g) - w).abs();
+        if diff.is_nan() || diff > tol {
             return Err(format!("{what}: element {i} is {g}, expected {w}"));
         }
     }
@@ -163,7 +167,7 @@ fn work(
         bufs.push(w.comm().buffer::<f32>(n).map_err(err("buffer".into()))?);
     }
     let mut finals = Vec::new();
-    for t in 0..=spec.steps {
+    for (t, want) in refs.iter().enumerate().take(spec.steps + 1) {
         hook(q, t);
         for (k, name) in spec.names.iter().enumerate() {
             w.comm()
@@ -186,7 +190,7 @@ fn work(
                 compare(
                     &format!("worker {q}: pull '{name}' at step {t}"),
                     &got,
-                    &refs[t][k],
+                    &want[k],
                 )?;
             }
             if t == spec.steps {
@@ -502,7 +506,7 @@ fn heal_then_kill_run(
     backup: usize,
     consistency: Consistency,
     exact_before: usize,
-) -> Result<(Outcome, Spec, Vec<Vec<Vec<f64>>>), String> {
+) -> Result<(Outcome, Spec, Refs), String> {
     let spec = Spec {
         servers: 3,
         replicas,
@@ -567,7 +571,6 @@ fn strong_heal_then_kill(replicas: usize, backup: usize) {
             Err(e) => panic!("surviving server {r}: {e}; {}", out.events()),
         })
         .collect();
-    assert!(out.servers[0].is_err(), "the killed head returned Ok");
     // reps[r - 1] is server r's report.
     let rejoined = &reps[backup - 1].events;
     assert!(
@@ -583,6 +586,7 @@ fn strong_heal_then_kill(replicas: usize, backup: usize) {
             panic!("{e}; {}", out.events());
         }
     }
+    assert!(out.servers[0].is_err(), "the killed head returned Ok");
     eprintln!(
         "Strong heal then kill, replicas {replicas}, backup {backup}: {:.1?}",
         start.elapsed()
@@ -664,8 +668,11 @@ fn eventual_survivors_agree_after_heal_then_kill() {
             );
         }
         if ws.iter().all(|w| w.lost == 0) {
-            if let Err(e) = compare("final 'w' (no loss counted)", &survivor, &refs[spec.steps][0])
-            {
+            if let Err(e) = compare(
+                "final 'w' (no loss counted)",
+                &survivor,
+                &refs[spec.steps][0],
+            ) {
                 panic!("replicas {replicas}: {e}; {}", out.events());
             }
         }
@@ -711,10 +718,14 @@ fn a_refused_push_leaves_no_stale_reply_behind() {
         let h = s.spawn(move || server.serve());
         let result = (|| -> Result<(), String> {
             let e = |what: &'static str| move |e: wccl::Error| format!("{what}: {e}");
-            let early = w.comm().upload(&grad(0, 0, 0, 5, 13)).map_err(e("upload"))?;
+            let early = w
+                .comm()
+                .upload(&grad(0, 0, 0, 5, 13))
+                .map_err(e("upload"))?;
             match w.push("w", &early, 5) {
                 Ok(()) => return Err("a push for step 5 during step 0 was accepted".into()),
-                Err(err @ wccl::Error::InvalidArgument { .. }) if err.to_string().contains("step 5") => {}
+                Err(err @ wccl::Error::InvalidArgument { .. })
+                    if err.to_string().contains("step 5") => {}
                 Err(err) => return Err(format!("push for step 5: wrong error: {err}")),
             }
             let buf = w.comm().buffer::<f32>(13).map_err(e("buffer"))?;
@@ -725,9 +736,7 @@ fn a_refused_push_leaves_no_stale_reply_behind() {
                     .map_err(e("upload"))?;
                 w.push("w", &g, t as u64)
                     .map_err(|err| format!("push step {t}: {err}"))?;
-                w.comm()
-                    .write(&buf, &[f32::NAN; 13])
-                    .map_err(e("poison"))?;
+                w.comm().write(&buf, &[f32::NAN; 13]).map_err(e("poison"))?;
                 let info = w
                     .pull("w", t as u64 + 1, &buf)
                     .map_err(|err| format!("pull step {}: {err}", t + 1))?;
