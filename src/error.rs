@@ -162,7 +162,9 @@ pub enum Error {
     /// A replica answered with less than a worker had already been answered with, under
     /// `Consistency::Strong` (which promises that never happens): the updates in between are
     /// lost, and the worker stops instead of training on from older parameters.
-    #[error("{at}: server rank {server} answered '{key}' at version {got}, but this worker was already answered with version {seen}: updates lost")]
+    #[error(
+        "{at}: server rank {server} answered '{key}' at version {got}, but this worker was already answered with version {seen}: updates lost"
+    )]
     Lost {
         /// Where.
         at: At,

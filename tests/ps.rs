@@ -449,7 +449,9 @@ fn a_worker_that_never_pushes_is_named() {
         let g = w0.comm().upload(&[1.0f32; 4]).expect("upload");
         let p = w0.comm().buffer::<f32>(4).expect("buffer");
         // The push waits for step 0's update, which waits for worker 1: it fails.
-        let pulled = w0.push("w", &g, 0).and_then(|()| w0.pull("w", 1, &p).map(|_| ()));
+        let pulled = w0
+            .push("w", &g, 0)
+            .and_then(|()| w0.pull("w", 1, &p).map(|_| ()));
         let served = h.join().expect("server thread");
         drop(done_tx);
         (pulled, served)

@@ -335,7 +335,9 @@ impl ParameterServer {
         if u32::try_from(self.params.len()).is_err()
             || u32::try_from(self.servers + self.workers).is_err()
         {
-            return Err(bad("too many parameters or ranks for the wire's u32 fields".into()));
+            return Err(bad(
+                "too many parameters or ranks for the wire's u32 fields".into(),
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (name, init) in &self.params {

@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 use wgpu::Buffer;
 
 use super::checkpoint;
-use super::protocol::{
-    F32, JOIN, Kind, NO_RANK, NOT_STALE, PsHeader, PushStatus, Refusal, digest,
-};
+use super::protocol::{F32, JOIN, Kind, NO_RANK, NOT_STALE, PsHeader, PushStatus, Refusal, digest};
 use super::{Consistency, Mode, Policy, ShardKey, UpdateRule};
 use crate::comm::Communicator;
 use crate::deadline::{deadline_after, deadline_from};
@@ -216,6 +214,8 @@ pub struct PsServer {
     bye_sent: Option<Instant>,
     byes: BTreeSet<usize>,
     drain_since: Option<Instant>,
+    /// Workers that said they are done.
+    dones: usize,
 }
 
 impl std::fmt::Debug for PsServer {
@@ -363,6 +363,7 @@ impl PsServer {
             bye_sent: None,
             byes: BTreeSet::new(),
             drain_since: None,
+            dones: 0,
             comm,
         })
     }
@@ -423,6 +424,14 @@ impl PsServer {
             self.on_timers()?;
             self.answer()?;
         }
+        if self.dones == 0
+            && let Some(&peer) = self.report.gone.first()
+        {
+            // No worker finished with this server: every one went away (or this server was
+            // cut off from all of them). Serving failed.
+            self.event("every worker's link closed without a word of being done".into());
+            return Err(Error::LinkClosed { at, peer });
+        }
         for k in 0..self.keys.len() {
             let t = TensorRef::new(&self.keys[k].w, 0, self.keys[k].count, DType::F32);
             let values = self.comm.read::<f32>(t)?;
@@ -462,15 +471,15 @@ impl PsServer {
             let waited = now >= deadline_from(since, self.timeout);
             if !settled || (!self.removed.is_empty() && !waited) {
                 // Timers drop members that never ack and re-admit those that answer.
-                self.timers.at(deadline_from(since, self.timeout), Timer::Rejoin);
+                self.timers
+                    .at(deadline_from(since, self.timeout), Timer::Rejoin);
                 return false;
             }
             for s in self.live_servers() {
                 self.send(s, PsHeader::new(Kind::Bye, me, 0, 0, 0), Vec::new());
             }
             self.bye_sent = Some(now);
-            self.timers
-                .at(deadline_from(now, self.timeout), Timer::Bye);
+            self.timers.at(deadline_from(now, self.timeout), Timer::Bye);
         }
         let live = self.live_servers();
         if live.iter().all(|s| self.byes.contains(s)) {
@@ -539,6 +548,7 @@ impl PsServer {
         };
         match kind {
             Kind::Done => {
+                self.dones += 1;
                 self.connected.retain(|&w| w != from);
                 self.failed.remove(&from);
                 self.settle()?;
@@ -713,7 +723,14 @@ impl PsServer {
 
     // ----- pushes and updates -----
 
-    fn push(&mut self, from: usize, widx: usize, k: usize, h: &PsHeader, payload: &[u8]) -> Result<()> {
+    fn push(
+        &mut self,
+        from: usize,
+        widx: usize,
+        k: usize,
+        h: &PsHeader,
+        payload: &[u8],
+    ) -> Result<()> {
         let deadline = deadline_after(self.timeout);
         let count = self.keys[k].count;
         let acc_buf = self.keys[k].acc.clone();
@@ -829,7 +846,13 @@ impl PsServer {
     }
 
     fn push_ack(&self, to: usize, request: &PsHeader, status: PushStatus) {
-        let mut h = PsHeader::new(Kind::PushAck, self.me(), request.key as usize, request.step, 0);
+        let mut h = PsHeader::new(
+            Kind::PushAck,
+            self.me(),
+            request.key as usize,
+            request.step,
+            0,
+        );
         h.req = request.req;
         h.status = status as u32;
         self.send(to, h, Vec::new());
@@ -995,7 +1018,11 @@ impl PsServer {
         }
         match h.kind() {
             Some(Kind::Ping) => {
-                self.send(from, PsHeader::new(Kind::Pong, self.me(), 0, 0, 0), Vec::new());
+                self.send(
+                    from,
+                    PsHeader::new(Kind::Pong, self.me(), 0, 0, 0),
+                    Vec::new(),
+                );
                 Ok(())
             }
             Some(Kind::Pong) => {
@@ -1034,7 +1061,12 @@ impl PsServer {
     }
 
     /// Every field of a replica, before it changes anything; returns the chain it carries.
-    fn check_replica(&self, from: usize, h: &PsHeader, payload: &[u8]) -> Option<(usize, Vec<usize>)> {
+    fn check_replica(
+        &self,
+        from: usize,
+        h: &PsHeader,
+        payload: &[u8],
+    ) -> Option<(usize, Vec<usize>)> {
         let me = self.me();
         let &k = self.local.get(&h.key)?;
         let key = &self.keys[k];
@@ -1056,7 +1088,9 @@ impl PsServer {
         let distinct: BTreeSet<usize> = chain.iter().copied().collect();
         let pos = chain.iter().position(|&r| r == me)?;
         if distinct.len() != chain.len()
-            || chain.iter().any(|&r| r >= self.server_count || !key.statics.contains(&r))
+            || chain
+                .iter()
+                .any(|&r| r >= self.server_count || !key.statics.contains(&r))
             || pos == 0
             || (chain[pos - 1] != from)
         {
@@ -1083,7 +1117,12 @@ impl PsServer {
         if key.head() == Some(me) {
             // Two servers answer for the key (after a take-over or a partition): a newer
             // epoch wins, then the higher version, then the server earlier in the chain.
-            let pos = |r: usize| key.statics.iter().position(|&x| x == r).unwrap_or(usize::MAX);
+            let pos = |r: usize| {
+                key.statics
+                    .iter()
+                    .position(|&x| x == r)
+                    .unwrap_or(usize::MAX)
+            };
             let theirs = h.epoch > key.epoch
                 || (h.epoch == key.epoch
                     && (h.version > key.version
@@ -1191,7 +1230,11 @@ impl PsServer {
             keep
         });
         for (from, h) in held {
-            self.refuse_raw(from, Some(&h), (Refusal::AskOther, Some(head), reason.clone()));
+            self.refuse_raw(
+                from,
+                Some(&h),
+                (Refusal::AskOther, Some(head), reason.clone()),
+            );
         }
     }
 
@@ -1209,8 +1252,7 @@ impl PsServer {
         let (name, chain, epoch) = (key.name.clone(), key.chain.clone(), key.epoch);
         if !self.dead.contains(&member) {
             self.removed.insert(member);
-            self.timers
-                .at(deadline_after(self.timeout), Timer::Rejoin);
+            self.timers.at(deadline_after(self.timeout), Timer::Rejoin);
         }
         self.event(format!(
             "server rank {member} {why}: dropped from the chain of '{name}' (now {chain:?}, epoch {epoch})"
@@ -1381,8 +1423,7 @@ impl PsServer {
         for p in &before {
             if !self.dead.contains(p) {
                 self.removed.insert(*p);
-                self.timers
-                    .at(deadline_after(self.timeout), Timer::Rejoin);
+                self.timers.at(deadline_after(self.timeout), Timer::Rejoin);
             }
         }
         let replica_clock = self.keys[k].replica_clock;
@@ -1475,10 +1516,8 @@ impl PsServer {
                         .copied()
                         .find(|m| key.acked.get(m).copied().unwrap_or(0) < v);
                     if let Some(m) = late {
-                        let why = format!(
-                            "did not acknowledge version {v} within {:?}",
-                            self.timeout
-                        );
+                        let why =
+                            format!("did not acknowledge version {v} within {:?}", self.timeout);
                         self.drop_member(k, m, &why)?;
                     }
                 }
@@ -1655,7 +1694,13 @@ impl PsServer {
             }
         };
         let key = &self.keys[w.k];
-        let mut reply = PsHeader::new(Kind::Params, self.me(), w.h.key as usize, w.h.step, key.count);
+        let mut reply = PsHeader::new(
+            Kind::Params,
+            self.me(),
+            w.h.key as usize,
+            w.h.step,
+            key.count,
+        );
         reply.version = version;
         reply.clock = clock;
         reply.req = w.h.req;

@@ -245,7 +245,8 @@ impl PsWorker {
         }
         self.seen[k] = self.seen[k].max(h.version);
         let deadline = deadline_after(self.comm.config().timeout);
-        self.comm.fold_now(&payload, into, Combine::Copy, deadline)?;
+        self.comm
+            .fold_now(&payload, into, Combine::Copy, deadline)?;
         Ok(PullInfo {
             version: h.version,
             clock: h.clock,
