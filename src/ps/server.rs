@@ -216,6 +216,10 @@ pub struct PsServer {
     drain_since: Option<Instant>,
     /// Workers that said they are done.
     dones: usize,
+    /// Whether the timer that ends the wait for dropped servers at shutdown is set.
+    drain_timer: bool,
+    /// The earliest `Timer::Requests` set.
+    requests_timer: Option<Instant>,
 }
 
 impl std::fmt::Debug for PsServer {
@@ -364,6 +368,8 @@ impl PsServer {
             byes: BTreeSet::new(),
             drain_since: None,
             dones: 0,
+            drain_timer: false,
+            requests_timer: None,
             comm,
         })
     }
@@ -470,9 +476,13 @@ impl PsServer {
                 .all(|k| k.head() != Some(me) || k.inflight.is_empty());
             let waited = now >= deadline_from(since, self.timeout);
             if !settled || (!self.removed.is_empty() && !waited) {
-                // Timers drop members that never ack and re-admit those that answer.
-                self.timers
-                    .at(deadline_from(since, self.timeout), Timer::Rejoin);
+                // Timers drop members that never ack and re-admit those that answer; one more
+                // wakes this check when the wait for the dropped ones ends.
+                if !waited && !self.drain_timer {
+                    self.drain_timer = true;
+                    self.timers
+                        .at(deadline_from(since, self.timeout), Timer::Rejoin);
+                }
                 return false;
             }
             for s in self.live_servers() {
@@ -716,9 +726,17 @@ impl PsServer {
     }
 
     fn wait(&mut self, w: Waiting) {
-        self.timers
-            .at(deadline_from(w.since, self.timeout), Timer::Requests);
+        self.arm_requests(deadline_from(w.since, self.timeout));
         self.waiting.push(w);
+    }
+
+    /// Sets the requests' timer for `when` unless one fires earlier: one timer serves every
+    /// waiting request.
+    fn arm_requests(&mut self, when: Instant) {
+        if self.requests_timer.is_none_or(|t| t > when) {
+            self.requests_timer = Some(when);
+            self.timers.at(when, Timer::Requests);
+        }
     }
 
     // ----- pushes and updates -----
@@ -976,13 +994,17 @@ impl PsServer {
             payload.extend_from_slice(&(r as u32).to_le_bytes());
         }
         let sent = deadline_after(self.timeout);
+        // One timer per key, for its oldest update; its handler sets the next.
+        let arm = key.inflight.is_empty();
         key.inflight.push_back(Inflight {
             version: key.version,
             deadline: sent,
             w,
             clock,
         });
-        self.timers.at(sent, Timer::Inflight(k));
+        if arm {
+            self.timers.at(sent, Timer::Inflight(k));
+        }
         self.send(next, h, payload);
         Ok(())
     }
@@ -1497,7 +1519,12 @@ impl PsServer {
         let now = Instant::now();
         for t in self.timers.due(now) {
             match t {
-                Timer::Requests => self.requests_due(now)?,
+                Timer::Requests => {
+                    if self.requests_timer.is_some_and(|t| t <= now) {
+                        self.requests_timer = None;
+                    }
+                    self.requests_due(now)?
+                }
                 Timer::Inflight(k) => {
                     let key = &self.keys[k];
                     let Some(f) = key.inflight.front() else {
@@ -1515,10 +1542,15 @@ impl PsServer {
                         .skip(1)
                         .copied()
                         .find(|m| key.acked.get(m).copied().unwrap_or(0) < v);
-                    if let Some(m) = late {
-                        let why =
-                            format!("did not acknowledge version {v} within {:?}", self.timeout);
-                        self.drop_member(k, m, &why)?;
+                    match late {
+                        Some(m) => {
+                            let why = format!(
+                                "did not acknowledge version {v} within {:?}",
+                                self.timeout
+                            );
+                            self.drop_member(k, m, &why)?;
+                        }
+                        None => self.advance_commit(k),
                     }
                 }
                 Timer::Probe(k) => {
@@ -1550,8 +1582,7 @@ impl PsServer {
             .collect();
         if due.is_empty() {
             if let Some(first) = self.waiting.iter().map(|w| w.since).min() {
-                self.timers
-                    .at(deadline_from(first, self.timeout), Timer::Requests);
+                self.arm_requests(deadline_from(first, self.timeout));
             }
             return Ok(());
         }
@@ -1585,8 +1616,9 @@ impl PsServer {
                 w.since = now;
             }
         }
-        self.timers
-            .at(deadline_from(now, self.timeout), Timer::Requests);
+        if let Some(first) = self.waiting.iter().map(|w| w.since).min() {
+            self.arm_requests(deadline_from(first, self.timeout));
+        }
         Ok(())
     }
 
