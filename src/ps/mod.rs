@@ -13,24 +13,37 @@
 //!   for step c waits until every worker has pushed every step up to c-s-1.
 //! - [`Mode::Async`]: each push applies on arrival; pulls never wait.
 //!
-//! Replication: with `replicas(r)` each key lives on r servers, its primary first. After every
-//! update the primary sends the new parameters and optimiser state to its backups. Under
-//! [`Consistency::Strong`] it answers a pull only after every live backup has applied it, so a
-//! backup that takes over (when a worker finds the primary gone and turns to it) has every
-//! update a worker has seen. Under [`Consistency::Eventual`] it answers at once; a take-over may
-//! lose the tail, and workers count the loss ([`PsWorker::lost_updates`]).
+//! Replication (chain replication, van Renesse and Schneider, OSDI 2004): with `replicas(r)`
+//! key k lives on the chain of servers k, k+1, ..., k+r-1 (mod servers), its head first; the
+//! chains of different keys may form cycles over the servers. After every update the head sends
+//! the new parameters and optimiser state to the next server, which applies them, passes them
+//! on and acknowledges them to the head. Under [`Consistency::Strong`] a push is answered, and a
+//! pull served, only from a version every member of the chain holds, so a member that takes
+//! over (when a worker finds the head gone and turns to it) has everything any worker was
+//! answered with; a worker that is ever answered with less gets [`Error::Lost`]
+//! instead of training on. Under [`Consistency::Eventual`] the head answers at once and
+//! replication follows; a take-over may lose the tail, and workers count the loss
+//! ([`PsWorker::lost_updates`]). A member that misses an ack's deadline, or whose link closes,
+//! is dropped from the chain (a new epoch); one that answers again (after a partition heals)
+//! rejoins as the tail by state transfer, so a later failure of the head loses nothing either.
 //!
-//! Partitions, the CAP choice: a backup asked for a key pings the servers before it in the
+//! Partitions, the CAP choice: a member asked for a key pings the servers before it in the
 //! key's chain. One that answers is alive (the worker is told to ask it); one whose link is
-//! closed is dead, and the backup takes over. One that does not answer may be alive behind a
-//! partition: under `Strong` the backup refuses, saying it cannot prove its data is current;
+//! closed is dead, and the member takes over. One that does not answer may be alive behind a
+//! partition: under `Strong` the member refuses, saying it cannot prove its data is current;
 //! under `Eventual` it answers with what it has, marked stale ([`PullInfo::staleness`]), and
-//! once the partition heals the replicas converge (higher version wins; the report's
-//! `digests` show it).
+//! once the partition heals the replicas converge (a newer epoch, then the higher version
+//! wins; the report's `digests` show it).
 //!
-//! Every push carries (worker, step): a second push of the same step by the same worker is
-//! refused. A server that waits longer than the deadline for the pushes a pull needs returns
-//! an error naming the workers it waited for, instead of hanging.
+//! Every request is numbered and answered by number; every field of a frame is checked before
+//! it changes anything, and a bad one gets a refusal naming the problem (the worker's call
+//! returns it as its error). A second push of the same (worker, step) is dropped (remembered
+//! over a window of the last 64 steps per worker). A server that waits longer than the deadline
+//! for the pushes a request needs declares the workers failed (above the quorum) or returns an
+//! error naming them, instead of hanging.
+//!
+//! Checkpoints: with [`ParameterServer::checkpoint`] a worker's [`PsWorker::checkpoint`] has
+//! every server write its shard atomically; [`ParameterServer::restore`] starts from them.
 //!
 //! ```no_run
 //! # fn main() -> wccl::Result<()> {
