@@ -4,18 +4,22 @@
 # Prepare here (this machine has the toolchain and the network):
 #   cargo build --release --bin wccl-bench --example tensor_parallel && mkdir -p .gpu &&
 #   cp target/release/wccl-bench target/release/examples/tensor_parallel .gpu/ &&
-#   for t in properties half disagree device_errors; do
+#   for t in properties half disagree device_errors ps ps_chains ps_replication; do
 #     cargo test --release --test $t --no-run 2>&1 | grep -o "target/release/deps/$t-[0-9a-f]*" |
-#     head -n 1 | xargs -I{} cp {} .gpu/$t; done
+#     head -n 1 | xargs -I{} cp {} .gpu/$t; done &&
+#   cargo bench --bench ps_faults --no-run 2>&1 | grep -o "target/release/deps/ps_faults-[0-9a-f]*" |
+#     head -n 1 | xargs -I{} cp {} .gpu/ps_faults
 #   and the Vulkan loader packages in .gl/ (gpu.md says how; both folders are git-ignored).
 # Run there, from the repository root, carrying .gl and .gpu:
 #   bash scripts/gpu-check.sh [OUT_DIR]
 # Steps (GPU_CHECK_STEPS picks some, default all, in this order):
 #   tests   the test binaries in .gpu/ (the randomized property test: every collective, op and
-#           type against f64; packed f16/bf16; every rank errs when ranks disagree; device errors)
+#           type against f64; packed f16/bf16; every rank errs when ranks disagree; device errors;
+#           the parameter server: modes, chains and cycles, 100 kills, heal then kill)
 #   probe   the devices, and the reduce kernel against the adapter's own copy
 #   matmul  the matmul kernels at 1024^3 and 4096^3, f32 and f16
 #   tp      the tensor-parallel MLP block on 4 ranks, against an f64 host reference
+#   ps      the replicated parameter server under faults (head-of-line, failover, straggler)
 #   sweep   all_reduce for every algorithm on 4 ranks sharing the GPU: 1-16 MiB checked at every
 #           buffer shift (the host-side check is the slow part), f16 and bf16 at 4 and 16 MiB
 #           with every op checked, 256 and 512 MiB timed only
@@ -24,7 +28,7 @@ set -uo pipefail
 out="${1:-${OUT:-./gpu-check-out}}"
 mkdir -p "$out"
 bench="${WCCL_BENCH:-.gpu/wccl-bench}"
-steps=" ${GPU_CHECK_STEPS:-tests probe matmul tp sweep} "
+steps=" ${GPU_CHECK_STEPS:-tests probe matmul tp ps sweep} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 status=0
 fail() { [ "$1" -eq 0 ] || status=$1; }
@@ -41,7 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvi
 if want tests; then
     echo "== test binaries on the GPU"
     found=0
-    for t in properties half disagree device_errors; do
+    for t in properties half disagree device_errors ps ps_chains ps_replication; do
         [ -x ".gpu/$t" ] || continue
         found=1
         timeout 150 ".gpu/$t" --test-threads 4 > "$out/test-$t.log" 2>&1

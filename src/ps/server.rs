@@ -527,12 +527,6 @@ impl PsServer {
             self.report.refused += 1;
             return Ok(());
         };
-        if self.failed.remove(&from) {
-            let v = self.keys.iter().map(|k| k.version).max().unwrap_or(0);
-            self.event(format!(
-                "worker rank {from} came back and rejoined at version {v}"
-            ));
-        }
         self.on_request(from, widx, h, frame.payload, true)
     }
 
@@ -552,6 +546,13 @@ impl PsServer {
         }
         if fresh {
             self.last_req[widx] = h.req;
+            // A request that passed every check from a worker declared failed brings it back.
+            if self.failed.remove(&from) {
+                let v = self.keys.iter().map(|k| k.version).max().unwrap_or(0);
+                self.event(format!(
+                    "worker rank {from} came back and rejoined at version {v}"
+                ));
+            }
         }
         let Some(kind) = h.kind() else {
             return Ok(());
@@ -657,24 +658,51 @@ impl PsServer {
                 key.name, h.dtype
             )));
         }
+        let what = if kind == Kind::Push { "push" } else { "pull" };
         if h.count as usize != key.count {
             return Err(bad(format!(
-                "push of {} values for '{}', which has {}",
+                "{what} of {} values for '{}', which has {}",
                 h.count, key.name, key.count
             )));
         }
-        let want = if kind == Kind::Push {
-            key.count.saturating_mul(4)
-        } else {
-            0
-        };
-        if payload.len() != want {
+        if kind == Kind::Pull && !payload.is_empty() {
             return Err(bad(format!(
-                "push of {} values for '{}', which has {}",
-                payload.len() / 4,
+                "a pull carries no payload; this pull of '{}' carries {} bytes",
                 key.name,
-                key.count
+                payload.len()
             )));
+        }
+        if kind == Kind::Push && payload.len() != key.count.saturating_mul(4) {
+            return Err(bad(if payload.len() % 4 == 0 {
+                format!(
+                    "push of {} values for '{}', which has {}",
+                    payload.len() / 4,
+                    key.name,
+                    key.count
+                )
+            } else {
+                format!(
+                    "push of {} bytes for '{}', not a whole number of f32 values (it has {})",
+                    payload.len(),
+                    key.name,
+                    key.count
+                )
+            }));
+        }
+        if kind == Kind::Push {
+            // Bounded here, before a member would probe its head or take over for it; the head
+            // checks the step against the mode in `push`.
+            let base = match self.mode {
+                Mode::Sync => key.version,
+                _ => key.clocks[widx],
+            };
+            let limit = base.saturating_add(MAX_AHEAD);
+            if h.step > limit {
+                return Err(bad(format!(
+                    "push of '{}' for step {}, past step {limit}, the furthest this worker can be at",
+                    key.name, h.step
+                )));
+            }
         }
         if kind == Kind::Pull {
             // A pull waits for the pushes of the steps before it; one for a step no worker can

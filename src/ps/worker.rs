@@ -426,6 +426,18 @@ impl PsWorker {
         self.send(to, h, payload)
     }
 
+    /// Sends a frame with raw header bytes (a truncated header, say). Not part of the API.
+    #[doc(hidden)]
+    pub fn send_raw(&self, to: usize, header: Vec<u8>, payload: Vec<u8>) -> Result<()> {
+        self.comm
+            .link()
+            .send(to, Frame { header, payload })
+            .map_err(|_| Error::LinkClosed {
+                at: self.at(),
+                peer: to,
+            })
+    }
+
     /// Receives the next raw frame from `from` (waiting at most `wait`). Not part of the API.
     #[doc(hidden)]
     pub fn recv_frame(&self, from: usize, wait: Duration) -> Result<(PsHeader, Vec<u8>)> {
