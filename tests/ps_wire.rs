@@ -1257,3 +1257,61 @@ fn shape_refusals_name_what_is_wrong() {
         run_sync(1, 1, steps, &refs, rule, bad_reasons).unwrap_or_else(|e| panic!("{e}"));
     check_sync(&reports, &refused, late, &refs, steps).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A frame whose header is 3 bytes (no header can be read from it, so no request number can be
+/// echoed) gets a `BadRequest` refusal numbered 0, changes nothing, and the server goes on
+/// serving the same worker: its next push and pull are exact.
+#[test]
+fn a_truncated_header_is_refused_and_the_server_keeps_serving() {
+    let (servers, mut workers) = ParameterServer::builder()
+        .servers(1)
+        .workers(1)
+        .mode(Mode::Sync)
+        .rule(Sgd {
+            lr: 0.5,
+            momentum: 0.0,
+        })
+        .param("w", vec![1.0, 2.0, 3.0])
+        .timeout(Duration::from_secs(3))
+        .build()
+        .expect("build");
+    let mut w = workers.remove(0);
+    let got = std::thread::scope(|s| {
+        let hs: Vec<_> = servers
+            .into_iter()
+            .map(|sv| s.spawn(move || sv.serve()))
+            .collect();
+        let run = (|| -> wccl::Result<(Vec<u8>, Vec<f32>, u64)> {
+            w.send_raw(0, vec![1, 2, 3], Vec::new())?;
+            let (h, reason) = w.recv_frame(0, Duration::from_secs(3))?;
+            assert_eq!(h.kind(), Some(Kind::Refused));
+            assert_eq!(h.req, 0);
+            assert_eq!(Refusal::from_code(h.status), Refusal::BadRequest);
+            let g = w.comm().upload(&[2.0f32, 4.0, 6.0])?;
+            w.push("w", &g, 0)?;
+            let p = w.comm().upload(&[f32::NAN; 3])?;
+            let info = w.pull("w", 1, &p)?;
+            Ok((reason, w.comm().download(&p)?, info.version))
+        })();
+        let _ = w.done();
+        let reports: Vec<_> = hs.into_iter().map(|h| h.join()).collect();
+        (run, reports)
+    });
+    let (run, reports) = got;
+    let (reason, params, version) = run.expect("the worker's calls");
+    assert!(
+        String::from_utf8_lossy(&reason).contains("malformed header"),
+        "{}",
+        String::from_utf8_lossy(&reason)
+    );
+    assert_eq!(version, 1);
+    // w - 0.5 * g, g = the one worker's gradient.
+    assert_eq!(params, vec![0.0, 0.0, 0.0]);
+    let report = reports
+        .into_iter()
+        .next()
+        .expect("one server")
+        .expect("server thread")
+        .expect("server");
+    assert_eq!(report.applied, 1);
+}
