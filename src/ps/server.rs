@@ -673,7 +673,7 @@ impl PsServer {
             )));
         }
         if kind == Kind::Push && payload.len() != key.count.saturating_mul(4) {
-            return Err(bad(if payload.len() % 4 == 0 {
+            return Err(bad(if payload.len().is_multiple_of(4) {
                 format!(
                     "push of {} values for '{}', which has {}",
                     payload.len() / 4,
