@@ -322,6 +322,56 @@ impl ParameterServer {
         self
     }
 
+    /// A checkpoint is written shard by shard: a crash between two servers' writes leaves
+    /// shards of different versions, which each server alone would restore without noticing.
+    /// Refuses them: every copy of a key must be at one version, and in `Sync` every key (a
+    /// step is a version). A shard that cannot be read is left for its server to report.
+    fn check_restore(&self, dir: &std::path::Path) -> Result<()> {
+        let mut seen: std::collections::BTreeMap<String, (PathBuf, u64)> = Default::default();
+        let mut any: Option<(String, PathBuf, u64)> = None;
+        for r in 0..self.servers {
+            let path = checkpoint::shard_path(dir, r);
+            let Ok(snap) = checkpoint::read(&path) else {
+                continue;
+            };
+            for k in &snap.keys {
+                let torn = |what: String| Error::Checkpoint {
+                    at: At::rank(r),
+                    message: format!(
+                        "the checkpoint in {} is torn (written while a server failed?): {what}",
+                        dir.display()
+                    ),
+                };
+                if let Some((p0, v0)) = seen.get(&k.name)
+                    && *v0 != k.version
+                {
+                    return Err(torn(format!(
+                        "'{}' is at version {v0} in {} and {} in {}",
+                        k.name,
+                        p0.display(),
+                        k.version,
+                        path.display()
+                    )));
+                }
+                if self.mode == Mode::Sync
+                    && let Some((n0, p0, v0)) = &any
+                    && *v0 != k.version
+                {
+                    return Err(torn(format!(
+                        "'{n0}' is at version {v0} in {} and '{}' at {} in {}; in Sync every key is at one step",
+                        p0.display(),
+                        k.name,
+                        k.version,
+                        path.display()
+                    )));
+                }
+                seen.insert(k.name.clone(), (path.clone(), k.version));
+                any.get_or_insert((k.name.clone(), path.clone(), k.version));
+            }
+        }
+        Ok(())
+    }
+
     /// Opens the devices and returns the servers (ranks `0..servers`) and workers.
     pub fn build(self) -> Result<(Vec<PsServer>, Vec<PsWorker>)> {
         let bad = |message: String| Error::InvalidArgument {
@@ -427,6 +477,10 @@ impl ParameterServer {
                     self.consistency,
                 ));
             }
+        }
+        // After each server checked its own shard (shape, rule, checksum), the shards together.
+        if let Some(dir) = &self.restore {
+            self.check_restore(dir)?;
         }
         Ok((servers, workers))
     }

@@ -39,6 +39,10 @@ pub enum Kind {
     /// Server -> server: every worker is done and every key this server heads is held by its
     /// whole chain; it will send nothing more but answers.
     Bye = 13,
+    /// Member -> the members after it: may I take over `key` (at `epoch`, `version`)?
+    Claim = 14,
+    /// Answer to a claim: `status` 1 agrees, 0 refuses; `epoch`, `version`: the answerer's.
+    ClaimAck = 15,
 }
 
 impl Kind {
@@ -58,6 +62,8 @@ impl Kind {
             11 => Kind::Checkpoint,
             12 => Kind::CheckpointDone,
             13 => Kind::Bye,
+            14 => Kind::Claim,
+            15 => Kind::ClaimAck,
             _ => return None,
         })
     }

@@ -37,6 +37,10 @@ use crate::types::{Combine, DType};
 /// most a replica that took over under `Eventual` skips ahead to meet the workers: a push past
 /// that is refused as a bad step, whatever it claims.
 const MAX_AHEAD: u64 = 1024;
+/// Requests one worker may have waiting on a server at once.
+const MAX_HELD: usize = 64;
+/// The most steps a member that took over under `Eventual` skips to meet a worker's push.
+const MAX_SKIP: u64 = 16;
 /// Steps below a worker's clock whose pushes are remembered, to refuse duplicates.
 const WINDOW: u64 = 64;
 
@@ -103,6 +107,8 @@ struct KeyState {
     last_heard: Instant,
     /// The slowest worker's clock the last replica carried (a member's view).
     replica_clock: u64,
+    /// Each worker's clock and dedupe window the last replica carried.
+    replica_clocks: Vec<(u64, u64)>,
     /// Head: the highest version each member acknowledged in this epoch.
     acked: HashMap<usize, u64>,
     /// Head: updates not yet held by the whole chain, oldest first.
@@ -115,7 +121,20 @@ struct KeyState {
     snapshot: Option<(u64, Vec<u8>)>,
     /// A member's probe of the servers before it (take-over): who has not answered yet, and
     /// until when.
-    probe: Option<(BTreeSet<usize>, Instant)>,
+    probe: Option<Probe>,
+}
+
+/// A member's take-over in progress: the servers before it must prove gone, and the live ones
+/// after it must agree (a claim each accepts only if its chain still holds this member and it
+/// has nothing newer), before the deadline.
+struct Probe {
+    /// Servers before this one, pinged, not yet gone.
+    preds: BTreeSet<usize>,
+    /// Servers after this one, asked to agree, not yet answered.
+    succs: BTreeSet<usize>,
+    until: Instant,
+    /// The highest epoch the agreeing servers hold.
+    epoch: u64,
 }
 
 impl KeyState {
@@ -220,6 +239,8 @@ pub struct PsServer {
     drain_timer: bool,
     /// The earliest `Timer::Requests` set.
     requests_timer: Option<Instant>,
+    /// Whether a `Timer::Rejoin` is set.
+    rejoin_armed: bool,
 }
 
 impl std::fmt::Debug for PsServer {
@@ -332,6 +353,7 @@ impl PsServer {
                 cut_off: false,
                 last_heard: Instant::now(),
                 replica_clock: 0,
+                replica_clocks: Vec::new(),
                 acked: HashMap::new(),
                 inflight: VecDeque::new(),
                 committed: version,
@@ -370,6 +392,7 @@ impl PsServer {
             dones: 0,
             drain_timer: false,
             requests_timer: None,
+            rejoin_armed: false,
             comm,
         })
     }
@@ -542,6 +565,17 @@ impl PsServer {
     ) -> Result<()> {
         if let Err(r) = self.check_request(from, widx, &h, &payload, fresh) {
             self.refuse_raw(from, Some(&h), r);
+            return Ok(());
+        }
+        let held = self.waiting.iter().filter(|w| w.from == from).count()
+            + self.parked.iter().filter(|p| p.0 == from).count();
+        if fresh && held >= MAX_HELD {
+            // A worker waits for each answer; this many at once is a bug or an attack, and
+            // holding them all would grow without bound.
+            let reason = format!(
+                "{held} requests from rank {from} are already waiting here (at most {MAX_HELD})"
+            );
+            self.refuse_raw(from, Some(&h), bad(reason));
             return Ok(());
         }
         if fresh {
@@ -792,7 +826,7 @@ impl PsServer {
                 if h.step > key.version {
                     let skip = key.took_over
                         && self.consistency == Consistency::Eventual
-                        && h.step - key.version <= MAX_AHEAD;
+                        && h.step - key.version <= MAX_SKIP;
                     if !skip {
                         let reason = format!(
                             "push for step {} while step {} is being aggregated (pull first)",
@@ -1021,6 +1055,12 @@ impl PsServer {
         for &r in &key.chain {
             payload.extend_from_slice(&(r as u32).to_le_bytes());
         }
+        // Each worker's clock and dedupe window, so that a member taking over drops a push it
+        // already has (a worker re-sends its last one when it fails over).
+        for (c, w) in key.clocks.iter().zip(&key.window) {
+            payload.extend_from_slice(&c.to_le_bytes());
+            payload.extend_from_slice(&w.to_le_bytes());
+        }
         let sent = deadline_after(self.timeout);
         // One timer per key, for its oldest update; its handler sets the next.
         let arm = key.inflight.is_empty();
@@ -1060,11 +1100,11 @@ impl PsServer {
     }
 
     fn on_server_frame(&mut self, from: usize, h: PsHeader, payload: Vec<u8>) -> Result<()> {
+        if h.rank as usize != from || h.kind().is_none() {
+            return Ok(());
+        }
         if self.removed.remove(&from) {
             self.readmit(from)?;
-        }
-        if h.rank as usize != from {
-            return Ok(());
         }
         match h.kind() {
             Some(Kind::Ping) => {
@@ -1083,6 +1123,11 @@ impl PsServer {
                 self.byes.insert(from);
                 Ok(())
             }
+            Some(Kind::Claim) => {
+                self.on_claim(from, &h);
+                Ok(())
+            }
+            Some(Kind::ClaimAck) => self.on_claim_ack(from, &h),
             Some(Kind::ReplicaAck) => {
                 self.on_ack(from, &h);
                 Ok(())
@@ -1128,10 +1173,12 @@ impl PsServer {
             return None;
         }
         let state = key.count.checked_mul(8)?;
-        if payload.len() != state.checked_add(members.checked_mul(4)?)? {
+        let tail = self.workers.len().checked_mul(16)?;
+        let chain_end = state.checked_add(members.checked_mul(4)?)?;
+        if payload.len() != chain_end.checked_add(tail)? {
             return None;
         }
-        let chain: Vec<usize> = payload[state..]
+        let chain: Vec<usize> = payload[state..chain_end]
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
             .collect();
@@ -1196,6 +1243,8 @@ impl PsServer {
         let pos = chain.iter().position(|&r| r == me).unwrap_or(0);
         // Only the tail is (re)admitted; the members before it pass the flag on.
         let joining = h.status & JOIN != 0 && pos + 1 == chain.len();
+        // A member (re)admitted compares digests and says so; it copies the state either way
+        // (the optimiser state is not in the digest).
         let current = if joining && h.version == self.keys[k].version {
             let mine = self
                 .comm
@@ -1204,7 +1253,7 @@ impl PsServer {
         } else {
             h.version == self.keys[k].version && h.epoch == self.keys[k].epoch
         };
-        if !current {
+        if !current || joining {
             let (w, rest) = payload.split_at(4 * count);
             let m = &rest[..4 * count];
             self.comm.fold_now(
@@ -1226,7 +1275,7 @@ impl PsServer {
                 "server rank {me} rejoined '{name}' at version {} ({})",
                 h.version,
                 if current {
-                    "digests matched: nothing to copy"
+                    "digests matched"
                 } else {
                     "state transferred"
                 }
@@ -1238,6 +1287,17 @@ impl PsServer {
         key.chain = chain.clone();
         key.last_heard = Instant::now();
         key.replica_clock = h.clock;
+        let clocks_at = payload.len() - 16 * self.workers.len();
+        key.replica_clocks = payload[clocks_at..]
+            .chunks_exact(16)
+            .map(|c| {
+                let (a, b) = c.split_at(8);
+                (
+                    u64::from_le_bytes(a.try_into().unwrap_or([0; 8])),
+                    u64::from_le_bytes(b.try_into().unwrap_or([0; 8])),
+                )
+            })
+            .collect();
         key.acked.clear();
         key.inflight.clear();
         key.snapshot = None;
@@ -1302,7 +1362,7 @@ impl PsServer {
         let (name, chain, epoch) = (key.name.clone(), key.chain.clone(), key.epoch);
         if !self.dead.contains(&member) {
             self.removed.insert(member);
-            self.timers.at(deadline_after(self.timeout), Timer::Rejoin);
+            self.arm_rejoin();
         }
         self.event(format!(
             "server rank {member} {why}: dropped from the chain of '{name}' (now {chain:?}, epoch {epoch})"
@@ -1346,6 +1406,14 @@ impl PsServer {
         Ok(())
     }
 
+    /// One rejoin timer at a time, however many servers were dropped.
+    fn arm_rejoin(&mut self) {
+        if !self.rejoin_armed {
+            self.rejoin_armed = true;
+            self.timers.at(deadline_after(self.timeout), Timer::Rejoin);
+        }
+    }
+
     fn ping_removed(&self) {
         let me = self.me();
         for &r in &self.removed {
@@ -1360,7 +1428,7 @@ impl PsServer {
             let waiting_on = self.keys[k]
                 .probe
                 .as_ref()
-                .is_some_and(|(w, _)| w.contains(&from));
+                .is_some_and(|p| p.preds.contains(&from));
             if waiting_on {
                 self.keys[k].probe = None;
                 self.redirect(k, from);
@@ -1375,53 +1443,109 @@ impl PsServer {
     /// request is parked; `Ok(Some(refusal))`: refuse it.
     fn consider_take_over(&mut self, k: usize) -> Result<Option<Refuse>> {
         let me = self.me();
-        let key = &self.keys[k];
-        let pos = key.chain.iter().position(|&r| r == me).unwrap_or(0);
-        let before: Vec<usize> = key.chain[..pos].to_vec();
-        let alive: BTreeSet<usize> = before
-            .iter()
-            .copied()
-            .filter(|p| !self.dead.contains(p))
-            .collect();
-        if alive.is_empty() {
-            self.take_over(k, false)?;
+        if self.keys[k].probe.is_some() {
             return Ok(None);
         }
-        if key.probe.is_none() {
-            let until = deadline_after(self.timeout / 2);
-            for &p in &alive {
-                self.send(p, PsHeader::new(Kind::Ping, me, 0, 0, 0), Vec::new());
-            }
-            self.keys[k].probe = Some((alive, until));
-            self.timers.at(until, Timer::Probe(k));
+        let key = &self.keys[k];
+        let pos = key.chain.iter().position(|&r| r == me).unwrap_or(0);
+        let live = |rs: &[usize]| -> BTreeSet<usize> {
+            rs.iter()
+                .copied()
+                .filter(|p| !self.dead.contains(p))
+                .collect()
+        };
+        let preds = live(&key.chain[..pos]);
+        let succs = live(&key.chain[pos + 1..]);
+        let (id, epoch, version) = (key.id as usize, key.epoch, key.version);
+        let until = deadline_after(self.timeout / 2);
+        for &p in &preds {
+            self.send(p, PsHeader::new(Kind::Ping, me, 0, 0, 0), Vec::new());
         }
+        for &s in &succs {
+            let mut h = PsHeader::new(Kind::Claim, me, id, 0, 0);
+            (h.epoch, h.version) = (epoch, version);
+            self.send(s, h, Vec::new());
+        }
+        self.keys[k].probe = Some(Probe {
+            preds,
+            succs,
+            until,
+            epoch,
+        });
+        self.timers.at(until, Timer::Probe(k));
+        self.probe_check(k, false)?;
         Ok(None)
     }
 
-    /// The probe of key `k`'s head ended: every server before this one is gone (take over),
-    /// or some stayed silent: under `Strong` refuse (this replica cannot prove its copy is
-    /// current), under `Eventual` take over cut off.
-    fn probe_ended(&mut self, k: usize, timed_out: bool) -> Result<()> {
-        let Some((silent, _)) = self.keys[k].probe.take() else {
+    /// Another server asks to take over a key: agree if this server's chain still holds it
+    /// with nothing newer (no later epoch, no higher version), and this server is not the
+    /// head itself.
+    fn on_claim(&mut self, from: usize, h: &PsHeader) {
+        let me = self.me();
+        let Some(&k) = self.local.get(&h.key) else {
+            return;
+        };
+        let key = &self.keys[k];
+        let ok = key.chain.contains(&from)
+            && key.head() != Some(me)
+            && key.epoch <= h.epoch
+            && key.version <= h.version;
+        let mut a = PsHeader::new(Kind::ClaimAck, me, h.key as usize, 0, 0);
+        (a.epoch, a.version, a.status) = (key.epoch, key.version, u32::from(ok));
+        self.send(from, a, Vec::new());
+    }
+
+    fn on_claim_ack(&mut self, from: usize, h: &PsHeader) -> Result<()> {
+        let Some(&k) = self.local.get(&h.key) else {
             return Ok(());
         };
-        let silent: Vec<usize> = silent
-            .into_iter()
-            .filter(|p| !self.dead.contains(p))
-            .collect();
-        if silent.is_empty() {
-            self.take_over(k, false)?;
-        } else if !timed_out {
-            self.keys[k].probe = Some((silent.into_iter().collect(), Instant::now()));
+        let Some(p) = self.keys[k].probe.as_mut() else {
             return Ok(());
+        };
+        if !p.succs.remove(&from) {
+            return Ok(());
+        }
+        if h.status == 0 {
+            // It holds a newer chain, or is the head: the worker should ask it.
+            self.keys[k].probe = None;
+            self.redirect(k, from);
+            return Ok(());
+        }
+        p.epoch = p.epoch.max(h.epoch);
+        self.probe_check(k, false)
+    }
+
+    /// Looks at key `k`'s take-over again: every server before this one gone and every live
+    /// one after it agreed: take over. At the deadline with some silent: under `Strong`
+    /// refuse (this replica cannot prove its copy is current), under `Eventual` take over cut
+    /// off.
+    fn probe_check(&mut self, k: usize, timed_out: bool) -> Result<()> {
+        let Some(p) = self.keys[k].probe.as_mut() else {
+            return Ok(());
+        };
+        let dead = &self.dead;
+        p.preds.retain(|r| !dead.contains(r));
+        p.succs.retain(|r| !dead.contains(r));
+        let settled = p.preds.is_empty() && p.succs.is_empty();
+        if !settled && !timed_out {
+            return Ok(());
+        }
+        let Some(p) = self.keys[k].probe.take() else {
+            return Ok(());
+        };
+        if settled {
+            self.take_over(k, false, p.epoch)?;
         } else if self.consistency == Consistency::Strong {
             let key = &self.keys[k];
             let reason = format!(
                 "server rank {} cannot prove its copy of '{}' (version {}) is current: rank(s) \
-                 {silent:?} before it are unreachable but not known to be dead",
+                 {:?} before it are unreachable but not known to be dead, and rank(s) {:?} after \
+                 it did not agree to its taking over",
                 self.me(),
                 key.name,
-                key.version
+                key.version,
+                p.preds,
+                p.succs
             );
             let id = key.id;
             let mut held = Vec::new();
@@ -1437,7 +1561,7 @@ impl PsServer {
             }
             return Ok(());
         } else {
-            self.take_over(k, true)?;
+            self.take_over(k, !p.preds.is_empty(), p.epoch)?;
         }
         // The parked requests for the key are served now.
         let id = self.keys[k].id;
@@ -1459,7 +1583,7 @@ impl PsServer {
 
     /// This server answers for key `k` from now on: the servers before it in the chain are
     /// gone (or, `cut_off`, silent under `Eventual`).
-    fn take_over(&mut self, k: usize, cut_off: bool) -> Result<()> {
+    fn take_over(&mut self, k: usize, cut_off: bool, agreed_epoch: u64) -> Result<()> {
         let me = self.me();
         let deadline = deadline_after(self.timeout);
         let key = &self.keys[k];
@@ -1473,13 +1597,13 @@ impl PsServer {
         for p in &before {
             if !self.dead.contains(p) {
                 self.removed.insert(*p);
-                self.timers.at(deadline_after(self.timeout), Timer::Rejoin);
+                self.arm_rejoin();
             }
         }
         let replica_clock = self.keys[k].replica_clock;
         let key = &mut self.keys[k];
         key.chain = std::iter::once(me).chain(after).collect();
-        key.epoch = key.epoch.saturating_add(1);
+        key.epoch = key.epoch.max(agreed_epoch).saturating_add(1);
         key.took_over = true;
         key.cut_off = cut_off;
         key.acked.clear();
@@ -1491,6 +1615,18 @@ impl PsServer {
         key.pushed.iter_mut().for_each(|p| *p = false);
         for c in key.clocks.iter_mut() {
             *c = (*c).max(replica_clock);
+        }
+        // The head's record of who pushed what, as of the last replica: a push it applied is a
+        // duplicate here too.
+        for (i, &(c, w)) in key.replica_clocks.iter().enumerate() {
+            if i >= key.clocks.len() {
+                break;
+            }
+            if c > key.clocks[i] {
+                (key.clocks[i], key.window[i]) = (c, w);
+            } else if c == key.clocks[i] {
+                key.window[i] |= w;
+            }
         }
         let (name, version, chain, epoch) =
             (key.name.clone(), key.version, key.chain.clone(), key.epoch);
@@ -1523,8 +1659,8 @@ impl PsServer {
             for k in 0..self.keys.len() {
                 if self.keys[k].head() == Some(me) {
                     self.drop_member(k, p, "is gone")?;
-                } else if self.keys[k].probe.is_some() {
-                    self.probe_ended(k, false)?;
+                } else {
+                    self.probe_check(k, false)?;
                 }
             }
             return Ok(());
@@ -1582,14 +1718,15 @@ impl PsServer {
                     }
                 }
                 Timer::Probe(k) => {
-                    if self.keys[k].probe.as_ref().is_some_and(|(_, d)| *d <= now) {
-                        self.probe_ended(k, true)?;
+                    if self.keys[k].probe.as_ref().is_some_and(|p| p.until <= now) {
+                        self.probe_check(k, true)?;
                     }
                 }
                 Timer::Rejoin => {
+                    self.rejoin_armed = false;
                     self.ping_removed();
                     if !self.removed.is_empty() {
-                        self.timers.at(deadline_after(self.timeout), Timer::Rejoin);
+                        self.arm_rejoin();
                     }
                 }
                 Timer::Bye => {}

@@ -346,15 +346,21 @@ impl PsWorker {
             let Some(a) = PsHeader::decode(&frame.header) else {
                 continue;
             };
-            // An answer to an earlier request (one that came back refused or timed out).
+            // An answer to an earlier request (one that came back refused or timed out), or
+            // one that does not fit this request: dropped.
             if a.req != h.req || a.rank as usize != server {
                 continue;
             }
-            match a.kind() {
-                Some(Kind::Params | Kind::PushAck | Kind::CheckpointDone) => {
+            let fits = a.key == h.key && a.step == h.step;
+            match (h.kind(), a.kind()) {
+                (Some(Kind::Pull), Some(Kind::Params))
+                | (Some(Kind::Push), Some(Kind::PushAck))
+                | (Some(Kind::Checkpoint), Some(Kind::CheckpointDone))
+                    if fits =>
+                {
                     return Ok(Answer::Ok(a, frame.payload));
                 }
-                Some(Kind::Refused) => {
+                (_, Some(Kind::Refused)) => {
                     let hint = (a.hint != NO_RANK).then_some(a.hint as usize);
                     return Ok(Answer::Refused(
                         Refusal::from_code(a.status),
