@@ -4,7 +4,7 @@
 # Prepare here (this machine has the toolchain and the network):
 #   cargo build --release --bin wccl-bench --example tensor_parallel && mkdir -p .gpu &&
 #   cp target/release/wccl-bench target/release/examples/tensor_parallel .gpu/ &&
-#   for t in properties half disagree device_errors ps ps_chains ps_replication; do
+#   for t in properties half disagree device_errors ps ps_chains ps_replication ps_checkpoint ps_wire; do
 #     cargo test --release --test $t --no-run 2>&1 | grep -o "target/release/deps/$t-[0-9a-f]*" |
 #     head -n 1 | xargs -I{} cp {} .gpu/$t; done &&
 #   cargo bench --bench ps_faults --no-run 2>&1 | grep -o "target/release/deps/ps_faults-[0-9a-f]*" |
@@ -45,7 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvi
 if want tests; then
     echo "== test binaries on the GPU"
     found=0
-    for t in properties half disagree device_errors ps ps_chains ps_replication; do
+    for t in properties half disagree device_errors ps ps_chains ps_replication ps_checkpoint ps_wire; do
         [ -x ".gpu/$t" ] || continue
         found=1
         timeout 150 ".gpu/$t" --test-threads 4 > "$out/test-$t.log" 2>&1
@@ -80,6 +80,13 @@ if want tp; then
     timeout 120 "$tp" --ranks 4 ${GPU_CHECK_TP:---batch 512 --d-model 2048 --d-ffn 8192} --iters 5 > "$out/tensor_parallel.log" 2>&1
     fail $?
     cat "$out/tensor_parallel.log"
+fi
+
+if want ps; then
+    echo "== the replicated parameter server under faults"
+    timeout 240 "${WCCL_PS_FAULTS:-.gpu/ps_faults}" > "$out/ps_faults.log" 2>&1
+    fail $?
+    tail -n 20 "$out/ps_faults.log"
 fi
 
 if want sweep; then

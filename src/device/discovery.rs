@@ -282,16 +282,37 @@ pub fn discover(selector: &AdapterSelector) -> Result<Vec<Adapter>> {
     discover_with(
         &selector.wanted(),
         |pass| {
-            let desc = wgpu::InstanceDescriptor {
-                backends: pass,
-                ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
-            };
-            // Adapters keep what they need of the instance alive, so it may go out of scope.
-            let instance = Instance::new(desc);
+            let instance = instance_for(pass);
             pollster::block_on(instance.enumerate_adapters(pass))
         },
         Adapter::get_info,
     )
+}
+
+/// The process's instance for `pass`, made once and kept for the life of the process.
+///
+/// Dropping the last instance lets the Vulkan loader unload the driver; NVIDIA's driver (580 on
+/// an H200) then crashes the process, jumping into its own unloaded code from a thread of its
+/// own that still runs, after about a hundred groups were built and dropped in one process (the
+/// kill tests do that). One instance per set of backends keeps the driver loaded; devices are
+/// still made and dropped per group.
+fn instance_for(pass: Backends) -> Instance {
+    static INSTANCES: std::sync::OnceLock<std::sync::Mutex<Vec<(Backends, Instance)>>> =
+        std::sync::OnceLock::new();
+    let cache = INSTANCES.get_or_init(Default::default);
+    let mut cache = cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, i)) = cache.iter().find(|(b, _)| *b == pass) {
+        return i.clone();
+    }
+    let desc = wgpu::InstanceDescriptor {
+        backends: pass,
+        ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+    };
+    let instance = Instance::new(desc);
+    cache.push((pass, instance.clone()));
+    instance
 }
 
 /// Enumerates pass by pass (see [`Wanted::passes`]) until one gives something eligible, then
