@@ -114,6 +114,8 @@ fn compare(what: &str, got: &[f32], want: &[f64]) -> Result<(), String> {
 struct WorkerOut {
     /// Its final pull (step `steps`) of every key.
     finals: Vec<Vec<f32>>,
+    /// `PullInfo::replicas` of the first key's pull at each step.
+    replicas: Vec<usize>,
     lost: u64,
     failovers: u64,
 }
@@ -158,8 +160,9 @@ fn work(
     refs: &[Vec<Vec<f64>>],
     exact_before: usize,
     hook: Hook<'_>,
-) -> Result<Vec<Vec<f32>>, String> {
+) -> Result<(Vec<Vec<f32>>, Vec<usize>), String> {
     let q = w.index();
+    let mut replicas = Vec::new();
     let err = |what: String| move |e: wccl::Error| format!("worker {q}: {what}: {e}");
     let poison: Vec<Vec<f32>> = spec.sizes.iter().map(|&n| vec![f32::NAN; n]).collect();
     let mut bufs = Vec::new();
@@ -176,6 +179,9 @@ fn work(
             let info = w
                 .pull(name, t as u64, &bufs[k])
                 .map_err(err(format!("pull '{name}' at step {t}")))?;
+            if k == 0 {
+                replicas.push(info.replicas);
+            }
             let got = w
                 .comm()
                 .download(&bufs[k])
@@ -206,7 +212,7 @@ fn work(
             }
         }
     }
-    Ok(finals)
+    Ok((finals, replicas))
 }
 
 /// Builds the group of `spec` with `faults`, serves on one thread per server and works on one
@@ -242,12 +248,13 @@ fn run_group(
                 s.spawn(move || -> Result<WorkerOut, String> {
                     // On an error the worker is dropped without `done`: its links close and
                     // the servers see it gone instead of waiting for it.
-                    let finals = work(&mut w, spec, refs, exact_before, hook)?;
+                    let (finals, replicas) = work(&mut w, spec, refs, exact_before, hook)?;
                     let (lost, failovers) = (w.lost_updates(), w.failovers());
                     let q = w.index();
                     w.done().map_err(|e| format!("worker {q}: done: {e}"))?;
                     Ok(WorkerOut {
                         finals,
+                        replicas,
                         lost,
                         failovers,
                     })
@@ -557,6 +564,15 @@ fn strong_heal_then_kill(replicas: usize, backup: usize) {
     };
     for (q, w) in ws.iter().enumerate() {
         assert_eq!(w.lost, 0, "worker {q}: {}", out.events());
+        // The shrunken chain is visible to the workers, not only in the servers' reports: one
+        // replica fewer while the backup is cut off (step 3), all of them once it rejoined
+        // (by step 5 or 6; the head pings it with every update after the heal at step 4).
+        assert!(
+            w.replicas[3] == replicas - 1 && w.replicas[5..7].contains(&replicas),
+            "worker {q}: replicas per step {:?}; {}",
+            w.replicas,
+            out.events()
+        );
         if let Err(e) = compare("final pull of 'w'", &w.finals[0], &refs[spec.steps][0]) {
             panic!("worker {q}: {e}; {}", out.events());
         }

@@ -1357,7 +1357,8 @@ impl PsServer {
         }
         key.chain.retain(|&r| r != member);
         key.epoch = key.epoch.saturating_add(1);
-        key.acked.clear();
+        // The members that stay still hold what they acked.
+        key.acked.remove(&member);
         key.inflight.clear();
         let (name, chain, epoch) = (key.name.clone(), key.chain.clone(), key.epoch);
         if !self.dead.contains(&member) {
@@ -1395,7 +1396,6 @@ impl PsServer {
             }
             key.chain.push(r);
             key.epoch = key.epoch.saturating_add(1);
-            key.acked.clear();
             key.inflight.clear();
             let (name, version) = (key.name.clone(), key.version);
             self.event(format!(
@@ -1901,6 +1901,22 @@ impl PsServer {
         reply.version = version;
         reply.clock = clock;
         reply.req = w.h.req;
+        // How many servers hold what is answered: under `Strong` the whole chain (it committed),
+        // under `Eventual` only this one is sure. A chain that shrank shows here, not only in
+        // the report.
+        reply.hint = if self.consistency == Consistency::Strong {
+            let key = &self.keys[w.k];
+            let members = key
+                .chain
+                .iter()
+                .skip(1)
+                .filter(|m| key.acked.get(m).is_some_and(|&a| a >= version))
+                .count();
+            // At most the servers there are: fits the u32.
+            (1 + members) as u32
+        } else {
+            1
+        };
         if key.cut_off {
             let ms = key.last_heard.elapsed().as_millis();
             reply.stale_ms = ms.min(u32::MAX as u128 - 1) as u32;

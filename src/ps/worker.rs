@@ -25,6 +25,10 @@ pub struct PullInfo {
     /// Set when a replica cut off from its primary answered (`Consistency::Eventual`): how long
     /// since it last heard from the primary. The parameters may be that stale.
     pub staleness: Option<Duration>,
+    /// Servers known to hold the answered parameters: under `Strong` every member of the
+    /// key's chain as it stands (fewer than `replicas` while a member is dropped, after it
+    /// missed a deadline or went, until it rejoins); under `Eventual` 1 (the one that answered).
+    pub replicas: usize,
 }
 
 /// What a server said to one request.
@@ -251,6 +255,11 @@ impl PsWorker {
             version: h.version,
             clock: h.clock,
             staleness: (h.stale_ms != NOT_STALE).then(|| Duration::from_millis(h.stale_ms as u64)),
+            replicas: if h.hint == NO_RANK {
+                1
+            } else {
+                h.hint as usize
+            },
         })
     }
 
