@@ -28,8 +28,10 @@
 //! rejoins as the tail by state transfer, so a later failure of the head loses nothing either.
 //!
 //! Partitions, the CAP choice: a member asked for a key pings the servers before it in the
-//! key's chain. One that answers is alive (the worker is told to ask it); one whose link is
-//! closed is dead, and the member takes over. One that does not answer may be alive behind a
+//! key's chain and asks the live ones after it to agree to its taking over (one refuses when its
+//! chain has dropped the claimant or it holds a later version, and the worker is sent to it). A
+//! server before it that answers is alive (the worker is told to ask it); one whose link is
+//! closed is dead; when all are dead and all after it agreed, the member takes over. One that does not answer may be alive behind a
 //! partition: under `Strong` the member refuses, saying it cannot prove its data is current;
 //! under `Eventual` it answers with what it has, marked stale ([`PullInfo::staleness`]), and
 //! once the partition heals the replicas converge (a newer epoch, then the higher version
