@@ -13,6 +13,10 @@
 //!   it, then pulls the same step again: the time from the kill to that pull's success, p50
 //!   and p99 over the kills, target p99 at most 0.5 s (ps-lite reports 0.8 s). Baseline: the
 //!   same re-pull with nobody killed, one step earlier in the same run.
+//! - **Silent failover**: the same shape under `Eventual` with one worker, the head of key 0 cut
+//!   off from everyone instead of killed (a crash that closes no link): from the cut to the
+//!   first successful pull, p50 and p99 over 30 runs, target p99 at most 0.5 s. (Under `Strong`
+//!   the backup refuses a silent head by design.)
 //! - **Straggler that comes and goes**: 1 server, 4 workers, 100 steps, one 15-value key. A
 //!   step's compute is a 2 ms sleep; in every block of ten steps each worker sleeps 20 ms on
 //!   one step (drawn from a seeded RNG, the same in both runs). Steps/s of the whole job
@@ -26,7 +30,7 @@
 //! ```text
 //! cargo bench --bench ps_faults              # 100 steps, 100 kills
 //! cargo bench --bench ps_faults -- --quick   # 20 steps, 10 kills, 30 straggler steps (CI)
-//! cargo bench --bench ps_faults -- --steps 50 --kills 40 --only failover
+//! cargo bench --bench ps_faults -- --steps 50 --kills 40 --only failover  # or silent-failover
 //! ```
 //!
 //! PASS/MISS says whether a target was met; it does not change the exit status (a loaded
@@ -541,6 +545,97 @@ fn failover(kills: u64) -> Result<bool> {
     }
 }
 
+/// Silent failover: the head of key 0 is cut off from everyone (a crash that closes no link),
+/// `Eventual` (under `Strong` the backup refuses by design: it cannot tell a dead head from a
+/// partitioned one). One worker pulls key 0, the head goes silent, and the same pull is timed
+/// until it succeeds through the backup: the worker's ping finds the head silent after 1.5
+/// deadlines, the backup's probe after half a deadline more.
+fn silent_failover_run(s: &Setup, seed: u64) -> Result<f64> {
+    const STEPS: u64 = 4;
+    let cut_at = rand::rngs::StdRng::seed_from_u64(seed).random_range(1..STEPS);
+    let faults = FaultPlan::new();
+    let faults_ref = &faults;
+    let everyone_else: Vec<usize> = (1..s.servers + s.workers).collect();
+    let ran = run_group(
+        s,
+        &faults,
+        || {},
+        |w, _| {
+            let bufs = key_buffers(w, s)?;
+            let mut took = 0.0;
+            for step in 0..STEPS {
+                if step == cut_at {
+                    w.pull("k0", step, &bufs[0])
+                        .map_err(ctx(format!("pull of k0 at step {step}")))?;
+                    let t = Instant::now();
+                    faults_ref.partition(&[&[0], &everyone_else]);
+                    let info = w
+                        .pull("k0", step, &bufs[0])
+                        .map_err(ctx(format!("pull of k0 at step {step} after the cut")))?;
+                    took = t.elapsed().as_secs_f64();
+                    if info.staleness.is_none() {
+                        return Err(BenchError::Check(
+                            "the answer after the cut is not marked stale".into(),
+                        ));
+                    }
+                }
+                step_all_keys(w, s, step, &bufs)?;
+            }
+            Ok(took)
+        },
+    )?;
+    let took = all(ran.workers)?;
+    Ok(took[0])
+}
+
+fn silent_failover(runs: u64) -> Result<bool> {
+    let s = Setup {
+        servers: 3,
+        workers: 1,
+        replicas: 2,
+        consistency: Consistency::Eventual,
+        mode: Mode::Sync,
+        keys: 3,
+        len: 33,
+        timeout: Duration::from_millis(200),
+    };
+    println!(
+        "silent failover: 3 servers, 2 replicas, Eventual, Sync, 1 worker, deadline 200 ms, {runs} heads of key 0 cut off from everyone"
+    );
+    let mut took = Vec::new();
+    let mut failed = Vec::new();
+    for i in 0..runs {
+        match silent_failover_run(&s, i) {
+            Ok(t) => took.push(t),
+            Err(e) => failed.push(format!("run {i}: {e}")),
+        }
+    }
+    println!(
+        "  {} of {runs} runs timed, {} failed",
+        took.len(),
+        failed.len()
+    );
+    for f in failed.iter().take(3) {
+        println!("    {f}");
+    }
+    let (p50, p99) = (percentile(&took, 50.0), percentile(&took, 99.0));
+    println!(
+        "  cut -> pull ok: p50 {} p99 {} (max {}); 1.5 deadlines + half a deadline = 400 ms is the design",
+        ms(p50),
+        ms(p99),
+        ms(max(&took))
+    );
+    let ok = p99 <= 0.5;
+    println!("  p99 {p99:.3} s (target <= 0.500 s): {}", verdict(ok));
+    match failed.first() {
+        Some(first) => Err(BenchError::Check(format!(
+            "{} of {runs} silent failover runs failed; the first: {first}",
+            failed.len()
+        ))),
+        None => Ok(ok),
+    }
+}
+
 /// Straggler: steps/s of the whole job and of the median worker.
 fn straggler_run(s: &Setup, steps: u64, slow: &[(u64, usize)]) -> Result<(f64, f64)> {
     let faults = FaultPlan::new();
@@ -666,9 +761,11 @@ fn parse_args() -> Result<Args> {
             "--kills" => a.kills = number("--kills", it.next())?,
             "--only" => {
                 let v = it.next().unwrap_or_default();
-                if !["head-of-line", "failover", "straggler"].contains(&v.as_str()) {
+                if !["head-of-line", "failover", "silent-failover", "straggler"]
+                    .contains(&v.as_str())
+                {
                     return Err(BenchError::Arg(format!(
-                        "--only head-of-line|failover|straggler, not {v:?}"
+                        "--only head-of-line|failover|silent-failover|straggler, not {v:?}"
                     )));
                 }
                 a.only = Some(v);
@@ -694,9 +791,13 @@ fn main() {
     let mut verdicts = Vec::new();
     type Measure = Box<dyn Fn() -> Result<bool>>;
     let (steps, kills, ssteps) = (args.steps, args.kills, args.straggler_steps);
-    let measures: [(&str, Measure); 3] = [
+    let measures: [(&str, Measure); 4] = [
         ("head-of-line", Box::new(move || head_of_line(steps))),
         ("failover", Box::new(move || failover(kills))),
+        (
+            "silent-failover",
+            Box::new(move || silent_failover(kills.min(30))),
+        ),
         ("straggler", Box::new(move || straggler(ssteps))),
     ];
     for (name, m) in measures {

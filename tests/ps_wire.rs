@@ -477,7 +477,7 @@ fn bad_sync(bad: &mut Bad<'_>, watch: &mut Watch, refs: &[Vec<Vec<f64>>]) -> Res
     for kind in [
         Kind::Replicate,
         Kind::ReplicaAck,
-        Kind::Ping,
+        Kind::Pong,
         Kind::Bye,
         Kind::Params,
         Kind::PushAck,
@@ -497,6 +497,13 @@ fn bad_sync(bad: &mut Bad<'_>, watch: &mut Watch, refs: &[Vec<Vec<f64>>]) -> Res
             &[&k],
             &format!("a worker's {kind:?}"),
         );
+    }
+    // A worker's ping (a worker waiting for an answer checks that its server is alive) gets a
+    // pong echoing its number, and changes nothing.
+    let h = bad.header(Kind::Ping, a, 0, 0);
+    let (r, _) = bad.exchange(0, h, Vec::new(), "a worker's ping")?;
+    if r.kind() != Some(Kind::Pong) || r.req != h.req {
+        return Err(format!("a worker's ping answered with {r:?}"));
     }
     // A request number of 0.
     let mut h = bad.header(Kind::Push, a, 0, na);

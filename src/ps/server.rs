@@ -550,6 +550,13 @@ impl PsServer {
             self.report.refused += 1;
             return Ok(());
         };
+        if h.kind() == Some(Kind::Ping) {
+            // A worker waiting for an answer checks that this server is alive: no state.
+            let mut pong = PsHeader::new(Kind::Pong, self.me(), 0, 0, 0);
+            pong.req = h.req;
+            self.send(from, pong, Vec::new());
+            return Ok(());
+        }
         self.on_request(from, widx, h, frame.payload, true)
     }
 

@@ -334,24 +334,45 @@ impl PsWorker {
         h.req = self.req;
         self.send(server, h, payload)?;
         let deadline = self.reply_deadline();
+        // A server may keep a request waiting (for other workers, for its chain), but it
+        // answers a ping at once: after half a deadline of silence the worker pings it, and a
+        // server silent for a whole deadline more is taken for dead (one that crashed without
+        // closing its link), so the worker fails over in 1.5 deadlines instead of waiting for
+        // the reply's own deadline.
+        let timeout = self.comm.config().timeout;
+        let quiet = || deadline_after(timeout / 2).min(deadline);
+        let mut until = quiet();
+        let mut pinged = false;
+        let timed_out = || Error::Timeout {
+            at,
+            waiting_on: vec![server],
+            waited: timeout,
+        };
         loop {
-            let frame = self
-                .comm
-                .link()
-                .recv(server, deadline)
-                .map_err(|e| match e {
-                    LinkError::Timeout => Error::Timeout {
-                        at,
-                        waiting_on: vec![server],
-                        waited: self.comm.config().timeout,
-                    },
-                    LinkError::Aborted { from, reason } => Error::PeerAborted {
+            let frame = match self.comm.link().recv(server, until) {
+                Ok(frame) => frame,
+                Err(LinkError::Timeout) => {
+                    if pinged || Instant::now() >= deadline {
+                        return Err(timed_out());
+                    }
+                    let ping = PsHeader::new(Kind::Ping, self.comm.rank(), 0, 0, 0);
+                    self.send(server, ping, Vec::new())?;
+                    pinged = true;
+                    until = deadline_after(timeout).min(deadline);
+                    continue;
+                }
+                Err(LinkError::Aborted { from, reason }) => {
+                    return Err(Error::PeerAborted {
                         at,
                         peer: from,
                         reason,
-                    },
-                    _ => Error::LinkClosed { at, peer: server },
-                })?;
+                    });
+                }
+                Err(_) => return Err(Error::LinkClosed { at, peer: server }),
+            };
+            // Any frame says the server is alive.
+            pinged = false;
+            until = quiet();
             let Some(a) = PsHeader::decode(&frame.header) else {
                 continue;
             };
