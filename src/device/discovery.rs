@@ -296,7 +296,18 @@ pub fn discover(selector: &AdapterSelector) -> Result<Vec<Adapter>> {
 /// own that still runs, after about a hundred groups were built and dropped in one process (the
 /// kill tests do that). One instance per set of backends keeps the driver loaded; devices are
 /// still made and dropped per group.
+///
+/// Not for GL: wgpu's GL adapters share one EGL context per instance, and groups on threads of
+/// their own (tests run in parallel) then fail to make it current (`BadAccess`); a GL pass gets
+/// an instance of its own, as before.
 fn instance_for(pass: Backends) -> Instance {
+    let desc = wgpu::InstanceDescriptor {
+        backends: pass,
+        ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+    };
+    if pass.intersects(Backends::GL) {
+        return Instance::new(desc);
+    }
     static INSTANCES: std::sync::OnceLock<std::sync::Mutex<Vec<(Backends, Instance)>>> =
         std::sync::OnceLock::new();
     let cache = INSTANCES.get_or_init(Default::default);
@@ -306,10 +317,6 @@ fn instance_for(pass: Backends) -> Instance {
     if let Some((_, i)) = cache.iter().find(|(b, _)| *b == pass) {
         return i.clone();
     }
-    let desc = wgpu::InstanceDescriptor {
-        backends: pass,
-        ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
-    };
     let instance = Instance::new(desc);
     cache.push((pass, instance.clone()));
     instance

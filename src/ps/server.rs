@@ -37,6 +37,8 @@ use crate::types::{Combine, DType};
 /// most a replica that took over under `Eventual` skips ahead to meet the workers: a push past
 /// that is refused as a bad step, whatever it claims.
 const MAX_AHEAD: u64 = 1024;
+/// Events a report keeps.
+const MAX_EVENTS: usize = 4096;
 /// Requests one worker may have waiting on a server at once.
 const MAX_HELD: usize = 64;
 /// The most steps a member that took over under `Eventual` skips to meet a worker's push.
@@ -66,6 +68,8 @@ pub struct ServerReport {
     pub digests: Vec<(String, u64)>,
     /// The final version of each key.
     pub versions: Vec<(String, u64)>,
+    /// Events past the first 4096, counted instead of kept (see `events`).
+    pub events_dropped: u64,
 }
 
 /// An update sent down the chain and not yet acknowledged by every member.
@@ -412,7 +416,13 @@ impl PsServer {
 
     fn event(&mut self, e: String) {
         tracing::info!(rank = self.me(), "{e}");
-        self.report.events.push(e);
+        // A member that flaps for hours must not grow the report without bound: the first
+        // events are kept (they say how it started), the rest counted.
+        if self.report.events.len() < MAX_EVENTS {
+            self.report.events.push(e);
+        } else {
+            self.report.events_dropped = self.report.events_dropped.saturating_add(1);
+        }
     }
 
     /// Serves until every worker is done (or gone) and the other servers said so too; returns
