@@ -804,10 +804,10 @@ fn names_the_loss(e: &wccl::Error) -> bool {
 /// is current): each worker's first failing request after the kill must say so, and server 1
 /// must not blame the healthy workers (declare them failed) for the steps it lost.
 ///
-/// FAILS on 123c394 (server bug, see the report): server 1 takes over at version 2 (the
-/// claim has no successor to ask), refuses the re-sent push of step 4 as a bad step, holds the
-/// pull of step 5 until the deadline, declares both workers failed and exits with a timeout;
-/// the workers see 'the link to rank 0 is closed' instead of the loss.
+/// Failed before requests carried the version the worker had seen (`Refusal::Behind`): server
+/// 1 took over at version 2 (the claim had no successor to ask), refused the re-sent push of
+/// step 4 as a bad step, held the pull of step 5 until the deadline, declared both workers
+/// failed and exited with a timeout; the workers saw 'the link to rank 0 is closed'.
 #[test]
 fn strong_lone_dropped_backup_reports_the_loss_instead_of_waiting() {
     let salt = 3;

@@ -85,6 +85,10 @@ pub enum Refusal {
     CannotProve = 5,
     /// The server could not do what was asked (a checkpoint that failed to write).
     Failed = 6,
+    /// Under `Strong`: this server's copy (`version` in the refusal) is older than what the
+    /// worker was already answered with (`version` in the request): updates are lost, and this
+    /// server will not answer from that copy.
+    Behind = 7,
 }
 
 impl Refusal {
@@ -96,6 +100,7 @@ impl Refusal {
             4 => Refusal::AskOther,
             5 => Refusal::CannotProve,
             6 => Refusal::Failed,
+            7 => Refusal::Behind,
             _ => Refusal::BadRequest,
         }
     }
@@ -131,7 +136,9 @@ pub const JOIN: u32 = 1;
 pub struct PsHeader {
     /// Push/Pull: the worker's step; echoed in answers.
     pub step: u64,
-    /// Params/Replicate/ReplicaAck: updates applied to the key.
+    /// Params/Replicate/ReplicaAck: updates applied to the key. Push/Pull: the highest
+    /// version the worker has been answered with for the key (a server that holds less under
+    /// `Strong` refuses with `Refusal::Behind`). Refused: the server's version.
     pub version: u64,
     /// Params: the slowest worker's clock for the key (every step below it is applied).
     pub clock: u64,

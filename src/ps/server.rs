@@ -113,6 +113,9 @@ struct KeyState {
     replica_clock: u64,
     /// Each worker's clock and dedupe window the last replica carried.
     replica_clocks: Vec<(u64, u64)>,
+    /// Under `Strong`: the highest version a worker was answered with that this copy lacks
+    /// and nobody alive holds (found when the head died); every request is refused from then.
+    known_lost: u64,
     /// Head: the highest version each member acknowledged in this epoch.
     acked: HashMap<usize, u64>,
     /// Head: updates not yet held by the whole chain, oldest first.
@@ -358,6 +361,7 @@ impl PsServer {
                 last_heard: Instant::now(),
                 replica_clock: 0,
                 replica_clocks: Vec::new(),
+                known_lost: 0,
                 acked: HashMap::new(),
                 inflight: VecDeque::new(),
                 committed: version,
@@ -621,17 +625,14 @@ impl PsServer {
         }
         let k = self.local[&h.key];
         if self.keys[k].head() != Some(self.me()) {
-            match self.consider_take_over(k)? {
-                Some(refusal) => {
-                    self.refuse_raw(from, Some(&h), refusal);
-                    return Ok(());
-                }
-                None if self.keys[k].head() != Some(self.me()) => {
-                    self.parked.push((from, h, payload));
-                    return Ok(());
-                }
-                None => {}
-            }
+            // Held while this member finds out whether it should answer for the key; served,
+            // redirected or refused when it knows.
+            self.parked.push((from, h, payload));
+            return self.consider_take_over(k);
+        }
+        if self.is_behind(&h, k) {
+            self.refuse_behind(from, &h, k);
+            return Ok(());
         }
         match kind {
             Kind::Push => self.push(from, widx, k, &h, &payload),
@@ -772,6 +773,39 @@ impl PsServer {
             }
         }
         Ok(())
+    }
+
+    /// Under `Strong`: whether the worker was answered with more than this copy of key `k`
+    /// holds; whatever this server did with the request (answer it, take over for it) would
+    /// hand the worker older parameters as current.
+    fn is_behind(&self, h: &PsHeader, k: usize) -> bool {
+        let key = &self.keys[k];
+        self.consistency == Consistency::Strong && h.version.max(key.known_lost) > key.version
+    }
+
+    fn refuse_behind(&mut self, to: usize, h: &PsHeader, k: usize) {
+        let key = &self.keys[k];
+        let reason = format!(
+            "server rank {} holds '{}' at version {}, but this worker was answered with version \
+             {}: updates lost",
+            self.me(),
+            key.name,
+            key.version,
+            h.version.max(key.known_lost)
+        );
+        let version = key.version;
+        self.refuse_versioned(to, h, (Refusal::Behind, None, reason), version);
+    }
+
+    /// A refusal that carries this server's version of the key.
+    fn refuse_versioned(&mut self, to: usize, request: &PsHeader, r: Refuse, version: u64) {
+        let (code, hint, reason) = r;
+        let mut h = PsHeader::new(Kind::Refused, self.me(), request.key as usize, 0, 0);
+        (h.step, h.req, h.version) = (request.step, request.req, version);
+        h.status = code as u32;
+        h.hint = hint.map_or(NO_RANK, |x| x as u32);
+        self.report.refused += 1;
+        self.send(to, h, reason.into_bytes());
     }
 
     /// Sends a refusal for `request` (echoing its number) and counts it.
@@ -1458,10 +1492,10 @@ impl PsServer {
     /// A worker asks this server for a key it only backs up: it could not reach the head.
     /// `Ok(None)` with this server head: take over done; `Ok(None)` otherwise: probing, the
     /// request is parked; `Ok(Some(refusal))`: refuse it.
-    fn consider_take_over(&mut self, k: usize) -> Result<Option<Refuse>> {
+    fn consider_take_over(&mut self, k: usize) -> Result<()> {
         let me = self.me();
         if self.keys[k].probe.is_some() {
-            return Ok(None);
+            return Ok(());
         }
         let key = &self.keys[k];
         let pos = key.chain.iter().position(|&r| r == me).unwrap_or(0);
@@ -1490,8 +1524,7 @@ impl PsServer {
             epoch,
         });
         self.timers.at(until, Timer::Probe(k));
-        self.probe_check(k, false)?;
-        Ok(None)
+        self.probe_check(k, false)
     }
 
     /// Another server asks to take over a key: agree if this server's chain still holds it
@@ -1550,6 +1583,38 @@ impl PsServer {
         let Some(p) = self.keys[k].probe.take() else {
             return Ok(());
         };
+        let id = self.keys[k].id;
+        let seen = self
+            .parked
+            .iter()
+            .filter(|(_, h, _)| h.key == id && self.is_behind(h, k))
+            .map(|(_, h, _)| h.version)
+            .max();
+        if settled && let Some(seen) = seen {
+            // Every server before this one is gone and the rest agree, but a worker was
+            // answered with more than this copy holds: those updates died with the head. Not
+            // taking over from a copy known to be old; every worker asking gets `Lost`, now and
+            // later.
+            let name = self.keys[k].name.clone();
+            let version = self.keys[k].version;
+            self.keys[k].known_lost = self.keys[k].known_lost.max(seen);
+            self.event(format!(
+                "'{name}': the head is gone and a worker was answered with version {seen}, above \
+                 this copy's {version}: updates lost, not taking over"
+            ));
+            let mut held = Vec::new();
+            self.parked.retain(|(from, h, _)| {
+                let keep = h.key != id;
+                if !keep {
+                    held.push((*from, *h));
+                }
+                keep
+            });
+            for (from, h) in held {
+                self.refuse_behind(from, &h, k);
+            }
+            return Ok(());
+        }
         if settled {
             self.take_over(k, false, p.epoch)?;
         } else if self.consistency == Consistency::Strong {

@@ -34,7 +34,8 @@ pub struct PullInfo {
 /// What a server said to one request.
 enum Answer {
     Ok(PsHeader, Vec<u8>),
-    Refused(Refusal, Option<usize>, String),
+    /// The refusal, a server to ask instead, the reason, the server's version of the key.
+    Refused(Refusal, Option<usize>, String, u64),
 }
 
 /// One worker rank.
@@ -276,16 +277,28 @@ impl PsWorker {
         let mut tries = 0usize;
         loop {
             let server = self.owner(k);
-            let (h, payload) = make(self);
+            let (mut h, payload) = make(self);
+            // What this worker has seen, so that a replica holding less says so (Strong).
+            h.version = self.seen[k];
             let is_pull = h.kind == Kind::Pull as u32;
             let outcome = self.request(server, h, payload);
             let hint = match outcome {
                 Ok(Answer::Ok(h, p)) => return Ok((h, p)),
-                Ok(Answer::Refused(Refusal::AskOther, hint, reason)) => {
+                Ok(Answer::Refused(Refusal::AskOther, hint, reason, _)) => {
                     tracing::info!(server, %reason, "parameter server redirect");
                     hint
                 }
-                Ok(Answer::Refused(_, _, reason)) => {
+                Ok(Answer::Refused(Refusal::Behind, _, reason, got)) => {
+                    tracing::warn!(server, %reason, "parameter server behind");
+                    return Err(Error::Lost {
+                        at,
+                        server,
+                        key: self.keys[k].0.clone(),
+                        got,
+                        seen: self.seen[k],
+                    });
+                }
+                Ok(Answer::Refused(_, _, reason, _)) => {
                     return Err(Error::InvalidArgument {
                         at,
                         message: format!(
@@ -396,6 +409,7 @@ impl PsWorker {
                         Refusal::from_code(a.status),
                         hint,
                         String::from_utf8_lossy(&frame.payload).into_owned(),
+                        a.version,
                     ));
                 }
                 _ => continue,
@@ -413,7 +427,7 @@ impl PsWorker {
             let h = PsHeader::new(Kind::Checkpoint, self.comm.rank(), 0, 0, 0);
             match self.request(s, h, Vec::new())? {
                 Answer::Ok(..) => {}
-                Answer::Refused(_, _, reason) => {
+                Answer::Refused(_, _, reason, _) => {
                     return Err(Error::Checkpoint {
                         at,
                         message: format!("server rank {s}: {reason}"),
