@@ -114,6 +114,11 @@ const TWO: Layout = Layout {
     servers: 2,
     replicas: 2,
 };
+/// Two servers, each key on one of them.
+const SPLIT: Layout = Layout {
+    servers: 2,
+    replicas: 1,
+};
 
 /// A `Sync` parameter server of `layout` with the keys `sizes` (initial values from `init`,
 /// scaled by `scale`), the given rule, and two workers.
@@ -906,18 +911,17 @@ fn a_shard_path_that_cannot_be_replaced_is_a_clear_error_and_leaves_no_temporary
 // ----- a checkpoint torn between servers -----
 
 /// A kill in the middle of a whole-PS checkpoint, after server 0 renamed its new shard into
-/// place and before server 1 did (`PsWorker::checkpoint` asks the servers in rank order), leaves
-/// shard-0 at the new version (2) and shard-1 at the previous one (1): the previous checkpoint
-/// as a whole is gone, and each file alone is valid. Restoring that directory must fail in
-/// `build()` with an `Error::Checkpoint` about the versions, rather than start key 'a' on its
-/// head at version 2 and on its backup at 1 (and 'b' the other way round), and must leave the
-/// files as they were.
+/// place and before server 1 did (`PsWorker::checkpoint` asks the servers in rank order), with
+/// every key on one server (`replicas(1)`): shard-0 ('a') at the new version (2), shard-1 ('b')
+/// at the previous one (1). Each file alone is valid, but no copy of 'b' at version 2 exists:
+/// restoring must fail in `build()` with an `Error::Checkpoint` naming the versions and files
+/// (in Sync every key is at one step), and leave the files as they were.
 #[test]
-fn a_checkpoint_torn_between_servers_is_refused_at_restore() {
+fn a_checkpoint_torn_between_unreplicated_servers_is_refused_at_restore() {
     let root = tempfile::tempdir().expect("tempdir");
     let dir = root.path().join("ckpt");
     fs::create_dir(&dir).expect("mkdir");
-    let built = builder(TWO).checkpoint(&dir).build().expect("build");
+    let built = builder(SPLIT).checkpoint(&dir).build().expect("build");
     let run = train(built, 0..3, &[1, 2], |w, _| {
         w.checkpoint().map_err(|e| format!("checkpoint: {e}"))?;
         try_files(&dir)
@@ -934,7 +938,7 @@ fn a_checkpoint_torn_between_servers_is_refused_at_restore() {
     fs::write(shard(&torn, 1), &at1["shard-1.wccl-ckpt"]).expect("write");
     let before = files(&torn);
 
-    match builder(TWO).restore(&torn).build() {
+    match builder(SPLIT).restore(&torn).build() {
         Err(Error::Checkpoint { message, .. }) => {
             assert!(message.contains("version"), "unclear: {message}");
             assert!(message.contains("shard-"), "names no file: {message}");
@@ -949,6 +953,39 @@ fn a_checkpoint_torn_between_servers_is_refused_at_restore() {
                 KEYS.map(|(n, _)| n)
             );
         }
+    }
+    assert_eq!(files(&torn), before, "the restore changed the files");
+}
+
+/// The same kill with every key on both servers (`replicas(2)`): shard-0 at version 2 holds
+/// both keys, so the newest copy of each is whole. Restoring resumes every key at version 2
+/// from it (not 'a' at 2 on one server and 1 on the other), and leaves the files as they were.
+#[test]
+fn a_checkpoint_torn_between_replicas_resumes_from_the_newest_copies() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("ckpt");
+    fs::create_dir(&dir).expect("mkdir");
+    let built = builder(TWO).checkpoint(&dir).build().expect("build");
+    let run = train(built, 0..3, &[1, 2], |w, _| {
+        w.checkpoint().map_err(|e| format!("checkpoint: {e}"))?;
+        try_files(&dir)
+    })
+    .expect("train");
+    assert_trained_exactly(&run, 0..3, "checkpointed run");
+    let (at1, at2) = (&run.actions[0], &run.actions[1]);
+    let torn = root.path().join("torn");
+    fs::create_dir(&torn).expect("mkdir");
+    fs::write(shard(&torn, 0), &at2["shard-0.wccl-ckpt"]).expect("write");
+    fs::write(shard(&torn, 1), &at1["shard-1.wccl-ckpt"]).expect("write");
+    let before = files(&torn);
+    let (servers, workers) = builder(TWO).restore(&torn).build().expect("restore");
+    let seen = run_pulls(servers, workers).expect("pulls");
+    for versions in &seen {
+        assert_eq!(
+            versions,
+            &vec![2; KEYS.len()],
+            "every key resumes at version 2"
+        );
     }
     assert_eq!(files(&torn), before, "the restore changed the files");
 }

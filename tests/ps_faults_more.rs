@@ -924,3 +924,60 @@ fn strong_lone_dropped_backup_reports_the_loss_instead_of_waiting() {
         Err(e) => panic!("surviving server 1 failed: {e}; {ev}"),
     }
 }
+
+/// Async, Strong, chain 0 -> 1, one worker: server 1 is cut off and dropped; pushes a and b
+/// are then applied and acknowledged by server 0 alone (server 1 never gets them). The
+/// partition heals and server 0 dies at once. The worker's next pull turns to server 1, which
+/// holds neither: it must fail with `Error::Lost`, not answer Ok from the old copy (which the
+/// re-sent push b would make look like the version the worker saw). Failed before push acks
+/// carried their version and the re-sent push the worker's: server 1 answered Ok.
+#[test]
+fn strong_async_push_acked_by_a_lone_head_is_never_lost_silently() {
+    let faults = FaultPlan::new();
+    let n = 9;
+    let (servers, mut workers) = ParameterServer::builder()
+        .servers(2)
+        .workers(1)
+        .replicas(2)
+        .consistency(Consistency::Strong)
+        .mode(Mode::Async)
+        .rule(Sgd {
+            lr: 0.25,
+            momentum: 0.0,
+        })
+        .param("w", init(n))
+        .timeout(Duration::from_millis(500))
+        .faults(faults.clone())
+        .build()
+        .expect("build");
+    let mut w = workers.remove(0);
+    let outcome = std::thread::scope(|s| {
+        let hs: Vec<_> = servers
+            .into_iter()
+            .map(|sv| s.spawn(move || sv.serve()))
+            .collect();
+        let run = (|| -> wccl::Result<wccl::Result<wccl::ps::PullInfo>> {
+            let p = w.comm().buffer::<f32>(n)?;
+            let g = w.comm().upload(&vec![1.0f32; n])?;
+            w.push("w", &g, 0)?;
+            w.pull("w", 1, &p)?;
+            // Server 1 (rank 1) cut off from everyone: the head drops it after a deadline.
+            faults.partition(&[&[1], &[0, 2]]);
+            // No pull between them: only the push acks tell the worker what it was answered
+            // with.
+            w.push("w", &g, 1)?; // a
+            w.push("w", &g, 2)?; // b
+            faults.heal();
+            faults.kill(0);
+            Ok(w.pull("w", 3, &p))
+        })();
+        let _ = w.done();
+        let reports: Vec<_> = hs.into_iter().map(|h| h.join()).collect();
+        (run, reports)
+    });
+    let (run, _reports) = outcome;
+    match run.expect("the steps before the kill") {
+        Err(wccl::Error::Lost { got, seen, .. }) => assert!(got < seen, "{got} vs {seen}"),
+        other => panic!("expected Error::Lost after the only copy of a and b died: {other:?}"),
+    }
+}

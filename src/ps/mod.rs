@@ -78,6 +78,7 @@ mod protocol;
 mod server;
 mod worker;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,9 +168,20 @@ pub(crate) struct Policy {
     pub keys: usize,
     /// Where `PsWorker::checkpoint` writes each server's shard.
     pub checkpoint_dir: Option<PathBuf>,
-    /// Where each server reads its shard from at start.
-    pub restore: Option<PathBuf>,
+    /// The restored copy of each key (by id), when restoring.
+    pub restored: Option<Restored>,
 }
+
+/// A key as restored from a checkpoint.
+#[derive(Debug)]
+pub(crate) struct RestoredKey {
+    pub version: u64,
+    pub w: Vec<f32>,
+    pub m: Vec<f32>,
+}
+
+/// Every key restored, by id.
+pub(crate) type Restored = Arc<HashMap<u32, RestoredKey>>;
 
 /// One key as a server holds it.
 pub(crate) struct ShardKey {
@@ -249,8 +261,12 @@ impl ParameterServer {
     /// Starts every server from its shard's checkpoint in `dir` instead of the initial
     /// values: the same servers, keys, shapes and update rule are required, and a checkpoint
     /// that is corrupt, truncated or of another shape is a clear error from
-    /// [`build`](Self::build) (nothing is overwritten). In `Sync` the workers resume at the
-    /// restored version (a pull of step 0 says which).
+    /// [`build`](Self::build) (nothing is overwritten). Each key starts from its newest copy
+    /// among the shards (a member may have lagged its head, or a crash cut the checkpoint
+    /// between two servers' writes); in `Sync` every key must then be at one step, or the
+    /// checkpoint is refused as torn. In `Sync` the workers resume at the restored version (a
+    /// pull of step 0 says which); in `BoundedStaleness` and `Async` the workers' clocks are not
+    /// in the checkpoint, so they restart their step count at 0.
     pub fn restore(mut self, dir: impl Into<PathBuf>) -> Self {
         self.restore = Some(dir.into());
         self
@@ -324,54 +340,84 @@ impl ParameterServer {
         self
     }
 
-    /// A checkpoint is written shard by shard: a crash between two servers' writes leaves
-    /// shards of different versions, which each server alone would restore without noticing.
-    /// Refuses them: every copy of a key must be at one version, and in `Sync` every key (a
-    /// step is a version). A shard that cannot be read is left for its server to report.
-    fn check_restore(&self, dir: &std::path::Path) -> Result<()> {
-        let mut seen: std::collections::BTreeMap<String, (PathBuf, u64)> = Default::default();
-        let mut any: Option<(String, PathBuf, u64)> = None;
+    /// Reads and checks every server's shard in `dir` (each against the keys, shapes and rule
+    /// that server holds) and picks, for each key, the copy of the highest version: a
+    /// checkpoint is written shard by shard, so a crash between two servers' writes, or a
+    /// member that lagged its head, leaves copies of different versions, and the newest copy
+    /// is the head's. In `Sync` every key must then be at one step (a version is a step):
+    /// otherwise the checkpoint is torn, and refused naming the files.
+    fn read_restore(
+        &self,
+        dir: &std::path::Path,
+        shard_of: &dyn Fn(usize) -> Vec<(u32, String, usize)>,
+    ) -> Result<Restored> {
+        let mut best: HashMap<u32, (RestoredKey, PathBuf)> = HashMap::new();
         for r in 0..self.servers {
+            let at = At::rank(r);
             let path = checkpoint::shard_path(dir, r);
-            let Ok(snap) = checkpoint::read(&path) else {
-                continue;
-            };
-            for k in &snap.keys {
-                let torn = |what: String| Error::Checkpoint {
-                    at: At::rank(r),
-                    message: format!(
-                        "the checkpoint in {} is torn (written while a server failed?): {what}",
-                        dir.display()
-                    ),
-                };
-                if let Some((p0, v0)) = seen.get(&k.name)
-                    && *v0 != k.version
-                {
-                    return Err(torn(format!(
-                        "'{}' is at version {v0} in {} and {} in {}",
-                        k.name,
-                        p0.display(),
-                        k.version,
-                        path.display()
-                    )));
+            let snap = checkpoint::read(&path).map_err(|e| Error::Checkpoint {
+                at,
+                message: e.to_string(),
+            })?;
+            let expected = shard_of(r);
+            let expected: Vec<(u32, &str, usize)> = expected
+                .iter()
+                .map(|(id, n, c)| (*id, n.as_str(), *c))
+                .collect();
+            snap.check_against(r as u32, self.rule.hyper(), &expected)
+                .map_err(|e| Error::Checkpoint {
+                    at,
+                    message: e.with_path(&path).to_string(),
+                })?;
+            for k in snap.keys {
+                let newer = best.get(&k.id).is_none_or(|(b, _)| k.version > b.version);
+                if newer {
+                    let key = RestoredKey {
+                        version: k.version,
+                        w: k.w,
+                        m: k.m,
+                    };
+                    best.insert(k.id, (key, path.clone()));
                 }
-                if self.mode == Mode::Sync
-                    && let Some((n0, p0, v0)) = &any
-                    && *v0 != k.version
-                {
-                    return Err(torn(format!(
-                        "'{n0}' is at version {v0} in {} and '{}' at {} in {}; in Sync every key is at one step",
-                        p0.display(),
-                        k.name,
-                        k.version,
-                        path.display()
-                    )));
-                }
-                seen.insert(k.name.clone(), (path.clone(), k.version));
-                any.get_or_insert((k.name.clone(), path.clone(), k.version));
             }
         }
-        Ok(())
+        if self.mode == Mode::Sync {
+            let mut versions: Vec<(u32, u64, &PathBuf)> = best
+                .iter()
+                .map(|(id, (k, p))| (*id, k.version, p))
+                .collect();
+            versions.sort_by_key(|v| v.0);
+            if let (Some(lo), Some(hi)) = (
+                versions.iter().min_by_key(|v| v.1),
+                versions.iter().max_by_key(|v| v.1),
+            ) && lo.1 != hi.1
+            {
+                let name = |id: u32| {
+                    self.params
+                        .get(id as usize)
+                        .map_or("?", |(n, _)| n.as_str())
+                        .to_string()
+                };
+                return Err(Error::Checkpoint {
+                    at: At::rank(0),
+                    message: format!(
+                        "the checkpoint in {} is torn (written while a server failed?): '{}' is at \
+                         version {} at best (in {}) and '{}' at {} (in {}); in Sync every key is \
+                         at one step",
+                        dir.display(),
+                        name(lo.0),
+                        lo.1,
+                        lo.2.display(),
+                        name(hi.0),
+                        hi.1,
+                        hi.2.display()
+                    ),
+                });
+            }
+        }
+        Ok(Arc::new(
+            best.into_iter().map(|(id, (k, _))| (id, k)).collect(),
+        ))
     }
 
     /// Opens the devices and returns the servers (ranks `0..servers`) and workers.
@@ -433,6 +479,21 @@ impl ParameterServer {
         let chain = |k: usize| -> Vec<usize> {
             (0..self.replicas).map(|j| (k + j) % self.servers).collect()
         };
+        // Every shard read and checked before any server starts from it.
+        let restored = match &self.restore {
+            Some(dir) => {
+                let shard_of = |r: usize| -> Vec<(u32, String, usize)> {
+                    self.params
+                        .iter()
+                        .enumerate()
+                        .filter(|(k, _)| chain(*k).contains(&r))
+                        .map(|(k, (n, v))| (k as u32, n.clone(), v.len()))
+                        .collect()
+                };
+                Some(self.read_restore(dir, &shard_of)?)
+            }
+            None => None,
+        };
         let worker_ranks: Vec<usize> = (self.servers..self.servers + self.workers).collect();
         let mut servers = Vec::new();
         let mut workers = Vec::new();
@@ -459,7 +520,7 @@ impl ParameterServer {
                     consistency: self.consistency,
                     keys: self.params.len(),
                     checkpoint_dir: self.checkpoint_dir.clone(),
-                    restore: self.restore.clone(),
+                    restored: restored.clone(),
                 };
                 servers.push(PsServer::new(
                     comm,
@@ -479,10 +540,6 @@ impl ParameterServer {
                     self.consistency,
                 ));
             }
-        }
-        // After each server checked its own shard (shape, rule, checksum), the shards together.
-        if let Some(dir) = &self.restore {
-            self.check_restore(dir)?;
         }
         Ok((servers, workers))
     }

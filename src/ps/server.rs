@@ -15,7 +15,7 @@
 //! | head that took over | as head; a replica from another head of a newer epoch, or of the same epoch with a higher version (the earlier server in the chain on a tie): yield and become its member |
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -113,9 +113,6 @@ struct KeyState {
     replica_clock: u64,
     /// Each worker's clock and dedupe window the last replica carried.
     replica_clocks: Vec<(u64, u64)>,
-    /// Under `Strong`: the highest version a worker was answered with that this copy lacks
-    /// and nobody alive holds (found when the head died); every request is refused from then.
-    known_lost: u64,
     /// Head: the highest version each member acknowledged in this epoch.
     acked: HashMap<usize, u64>,
     /// Head: updates not yet held by the whole chain, oldest first.
@@ -159,6 +156,8 @@ struct Waiting {
     since: Instant,
     /// Pull: `None`; push: the version whose visibility answers it.
     need: Option<u64>,
+    /// Push: what the answer will say.
+    status: PushStatus,
 }
 
 /// What a timer is for; when it fires its handler looks at the state again.
@@ -230,7 +229,12 @@ pub struct PsServer {
     /// Servers whose link closed.
     dead: BTreeSet<usize>,
     /// Servers dropped from a chain while alive (maybe cut off): pinged to re-admit them.
-    removed: BTreeSet<usize>,
+    /// With the time before which each is not re-admitted: a member dropped again and again
+    /// (acking just past the deadline, say) waits longer each time, so it cannot make the head
+    /// transfer the whole state on every update.
+    removed: BTreeMap<usize, Instant>,
+    /// Times each server was dropped from a chain by this one.
+    drops: BTreeMap<usize, u32>,
     waiting: Vec<Waiting>,
     /// Requests for keys this server backs up, kept while it probes the head.
     parked: Vec<(usize, PsHeader, Vec<u8>)>,
@@ -287,34 +291,13 @@ impl PsServer {
             consistency,
             keys: nkeys,
             checkpoint_dir,
-            restore,
+            restored,
         } = policy;
         let at = At::rank(comm.rank());
         let kernel = UpdateKernel::new(comm.device(), &rule.wgsl());
-        let me = comm.rank();
-        let restored = match &restore {
-            Some(dir) => {
-                let path = checkpoint::shard_path(dir, me);
-                let snap = checkpoint::read(&path).map_err(|e| Error::Checkpoint {
-                    at,
-                    message: e.to_string(),
-                })?;
-                let expected: Vec<(u32, &str, usize)> = shard
-                    .iter()
-                    .map(|s| (s.key as u32, s.name.as_str(), s.init.len()))
-                    .collect();
-                snap.check_against(me as u32, rule.hyper(), &expected)
-                    .map_err(|e| Error::Checkpoint {
-                        at,
-                        message: e.with_path(&path).to_string(),
-                    })?;
-                Some(snap)
-            }
-            None => None,
-        };
         let mut keys = Vec::new();
         let mut local = HashMap::new();
-        for (i, s) in shard.into_iter().enumerate() {
+        for s in shard {
             let ShardKey {
                 key,
                 name,
@@ -332,7 +315,7 @@ impl PsServer {
                 });
             }
             let zero = vec![0.0f32; init.len()];
-            let (w0, m0, version) = match restored.as_ref().and_then(|r| r.keys.get(i)) {
+            let (w0, m0, version) = match restored.as_ref().and_then(|r| r.get(&(key as u32))) {
                 Some(k) => (k.w.clone(), k.m.clone(), k.version),
                 None => (init.clone(), zero.clone(), 0),
             };
@@ -361,7 +344,6 @@ impl PsServer {
                 last_heard: Instant::now(),
                 replica_clock: 0,
                 replica_clocks: Vec::new(),
-                known_lost: 0,
                 acked: HashMap::new(),
                 inflight: VecDeque::new(),
                 committed: version,
@@ -389,7 +371,8 @@ impl PsServer {
             timeout,
             failed: BTreeSet::new(),
             dead: BTreeSet::new(),
-            removed: BTreeSet::new(),
+            removed: BTreeMap::new(),
+            drops: BTreeMap::new(),
             waiting: Vec::new(),
             parked: Vec::new(),
             timers: Timers::default(),
@@ -643,6 +626,7 @@ impl PsServer {
                     k,
                     since: Instant::now(),
                     need: None,
+                    status: PushStatus::Applied,
                 });
                 Ok(())
             }
@@ -779,8 +763,7 @@ impl PsServer {
     /// holds; whatever this server did with the request (answer it, take over for it) would
     /// hand the worker older parameters as current.
     fn is_behind(&self, h: &PsHeader, k: usize) -> bool {
-        let key = &self.keys[k];
-        self.consistency == Consistency::Strong && h.version.max(key.known_lost) > key.version
+        self.consistency == Consistency::Strong && h.version > self.keys[k].version
     }
 
     fn refuse_behind(&mut self, to: usize, h: &PsHeader, k: usize) {
@@ -791,7 +774,7 @@ impl PsServer {
             self.me(),
             key.name,
             key.version,
-            h.version.max(key.known_lost)
+            h.version
         );
         let version = key.version;
         self.refuse_versioned(to, h, (Refusal::Behind, None, reason), version);
@@ -901,8 +884,16 @@ impl PsServer {
                         .fold_now(&vec![0u8; 4 * count], acc, Combine::Copy, deadline)?;
                 }
                 if self.keys[k].pushed[widx] {
+                    // Answered, like the first, once the step's update is held.
                     self.report.duplicates += 1;
-                    self.push_ack(from, h, PushStatus::Duplicate);
+                    self.wait(Waiting {
+                        from,
+                        h: *h,
+                        k,
+                        since: Instant::now(),
+                        need: Some(h.step.saturating_add(1)),
+                        status: PushStatus::Duplicate,
+                    });
                     return Ok(());
                 }
                 self.comm.fold_now(payload, acc, Combine::Sum, deadline)?;
@@ -916,6 +907,7 @@ impl PsServer {
                     k,
                     since: Instant::now(),
                     need: Some(need),
+                    status: PushStatus::Applied,
                 });
                 self.try_apply_sync(k)?;
             }
@@ -943,8 +935,18 @@ impl PsServer {
                         return Ok(());
                     }
                     if key.window[widx] & (1u64 << back) != 0 {
+                        // Applied in some version up to the current one: answered once that is
+                        // held.
                         self.report.duplicates += 1;
-                        self.push_ack(from, h, PushStatus::Duplicate);
+                        let need = key.version;
+                        self.wait(Waiting {
+                            from,
+                            h: *h,
+                            k,
+                            since: Instant::now(),
+                            need: Some(need),
+                            status: PushStatus::Duplicate,
+                        });
                         return Ok(());
                     }
                 }
@@ -970,6 +972,7 @@ impl PsServer {
                     k,
                     since: Instant::now(),
                     need: Some(need),
+                    status: PushStatus::Applied,
                 });
             }
         }
@@ -985,6 +988,13 @@ impl PsServer {
             0,
         );
         h.req = request.req;
+        // The version that holds the push (held by the chain under `Strong`): the worker counts
+        // it as seen, so a replica that later answers with less is caught.
+        h.version = self
+            .local
+            .get(&request.key)
+            .and_then(|&k| self.readable(k))
+            .map_or(0, |(v, _)| v);
         h.status = status as u32;
         self.send(to, h, Vec::new());
     }
@@ -1113,12 +1123,15 @@ impl PsServer {
             payload.extend_from_slice(&w.to_le_bytes());
         }
         let sent = deadline_after(self.timeout);
+        let strong = self.consistency == Consistency::Strong;
         // One timer per key, for its oldest update; its handler sets the next.
         let arm = key.inflight.is_empty();
         key.inflight.push_back(Inflight {
             version: key.version,
             deadline: sent,
-            w,
+            // Only `Strong` answers from a committed copy; `Eventual` keeps none (its head
+            // answers at once, and a slow member would otherwise pile up copies).
+            w: if strong { w } else { Vec::new() },
             clock,
         });
         if arm {
@@ -1145,7 +1158,8 @@ impl PsServer {
             {
                 key.committed = f.version;
                 key.committed_clock = f.clock;
-                key.snapshot = Some((f.version, f.w));
+                // `Eventual` keeps no copy (answers come from the device).
+                key.snapshot = (!f.w.is_empty()).then_some((f.version, f.w));
             }
         }
     }
@@ -1153,9 +1167,6 @@ impl PsServer {
     fn on_server_frame(&mut self, from: usize, h: PsHeader, payload: Vec<u8>) -> Result<()> {
         if h.rank as usize != from || h.kind().is_none() {
             return Ok(());
-        }
-        if self.removed.remove(&from) {
-            self.readmit(from)?;
         }
         match h.kind() {
             Some(Kind::Ping) => {
@@ -1167,6 +1178,15 @@ impl PsServer {
                 Ok(())
             }
             Some(Kind::Pong) => {
+                // A dropped server that answers a ping is reachable again: re-admit it.
+                if self
+                    .removed
+                    .get(&from)
+                    .is_some_and(|&t| t <= Instant::now())
+                {
+                    self.removed.remove(&from);
+                    self.readmit(from)?;
+                }
                 self.on_pong(from);
                 Ok(())
             }
@@ -1413,8 +1433,7 @@ impl PsServer {
         key.inflight.clear();
         let (name, chain, epoch) = (key.name.clone(), key.chain.clone(), key.epoch);
         if !self.dead.contains(&member) {
-            self.removed.insert(member);
-            self.arm_rejoin();
+            self.remove_server(member);
         }
         self.event(format!(
             "server rank {member} {why}: dropped from the chain of '{name}' (now {chain:?}, epoch {epoch})"
@@ -1467,9 +1486,24 @@ impl PsServer {
 
     fn ping_removed(&self) {
         let me = self.me();
-        for &r in &self.removed {
-            self.send(r, PsHeader::new(Kind::Ping, me, 0, 0, 0), Vec::new());
+        let now = Instant::now();
+        for (&r, &after) in &self.removed {
+            if after <= now {
+                self.send(r, PsHeader::new(Kind::Ping, me, 0, 0, 0), Vec::new());
+            }
         }
+    }
+
+    /// `r` is out of a chain this server heads but alive: ping it to re-admit it, at once the
+    /// first time and after a deadline more for each time it was dropped before (at most 8).
+    fn remove_server(&mut self, r: usize) {
+        let n = self.drops.entry(r).or_insert(0);
+        let wait = self.timeout.saturating_mul((*n).min(8));
+        *n = n.saturating_add(1);
+        self.removed
+            .entry(r)
+            .or_insert_with(|| deadline_after(wait));
+        self.arm_rejoin();
     }
 
     fn on_pong(&mut self, from: usize) {
@@ -1592,28 +1626,29 @@ impl PsServer {
             .max();
         if settled && let Some(seen) = seen {
             // Every server before this one is gone and the rest agree, but a worker was
-            // answered with more than this copy holds: those updates died with the head. Not
-            // taking over from a copy known to be old; every worker asking gets `Lost`, now and
-            // later.
+            // answered with more than this copy holds: those updates died with the head. That
+            // worker's requests are refused (`Lost`); a claim from one request cannot block the
+            // key for the others (a bad frame could claim any version), who are served from
+            // here on.
             let name = self.keys[k].name.clone();
             let version = self.keys[k].version;
-            self.keys[k].known_lost = self.keys[k].known_lost.max(seen);
             self.event(format!(
                 "'{name}': the head is gone and a worker was answered with version {seen}, above \
-                 this copy's {version}: updates lost, not taking over"
+                 this copy's {version}: updates lost"
             ));
             let mut held = Vec::new();
+            let consistency = self.consistency;
             self.parked.retain(|(from, h, _)| {
-                let keep = h.key != id;
-                if !keep {
+                let behind =
+                    h.key == id && consistency == Consistency::Strong && h.version > version;
+                if behind {
                     held.push((*from, *h));
                 }
-                keep
+                !behind
             });
             for (from, h) in held {
                 self.refuse_behind(from, &h, k);
             }
-            return Ok(());
         }
         if settled {
             self.take_over(k, false, p.epoch)?;
@@ -1670,16 +1705,17 @@ impl PsServer {
         let deadline = deadline_after(self.timeout);
         let key = &self.keys[k];
         let pos = key.chain.iter().position(|&r| r == me).unwrap_or(0);
-        let before: Vec<usize> = key.chain[..pos].to_vec();
         let after: Vec<usize> = key.chain[pos + 1..]
             .iter()
             .copied()
             .filter(|r| !self.dead.contains(r))
             .collect();
-        for p in &before {
-            if !self.dead.contains(p) {
-                self.removed.insert(*p);
-                self.arm_rejoin();
+        // The servers before this one that may be alive (cut off), and those the old head had
+        // dropped: all are re-admitted when they answer.
+        let statics = key.statics.clone();
+        for p in statics {
+            if p != me && !self.dead.contains(&p) && !after.contains(&p) {
+                self.remove_server(p);
             }
         }
         let replica_clock = self.keys[k].replica_clock;
@@ -1950,7 +1986,7 @@ impl PsServer {
             }
             self.waiting.swap_remove(i);
             if w.need.is_some() {
-                self.push_ack(w.from, &w.h, PushStatus::Applied);
+                self.push_ack(w.from, &w.h, w.status);
             } else {
                 self.answer_pull(&w)?;
             }

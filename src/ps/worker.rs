@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use super::Consistency;
-use super::protocol::{Kind, NO_RANK, NOT_STALE, PsHeader, Refusal};
+use super::protocol::{Kind, NO_RANK, NOT_STALE, PsHeader, PushStatus, Refusal};
 use crate::comm::Communicator;
 use crate::deadline::deadline_after;
 use crate::device::TensorRef;
@@ -176,12 +176,16 @@ impl PsWorker {
         let bytes = self.comm.read_now(grad, deadline)?;
         self.last_push[k] = Some((step, bytes.clone()));
         let count = grad.count;
-        self.call(k, |w| {
+        let (ack, _) = self.call(k, |w| {
             let mut h = PsHeader::new(Kind::Push, w.comm.rank(), k, step, count);
             h.dtype = DType::F32.code();
             (h, bytes.clone())
-        })
-        .map(|_| ())
+        })?;
+        if ack.status == PushStatus::Applied as u32 {
+            // The version that holds this push: a replica answering with less later lost it.
+            self.seen[k] = self.seen[k].max(ack.version);
+        }
+        Ok(())
     }
 
     /// Sends a push of `values` for `key` whose header claims `count` values, without this
@@ -332,7 +336,8 @@ impl PsWorker {
             if is_pull && let Some((s, bytes)) = self.last_push[k].clone() {
                 let server = self.owner(k);
                 let count = self.keys[k].1;
-                let h = PsHeader::new(Kind::Push, self.comm.rank(), k, s, count);
+                let mut h = PsHeader::new(Kind::Push, self.comm.rank(), k, s, count);
+                h.version = self.seen[k];
                 // Its answer does not matter: a replica that cannot take it is asked again by
                 // the pull that follows.
                 let _ = self.request(server, h, bytes);
