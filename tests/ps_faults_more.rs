@@ -981,3 +981,66 @@ fn strong_async_push_acked_by_a_lone_head_is_never_lost_silently() {
         other => panic!("expected Error::Lost after the only copy of a and b died: {other:?}"),
     }
 }
+
+/// Two workers, Async, Strong, chain 0 -> 1. Server 1 is cut off and dropped; worker 0's next
+/// six pushes are acked by server 0 alone. The partition heals and server 0 dies at once.
+/// Worker 1, which saw nothing of those six, turns to server 1, which takes over from its old
+/// copy, and pushes seven more: server 1's version passes the one worker 0 was answered with,
+/// with other updates under the same numbers. Worker 0's next call must fail with
+/// `Error::Lost`, not be answered Ok. Failed before answers carried the epoch of their line of
+/// versions and take-overs left fences: worker 0 was answered Ok.
+#[test]
+fn strong_version_numbers_reused_after_a_take_over_are_caught() {
+    let faults = FaultPlan::new();
+    let n = 5;
+    let (servers, workers) = ParameterServer::builder()
+        .servers(2)
+        .workers(2)
+        .replicas(2)
+        .consistency(Consistency::Strong)
+        .mode(Mode::Async)
+        .rule(Sgd {
+            lr: 0.25,
+            momentum: 0.0,
+        })
+        .param("w", init(n))
+        .timeout(Duration::from_millis(500))
+        .faults(faults.clone())
+        .build()
+        .expect("build");
+    let mut ws = workers.into_iter();
+    let (mut w0, mut w1) = (ws.next().expect("w0"), ws.next().expect("w1"));
+    let outcome = std::thread::scope(|s| {
+        let hs: Vec<_> = servers
+            .into_iter()
+            .map(|sv| s.spawn(move || sv.serve()))
+            .collect();
+        let run = (|| -> wccl::Result<wccl::Result<wccl::ps::PullInfo>> {
+            let p = w0.comm().buffer::<f32>(n)?;
+            let g0 = w0.comm().upload(&vec![1.0f32; n])?;
+            let g1 = w1.comm().upload(&vec![-0.5f32; n])?;
+            w0.push("w", &g0, 0)?;
+            w1.push("w", &g1, 0)?;
+            // Server 1 (rank 1) cut off from everyone (workers are ranks 2 and 3).
+            faults.partition(&[&[1], &[0, 2, 3]]);
+            for t in 1..=6 {
+                w0.push("w", &g0, t)?;
+            }
+            faults.heal();
+            faults.kill(0);
+            for t in 1..=7 {
+                w1.push("w", &g1, t)?;
+            }
+            Ok(w0.pull("w", 7, &p))
+        })();
+        let _ = w0.done();
+        let _ = w1.done();
+        let reports: Vec<_> = hs.into_iter().map(|h| h.join()).collect();
+        (run, reports)
+    });
+    let (run, _reports) = outcome;
+    match run.expect("the steps before worker 0's last pull") {
+        Err(wccl::Error::Lost { .. }) => {}
+        other => panic!("expected Error::Lost for worker 0's six lost updates: {other:?}"),
+    }
+}

@@ -18,14 +18,19 @@
 //! chains of different keys may form cycles over the servers. After every update the head sends
 //! the new parameters and optimiser state to the next server, which applies them, passes them
 //! on and acknowledges them to the head. Under [`Consistency::Strong`] a push is answered, and a
-//! pull served, only from a version every member of the chain holds, so a member that takes
-//! over (when a worker finds the head gone and turns to it) has everything any worker was
-//! answered with; a worker that is ever answered with less gets [`Error::Lost`]
-//! instead of training on. Under [`Consistency::Eventual`] the head answers at once and
-//! replication follows; a take-over may lose the tail, and workers count the loss
-//! ([`PsWorker::lost_updates`]). A member that misses an ack's deadline, or whose link closes,
-//! is dropped from the chain (a new epoch); one that answers again (after a partition heals)
-//! rejoins as the tail by state transfer, so a later failure of the head loses nothing either.
+//! pull served, only from a version every member of the chain acked when it committed (a member
+//! re-admitted after that holds it once its state transfer is acked;
+//! [`PullInfo::replicas`] says how many servers hold each answer), so a member that takes over
+//! (when a worker finds the head gone and turns to it) normally has everything any worker was
+//! answered with. When it cannot (the only newer copy died with a head that had committed
+//! alone), a worker that was answered with more gets [`Error::Lost`] instead of training on:
+//! requests carry the version the worker saw and the epoch of its line of versions, and a
+//! server that holds less, or took over below it since, refuses. Under
+//! [`Consistency::Eventual`] the head answers at once and replication follows; a take-over may
+//! lose the tail, and workers count the loss ([`PsWorker::lost_updates`]). A member that misses
+//! an ack's deadline, or whose link closes, is dropped from the chain (a new epoch; the head
+//! may then commit alone, and `replicas` shows it); one that answers again (after a partition
+//! heals) rejoins as the tail by state transfer, so a later failure of the head loses nothing.
 //!
 //! Partitions, the CAP choice: a member asked for a key pings the servers before it in the
 //! key's chain and asks the live ones after it to agree to its taking over (one refuses when its

@@ -21,7 +21,8 @@ pub enum Kind {
     /// server to ask instead ([`NO_RANK`] if none); payload: the reason, UTF-8.
     Refused = 5,
     /// Server -> server: `key` at `version` in chain `epoch`; payload: the parameters, the
-    /// optimiser state, then the chain (head first) as `members` little-endian u32 ranks.
+    /// optimiser state, the chain (head first) as `hint` little-endian u32 ranks, each
+    /// worker's clock and dedupe window (two u64), and `step` take-over fences (two u64).
     /// Each member applies it, forwards it to its successor and acknowledges it to the head.
     Replicate = 6,
     /// Member -> head: `key` at `version` (epoch `epoch`) applied.
@@ -134,7 +135,8 @@ pub const JOIN: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct PsHeader {
-    /// Push/Pull: the worker's step; echoed in answers.
+    /// Push/Pull: the worker's step; echoed in answers. Replicate: the number of take-over
+    /// fences (epoch, version pairs) at the end of the payload.
     pub step: u64,
     /// Params/Replicate/ReplicaAck: updates applied to the key. Push/Pull: the highest
     /// version the worker has been answered with for the key (a server that holds less under
@@ -146,7 +148,9 @@ pub struct PsHeader {
     /// server's answer (`Params`, `PushAck`, `Refused`, `CheckpointDone`): an answer is only
     /// ever taken for the request it names, and a replayed number is refused.
     pub req: u64,
-    /// Replicate/ReplicaAck: the chain's membership epoch.
+    /// Replicate/ReplicaAck/Claim: the chain's membership epoch. Params/PushAck: the epoch of
+    /// the key's line of versions (its last take-over). Push/Pull: the line the worker's
+    /// `version` came from.
     pub epoch: u64,
     /// Replicate: FNV-1a digest of the parameters in the payload.
     pub digest: u64,

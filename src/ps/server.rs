@@ -37,6 +37,8 @@ use crate::types::{Combine, DType};
 /// most a replica that took over under `Eventual` skips ahead to meet the workers: a push past
 /// that is refused as a bad step, whatever it claims.
 const MAX_AHEAD: u64 = 1024;
+/// Take-overs of one key remembered (see `KeyState::fences`).
+const MAX_FENCES: usize = 32;
 /// Events a report keeps.
 const MAX_EVENTS: usize = 4096;
 /// Requests one worker may have waiting on a server at once.
@@ -113,6 +115,11 @@ struct KeyState {
     replica_clock: u64,
     /// Each worker's clock and dedupe window the last replica carried.
     replica_clocks: Vec<(u64, u64)>,
+    /// (epoch, version) of every take-over of the key, oldest first: from that epoch on the
+    /// versions above `version` hold other updates than the versions of that number before it.
+    /// A worker that saw a version above a fence in an epoch before it lost updates. Replicated
+    /// with the state; at most `MAX_FENCES` (the oldest two merged, keeping the lower version).
+    fences: Vec<(u64, u64)>,
     /// Head: the highest version each member acknowledged in this epoch.
     acked: HashMap<usize, u64>,
     /// Head: updates not yet held by the whole chain, oldest first.
@@ -139,6 +146,22 @@ struct Probe {
     until: Instant,
     /// The highest epoch the agreeing servers hold.
     epoch: u64,
+}
+
+/// Whether the worker behind request `h` saw a version this copy of `key` lacks: a higher one,
+/// or one above a take-over's version seen before that take-over (same number, other updates).
+/// `h.epoch` is the epoch of the answer that gave the worker `h.version`.
+fn behind(key: &KeyState, h: &PsHeader) -> bool {
+    h.version > key.version
+        || key
+            .fences
+            .iter()
+            .any(|&(epoch, version)| epoch > h.epoch && h.version > version)
+}
+
+/// The epoch of the key's current line of versions (its last take-over), carried in answers.
+fn lineage(key: &KeyState) -> u64 {
+    key.fences.last().map_or(0, |f| f.0)
 }
 
 impl KeyState {
@@ -344,6 +367,7 @@ impl PsServer {
                 last_heard: Instant::now(),
                 replica_clock: 0,
                 replica_clocks: Vec::new(),
+                fences: Vec::new(),
                 acked: HashMap::new(),
                 inflight: VecDeque::new(),
                 committed: version,
@@ -763,7 +787,7 @@ impl PsServer {
     /// holds; whatever this server did with the request (answer it, take over for it) would
     /// hand the worker older parameters as current.
     fn is_behind(&self, h: &PsHeader, k: usize) -> bool {
-        self.consistency == Consistency::Strong && h.version > self.keys[k].version
+        self.consistency == Consistency::Strong && behind(&self.keys[k], h)
     }
 
     fn refuse_behind(&mut self, to: usize, h: &PsHeader, k: usize) {
@@ -990,11 +1014,10 @@ impl PsServer {
         h.req = request.req;
         // The version that holds the push (held by the chain under `Strong`): the worker counts
         // it as seen, so a replica that later answers with less is caught.
-        h.version = self
-            .local
-            .get(&request.key)
-            .and_then(|&k| self.readable(k))
-            .map_or(0, |(v, _)| v);
+        if let Some(&k) = self.local.get(&request.key) {
+            h.version = self.readable(k).map_or(0, |(v, _)| v);
+            h.epoch = lineage(&self.keys[k]);
+        }
         h.status = status as u32;
         self.send(to, h, Vec::new());
     }
@@ -1103,7 +1126,14 @@ impl PsServer {
             .comm
             .read_now(TensorRef::new(&mb, 0, count, DType::F32), deadline)?;
         let key = &mut self.keys[k];
-        let mut h = PsHeader::new(Kind::Replicate, me, key.id as usize, 0, count);
+        // `step` carries the number of fences at the payload's end.
+        let mut h = PsHeader::new(
+            Kind::Replicate,
+            me,
+            key.id as usize,
+            key.fences.len() as u64,
+            count,
+        );
         h.version = key.version;
         h.epoch = key.epoch;
         h.clock = clock;
@@ -1121,6 +1151,10 @@ impl PsServer {
         for (c, w) in key.clocks.iter().zip(&key.window) {
             payload.extend_from_slice(&c.to_le_bytes());
             payload.extend_from_slice(&w.to_le_bytes());
+        }
+        for (e, v) in &key.fences {
+            payload.extend_from_slice(&e.to_le_bytes());
+            payload.extend_from_slice(&v.to_le_bytes());
         }
         let sent = deadline_after(self.timeout);
         let strong = self.consistency == Consistency::Strong;
@@ -1244,7 +1278,11 @@ impl PsServer {
             return None;
         }
         let state = key.count.checked_mul(8)?;
-        let tail = self.workers.len().checked_mul(16)?;
+        if h.step > MAX_FENCES as u64 {
+            return None;
+        }
+        let fences = usize::try_from(h.step).ok()?;
+        let tail = self.workers.len().checked_add(fences)?.checked_mul(16)?;
         let chain_end = state.checked_add(members.checked_mul(4)?)?;
         if payload.len() != chain_end.checked_add(tail)? {
             return None;
@@ -1358,17 +1396,23 @@ impl PsServer {
         key.chain = chain.clone();
         key.last_heard = Instant::now();
         key.replica_clock = h.clock;
-        let clocks_at = payload.len() - 16 * self.workers.len();
-        key.replica_clocks = payload[clocks_at..]
-            .chunks_exact(16)
-            .map(|c| {
-                let (a, b) = c.split_at(8);
-                (
-                    u64::from_le_bytes(a.try_into().unwrap_or([0; 8])),
-                    u64::from_le_bytes(b.try_into().unwrap_or([0; 8])),
-                )
-            })
-            .collect();
+        // Lengths were checked in `check_replica`: the clocks, then the fences, end the payload.
+        let pairs = |bytes: &[u8]| -> Vec<(u64, u64)> {
+            bytes
+                .chunks_exact(16)
+                .map(|c| {
+                    let (a, b) = c.split_at(8);
+                    (
+                        u64::from_le_bytes(a.try_into().unwrap_or([0; 8])),
+                        u64::from_le_bytes(b.try_into().unwrap_or([0; 8])),
+                    )
+                })
+                .collect()
+        };
+        let fences_at = payload.len() - 16 * (h.step as usize);
+        let clocks_at = fences_at - 16 * self.workers.len();
+        key.replica_clocks = pairs(&payload[clocks_at..fences_at]);
+        key.fences = pairs(&payload[fences_at..]);
         key.acked.clear();
         key.inflight.clear();
         key.snapshot = None;
@@ -1637,14 +1681,14 @@ impl PsServer {
                  this copy's {version}: updates lost"
             ));
             let mut held = Vec::new();
-            let consistency = self.consistency;
+            let strong = self.consistency == Consistency::Strong;
+            let key = &self.keys[k];
             self.parked.retain(|(from, h, _)| {
-                let behind =
-                    h.key == id && consistency == Consistency::Strong && h.version > version;
-                if behind {
+                let lost = h.key == id && strong && behind(key, h);
+                if lost {
                     held.push((*from, *h));
                 }
-                !behind
+                !lost
             });
             for (from, h) in held {
                 self.refuse_behind(from, &h, k);
@@ -1723,6 +1767,14 @@ impl PsServer {
         key.chain = std::iter::once(me).chain(after).collect();
         key.epoch = key.epoch.max(agreed_epoch).saturating_add(1);
         key.took_over = true;
+        // Versions above this one are new updates from here on.
+        key.fences.push((key.epoch, key.version));
+        if key.fences.len() > MAX_FENCES {
+            // Merge the oldest two, keeping the lower version: a worker older than both is
+            // still caught, one between them may be refused when it need not be.
+            let second = key.fences.remove(1);
+            key.fences[0].1 = key.fences[0].1.min(second.1);
+        }
         key.cut_off = cut_off;
         key.acked.clear();
         key.inflight.clear();
@@ -2019,6 +2071,7 @@ impl PsServer {
         reply.version = version;
         reply.clock = clock;
         reply.req = w.h.req;
+        reply.epoch = lineage(&self.keys[w.k]);
         // How many servers hold what is answered: under `Strong` the whole chain (it committed),
         // under `Eventual` only this one is sure. A chain that shrank shows here, not only in
         // the report.

@@ -50,6 +50,9 @@ pub struct PsWorker {
     last_push: Vec<Option<(u64, Vec<u8>)>>,
     /// Per key: the highest version this worker has been answered with.
     seen: Vec<u64>,
+    /// Per key: the epoch of the line of versions `seen` came from (a server that took over
+    /// since, from a lower version, has other updates under the same numbers).
+    seen_epoch: Vec<u64>,
     lost: u64,
     /// The number of the last request sent (see `PsHeader::req`).
     req: u64,
@@ -89,6 +92,7 @@ impl PsWorker {
             chains,
             last_push: vec![None; n],
             seen: vec![0; n],
+            seen_epoch: vec![0; n],
             lost: 0,
             req: 0,
             failovers: 0,
@@ -112,6 +116,13 @@ impl PsWorker {
     fn owner(&self, k: usize) -> usize {
         let chain = &self.chains[k];
         chain[self.current[k] % chain.len().max(1)]
+    }
+
+    /// Records an answer's version (and the epoch of its line of versions) for key `k`.
+    fn saw(&mut self, k: usize, version: u64, epoch: u64) {
+        if version > self.seen[k] {
+            (self.seen[k], self.seen_epoch[k]) = (version, epoch);
+        }
     }
 
     /// This worker's index among the workers (0-based).
@@ -183,7 +194,7 @@ impl PsWorker {
         })?;
         if ack.status == PushStatus::Applied as u32 {
             // The version that holds this push: a replica answering with less later lost it.
-            self.seen[k] = self.seen[k].max(ack.version);
+            self.saw(k, ack.version, ack.epoch);
         }
         Ok(())
     }
@@ -252,7 +263,7 @@ impl PsWorker {
             // A replica that took over without updates this worker had seen lost them.
             self.lost = self.lost.saturating_add(self.seen[k] - h.version);
         }
-        self.seen[k] = self.seen[k].max(h.version);
+        self.saw(k, h.version, h.epoch);
         let deadline = deadline_after(self.comm.config().timeout);
         self.comm
             .fold_now(&payload, into, Combine::Copy, deadline)?;
@@ -283,7 +294,7 @@ impl PsWorker {
             let server = self.owner(k);
             let (mut h, payload) = make(self);
             // What this worker has seen, so that a replica holding less says so (Strong).
-            h.version = self.seen[k];
+            (h.version, h.epoch) = (self.seen[k], self.seen_epoch[k]);
             let is_pull = h.kind == Kind::Pull as u32;
             let outcome = self.request(server, h, payload);
             let hint = match outcome {
@@ -337,7 +348,7 @@ impl PsWorker {
                 let server = self.owner(k);
                 let count = self.keys[k].1;
                 let mut h = PsHeader::new(Kind::Push, self.comm.rank(), k, s, count);
-                h.version = self.seen[k];
+                (h.version, h.epoch) = (self.seen[k], self.seen_epoch[k]);
                 // Its answer does not matter: a replica that cannot take it is asked again by
                 // the pull that follows.
                 let _ = self.request(server, h, bytes);
