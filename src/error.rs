@@ -178,6 +178,19 @@ pub enum Error {
         seen: u64,
     },
 
+    /// Under `Consistency::Strong` no server can answer for a key now: the replica asked is cut
+    /// off from its head and cannot prove its copy is current (a partition, not the caller's
+    /// mistake; a later call may succeed once it heals).
+    #[error("{at}: '{key}' is unavailable: {reason}")]
+    Unavailable {
+        /// Where.
+        at: At,
+        /// The parameter.
+        key: String,
+        /// The server's reason.
+        reason: String,
+    },
+
     /// A checkpoint could not be written or restored; nothing was overwritten.
     #[error("{at}: checkpoint: {message}")]
     Checkpoint {
@@ -213,6 +226,7 @@ impl Error {
             | Error::Broken { at, .. }
             | Error::Aborted { at, .. }
             | Error::Lost { at, .. }
+            | Error::Unavailable { at, .. }
             | Error::Checkpoint { at, .. }
             | Error::Panicked { at, .. } => Some(*at),
         }

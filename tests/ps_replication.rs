@@ -285,6 +285,8 @@ fn strong_refuses_to_answer_from_a_replica_cut_off_from_its_primary() {
         .as_ref()
         .expect_err("the backup cannot prove its data is current");
     assert!(e.to_string().contains("cannot prove"), "{e}");
+    // A partition, not the caller's mistake: its own kind of error.
+    assert!(matches!(e, wccl::Error::Unavailable { .. }), "{e:?}");
 }
 
 #[test]

@@ -313,6 +313,13 @@ impl PsWorker {
                         seen: self.seen[k],
                     });
                 }
+                Ok(Answer::Refused(Refusal::CannotProve, _, reason, _)) => {
+                    return Err(Error::Unavailable {
+                        at,
+                        key: self.keys[k].0.clone(),
+                        reason: format!("server rank {server}: {reason}"),
+                    });
+                }
                 Ok(Answer::Refused(_, _, reason, _)) => {
                     return Err(Error::InvalidArgument {
                         at,
