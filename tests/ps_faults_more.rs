@@ -821,6 +821,9 @@ fn strong_lone_dropped_backup_reports_the_loss_instead_of_waiting() {
     );
     let (cut, kill) = (2, 5);
     let faults = FaultPlan::new();
+    // Worker 1 pulls step `kill` only after worker 0 killed server 0: otherwise server 0 may
+    // still answer it (legitimately) before the kill lands.
+    let (killed_tx, killed_rx) = crossbeam::channel::bounded::<()>(1);
     let (servers, workers) = ParameterServer::builder()
         .servers(2)
         .workers(2)
@@ -842,6 +845,7 @@ fn strong_lone_dropped_backup_reports_the_loss_instead_of_waiting() {
             .into_iter()
             .map(|mut w| {
                 let (faults, refs) = (&faults, &refs);
+                let (killed_tx, killed_rx) = (killed_tx.clone(), killed_rx.clone());
                 s.spawn(move || -> Result<(), String> {
                     let q = w.index();
                     let buf = w
@@ -856,6 +860,12 @@ fn strong_lone_dropped_backup_reports_the_loss_instead_of_waiting() {
                         if q == 0 && t == kill {
                             faults.heal();
                             faults.kill(0);
+                            let _ = killed_tx.send(());
+                        }
+                        if q == 1 && t == kill {
+                            killed_rx
+                                .recv_timeout(Duration::from_secs(60))
+                                .map_err(|_| format!("worker {q}: no word of the kill"))?;
                         }
                         w.comm()
                             .write(&buf, &[f32::NAN; SIZE_1])
