@@ -152,11 +152,32 @@ struct Probe {
 /// or one above a take-over's version seen before that take-over (same number, other updates).
 /// `h.epoch` is the epoch of the answer that gave the worker `h.version`.
 fn behind(key: &KeyState, h: &PsHeader) -> bool {
-    h.version > key.version
-        || key
-            .fences
-            .iter()
-            .any(|&(epoch, version)| epoch > h.epoch && h.version > version)
+    lost_from(key.version, &key.fences, h.version, h.epoch).is_some()
+}
+
+/// When the worker behind `h` lost updates on this copy of `key`: the version this copy's line
+/// restarted from (or its own version) below the worker's, and why. A worker whose line of
+/// versions is one this copy never followed (a take-over on another branch, whose fence this
+/// copy never got: epochs of different branches do not order) is checked against every fence.
+/// `version` and `fences` are this copy's; `seen` and `line` the worker's.
+fn lost_from(version: u64, fences: &[(u64, u64)], seen: u64, line: u64) -> Option<(u64, String)> {
+    if seen > version {
+        return Some((version, format!("this copy holds version {version}")));
+    }
+    let foreign = line != 0 && !fences.iter().any(|f| f.0 == line);
+    fences
+        .iter()
+        .filter(|&&(epoch, v)| (foreign || epoch > line) && seen > v)
+        .map(|&(epoch, v)| {
+            (
+                v,
+                format!(
+                    "this copy's line of versions restarted from version {v} at a take-over \
+                     (epoch {epoch}) after the worker's"
+                ),
+            )
+        })
+        .min_by_key(|x| x.0)
 }
 
 /// The epoch of the key's current line of versions (its last take-over), carried in answers.
@@ -792,15 +813,15 @@ impl PsServer {
 
     fn refuse_behind(&mut self, to: usize, h: &PsHeader, k: usize) {
         let key = &self.keys[k];
+        let (version, why) = lost_from(key.version, &key.fences, h.version, h.epoch)
+            .unwrap_or((key.version, String::new()));
         let reason = format!(
-            "server rank {} holds '{}' at version {}, but this worker was answered with version \
-             {}: updates lost",
+            "server rank {}: '{}': this worker was answered with version {}, but {why}: updates \
+             lost",
             self.me(),
             key.name,
-            key.version,
             h.version
         );
-        let version = key.version;
         self.refuse_versioned(to, h, (Refusal::Behind, None, reason), version);
     }
 
@@ -1677,8 +1698,8 @@ impl PsServer {
             let name = self.keys[k].name.clone();
             let version = self.keys[k].version;
             self.event(format!(
-                "'{name}': the head is gone and a worker was answered with version {seen}, above \
-                 this copy's {version}: updates lost"
+                "'{name}': the head is gone and a worker was answered with version {seen}, which \
+                 this copy (version {version}) cannot hold: updates lost"
             ));
             let mut held = Vec::new();
             let strong = self.consistency == Consistency::Strong;
@@ -1770,10 +1791,10 @@ impl PsServer {
         // Versions above this one are new updates from here on.
         key.fences.push((key.epoch, key.version));
         if key.fences.len() > MAX_FENCES {
-            // Merge the oldest two, keeping the lower version: a worker older than both is
-            // still caught, one between them may be refused when it need not be.
+            // Merge the oldest two into the newer epoch with the lower version: a worker older
+            // than both is still caught, one between them may be refused when it need not be.
             let second = key.fences.remove(1);
-            key.fences[0].1 = key.fences[0].1.min(second.1);
+            key.fences[0] = (second.0, key.fences[0].1.min(second.1));
         }
         key.cut_off = cut_off;
         key.acked.clear();
@@ -2152,5 +2173,46 @@ impl PsServer {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lost_from;
+
+    #[test]
+    fn a_worker_ahead_of_the_copy_lost_updates() {
+        assert!(lost_from(5, &[], 6, 0).is_some());
+        assert!(lost_from(5, &[], 5, 0).is_none());
+        assert!(lost_from(5, &[], 0, 0).is_none());
+    }
+
+    #[test]
+    fn a_take_over_below_what_the_worker_saw_in_an_earlier_line_is_a_loss() {
+        // Took over at version 10 in epoch 3, now at 40: a worker that saw 30 before it lost
+        // 11..=30 even though 40 > 30.
+        let fences = [(3, 10)];
+        assert_eq!(lost_from(40, &fences, 30, 0).map(|l| l.0), Some(10));
+        // One that saw at most 10 before, or anything in the new line, lost nothing.
+        assert!(lost_from(40, &fences, 10, 0).is_none());
+        assert!(lost_from(40, &fences, 35, 3).is_none());
+    }
+
+    #[test]
+    fn a_line_this_copy_never_followed_is_checked_against_every_fence() {
+        // The worker's line (epoch 2) was a take-over on another branch; this copy's own
+        // take-over has the lower epoch 1: epochs do not order the branches.
+        let fences = [(1, 10)];
+        assert!(lost_from(31, &fences, 30, 2).is_some());
+        assert!(lost_from(31, &fences, 10, 2).is_none());
+    }
+
+    #[test]
+    fn merged_fences_still_catch_the_older_lines() {
+        // (2, 20) and (5, 12) merged into (5, 12): a worker of line 0 or 2 that saw 15 is
+        // caught (line 2 over-refused: it saw 15 <= 20 before the second take-over).
+        let merged = [(5, 12)];
+        assert!(lost_from(50, &merged, 15, 0).is_some());
+        assert!(lost_from(50, &merged, 15, 5).is_none());
     }
 }
