@@ -1453,6 +1453,15 @@ impl PsServer {
         Ok(())
     }
 
+    /// Takes out the requests parked for key `id`, in arrival order.
+    fn take_parked(&mut self, id: u32) -> Vec<(usize, PsHeader, Vec<u8>)> {
+        let (mine, rest) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|(_, h, _)| h.key == id);
+        self.parked = rest;
+        mine
+    }
+
     /// Refuses every request held here for key `k`, pointing the workers to `head`.
     fn redirect(&mut self, k: usize, head: usize) {
         let id = self.keys[k].id;
@@ -1468,13 +1477,11 @@ impl PsServer {
             }
             keep
         });
-        self.parked.retain(|(from, h, _)| {
-            let keep = h.key != id;
-            if !keep {
-                held.push((*from, *h));
-            }
-            keep
-        });
+        held.extend(
+            self.take_parked(id)
+                .into_iter()
+                .map(|(from, h, _)| (from, h)),
+        );
         for (from, h) in held {
             self.refuse_raw(
                 from,
@@ -1730,15 +1737,7 @@ impl PsServer {
                 p.succs
             );
             let id = key.id;
-            let mut held = Vec::new();
-            self.parked.retain(|(from, h, _)| {
-                let keep = h.key != id;
-                if !keep {
-                    held.push((*from, *h));
-                }
-                keep
-            });
-            for (from, h) in held {
+            for (from, h, _) in self.take_parked(id) {
                 self.refuse_raw(from, Some(&h), (Refusal::CannotProve, None, reason.clone()));
             }
             return Ok(());
@@ -1747,15 +1746,7 @@ impl PsServer {
         }
         // The parked requests for the key are served now.
         let id = self.keys[k].id;
-        let mut mine = Vec::new();
-        self.parked.retain(|(from, h, p)| {
-            let keep = h.key != id;
-            if !keep {
-                mine.push((*from, *h, p.clone()));
-            }
-            keep
-        });
-        for (from, h, p) in mine {
+        for (from, h, p) in self.take_parked(id) {
             if let Some(widx) = self.worker_index(from) {
                 self.on_request(from, widx, h, p, false)?;
             }
