@@ -728,9 +728,14 @@ fn eventual_survivors_agree_after_heal_then_kill() {
                 copies[0].0
             );
         }
-        if ws.iter().all(|w| w.lost == 0) {
+        // Eventual loses exactly what it reports: a loss workers can see (an answer below what
+        // they saw) is counted by them; a take-over from a copy that missed the head's last
+        // update (it was in flight at the kill) is reported by the server that skipped ahead.
+        // With neither, nothing may be lost.
+        let skipped = out.events().contains("skipped from version");
+        if ws.iter().all(|w| w.lost == 0) && !skipped {
             if let Err(e) = compare(
-                "final 'w' (no loss counted)",
+                "final 'w' (no loss counted or reported)",
                 &survivor,
                 &refs[spec.steps][0],
             ) {
