@@ -51,6 +51,13 @@ pub enum Error {
         found: String,
     },
 
+    /// The launcher's variables are missing or inconsistent (before any rank is known).
+    #[error("cannot join the job: {message}")]
+    Launch {
+        /// What is wrong, naming the variables.
+        message: String,
+    },
+
     /// `request_device` failed for a rank.
     #[error("{at}: could not open a device on adapter '{adapter}': {message}")]
     DeviceRequest {
@@ -128,6 +135,40 @@ pub enum Error {
         at: At,
         /// The peer.
         peer: usize,
+    },
+
+    /// A peer closed its link cleanly (it finished, or dropped its communicator) while this
+    /// rank still waited for it: a rank that left at the wrong time, not a crash.
+    #[error(
+        "{at}: rank {peer} exited (closed its link cleanly) while this rank still expected frames from it"
+    )]
+    PeerExited {
+        /// Where.
+        at: At,
+        /// The peer.
+        peer: usize,
+    },
+
+    /// A frame from a peer failed its checks (checksum, length, framing); the link to it is
+    /// closed.
+    #[error("{at}: a corrupt frame from rank {peer}: {reason}")]
+    Corrupt {
+        /// Where.
+        at: At,
+        /// The peer.
+        peer: usize,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// Ranks could not find or connect to each other (rendezvous, handshake, mesh), or the
+    /// launcher's environment is inconsistent.
+    #[error("{at}: could not connect: {message}")]
+    Connect {
+        /// Where.
+        at: At,
+        /// What went wrong, naming the ranks, addresses and variables involved.
+        message: String,
     },
 
     /// The device reported an error, was lost, or did not finish in time.
@@ -214,7 +255,7 @@ impl Error {
     /// Where the error happened, if it is tied to a rank.
     pub fn at(&self) -> Option<At> {
         match self {
-            Error::NoAdapter { .. } => None,
+            Error::NoAdapter { .. } | Error::Launch { .. } => None,
             Error::DeviceRequest { at, .. }
             | Error::UnsupportedDType { at, .. }
             | Error::InvalidArgument { at, .. }
@@ -222,6 +263,9 @@ impl Error {
             | Error::Mismatch { at, .. }
             | Error::PeerAborted { at, .. }
             | Error::LinkClosed { at, .. }
+            | Error::PeerExited { at, .. }
+            | Error::Corrupt { at, .. }
+            | Error::Connect { at, .. }
             | Error::Device { at, .. }
             | Error::Broken { at, .. }
             | Error::Aborted { at, .. }

@@ -7,7 +7,10 @@
 //! The layers, bottom up:
 //! - [`device`]: adapters, one rank's device, typed buffers, staging buffers;
 //! - `kernels`: the WGSL reduce kernels (sources in `shaders/`);
-//! - [`link`]: how frames move between ranks (in-process crossbeam channels today);
+//! - [`link`]: how frames move between ranks (crossbeam channels in one process, TCP across
+//!   processes and hosts);
+//! - [`rendezvous`]: how the ranks of a job, one process each, find each other (launchers'
+//!   variables, rank 0's store);
 //! - [`algo`]: one schedule per algorithm (ring all-reduce, chain broadcast, ...), pure code;
 //! - [`comm`]: [`Communicator`] (one rank), [`CommGroup`] (all ranks of a process), and the
 //!   executor that runs an algorithm's plan on a device over a link;
@@ -42,12 +45,14 @@ mod kernels;
 pub mod link;
 pub mod model;
 pub mod ps;
+pub mod rendezvous;
 pub mod tp;
 mod types;
 
 pub use algo::{Algorithm, ParseAlgorithmError};
 pub use comm::{
-    AbortHandle, CallOptions, Collective, CommConfig, CommGroup, Communicator, GroupBuilder,
+    AbortHandle, CallOptions, Collective, CommConfig, CommGroup, Communicator, ConnectOptions,
+    GroupBuilder,
 };
 pub use device::{AdapterSelector, DeviceBuffer, RankDevice, TensorRef};
 pub use error::{At, Error, Result};

@@ -574,6 +574,8 @@ impl Run<'_, '_> {
             },
             LinkError::Closed => Error::LinkClosed { at, peer },
             LinkError::Gone(p) => Error::LinkClosed { at, peer: p },
+            LinkError::Exited(p) => Error::PeerExited { at, peer: p },
+            LinkError::Corrupt { peer, reason } => Error::Corrupt { at, peer, reason },
             // This rank's own abort handle fired while it waited (see `Link::remote_abort`).
             LinkError::Aborted { from, reason } if from == at.rank => Error::Aborted { at, reason },
             LinkError::Aborted { from, reason } => Error::PeerAborted {

@@ -5,6 +5,7 @@ mod communicator;
 mod executor;
 mod group;
 mod host_ops;
+mod launch;
 mod local;
 mod probe;
 mod protocol;
@@ -13,3 +14,4 @@ pub use communicator::{
     AbortHandle, CallOptions, Collective, CommConfig, Communicator, MAX_PIPELINE_DEPTH,
 };
 pub use group::{CommGroup, GroupBuilder, MAX_RANKS};
+pub use launch::ConnectOptions;

@@ -1,10 +1,30 @@
 //! Links: how frames move between ranks. A link knows peers and bytes, never which collective
-//! runs over it; the in-process link is a mesh of crossbeam channels, and a later TCP transport
-//! or a fault-injecting wrapper implements the same [`Link`] trait.
+//! runs over it. [`InProcLink`] is a mesh of crossbeam channels between threads of one process;
+//! [`TcpLink`] connects one process per rank over TCP; [`EmulatedLink`] and [`FaultyLink`] wrap
+//! any link (`FaultyLink<TcpLink>`) to emulate a network or inject faults.
+//!
+//! # The contract every link keeps
+//! - **FIFO per ordered pair of ranks.** Frames from rank a to rank b arrive in the order a
+//!   sent them, each whole, or not at all after the link to a ended (never a frame twice).
+//! - **`send` does not wait for the receiver.** It queues the frame (in the receiver's channel,
+//!   or a writer thread's queue) and returns; a slow or stopped peer is found by the receiver's
+//!   deadline, not by a blocked sender.
+//! - **Every receive has a deadline.** `recv` waits for the next frame from one peer, and
+//!   `recv_any` for the next from any of several (biased to the earliest listed when several
+//!   are ready), until the deadline at most: then [`LinkError::Timeout`].
+//! - **Aborts come first and wake waiters.** [`Link::abort`] reaches every peer, and a peer
+//!   blocked in `recv`/`recv_any` returns [`LinkError::Aborted`] at once, before frames that are
+//!   still queued. [`Link::remote_abort`] does the same from another thread and also wakes the
+//!   rank's own receive.
+//! - **Ends are reported, after the frames sent before them.** A peer whose end went away is
+//!   [`LinkError::Closed`] from `recv` and [`LinkError::Gone`] from `recv_any`; a link that can
+//!   tell also reports a clean goodbye ([`LinkError::Exited`]) and a frame that failed its checks
+//!   ([`LinkError::Corrupt`]).
 
 mod emulated;
 mod faulty;
 mod inproc;
+pub mod tcp;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,9 +32,10 @@ use std::time::Instant;
 pub use emulated::{EmulatedLink, LinkEmulation};
 pub use faulty::{FaultPlan, FaultyLink};
 pub use inproc::{InProcLink, in_process_mesh};
+pub use tcp::{TcpLink, TcpOptions};
 
 /// One message between two ranks: a small header the communicator defines, and a payload.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Frame {
     /// The sender's header bytes (opaque to the link).
     pub header: Vec<u8>,
@@ -31,6 +52,17 @@ pub enum LinkError {
     Closed,
     /// The peer's end is gone (from [`Link::recv_any`], which says which peer).
     Gone(usize),
+    /// The peer closed its end cleanly (its link was dropped: the process finished or left)
+    /// while this rank still expected frames from it.
+    Exited(usize),
+    /// A frame from the peer failed its checks (length, checksum, framing); the link to it is
+    /// closed, since nothing after it can be trusted.
+    Corrupt {
+        /// The peer.
+        peer: usize,
+        /// What was wrong.
+        reason: String,
+    },
     /// A rank called [`Link::abort`] with a reason.
     Aborted {
         /// The rank that aborted.

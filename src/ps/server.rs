@@ -481,7 +481,10 @@ impl PsServer {
             listen.extend(self.live_servers());
             match self.comm.link().recv_any(&listen, deadline) {
                 Ok((from, frame)) => self.on_frame(from, frame)?,
-                Err(LinkError::Gone(p)) => self.on_gone(p)?,
+                // A peer that left cleanly or sent a corrupt frame is as gone as a dead one.
+                Err(
+                    LinkError::Gone(p) | LinkError::Exited(p) | LinkError::Corrupt { peer: p, .. },
+                ) => self.on_gone(p)?,
                 Err(LinkError::Timeout) => {}
                 Err(LinkError::Aborted { from, reason }) => {
                     return Err(Error::PeerAborted {

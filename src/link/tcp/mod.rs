@@ -1,0 +1,767 @@
+//! The TCP link: one process per rank, one connection per pair of ranks.
+//!
+//! Design (what measured and what the contract needs):
+//! - **A full mesh, made at init.** Rank i dials every rank below it and accepts every rank
+//!   above it, as Gloo's `connectFullMesh` does; the dials go to the nearest rank first, so that
+//!   rank 0 is dialled last by everyone and not flooded. Connecting at init gives every rank an
+//!   error naming a missing peer before any collective runs; lazy connections would move that
+//!   error into the first call that needs the pair. At 16 processes on one host the whole
+//!   rendezvous plus mesh takes milliseconds (`BENCHMARKS.md`).
+//! - **Every connection is authenticated** ([`handshake`]) and its frames bounded ([`wire`]).
+//! - **Sends and receives overlap.** Each connection has a writer thread, fed by a queue, and a
+//!   reader thread that decodes frames into a channel. `send` only queues, so it never blocks on
+//!   a slow or stopped peer (the receiver's deadline catches that), and a reader always drains
+//!   its socket, so two ranks sending large frames to each other never deadlock.
+//! - **No per-frame allocation in steady state.** A writer returns each sent frame's buffers to
+//!   a pool that the readers fill the next frames into: a ring rank sends as many bytes as it
+//!   receives, so after the first slices the buffers go round.
+//! - `TCP_NODELAY`, socket buffers of [`TcpOptions::socket_buffer`], TCP keep-alives (so a dead
+//!   host is noticed without traffic: probes after [`TcpOptions::keepalive`] idle, then every
+//!   `keepalive`, 5 unanswered probes close the link) and a TCP user timeout of 10 keep-alive
+//!   periods (unacknowledged data).
+//! - **Ends are told apart.** A link dropped cleanly sends a goodbye after its last frame: its
+//!   peers report [`LinkError::Exited`]. A connection that ends without one (a killed process)
+//!   is [`LinkError::Closed`]/[`LinkError::Gone`]; a frame that fails its checks is
+//!   [`LinkError::Corrupt`]. Frames queued before the end are still delivered first.
+
+pub mod handshake;
+pub mod wire;
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{
+    Receiver, RecvTimeoutError, Select, Sender, TryRecvError, bounded, select_biased, unbounded,
+};
+use socket2::{SockRef, TcpKeepalive};
+
+use super::{Frame, Link, LinkError, RemoteAbort};
+use crate::deadline::deadline_from;
+use crate::error::{At, Error, Result};
+use handshake::{Agreed, Hello, JobToken, Purpose, accept_side, connect_side};
+use wire::{Incoming, Kind, Limits};
+
+/// How a TCP link connects and frames.
+#[derive(Clone, Debug)]
+pub struct TcpOptions {
+    /// The job's secret. Without one, only loopback peers are accepted or dialled.
+    pub token: Option<JobToken>,
+    /// The job id: ranks of another job are refused even with the same token.
+    pub job: String,
+    /// The largest payload this rank accepts in one frame (default 1 GiB); the handshake agrees
+    /// on the smaller of the two ends'.
+    pub max_payload: u64,
+    /// CRC32C on every frame (default on; both ends must want it).
+    pub checksums: bool,
+    /// Deadline of connecting the mesh, handshakes included (default 60 s).
+    pub timeout: Duration,
+    /// TCP keep-alive idle time and probe interval (default 1 s, as NCCL's RAS keep-alive).
+    pub keepalive: Duration,
+    /// Send and receive socket buffer sizes (default 4 MiB; the kernel may cap them).
+    pub socket_buffer: usize,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            token: None,
+            job: "wccl".into(),
+            max_payload: 1 << 30,
+            checksums: true,
+            timeout: Duration::from_secs(60),
+            keepalive: Duration::from_secs(1),
+            socket_buffer: 4 << 20,
+        }
+    }
+}
+
+/// Frames returned by writers for readers to fill again.
+const POOL_FRAMES: usize = 32;
+/// Buffers larger than this are not kept in the pool.
+const POOL_MAX_BYTES: usize = 256 << 20;
+/// How long a dropped link waits for its writers to flush before it cuts their sockets.
+const LINGER: Duration = Duration::from_secs(2);
+/// The longest one handshake may take, within the mesh's deadline.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Default)]
+struct Pool(Arc<Mutex<Vec<Frame>>>);
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, Vec<Frame>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn take(&self) -> Frame {
+        self.lock().pop().unwrap_or_default()
+    }
+    fn give(&self, f: Frame) {
+        if f.payload.capacity() <= POOL_MAX_BYTES {
+            let mut p = self.lock();
+            if p.len() < POOL_FRAMES {
+                p.push(f);
+            }
+        }
+    }
+}
+
+/// How a connection ended, as its reader saw it.
+#[derive(Clone, Debug)]
+enum End {
+    /// The peer said goodbye.
+    Exited,
+    /// A frame failed its checks.
+    Corrupt(String),
+    /// The connection closed or failed without a goodbye.
+    Closed,
+}
+
+struct Abort {
+    from: usize,
+    reason: String,
+}
+
+enum Out {
+    Data(Frame),
+    Bye,
+}
+
+struct Conn {
+    stream: TcpStream,
+    out: Sender<Out>,
+    urgent: Sender<String>,
+    data: Receiver<Frame>,
+    end: Arc<Mutex<Option<End>>>,
+    writer_done: Receiver<()>,
+}
+
+/// One rank's TCP connections to every other rank of its job. See the module docs.
+pub struct TcpLink {
+    rank: usize,
+    size: usize,
+    conns: Vec<Option<Conn>>,
+    control_tx: Sender<Abort>,
+    control: Receiver<Abort>,
+    limits: Vec<Limits>,
+}
+
+impl std::fmt::Debug for TcpLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpLink")
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn connect_error(rank: usize, message: String) -> Error {
+    Error::Connect {
+        at: At::rank(rank),
+        message,
+    }
+}
+
+/// Socket options every connection gets (before connect, so the buffers shape the window).
+fn tune(s: &SockRef<'_>, o: &TcpOptions) -> std::io::Result<()> {
+    s.set_tcp_nodelay(true)?;
+    // The kernel caps these (net.core.[rw]mem_max); a refusal is not fatal.
+    let _ = s.set_send_buffer_size(o.socket_buffer);
+    let _ = s.set_recv_buffer_size(o.socket_buffer);
+    let ka = o.keepalive.max(Duration::from_secs(1));
+    let params = TcpKeepalive::new()
+        .with_time(ka)
+        .with_interval(ka)
+        .with_retries(5);
+    s.set_tcp_keepalive(&params)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    s.set_tcp_user_timeout(Some(ka.saturating_mul(10)))?;
+    Ok(())
+}
+
+/// Whether a peer at `addr` may connect or be dialled under `o`.
+pub(crate) fn allowed(addr: &SocketAddr, o: &TcpOptions) -> bool {
+    o.token.is_some() || addr.ip().is_loopback()
+}
+
+/// The message for a non-loopback peer without a token.
+pub(crate) fn needs_token(addr: &SocketAddr) -> String {
+    format!(
+        "{addr} is not a loopback address and no job token is set: set WCCL_JOB_TOKEN (or WCCL_JOB_TOKEN_FILE) to the same secret on every rank to connect across hosts"
+    )
+}
+
+/// Dials `addr` and runs the connector's handshake, until `deadline`.
+pub(crate) fn dial(
+    addr: SocketAddr,
+    me: &Hello,
+    expect_rank: Option<u32>,
+    o: &TcpOptions,
+    deadline: Instant,
+) -> std::result::Result<(TcpStream, Agreed), String> {
+    if !allowed(&addr, o) {
+        return Err(needs_token(&addr));
+    }
+    let mut backoff = Duration::from_millis(1);
+    let stream = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("could not reach {addr} before the deadline"));
+        }
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        tune(&SockRef::from(&sock), o).map_err(|e| format!("socket options: {e}"))?;
+        match sock.connect_timeout(&addr.into(), left.min(HANDSHAKE)) {
+            Ok(()) => break TcpStream::from(sock),
+            // Not listening yet (a rank still starting), or a full backlog: try again.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                std::thread::sleep(backoff.min(left));
+                backoff = backoff.saturating_mul(2).min(Duration::from_millis(200));
+            }
+            Err(e) => return Err(format!("could not connect to {addr}: {e}")),
+        }
+    };
+    let mut s = stream;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .min(HANDSHAKE);
+    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(left.max(Duration::from_millis(1))))
+        .map_err(|e| e.to_string())?;
+    let key = JobToken::key(o.token.as_ref());
+    let agreed = connect_side(&mut s, me, expect_rank, &key).map_err(|e| format!("{addr}: {e}"))?;
+    Ok((s, agreed))
+}
+
+/// Accepts one connection that passes the handshake, until `deadline`; refusals are logged
+/// with the peer's address, and accepting goes on.
+pub(crate) fn accept_one(
+    listener: &TcpListener,
+    me: &Hello,
+    o: &TcpOptions,
+    deadline: Instant,
+) -> std::result::Result<(TcpStream, Agreed), String> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("deadline".into());
+        }
+        // SO_RCVTIMEO on a listening socket bounds `accept` (Linux, the BSDs): the wait has
+        // this deadline without polling.
+        SockRef::from(listener)
+            .set_read_timeout(Some(left))
+            .map_err(|e| format!("listener: {e}"))?;
+        let (mut s, from) = match listener.accept() {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        };
+        if !allowed(&from, o) {
+            tracing::warn!(%from, "refused a non-loopback peer: no job token is set");
+            let _ = handshake_refuse(&mut s, &needs_token(&from));
+            continue;
+        }
+        let setup = tune(&SockRef::from(&s), o);
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .min(HANDSHAKE)
+            .max(Duration::from_millis(1));
+        let setup = setup
+            .and_then(|()| s.set_read_timeout(Some(left)))
+            .and_then(|()| s.set_write_timeout(Some(left)));
+        if let Err(e) = setup {
+            tracing::warn!(%from, "dropped a connection: {e}");
+            continue;
+        }
+        let key = JobToken::key(o.token.as_ref());
+        match accept_side(&mut s, me, &key) {
+            Ok(a) => return Ok((s, a)),
+            Err(e) => {
+                tracing::warn!(%from, "refused a connection: {e}");
+                continue;
+            }
+        }
+    }
+}
+
+/// Sends a refusal to a peer that never got to the handshake.
+fn handshake_refuse(s: &mut TcpStream, reason: &str) -> std::io::Result<()> {
+    let body = &reason.as_bytes()[..reason.len().min(handshake::MAX_MESSAGE)];
+    let mut m = vec![4u8];
+    m.extend_from_slice(&(body.len() as u16).to_le_bytes());
+    m.extend_from_slice(body);
+    s.write_all(&m)
+}
+
+impl TcpLink {
+    /// Connects `rank` to every other rank of a job, given every rank's listen address
+    /// (`addrs[rank]` is this rank's `listener`). Rank i dials the ranks below it, nearest
+    /// first, and accepts the ranks above it. Fails with [`Error::Connect`] naming the ranks
+    /// not connected by [`TcpOptions::timeout`].
+    pub fn connect_mesh(
+        rank: usize,
+        listener: TcpListener,
+        addrs: &[SocketAddr],
+        o: &TcpOptions,
+    ) -> Result<TcpLink> {
+        let size = addrs.len();
+        if rank >= size {
+            return Err(connect_error(
+                rank,
+                format!("rank {rank} is out of range for {size} ranks"),
+            ));
+        }
+        let (size32, rank32) = match (u32::try_from(size), u32::try_from(rank)) {
+            (Ok(s), Ok(r)) => (s, r),
+            _ => return Err(connect_error(rank, format!("{size} ranks are too many"))),
+        };
+        let deadline = deadline_from(Instant::now(), o.timeout);
+        let hello = Hello::new(
+            Purpose::Mesh,
+            &o.job,
+            rank32,
+            size32,
+            o.max_payload,
+            o.checksums,
+        )
+        .map_err(|e| connect_error(rank, format!("no random nonce: {e}")))?;
+        let mut streams: Vec<Option<(TcpStream, Agreed)>> = (0..size).map(|_| None).collect();
+        let higher = size - 1 - rank;
+        let accepted = std::thread::scope(|scope| {
+            // Accept the ranks above this one while dialling the ranks below.
+            let acceptor = scope.spawn(|| {
+                let mut got: Vec<(TcpStream, Agreed)> = Vec::new();
+                let mut seen = vec![false; size];
+                while got.len() < higher {
+                    match accept_one(&listener, &hello, o, deadline) {
+                        Ok((s, a)) => {
+                            let p = a.peer.rank as usize;
+                            if p < rank || seen[p] {
+                                tracing::warn!(
+                                    peer = p,
+                                    "dropped a duplicate or unexpected mesh connection"
+                                );
+                                continue;
+                            }
+                            seen[p] = true;
+                            got.push((s, a));
+                        }
+                        Err(_) => break,
+                    }
+                }
+                got
+            });
+            let mut dial_err = None;
+            for j in (0..rank).rev() {
+                match dial(addrs[j], &hello, Some(j as u32), o, deadline) {
+                    Ok(x) => streams[j] = Some(x),
+                    Err(e) => {
+                        dial_err = Some(format!("rank {j}: {e}"));
+                        break;
+                    }
+                }
+            }
+            let got = acceptor.join().unwrap_or_default();
+            (got, dial_err)
+        });
+        let (got, dial_err) = accepted;
+        for (s, a) in got {
+            let p = a.peer.rank as usize;
+            streams[p] = Some((s, a));
+        }
+        let missing: Vec<usize> = (0..size)
+            .filter(|&j| j != rank && streams[j].is_none())
+            .collect();
+        if !missing.is_empty() {
+            return Err(connect_error(
+                rank,
+                format!(
+                    "ranks {missing:?} of {size} did not connect within {:?}{}",
+                    o.timeout,
+                    dial_err.map(|e| format!(" ({e})")).unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(Self::start(rank, size, streams))
+    }
+
+    /// A mesh of `n` ranks over loopback sockets in this process (tests and benches: the same
+    /// code as across processes, each rank's link built on its own thread).
+    pub fn loopback_mesh(n: usize, o: &TcpOptions) -> Result<Vec<TcpLink>> {
+        let listeners = (0..n)
+            .map(|r| {
+                TcpListener::bind("127.0.0.1:0")
+                    .map_err(|e| connect_error(r, format!("bind 127.0.0.1:0: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let addrs = listeners
+            .iter()
+            .enumerate()
+            .map(|(r, l)| {
+                l.local_addr()
+                    .map_err(|e| connect_error(r, format!("local address: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let addrs = &addrs;
+                    scope.spawn(move || Self::connect_mesh(r, l, addrs, o))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(r, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(connect_error(r, "the connecting thread panicked".into()))
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Starts a reader and a writer thread per connection.
+    fn start(rank: usize, size: usize, streams: Vec<Option<(TcpStream, Agreed)>>) -> TcpLink {
+        let (control_tx, control) = unbounded();
+        let pool = Pool::default();
+        let mut limits = vec![
+            Limits {
+                max_payload: 0,
+                checksums: false
+            };
+            size
+        ];
+        let conns = streams
+            .into_iter()
+            .enumerate()
+            .map(|(peer, s)| {
+                let (stream, agreed) = s?;
+                limits[peer] = agreed.limits;
+                Conn::start(peer, stream, agreed.limits, &control_tx, &pool)
+            })
+            .collect();
+        TcpLink {
+            rank,
+            size,
+            conns,
+            control_tx,
+            control,
+            limits,
+        }
+    }
+
+    fn conn(&self, peer: usize) -> Option<&Conn> {
+        self.conns.get(peer).and_then(Option::as_ref)
+    }
+
+    /// Why the connection to `peer` ended, as a link error (`gone` for `recv_any`).
+    fn ended(&self, peer: usize, gone: bool) -> LinkError {
+        let end = self
+            .conn(peer)
+            .and_then(|c| c.end.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        match end {
+            Some(End::Exited) => LinkError::Exited(peer),
+            Some(End::Corrupt(reason)) => LinkError::Corrupt { peer, reason },
+            _ if gone => LinkError::Gone(peer),
+            _ => LinkError::Closed,
+        }
+    }
+
+    /// The frame limits agreed with `peer` (its largest payload; whether frames carry CRC32C).
+    pub fn limits(&self, peer: usize) -> Option<Limits> {
+        self.conn(peer).map(|_| self.limits[peer])
+    }
+}
+
+impl Conn {
+    fn start(
+        peer: usize,
+        stream: TcpStream,
+        limits: Limits,
+        control: &Sender<Abort>,
+        pool: &Pool,
+    ) -> Option<Conn> {
+        // The handshake's timeouts end here: the reader blocks until a frame or the end, the
+        // writer until its frame is out (a dead peer ends both through keep-alives, the user
+        // timeout, or the shutdown when the link is dropped).
+        let _ = stream.set_read_timeout(None);
+        let _ = stream.set_write_timeout(None);
+        let (reader, writer) = match (stream.try_clone(), stream.try_clone()) {
+            (Ok(r), Ok(w)) => (r, w),
+            _ => return None,
+        };
+        let (out_tx, out_rx) = unbounded::<Out>();
+        let (urgent_tx, urgent_rx) = unbounded::<String>();
+        let (data_tx, data_rx) = unbounded::<Frame>();
+        let (done_tx, done_rx) = bounded::<()>(1);
+        let end = Arc::new(Mutex::new(None));
+        {
+            let end = end.clone();
+            let control = control.clone();
+            let pool = pool.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("wccl-tcp-read-{peer}"))
+                .spawn(move || read_loop(peer, reader, limits, data_tx, control, end, pool));
+            if spawned.is_err() {
+                return None;
+            }
+        }
+        {
+            let pool = pool.clone();
+            let checksums = limits.checksums;
+            let spawned = std::thread::Builder::new()
+                .name(format!("wccl-tcp-write-{peer}"))
+                .spawn(move || {
+                    write_loop(writer, out_rx, urgent_rx, checksums, pool);
+                    let _ = done_tx.send(());
+                });
+            if spawned.is_err() {
+                return None;
+            }
+        }
+        Some(Conn {
+            stream,
+            out: out_tx,
+            urgent: urgent_tx,
+            data: data_rx,
+            end,
+            writer_done: done_rx,
+        })
+    }
+}
+
+fn read_loop(
+    peer: usize,
+    stream: TcpStream,
+    limits: Limits,
+    data: Sender<Frame>,
+    control: Sender<Abort>,
+    end: Arc<Mutex<Option<End>>>,
+    pool: Pool,
+) {
+    let mut r = BufReader::with_capacity(256 << 10, stream);
+    let set = |e: End| {
+        let mut g = end.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(e);
+        }
+    };
+    loop {
+        let spare = pool.take();
+        match wire::read_frame(&mut r, &limits, spare.payload) {
+            // A link dropped on this side leaves nobody to deliver to: keep draining, so that
+            // the peer's last frames are read and its close is clean.
+            Ok(Incoming::Data(f)) => drop(data.send(f)),
+            Ok(Incoming::Abort(reason)) => drop(control.send(Abort { from: peer, reason })),
+            Ok(Incoming::Bye) => set(End::Exited),
+            Ok(Incoming::Ping) => {}
+            Err(wire::WireError::Eof { truncated: false }) | Err(wire::WireError::Io(_)) => {
+                set(End::Closed);
+                break;
+            }
+            Err(e) => {
+                tracing::error!(peer, "closing the link to rank {peer}: {e}");
+                set(End::Corrupt(e.to_string()));
+                // Nothing after a bad frame can be trusted: stop reading and close.
+                let _ = r.get_ref().shutdown(Shutdown::Both);
+                break;
+            }
+        }
+    }
+    // Dropping `data` tells a waiting receive that the connection ended; `end` says how.
+}
+
+fn write_loop(
+    stream: TcpStream,
+    out: Receiver<Out>,
+    urgent: Receiver<String>,
+    checksums: bool,
+    pool: Pool,
+) {
+    let mut w = BufWriter::with_capacity(256 << 10, &stream);
+    let result = (|| -> std::io::Result<()> {
+        loop {
+            // Aborts first: once a rank gave up, frames queued before are of no use.
+            let next = select_biased! {
+                recv(urgent) -> m => match m {
+                    Ok(reason) => {
+                        wire::write_frame(&mut w, Kind::Abort, &[], reason.as_bytes(), checksums)?;
+                        w.flush()?;
+                        continue;
+                    }
+                    Err(_) => None,
+                },
+                recv(out) -> m => m.ok(),
+            };
+            match next {
+                Some(Out::Data(f)) => {
+                    wire::write_frame(&mut w, Kind::Data, &f.header, &f.payload, checksums)?;
+                    pool.give(f);
+                    // Batch small frames; flush when nothing else is queued.
+                    if out.is_empty() {
+                        w.flush()?;
+                    }
+                }
+                Some(Out::Bye) | None => {
+                    wire::write_frame(&mut w, Kind::Bye, &[], &[], checksums)?;
+                    w.flush()?;
+                    return Ok(());
+                }
+            }
+        }
+    })();
+    if let Err(e) = result {
+        tracing::debug!("a TCP writer stopped: {e}");
+    }
+    // The peer reads to the end of the stream after our goodbye (or sees the error).
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+impl Drop for TcpLink {
+    fn drop(&mut self) {
+        // Say goodbye after every queued frame, give the writers a moment to flush, then cut
+        // what is still stuck (a stopped peer's full socket). The readers go on draining until
+        // the peers close, so that nothing they still send resets the connection.
+        for c in self.conns.iter().flatten() {
+            let _ = c.out.send(Out::Bye);
+        }
+        let deadline = deadline_from(Instant::now(), LINGER);
+        for c in self.conns.iter().flatten() {
+            match c.writer_done.recv_deadline(deadline) {
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = c.stream.shutdown(Shutdown::Write);
+                }
+            }
+        }
+    }
+}
+
+impl Link for TcpLink {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn send(&self, to: usize, frame: Frame) -> std::result::Result<(), LinkError> {
+        let c = self.conn(to).ok_or(LinkError::Closed)?;
+        let limit = self.limits[to].max_payload;
+        if frame.payload.len() as u64 > limit {
+            return Err(LinkError::Corrupt {
+                peer: to,
+                reason: format!(
+                    "a frame of {} bytes is over the {limit} bytes agreed with rank {to}",
+                    frame.payload.len()
+                ),
+            });
+        }
+        c.out
+            .send(Out::Data(frame))
+            .map_err(|_| self.ended(to, false))
+    }
+
+    fn recv(&self, from: usize, deadline: Instant) -> std::result::Result<Frame, LinkError> {
+        let c = self.conn(from).ok_or(LinkError::Closed)?;
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        select_biased! {
+            recv(self.control) -> abort => match abort {
+                Ok(a) => Err(LinkError::Aborted { from: a.from, reason: a.reason }),
+                Err(_) => Err(LinkError::Closed),
+            },
+            recv(c.data) -> frame => frame.map_err(|_| self.ended(from, false)),
+            default(timeout) => match c.data.try_recv() {
+                Ok(frame) => Ok(frame),
+                Err(TryRecvError::Disconnected) => Err(self.ended(from, false)),
+                Err(TryRecvError::Empty) => Err(LinkError::Timeout),
+            },
+        }
+    }
+
+    fn recv_any(
+        &self,
+        peers: &[usize],
+        deadline: Instant,
+    ) -> std::result::Result<(usize, Frame), LinkError> {
+        let receivers: Vec<(usize, &Receiver<Frame>)> = peers
+            .iter()
+            .filter_map(|&p| self.conn(p).map(|c| (p, &c.data)))
+            .collect();
+        let mut sel = Select::new_biased();
+        let control = sel.recv(&self.control);
+        for (_, r) in &receivers {
+            sel.recv(r);
+        }
+        let op = match sel.select_deadline(deadline) {
+            Ok(op) => op,
+            Err(_) => return Err(LinkError::Timeout),
+        };
+        let index = op.index();
+        if index == control {
+            return match op.recv(&self.control) {
+                Ok(a) => Err(LinkError::Aborted {
+                    from: a.from,
+                    reason: a.reason,
+                }),
+                Err(_) => Err(LinkError::Closed),
+            };
+        }
+        let Some(&(peer, r)) = index.checked_sub(1).and_then(|i| receivers.get(i)) else {
+            return Err(LinkError::Closed);
+        };
+        op.recv(r)
+            .map(|f| (peer, f))
+            .map_err(|_| self.ended(peer, true))
+    }
+
+    fn abort(&self, reason: &str) {
+        for c in self.conns.iter().flatten() {
+            let _ = c.urgent.send(reason.to_string());
+        }
+    }
+
+    fn remote_abort(&self) -> Option<RemoteAbort> {
+        let urgent: Vec<Sender<String>> = self
+            .conns
+            .iter()
+            .flatten()
+            .map(|c| c.urgent.clone())
+            .collect();
+        let (rank, me) = (self.rank, self.control_tx.clone());
+        Some(Arc::new(move |reason: &str| {
+            for u in &urgent {
+                let _ = u.send(reason.to_string());
+            }
+            let _ = me.send(Abort {
+                from: rank,
+                reason: reason.to_string(),
+            });
+        }))
+    }
+}

@@ -1,0 +1,362 @@
+//! The TCP link's frames on the wire, and their decoder.
+//!
+//! Every frame starts with a fixed 24-byte prefix, little-endian:
+//!
+//! | bytes | field | checked |
+//! | --- | --- | --- |
+//! | 0..2 | `b"WF"` | a stream out of step is an error, not garbage |
+//! | 2 | kind: 1 data, 2 abort, 3 bye, 4 ping | known kinds only |
+//! | 3 | flags: bit 0 = a CRC32C follows | no other bits |
+//! | 4..8 | header length | at most [`MAX_HEADER`] |
+//! | 8..16 | payload length | at most the negotiated maximum (abort: [`MAX_REASON`]; bye, ping: 0) |
+//! | 16..20 | CRC32C of header then payload | when flagged (and required when negotiated) |
+//! | 20..24 | reserved | zero |
+//!
+//! The prefix is checked in full before a byte of the body is allocated: a length over the
+//! limit is an error, never an allocation. The body is then read into buffers that grow only
+//! as bytes arrive, so a peer that announces a large frame and sends nothing costs nothing.
+
+use std::io::{self, Read, Write};
+
+use super::super::Frame;
+
+/// Bytes of the fixed prefix of every frame.
+pub const PREFIX: usize = 24;
+/// The largest frame header (the communicator's headers are under 100 bytes).
+pub const MAX_HEADER: u32 = 4096;
+/// The largest abort reason, in bytes.
+pub const MAX_REASON: u64 = 64 * 1024;
+
+const MAGIC: [u8; 2] = *b"WF";
+const FLAG_CRC: u8 = 1;
+
+/// What a frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// A link frame: header and payload for the layer above.
+    Data = 1,
+    /// The sender gave up; the payload is its reason (UTF-8).
+    Abort = 2,
+    /// The sender closes its end cleanly: nothing follows.
+    Bye = 3,
+    /// A keep-alive: nothing to deliver.
+    Ping = 4,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Data,
+            2 => Kind::Abort,
+            3 => Kind::Bye,
+            4 => Kind::Ping,
+            _ => return None,
+        })
+    }
+}
+
+/// The limits a decoder enforces, negotiated in the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest data payload, in bytes.
+    pub max_payload: u64,
+    /// Whether every frame must carry a CRC32C (both ends asked for checksums).
+    pub checksums: bool,
+}
+
+/// Why bytes from a peer are not a frame.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The stream ended (cleanly between frames, or `truncated` inside one).
+    #[error("the stream ended{}", if *.truncated { " inside a frame" } else { "" })]
+    Eof {
+        /// Whether the end cut a frame short.
+        truncated: bool,
+    },
+    /// The socket failed.
+    #[error("socket error: {0}")]
+    Io(String),
+    /// The prefix is malformed (bad magic, kind, flags, reserved bits).
+    #[error("malformed frame prefix: {0}")]
+    Malformed(String),
+    /// A length is over its limit.
+    #[error("{what} of {len} bytes is over the limit of {max}")]
+    TooLong {
+        /// Which length.
+        what: &'static str,
+        /// The length announced.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The checksum does not match the bytes.
+    #[error("CRC32C mismatch: the frame says {expected:#010x}, its bytes give {actual:#010x}")]
+    Checksum {
+        /// The checksum the frame carries.
+        expected: u32,
+        /// The checksum of the bytes received.
+        actual: u32,
+    },
+}
+
+/// A decoded prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    /// What the frame carries.
+    pub kind: Kind,
+    /// Header bytes that follow.
+    pub header_len: u32,
+    /// Payload bytes that follow the header.
+    pub payload_len: u64,
+    /// The CRC32C, when the frame carries one.
+    pub crc: Option<u32>,
+}
+
+/// Encodes a prefix.
+pub fn encode_prefix(p: &Prefix) -> [u8; PREFIX] {
+    let mut b = [0u8; PREFIX];
+    b[0..2].copy_from_slice(&MAGIC);
+    b[2] = p.kind as u8;
+    b[3] = if p.crc.is_some() { FLAG_CRC } else { 0 };
+    b[4..8].copy_from_slice(&p.header_len.to_le_bytes());
+    b[8..16].copy_from_slice(&p.payload_len.to_le_bytes());
+    b[16..20].copy_from_slice(&p.crc.unwrap_or(0).to_le_bytes());
+    b
+}
+
+/// Decodes and checks a prefix against `limits`, before anything is allocated for the body.
+pub fn decode_prefix(b: &[u8; PREFIX], limits: &Limits) -> Result<Prefix, WireError> {
+    if b[0..2] != MAGIC {
+        return Err(WireError::Malformed(format!(
+            "magic {:02x}{:02x}, not 'WF' (the stream is out of step)",
+            b[0], b[1]
+        )));
+    }
+    let kind = Kind::from_u8(b[2])
+        .ok_or_else(|| WireError::Malformed(format!("unknown frame kind {}", b[2])))?;
+    let flags = b[3];
+    if flags & !FLAG_CRC != 0 {
+        return Err(WireError::Malformed(format!("unknown flags {flags:#04x}")));
+    }
+    if b[20..24] != [0; 4] {
+        return Err(WireError::Malformed("reserved bytes are not zero".into()));
+    }
+    let word = |r: std::ops::Range<usize>| -> u64 {
+        b[r].iter()
+            .rev()
+            .fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
+    };
+    let header_len = word(4..8);
+    let payload_len = word(8..16);
+    let crc = (flags & FLAG_CRC != 0).then(|| word(16..20) as u32);
+    if limits.checksums && crc.is_none() {
+        return Err(WireError::Malformed(
+            "the frame has no checksum, but checksums were negotiated".into(),
+        ));
+    }
+    let (max_header, max_payload) = match kind {
+        Kind::Data => (u64::from(MAX_HEADER), limits.max_payload),
+        Kind::Abort => (0, MAX_REASON),
+        Kind::Bye | Kind::Ping => (0, 0),
+    };
+    if header_len > max_header {
+        return Err(WireError::TooLong {
+            what: "a frame header",
+            len: header_len,
+            max: max_header,
+        });
+    }
+    if payload_len > max_payload {
+        return Err(WireError::TooLong {
+            what: "a frame payload",
+            len: payload_len,
+            max: max_payload,
+        });
+    }
+    Ok(Prefix {
+        kind,
+        // Checked against MAX_HEADER (a u32) above.
+        header_len: header_len as u32,
+        payload_len,
+        crc,
+    })
+}
+
+/// One decoded frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// A link frame.
+    Data(Frame),
+    /// The peer gave up, with its reason.
+    Abort(String),
+    /// The peer closes cleanly.
+    Bye,
+    /// A keep-alive.
+    Ping,
+}
+
+fn io_error(e: io::Error, truncated: bool) -> WireError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        WireError::Eof { truncated }
+    } else {
+        WireError::Io(e.to_string())
+    }
+}
+
+/// Reads exactly `len` bytes into `buf` (cleared first), growing it only as bytes arrive.
+fn read_body(r: &mut impl Read, len: u64, buf: &mut Vec<u8>) -> Result<(), WireError> {
+    buf.clear();
+    let got = r
+        .take(len)
+        .read_to_end(buf)
+        .map_err(|e| io_error(e, true))?;
+    if got as u64 != len {
+        return Err(WireError::Eof { truncated: true });
+    }
+    Ok(())
+}
+
+/// Reads one frame: the prefix, checked, then its body. `payload` is a buffer to reuse for a
+/// data frame's payload (from the link's pool); it is returned inside the frame.
+///
+/// A clean end of the stream between frames is `Eof { truncated: false }`.
+pub fn read_frame(
+    r: &mut impl Read,
+    limits: &Limits,
+    payload: Vec<u8>,
+) -> Result<Incoming, WireError> {
+    let mut raw = [0u8; PREFIX];
+    // The first byte tells a clean end from one inside a frame.
+    loop {
+        match r.read(&mut raw[..1]) {
+            Ok(0) => return Err(WireError::Eof { truncated: false }),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_error(e, false)),
+        }
+    }
+    r.read_exact(&mut raw[1..]).map_err(|e| io_error(e, true))?;
+    let p = decode_prefix(&raw, limits)?;
+    let mut header = Vec::new();
+    read_body(r, u64::from(p.header_len), &mut header)?;
+    let mut payload = payload;
+    read_body(r, p.payload_len, &mut payload)?;
+    if let Some(expected) = p.crc {
+        let actual = crc32c::crc32c_append(crc32c::crc32c(&header), &payload);
+        if actual != expected {
+            return Err(WireError::Checksum { expected, actual });
+        }
+    }
+    Ok(match p.kind {
+        Kind::Data => Incoming::Data(Frame { header, payload }),
+        Kind::Abort => Incoming::Abort(String::from_utf8_lossy(&payload).into_owned()),
+        Kind::Bye => Incoming::Bye,
+        Kind::Ping => Incoming::Ping,
+    })
+}
+
+/// Writes one frame (prefix, header, payload); the CRC32C is computed here when `checksums`.
+pub fn write_frame(
+    w: &mut impl Write,
+    kind: Kind,
+    header: &[u8],
+    payload: &[u8],
+    checksums: bool,
+) -> io::Result<()> {
+    let crc = checksums.then(|| crc32c::crc32c_append(crc32c::crc32c(header), payload));
+    let too_long = |_| io::Error::new(io::ErrorKind::InvalidInput, "frame header too long");
+    let p = Prefix {
+        kind,
+        header_len: u32::try_from(header.len()).map_err(too_long)?,
+        payload_len: payload.len() as u64,
+        crc,
+    };
+    w.write_all(&encode_prefix(&p))?;
+    w.write_all(header)?;
+    w.write_all(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_payload: 1 << 20,
+        checksums: true,
+    };
+
+    fn encoded(kind: Kind, header: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_frame(&mut v, kind, header, payload, true).expect("write to a Vec");
+        v
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let mut bytes = encoded(Kind::Data, &[1, 2, 3], &[9; 1000]);
+        bytes.extend(encoded(Kind::Abort, &[], b"why"));
+        bytes.extend(encoded(Kind::Ping, &[], &[]));
+        bytes.extend(encoded(Kind::Bye, &[], &[]));
+        let mut r = &bytes[..];
+        assert_eq!(
+            read_frame(&mut r, &LIMITS, Vec::new()),
+            Ok(Incoming::Data(Frame {
+                header: vec![1, 2, 3],
+                payload: vec![9; 1000]
+            }))
+        );
+        assert_eq!(
+            read_frame(&mut r, &LIMITS, Vec::new()),
+            Ok(Incoming::Abort("why".into()))
+        );
+        assert_eq!(read_frame(&mut r, &LIMITS, Vec::new()), Ok(Incoming::Ping));
+        assert_eq!(read_frame(&mut r, &LIMITS, Vec::new()), Ok(Incoming::Bye));
+        assert_eq!(
+            read_frame(&mut r, &LIMITS, Vec::new()),
+            Err(WireError::Eof { truncated: false })
+        );
+    }
+
+    #[test]
+    fn a_huge_length_is_refused_before_any_allocation() {
+        let mut b = encode_prefix(&Prefix {
+            kind: Kind::Data,
+            header_len: 0,
+            payload_len: u64::MAX,
+            crc: Some(0),
+        });
+        assert!(matches!(
+            decode_prefix(&b, &LIMITS),
+            Err(WireError::TooLong { len: u64::MAX, .. })
+        ));
+        b[2] = Kind::Bye as u8;
+        assert!(matches!(
+            decode_prefix(&b, &LIMITS),
+            Err(WireError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn a_flipped_bit_fails_the_checksum() {
+        let mut bytes = encoded(Kind::Data, &[1, 2, 3], &[7; 100]);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x10;
+        assert!(matches!(
+            read_frame(&mut &bytes[..], &LIMITS, Vec::new()),
+            Err(WireError::Checksum { .. })
+        ));
+    }
+
+    #[test]
+    fn truncation_inside_a_frame_is_not_a_clean_end() {
+        let bytes = encoded(Kind::Data, &[1], &[2; 50]);
+        for cut in 1..bytes.len() {
+            assert_eq!(
+                read_frame(&mut &bytes[..cut], &LIMITS, Vec::new()),
+                Err(WireError::Eof { truncated: true }),
+                "cut at {cut}"
+            );
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Rendezvous: how the ranks of a job, one process each, find each other.
+//!
+//! 1. Every rank binds a listener for its links (loopback only without a job token; every
+//!    interface with one).
+//! 2. Rank 0 serves a small store at the master address ([`Master`]); every other rank dials
+//!    it (staggered by rank, so that rank 0 is not flooded by a thousand at once), proves it
+//!    belongs to the job (the handshake), and registers its port. When all have, each gets the
+//!    table of every rank's address: that is the barrier. A rank that never registers is named
+//!    to all the others when the rendezvous deadline passes.
+//! 3. The ranks connect the mesh ([`TcpLink::connect_mesh`]).
+//!
+//! [`Launch`] reads the launcher's variables (torchrun, Open MPI, MPICH, Slurm, wccl's own);
+//! [`crate::Communicator::from_env`] does all of it and opens the local rank's GPU.
+
+pub mod env;
+mod store;
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub use env::{Launch, Master, derived_port, token_from_vars};
+
+use crate::deadline::deadline_from;
+use crate::error::{At, Error, Result};
+use crate::link::tcp::{allowed, needs_token};
+use crate::link::{TcpLink, TcpOptions};
+
+/// Listen backlog: a rendezvous of a thousand ranks must not see refused connections.
+const BACKLOG: i32 = 1024;
+/// The spacing of ranks' first dials to the store (rank r waits r/64 of these).
+const STAGGER: Duration = Duration::from_millis(1);
+
+fn err(rank: usize, message: String) -> Error {
+    Error::Connect {
+        at: At::rank(rank),
+        message,
+    }
+}
+
+/// Binds a listener with a large backlog. `SO_REUSEADDR` lets a restarted job reuse its port
+/// while old connections linger in TIME_WAIT; a port another process listens on is still
+/// refused (Linux allows one listener per address without `SO_REUSEPORT`).
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    Ok(s.into())
+}
+
+/// Resolves a master host and port to one address.
+fn resolve(rank: usize, host: &str, port: u16) -> Result<SocketAddr> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| {
+            err(
+                rank,
+                format!("cannot resolve the master address {host}:{port}: {e}"),
+            )
+        })?
+        .next()
+        .ok_or_else(|| {
+            err(
+                rank,
+                format!("the master address {host}:{port} resolves to nothing"),
+            )
+        })
+}
+
+/// Joins the job as `rank` of `size`: binds, meets the others at `master`, and connects the
+/// mesh. Every step ends by [`TcpOptions::timeout`] with an error that names what is missing.
+pub fn connect_link(rank: usize, size: usize, master: &Master, o: &TcpOptions) -> Result<TcpLink> {
+    if size == 0 || rank >= size {
+        return Err(err(
+            rank,
+            format!("rank {rank} is out of range for {size} ranks"),
+        ));
+    }
+    let deadline = deadline_from(Instant::now(), o.timeout);
+    let any: IpAddr = if o.token.is_some() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
+    };
+    let data = listen(SocketAddr::new(any, 0))
+        .map_err(|e| err(rank, format!("cannot listen for links: {e}")))?;
+    let port = data
+        .local_addr()
+        .map_err(|e| err(rank, format!("listener address: {e}")))?
+        .port();
+    let table = if rank == 0 {
+        let (store, announce) = match master {
+            Master::Tcp {
+                host,
+                port: p,
+                from,
+            } => {
+                let addr = resolve(rank, host, *p)?;
+                if !allowed(&addr, o) {
+                    return Err(err(rank, needs_token(&addr)));
+                }
+                // With a token rank 0 listens on every interface, as torch's store does.
+                let bind = if o.token.is_some() {
+                    SocketAddr::new(any, *p)
+                } else {
+                    addr
+                };
+                let l = listen(bind).map_err(|e| {
+                    let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                        format!(
+                            " (another process, maybe another job, listens there; pick a free port with WCCL_MASTER_PORT; it came from {from})"
+                        )
+                    } else {
+                        String::new()
+                    };
+                    err(rank, format!("the rendezvous store cannot listen on {bind}: {e}{hint}"))
+                })?;
+                (l, None)
+            }
+            Master::File(path) => {
+                let l = listen(SocketAddr::new(any, 0))
+                    .map_err(|e| err(rank, format!("the rendezvous store cannot listen: {e}")))?;
+                (l, Some(path.clone()))
+            }
+        };
+        if let Some(path) = &announce {
+            let addr = store
+                .local_addr()
+                .map_err(|e| err(rank, format!("store address: {e}")))?;
+            let shown = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port());
+            write_file(path, &o.job, shown)
+                .map_err(|e| err(rank, format!("cannot write {}: {e}", path.display())))?;
+        }
+        let r = store::serve(&store, size, port, o, deadline).map_err(|m| err(rank, m));
+        if let Some(path) = &announce {
+            // The address is of no use after the rendezvous; a stale one would mislead the
+            // next job's ranks until its rank 0 replaced it.
+            let _ = fs::remove_file(path);
+        }
+        r?
+    } else {
+        // Stagger the first dials: rank 0 accepts them one at a time.
+        let stagger = STAGGER.saturating_mul(u32::try_from(rank / 64).unwrap_or(u32::MAX));
+        std::thread::sleep(stagger.min(deadline.saturating_duration_since(Instant::now())));
+        match master {
+            Master::Tcp { host, port: p, .. } => {
+                let addr = resolve(rank, host, *p)?;
+                store::register(addr, rank, size, port, o, deadline, deadline)
+                    .map_err(|m| err(rank, m))?
+            }
+            Master::File(path) => register_by_file(path, rank, size, port, o, deadline)?,
+        }
+    };
+    let mesh_left = deadline.saturating_duration_since(Instant::now());
+    let mesh = TcpOptions {
+        timeout: mesh_left.max(Duration::from_secs(1)),
+        ..o.clone()
+    };
+    TcpLink::connect_mesh(rank, data, &table, &mesh)
+}
+
+/// Writes `job addr` to `path` atomically (a temporary file renamed over it).
+fn write_file(path: &Path, job: &str, addr: SocketAddr) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    fs::write(&tmp, format!("{job}\n{addr}\n"))?;
+    fs::rename(&tmp, path)
+}
+
+/// Reads rank 0's address from the file (waiting for it to appear, and for a stale one from an
+/// earlier job to be replaced), then registers there.
+fn register_by_file(
+    path: &Path,
+    rank: usize,
+    size: usize,
+    port: u16,
+    o: &TcpOptions,
+    deadline: Instant,
+) -> Result<Vec<SocketAddr>> {
+    let mut last = String::from("the file does not exist yet");
+    let mut backoff = Duration::from_millis(2);
+    loop {
+        if Instant::now() >= deadline {
+            return Err(err(
+                rank,
+                format!(
+                    "rank 0 did not publish its address in {} within {:?}: {last}",
+                    path.display(),
+                    o.timeout
+                ),
+            ));
+        }
+        match fs::read_to_string(path) {
+            Ok(text) => {
+                let mut lines = text.lines();
+                match (lines.next(), lines.next().map(str::parse::<SocketAddr>)) {
+                    (Some(j), Some(Ok(addr))) if j == o.job => {
+                        // A short deadline per try: a stale address from a dead job is refused
+                        // at once, and the file is read again.
+                        let once = deadline_from(Instant::now(), Duration::from_secs(5));
+                        match store::register(addr, rank, size, port, o, once, deadline) {
+                            Ok(t) => return Ok(t),
+                            // Only a store that cannot be reached or is another job's is
+                            // retried; one that answered and failed the job ends it.
+                            Err(e) if e.starts_with("the rendezvous store") => last = e,
+                            Err(e) => return Err(err(rank, e)),
+                        }
+                    }
+                    (Some(j), _) if j != o.job => {
+                        last = format!("it names job '{j}', not '{}'", o.job);
+                    }
+                    _ => last = "it is incomplete".into(),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        // Polling a file is the file rendezvous's design (Gloo's FileStore polls too).
+        std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+        backoff = backoff.saturating_mul(2).min(Duration::from_millis(100));
+    }
+}
