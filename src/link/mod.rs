@@ -5,6 +5,7 @@
 mod emulated;
 mod faulty;
 mod inproc;
+mod stack;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,6 +13,7 @@ use std::time::Instant;
 pub use emulated::{EmulatedLink, LinkEmulation};
 pub use faulty::{FaultPlan, FaultyLink};
 pub use inproc::{InProcLink, in_process_mesh};
+pub use stack::LinkStack;
 
 /// One message between two ranks: a small header the communicator defines, and a payload.
 #[derive(Clone, Debug, Default)]
