@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use wccl::link::FaultPlan;
+use wccl::link::{FaultPlan, LinkStack};
 use wccl::{CommConfig, CommGroup, DeviceBuffer, Error, ReduceOp};
 
 const RANKS: usize = 3;
@@ -15,13 +15,13 @@ const RANKS: usize = 3;
 const COUNT: usize = 3 * 1000 + 7;
 
 fn group(faults: &FaultPlan, timeout: Duration) -> CommGroup {
-    common::group_with(
+    common::group_linked(
         RANKS,
         CommConfig::default()
             .timeout(timeout)
             .slice_bytes(1024)
-            .pipeline_depth(3)
-            .faults(faults.clone()),
+            .pipeline_depth(3),
+        LinkStack::new().faults(faults.clone()),
     )
 }
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use wccl::link::LinkEmulation;
+use wccl::link::{LinkEmulation, LinkStack};
 use wccl::{CommConfig, CommGroup, DType, Error, ReduceOp, TensorRef};
 
 use common::{Case, KINDS};
@@ -90,9 +90,8 @@ fn collectives_over_emulated_links_are_exact_and_take_the_wire_time() {
         latency_us: 2000.0,
         jitter_us: 500.0,
     };
-    let config = CommConfig::default().link_emulation(emu);
     let n = 3;
-    let mut g = common::group_with(n, config);
+    let mut g = common::group_linked(n, CommConfig::default(), LinkStack::new().emulate(emu));
     check_all_kinds(&mut g, DType::F32, ReduceOp::Sum, 101, 2);
     check_all_kinds(&mut g, DType::I32, ReduceOp::Prod, 64, 3);
 

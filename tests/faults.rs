@@ -5,15 +5,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use wccl::link::FaultPlan;
-use wccl::{CommConfig, CommGroup, Error, ReduceOp};
+use wccl::link::{FaultPlan, LinkStack};
+use wccl::{CallOptions, Collective, CommConfig, CommGroup, Error, ReduceOp};
 
 fn group(n: usize, faults: &FaultPlan, timeout: Duration) -> CommGroup {
-    common::group_with(
+    common::group_linked(
         n,
-        CommConfig::default()
-            .timeout(timeout)
-            .faults(faults.clone()),
+        CommConfig::default().timeout(timeout),
+        LinkStack::new().faults(faults.clone()),
     )
 }
 
@@ -117,4 +116,77 @@ fn a_lost_frame_is_detected_naming_the_sender() {
         other => panic!("rank 1 should report rank 0's lost frame: {other:?}"),
     }
     assert!(res.iter().all(|r| r.is_err()));
+}
+
+/// Input of `rank`: distinct per (rank, element), period 997 (not a power of two), small
+/// integers so that the f32 sum of a few ranks is exact.
+fn distinct_input(rank: usize, count: usize) -> Vec<f32> {
+    (0..count)
+        .map(|i| ((rank * 7919 + i * 31) % 997) as f32 - 498.0)
+        .collect()
+}
+
+/// An out-of-place all-reduce of [`distinct_input`] into poisoned outputs on every rank, each
+/// rank's result checked against an f64 reference where it succeeded.
+fn checked_all_reduce(g: &mut CommGroup, count: usize) -> Vec<wccl::Result<()>> {
+    let n = g.size();
+    let inputs: Vec<_> = (0..n)
+        .map(|r| g.comm(r).upload(&distinct_input(r, count)).expect("upload"))
+        .collect();
+    let outputs: Vec<_> = (0..n)
+        .map(|r| g.comm(r).upload(&vec![f32::NAN; count]).expect("upload"))
+        .collect();
+    let res = g.run_each(|c| {
+        let r = c.rank();
+        c.run(
+            Collective::AllReduce {
+                input: inputs[r].view(),
+                output: outputs[r].view(),
+                op: ReduceOp::Sum,
+            },
+            CallOptions::default(),
+        )
+    });
+    let want: Vec<f64> = (0..count)
+        .map(|i| (0..n).map(|r| f64::from(distinct_input(r, count)[i])).sum())
+        .collect();
+    for (r, x) in res.iter().enumerate() {
+        if x.is_ok() {
+            let got = g.comm(r).download(&outputs[r]).expect("download");
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(f64::from(g), w, "rank {r}, element {i}");
+            }
+        }
+    }
+    res
+}
+
+/// Every rank failed at once (by the dead links, not the 30 s deadline), naming rank `dead`.
+fn all_name(res: Vec<wccl::Result<()>>, dead: usize) {
+    for (r, e) in res.into_iter().enumerate() {
+        let e = e.expect_err("a collective with a dead rank fails");
+        assert!(!matches!(e, Error::Timeout { .. }), "rank {r}: {e}");
+        assert!(
+            e.to_string().contains(&format!("rank {dead}")),
+            "rank {r}: {e}"
+        );
+    }
+}
+
+/// The link stack belongs to the group, not to one set of links: a rebuild, in place or from
+/// the communicators taken out, wraps the fresh links in the same plan, so a fault injected
+/// after the rebuild still reaches them.
+#[test]
+fn a_rebuilt_group_keeps_its_fault_plan() {
+    let faults = FaultPlan::new();
+    let mut g = group(3, &faults, Duration::from_secs(30));
+    for x in checked_all_reduce(&mut g, 1001) {
+        x.expect("no fault yet");
+    }
+    g.rebuild();
+    faults.kill(1);
+    all_name(checked_all_reduce(&mut g, 1001), 1);
+    // Killed ranks stay dead: the plan still holds rank 1 once the links are rebuilt again.
+    let mut g = CommGroup::rebuild_from(g.into_communicators());
+    all_name(checked_all_reduce(&mut g, 1001), 1);
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use wccl::bench::{self, Settings};
-use wccl::link::LinkEmulation;
+use wccl::link::{LinkEmulation, LinkStack};
 use wccl::model::{Figures, LinkModel, Probe, scaling_table};
 use wccl::tp::MatmulKernel;
 use wccl::{Algorithm, CollectiveKind, CommConfig, CommGroup, DType, ReduceOp};
@@ -467,9 +467,16 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
     };
     let config = CommConfig::default()
         .timeout(settings.timeout)
-        .slice_bytes(a.slice as usize)
-        .link_emulation(settings.link);
-    let mut group = CommGroup::builder().ranks(a.ranks).config(config).build()?;
+        .slice_bytes(a.slice as usize);
+    let links = match settings.link {
+        Some(emu) => LinkStack::new().emulate(emu),
+        None => LinkStack::new(),
+    };
+    let mut group = CommGroup::builder()
+        .ranks(a.ranks)
+        .config(config)
+        .links(links)
+        .build()?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "# wccl-bench {kind}: {} ranks", a.ranks)?;
     for (r, info) in group.adapters().iter().enumerate() {

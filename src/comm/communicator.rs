@@ -9,7 +9,7 @@ use crate::algo::{self, Algorithm, Plan};
 use crate::deadline::{deadline_after, deadline_from};
 use crate::device::{DeviceBuffer, RankDevice, TensorRef};
 use crate::error::{At, Error, Result};
-use crate::link::{FaultPlan, Link, LinkEmulation, RemoteAbort};
+use crate::link::{Link, LinkStack, RemoteAbort};
 use crate::model::CostModel;
 use crate::types::{CollectiveKind, DType, Element, ReduceOp};
 
@@ -46,10 +46,6 @@ pub struct CommConfig {
     pub max_binding_bytes: Option<u64>,
     /// How all-reduces run unless the call says otherwise (default `Ring`).
     pub algorithm: Algorithm,
-    /// Emulate network links between the ranks of an in-process group (default none).
-    pub link_emulation: Option<LinkEmulation>,
-    /// Inject the faults of this plan into an in-process group's links (default none).
-    pub faults: Option<FaultPlan>,
 }
 
 impl Default for CommConfig {
@@ -60,8 +56,6 @@ impl Default for CommConfig {
             pipeline_depth: 3,
             max_binding_bytes: None,
             algorithm: Algorithm::Ring,
-            link_emulation: None,
-            faults: None,
         }
     }
 }
@@ -94,18 +88,6 @@ impl CommConfig {
     /// Sets [`algorithm`](Self::algorithm), how all-reduces run by default.
     pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
         self.algorithm = algorithm;
-        self
-    }
-
-    /// Sets [`link_emulation`](Self::link_emulation) (an emulation or `None`).
-    pub fn link_emulation(mut self, emulation: impl Into<Option<LinkEmulation>>) -> Self {
-        self.link_emulation = emulation.into();
-        self
-    }
-
-    /// Sets [`faults`](Self::faults) (a plan or `None`).
-    pub fn faults(mut self, plan: impl Into<Option<FaultPlan>>) -> Self {
-        self.faults = plan.into();
         self
     }
 }
@@ -233,6 +215,10 @@ pub struct Communicator {
     last_algorithm: Option<Algorithm>,
     /// The reason an [`AbortHandle`] gave, once one fired (shared with every handle).
     aborted: Arc<OnceLock<String>>,
+    /// The wrappers [`CommGroup`](crate::CommGroup) put around `link`, so that a group rebuilt
+    /// from its communicators alone wraps its fresh links the same way (none when built with
+    /// [`new`](Self::new)).
+    links: LinkStack,
 }
 
 impl std::fmt::Debug for Communicator {
@@ -280,7 +266,14 @@ impl Communicator {
             cost_model: None,
             last_algorithm: None,
             aborted: Arc::new(OnceLock::new()),
+            links: LinkStack::default(),
         }
+    }
+
+    /// Records the stack `link` was wrapped with, for a rebuild (see the `links` field).
+    pub(crate) fn with_links(mut self, links: LinkStack) -> Self {
+        self.links = links;
+        self
     }
 
     /// This rank.
@@ -913,8 +906,8 @@ impl Communicator {
         self.link.as_ref()
     }
 
-    pub(crate) fn into_parts(self) -> (RankDevice, CommConfig) {
-        (self.engine.dev, self.config)
+    pub(crate) fn into_parts(self) -> (RankDevice, CommConfig, LinkStack) {
+        (self.engine.dev, self.config, self.links)
     }
 }
 

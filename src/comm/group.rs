@@ -11,7 +11,7 @@ use crate::device::{
     AdapterSelector, RankDevice, TensorRef, discover, next_adapter_token, same_physical,
 };
 use crate::error::{At, Error, Result};
-use crate::link::{EmulatedLink, Link, in_process_mesh};
+use crate::link::{LinkStack, in_process_mesh};
 use crate::model::{CostModel, Figures, Probe};
 use crate::types::ReduceOp;
 
@@ -29,6 +29,7 @@ pub struct GroupBuilder {
     timeout: Option<Duration>,
     /// Set by [`slice_bytes`](GroupBuilder::slice_bytes): wins over `config`'s likewise.
     slice_bytes: Option<usize>,
+    links: LinkStack,
 }
 
 impl GroupBuilder {
@@ -61,6 +62,26 @@ impl GroupBuilder {
     /// Pipeline slice size in bytes (kept by a later [`config`](Self::config)).
     pub fn slice_bytes(mut self, bytes: usize) -> Self {
         self.slice_bytes = Some(bytes);
+        self
+    }
+
+    /// Wrappers around every rank's link (an emulated network, injected faults) for tests and
+    /// benches (default none). The group keeps them: its rebuilds wrap the fresh links alike.
+    ///
+    /// ```no_run
+    /// # fn main() -> wccl::Result<()> {
+    /// use wccl::CommGroup;
+    /// use wccl::link::{FaultPlan, LinkStack};
+    /// let faults = FaultPlan::new();
+    /// let group = CommGroup::builder()
+    ///     .ranks(3)
+    ///     .links(LinkStack::new().faults(faults.clone()))
+    ///     .build()?;
+    /// faults.kill(2); // rank 2's frames vanish from now on
+    /// # Ok(()) }
+    /// ```
+    pub fn links(mut self, links: LinkStack) -> Self {
+        self.links = links;
         self
     }
 
@@ -99,7 +120,8 @@ impl GroupBuilder {
                 Ok(dev)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(CommGroup::link(devices, self.settings()))
+        let config = self.settings();
+        Ok(CommGroup::link(devices, config, self.links))
     }
 }
 
@@ -119,6 +141,8 @@ impl GroupBuilder {
 #[derive(Debug)]
 pub struct CommGroup {
     comms: Vec<Communicator>,
+    /// What wraps each rank's link, kept for [`rebuild`](Self::rebuild).
+    links: LinkStack,
 }
 
 impl CommGroup {
@@ -130,10 +154,12 @@ impl CommGroup {
             config: CommConfig::default(),
             timeout: None,
             slice_bytes: None,
+            links: LinkStack::default(),
         }
     }
 
-    /// A group over devices the caller already has, one rank per `(Device, Queue)` in order.
+    /// A group over devices the caller already has, one rank per `(Device, Queue)` in order,
+    /// with plain links.
     pub fn from_devices(devices: Vec<(Device, Queue)>, config: CommConfig) -> Result<CommGroup> {
         if devices.is_empty() {
             return Err(Error::InvalidArgument {
@@ -146,51 +172,56 @@ impl CommGroup {
             .enumerate()
             .map(|(r, (d, q))| RankDevice::from_wgpu(r, d, q))
             .collect();
-        Ok(CommGroup::link(devices, config))
+        Ok(CommGroup::link(devices, config, LinkStack::default()))
     }
 
-    fn link(devices: Vec<RankDevice>, config: CommConfig) -> CommGroup {
-        let links = in_process_mesh(devices.len());
+    fn link(devices: Vec<RankDevice>, config: CommConfig, links: LinkStack) -> CommGroup {
+        let mesh = in_process_mesh(devices.len());
+        // One epoch for the whole mesh: emulated frames carry delivery times relative to it.
         let epoch = std::time::Instant::now();
         let comms = devices
             .into_iter()
-            .zip(links)
+            .zip(mesh)
             .map(|(dev, link)| {
-                let link: Box<dyn Link> = match config.link_emulation {
-                    Some(emu) => Box::new(EmulatedLink::new(link, emu, epoch)),
-                    None => Box::new(link),
-                };
-                let link: Box<dyn Link> = match &config.faults {
-                    Some(plan) => Box::new(plan.wrap(vec![link]).remove(0)),
-                    None => link,
-                };
-                Communicator::new(dev, link, config.clone())
+                Communicator::new(dev, links.wrap(link, epoch), config.clone())
+                    .with_links(links.clone())
             })
             .collect();
-        CommGroup { comms }
+        CommGroup { comms, links }
     }
 
-    /// Rebuilds the group in place from the same devices, with fresh links and no error: what
-    /// to do after a collective failed. Abort handles of the old communicators no longer
-    /// affect the new ones.
+    /// Rebuilds the group in place from the same devices, with fresh links (wrapped as the old
+    /// ones were, by the same fault plan) and no error: what to do after a collective failed.
+    /// Abort handles of the old communicators no longer affect the new ones.
     pub fn rebuild(&mut self) {
-        let comms = std::mem::take(&mut self.comms);
-        *self = Self::rebuild_from(comms);
+        let (devices, config, _) = Self::into_parts(std::mem::take(&mut self.comms));
+        let links = std::mem::take(&mut self.links);
+        *self = CommGroup::link(devices, config, links);
     }
 
     /// Like [`rebuild`](Self::rebuild), from communicators taken out with
-    /// [`into_communicators`](Self::into_communicators), in rank order.
+    /// [`into_communicators`](Self::into_communicators), in rank order. Each communicator
+    /// remembers the [`LinkStack`] its group wrapped its link with, so the fresh links get the
+    /// first one's, as [`rebuild`](Self::rebuild) would give them (communicators made with
+    /// [`Communicator::new`] have none).
     pub fn rebuild_from(comms: Vec<Communicator>) -> CommGroup {
-        let mut config = None;
+        let (devices, config, links) = Self::into_parts(comms);
+        CommGroup::link(devices, config, links)
+    }
+
+    /// The devices in rank order, with the first communicator's settings and link stack.
+    fn into_parts(comms: Vec<Communicator>) -> (Vec<RankDevice>, CommConfig, LinkStack) {
+        let mut first = None;
         let devices = comms
             .into_iter()
             .map(|c| {
-                let (dev, cfg) = c.into_parts();
-                config.get_or_insert(cfg);
+                let (dev, config, links) = c.into_parts();
+                first.get_or_insert((config, links));
                 dev
             })
             .collect();
-        CommGroup::link(devices, config.unwrap_or_default())
+        let (config, links) = first.unwrap_or_default();
+        (devices, config, links)
     }
 
     /// Number of ranks.

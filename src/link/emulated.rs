@@ -37,6 +37,18 @@ pub struct EmulatedLink<L: Link> {
     emu: LinkEmulation,
     epoch: Instant,
     state: Mutex<EgressState>,
+    /// Frames taken from the inner link that were due after the receive's deadline: still on
+    /// the emulated wire, kept for the next receive (at most one per peer, the oldest from it,
+    /// so each peer's frames stay in order). A receive that waits in slices, as a
+    /// [`FaultyLink`](super::FaultyLink) around this one does, must not lose them.
+    held: Mutex<Vec<Held>>,
+}
+
+/// A frame received before its delivery time, with that time and its sender.
+struct Held {
+    from: usize,
+    at: Instant,
+    frame: Frame,
 }
 
 impl<L: Link> std::fmt::Debug for EmulatedLink<L> {
@@ -76,6 +88,7 @@ impl<L: Link> EmulatedLink<L> {
                 free_at: epoch,
                 rng: seed,
             }),
+            held: Mutex::new(Vec::new()),
         }
     }
 }
@@ -120,13 +133,28 @@ impl<L: Link> Link for EmulatedLink<L> {
     }
 
     fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
-        let frame = self.inner.recv(from, deadline)?;
-        self.deliver(frame, deadline)
+        // A held frame is the oldest from its peer: it goes before anything still inside.
+        let held = self.take_held(|h| h.from == from)?;
+        let held = match held {
+            Some(h) => h,
+            None => self.unstamp(from, self.inner.recv(from, deadline)?)?,
+        };
+        self.deliver(held, deadline)
     }
 
     fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
-        let (peer, frame) = self.inner.recv_any(peers, deadline)?;
-        self.deliver(frame, deadline).map(|f| (peer, f))
+        // The earliest held frame among `peers` first; the inner link is read only when none
+        // is held, so at most one frame per peer is ever held.
+        let held = self.take_held(|h| peers.contains(&h.from))?;
+        let held = match held {
+            Some(h) => h,
+            None => {
+                let (peer, frame) = self.inner.recv_any(peers, deadline)?;
+                self.unstamp(peer, frame)?
+            }
+        };
+        let peer = held.from;
+        self.deliver(held, deadline).map(|f| (peer, f))
     }
 
     fn abort(&self, reason: &str) {
@@ -140,26 +168,44 @@ impl<L: Link> Link for EmulatedLink<L> {
 }
 
 impl<L: Link> EmulatedLink<L> {
-    /// Strips the delivery stamp and holds the frame until its delivery time.
-    fn deliver(&self, mut frame: Frame, deadline: Instant) -> Result<Frame, LinkError> {
+    /// Strips the delivery stamp of a frame from `from`.
+    fn unstamp(&self, from: usize, mut frame: Frame) -> Result<Held, LinkError> {
         if frame.header.len() < STAMP {
             return Err(LinkError::Closed);
         }
         let mut stamp = [0u8; STAMP];
         stamp.copy_from_slice(&frame.header[..STAMP]);
         // The stamp comes from the peer: a wild one must not overflow the `Instant`.
-        let deliver = deadline_from(self.epoch, Duration::from_nanos(u64::from_le_bytes(stamp)));
+        let at = deadline_from(self.epoch, Duration::from_nanos(u64::from_le_bytes(stamp)));
         frame.header.drain(..STAMP);
-        // The frame is on the wire until its delivery time: the emulated network's delay.
+        Ok(Held { from, at, frame })
+    }
+
+    /// Takes out the held frame that `pick` accepts with the earliest delivery time, if any.
+    fn take_held(&self, pick: impl Fn(&Held) -> bool) -> Result<Option<Held>, LinkError> {
+        let mut held = self.held.lock().map_err(|_| LinkError::Closed)?;
+        let first = held
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| pick(h))
+            .min_by_key(|(_, h)| h.at)
+            .map(|(i, _)| i);
+        Ok(first.map(|i| held.swap_remove(i)))
+    }
+
+    /// Holds the frame until its delivery time (the emulated network's delay); one due after
+    /// `deadline` stays held for the next receive, and this one times out at the deadline.
+    fn deliver(&self, held: Held, deadline: Instant) -> Result<Frame, LinkError> {
         let now = Instant::now();
-        if deliver > now {
-            if deliver > deadline {
+        if held.at > now {
+            if held.at > deadline {
                 std::thread::sleep(deadline.saturating_duration_since(now));
+                self.held.lock().map_err(|_| LinkError::Closed)?.push(held);
                 return Err(LinkError::Timeout);
             }
-            std::thread::sleep(deliver - now);
+            std::thread::sleep(held.at - now);
         }
-        Ok(frame)
+        Ok(held.frame)
     }
 }
 
@@ -201,7 +247,7 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_due_after_the_deadline_times_out() {
+    fn a_frame_due_after_the_deadline_times_out_and_stays_held() {
         let epoch = Instant::now();
         let emu = LinkEmulation {
             gbps: 1.0,
@@ -212,8 +258,25 @@ mod tests {
             .into_iter()
             .map(|l| EmulatedLink::new(l, emu, epoch))
             .collect();
-        links[0].send(1, Frame::default()).expect("send");
+        let tagged = |t: u8| Frame {
+            header: vec![t, 1],
+            payload: vec![t; 5],
+        };
+        links[0].send(1, tagged(3)).expect("send");
+        links[0].send(1, tagged(4)).expect("send");
         let r = links[1].recv(0, Instant::now() + Duration::from_millis(50));
         assert_eq!(r.err(), Some(LinkError::Timeout));
+        // Still on the wire, not lost: the next receives get both frames, in order (one by
+        // `recv_any`, which must look at the held frame before the inner link).
+        let r = links[1].recv_any(&[0], Instant::now() + Duration::from_millis(50));
+        assert_eq!(r.err(), Some(LinkError::Timeout));
+        let later = Instant::now() + Duration::from_secs(10);
+        let (peer, first) = links[1].recv_any(&[0], later).expect("held frame");
+        assert_eq!(
+            (peer, first.header, first.payload),
+            (0, vec![3, 1], vec![3; 5])
+        );
+        let second = links[1].recv(0, later).expect("second frame");
+        assert_eq!((second.header, second.payload), (vec![4, 1], vec![4; 5]));
     }
 }

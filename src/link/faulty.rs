@@ -65,11 +65,17 @@ impl FaultPlan {
     pub fn wrap<L: Link>(&self, links: Vec<L>) -> Vec<FaultyLink<L>> {
         links
             .into_iter()
-            .map(|inner| FaultyLink {
-                inner,
-                plan: self.clone(),
-            })
+            .map(|inner| self.wrap_one(inner))
             .collect()
+    }
+
+    /// Wraps one link so that these faults apply to it: a process that holds one rank's link
+    /// (a network link, say) wraps just that one, and the plan reaches it through a clone.
+    pub fn wrap_one<L: Link>(&self, link: L) -> FaultyLink<L> {
+        FaultyLink {
+            inner: link,
+            plan: self.clone(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Faults> {
@@ -255,6 +261,32 @@ mod tests {
             )
             .expect("send");
         assert_eq!(links[2].recv(0, soon()).expect("recv").header, vec![9]);
+    }
+
+    #[test]
+    fn wrap_one_puts_a_single_link_under_the_plan() {
+        // As one process of a network group would: only its own link is wrapped, yet the
+        // plan's faults reach it, and the unwrapped peers see nothing of the plan.
+        let plan = FaultPlan::new();
+        let mut mesh = in_process_mesh(3);
+        let two = mesh.pop().expect("rank 2");
+        let one = mesh.pop().expect("rank 1");
+        let zero = plan.wrap_one(mesh.pop().expect("rank 0"));
+        assert_eq!((zero.rank(), zero.size()), (0, 3));
+        let soon = || Instant::now() + Duration::from_millis(50);
+        plan.drop_next(0, 1, 1);
+        let tagged = |t: u8| Frame {
+            header: vec![t],
+            payload: vec![t; 3],
+        };
+        zero.send(1, tagged(4)).expect("send");
+        zero.send(1, tagged(5)).expect("send");
+        assert_eq!(one.recv(0, soon()).expect("recv").header, vec![5]);
+        assert_eq!(plan.dropped(), 1);
+        plan.kill(2);
+        assert_eq!(zero.recv(2, soon()).err(), Some(LinkError::Gone(2)));
+        two.send(1, tagged(6)).expect("send");
+        assert_eq!(one.recv(2, soon()).expect("unwrapped").header, vec![6]);
     }
 
     #[test]

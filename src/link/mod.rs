@@ -24,6 +24,7 @@
 mod emulated;
 mod faulty;
 mod inproc;
+mod stack;
 pub mod tcp;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use std::time::Instant;
 pub use emulated::{EmulatedLink, LinkEmulation};
 pub use faulty::{FaultPlan, FaultyLink};
 pub use inproc::{InProcLink, in_process_mesh};
+pub use stack::LinkStack;
 pub use tcp::{TcpLink, TcpOptions};
 
 /// One message between two ranks: a small header the communicator defines, and a payload.

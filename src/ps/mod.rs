@@ -100,6 +100,7 @@ pub use worker::{PsWorker, PullInfo};
 
 use crate::comm::{CommConfig, CommGroup};
 use crate::error::{At, Error, Result};
+use crate::link::{FaultPlan, LinkStack};
 
 /// What a replicated shard promises when a server fails or a link partitions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,6 +207,8 @@ pub struct ParameterServer {
     rule: Arc<dyn UpdateRule>,
     params: Vec<(String, Vec<f32>)>,
     config: CommConfig,
+    /// The wrappers around the group's links (a fault plan, from [`faults`](Self::faults)).
+    links: LinkStack,
     quorum: Option<usize>,
     replicas: usize,
     consistency: Consistency,
@@ -222,6 +225,7 @@ impl std::fmt::Debug for ParameterServer {
             .field("mode", &self.mode)
             .field("params", &self.params.len())
             .field("config", &self.config)
+            .field("links", &self.links)
             .field("quorum", &self.quorum)
             .field("replicas", &self.replicas)
             .field("consistency", &self.consistency)
@@ -245,6 +249,7 @@ impl ParameterServer {
             }),
             params: Vec::new(),
             config: CommConfig::default(),
+            links: LinkStack::default(),
             quorum: None,
             replicas: 1,
             consistency: Consistency::Strong,
@@ -316,8 +321,8 @@ impl ParameterServer {
     }
 
     /// Faults to inject into the group's links (for tests and drills).
-    pub fn faults(mut self, plan: crate::link::FaultPlan) -> Self {
-        self.config.faults = Some(plan);
+    pub fn faults(mut self, plan: FaultPlan) -> Self {
+        self.links = self.links.faults(plan);
         self
     }
 
@@ -475,6 +480,7 @@ impl ParameterServer {
         let group = CommGroup::builder()
             .ranks(self.servers + self.workers)
             .config(self.config.clone())
+            .links(self.links.clone())
             .build()?;
         let keys: Vec<(String, usize)> = self
             .params

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use rand::Rng;
+use wccl::link::LinkStack;
 use wccl::{
     CollectiveKind, CommConfig, CommGroup, Communicator, DType, ReduceOp, TensorRef, bf16, f16,
 };
@@ -22,7 +23,17 @@ pub fn group(n: usize) -> CommGroup {
 }
 
 pub fn group_with(n: usize, config: CommConfig) -> CommGroup {
-    match CommGroup::builder().ranks(n).config(config).build() {
+    group_linked(n, config, LinkStack::new())
+}
+
+/// A group of `n` ranks whose links `links` wraps (emulated, faulty).
+pub fn group_linked(n: usize, config: CommConfig, links: LinkStack) -> CommGroup {
+    match CommGroup::builder()
+        .ranks(n)
+        .config(config)
+        .links(links)
+        .build()
+    {
         Ok(g) => g,
         Err(e) => panic!("cannot build a group of {n} ranks: {e}"),
     }
