@@ -8,11 +8,19 @@ use std::time::{Duration, Instant};
 use wccl::link::{FaultPlan, LinkStack};
 use wccl::{CallOptions, Collective, CommConfig, CommGroup, Error, ReduceOp};
 
+/// The links under the faults: channels here; `tests/faults_tcp.rs` includes this file and
+/// puts loopback TCP sockets there instead (`FaultyLink<TcpLink>`). `crate::` is whichever
+/// test crate includes the file.
+#[allow(dead_code)]
+pub fn base_stack() -> LinkStack {
+    LinkStack::new()
+}
+
 fn group(n: usize, faults: &FaultPlan, timeout: Duration) -> CommGroup {
     common::group_linked(
         n,
         CommConfig::default().timeout(timeout),
-        LinkStack::new().faults(faults.clone()),
+        crate::base_stack().faults(faults.clone()),
     )
 }
 

@@ -271,6 +271,11 @@ impl Communicator {
     }
 
     /// Records the stack `link` was wrapped with, for a rebuild (see the `links` field).
+    /// Marks the communicator broken from the start (its links could not be made).
+    pub(crate) fn set_broken(&mut self, e: Error) {
+        self.broken = Some(e);
+    }
+
     pub(crate) fn with_links(mut self, links: LinkStack) -> Self {
         self.links = links;
         self

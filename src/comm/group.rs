@@ -176,15 +176,28 @@ impl CommGroup {
     }
 
     fn link(devices: Vec<RankDevice>, config: CommConfig, links: LinkStack) -> CommGroup {
-        let mesh = in_process_mesh(devices.len());
-        // One epoch for the whole mesh: emulated frames carry delivery times relative to it.
-        let epoch = std::time::Instant::now();
+        let n = devices.len();
+        let (mesh, failed) = match links.mesh(n) {
+            Ok(m) => (m, None),
+            // Loopback sockets that cannot be made (no ports left): every rank gets channels it
+            // cannot use and reports why at its first call, rather than a panic here.
+            Err(e) => (
+                in_process_mesh(n)
+                    .into_iter()
+                    .map(|l| Box::new(l) as Box<dyn crate::link::Link>)
+                    .collect(),
+                Some(e),
+            ),
+        };
         let comms = devices
             .into_iter()
             .zip(mesh)
             .map(|(dev, link)| {
-                Communicator::new(dev, links.wrap(link, epoch), config.clone())
-                    .with_links(links.clone())
+                let mut c = Communicator::new(dev, link, config.clone()).with_links(links.clone());
+                if let Some(e) = &failed {
+                    c.set_broken(e.clone());
+                }
+                c
             })
             .collect();
         CommGroup { comms, links }

@@ -7,7 +7,8 @@
 
 use std::time::Instant;
 
-use super::{EmulatedLink, FaultPlan, Link, LinkEmulation};
+use super::{EmulatedLink, FaultPlan, Link, LinkEmulation, TcpLink, TcpOptions, in_process_mesh};
+use crate::error::Result;
 
 /// The wrappers to put around each rank's link: an emulated network, injected faults, both, or
 /// none (the default).
@@ -40,6 +41,9 @@ use super::{EmulatedLink, FaultPlan, Link, LinkEmulation};
 pub struct LinkStack {
     emulation: Option<LinkEmulation>,
     faults: Option<FaultPlan>,
+    /// The links at the bottom of a group's stack: crossbeam channels (`None`), or loopback TCP
+    /// sockets between the group's threads.
+    tcp: Option<TcpOptions>,
 }
 
 impl LinkStack {
@@ -59,6 +63,35 @@ impl LinkStack {
     pub fn faults(mut self, plan: FaultPlan) -> Self {
         self.faults = Some(plan);
         self
+    }
+
+    /// Builds a group's links over loopback TCP sockets ([`TcpLink::loopback_mesh`]) instead
+    /// of channels: the same transport as across processes, wrappers and all, inside one test.
+    pub fn tcp(mut self, options: TcpOptions) -> Self {
+        self.tcp = Some(options);
+        self
+    }
+
+    /// The TCP options of the base links, if they are TCP.
+    pub fn tcp_options(&self) -> Option<&TcpOptions> {
+        self.tcp.as_ref()
+    }
+
+    /// The links of a group of `n` ranks in this process: the base mesh (channels, or loopback
+    /// TCP), each wrapped by this stack.
+    pub fn mesh(&self, n: usize) -> Result<Vec<Box<dyn Link>>> {
+        // One epoch for the whole mesh: emulated frames carry delivery times relative to it.
+        let epoch = Instant::now();
+        Ok(match &self.tcp {
+            Some(o) => TcpLink::loopback_mesh(n, o)?
+                .into_iter()
+                .map(|l| self.wrap(l, epoch))
+                .collect(),
+            None => in_process_mesh(n)
+                .into_iter()
+                .map(|l| self.wrap(l, epoch))
+                .collect(),
+        })
     }
 
     /// The emulation, if any.

@@ -1,0 +1,12 @@
+//! The fault tests of `faults.rs` over loopback TCP sockets: `FaultyLink<TcpLink>`, the same
+//! kill, partition, delay and drop, through the transport that crosses processes.
+
+use wccl::link::{LinkStack, TcpOptions};
+
+/// TCP at the bottom of every group's stack in the included tests.
+pub fn base_stack() -> LinkStack {
+    LinkStack::new().tcp(TcpOptions::default())
+}
+
+#[path = "faults.rs"]
+mod over_tcp;
