@@ -11,6 +11,7 @@ mod plot;
 mod ps_row;
 mod report;
 mod sizes;
+pub mod tcp;
 mod verify;
 
 use std::io::Write;
@@ -32,8 +33,88 @@ pub use verify::{
 
 use crate::link::LinkEmulation;
 use crate::{
-    Algorithm, CallOptions, Collective, CollectiveKind, CommGroup, DType, ReduceOp, TensorRef,
+    Algorithm, CallOptions, Collective, CollectiveKind, CommGroup, Communicator, DType, ReduceOp,
+    TensorRef,
 };
+
+/// The ranks a sweep drives from this process: every rank of an in-process [`CommGroup`], or
+/// the one rank of a process launched by mpirun, torchrun or srun ([`OneRank`]), as
+/// nccl-tests runs one thread per GPU or one process per GPU (`MPI=1`).
+pub trait Ranks {
+    /// The number of ranks of the job.
+    fn size(&self) -> usize;
+    /// The ranks this process drives, in order.
+    fn local(&self) -> Vec<usize>;
+    /// The communicator of `r`, one of [`local`](Self::local).
+    fn comm(&self, r: usize) -> &Communicator;
+    /// Runs one call per local rank (in the order of [`local`](Self::local)).
+    fn run(&mut self, calls: &[Collective<'_>], opts: CallOptions) -> crate::Result<()>;
+    /// The largest `x` of all processes (every process gets it).
+    fn max_across(&mut self, x: f64) -> crate::Result<f64>;
+    /// The sum of `x` over all processes (every process gets it; saturates at `u32::MAX`).
+    fn sum_across(&mut self, x: u64) -> crate::Result<u64>;
+}
+
+impl Ranks for CommGroup {
+    fn size(&self) -> usize {
+        CommGroup::size(self)
+    }
+    fn local(&self) -> Vec<usize> {
+        (0..CommGroup::size(self)).collect()
+    }
+    fn comm(&self, r: usize) -> &Communicator {
+        CommGroup::comm(self, r)
+    }
+    fn run(&mut self, calls: &[Collective<'_>], opts: CallOptions) -> crate::Result<()> {
+        CommGroup::run(self, calls, opts)
+    }
+    fn max_across(&mut self, x: f64) -> crate::Result<f64> {
+        Ok(x)
+    }
+    fn sum_across(&mut self, x: u64) -> crate::Result<u64> {
+        Ok(x)
+    }
+}
+
+/// The one rank of this process, in a job of one process per rank.
+#[derive(Debug)]
+pub struct OneRank(pub Communicator);
+
+impl Ranks for OneRank {
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+    fn local(&self) -> Vec<usize> {
+        vec![self.0.rank()]
+    }
+    fn comm(&self, _r: usize) -> &Communicator {
+        &self.0
+    }
+    fn run(&mut self, calls: &[Collective<'_>], opts: CallOptions) -> crate::Result<()> {
+        match calls {
+            [call] => self.0.run(*call, opts),
+            _ => Err(crate::Error::InvalidArgument {
+                at: crate::At {
+                    rank: self.0.rank(),
+                    op: None,
+                    seq: self.0.seq(),
+                },
+                message: format!("one rank runs one call, not {}", calls.len()),
+            }),
+        }
+    }
+    fn max_across(&mut self, x: f64) -> crate::Result<f64> {
+        // Through the communicator itself: one f32 max (times of a sweep fit f32 well).
+        let b = self.0.upload(&[x as f32])?;
+        self.0.all_reduce(&b, ReduceOp::Max)?;
+        Ok(self.0.download(&b)?.first().map_or(x, |&v| f64::from(v)))
+    }
+    fn sum_across(&mut self, x: u64) -> crate::Result<u64> {
+        let b = self.0.upload(&[u32::try_from(x).unwrap_or(u32::MAX)])?;
+        self.0.all_reduce(&b, ReduceOp::Sum)?;
+        Ok(self.0.download(&b)?.first().map_or(x, |&v| u64::from(v)))
+    }
+}
 
 /// The sweep's progress bar on a terminal (hidden otherwise).
 #[cfg(feature = "cli")]
@@ -172,7 +253,7 @@ pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs the sweep on `group`, printing the table to `out` as rows complete; returns the rows.
 pub fn run(
-    group: &mut CommGroup,
+    group: &mut dyn Ranks,
     s: &Settings,
     out: &mut dyn Write,
 ) -> Result<Vec<Row>, BenchError> {
@@ -187,8 +268,10 @@ pub fn run(
         .map(|&b| (b, Shape::new(s.kind, n, b, es)))
         .collect();
     let capacity = shapes.iter().map(|(_, sh)| sh.total).max().unwrap_or(0) + SHIFT * SHIFTS;
-    let bufs: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..n)
-        .map(|r| {
+    let local = group.local();
+    let bufs: Vec<(wgpu::Buffer, wgpu::Buffer)> = local
+        .iter()
+        .map(|&r| {
             let dev = group.comm(r).device().device().clone();
             let make = |label| {
                 dev.create_buffer(&wgpu::BufferDescriptor {
@@ -237,18 +320,24 @@ pub fn run(
                         shape: *shape,
                         timeout: s.timeout,
                     };
+                    // The slowest process's time, and every process's wrong elements, as
+                    // nccl-tests reports them under MPI (one process: as measured).
                     let seconds = case.time(group, &bufs, s.warmup, s.iters)?;
+                    let seconds = group.max_across(seconds)?;
                     let wrong = if s.check {
                         case.check(group, &bufs, s.corrupt)?
                     } else {
                         0
                     };
+                    let wrong = group.sum_across(wrong)?;
                     let factor = busbw_factor(s.kind, n);
                     measures[slot] =
                         Measure::new((shape.total * es) as u64, seconds, factor, wrong);
                 }
                 let bytes = shape.total * es;
-                let model = group.comm(0).cost_model().cloned();
+                let model = local
+                    .first()
+                    .and_then(|&r| group.comm(r).cost_model().cloned());
                 let (label, predicted) = match (s.kind, model) {
                     (CollectiveKind::AllReduce, Some(m)) => {
                         let chosen = match algo {
@@ -425,13 +514,16 @@ impl Case {
 
     fn run_once(
         &self,
-        group: &mut CommGroup,
+        group: &mut dyn Ranks,
         bufs: &[(wgpu::Buffer, wgpu::Buffer)],
         shift: usize,
     ) -> crate::Result<()> {
-        let calls: Vec<Collective<'_>> = (0..bufs.len())
-            .map(|r| {
-                let (i, o) = self.views(r, &bufs[r], shift);
+        let calls: Vec<Collective<'_>> = group
+            .local()
+            .into_iter()
+            .zip(bufs)
+            .map(|(r, b)| {
+                let (i, o) = self.views(r, b, shift);
                 self.call(i, o)
             })
             .collect();
@@ -445,7 +537,7 @@ impl Case {
     /// Mean seconds of one call after the warm-up, shifting the buffers each iteration.
     fn time(
         &self,
-        group: &mut CommGroup,
+        group: &mut dyn Ranks,
         bufs: &[(wgpu::Buffer, wgpu::Buffer)],
         warmup: usize,
         iters: usize,
@@ -465,11 +557,12 @@ impl Case {
     /// and outside it against the poison (a write past either end of the view is wrong too).
     fn check(
         &self,
-        group: &mut CommGroup,
+        group: &mut dyn Ranks,
         bufs: &[(wgpu::Buffer, wgpu::Buffer)],
         corrupt: Option<Corrupt>,
     ) -> crate::Result<u64> {
-        let n = bufs.len();
+        let n = group.size();
+        let local = group.local();
         let Shape { total, per } = self.shape;
         let es = self.dtype.size();
         let in_len = match self.kind {
@@ -512,7 +605,7 @@ impl Case {
         let mut wrong = 0;
         for k in 0..SHIFTS {
             let shift = k * SHIFT;
-            for (r, (inb, outb)) in bufs.iter().enumerate() {
+            for (&r, (inb, outb)) in local.iter().zip(bufs) {
                 let q = group.comm(r).device().queue().clone();
                 if !self.in_place {
                     let mut input = vec![poison; cap];
@@ -522,7 +615,7 @@ impl Case {
                 write(&q, outb, &encode(self.dtype, &before(r, shift)));
             }
             self.run_once(group, bufs, shift)?;
-            for (r, (_, outb)) in bufs.iter().enumerate() {
+            for (&r, (_, outb)) in local.iter().zip(bufs) {
                 let whole = TensorRef::new(outb, 0, cap, self.dtype);
                 let mut got = decode(self.dtype, &read_bytes(group, r, whole, self.dtype)?);
                 let (from, len) = result_at(r);
@@ -553,7 +646,7 @@ impl Case {
 
 /// Rank `r`'s tensor `t` read back as bytes.
 fn read_bytes(
-    group: &mut CommGroup,
+    group: &mut dyn Ranks,
     r: usize,
     t: TensorRef<'_>,
     dtype: DType,

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use wccl::bench::{self, Settings};
@@ -73,6 +73,35 @@ enum Command {
         /// Check results (0/1).
         #[arg(short = 'c', long = "check", default_value_t = 1)]
         check: u8,
+    },
+    /// The TCP link between two processes (this one and a copy of itself) against a raw
+    /// loopback socket: an echo of `-n` chunks of `-b` bytes, `--window` in flight, with the
+    /// link's CRC32C on and off; medians of `--reps`.
+    #[command(name = "tcp-probe")]
+    TcpProbe {
+        /// Bytes per chunk (the link's frame payload).
+        #[arg(short = 'b', long = "bytes", default_value = "4M", value_parser = bench::parse_size)]
+        bytes: u64,
+        /// Chunks per measurement.
+        #[arg(short = 'n', long = "iters", default_value_t = 256)]
+        iters: usize,
+        /// Chunks in flight.
+        #[arg(long = "window", default_value_t = 4)]
+        window: usize,
+        /// Repetitions (the median is reported).
+        #[arg(long = "reps", default_value_t = 5)]
+        reps: usize,
+    },
+    /// Rendezvous plus mesh connection time of N processes on this host (copies of this
+    /// program), for each N; medians of `--reps`.
+    #[command(name = "tcp-init")]
+    TcpInit {
+        /// Process counts, comma separated.
+        #[arg(short = 'g', long = "ngpus", default_value = "2,4,8,16")]
+        ranks: String,
+        /// Repetitions per count.
+        #[arg(long = "reps", default_value_t = 5)]
+        reps: usize,
     },
     /// Predicted all-reduce busbw of ring, central and tree over independent links, at scale.
     Model {
@@ -162,6 +191,9 @@ struct Sweep {
     /// Corrupt one element of rank 0's result before checking (to test the checker).
     #[arg(long = "corrupt-one", hide = true)]
     corrupt_one: bool,
+    /// Under a launcher (one rank per process over TCP): turn the frames' CRC32C off.
+    #[arg(long = "no-crc")]
+    no_crc: bool,
     /// Damage rank 0's result before checking: `one`, `misplace:N` (a chunk N elements off) or
     /// `swap` (another rank's chunk); to test the checker.
     #[arg(long = "corrupt", hide = true, value_parser = parse_corrupt)]
@@ -388,6 +420,16 @@ fn matmul(
 
 fn main() -> ExitCode {
     quiet_headless_vulkan();
+    // A copy of this program started by `tcp-probe` or `tcp-init` as the other processes.
+    if let Ok(spec) = std::env::var(TCP_CHILD) {
+        return match tcp_child(&spec) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wccl-bench (child): {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -419,6 +461,13 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
         Command::Broadcast(a) => (CollectiveKind::Broadcast, a),
         Command::Reduce(a) => (CollectiveKind::Reduce, a),
         Command::Probe { ranks, bytes } => return probe(ranks, bytes as usize),
+        Command::TcpProbe {
+            bytes,
+            iters,
+            window,
+            reps,
+        } => return tcp_probe(bytes as usize, iters, window, reps),
+        Command::TcpInit { ranks, reps } => return tcp_init(&parse_ranks(&ranks)?, reps),
         Command::Matmul {
             sizes,
             kernel,
@@ -468,6 +517,11 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
     let config = CommConfig::default()
         .timeout(settings.timeout)
         .slice_bytes(a.slice as usize);
+    // Under mpirun, torchrun or srun: one rank per process over TCP, as nccl-tests built with
+    // MPI=1 runs.
+    if wccl::rendezvous::env::launched(&std::env::vars().collect()) {
+        return launched(kind, &a, &settings, config);
+    }
     let links = match settings.link {
         Some(emu) => LinkStack::new().emulate(emu),
         None => LinkStack::new(),
@@ -560,4 +614,252 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The environment variable that makes this program a child of `tcp-probe` or `tcp-init`.
+const TCP_CHILD: &str = "WCCL_BENCH_TCP_CHILD";
+
+/// One rank per process: joins the job from the launcher's variables and runs the sweep on
+/// this rank; rank 0 prints the table (times are the slowest rank's, `#wrong` is summed).
+fn launched(
+    kind: CollectiveKind,
+    a: &Sweep,
+    settings: &Settings,
+    config: CommConfig,
+) -> Result<ExitCode, bench::BenchError> {
+    let mut options = wccl::ConnectOptions {
+        config,
+        ..Default::default()
+    };
+    options.tcp.checksums = !a.no_crc;
+    let t = Instant::now();
+    let comm = wccl::Communicator::from_env_with(options)?;
+    let joined = t.elapsed();
+    let (rank, size) = (comm.rank(), comm.size());
+    let stdout = std::io::stdout();
+    let mut out: Box<dyn Write> = if rank == 0 {
+        Box::new(stdout.lock())
+    } else {
+        Box::new(std::io::sink())
+    };
+    let info = comm.device().info().clone();
+    writeln!(
+        out,
+        "# wccl-bench {kind}: {size} ranks, one per process, over TCP (CRC32C {}); joined in {:.1} ms",
+        if a.no_crc { "off" } else { "on" },
+        joined.as_secs_f64() * 1e3
+    )?;
+    writeln!(
+        out,
+        "#  rank 0: {} ({:?}, {:?}, driver {})",
+        info.name, info.backend, info.device_type, info.driver_info
+    )?;
+    writeln!(
+        out,
+        "# sizes {}..{} B, iters {}, warmup {}, check {}, type {}, op {}, root {}, timeout {} s, algo {}, slice {} B",
+        a.min_bytes,
+        a.max_bytes,
+        a.iters,
+        a.warmup,
+        a.check,
+        settings.dtype,
+        a.op,
+        a.root,
+        a.timeout,
+        a.algo,
+        a.slice
+    )?;
+    writeln!(out, "#")?;
+    let mut one = bench::OneRank(comm);
+    let rows = bench::run(&mut one, settings, &mut out)?;
+    let wrong: u64 = rows
+        .iter()
+        .map(|r| r.out_of_place.wrong + r.in_place.wrong)
+        .sum();
+    Ok(if wrong > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// What a child of `tcp-probe`/`tcp-init` does: `probe;RAW_ADDR;STORE_PORT;BYTES;ITERS;REPS` or
+/// `init;RANK;SIZE;STORE_PORT;JOB`.
+fn tcp_child(spec: &str) -> Result<(), bench::BenchError> {
+    let f: Vec<&str> = spec.split(';').collect();
+    match f.as_slice() {
+        ["probe", raw, port, bytes, iters, reps] => {
+            let (bytes, iters, reps): (usize, usize, usize) =
+                (bytes.parse()?, iters.parse()?, reps.parse()?);
+            let port: u16 = port.parse()?;
+            for rep in 0..reps {
+                let s = std::net::TcpStream::connect(raw)?;
+                bench::tcp::raw_echo_serve(s, bytes)?;
+                for crc in [true, false] {
+                    let link = child_link(1, 2, port, &format!("probe-{rep}-{crc}"), crc)?;
+                    bench::tcp::link_echo_serve(&link, 0, iters)
+                        .map_err(|e| format!("link echo: {e:?}"))?;
+                }
+            }
+            Ok(())
+        }
+        ["init", rank, size, port, job] => {
+            let t = Instant::now();
+            let link = child_link(rank.parse()?, size.parse()?, port.parse()?, job, true)?;
+            // The parent reads each rank's own connect time from its output.
+            println!("connected {:.3} ms", t.elapsed().as_secs_f64() * 1e3);
+            drop(link);
+            Ok(())
+        }
+        _ => Err(format!("{TCP_CHILD}={spec:?} is not a child's task").into()),
+    }
+}
+
+fn child_link(
+    rank: usize,
+    size: usize,
+    port: u16,
+    job: &str,
+    checksums: bool,
+) -> wccl::Result<wccl::link::TcpLink> {
+    let o = wccl::link::TcpOptions {
+        job: job.to_string(),
+        checksums,
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let master = wccl::rendezvous::Master::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+        from: "wccl-bench",
+    };
+    wccl::rendezvous::connect_link(rank, size, &master, &o)
+}
+
+/// A free loopback port (bound and released: the child binds it again at once).
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Kills a child on every exit path.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn tcp_probe(
+    bytes: usize,
+    iters: usize,
+    window: usize,
+    reps: usize,
+) -> Result<ExitCode, bench::BenchError> {
+    let (bytes, iters, reps) = (bytes.max(1), iters.max(1), reps.max(1));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let raw = listener.local_addr()?;
+    let port = free_port()?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .env(
+            TCP_CHILD,
+            format!("probe;{raw};{port};{bytes};{iters};{reps}"),
+        )
+        .spawn()?;
+    let _child = Reaped(child);
+    let (mut raw_s, mut on_s, mut off_s) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps {
+        let (s, _) = listener.accept()?;
+        raw_s.push(bench::tcp::raw_echo_send(s, bytes, iters, window)?);
+        for crc in [true, false] {
+            let link = child_link(0, 2, port, &format!("probe-{rep}-{crc}"), crc)?;
+            let secs = bench::tcp::link_echo_send(&link, 1, bytes, iters, window)
+                .map_err(|e| format!("link echo: {e:?}"))?;
+            if crc {
+                on_s.push(secs);
+            } else {
+                off_s.push(secs);
+            }
+        }
+    }
+    let total = (bytes * iters) as f64;
+    let gbps = |s: f64| total / s / 1e9;
+    let (raw_t, on_t, off_t) = (median(raw_s), median(on_s), median(off_s));
+    println!(
+        "# tcp-probe: echo of {iters} x {bytes} B, {window} in flight, between two processes on loopback; medians of {reps}"
+    );
+    println!("{:<28} {:>10} {:>12}", "path", "GB/s", "vs raw");
+    println!("{:<28} {:>10.3} {:>12}", "raw socket", gbps(raw_t), "1.00x");
+    println!(
+        "{:<28} {:>10.3} {:>11.2}x",
+        "TcpLink, CRC32C on",
+        gbps(on_t),
+        raw_t / on_t
+    );
+    println!(
+        "{:<28} {:>10.3} {:>11.2}x",
+        "TcpLink, CRC32C off",
+        gbps(off_t),
+        raw_t / off_t
+    );
+    println!(
+        "# CRC32C costs {:.1}% of the link's time here",
+        (on_t / off_t - 1.0) * 100.0
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tcp_init(counts: &[usize], reps: usize) -> Result<ExitCode, bench::BenchError> {
+    println!(
+        "# tcp-init: rendezvous + full mesh of N processes on this host (copies of wccl-bench); medians of {}",
+        reps.max(1)
+    );
+    println!(
+        "{:>6} {:>16} {:>16}",
+        "procs", "slowest rank ms", "parent wall ms"
+    );
+    let exe = std::env::current_exe()?;
+    for &n in counts {
+        let (mut slowest, mut wall) = (Vec::new(), Vec::new());
+        for rep in 0..reps.max(1) {
+            let port = free_port()?;
+            let job = format!("init-{n}-{rep}-{}", std::process::id());
+            let t = Instant::now();
+            let children = (0..n)
+                .map(|r| {
+                    std::process::Command::new(&exe)
+                        .env(TCP_CHILD, format!("init;{r};{n};{port};{job}"))
+                        .stdout(std::process::Stdio::piped())
+                        .spawn()
+                        .map(Reaped)
+                })
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let mut worst = 0.0f64;
+            for mut c in children {
+                let mut text = String::new();
+                if let Some(mut o) = c.0.stdout.take() {
+                    std::io::Read::read_to_string(&mut o, &mut text)?;
+                }
+                let ms = text
+                    .trim()
+                    .strip_prefix("connected ")
+                    .and_then(|x| x.strip_suffix(" ms"))
+                    .and_then(|x| x.parse::<f64>().ok())
+                    .ok_or_else(|| format!("a child of {n} did not connect: {text:?}"))?;
+                worst = worst.max(ms);
+            }
+            wall.push(t.elapsed().as_secs_f64() * 1e3);
+            slowest.push(worst);
+        }
+        println!("{:>6} {:>16.2} {:>16.2}", n, median(slowest), median(wall));
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -125,6 +125,12 @@ fn number(vars: &HashMap<String, String>, name: &str) -> Result<Option<usize>, S
     }
 }
 
+/// Whether a launcher started this process: any source's rank variable is set (or
+/// `WCCL_LAUNCHER`). Programs that also run alone use it to choose.
+pub fn launched(vars: &HashMap<String, String>) -> bool {
+    vars.contains_key("WCCL_LAUNCHER") || SOURCES.iter().any(|s| vars.contains_key(s.rank))
+}
+
 /// The port derived from a job id when nothing names one: in 20000..40000, below Linux's
 /// ephemeral range (32768.. overlaps; collisions there are refused at bind and name the port).
 pub fn derived_port(job: &str) -> u16 {

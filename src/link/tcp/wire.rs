@@ -6,11 +6,15 @@
 //! | --- | --- | --- |
 //! | 0..2 | `b"WF"` | a stream out of step is an error, not garbage |
 //! | 2 | kind: 1 data, 2 abort, 3 bye, 4 ping | known kinds only |
-//! | 3 | flags: bit 0 = a CRC32C follows | no other bits |
+//! | 3 | flags: bit 0 = a CRC32C trailer follows the payload | no other bits |
 //! | 4..8 | header length | at most [`MAX_HEADER`] |
 //! | 8..16 | payload length | at most the negotiated maximum (abort: [`MAX_REASON`]; bye, ping: 0) |
-//! | 16..20 | CRC32C of header then payload | when flagged (and required when negotiated) |
-//! | 20..24 | reserved | zero |
+//! | 16..24 | reserved | zero |
+//!
+//! Then the header, the payload, and, when flagged (required when checksums were negotiated),
+//! a 4-byte CRC32C of header and payload. The checksum is a trailer so that both ends compute it
+//! piece by piece ([`PIECE`] bytes) as the bytes pass, while they are in cache, instead of in a
+//! second pass over a payload of megabytes.
 //!
 //! The prefix is checked in full before a byte of the body is allocated: a length over the
 //! limit is an error, never an allocation. The body is then read into buffers that grow only
@@ -26,6 +30,9 @@ pub const PREFIX: usize = 24;
 pub const MAX_HEADER: u32 = 4096;
 /// The largest abort reason, in bytes.
 pub const MAX_REASON: u64 = 64 * 1024;
+
+/// The piece of a payload checksummed and moved at once (fits a core's L2 cache).
+pub const PIECE: usize = 256 * 1024;
 
 const MAGIC: [u8; 2] = *b"WF";
 const FLAG_CRC: u8 = 1;
@@ -109,8 +116,8 @@ pub struct Prefix {
     pub header_len: u32,
     /// Payload bytes that follow the header.
     pub payload_len: u64,
-    /// The CRC32C, when the frame carries one.
-    pub crc: Option<u32>,
+    /// Whether a CRC32C trailer follows the payload.
+    pub checksum: bool,
 }
 
 /// Encodes a prefix.
@@ -118,10 +125,9 @@ pub fn encode_prefix(p: &Prefix) -> [u8; PREFIX] {
     let mut b = [0u8; PREFIX];
     b[0..2].copy_from_slice(&MAGIC);
     b[2] = p.kind as u8;
-    b[3] = if p.crc.is_some() { FLAG_CRC } else { 0 };
+    b[3] = if p.checksum { FLAG_CRC } else { 0 };
     b[4..8].copy_from_slice(&p.header_len.to_le_bytes());
     b[8..16].copy_from_slice(&p.payload_len.to_le_bytes());
-    b[16..20].copy_from_slice(&p.crc.unwrap_or(0).to_le_bytes());
     b
 }
 
@@ -139,7 +145,7 @@ pub fn decode_prefix(b: &[u8; PREFIX], limits: &Limits) -> Result<Prefix, WireEr
     if flags & !FLAG_CRC != 0 {
         return Err(WireError::Malformed(format!("unknown flags {flags:#04x}")));
     }
-    if b[20..24] != [0; 4] {
+    if b[16..24] != [0; 8] {
         return Err(WireError::Malformed("reserved bytes are not zero".into()));
     }
     let word = |r: std::ops::Range<usize>| -> u64 {
@@ -149,8 +155,8 @@ pub fn decode_prefix(b: &[u8; PREFIX], limits: &Limits) -> Result<Prefix, WireEr
     };
     let header_len = word(4..8);
     let payload_len = word(8..16);
-    let crc = (flags & FLAG_CRC != 0).then(|| word(16..20) as u32);
-    if limits.checksums && crc.is_none() {
+    let checksum = flags & FLAG_CRC != 0;
+    if limits.checksums && !checksum {
         return Err(WireError::Malformed(
             "the frame has no checksum, but checksums were negotiated".into(),
         ));
@@ -179,7 +185,7 @@ pub fn decode_prefix(b: &[u8; PREFIX], limits: &Limits) -> Result<Prefix, WireEr
         // Checked against MAX_HEADER (a u32) above.
         header_len: header_len as u32,
         payload_len,
-        crc,
+        checksum,
     })
 }
 
@@ -240,12 +246,36 @@ pub fn read_frame(
     let p = decode_prefix(&raw, limits)?;
     let mut header = Vec::new();
     read_body(r, u64::from(p.header_len), &mut header)?;
+    let mut crc = crc32c::crc32c(&header);
     let mut payload = payload;
-    read_body(r, p.payload_len, &mut payload)?;
-    if let Some(expected) = p.crc {
-        let actual = crc32c::crc32c_append(crc32c::crc32c(&header), &payload);
-        if actual != expected {
-            return Err(WireError::Checksum { expected, actual });
+    payload.clear();
+    let mut left = p.payload_len;
+    while left > 0 {
+        // Piece by piece, each checksummed while it is in cache; the buffer grows only as bytes
+        // arrive.
+        let n = left.min(PIECE as u64);
+        let start = payload.len();
+        let got = r
+            .take(n)
+            .read_to_end(&mut payload)
+            .map_err(|e| io_error(e, true))?;
+        if got as u64 != n {
+            return Err(WireError::Eof { truncated: true });
+        }
+        if p.checksum {
+            crc = crc32c::crc32c_append(crc, &payload[start..]);
+        }
+        left -= n;
+    }
+    if p.checksum {
+        let mut t = [0u8; 4];
+        r.read_exact(&mut t).map_err(|e| io_error(e, true))?;
+        let expected = u32::from_le_bytes(t);
+        if crc != expected {
+            return Err(WireError::Checksum {
+                expected,
+                actual: crc,
+            });
         }
     }
     Ok(match p.kind {
@@ -256,25 +286,52 @@ pub fn read_frame(
     })
 }
 
-/// Writes one frame (prefix, header, payload); the CRC32C is computed here when `checksums`.
-pub fn write_frame(
-    w: &mut impl Write,
+/// Writes one frame (prefix, header, payload, and the CRC32C trailer when `checksums`). The
+/// prefix and header go through `w`'s buffer; the payload goes to `w`'s inner writer piece by
+/// piece, each checksummed just before it is written.
+pub fn write_frame<W: Write>(
+    w: &mut std::io::BufWriter<W>,
     kind: Kind,
     header: &[u8],
     payload: &[u8],
     checksums: bool,
 ) -> io::Result<()> {
-    let crc = checksums.then(|| crc32c::crc32c_append(crc32c::crc32c(header), payload));
     let too_long = |_| io::Error::new(io::ErrorKind::InvalidInput, "frame header too long");
     let p = Prefix {
         kind,
         header_len: u32::try_from(header.len()).map_err(too_long)?,
         payload_len: payload.len() as u64,
-        crc,
+        checksum: checksums,
     };
     w.write_all(&encode_prefix(&p))?;
     w.write_all(header)?;
-    w.write_all(payload)
+    let mut crc = if checksums { crc32c::crc32c(header) } else { 0 };
+    if payload.len() < PIECE {
+        if checksums {
+            crc = crc32c::crc32c_append(crc, payload);
+        }
+        w.write_all(payload)?;
+    } else {
+        w.flush()?;
+        for piece in payload.chunks(PIECE) {
+            if checksums {
+                crc = crc32c::crc32c_append(crc, piece);
+            }
+            w.get_mut().write_all(piece)?;
+        }
+    }
+    if checksums {
+        w.write_all(&crc.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+/// [`write_frame`] into a byte vector (tests, fuzzing).
+pub fn encode_frame(kind: Kind, header: &[u8], payload: &[u8], checksums: bool) -> Vec<u8> {
+    let mut w = std::io::BufWriter::new(Vec::new());
+    // Writing to a Vec cannot fail, and a header over 4 GiB is no test's.
+    let _ = write_frame(&mut w, kind, header, payload, checksums);
+    w.into_inner().unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -287,9 +344,7 @@ mod tests {
     };
 
     fn encoded(kind: Kind, header: &[u8], payload: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        write_frame(&mut v, kind, header, payload, true).expect("write to a Vec");
-        v
+        encode_frame(kind, header, payload, true)
     }
 
     #[test]
@@ -324,7 +379,7 @@ mod tests {
             kind: Kind::Data,
             header_len: 0,
             payload_len: u64::MAX,
-            crc: Some(0),
+            checksum: true,
         });
         assert!(matches!(
             decode_prefix(&b, &LIMITS),
@@ -339,13 +394,28 @@ mod tests {
 
     #[test]
     fn a_flipped_bit_fails_the_checksum() {
-        let mut bytes = encoded(Kind::Data, &[1, 2, 3], &[7; 100]);
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x10;
-        assert!(matches!(
-            read_frame(&mut &bytes[..], &LIMITS, Vec::new()),
-            Err(WireError::Checksum { .. })
-        ));
+        // A payload of several pieces, so that the checksum runs piece by piece on both ends.
+        let payload: Vec<u8> = (0..PIECE * 2 + 77).map(|i| (i % 253) as u8).collect();
+        let clean = encoded(Kind::Data, &[1, 2, 3], &payload);
+        assert!(read_frame(&mut &clean[..], &LIMITS, Vec::new()).is_ok());
+        // Every byte after the prefix: header, each piece of the payload, the trailer.
+        for at in [
+            PREFIX,
+            PREFIX + 3,
+            PREFIX + 3 + PIECE + 5,
+            clean.len() - 5,
+            clean.len() - 1,
+        ] {
+            let mut bytes = clean.clone();
+            bytes[at] ^= 0x10;
+            assert!(
+                matches!(
+                    read_frame(&mut &bytes[..], &LIMITS, Vec::new()),
+                    Err(WireError::Checksum { .. })
+                ),
+                "a flip at byte {at} went unnoticed"
+            );
+        }
     }
 
     #[test]
