@@ -151,7 +151,7 @@ pub enum Error {
 
     /// A frame from a peer failed its checks (checksum, length, framing); the link to it is
     /// closed.
-    #[error("{at}: a corrupt frame from rank {peer}: {reason}")]
+    #[error("{at}: the link to rank {peer} failed its checks: {reason}")]
     Corrupt {
         /// Where.
         at: At,

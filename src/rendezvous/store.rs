@@ -220,7 +220,7 @@ pub fn register(
     };
     let hello = Hello::new(Purpose::Store, &o.job, rank32, size32, 0, false)
         .map_err(|e| format!("no random nonce: {e}"))?;
-    let (mut s, _) = dial(store, &hello, Some(0), o, dial_deadline.min(deadline))
+    let (mut s, _) = dial(store, &hello, Some(0), o, dial_deadline.min(deadline), true)
         .map_err(|e| format!("the rendezvous store (rank 0) at {store}: {e}"))?;
     write_msg(&mut s, REGISTER, &port.to_le_bytes())
         .map_err(|e| format!("registering at {store}: {e}"))?;

@@ -83,6 +83,8 @@ const POOL_FRAMES: usize = 32;
 const POOL_MAX_BYTES: usize = 256 << 20;
 /// How long a dropped link waits for its writers to flush before it cuts their sockets.
 const LINGER: Duration = Duration::from_secs(2);
+/// How long the mesh's acceptor waits before it looks whether a dial failed.
+const ACCEPT_SLICE: Duration = Duration::from_millis(250);
 /// The longest one handshake may take, within the mesh's deadline.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 
@@ -141,6 +143,8 @@ pub struct TcpLink {
     rank: usize,
     size: usize,
     conns: Vec<Option<Conn>>,
+    /// Frames a rank sends itself (as the in-process mesh allows) go round in memory.
+    own: (Sender<Frame>, Receiver<Frame>),
     control_tx: Sender<Abort>,
     control: Receiver<Abort>,
     limits: Vec<Limits>,
@@ -191,13 +195,16 @@ pub(crate) fn needs_token(addr: &SocketAddr) -> String {
     )
 }
 
-/// Dials `addr` and runs the connector's handshake, until `deadline`.
+/// Dials `addr` and runs the connector's handshake, until `deadline`. A refused connection is
+/// tried again only when `retry_refused` (the store, whose rank 0 may still be starting); in the
+/// mesh every listener was bound before the table went out, so a refusal means the peer is gone.
 pub(crate) fn dial(
     addr: SocketAddr,
     me: &Hello,
     expect_rank: Option<u32>,
     o: &TcpOptions,
     deadline: Instant,
+    retry_refused: bool,
 ) -> std::result::Result<(TcpStream, Agreed), String> {
     if !allowed(&addr, o) {
         return Err(needs_token(&addr));
@@ -219,12 +226,11 @@ pub(crate) fn dial(
             Ok(()) => break TcpStream::from(sock),
             // Not listening yet (a rank still starting), or a full backlog: try again.
             Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionRefused
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::WouldBlock
-                ) =>
+                if (retry_refused && e.kind() == std::io::ErrorKind::ConnectionRefused)
+                    || matches!(
+                        e.kind(),
+                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                    ) =>
             {
                 std::thread::sleep(backoff.min(left));
                 backoff = backoff.saturating_mul(2).min(Duration::from_millis(200));
@@ -348,13 +354,20 @@ impl TcpLink {
         .map_err(|e| connect_error(rank, format!("no random nonce: {e}")))?;
         let mut streams: Vec<Option<(TcpStream, Agreed)>> = (0..size).map(|_| None).collect();
         let higher = size - 1 - rank;
+        let stop = std::sync::atomic::AtomicBool::new(false);
         let accepted = std::thread::scope(|scope| {
             // Accept the ranks above this one while dialling the ranks below.
             let acceptor = scope.spawn(|| {
                 let mut got: Vec<(TcpStream, Agreed)> = Vec::new();
                 let mut seen = vec![false; size];
                 while got.len() < higher {
-                    match accept_one(&listener, &hello, o, deadline) {
+                    // In slices, so that a failed dial below ends the wait early.
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() >= deadline
+                    {
+                        break;
+                    }
+                    let slice = deadline.min(deadline_from(Instant::now(), ACCEPT_SLICE));
+                    match accept_one(&listener, &hello, o, slice) {
                         Ok((s, a)) => {
                             let p = a.peer.rank as usize;
                             if p < rank || seen[p] {
@@ -367,6 +380,7 @@ impl TcpLink {
                             seen[p] = true;
                             got.push((s, a));
                         }
+                        Err(e) if e == "deadline" => {}
                         Err(_) => break,
                     }
                 }
@@ -374,10 +388,11 @@ impl TcpLink {
             });
             let mut dial_err = None;
             for j in (0..rank).rev() {
-                match dial(addrs[j], &hello, Some(j as u32), o, deadline) {
+                match dial(addrs[j], &hello, Some(j as u32), o, deadline, false) {
                     Ok(x) => streams[j] = Some(x),
                     Err(e) => {
                         dial_err = Some(format!("rank {j}: {e}"));
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
                         break;
                     }
                 }
@@ -468,6 +483,7 @@ impl TcpLink {
             rank,
             size,
             conns,
+            own: unbounded(),
             control_tx,
             control,
             limits,
@@ -671,6 +687,9 @@ impl Link for TcpLink {
     }
 
     fn send(&self, to: usize, frame: Frame) -> std::result::Result<(), LinkError> {
+        if to == self.rank {
+            return self.own.0.send(frame).map_err(|_| LinkError::Closed);
+        }
         let c = self.conn(to).ok_or(LinkError::Closed)?;
         let limit = self.limits[to].max_payload;
         if frame.payload.len() as u64 > limit {
@@ -688,15 +707,19 @@ impl Link for TcpLink {
     }
 
     fn recv(&self, from: usize, deadline: Instant) -> std::result::Result<Frame, LinkError> {
-        let c = self.conn(from).ok_or(LinkError::Closed)?;
+        let data = if from == self.rank {
+            &self.own.1
+        } else {
+            &self.conn(from).ok_or(LinkError::Closed)?.data
+        };
         let timeout = deadline.saturating_duration_since(Instant::now());
         select_biased! {
             recv(self.control) -> abort => match abort {
                 Ok(a) => Err(LinkError::Aborted { from: a.from, reason: a.reason }),
                 Err(_) => Err(LinkError::Closed),
             },
-            recv(c.data) -> frame => frame.map_err(|_| self.ended(from, false)),
-            default(timeout) => match c.data.try_recv() {
+            recv(data) -> frame => frame.map_err(|_| self.ended(from, false)),
+            default(timeout) => match data.try_recv() {
                 Ok(frame) => Ok(frame),
                 Err(TryRecvError::Disconnected) => Err(self.ended(from, false)),
                 Err(TryRecvError::Empty) => Err(LinkError::Timeout),
@@ -711,7 +734,13 @@ impl Link for TcpLink {
     ) -> std::result::Result<(usize, Frame), LinkError> {
         let receivers: Vec<(usize, &Receiver<Frame>)> = peers
             .iter()
-            .filter_map(|&p| self.conn(p).map(|c| (p, &c.data)))
+            .filter_map(|&p| {
+                if p == self.rank {
+                    Some((p, &self.own.1))
+                } else {
+                    self.conn(p).map(|c| (p, &c.data))
+                }
+            })
             .collect();
         let mut sel = Select::new_biased();
         let control = sel.recv(&self.control);
@@ -763,5 +792,62 @@ impl Link for TcpLink {
                 reason: reason.to_string(),
             });
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_have_nodelay_and_keepalive() {
+        let links = TcpLink::loopback_mesh(3, &TcpOptions::default()).expect("mesh");
+        for l in &links {
+            for c in l.conns.iter().flatten() {
+                let s = SockRef::from(&c.stream);
+                assert!(s.tcp_nodelay().expect("nodelay"));
+                assert!(s.keepalive().expect("keepalive"));
+                assert_eq!(
+                    s.tcp_keepalive_time().expect("idle"),
+                    Duration::from_secs(1)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_rank_can_send_itself_a_frame() {
+        let links = TcpLink::loopback_mesh(2, &TcpOptions::default()).expect("mesh");
+        let f = Frame {
+            header: vec![1],
+            payload: vec![2, 3],
+        };
+        links[1].send(1, f.clone()).expect("send");
+        let soon = deadline_from(Instant::now(), Duration::from_secs(5));
+        assert_eq!(links[1].recv(1, soon).expect("recv"), f);
+    }
+
+    #[test]
+    fn a_failed_dial_ends_the_mesh_early_naming_the_rank() {
+        // Rank 1 of 3 dials rank 0 at an address nobody listens on, with a long deadline: it
+        // must not wait the deadline out for rank 2, which never comes either.
+        let dead = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let dead_addr = dead.local_addr().expect("addr");
+        drop(dead);
+        let me = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addrs = [dead_addr, me.local_addr().expect("addr"), dead_addr];
+        let o = TcpOptions {
+            timeout: Duration::from_secs(120),
+            ..TcpOptions::default()
+        };
+        let t = Instant::now();
+        let e = TcpLink::connect_mesh(1, me, &addrs, &o).expect_err("nobody there");
+        let text = e.to_string();
+        assert!(
+            text.contains("[0, 2]") && text.contains("rank 0") && text.contains("refused"),
+            "{text}"
+        );
+        // By the refusal, not the deadline.
+        assert!(t.elapsed() < o.timeout, "{:?}", t.elapsed());
     }
 }
