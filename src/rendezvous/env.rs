@@ -206,6 +206,20 @@ impl Launch {
         }
         let job = job_id(vars);
         let master = master(vars, &job)?;
+        // Loopback is one host's: a job whose launcher says it spans several needs an address.
+        let nodes = number(vars, "SLURM_NNODES")?.filter(|_| first.name == "slurm");
+        let spans = local_size.is_some_and(|ls| ls < size) || nodes.is_some_and(|n| n > 1);
+        if spans && matches!(&master, Master::Tcp { from, .. } if from.starts_with("loopback")) {
+            return Err(format!(
+                "the job spans several hosts ({} says {}), but no master address is set: set WCCL_MASTER_ADDR to rank 0's host and WCCL_MASTER_PORT to a free port there (and WCCL_JOB_TOKEN)",
+                first.name,
+                match (local_size, nodes) {
+                    (_, Some(n)) if n > 1 => format!("SLURM_NNODES={n}"),
+                    (Some(ls), _) => format!("{ls} of {size} ranks on this host"),
+                    _ => String::new(),
+                }
+            ));
+        }
         Ok(Launch {
             rank,
             size,
@@ -347,6 +361,8 @@ mod tests {
                     ("WORLD_SIZE", "8"),
                     ("LOCAL_RANK", "1"),
                     ("LOCAL_WORLD_SIZE", "2"),
+                    ("MASTER_ADDR", "node0"),
+                    ("MASTER_PORT", "29500"),
                 ],
                 "torchrun",
                 3,
@@ -359,6 +375,8 @@ mod tests {
                     ("OMPI_COMM_WORLD_SIZE", "6"),
                     ("OMPI_COMM_WORLD_LOCAL_RANK", "2"),
                     ("OMPI_COMM_WORLD_LOCAL_SIZE", "3"),
+                    ("WCCL_MASTER_ADDR", "node0"),
+                    ("WCCL_MASTER_PORT", "4000"),
                 ],
                 "openmpi",
                 5,
@@ -460,6 +478,34 @@ mod tests {
             }
         );
         assert_eq!(l.job, "abc");
+    }
+
+    #[test]
+    fn several_hosts_need_an_address() {
+        let e = Launch::from_vars(&vars(&[
+            ("OMPI_COMM_WORLD_RANK", "0"),
+            ("OMPI_COMM_WORLD_SIZE", "8"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "4"),
+        ]))
+        .expect_err("two hosts");
+        assert!(e.contains("WCCL_MASTER_ADDR"), "{e}");
+        let e = Launch::from_vars(&vars(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_NNODES", "2"),
+        ]))
+        .expect_err("two nodes");
+        assert!(e.contains("SLURM_NNODES=2"), "{e}");
+        // With an address, fine.
+        Launch::from_vars(&vars(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_NNODES", "2"),
+            ("WCCL_MASTER_ADDR", "n1"),
+            ("WCCL_MASTER_PORT", "4000"),
+        ]))
+        .expect("an address");
     }
 
     #[test]
