@@ -8,11 +8,15 @@
 //! A child prints one line, `RESULT rank=R ok ...` or `RESULT rank=R err=Kind: <error>`, where
 //! `Kind` is the `wccl::Error` variant, so that the parent asserts on the kind of error and not
 //! on how long it took.
+//!
+//! Unix only: the tests signal processes (`kill -STOP`) and read how they died.
+#![cfg(unix)]
 
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -446,8 +450,9 @@ fn loop_all_reduce(comm: &mut Communicator) -> Result<String, Fail> {
         let _ = writeln!(out, "READY rank={}", comm.rank());
         let _ = out.flush();
     }
-    // Bounded: a parent that never strikes still sees every child end.
-    for _ in 0..100_000 {
+    // Bounded: a child whose parent never strikes (or died) still ends.
+    let started = Instant::now();
+    while started.elapsed() < JOB_DEADLINE {
         execute(comm, &p, CallOptions::default())?;
     }
     Ok("looped".into())
@@ -745,8 +750,11 @@ impl Procs {
                 if !seen[i]
                     && let Ok(Some(st)) = self.procs[i].child.try_wait()
                 {
-                    // Its last lines may still be in the channel.
-                    std::thread::sleep(Duration::from_millis(100));
+                    // Its last lines may still be on their way: its readers end at the end of
+                    // its pipes (it exited), having sent every line.
+                    for r in self.procs[i].readers.drain(..) {
+                        let _ = r.join();
+                    }
                     while let Ok((j, line)) = self.lines.try_recv() {
                         seen[j] |= line.contains(marker);
                     }
@@ -958,6 +966,11 @@ fn a_killed_process_is_named_by_every_survivor_at_once() {
     procs.wait_lines(&all, "READY rank=", JOB_DEADLINE);
     procs.kill(victim);
     let done = procs.wait_all(JOB_DEADLINE);
+    assert_eq!(
+        done[victim].status.signal(),
+        Some(9),
+        "rank 2 was not killed"
+    );
     for (r, o) in survivors(&done, victim) {
         assert!(
             o.kind != "Timeout" && !o.text.contains("timed out"),
