@@ -576,6 +576,9 @@ struct Proc {
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    /// Whether it is a launcher: SIGKILL would orphan the ranks it started (Open MPI puts
+    /// each in a process group of its own), so it gets SIGTERM first, on which it kills them.
+    launcher: bool,
 }
 
 /// The children of one test. Dropping it kills and reaps every child still running, so that no
@@ -659,7 +662,17 @@ impl Procs {
 
     /// Starts `cmd` as the child called `name`; its output lines are collected (and sent to
     /// [`wait_lines`](Self::wait_lines)) by two reader threads.
-    fn spawn(&mut self, name: String, mut cmd: Command) -> usize {
+    fn spawn(&mut self, name: String, cmd: Command) -> usize {
+        self.start(name, cmd, false)
+    }
+
+    /// [`spawn`](Self::spawn) for a launcher, which the guard stops with SIGTERM (it then
+    /// kills its ranks) before SIGKILL.
+    fn spawn_launcher(&mut self, name: String, cmd: Command) -> usize {
+        self.start(name, cmd, true)
+    }
+
+    fn start(&mut self, name: String, mut cmd: Command, launcher: bool) -> usize {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => panic!("cannot start {name}: {e}"),
@@ -695,6 +708,7 @@ impl Procs {
             stdout,
             stderr,
             readers,
+            launcher,
         });
         index
     }
@@ -857,6 +871,18 @@ impl Procs {
 impl Drop for Procs {
     fn drop(&mut self) {
         for p in &mut self.procs {
+            if p.launcher && matches!(p.child.try_wait(), Ok(None)) {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &p.child.id().to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+                let end = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < end && matches!(p.child.try_wait(), Ok(None)) {
+                    // Polling `try_wait`: std has no wait with a deadline.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
@@ -1059,6 +1085,7 @@ fn a_wrong_job_token_is_refused_on_both_sides() {
     });
     let done = procs.wait_all(JOB_DEADLINE);
     let (o0, o1) = (done[0].outcome(), done[1].outcome());
+    eprintln!("{o0:?}\n{o1:?}");
     assert!(
         o1.kind == "Connect" && o1.text.contains("job token"),
         "rank 1: {o1:?}"
@@ -1088,6 +1115,7 @@ fn a_second_job_on_the_same_port_is_refused_naming_both() {
     procs.kill(0);
     let done = procs.wait_all(JOB_DEADLINE);
     let o = done[jb].outcome();
+    eprintln!("{o:?}");
     assert!(
         o.kind == "Connect" && o.text.contains(&a) && o.text.contains(&b),
         "job B's rank 1: {o:?}"
@@ -1108,6 +1136,7 @@ fn a_port_in_use_is_named_with_its_variable() {
     let done = procs.wait_all(JOB_DEADLINE);
     drop(held);
     let o = done[0].outcome();
+    eprintln!("{o:?}");
     assert!(
         o.kind == "Connect"
             && o.text.contains("in use")
@@ -1126,6 +1155,7 @@ fn a_peer_that_leaves_early_is_named_as_exited() {
     let done = procs.wait_all(JOB_DEADLINE);
     done[1].assert_ok(1);
     let o = done[0].outcome();
+    eprintln!("{o:?}");
     assert!(
         o.kind == "PeerExited" && o.text.contains("rank 1 exited"),
         "rank 0: {o:?}"
@@ -1234,7 +1264,7 @@ fn mpirun_starts_three_ranks() {
         "--test-threads=1",
     ];
     let mut procs = Procs::new();
-    procs.spawn("mpirun".into(), command(&mpirun, &args, &[]));
+    procs.spawn_launcher("mpirun".into(), command(&mpirun, &args, &[]));
     let done = procs.wait_all(JOB_DEADLINE);
     let mut ranks: Vec<String> = done[0]
         .outcomes()
