@@ -1096,6 +1096,32 @@ fn a_wrong_job_token_is_refused_on_both_sides() {
     );
 }
 
+/// The same secret given as `WCCL_JOB_TOKEN` and as a file (with the newline an editor adds)
+/// lets every rank in: the store and the mesh then listen on every interface and check proofs.
+#[test]
+fn a_shared_job_token_lets_every_rank_in() {
+    let _one = serial();
+    let n = 3;
+    let (port, job) = (free_port(), job_id("shared-token"));
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("token");
+    std::fs::write(&file, "s3cret\n").expect("write the token file");
+    let mut procs = Procs::new();
+    procs.spawn_ranks(n, "correct", |r| {
+        let mut v = wccl_vars(r, n, port, &job);
+        v.push(("WCCL_TEST_MATRIX", "tiny".into()));
+        if r == 1 {
+            v.push(("WCCL_JOB_TOKEN_FILE", file.display().to_string()));
+        } else {
+            v.push(("WCCL_JOB_TOKEN", "s3cret".into()));
+        }
+        v
+    });
+    for (r, f) in procs.wait_all(JOB_DEADLINE).iter().enumerate() {
+        f.assert_ok(r);
+    }
+}
+
 #[test]
 fn a_second_job_on_the_same_port_is_refused_naming_both() {
     let _one = serial();
