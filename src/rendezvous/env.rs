@@ -113,6 +113,9 @@ pub struct Launch {
     pub job: String,
 }
 
+/// A source that is present: (source, rank, size, local rank, local size).
+type Found<'a> = (&'a Source, usize, usize, Option<usize>, Option<usize>);
+
 /// Reads a variable as a number, naming it when it is not one.
 fn number(vars: &HashMap<String, String>, name: &str) -> Result<Option<usize>, String> {
     match vars.get(name) {
@@ -155,8 +158,7 @@ impl Launch {
                 "WCCL_LAUNCHER={o:?} is not one of wccl, torchrun, openmpi, mpich, slurm"
             ));
         }
-        // (source, rank, size, local rank, local size)
-        let mut found: Vec<(&Source, usize, usize, Option<usize>, Option<usize>)> = Vec::new();
+        let mut found: Vec<Found<'_>> = Vec::new();
         for s in SOURCES
             .iter()
             .filter(|s| only.as_deref().is_none_or(|o| o == s.name))
@@ -347,7 +349,15 @@ mod tests {
 
     #[test]
     fn each_launcher_is_read() {
-        let cases: [(&[(&str, &str)], &str, usize, usize, usize); 5] = [
+        // (variables, launcher, rank, size, local rank)
+        type Case = (
+            &'static [(&'static str, &'static str)],
+            &'static str,
+            usize,
+            usize,
+            usize,
+        );
+        let cases: [Case; 5] = [
             (
                 &[("WCCL_RANK", "2"), ("WCCL_WORLD_SIZE", "5")],
                 "wccl",
