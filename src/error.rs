@@ -94,7 +94,9 @@ pub enum Error {
     Timeout {
         /// Where.
         at: At,
-        /// The ranks this rank was waiting on.
+        /// The ranks holding this rank up: the peers that fell silent (no frame, not even a
+        /// heartbeat, for half the call; a link that can tell, as TCP's), else the peer this
+        /// rank was receiving from.
         waiting_on: Vec<usize>,
         /// How long the call had run.
         waited: Duration,

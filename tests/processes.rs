@@ -1051,12 +1051,10 @@ fn a_stopped_process_fails_every_survivor_by_its_deadline_and_nothing_hangs() {
     }
 }
 
-/// Which rank is stuck is known only to the rank that waits on it directly: in a ring, the
-/// survivor whose deadline passes first names its own upstream neighbour (`waiting for rank(s)
-/// [3]`), aborts, and the others repeat its reason. Whether rank 2 is named depends on which
-/// survivor started the call first.
+/// Whichever survivor's deadline passes first, it names the stopped rank, not the neighbour it
+/// happened to wait on: the stopped process's heartbeats stopped (`Link::silent_peers`), and
+/// the others repeat that survivor's reason.
 #[test]
-#[ignore = "bug: a timeout names only the peer this rank waited on directly (src/comm/executor.rs link_error), so the stopped rank is named only when its downstream neighbour times out first"]
 fn a_stopped_process_is_named_by_every_survivor() {
     let _one = serial();
     for (r, o) in stop_one() {

@@ -3,7 +3,7 @@
 //! reading back slice k+1 overlaps sending and reducing slice k.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wgpu::{Buffer, BufferUsages, SubmissionIndex};
 
@@ -567,11 +567,21 @@ impl Run<'_, '_> {
     fn link_error(&self, e: LinkError, peer: usize) -> Error {
         let at = self.call.at;
         match e {
-            LinkError::Timeout => Error::Timeout {
-                at,
-                waiting_on: vec![peer],
-                waited: self.call.started.elapsed(),
-            },
+            LinkError::Timeout => {
+                // The peers that fell silent (a stopped or hung process, where the link can
+                // tell) are the cause; the peer this rank waited on may be waiting on them too.
+                let waited = self.call.started.elapsed();
+                let silent = self.link.silent_peers((waited / 2).max(MIN_SILENCE));
+                Error::Timeout {
+                    at,
+                    waiting_on: if silent.is_empty() {
+                        vec![peer]
+                    } else {
+                        silent
+                    },
+                    waited,
+                }
+            }
             LinkError::Closed => Error::LinkClosed { at, peer },
             LinkError::Gone(p) => Error::LinkClosed { at, peer: p },
             LinkError::Exited(p) => Error::PeerExited { at, peer: p },
@@ -588,6 +598,10 @@ impl Run<'_, '_> {
 }
 
 /// Whether a byte offset and length suit `copy_buffer_to_buffer` (multiples of 4).
+/// The shortest silence that names a peer as the cause of a timeout: two heartbeats of the TCP
+/// link's default half-second, missed.
+const MIN_SILENCE: Duration = Duration::from_secs(1);
+
 fn aligned4(offset: u64, len: usize) -> bool {
     offset.is_multiple_of(4) && len.is_multiple_of(4)
 }

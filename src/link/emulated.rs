@@ -157,6 +157,10 @@ impl<L: Link> Link for EmulatedLink<L> {
         self.deliver(held, deadline).map(|f| (peer, f))
     }
 
+    fn silent_peers(&self, longer_than: Duration) -> Vec<usize> {
+        self.inner.silent_peers(longer_than)
+    }
+
     fn abort(&self, reason: &str) {
         self.inner.abort(reason);
     }

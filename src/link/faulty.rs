@@ -213,6 +213,10 @@ impl<L: Link> Link for FaultyLink<L> {
         }
     }
 
+    fn silent_peers(&self, longer_than: Duration) -> Vec<usize> {
+        self.inner.silent_peers(longer_than)
+    }
+
     fn abort(&self, reason: &str) {
         if !self.plan.lock().killed.contains(&self.inner.rank()) {
             self.inner.abort(reason);

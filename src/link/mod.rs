@@ -96,6 +96,14 @@ pub trait Link: Send + Sync {
     /// Receives the next frame from any of `peers`, waiting until `deadline` at most; returns
     /// the sender with the frame. A peer whose end is gone is reported as [`LinkError::Gone`].
     fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError>;
+    /// The peers not heard from (no frame, not even a heartbeat) for longer than
+    /// `longer_than`: a stopped or hung process. Empty (the default) for a link that cannot
+    /// tell. A rank whose deadline passed names these as the cause, rather than the peer it
+    /// happened to wait on (which may itself be waiting on a silent one).
+    fn silent_peers(&self, longer_than: std::time::Duration) -> Vec<usize> {
+        let _ = longer_than;
+        Vec::new()
+    }
     /// Tells every other rank that this rank gave up, and why (best effort).
     fn abort(&self, reason: &str);
     /// A function that aborts for this rank from another thread while this rank may be blocked
@@ -123,6 +131,9 @@ impl<L: Link + ?Sized> Link for Box<L> {
     }
     fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
         (**self).recv_any(peers, deadline)
+    }
+    fn silent_peers(&self, longer_than: std::time::Duration) -> Vec<usize> {
+        (**self).silent_peers(longer_than)
     }
     fn abort(&self, reason: &str) {
         (**self).abort(reason)

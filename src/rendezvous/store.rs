@@ -221,7 +221,7 @@ pub fn register(
     let hello = Hello::new(Purpose::Store, &o.job, rank32, size32, 0, false)
         .map_err(|e| format!("no random nonce: {e}"))?;
     let (mut s, _) = dial(store, &hello, Some(0), o, dial_deadline.min(deadline), true)
-        .map_err(|e| format!("the rendezvous store (rank 0) at {store}: {e}"))?;
+        .map_err(|e| format!("the rendezvous store (rank 0): {e}"))?;
     write_msg(&mut s, REGISTER, &port.to_le_bytes())
         .map_err(|e| format!("registering at {store}: {e}"))?;
     // The table comes once every rank registered: wait until the deadline, and a little

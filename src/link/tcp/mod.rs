@@ -19,6 +19,10 @@
 //!   host is noticed without traffic: probes after [`TcpOptions::keepalive`] idle, then every
 //!   `keepalive`, 5 unanswered probes close the link) and a TCP user timeout of 10 keep-alive
 //!   periods (unacknowledged data).
+//! - **Heartbeats.** A writer idle for half the keep-alive period sends a ping; the reader
+//!   notes when each peer was last heard, so that a deadline can name the peers that fell
+//!   silent (a stopped or hung process), not only the one this rank happened to wait on
+//!   ([`Link::silent_peers`]).
 //! - **Ends are told apart.** A link dropped cleanly sends a goodbye after its last frame: its
 //!   peers report [`LinkError::Exited`]. A connection that ends without one (a killed process)
 //!   is [`LinkError::Closed`]/[`LinkError::Gone`]; a frame that fails its checks is
@@ -108,6 +112,32 @@ impl Pool {
     }
 }
 
+/// When a peer was last heard from (any frame, heartbeats included), in milliseconds since the
+/// link started.
+struct Heard {
+    epoch: Instant,
+    at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Heard {
+    fn new(epoch: Instant) -> Heard {
+        let h = Heard {
+            epoch,
+            at_ms: std::sync::atomic::AtomicU64::new(0),
+        };
+        h.now();
+        h
+    }
+    fn now(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.at_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn silent_for(&self) -> Duration {
+        let at = Duration::from_millis(self.at_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(at)
+    }
+}
+
 /// How a connection ended, as its reader saw it.
 #[derive(Clone, Debug)]
 enum End {
@@ -131,6 +161,7 @@ enum Out {
 
 struct Conn {
     stream: TcpStream,
+    heard: Arc<Heard>,
     out: Sender<Out>,
     urgent: Sender<String>,
     data: Receiver<Frame>,
@@ -164,6 +195,11 @@ fn connect_error(rank: usize, message: String) -> Error {
         at: At::rank(rank),
         message,
     }
+}
+
+/// The idle time after which a writer sends a heartbeat: half the keep-alive period.
+fn heartbeat(o: &TcpOptions) -> Duration {
+    (o.keepalive / 2).max(Duration::from_millis(100))
 }
 
 /// Socket options every connection gets (before connect, so the buffers shape the window).
@@ -418,7 +454,7 @@ impl TcpLink {
                 ),
             ));
         }
-        Ok(Self::start(rank, size, streams))
+        Ok(Self::start(rank, size, streams, heartbeat(o)))
     }
 
     /// A mesh of `n` ranks over loopback sockets in this process (tests and benches: the same
@@ -460,7 +496,12 @@ impl TcpLink {
     }
 
     /// Starts a reader and a writer thread per connection.
-    fn start(rank: usize, size: usize, streams: Vec<Option<(TcpStream, Agreed)>>) -> TcpLink {
+    fn start(
+        rank: usize,
+        size: usize,
+        streams: Vec<Option<(TcpStream, Agreed)>>,
+        heartbeat: Duration,
+    ) -> TcpLink {
         let (control_tx, control) = unbounded();
         let pool = Pool::default();
         let mut limits = vec![
@@ -476,7 +517,7 @@ impl TcpLink {
             .map(|(peer, s)| {
                 let (stream, agreed) = s?;
                 limits[peer] = agreed.limits;
-                Conn::start(peer, stream, agreed.limits, &control_tx, &pool)
+                Conn::start(peer, stream, agreed.limits, &control_tx, &pool, heartbeat)
             })
             .collect();
         TcpLink {
@@ -520,6 +561,7 @@ impl Conn {
         limits: Limits,
         control: &Sender<Abort>,
         pool: &Pool,
+        heartbeat: Duration,
     ) -> Option<Conn> {
         // The handshake's timeouts end here: the reader blocks until a frame or the end, the
         // writer until its frame is out (a dead peer ends both through keep-alives, the user
@@ -535,13 +577,15 @@ impl Conn {
         let (data_tx, data_rx) = unbounded::<Frame>();
         let (done_tx, done_rx) = bounded::<()>(1);
         let end = Arc::new(Mutex::new(None));
+        let heard = Arc::new(Heard::new(Instant::now()));
         {
             let end = end.clone();
             let control = control.clone();
             let pool = pool.clone();
+            let heard = heard.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("wccl-tcp-read-{peer}"))
-                .spawn(move || read_loop(peer, reader, limits, data_tx, control, end, pool));
+                .spawn(move || read_loop(peer, reader, limits, data_tx, control, end, pool, heard));
             if spawned.is_err() {
                 return None;
             }
@@ -552,7 +596,7 @@ impl Conn {
             let spawned = std::thread::Builder::new()
                 .name(format!("wccl-tcp-write-{peer}"))
                 .spawn(move || {
-                    write_loop(writer, out_rx, urgent_rx, checksums, pool);
+                    write_loop(writer, out_rx, urgent_rx, checksums, pool, heartbeat);
                     let _ = done_tx.send(());
                 });
             if spawned.is_err() {
@@ -561,6 +605,7 @@ impl Conn {
         }
         Some(Conn {
             stream,
+            heard,
             out: out_tx,
             urgent: urgent_tx,
             data: data_rx,
@@ -570,6 +615,7 @@ impl Conn {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn read_loop(
     peer: usize,
     stream: TcpStream,
@@ -578,6 +624,7 @@ fn read_loop(
     control: Sender<Abort>,
     end: Arc<Mutex<Option<End>>>,
     pool: Pool,
+    heard: Arc<Heard>,
 ) {
     let mut r = BufReader::with_capacity(256 << 10, stream);
     let set = |e: End| {
@@ -588,7 +635,11 @@ fn read_loop(
     };
     loop {
         let spare = pool.take();
-        match wire::read_frame(&mut r, &limits, spare.payload) {
+        let frame = wire::read_frame(&mut r, &limits, spare.payload);
+        if frame.is_ok() {
+            heard.now();
+        }
+        match frame {
             // A link dropped on this side leaves nobody to deliver to: keep draining, so that
             // the peer's last frames are read and its close is clean.
             Ok(Incoming::Data(f)) => drop(data.send(f)),
@@ -617,6 +668,7 @@ fn write_loop(
     urgent: Receiver<String>,
     checksums: bool,
     pool: Pool,
+    heartbeat: Duration,
 ) {
     let mut w = BufWriter::with_capacity(256 << 10, &stream);
     let result = (|| -> std::io::Result<()> {
@@ -632,6 +684,13 @@ fn write_loop(
                     Err(_) => None,
                 },
                 recv(out) -> m => m.ok(),
+                // Idle: a heartbeat, so that the peer can tell this process is running (a
+                // stopped or hung one falls silent; see `Link::silent_peers`).
+                default(heartbeat) => {
+                    wire::write_frame(&mut w, Kind::Ping, &[], &[], checksums)?;
+                    w.flush()?;
+                    continue;
+                }
             };
             match next {
                 Some(Out::Data(f)) => {
@@ -767,6 +826,16 @@ impl Link for TcpLink {
         op.recv(r)
             .map(|f| (peer, f))
             .map_err(|_| self.ended(peer, true))
+    }
+
+    fn silent_peers(&self, longer_than: Duration) -> Vec<usize> {
+        self.conns
+            .iter()
+            .enumerate()
+            .filter_map(|(p, c)| c.as_ref().map(|c| (p, c)))
+            .filter(|(_, c)| c.heard.silent_for() > longer_than)
+            .map(|(p, _)| p)
+            .collect()
     }
 
     fn abort(&self, reason: &str) {
