@@ -149,8 +149,9 @@ impl Launch {
                 "WCCL_LAUNCHER={o:?} is not one of wccl, torchrun, openmpi, mpich, slurm"
             ));
         }
-        // (source, rank, size, local rank, local size)
-        let mut found: Vec<(&Source, usize, usize, Option<usize>, Option<usize>)> = Vec::new();
+        /// A launcher's variables that are set: source, rank, size, local rank, local size.
+        type Found<'a> = (&'a Source, usize, usize, Option<usize>, Option<usize>);
+        let mut found: Vec<Found<'_>> = Vec::new();
         for s in SOURCES
             .iter()
             .filter(|s| only.as_deref().is_none_or(|o| o == s.name))
