@@ -328,7 +328,9 @@ mod tests {
 
     #[test]
     fn each_launcher_is_read() {
-        let cases: [(&[(&str, &str)], &str, usize, usize, usize); 5] = [
+        // (variables, launcher, rank, size, local rank)
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, usize, usize, usize);
+        let cases: [Case<'_>; 5] = [
             (
                 &[("WCCL_RANK", "2"), ("WCCL_WORLD_SIZE", "5")],
                 "wccl",
