@@ -467,7 +467,8 @@ fn decode_stream(
     let mut r = input;
     // A stream of n bytes holds at most n / PREFIX frames.
     for i in 0..=input.len() / PREFIX {
-        match read_frame(&mut r, limits, Vec::new()) {
+        // A reused payload buffer, poisoned: what it held must not leak into a frame.
+        match read_frame(&mut r, limits, vec![0xa5; 37]) {
             Ok(f) => check(i, f)?,
             Err(e) => return Ok((i, e)),
         }
