@@ -21,6 +21,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub use env::{Launch, Master, derived_port, token_from_vars};
+#[doc(hidden)] // the store's decoders, public for tests/tcp_fuzz.rs only
+pub use store::{decode_table, read_msg};
 
 use crate::deadline::deadline_from;
 use crate::error::{At, Error, Result};

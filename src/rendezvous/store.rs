@@ -36,7 +36,8 @@ fn write_msg(s: &mut TcpStream, kind: u8, body: &[u8]) -> std::io::Result<()> {
 }
 
 /// Reads one message; the length is checked before the body is allocated.
-pub(crate) fn read_msg(s: &mut impl Read) -> Result<(u8, Vec<u8>), String> {
+#[doc(hidden)] // public for tests/tcp_fuzz.rs only
+pub fn read_msg(s: &mut impl Read) -> Result<(u8, Vec<u8>), String> {
     let mut head = [0u8; 5];
     s.read_exact(&mut head).map_err(|e| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
@@ -73,7 +74,8 @@ fn encode_table(table: &[SocketAddr]) -> Vec<u8> {
 }
 
 /// Decodes a table of `size` addresses.
-pub(crate) fn decode_table(b: &[u8], size: usize) -> Result<Vec<SocketAddr>, String> {
+#[doc(hidden)] // public for tests/tcp_fuzz.rs only
+pub fn decode_table(b: &[u8], size: usize) -> Result<Vec<SocketAddr>, String> {
     let mut out = Vec::with_capacity(size.min(MAX_BODY));
     let mut rest = b;
     while let Some((&len, tail)) = rest.split_first() {

@@ -12,7 +12,8 @@
 //! | 16..24 | reserved | zero |
 //!
 //! Then the header, the payload, and, when flagged (required when checksums were negotiated),
-//! a 4-byte CRC32C of header and payload. The checksum is a trailer so that both ends compute it
+//! a 4-byte CRC32C of prefix, header and payload (the prefix too: a flipped bit must not turn
+//! a frame into another kind, or move bytes between header and payload). The checksum is a trailer so that both ends compute it
 //! piece by piece ([`PIECE`] bytes) as the bytes pass, while they are in cache, instead of in a
 //! second pass over a payload of megabytes.
 //!
@@ -246,7 +247,7 @@ pub fn read_frame(
     let p = decode_prefix(&raw, limits)?;
     let mut header = Vec::new();
     read_body(r, u64::from(p.header_len), &mut header)?;
-    let mut crc = crc32c::crc32c(&header);
+    let mut crc = crc32c::crc32c_append(crc32c::crc32c(&raw), &header);
     let mut payload = payload;
     payload.clear();
     let mut left = p.payload_len;
@@ -303,9 +304,14 @@ pub fn write_frame<W: Write>(
         payload_len: payload.len() as u64,
         checksum: checksums,
     };
-    w.write_all(&encode_prefix(&p))?;
+    let prefix = encode_prefix(&p);
+    w.write_all(&prefix)?;
     w.write_all(header)?;
-    let mut crc = if checksums { crc32c::crc32c(header) } else { 0 };
+    let mut crc = if checksums {
+        crc32c::crc32c_append(crc32c::crc32c(&prefix), header)
+    } else {
+        0
+    };
     if payload.len() < PIECE {
         if checksums {
             crc = crc32c::crc32c_append(crc, payload);
