@@ -1002,6 +1002,13 @@ fn a_killed_process_is_named_by_every_survivor_at_once() {
             o.kind != "Timeout" && !o.text.contains("timed out"),
             "rank {r} waited for its deadline instead of seeing the socket close: {o:?}"
         );
+        // A closed socket, seen directly or through a peer's abort: not a corrupt frame (a
+        // process killed mid-frame ends its stream inside one).
+        assert!(
+            (o.kind == "LinkClosed" || o.kind == "PeerAborted")
+                && !o.text.contains("failed its checks"),
+            "rank {r}: {o:?}"
+        );
         assert!(
             o.text.contains("rank 2"),
             "rank {r} does not name rank 2: {o:?}"
@@ -1058,8 +1065,21 @@ fn a_stopped_process_fails_every_survivor_by_its_deadline_and_nothing_hangs() {
 fn a_stopped_process_is_named_by_every_survivor() {
     let _one = serial();
     for (r, o) in stop_one() {
+        // The silent ranks named: rank 2 among them (a healthy peer delayed on a loaded
+        // machine may be named beside it, never instead of it).
+        let named: Vec<usize> = o
+            .text
+            .split("rank(s) [")
+            .nth(1)
+            .and_then(|t| t.split(']').next())
+            .map(|l| {
+                l.split(", ")
+                    .filter_map(|x| x.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
         assert!(
-            o.text.contains("rank(s) [2]"),
+            named.contains(&2),
             "rank {r} does not name the stopped rank 2: {o:?}"
         );
     }

@@ -520,6 +520,9 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
     // Under mpirun, torchrun or srun: one rank per process over TCP, as nccl-tests built with
     // MPI=1 runs.
     if wccl::rendezvous::env::launched(&std::env::vars().collect()) {
+        if settings.link.is_some() {
+            return Err("--link-gbps emulates links between the ranks of one process; under a launcher the links are real TCP".into());
+        }
         return launched(kind, &a, &settings, config);
     }
     let links = match settings.link {

@@ -597,11 +597,11 @@ impl Run<'_, '_> {
     }
 }
 
-/// Whether a byte offset and length suit `copy_buffer_to_buffer` (multiples of 4).
 /// The shortest silence that names a peer as the cause of a timeout: two heartbeats of the TCP
 /// link's default half-second, missed.
 const MIN_SILENCE: Duration = Duration::from_secs(1);
 
+/// Whether a byte offset and length suit `copy_buffer_to_buffer` (multiples of 4).
 fn aligned4(offset: u64, len: usize) -> bool {
     offset.is_multiple_of(4) && len.is_multiple_of(4)
 }

@@ -165,6 +165,34 @@ mod tests {
         assert_eq!(got.payload, frame(7, 333).payload);
     }
 
+    /// `EmulatedLink<TcpLink>` and `FaultyLink<EmulatedLink<TcpLink>>`: the wrappers compose
+    /// over TCP as over channels.
+    #[test]
+    fn the_wrappers_compose_over_tcp_links() {
+        let emu = LinkEmulation {
+            gbps: 100.0,
+            latency_us: 40_000.0,
+            jitter_us: 0.0,
+        };
+        let plan = FaultPlan::new();
+        let stack = LinkStack::new()
+            .tcp(crate::link::TcpOptions::default())
+            .emulate(emu)
+            .faults(plan.clone());
+        let links = stack.mesh(3).expect("a loopback mesh");
+        let t = Instant::now();
+        links[1].send(0, frame(7, 333)).expect("send");
+        let got = links[0].recv(1, soon()).expect("recv");
+        assert!(
+            t.elapsed() >= Duration::from_millis(40),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(got, frame(7, 333), "the stamp is stripped");
+        plan.kill(2);
+        assert_eq!(links[0].recv(2, soon()).err(), Some(LinkError::Gone(2)));
+    }
+
     #[test]
     fn the_plan_applies_to_every_link_of_the_stack() {
         let plan = FaultPlan::new();

@@ -134,8 +134,9 @@ pub fn launched(vars: &HashMap<String, String>) -> bool {
     vars.contains_key("WCCL_LAUNCHER") || SOURCES.iter().any(|s| vars.contains_key(s.rank))
 }
 
-/// The port derived from a job id when nothing names one: in 20000..40000, below Linux's
-/// ephemeral range (32768.. overlaps; collisions there are refused at bind and name the port).
+/// The port derived from a job id when nothing names one: in 20000..40000. That overlaps
+/// Linux's ephemeral range (32768..): a port some connection holds is refused at bind, with an
+/// error naming it and `WCCL_MASTER_PORT`.
 pub fn derived_port(job: &str) -> u16 {
     let h = blake3::hash(job.as_bytes());
     let b = h.as_bytes();
@@ -211,7 +212,12 @@ impl Launch {
         // Loopback is one host's: a job whose launcher says it spans several needs an address.
         let nodes = number(vars, "SLURM_NNODES")?.filter(|_| first.name == "slurm");
         let spans = local_size.is_some_and(|ls| ls < size) || nodes.is_some_and(|n| n > 1);
-        if spans && matches!(&master, Master::Tcp { from, .. } if from.starts_with("loopback")) {
+        // The file rendezvous publishes a loopback address: one host only.
+        let one_host = match &master {
+            Master::Tcp { from, .. } => from.starts_with("loopback"),
+            Master::File(_) => true,
+        };
+        if spans && one_host {
             return Err(format!(
                 "the job spans several hosts ({} says {}), but no master address is set: set WCCL_MASTER_ADDR to rank 0's host and WCCL_MASTER_PORT to a free port there (and WCCL_JOB_TOKEN)",
                 first.name,

@@ -31,8 +31,9 @@ use crate::link::{TcpLink, TcpOptions};
 
 /// Listen backlog: a rendezvous of a thousand ranks must not see refused connections.
 const BACKLOG: i32 = 1024;
-/// The spacing of ranks' first dials to the store (rank r waits r/64 of these).
-const STAGGER: Duration = Duration::from_millis(1);
+/// The spacing of ranks' first dials to the store: rank r waits r of these (a thousand ranks
+/// arrive over 0.2 s, about the rate rank 0 handshakes them one at a time, not all at once).
+const STAGGER: Duration = Duration::from_micros(200);
 
 fn err(rank: usize, message: String) -> Error {
     Error::Connect {
@@ -56,9 +57,10 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(s.into())
 }
 
-/// Resolves a master host and port to one address.
+/// Resolves a master host and port to one address, IPv4 first: the ranks' own listeners are
+/// IPv4, and `localhost` resolves to `::1` first on some systems.
 fn resolve(rank: usize, host: &str, port: u16) -> Result<SocketAddr> {
-    (host, port)
+    let all: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
         .map_err(|e| {
             err(
@@ -66,7 +68,11 @@ fn resolve(rank: usize, host: &str, port: u16) -> Result<SocketAddr> {
                 format!("cannot resolve the master address {host}:{port}: {e}"),
             )
         })?
-        .next()
+        .collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| all.first())
+        .copied()
         .ok_or_else(|| {
             err(
                 rank,
@@ -148,7 +154,7 @@ pub fn connect_link(rank: usize, size: usize, master: &Master, o: &TcpOptions) -
         r?
     } else {
         // Stagger the first dials: rank 0 accepts them one at a time.
-        let stagger = STAGGER.saturating_mul(u32::try_from(rank / 64).unwrap_or(u32::MAX));
+        let stagger = STAGGER.saturating_mul(u32::try_from(rank).unwrap_or(u32::MAX));
         std::thread::sleep(stagger.min(deadline.saturating_duration_since(Instant::now())));
         match master {
             Master::Tcp { host, port: p, .. } => {
@@ -207,9 +213,16 @@ fn register_by_file(
                         let once = deadline_from(Instant::now(), Duration::from_secs(5));
                         match store::register(addr, rank, size, port, o, once, deadline) {
                             Ok(t) => return Ok(t),
-                            // Only a store that cannot be reached or is another job's is
-                            // retried; one that answered and failed the job ends it.
-                            Err(e) if e.starts_with("the rendezvous store") => last = e,
+                            // Only a store that cannot be reached (a stale address) or that is
+                            // another job's is retried; a refusal (token, size) or a store that
+                            // failed the job ends it.
+                            Err(e)
+                                if e.contains("could not reach")
+                                    || e.contains("could not connect")
+                                    || e.contains("a second job on the same port") =>
+                            {
+                                last = e
+                            }
                             Err(e) => return Err(err(rank, e)),
                         }
                     }

@@ -122,7 +122,7 @@ pub fn serve(
     let mut reg: Vec<Option<(IpAddr, u16, TcpStream)>> = (0..size).map(|_| None).collect();
     let mut count = 1; // rank 0 itself
     while count < size {
-        let (mut s, agreed) = match accept_one(listener, &hello, o, deadline) {
+        let (mut s, agreed) = match accept_one(listener, &hello, o, deadline, deadline) {
             Ok(x) => x,
             Err(_) => break, // the deadline
         };
@@ -131,7 +131,11 @@ pub fn serve(
             Ok(a) => a,
             Err(_) => continue,
         };
-        if s.set_read_timeout(Some(time_left(deadline))).is_err() {
+        // A short wait for the registration: the store serves one connection at a time, and a
+        // rank stopped between handshake and registration must not hold up the others.
+        if s.set_read_timeout(Some(time_left(deadline).min(crate::link::tcp::HANDSHAKE)))
+            .is_err()
+        {
             continue;
         }
         let port = match read_msg(&mut s) {

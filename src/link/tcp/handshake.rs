@@ -53,9 +53,18 @@ impl fmt::Debug for JobToken {
 }
 
 impl JobToken {
-    /// A token from bytes (a passphrase, or the contents of a token file).
+    /// A token from bytes (a passphrase, or the contents of a token file). Use 32 random
+    /// bytes or more (`head -c 32 /dev/urandom | base64`): anyone who can reach a rank's port
+    /// gets a MAC under the token to guess against offline, so a short passphrase is weak.
     pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
-        JobToken(bytes.into())
+        let bytes = bytes.into();
+        if bytes.len() < 16 {
+            tracing::warn!(
+                "a job token of {} bytes can be guessed offline; use 32 random bytes",
+                bytes.len()
+            );
+        }
+        JobToken(bytes)
     }
 
     /// The MAC key: derived from the token, never the token itself.
@@ -106,9 +115,16 @@ impl Hello {
     ) -> io::Result<Hello> {
         let mut nonce = [0u8; 32];
         getrandom::fill(&mut nonce).map_err(|e| io::Error::other(e.to_string()))?;
+        // Ids longer than a hello carries are hashed, so that two long ids stay distinct and
+        // both ends compare what they sent.
+        let job = if job.len() > MAX_JOB {
+            blake3::hash(job.as_bytes()).to_hex().to_string()
+        } else {
+            job.to_string()
+        };
         Ok(Hello {
             purpose,
-            job: job.to_string(),
+            job,
             rank,
             size,
             max_payload,
@@ -376,7 +392,7 @@ pub fn accept_side<S: Read + Write>(
     Ok(agreed(me, peer))
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;

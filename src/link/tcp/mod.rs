@@ -17,8 +17,12 @@
 //!   receives, so after the first slices the buffers go round.
 //! - `TCP_NODELAY`, socket buffers of [`TcpOptions::socket_buffer`], TCP keep-alives (so a dead
 //!   host is noticed without traffic: probes after [`TcpOptions::keepalive`] idle, then every
-//!   `keepalive`, 5 unanswered probes close the link) and a TCP user timeout of 10 keep-alive
-//!   periods (unacknowledged data).
+//!   `keepalive`) and a TCP user timeout of 10 keep-alive periods, which on Linux bounds both
+//!   unacknowledged data and unanswered probes: a dead host closes the link in about 10 s.
+//! - **Limits.** Two threads and three descriptors per peer, and a heartbeat every half
+//!   keep-alive per idle connection: fine for tens of ranks per process, heavy at a thousand.
+//!   Received frames queue without a bound, as in the in-process mesh: a peer that sends far
+//!   ahead of this rank's receives costs memory (frames are bounded, their number is not).
 //! - **Heartbeats.** A writer idle for half the keep-alive period sends a ping; the reader
 //!   notes when each peer was last heard, so that a deadline can name the peers that fell
 //!   silent (a stopped or hung process), not only the one this rank happened to wait on
@@ -65,6 +69,12 @@ pub struct TcpOptions {
     pub keepalive: Duration,
     /// Send and receive socket buffer sizes (default 4 MiB; the kernel may cap them).
     pub socket_buffer: usize,
+    /// How long a dropped link waits for its queued frames to go out before it cuts the
+    /// connections (default 10 s). `send` only queues: a rank that returns from its last
+    /// collective and drops its communicator may still have frames on their way, and a slow
+    /// peer gets them whole as long as they leave within this time. Exiting the process
+    /// without dropping the link (`std::process::exit`) loses them.
+    pub linger: Duration,
 }
 
 impl Default for TcpOptions {
@@ -77,6 +87,7 @@ impl Default for TcpOptions {
             timeout: Duration::from_secs(60),
             keepalive: Duration::from_secs(1),
             socket_buffer: 4 << 20,
+            linger: Duration::from_secs(10),
         }
     }
 }
@@ -85,12 +96,10 @@ impl Default for TcpOptions {
 const POOL_FRAMES: usize = 32;
 /// Buffers larger than this are not kept in the pool.
 const POOL_MAX_BYTES: usize = 256 << 20;
-/// How long a dropped link waits for its writers to flush before it cuts their sockets.
-const LINGER: Duration = Duration::from_secs(2);
 /// How long the mesh's acceptor waits before it looks whether a dial failed.
 const ACCEPT_SLICE: Duration = Duration::from_millis(250);
 /// The longest one handshake may take, within the mesh's deadline.
-const HANDSHAKE: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Default)]
 struct Pool(Arc<Mutex<Vec<Frame>>>);
@@ -173,6 +182,7 @@ struct Conn {
 pub struct TcpLink {
     rank: usize,
     size: usize,
+    linger: Duration,
     conns: Vec<Option<Conn>>,
     /// Frames a rank sends itself (as the in-process mesh allows) go round in memory.
     own: (Sender<Frame>, Receiver<Frame>),
@@ -195,6 +205,19 @@ fn connect_error(rank: usize, message: String) -> Error {
         at: At::rank(rank),
         message,
     }
+}
+
+/// An abort reason cut to what a peer accepts ([`wire::MAX_REASON`]), at a character boundary.
+fn bounded_reason(reason: &str) -> String {
+    let max = usize::try_from(wire::MAX_REASON).unwrap_or(usize::MAX);
+    if reason.len() <= max {
+        return reason.to_string();
+    }
+    let mut end = max;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
 }
 
 /// The idle time after which a writer sends a heartbeat: half the keep-alive period.
@@ -245,8 +268,9 @@ pub(crate) fn dial(
     if !allowed(&addr, o) {
         return Err(needs_token(&addr));
     }
+    let key = JobToken::key(o.token.as_ref());
     let mut backoff = Duration::from_millis(1);
-    let stream = loop {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(format!("could not reach {addr} before the deadline"));
@@ -258,8 +282,20 @@ pub(crate) fn dial(
         )
         .map_err(|e| format!("socket: {e}"))?;
         tune(&SockRef::from(&sock), o).map_err(|e| format!("socket options: {e}"))?;
-        match sock.connect_timeout(&addr.into(), left.min(HANDSHAKE)) {
-            Ok(()) => break TcpStream::from(sock),
+        let retry = match sock.connect_timeout(&addr.into(), left.min(HANDSHAKE)) {
+            Ok(()) => {
+                let mut s = TcpStream::from(sock);
+                let hs = left.min(HANDSHAKE).max(Duration::from_millis(1));
+                s.set_read_timeout(Some(hs)).map_err(|e| e.to_string())?;
+                s.set_write_timeout(Some(hs)).map_err(|e| e.to_string())?;
+                match connect_side(&mut s, me, expect_rank, &key) {
+                    Ok(agreed) => return Ok((s, agreed)),
+                    // The peer closed or timed out mid-handshake (busy with others): dial
+                    // again while the deadline allows. A refusal is final.
+                    Err(e @ handshake::HandshakeError::Broken(_)) => format!("{addr}: {e}"),
+                    Err(e) => return Err(format!("{addr}: {e}")),
+                }
+            }
             // Not listening yet (a rank still starting), or a full backlog: try again.
             Err(e)
                 if (retry_refused && e.kind() == std::io::ErrorKind::ConnectionRefused)
@@ -268,51 +304,97 @@ pub(crate) fn dial(
                         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
                     ) =>
             {
-                std::thread::sleep(backoff.min(left));
-                backoff = backoff.saturating_mul(2).min(Duration::from_millis(200));
+                format!("could not connect to {addr}: {e}")
             }
             Err(e) => return Err(format!("could not connect to {addr}: {e}")),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(retry);
         }
-    };
-    let mut s = stream;
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .min(HANDSHAKE);
-    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(left.max(Duration::from_millis(1))))
-        .map_err(|e| e.to_string())?;
-    let key = JobToken::key(o.token.as_ref());
-    let agreed = connect_side(&mut s, me, expect_rank, &key).map_err(|e| format!("{addr}: {e}"))?;
-    Ok((s, agreed))
+        // A wait between tries with a deadline: what to wait on is the peer starting.
+        std::thread::sleep(backoff.min(left));
+        backoff = backoff.saturating_mul(2).min(Duration::from_millis(200));
+    }
 }
 
-/// Accepts one connection that passes the handshake, until `deadline`; refusals are logged
-/// with the peer's address, and accepting goes on.
+/// The error [`accept_one`] returns when nobody connected before its accept deadline.
+pub(crate) const NOBODY: &str = "deadline";
+
+/// Waits for one connection until `deadline`.
+#[cfg(unix)]
+fn accept_until(
+    listener: &TcpListener,
+    deadline: Instant,
+) -> std::io::Result<Option<(TcpStream, SocketAddr)>> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Ok(None);
+    }
+    // SO_RCVTIMEO on a listening socket bounds `accept` (Linux, the BSDs): the wait has this
+    // deadline without polling.
+    SockRef::from(listener).set_read_timeout(Some(left))?;
+    match listener.accept() {
+        Ok(x) => Ok(Some(x)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits for one connection until `deadline` (where a listener's receive timeout does not
+/// bound `accept`: polling a non-blocking listener).
+#[cfg(not(unix))]
+fn accept_until(
+    listener: &TcpListener,
+    deadline: Instant,
+) -> std::io::Result<Option<(TcpStream, SocketAddr)>> {
+    listener.set_nonblocking(true)?;
+    loop {
+        match listener.accept() {
+            Ok((s, a)) => {
+                s.set_nonblocking(false)?;
+                return Ok(Some((s, a)));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                std::thread::sleep(left.min(Duration::from_millis(10)));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Accepts one connection that passes the handshake: waits for connections until
+/// `accept_deadline` (then [`NOBODY`]), and gives each handshake until `deadline` (at most
+/// [`HANDSHAKE`]). Refusals are logged with the peer's address, and accepting goes on.
 pub(crate) fn accept_one(
     listener: &TcpListener,
     me: &Hello,
     o: &TcpOptions,
+    accept_deadline: Instant,
     deadline: Instant,
 ) -> std::result::Result<(TcpStream, Agreed), String> {
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err("deadline".into());
-        }
-        // SO_RCVTIMEO on a listening socket bounds `accept` (Linux, the BSDs): the wait has
-        // this deadline without polling.
-        SockRef::from(listener)
-            .set_read_timeout(Some(left))
-            .map_err(|e| format!("listener: {e}"))?;
-        let (mut s, from) = match listener.accept() {
-            Ok(x) => x,
+        let (mut s, from) = match accept_until(listener, accept_deadline.min(deadline)) {
+            Ok(Some(x)) => x,
+            Ok(None) => return Err(NOBODY.into()),
+            // Transient: a connection reset before it was accepted, or a signal.
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
                 ) =>
             {
                 continue;
@@ -403,7 +485,7 @@ impl TcpLink {
                         break;
                     }
                     let slice = deadline.min(deadline_from(Instant::now(), ACCEPT_SLICE));
-                    match accept_one(&listener, &hello, o, slice) {
+                    match accept_one(&listener, &hello, o, slice, deadline) {
                         Ok((s, a)) => {
                             let p = a.peer.rank as usize;
                             if p < rank || seen[p] {
@@ -416,7 +498,7 @@ impl TcpLink {
                             seen[p] = true;
                             got.push((s, a));
                         }
-                        Err(e) if e == "deadline" => {}
+                        Err(e) if e == NOBODY => {}
                         Err(_) => break,
                     }
                 }
@@ -454,7 +536,7 @@ impl TcpLink {
                 ),
             ));
         }
-        Ok(Self::start(rank, size, streams, heartbeat(o)))
+        Self::start(rank, size, streams, o)
     }
 
     /// A mesh of `n` ranks over loopback sockets in this process (tests and benches: the same
@@ -500,8 +582,8 @@ impl TcpLink {
         rank: usize,
         size: usize,
         streams: Vec<Option<(TcpStream, Agreed)>>,
-        heartbeat: Duration,
-    ) -> TcpLink {
+        o: &TcpOptions,
+    ) -> Result<TcpLink> {
         let (control_tx, control) = unbounded();
         let pool = Pool::default();
         let mut limits = vec![
@@ -511,24 +593,38 @@ impl TcpLink {
             };
             size
         ];
-        let conns = streams
-            .into_iter()
-            .enumerate()
-            .map(|(peer, s)| {
-                let (stream, agreed) = s?;
-                limits[peer] = agreed.limits;
-                Conn::start(peer, stream, agreed.limits, &control_tx, &pool, heartbeat)
-            })
-            .collect();
-        TcpLink {
+        let mut conns = Vec::with_capacity(size);
+        for (peer, s) in streams.into_iter().enumerate() {
+            let Some((stream, agreed)) = s else {
+                conns.push(None);
+                continue;
+            };
+            limits[peer] = agreed.limits;
+            // Out of threads or file descriptors (a job of hundreds of ranks under a low
+            // `ulimit`): fail the join with the cause, not a link that is missing peers.
+            let c = Conn::start(
+                peer,
+                stream,
+                agreed.limits,
+                &control_tx,
+                &pool,
+                heartbeat(o),
+            )
+            .map_err(|e| {
+                connect_error(rank, format!("cannot start the link to rank {peer}: {e}"))
+            })?;
+            conns.push(Some(c));
+        }
+        Ok(TcpLink {
             rank,
             size,
+            linger: o.linger,
             conns,
             own: unbounded(),
             control_tx,
             control,
             limits,
-        }
+        })
     }
 
     fn conn(&self, peer: usize) -> Option<&Conn> {
@@ -562,16 +658,13 @@ impl Conn {
         control: &Sender<Abort>,
         pool: &Pool,
         heartbeat: Duration,
-    ) -> Option<Conn> {
+    ) -> std::io::Result<Conn> {
         // The handshake's timeouts end here: the reader blocks until a frame or the end, the
         // writer until its frame is out (a dead peer ends both through keep-alives, the user
         // timeout, or the shutdown when the link is dropped).
         let _ = stream.set_read_timeout(None);
         let _ = stream.set_write_timeout(None);
-        let (reader, writer) = match (stream.try_clone(), stream.try_clone()) {
-            (Ok(r), Ok(w)) => (r, w),
-            _ => return None,
-        };
+        let (reader, writer) = (stream.try_clone()?, stream.try_clone()?);
         let (out_tx, out_rx) = unbounded::<Out>();
         let (urgent_tx, urgent_rx) = unbounded::<String>();
         let (data_tx, data_rx) = unbounded::<Frame>();
@@ -586,9 +679,7 @@ impl Conn {
             let spawned = std::thread::Builder::new()
                 .name(format!("wccl-tcp-read-{peer}"))
                 .spawn(move || read_loop(peer, reader, limits, data_tx, control, end, pool, heard));
-            if spawned.is_err() {
-                return None;
-            }
+            spawned?;
         }
         {
             let pool = pool.clone();
@@ -599,11 +690,13 @@ impl Conn {
                     write_loop(writer, out_rx, urgent_rx, checksums, pool, heartbeat);
                     let _ = done_tx.send(());
                 });
-            if spawned.is_err() {
-                return None;
+            if let Err(e) = spawned {
+                // The reader already runs: end it with the socket.
+                let _ = stream.shutdown(Shutdown::Both);
+                return Err(e);
             }
         }
-        Some(Conn {
+        Ok(Conn {
             stream,
             heard,
             out: out_tx,
@@ -626,7 +719,17 @@ fn read_loop(
     pool: Pool,
     heard: Arc<Heard>,
 ) {
-    let mut r = BufReader::with_capacity(256 << 10, stream);
+    // Every byte read counts as hearing from the peer, so that one sending a long frame is
+    // never taken for silent.
+    // A reader buffer below a payload piece: pieces bypass it (one copy, socket to frame).
+    let mut r = BufReader::with_capacity(
+        64 << 10,
+        Noting {
+            inner: stream,
+            heard,
+        },
+    );
+    let mut spare = Frame::default();
     let set = |e: End| {
         let mut g = end.lock().unwrap_or_else(|p| p.into_inner());
         if g.is_none() {
@@ -634,19 +737,19 @@ fn read_loop(
         }
     };
     loop {
-        let spare = pool.take();
-        let frame = wire::read_frame(&mut r, &limits, spare.payload);
-        if frame.is_ok() {
-            heard.now();
+        if spare.payload.capacity() == 0 {
+            spare = pool.take();
         }
-        match frame {
+        match wire::read_frame(&mut r, &limits, &mut spare) {
             // A link dropped on this side leaves nobody to deliver to: keep draining, so that
             // the peer's last frames are read and its close is clean.
             Ok(Incoming::Data(f)) => drop(data.send(f)),
             Ok(Incoming::Abort(reason)) => drop(control.send(Abort { from: peer, reason })),
             Ok(Incoming::Bye) => set(End::Exited),
             Ok(Incoming::Ping) => {}
-            Err(wire::WireError::Eof { truncated: false }) | Err(wire::WireError::Io(_)) => {
+            // A stream that ends, even inside a frame (a process killed mid-send closes with a
+            // FIN), is a closed link, not a corrupt frame.
+            Err(wire::WireError::Eof { .. }) | Err(wire::WireError::Io(_)) => {
                 set(End::Closed);
                 break;
             }
@@ -654,12 +757,28 @@ fn read_loop(
                 tracing::error!(peer, "closing the link to rank {peer}: {e}");
                 set(End::Corrupt(e.to_string()));
                 // Nothing after a bad frame can be trusted: stop reading and close.
-                let _ = r.get_ref().shutdown(Shutdown::Both);
+                let _ = r.get_ref().inner.shutdown(Shutdown::Both);
                 break;
             }
         }
     }
     // Dropping `data` tells a waiting receive that the connection ended; `end` says how.
+}
+
+/// A socket whose every successful read marks the peer heard.
+struct Noting {
+    inner: TcpStream,
+    heard: Arc<Heard>,
+}
+
+impl std::io::Read for Noting {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.heard.now();
+        }
+        Ok(n)
+    }
 }
 
 fn write_loop(
@@ -718,13 +837,18 @@ fn write_loop(
 
 impl Drop for TcpLink {
     fn drop(&mut self) {
-        // Say goodbye after every queued frame, give the writers a moment to flush, then cut
-        // what is still stuck (a stopped peer's full socket). The readers go on draining until
-        // the peers close, so that nothing they still send resets the connection.
+        // Say goodbye after every queued frame, give the writers up to the linger to flush,
+        // then cut what is still stuck (a stopped peer's full socket). The readers go on
+        // draining until the peers close, so that nothing they still send resets the
+        // connection. A link dropped by a panic's unwinding is a crash, not a clean exit: the
+        // peers are told so first.
+        if std::thread::panicking() {
+            self.abort(&format!("rank {}'s thread panicked", self.rank));
+        }
         for c in self.conns.iter().flatten() {
             let _ = c.out.send(Out::Bye);
         }
-        let deadline = deadline_from(Instant::now(), LINGER);
+        let deadline = deadline_from(Instant::now(), self.linger);
         for c in self.conns.iter().flatten() {
             match c.writer_done.recv_deadline(deadline) {
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
@@ -751,12 +875,15 @@ impl Link for TcpLink {
         }
         let c = self.conn(to).ok_or(LinkError::Closed)?;
         let limit = self.limits[to].max_payload;
-        if frame.payload.len() as u64 > limit {
+        // Checked here, where the peer would close the link on it: not sent, and said why.
+        if frame.payload.len() as u64 > limit || frame.header.len() > wire::MAX_HEADER as usize {
             return Err(LinkError::Corrupt {
                 peer: to,
                 reason: format!(
-                    "a frame of {} bytes is over the {limit} bytes agreed with rank {to}",
-                    frame.payload.len()
+                    "not sent: a frame of {} header and {} payload bytes is over the {} and {limit} agreed with rank {to}",
+                    frame.header.len(),
+                    frame.payload.len(),
+                    wire::MAX_HEADER
                 ),
             });
         }
@@ -839,8 +966,9 @@ impl Link for TcpLink {
     }
 
     fn abort(&self, reason: &str) {
+        let reason = bounded_reason(reason);
         for c in self.conns.iter().flatten() {
-            let _ = c.urgent.send(reason.to_string());
+            let _ = c.urgent.send(reason.clone());
         }
     }
 
@@ -853,8 +981,9 @@ impl Link for TcpLink {
             .collect();
         let (rank, me) = (self.rank, self.control_tx.clone());
         Some(Arc::new(move |reason: &str| {
+            let reason = bounded_reason(reason);
             for u in &urgent {
-                let _ = u.send(reason.to_string());
+                let _ = u.send(reason.clone());
             }
             let _ = me.send(Abort {
                 from: rank,

@@ -18,8 +18,9 @@
 //! second pass over a payload of megabytes.
 //!
 //! The prefix is checked in full before a byte of the body is allocated: a length over the
-//! limit is an error, never an allocation. The body is then read into buffers that grow only
-//! as bytes arrive, so a peer that announces a large frame and sends nothing costs nothing.
+//! limit is an error, never an allocation. The body is then read into buffers that grow a
+//! piece at a time as bytes arrive, so a peer that announces a large frame and sends nothing
+//! costs at most one piece.
 
 use std::io::{self, Read, Write};
 
@@ -224,14 +225,15 @@ fn read_body(r: &mut impl Read, len: u64, buf: &mut Vec<u8>) -> Result<(), WireE
     Ok(())
 }
 
-/// Reads one frame: the prefix, checked, then its body. `payload` is a buffer to reuse for a
-/// data frame's payload (from the link's pool); it is returned inside the frame.
+/// Reads one frame: the prefix, checked, then its body, into `spare`'s buffers (reused: from
+/// the link's pool). A data frame takes them (leaving `spare` empty); other kinds leave them
+/// for the next frame.
 ///
 /// A clean end of the stream between frames is `Eof { truncated: false }`.
 pub fn read_frame(
     r: &mut impl Read,
     limits: &Limits,
-    payload: Vec<u8>,
+    spare: &mut Frame,
 ) -> Result<Incoming, WireError> {
     let mut raw = [0u8; PREFIX];
     // The first byte tells a clean end from one inside a frame.
@@ -245,28 +247,26 @@ pub fn read_frame(
     }
     r.read_exact(&mut raw[1..]).map_err(|e| io_error(e, true))?;
     let p = decode_prefix(&raw, limits)?;
-    let mut header = Vec::new();
-    read_body(r, u64::from(p.header_len), &mut header)?;
-    let mut crc = crc32c::crc32c_append(crc32c::crc32c(&raw), &header);
-    let mut payload = payload;
+    let header = &mut spare.header;
+    read_body(r, u64::from(p.header_len), header)?;
+    let mut crc = crc32c::crc32c_append(crc32c::crc32c(&raw), header);
+    let payload = &mut spare.payload;
     payload.clear();
     let mut left = p.payload_len;
     while left > 0 {
-        // Piece by piece, each checksummed while it is in cache; the buffer grows only as bytes
-        // arrive.
-        let n = left.min(PIECE as u64);
+        // Piece by piece: each read straight into the buffer (no copy through the reader's
+        // own buffer once a piece is at least its size) and checksummed while in cache. The
+        // buffer grows a piece at a time, so a peer that announces a large frame and sends
+        // nothing costs one piece.
+        let n = usize::try_from(left.min(PIECE as u64)).unwrap_or(PIECE);
         let start = payload.len();
-        let got = r
-            .take(n)
-            .read_to_end(&mut payload)
+        payload.resize(start + n, 0);
+        r.read_exact(&mut payload[start..])
             .map_err(|e| io_error(e, true))?;
-        if got as u64 != n {
-            return Err(WireError::Eof { truncated: true });
-        }
         if p.checksum {
             crc = crc32c::crc32c_append(crc, &payload[start..]);
         }
-        left -= n;
+        left -= n as u64;
     }
     if p.checksum {
         let mut t = [0u8; 4];
@@ -280,8 +280,8 @@ pub fn read_frame(
         }
     }
     Ok(match p.kind {
-        Kind::Data => Incoming::Data(Frame { header, payload }),
-        Kind::Abort => Incoming::Abort(String::from_utf8_lossy(&payload).into_owned()),
+        Kind::Data => Incoming::Data(std::mem::take(spare)),
+        Kind::Abort => Incoming::Abort(String::from_utf8_lossy(payload).into_owned()),
         Kind::Bye => Incoming::Bye,
         Kind::Ping => Incoming::Ping,
     })
@@ -361,20 +361,26 @@ mod tests {
         bytes.extend(encoded(Kind::Bye, &[], &[]));
         let mut r = &bytes[..];
         assert_eq!(
-            read_frame(&mut r, &LIMITS, Vec::new()),
+            read_frame(&mut r, &LIMITS, &mut Frame::default()),
             Ok(Incoming::Data(Frame {
                 header: vec![1, 2, 3],
                 payload: vec![9; 1000]
             }))
         );
         assert_eq!(
-            read_frame(&mut r, &LIMITS, Vec::new()),
+            read_frame(&mut r, &LIMITS, &mut Frame::default()),
             Ok(Incoming::Abort("why".into()))
         );
-        assert_eq!(read_frame(&mut r, &LIMITS, Vec::new()), Ok(Incoming::Ping));
-        assert_eq!(read_frame(&mut r, &LIMITS, Vec::new()), Ok(Incoming::Bye));
         assert_eq!(
-            read_frame(&mut r, &LIMITS, Vec::new()),
+            read_frame(&mut r, &LIMITS, &mut Frame::default()),
+            Ok(Incoming::Ping)
+        );
+        assert_eq!(
+            read_frame(&mut r, &LIMITS, &mut Frame::default()),
+            Ok(Incoming::Bye)
+        );
+        assert_eq!(
+            read_frame(&mut r, &LIMITS, &mut Frame::default()),
             Err(WireError::Eof { truncated: false })
         );
     }
@@ -403,7 +409,7 @@ mod tests {
         // A payload of several pieces, so that the checksum runs piece by piece on both ends.
         let payload: Vec<u8> = (0..PIECE * 2 + 77).map(|i| (i % 253) as u8).collect();
         let clean = encoded(Kind::Data, &[1, 2, 3], &payload);
-        assert!(read_frame(&mut &clean[..], &LIMITS, Vec::new()).is_ok());
+        assert!(read_frame(&mut &clean[..], &LIMITS, &mut Frame::default()).is_ok());
         // Every byte after the prefix: header, each piece of the payload, the trailer.
         for at in [
             PREFIX,
@@ -416,7 +422,7 @@ mod tests {
             bytes[at] ^= 0x10;
             assert!(
                 matches!(
-                    read_frame(&mut &bytes[..], &LIMITS, Vec::new()),
+                    read_frame(&mut &bytes[..], &LIMITS, &mut Frame::default()),
                     Err(WireError::Checksum { .. })
                 ),
                 "a flip at byte {at} went unnoticed"
@@ -429,7 +435,7 @@ mod tests {
         let bytes = encoded(Kind::Data, &[1], &[2; 50]);
         for cut in 1..bytes.len() {
             assert_eq!(
-                read_frame(&mut &bytes[..cut], &LIMITS, Vec::new()),
+                read_frame(&mut &bytes[..cut], &LIMITS, &mut Frame::default()),
                 Err(WireError::Eof { truncated: true }),
                 "cut at {cut}"
             );
