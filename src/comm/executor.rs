@@ -586,6 +586,7 @@ impl Run<'_, '_> {
             LinkError::Gone(p) => Error::LinkClosed { at, peer: p },
             LinkError::Exited(p) => Error::PeerExited { at, peer: p },
             LinkError::Corrupt { peer, reason } => Error::Corrupt { at, peer, reason },
+            LinkError::Unsendable(message) => Error::InvalidArgument { at, message },
             // This rank's own abort handle fired while it waited (see `Link::remote_abort`).
             LinkError::Aborted { from, reason } if from == at.rank => Error::Aborted { at, reason },
             LinkError::Aborted { from, reason } => Error::PeerAborted {

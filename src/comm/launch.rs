@@ -63,7 +63,8 @@ impl Communicator {
     }
 
     /// Joins a job explicitly: this process is `rank` of `size`, and rank 0 serves the
-    /// rendezvous at `master` (`"host:port"`; rank 0 listens there). The GPU is the adapter the
+    /// rendezvous at `master` (`"host:port"`; rank 0 listens there). The job token is
+    /// `options.tcp.token`, else `WCCL_JOB_TOKEN`/`WCCL_JOB_TOKEN_FILE`. The GPU is the adapter the
     /// local rank picks among `options.adapters` (ranks share adapters round robin when a host
     /// has fewer than its ranks, as [`crate::CommGroup`] does).
     pub fn connect(
@@ -81,6 +82,12 @@ impl Communicator {
             port,
             from: "Communicator::connect",
         };
+        // The token from the environment too, as the error for a missing one says.
+        let mut options = options;
+        if options.tcp.token.is_none() {
+            options.tcp.token =
+                token_from_vars(&std::env::vars().collect()).map_err(launch_error)?;
+        }
         Self::join(rank, size, &master, options)
     }
 

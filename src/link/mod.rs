@@ -57,6 +57,9 @@ pub enum LinkError {
     /// The peer closed its end cleanly (its link was dropped: the process finished or left)
     /// while this rank still expected frames from it.
     Exited(usize),
+    /// This rank's frame cannot be sent (over the limits the link agreed with the peer); nothing
+    /// was sent, and the link is intact.
+    Unsendable(String),
     /// A frame from the peer failed its checks (length, checksum, framing); the link to it is
     /// closed, since nothing after it can be trusted.
     Corrupt {

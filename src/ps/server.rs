@@ -494,6 +494,10 @@ impl PsServer {
                     });
                 }
                 Err(LinkError::Closed) => return Err(Error::LinkClosed { at, peer: at.rank }),
+                // Only sends are unsendable; a receive never says so.
+                Err(LinkError::Unsendable(message)) => {
+                    return Err(Error::InvalidArgument { at, message });
+                }
             }
             self.on_timers()?;
             self.answer()?;

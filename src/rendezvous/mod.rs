@@ -148,8 +148,18 @@ pub fn connect_link(rank: usize, size: usize, master: &Master, o: &TcpOptions) -
         let r = store::serve(&store, size, port, o, deadline).map_err(|m| err(rank, m));
         if let Some(path) = &announce {
             // The address is of no use after the rendezvous; a stale one would mislead the
-            // next job's ranks until its rank 0 replaced it.
-            let _ = fs::remove_file(path);
+            // next job's ranks until its rank 0 replaced it. Only ours: a newer job may have
+            // written the same path since.
+            let ours = store.local_addr().map(|a| {
+                format!(
+                    "{}\n{}\n",
+                    o.job,
+                    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), a.port())
+                )
+            });
+            if fs::read_to_string(path).ok() == ours.ok() {
+                let _ = fs::remove_file(path);
+            }
         }
         r?
     } else {
@@ -160,7 +170,7 @@ pub fn connect_link(rank: usize, size: usize, master: &Master, o: &TcpOptions) -
             Master::Tcp { host, port: p, .. } => {
                 let addr = resolve(rank, host, *p)?;
                 store::register(addr, rank, size, port, o, deadline, deadline)
-                    .map_err(|m| err(rank, m))?
+                    .map_err(|e| err(rank, e.message()))?
             }
             Master::File(path) => register_by_file(path, rank, size, port, o, deadline)?,
         }
@@ -213,17 +223,12 @@ fn register_by_file(
                         let once = deadline_from(Instant::now(), Duration::from_secs(5));
                         match store::register(addr, rank, size, port, o, once, deadline) {
                             Ok(t) => return Ok(t),
-                            // Only a store that cannot be reached (a stale address) or that is
-                            // another job's is retried; a refusal (token, size) or a store that
-                            // failed the job ends it.
-                            Err(e)
-                                if e.contains("could not reach")
-                                    || e.contains("could not connect")
-                                    || e.contains("a second job on the same port") =>
-                            {
-                                last = e
-                            }
-                            Err(e) => return Err(err(rank, e)),
+                            // A store that did not take the registration (a stale address:
+                            // nobody there, a hung old rank 0, another job) is tried again from
+                            // the file until the deadline; one that took it and failed the job
+                            // ends it.
+                            Err(store::RegisterError::Unreached(e)) => last = e,
+                            Err(store::RegisterError::Failed(e)) => return Err(err(rank, e)),
                         }
                     }
                     (Some(j), _) if j != o.job => {

@@ -15,9 +15,10 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::deadline::deadline_from;
 use crate::link::TcpOptions;
 use crate::link::tcp::handshake::{Hello, Purpose};
-use crate::link::tcp::{accept_one, dial};
+use crate::link::tcp::{Deadlined, accept_one, dial};
 
 /// The largest store message body.
 pub const MAX_BODY: usize = 1 << 20;
@@ -99,12 +100,6 @@ pub fn decode_table(b: &[u8], size: usize) -> Result<Vec<SocketAddr>, String> {
     Ok(out)
 }
 
-fn time_left(deadline: Instant) -> Duration {
-    deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1))
-}
-
 /// Rank 0: serves the store on `listener` until every rank registered (then sends each the
 /// table) or the deadline (then tells every registered rank who is missing). `own_port` is
 /// rank 0's data port.
@@ -121,24 +116,27 @@ pub fn serve(
     // Per rank: the address it registered, and its connection (to answer).
     let mut reg: Vec<Option<(IpAddr, u16, TcpStream)>> = (0..size).map(|_| None).collect();
     let mut count = 1; // rank 0 itself
+    let mut refused = Vec::new();
     while count < size {
-        let (mut s, agreed) = match accept_one(listener, &hello, o, deadline, deadline) {
-            Ok(x) => x,
-            Err(_) => break, // the deadline
-        };
+        let (mut s, agreed) =
+            match accept_one(listener, &hello, o, deadline, deadline, &mut refused) {
+                Ok(x) => x,
+                Err(_) => break, // the deadline
+            };
         let peer = agreed.peer.rank as usize;
         let from = match s.peer_addr() {
             Ok(a) => a,
             Err(_) => continue,
         };
-        // A short wait for the registration: the store serves one connection at a time, and a
-        // rank stopped between handshake and registration must not hold up the others.
-        if s.set_read_timeout(Some(time_left(deadline).min(crate::link::tcp::HANDSHAKE)))
-            .is_err()
-        {
-            continue;
-        }
-        let port = match read_msg(&mut s) {
+        // A short wait for the registration, by one deadline: the store serves one connection
+        // at a time, and a rank stopped (or a peer trickling bytes) between handshake and
+        // registration must not hold up the others.
+        let until = deadline.min(deadline_from(Instant::now(), crate::link::tcp::HANDSHAKE));
+        let msg = read_msg(&mut Deadlined {
+            s: &mut s,
+            deadline: until,
+        });
+        let port = match msg {
             Ok((REGISTER, b)) if b.len() == 2 => u16::from_le_bytes([b[0], b[1]]),
             Ok((k, _)) => {
                 tracing::warn!(%from, "the store dropped a connection that sent message {k}");
@@ -176,12 +174,19 @@ pub fn serve(
                     .map(|r| r.to_string()),
             )
             .collect();
+        // Refused connections may be the missing ranks (a wrong token, another job's size):
+        // say so, so that this side's error is as clear as theirs.
         let m = format!(
-            "rank{} {} of {size} did not register within {:?}; registered: {}",
+            "rank{} {} of {size} did not register within {:?}; registered: {}{}",
             if missing.len() > 1 { "s" } else { "" },
             missing.join(","),
             o.timeout,
-            registered.join(",")
+            registered.join(","),
+            if refused.is_empty() {
+                String::new()
+            } else {
+                format!("; refused: {}", refused.join("; "))
+            }
         );
         for (_, _, s) in reg.iter_mut().flatten() {
             let _ = write_msg(s, FAIL, m.as_bytes());
@@ -196,17 +201,55 @@ pub fn serve(
         })
         .collect();
     for (_, _, s) in reg.iter_mut().flatten() {
-        // Rank 0 is where this rank reached it.
-        if let Ok(local) = s.local_addr() {
-            table[0] = SocketAddr::new(local.ip(), own_port);
-        }
-        if let Err(e) = write_msg(s, TABLE, &encode_table(&table)) {
+        // Per recipient: rank 0 is where this rank reached it, and so is every rank that
+        // reached rank 0 over loopback (it lives on rank 0's host, which another host reaches
+        // at that address, not at its own loopback).
+        let theirs = match s.local_addr() {
+            Ok(local) => table_for(&table, local.ip(), own_port),
+            Err(_) => table.clone(),
+        };
+        if let Err(e) = write_msg(s, TABLE, &encode_table(&theirs)) {
             tracing::warn!("the store could not send the table: {e}");
         }
     }
     // Rank 0's own view: it needs no address of its own to dial anyone.
     table[0] = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), own_port);
     Ok(table)
+}
+
+/// The table as a rank that reached rank 0 at `rank0_ip` must see it: rank 0 there, and every
+/// rank that registered over loopback (on rank 0's host) at that address too.
+fn table_for(table: &[SocketAddr], rank0_ip: IpAddr, own_port: u16) -> Vec<SocketAddr> {
+    let mut theirs = table.to_vec();
+    for a in theirs.iter_mut().skip(1) {
+        if a.ip().is_loopback() {
+            a.set_ip(rank0_ip);
+        }
+    }
+    if let Some(first) = theirs.first_mut() {
+        *first = SocketAddr::new(rank0_ip, own_port);
+    }
+    theirs
+}
+
+/// Why a registration failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegisterError {
+    /// No store of this job took the registration (nobody there, another job, a refusal):
+    /// where the address may be stale (a file), trying again may help.
+    Unreached(String),
+    /// The store took it, and then the job failed (a rank missing, one registered twice), or
+    /// the answer was bad: final.
+    Failed(String),
+}
+
+impl RegisterError {
+    /// The message.
+    pub fn message(self) -> String {
+        match self {
+            RegisterError::Unreached(m) | RegisterError::Failed(m) => m,
+        }
+    }
 }
 
 /// Ranks 1..: registers `port` at the store at `store` (dialling until `dial_deadline`) and
@@ -219,26 +262,32 @@ pub fn register(
     o: &TcpOptions,
     dial_deadline: Instant,
     deadline: Instant,
-) -> Result<Vec<SocketAddr>, String> {
+) -> Result<Vec<SocketAddr>, RegisterError> {
+    use RegisterError::{Failed, Unreached};
     let (rank32, size32) = match (u32::try_from(rank), u32::try_from(size)) {
         (Ok(r), Ok(s)) => (r, s),
-        _ => return Err(format!("{size} ranks are too many")),
+        _ => return Err(Failed(format!("{size} ranks are too many"))),
     };
     let hello = Hello::new(Purpose::Store, &o.job, rank32, size32, 0, false)
-        .map_err(|e| format!("no random nonce: {e}"))?;
+        .map_err(|e| Failed(format!("no random nonce: {e}")))?;
     let (mut s, _) = dial(store, &hello, Some(0), o, dial_deadline.min(deadline), true)
-        .map_err(|e| format!("the rendezvous store (rank 0): {e}"))?;
+        .map_err(|e| Unreached(format!("the rendezvous store (rank 0): {e}")))?;
     write_msg(&mut s, REGISTER, &port.to_le_bytes())
-        .map_err(|e| format!("registering at {store}: {e}"))?;
+        .map_err(|e| Unreached(format!("registering at {store}: {e}")))?;
     // The table comes once every rank registered: wait until the deadline, and a little
     // longer than rank 0 does, so that its message naming the missing ranks arrives.
-    let wait = time_left(deadline).saturating_add(Duration::from_secs(2));
-    s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
-    match read_msg(&mut s) {
-        Ok((TABLE, b)) => decode_table(&b, size),
-        Ok((FAIL, b)) => Err(String::from_utf8_lossy(&b).into_owned()),
-        Ok((k, _)) => Err(format!("the store sent message {k}")),
-        Err(e) => Err(format!("waiting for the table from rank 0 at {store}: {e}")),
+    let wait = deadline_from(deadline, Duration::from_secs(2));
+    let answer = read_msg(&mut Deadlined {
+        s: &mut s,
+        deadline: wait,
+    });
+    match answer {
+        Ok((TABLE, b)) => decode_table(&b, size).map_err(Failed),
+        Ok((FAIL, b)) => Err(Failed(String::from_utf8_lossy(&b).into_owned())),
+        Ok((k, _)) => Err(Failed(format!("the store sent message {k}"))),
+        Err(e) => Err(Failed(format!(
+            "waiting for the table from rank 0 at {store}: {e}"
+        ))),
     }
 }
 
@@ -257,6 +306,20 @@ mod tests {
         assert!(decode_table(&b, 3).is_err());
         assert!(decode_table(&b[..b.len() - 1], 2).is_err());
         assert!(decode_table(&[200, b'x'], 1).is_err());
+    }
+
+    #[test]
+    fn ranks_on_rank_0s_host_are_shown_at_its_address_to_other_hosts() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let table = [a("127.0.0.1:1"), a("127.0.1.1:7001"), a("10.0.0.2:7002")];
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert_eq!(
+            table_for(&table, ip, 7000),
+            [a("10.0.0.1:7000"), a("10.0.0.1:7001"), a("10.0.0.2:7002")]
+        );
+        // A rank on rank 0's host, which reached it over loopback, keeps loopback.
+        let lo: IpAddr = "127.0.0.1".parse().expect("ip");
+        assert_eq!(table_for(&table, lo, 7000)[1], a("127.0.0.1:7001"));
     }
 
     #[test]

@@ -171,6 +171,8 @@ enum Out {
 struct Conn {
     stream: TcpStream,
     heard: Arc<Heard>,
+    /// Set when the link is dropped: the reader stops once the peer has had a linger.
+    dropped: Arc<std::sync::atomic::AtomicBool>,
     out: Sender<Out>,
     urgent: Sender<String>,
     data: Receiver<Frame>,
@@ -183,6 +185,10 @@ pub struct TcpLink {
     rank: usize,
     size: usize,
     linger: Duration,
+    /// Set by `abort`: a dropped link then has nothing worth lingering for.
+    aborted: Arc<std::sync::atomic::AtomicBool>,
+    /// The peers' heartbeat period (as this rank's: one job, one setting).
+    heartbeat: Duration,
     conns: Vec<Option<Conn>>,
     /// Frames a rank sends itself (as the in-process mesh allows) go round in memory.
     own: (Sender<Frame>, Receiver<Frame>),
@@ -285,10 +291,17 @@ pub(crate) fn dial(
         let retry = match sock.connect_timeout(&addr.into(), left.min(HANDSHAKE)) {
             Ok(()) => {
                 let mut s = TcpStream::from(sock);
-                let hs = left.min(HANDSHAKE).max(Duration::from_millis(1));
-                s.set_read_timeout(Some(hs)).map_err(|e| e.to_string())?;
-                s.set_write_timeout(Some(hs)).map_err(|e| e.to_string())?;
-                match connect_side(&mut s, me, expect_rank, &key) {
+                let hs = deadline.min(deadline_from(Instant::now(), HANDSHAKE));
+                let agreed = connect_side(
+                    &mut Deadlined {
+                        s: &mut s,
+                        deadline: hs,
+                    },
+                    me,
+                    expect_rank,
+                    &key,
+                );
+                match agreed {
                     Ok(agreed) => return Ok((s, agreed)),
                     // The peer closed or timed out mid-handshake (busy with others): dial
                     // again while the deadline allows. A refusal is final.
@@ -318,6 +331,51 @@ pub(crate) fn dial(
     }
 }
 
+/// A stream whose every read and write ends by one deadline (not a timeout per call, which a
+/// peer sending a byte at a time could stretch without end): each call gets what is left.
+pub(crate) struct Deadlined<'a> {
+    /// The stream.
+    pub(crate) s: &'a mut TcpStream,
+    /// When every call must be done.
+    pub(crate) deadline: Instant,
+}
+
+impl Deadlined<'_> {
+    fn arm(&mut self, read: bool) -> std::io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the deadline passed",
+            ));
+        }
+        // Below a microsecond a socket timeout rounds to zero, which means none at all.
+        let left = Some(left.max(Duration::from_millis(1)));
+        if read {
+            self.s.set_read_timeout(left)
+        } else {
+            self.s.set_write_timeout(left)
+        }
+    }
+}
+
+impl std::io::Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm(true)?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for Deadlined<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm(false)?;
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
+}
+
 /// The error [`accept_one`] returns when nobody connected before its accept deadline.
 pub(crate) const NOBODY: &str = "deadline";
 
@@ -332,8 +390,8 @@ fn accept_until(
         return Ok(None);
     }
     // SO_RCVTIMEO on a listening socket bounds `accept` (Linux, the BSDs): the wait has this
-    // deadline without polling.
-    SockRef::from(listener).set_read_timeout(Some(left))?;
+    // deadline without polling. Below a microsecond the timeout would round to none at all.
+    SockRef::from(listener).set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
     match listener.accept() {
         Ok(x) => Ok(Some(x)),
         Err(e)
@@ -376,13 +434,15 @@ fn accept_until(
 
 /// Accepts one connection that passes the handshake: waits for connections until
 /// `accept_deadline` (then [`NOBODY`]), and gives each handshake until `deadline` (at most
-/// [`HANDSHAKE`]). Refusals are logged with the peer's address, and accepting goes on.
+/// [`HANDSHAKE`] in all). Refusals are logged with the peer's address and kept in `refused`
+/// (for the error that names who never came), and accepting goes on.
 pub(crate) fn accept_one(
     listener: &TcpListener,
     me: &Hello,
     o: &TcpOptions,
     accept_deadline: Instant,
     deadline: Instant,
+    refused: &mut Vec<String>,
 ) -> std::result::Result<(TcpStream, Agreed), String> {
     loop {
         let (mut s, from) = match accept_until(listener, accept_deadline.min(deadline)) {
@@ -401,30 +461,36 @@ pub(crate) fn accept_one(
             }
             Err(e) => return Err(format!("accept: {e}")),
         };
+        let mut note = |what: String| {
+            tracing::warn!(%from, "{what}");
+            // The last few are enough to say why someone never came.
+            if refused.len() >= 8 {
+                refused.remove(0);
+            }
+            refused.push(format!("{from}: {what}"));
+        };
         if !allowed(&from, o) {
-            tracing::warn!(%from, "refused a non-loopback peer: no job token is set");
+            note("refused a non-loopback peer: no job token is set".into());
             let _ = handshake_refuse(&mut s, &needs_token(&from));
             continue;
         }
-        let setup = tune(&SockRef::from(&s), o);
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .min(HANDSHAKE)
-            .max(Duration::from_millis(1));
-        let setup = setup
-            .and_then(|()| s.set_read_timeout(Some(left)))
-            .and_then(|()| s.set_write_timeout(Some(left)));
-        if let Err(e) = setup {
-            tracing::warn!(%from, "dropped a connection: {e}");
+        if let Err(e) = tune(&SockRef::from(&s), o) {
+            note(format!("dropped a connection: {e}"));
             continue;
         }
         let key = JobToken::key(o.token.as_ref());
-        match accept_side(&mut s, me, &key) {
+        let hs = deadline.min(deadline_from(Instant::now(), HANDSHAKE));
+        let agreed = accept_side(
+            &mut Deadlined {
+                s: &mut s,
+                deadline: hs,
+            },
+            me,
+            &key,
+        );
+        match agreed {
             Ok(a) => return Ok((s, a)),
-            Err(e) => {
-                tracing::warn!(%from, "refused a connection: {e}");
-                continue;
-            }
+            Err(e) => note(format!("refused a connection: {e}")),
         }
     }
 }
@@ -478,6 +544,7 @@ impl TcpLink {
             let acceptor = scope.spawn(|| {
                 let mut got: Vec<(TcpStream, Agreed)> = Vec::new();
                 let mut seen = vec![false; size];
+                let mut refused = Vec::new();
                 while got.len() < higher {
                     // In slices, so that a failed dial below ends the wait early.
                     if stop.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() >= deadline
@@ -485,24 +552,27 @@ impl TcpLink {
                         break;
                     }
                     let slice = deadline.min(deadline_from(Instant::now(), ACCEPT_SLICE));
-                    match accept_one(&listener, &hello, o, slice, deadline) {
+                    match accept_one(&listener, &hello, o, slice, deadline, &mut refused) {
                         Ok((s, a)) => {
                             let p = a.peer.rank as usize;
-                            if p < rank || seen[p] {
-                                tracing::warn!(
-                                    peer = p,
-                                    "dropped a duplicate or unexpected mesh connection"
-                                );
+                            if p < rank {
+                                tracing::warn!(peer = p, "dropped an unexpected mesh connection");
                                 continue;
                             }
-                            seen[p] = true;
+                            // A rank that dials again (its read of our accept timed out) has
+                            // dropped the first stream: keep the newest.
+                            if seen[p] {
+                                got.retain(|(_, old)| old.peer.rank as usize != p);
+                            } else {
+                                seen[p] = true;
+                            }
                             got.push((s, a));
                         }
                         Err(e) if e == NOBODY => {}
                         Err(_) => break,
                     }
                 }
-                got
+                (got, refused)
             });
             let mut dial_err = None;
             for j in (0..rank).rev() {
@@ -515,10 +585,10 @@ impl TcpLink {
                     }
                 }
             }
-            let got = acceptor.join().unwrap_or_default();
-            (got, dial_err)
+            let (got, refused) = acceptor.join().unwrap_or_default();
+            (got, refused, dial_err)
         });
-        let (got, dial_err) = accepted;
+        let (got, refused, dial_err) = accepted;
         for (s, a) in got {
             let p = a.peer.rank as usize;
             streams[p] = Some((s, a));
@@ -530,9 +600,14 @@ impl TcpLink {
             return Err(connect_error(
                 rank,
                 format!(
-                    "ranks {missing:?} of {size} did not connect within {:?}{}",
+                    "ranks {missing:?} of {size} did not connect within {:?}{}{}",
                     o.timeout,
-                    dial_err.map(|e| format!(" ({e})")).unwrap_or_default()
+                    dial_err.map(|e| format!(" ({e})")).unwrap_or_default(),
+                    if refused.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; refused: {}", refused.join("; "))
+                    }
                 ),
             ));
         }
@@ -602,23 +677,33 @@ impl TcpLink {
             limits[peer] = agreed.limits;
             // Out of threads or file descriptors (a job of hundreds of ranks under a low
             // `ulimit`): fail the join with the cause, not a link that is missing peers.
-            let c = Conn::start(
+            let started = Conn::start(
                 peer,
                 stream,
                 agreed.limits,
                 &control_tx,
                 &pool,
                 heartbeat(o),
-            )
-            .map_err(|e| {
-                connect_error(rank, format!("cannot start the link to rank {peer}: {e}"))
-            })?;
-            conns.push(Some(c));
+                o.linger,
+            );
+            match started {
+                Ok(c) => conns.push(Some(c)),
+                Err(e) => {
+                    let why = format!("cannot start the link to rank {peer}: {e}");
+                    // The peers already connected hear why, rather than a clean exit.
+                    for c in conns.iter().flatten() {
+                        let _ = c.urgent.send(format!("rank {rank} could not join: {why}"));
+                    }
+                    return Err(connect_error(rank, why));
+                }
+            }
         }
         Ok(TcpLink {
             rank,
             size,
             linger: o.linger,
+            aborted: Arc::default(),
+            heartbeat: heartbeat(o),
             conns,
             own: unbounded(),
             control_tx,
@@ -658,6 +743,7 @@ impl Conn {
         control: &Sender<Abort>,
         pool: &Pool,
         heartbeat: Duration,
+        linger: Duration,
     ) -> std::io::Result<Conn> {
         // The handshake's timeouts end here: the reader blocks until a frame or the end, the
         // writer until its frame is out (a dead peer ends both through keep-alives, the user
@@ -671,14 +757,21 @@ impl Conn {
         let (done_tx, done_rx) = bounded::<()>(1);
         let end = Arc::new(Mutex::new(None));
         let heard = Arc::new(Heard::new(Instant::now()));
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
-            let end = end.clone();
+            let ends = Ends {
+                end: end.clone(),
+                dropped: dropped.clone(),
+                linger,
+            };
             let control = control.clone();
             let pool = pool.clone();
             let heard = heard.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("wccl-tcp-read-{peer}"))
-                .spawn(move || read_loop(peer, reader, limits, data_tx, control, end, pool, heard));
+                .spawn(move || {
+                    read_loop(peer, reader, limits, data_tx, control, ends, pool, heard)
+                });
             spawned?;
         }
         {
@@ -699,6 +792,7 @@ impl Conn {
         Ok(Conn {
             stream,
             heard,
+            dropped,
             out: out_tx,
             urgent: urgent_tx,
             data: data_rx,
@@ -708,6 +802,14 @@ impl Conn {
     }
 }
 
+/// What a reader records and watches: how its connection ended, whether the link was
+/// dropped, and for how long it reads on after that.
+struct Ends {
+    end: Arc<Mutex<Option<End>>>,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+    linger: Duration,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn read_loop(
     peer: usize,
@@ -715,10 +817,16 @@ fn read_loop(
     limits: Limits,
     data: Sender<Frame>,
     control: Sender<Abort>,
-    end: Arc<Mutex<Option<End>>>,
+    ends: Ends,
     pool: Pool,
     heard: Arc<Heard>,
 ) {
+    let Ends {
+        end,
+        dropped,
+        linger,
+    } = ends;
+    let mut since_drop: Option<Instant> = None;
     // Every byte read counts as hearing from the peer, so that one sending a long frame is
     // never taken for silent.
     // A reader buffer below a payload piece: pieces bypass it (one copy, socket to frame).
@@ -739,6 +847,16 @@ fn read_loop(
     loop {
         if spare.payload.capacity() == 0 {
             spare = pool.take();
+        }
+        // A dropped link reads on for its linger (the peer's last frames, its goodbye), then
+        // closes; the socket's read timeout, set at the drop, ends a read nobody answers.
+        if dropped.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = *since_drop.get_or_insert_with(Instant::now);
+            if t.elapsed() > linger {
+                let _ = r.get_ref().inner.shutdown(Shutdown::Both);
+                set(End::Closed);
+                break;
+            }
         }
         match wire::read_frame(&mut r, &limits, &mut spare) {
             // A link dropped on this side leaves nobody to deliver to: keep draining, so that
@@ -848,7 +966,14 @@ impl Drop for TcpLink {
         for c in self.conns.iter().flatten() {
             let _ = c.out.send(Out::Bye);
         }
-        let deadline = deadline_from(Instant::now(), self.linger);
+        // After an abort the queued frames are of no use to anyone: a moment for the abort
+        // itself to go out, not the whole linger.
+        let linger = if self.aborted.load(std::sync::atomic::Ordering::Relaxed) {
+            self.linger.min(Duration::from_millis(200))
+        } else {
+            self.linger
+        };
+        let deadline = deadline_from(Instant::now(), linger);
         for c in self.conns.iter().flatten() {
             match c.writer_done.recv_deadline(deadline) {
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
@@ -856,6 +981,14 @@ impl Drop for TcpLink {
                     let _ = c.stream.shutdown(Shutdown::Write);
                 }
             }
+            // The reader drains until the peer closes, but not for ever: a peer that keeps its
+            // link open (or is stopped) gets a linger of reading at most, then the socket
+            // closes (`read_loop` watches `dropped`; the read timeout ends a read nobody
+            // answers).
+            c.dropped.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = c
+                .stream
+                .set_read_timeout(Some(self.linger.max(Duration::from_millis(1))));
         }
     }
 }
@@ -877,15 +1010,12 @@ impl Link for TcpLink {
         let limit = self.limits[to].max_payload;
         // Checked here, where the peer would close the link on it: not sent, and said why.
         if frame.payload.len() as u64 > limit || frame.header.len() > wire::MAX_HEADER as usize {
-            return Err(LinkError::Corrupt {
-                peer: to,
-                reason: format!(
-                    "not sent: a frame of {} header and {} payload bytes is over the {} and {limit} agreed with rank {to}",
-                    frame.header.len(),
-                    frame.payload.len(),
-                    wire::MAX_HEADER
-                ),
-            });
+            return Err(LinkError::Unsendable(format!(
+                "a frame of {} header and {} payload bytes is over the {} and {limit} agreed with rank {to}",
+                frame.header.len(),
+                frame.payload.len(),
+                wire::MAX_HEADER
+            )));
         }
         c.out
             .send(Out::Data(frame))
@@ -918,16 +1048,16 @@ impl Link for TcpLink {
         peers: &[usize],
         deadline: Instant,
     ) -> std::result::Result<(usize, Frame), LinkError> {
-        let receivers: Vec<(usize, &Receiver<Frame>)> = peers
-            .iter()
-            .filter_map(|&p| {
-                if p == self.rank {
-                    Some((p, &self.own.1))
-                } else {
-                    self.conn(p).map(|c| (p, &c.data))
-                }
-            })
-            .collect();
+        let mut receivers: Vec<(usize, &Receiver<Frame>)> = Vec::with_capacity(peers.len());
+        for &p in peers {
+            if p == self.rank {
+                receivers.push((p, &self.own.1));
+            } else {
+                // A peer with no connection (out of range) is gone, not a wait to the deadline.
+                let c = self.conn(p).ok_or(LinkError::Gone(p))?;
+                receivers.push((p, &c.data));
+            }
+        }
         let mut sel = Select::new_biased();
         let control = sel.recv(&self.control);
         for (_, r) in &receivers {
@@ -956,6 +1086,8 @@ impl Link for TcpLink {
     }
 
     fn silent_peers(&self, longer_than: Duration) -> Vec<usize> {
+        // Four heartbeats missed at least: a live peer on a loaded host is late, not silent.
+        let longer_than = longer_than.max(self.heartbeat.saturating_mul(4));
         self.conns
             .iter()
             .enumerate()
@@ -966,6 +1098,8 @@ impl Link for TcpLink {
     }
 
     fn abort(&self, reason: &str) {
+        self.aborted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let reason = bounded_reason(reason);
         for c in self.conns.iter().flatten() {
             let _ = c.urgent.send(reason.clone());
@@ -1011,6 +1145,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A peer that trickles a byte at a time cannot stretch a handshake past its deadline (a
+    /// timeout per read would restart at every byte).
+    #[test]
+    fn a_trickling_peer_cannot_stretch_a_handshake() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let trickler = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            // A valid-looking start, one byte every 50 ms, for up to 20 s.
+            for _ in 0..400 {
+                if c.write_all(&[1]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let (mut s, _) = l.accept().expect("accept");
+        let me = Hello::new(Purpose::Mesh, "j", 0, 2, 1 << 20, true).expect("hello");
+        let t = Instant::now();
+        let r = accept_side(
+            &mut Deadlined {
+                s: &mut s,
+                deadline: deadline_from(Instant::now(), Duration::from_millis(300)),
+            },
+            &me,
+            &JobToken::key(None),
+        );
+        assert!(
+            matches!(&r, Err(handshake::HandshakeError::Broken(m)) if m.contains("deadline")),
+            "{r:?}"
+        );
+        // By the deadline, far below the 20 s the trickle would last.
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        drop(s);
+        let _ = trickler.join();
     }
 
     #[test]
