@@ -343,23 +343,7 @@ fn execute(comm: &mut Communicator, p: &Prepared, opts: CallOptions) -> Result<(
             }
         }
     };
-    let call = match kind {
-        CollectiveKind::AllReduce => wccl::Collective::AllReduce { input, output, op },
-        CollectiveKind::ReduceScatter => wccl::Collective::ReduceScatter { input, output, op },
-        CollectiveKind::AllGather => wccl::Collective::AllGather { input, output },
-        CollectiveKind::Broadcast => wccl::Collective::Broadcast {
-            input,
-            output,
-            root,
-        },
-        CollectiveKind::Reduce => wccl::Collective::Reduce {
-            input,
-            output,
-            op,
-            root,
-        },
-        _ => wccl::Collective::Barrier,
-    };
+    let call = common::collective(kind, input, output, op, root);
     comm.run(call, opts)?;
 
     let what = format!("{:?} on {n} ranks, rank {r}", p.case);

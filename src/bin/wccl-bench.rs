@@ -543,21 +543,7 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
             info.name, info.backend, info.device_type, info.driver_info
         )?;
     }
-    writeln!(
-        out,
-        "# sizes {}..{} B, iters {}, warmup {}, check {}, type {}, op {}, root {}, timeout {} s, algo {}, slice {} B",
-        a.min_bytes,
-        a.max_bytes,
-        a.iters,
-        a.warmup,
-        a.check,
-        settings.dtype,
-        a.op,
-        a.root,
-        a.timeout,
-        a.algo,
-        a.slice
-    )?;
+    write_sweep_line(&mut out, &a, &settings)?;
     if kind == CollectiveKind::AllReduce && a.probe_bytes > 0 {
         let p = group.probe(a.probe_bytes as usize)?;
         write_probe(&mut out, &p)?;
@@ -619,6 +605,25 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
     })
 }
 
+/// The sweep's settings line of the table's header.
+fn write_sweep_line(out: &mut dyn Write, a: &Sweep, settings: &Settings) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "# sizes {}..{} B, iters {}, warmup {}, check {}, type {}, op {}, root {}, timeout {} s, algo {}, slice {} B",
+        a.min_bytes,
+        a.max_bytes,
+        a.iters,
+        a.warmup,
+        a.check,
+        settings.dtype,
+        a.op,
+        a.root,
+        a.timeout,
+        a.algo,
+        a.slice
+    )
+}
+
 /// The environment variable that makes this program a child of `tcp-probe` or `tcp-init`.
 const TCP_CHILD: &str = "WCCL_BENCH_TCP_CHILD";
 
@@ -657,21 +662,7 @@ fn launched(
         "#  rank 0: {} ({:?}, {:?}, driver {})",
         info.name, info.backend, info.device_type, info.driver_info
     )?;
-    writeln!(
-        out,
-        "# sizes {}..{} B, iters {}, warmup {}, check {}, type {}, op {}, root {}, timeout {} s, algo {}, slice {} B",
-        a.min_bytes,
-        a.max_bytes,
-        a.iters,
-        a.warmup,
-        a.check,
-        settings.dtype,
-        a.op,
-        a.root,
-        a.timeout,
-        a.algo,
-        a.slice
-    )?;
+    write_sweep_line(&mut out, a, settings)?;
     writeln!(out, "#")?;
     let mut one = bench::OneRank(comm);
     let rows = bench::run(&mut one, settings, &mut out)?;

@@ -3,14 +3,9 @@
 
 use std::time::Instant;
 
-use crossbeam::channel::{Receiver, Select, Sender, TryRecvError, select_biased, unbounded};
+use crossbeam::channel::{Receiver, Sender, TryRecvError, select_biased, unbounded};
 
-use super::{Frame, Link, LinkError, RemoteAbort};
-
-struct Abort {
-    from: usize,
-    reason: String,
-}
+use super::{Abort, Frame, Link, LinkError, RemoteAbort};
 
 /// One rank's end of an in-process mesh; see [`in_process_mesh`].
 pub struct InProcLink {
@@ -106,29 +101,7 @@ impl Link for InProcLink {
             .iter()
             .filter_map(|&p| self.from.get(p).map(|r| (p, r)))
             .collect();
-        let mut sel = Select::new_biased();
-        let control = sel.recv(&self.control);
-        for (_, r) in &receivers {
-            sel.recv(r);
-        }
-        let op = match sel.select_deadline(deadline) {
-            Ok(op) => op,
-            Err(_) => return Err(LinkError::Timeout),
-        };
-        let index = op.index();
-        if index == control {
-            return match op.recv(&self.control) {
-                Ok(a) => Err(LinkError::Aborted {
-                    from: a.from,
-                    reason: a.reason,
-                }),
-                Err(_) => Err(LinkError::Closed),
-            };
-        }
-        let (peer, r) = receivers[index - 1];
-        op.recv(r)
-            .map(|f| (peer, f))
-            .map_err(|_| LinkError::Gone(peer))
+        super::select_any(&self.control, &receivers, deadline, LinkError::Gone)
     }
 
     fn abort(&self, reason: &str) {

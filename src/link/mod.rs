@@ -77,6 +77,46 @@ pub enum LinkError {
     },
 }
 
+/// An abort as a link's control channel carries it: who gave up, and why.
+pub(crate) struct Abort {
+    pub(crate) from: usize,
+    pub(crate) reason: String,
+}
+
+/// `recv_any` over channels, for the links built on them (in-process, TCP): the next frame
+/// from any of `receivers`, aborts on `control` first, until `deadline`. A receiver whose
+/// sender is gone is reported by `gone(peer)`.
+pub(crate) fn select_any(
+    control: &crossbeam::channel::Receiver<Abort>,
+    receivers: &[(usize, &crossbeam::channel::Receiver<Frame>)],
+    deadline: Instant,
+    gone: impl Fn(usize) -> LinkError,
+) -> Result<(usize, Frame), LinkError> {
+    let mut sel = crossbeam::channel::Select::new_biased();
+    let control_index = sel.recv(control);
+    for (_, r) in receivers {
+        sel.recv(r);
+    }
+    let op = match sel.select_deadline(deadline) {
+        Ok(op) => op,
+        Err(_) => return Err(LinkError::Timeout),
+    };
+    let index = op.index();
+    if index == control_index {
+        return match op.recv(control) {
+            Ok(a) => Err(LinkError::Aborted {
+                from: a.from,
+                reason: a.reason,
+            }),
+            Err(_) => Err(LinkError::Closed),
+        };
+    }
+    let Some(&(peer, r)) = index.checked_sub(1).and_then(|i| receivers.get(i)) else {
+        return Err(LinkError::Closed);
+    };
+    op.recv(r).map(|f| (peer, f)).map_err(|_| gone(peer))
+}
+
 /// Aborts on a rank's behalf from any thread; see [`Link::remote_abort`].
 pub type RemoteAbort = Arc<dyn Fn(&str) + Send + Sync>;
 

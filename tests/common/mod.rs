@@ -17,6 +17,33 @@ pub const KINDS: [CollectiveKind; 5] = [
     CollectiveKind::Reduce,
 ];
 
+/// The call of `kind` over one rank's views (`op` and `root` where the kind takes them).
+pub fn collective<'a>(
+    kind: CollectiveKind,
+    input: TensorRef<'a>,
+    output: TensorRef<'a>,
+    op: ReduceOp,
+    root: usize,
+) -> wccl::Collective<'a> {
+    match kind {
+        CollectiveKind::AllReduce => wccl::Collective::AllReduce { input, output, op },
+        CollectiveKind::ReduceScatter => wccl::Collective::ReduceScatter { input, output, op },
+        CollectiveKind::AllGather => wccl::Collective::AllGather { input, output },
+        CollectiveKind::Broadcast => wccl::Collective::Broadcast {
+            input,
+            output,
+            root,
+        },
+        CollectiveKind::Reduce => wccl::Collective::Reduce {
+            input,
+            output,
+            op,
+            root,
+        },
+        _ => wccl::Collective::Barrier,
+    }
+}
+
 /// A group of `n` ranks on the machine's adapters (the software adapter in CI).
 pub fn group(n: usize) -> CommGroup {
     group_with(n, CommConfig::default())
@@ -298,23 +325,7 @@ pub fn check(group: &mut CommGroup, case: Case, rng: &mut impl Rng) {
         .collect();
     let calls: Vec<wccl::Collective<'_>> = views
         .iter()
-        .map(|&(input, output)| match kind {
-            CollectiveKind::AllReduce => wccl::Collective::AllReduce { input, output, op },
-            CollectiveKind::ReduceScatter => wccl::Collective::ReduceScatter { input, output, op },
-            CollectiveKind::AllGather => wccl::Collective::AllGather { input, output },
-            CollectiveKind::Broadcast => wccl::Collective::Broadcast {
-                input,
-                output,
-                root,
-            },
-            CollectiveKind::Reduce => wccl::Collective::Reduce {
-                input,
-                output,
-                op,
-                root,
-            },
-            CollectiveKind::Barrier => wccl::Collective::Barrier,
-        })
+        .map(|&(input, output)| collective(kind, input, output, op, root))
         .collect();
     if let Err(e) = group.run(&calls, wccl::CallOptions::default()) {
         panic!("{case:?} on {n} ranks failed: {e}");

@@ -41,11 +41,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{
-    Receiver, RecvTimeoutError, Select, Sender, TryRecvError, bounded, select_biased, unbounded,
+    Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, select_biased, unbounded,
 };
 use socket2::{SockRef, TcpKeepalive};
 
-use super::{Frame, Link, LinkError, RemoteAbort};
+use super::{Abort, Frame, Link, LinkError, RemoteAbort};
 use crate::deadline::deadline_from;
 use crate::error::{At, Error, Result};
 use handshake::{Agreed, Hello, JobToken, Purpose, accept_side, connect_side};
@@ -156,11 +156,6 @@ enum End {
     Corrupt(String),
     /// The connection closed or failed without a goodbye.
     Closed,
-}
-
-struct Abort {
-    from: usize,
-    reason: String,
 }
 
 enum Out {
@@ -1058,31 +1053,7 @@ impl Link for TcpLink {
                 receivers.push((p, &c.data));
             }
         }
-        let mut sel = Select::new_biased();
-        let control = sel.recv(&self.control);
-        for (_, r) in &receivers {
-            sel.recv(r);
-        }
-        let op = match sel.select_deadline(deadline) {
-            Ok(op) => op,
-            Err(_) => return Err(LinkError::Timeout),
-        };
-        let index = op.index();
-        if index == control {
-            return match op.recv(&self.control) {
-                Ok(a) => Err(LinkError::Aborted {
-                    from: a.from,
-                    reason: a.reason,
-                }),
-                Err(_) => Err(LinkError::Closed),
-            };
-        }
-        let Some(&(peer, r)) = index.checked_sub(1).and_then(|i| receivers.get(i)) else {
-            return Err(LinkError::Closed);
-        };
-        op.recv(r)
-            .map(|f| (peer, f))
-            .map_err(|_| self.ended(peer, true))
+        super::select_any(&self.control, &receivers, deadline, |p| self.ended(p, true))
     }
 
     fn silent_peers(&self, longer_than: Duration) -> Vec<usize> {
