@@ -81,12 +81,16 @@ fn matrix_8_ranks() {
     full_matrix(8);
 }
 
-/// The central (parameter-server pattern) and naive (host round-trip) all-reduces, over every
-/// op, type and awkward size, on 1 to 5 ranks.
+/// The central (parameter-server pattern), naive (host round-trip) and host-staged ring
+/// all-reduces, over every op, type and awkward size, on 1 to 5 ranks.
 #[test]
 fn central_and_naive_all_reduce() {
     let mut rng = rand::rng();
-    for algorithm in [wccl::Algorithm::Central, wccl::Algorithm::Naive] {
+    for algorithm in [
+        wccl::Algorithm::Central,
+        wccl::Algorithm::Naive,
+        wccl::Algorithm::Staged,
+    ] {
         for n in 1..=5 {
             let config = wccl::CommConfig::default()
                 .algorithm(algorithm)

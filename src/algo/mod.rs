@@ -16,6 +16,7 @@ mod ring_barrier;
 mod ring_reduce_scatter;
 #[cfg(test)]
 mod simulate;
+mod staged_ring_all_reduce;
 
 pub use central_all_reduce::central_all_reduce;
 pub use chain_broadcast::chain_broadcast;
@@ -26,6 +27,7 @@ pub use ring_all_gather::ring_all_gather;
 pub use ring_all_reduce::ring_all_reduce;
 pub use ring_barrier::ring_barrier;
 pub use ring_reduce_scatter::ring_reduce_scatter;
+pub use staged_ring_all_reduce::staged_ring_all_reduce;
 
 /// The number of slices each chunk is cut into so that no slice exceeds `slice_elems`; every
 /// rank computes it from the largest chunk, so sender and receiver agree slice by slice.
@@ -47,18 +49,29 @@ pub enum Algorithm {
     Central,
     /// Everything is read back to rank 0's host, reduced by its CPU, and written back.
     Naive,
+    /// The host-staged ring: one read-back, the ring on host memory (folding on the CPU), one
+    /// upload; the ring's link traffic with half the device traffic. `Auto` does not choose it
+    /// yet.
+    Staged = 4,
     /// Whichever the cost model predicts fastest for this size and these devices.
     ///
     /// Without a cost model (no [`CommGroup::probe`](crate::CommGroup::probe) and no
     /// [`Communicator::set_cost_model`](crate::Communicator::set_cost_model)), `Auto` runs the
     /// ring, silently; [`Communicator::last_algorithm`](crate::Communicator::last_algorithm)
     /// then says `Ring`, never `Auto`.
-    Auto,
+    Auto = 3,
 }
 
 impl Algorithm {
-    /// Every concrete algorithm (not `Auto`).
+    /// The concrete algorithms `Auto` chooses among (not yet `Staged`).
     pub const CONCRETE: [Algorithm; 3] = [Algorithm::Ring, Algorithm::Central, Algorithm::Naive];
+    /// Every concrete algorithm.
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::Ring,
+        Algorithm::Central,
+        Algorithm::Naive,
+        Algorithm::Staged,
+    ];
 
     pub(crate) const fn code(self) -> u32 {
         self as u32
@@ -71,15 +84,16 @@ impl std::fmt::Display for Algorithm {
             Algorithm::Ring => "ring",
             Algorithm::Central => "central",
             Algorithm::Naive => "naive",
+            Algorithm::Staged => "staged",
             Algorithm::Auto => "auto",
         })
     }
 }
 
 /// The error of parsing an [`Algorithm`] from a name that is none of `ring`, `central`,
-/// `naive`, `auto`.
+/// `naive`, `staged`, `auto`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown algorithm '{name}' (ring, central, naive, auto)")]
+#[error("unknown algorithm '{name}' (ring, central, naive, staged, auto)")]
 pub struct ParseAlgorithmError {
     /// The name that was given.
     pub name: String,
@@ -92,6 +106,7 @@ impl std::str::FromStr for Algorithm {
             "ring" => Ok(Algorithm::Ring),
             "central" => Ok(Algorithm::Central),
             "naive" => Ok(Algorithm::Naive),
+            "staged" => Ok(Algorithm::Staged),
             "auto" => Ok(Algorithm::Auto),
             _ => Err(ParseAlgorithmError { name: s.into() }),
         }

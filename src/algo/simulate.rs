@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use super::plan::{Action, Buf, Plan, Region, Source};
 use super::{
     Algorithm, central_all_reduce, chain_broadcast, chain_reduce, naive_all_reduce,
-    ring_all_gather, ring_all_reduce, ring_reduce_scatter,
+    ring_all_gather, ring_all_reduce, ring_reduce_scatter, staged_ring_all_reduce,
 };
 use crate::types::{Combine, ReduceOp};
 
@@ -210,7 +210,7 @@ fn every_algorithm_on_1_to_16_ranks() {
                 for in_place in [false, true] {
                     for (op, algo) in ReduceOp::ALL
                         .into_iter()
-                        .flat_map(|op| Algorithm::CONCRETE.into_iter().map(move |a| (op, a)))
+                        .flat_map(|op| Algorithm::ALL.into_iter().map(move |a| (op, a)))
                     {
                         let x = inputs(n, count, n as u64);
                         let plans = (0..n)
@@ -219,6 +219,7 @@ fn every_algorithm_on_1_to_16_ranks() {
                                     central_all_reduce(n, r, 0, count, op, in_place, slice)
                                 }
                                 Algorithm::Naive => naive_all_reduce(n, r, 0, count, op, slice),
+                                Algorithm::Staged => staged_ring_all_reduce(n, r, count, op, slice),
                                 _ => ring_all_reduce(n, r, count, op, in_place, slice),
                             })
                             .collect();

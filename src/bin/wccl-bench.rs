@@ -243,6 +243,7 @@ fn parse_algos(s: &str) -> Result<(Vec<Algorithm>, bool), String> {
             Algorithm::Ring,
             Algorithm::Central,
             Algorithm::Naive,
+            Algorithm::Staged,
             Algorithm::Auto,
         ];
         return Ok((all, true));

@@ -709,6 +709,7 @@ impl Communicator {
                         algo::central_all_reduce(n, r, 0, count, op, in_place, se)
                     }
                     Algorithm::Naive => algo::naive_all_reduce(n, r, 0, count, op, se),
+                    Algorithm::Staged => algo::staged_ring_all_reduce(n, r, count, op, se),
                     Algorithm::Ring | Algorithm::Auto => {
                         algo::ring_all_reduce(n, r, count, op, in_place, se)
                     }

@@ -121,7 +121,7 @@ fn op_name(code: u32) -> String {
 }
 
 fn algo_name(code: u32) -> String {
-    crate::algo::Algorithm::CONCRETE
+    crate::algo::Algorithm::ALL
         .iter()
         .find(|a| a.code() == code)
         .map_or_else(|| "none".to_string(), |a| a.to_string())

@@ -199,6 +199,20 @@ fn work(algo: Algorithm, n: usize, r: usize, bytes: usize, in_place: bool, slice
                 steps: 2.0 * c * k,
             }
         }
+        Algorithm::Staged => {
+            // One read-back and one upload of the whole buffer; the ring's steps, each folding
+            // (reduce-scatter) or copying (all-gather) a slice on the host.
+            let chunk = bytes.div_ceil(n);
+            let k = chunk.div_ceil(slice.max(1)).max(1) as f64;
+            Work {
+                readback: s,
+                upload: s,
+                reduce: 0.0,
+                copy: 0.0,
+                host: 2.0 * c / nf * s,
+                steps: 2.0 * c * k,
+            }
+        }
         Algorithm::Central | Algorithm::Naive => {
             let k = bytes.div_ceil(slice.max(1)).max(1) as f64;
             if r != 0 {

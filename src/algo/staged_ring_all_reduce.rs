@@ -1,0 +1,80 @@
+//! The host-staged ring all-reduce (Gloo's "CUDA staged" ring, for wgpu): read the buffer back
+//! once, run the ring's reduce-scatter and all-gather on host memory, folding on the CPU, and
+//! upload the result once. Per rank that is N bytes each way between device and host for an
+//! N-byte buffer, against about 2N each way for the device ring (every ring step reads back the
+//! chunk it sends and uploads the chunk it receives); the link traffic is the ring's
+//! 2(n-1)/n·N. Where the host folds as fast as the link delivers (a CPU adapter; across hosts
+//! over TCP), it is the faster ring.
+
+use super::plan::{Buf, Plan, Recv, Region, Source, slices};
+use super::{partition, slices_per_chunk};
+use crate::types::{Combine, ReduceOp};
+
+/// The plan of rank `rank` of `n` for a host-staged ring all-reduce of `count` elements: one
+/// read-back of the input into host memory (slice by slice, so the executor pipelines it), the
+/// ring on host memory, one upload of the result into the output.
+///
+/// ```
+/// use wccl::{ReduceOp, algo::staged_ring_all_reduce};
+/// let plan = staged_ring_all_reduce(4, 0, 1000, ReduceOp::Sum, 1 << 20);
+/// assert_eq!(plan.sends(), 2 * (4 - 1));
+/// assert_eq!(plan.host, 1000);
+/// ```
+pub fn staged_ring_all_reduce(
+    n: usize,
+    rank: usize,
+    count: usize,
+    op: ReduceOp,
+    slice_elems: usize,
+) -> Plan {
+    let mut plan = Plan::default();
+    let input = Region::new(Buf::Input, 0, count);
+    let output = Region::new(Buf::Output, 0, count);
+    if n == 1 {
+        // Nothing to exchange: an out-of-place call is a copy (in place, the same memory).
+        plan.copy(input, output);
+        return plan;
+    }
+    plan.host = count;
+    let host = Region::new(Buf::Host, 0, count);
+    let whole = slices_per_chunk(count, slice_elems);
+    for (i, h) in slices(input, whole).zip(slices(host, whole)) {
+        plan.copy(i, h);
+    }
+    let chunks: Vec<Region> = partition(count, n)
+        .into_iter()
+        .map(|(s, l)| Region::new(Buf::Host, s, l))
+        .collect();
+    let k = slices_per_chunk(chunks[0].len, slice_elems);
+    let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+    let chunk = |shift: usize| chunks[(rank + n - shift % n) % n];
+    let step = |plan: &mut Plan, send: Region, recv: Region, combine: Combine| {
+        for (s, r) in slices(send, k).zip(slices(recv, k)) {
+            plan.transfer(
+                Some((next, Source::Device(s))),
+                Some(Recv {
+                    from: prev,
+                    dst: r,
+                    combine,
+                }),
+            );
+        }
+    };
+    // Reduce-scatter on the host: at step s send chunk r-s, fold the incoming chunk r-s-1.
+    for s in 0..n - 1 {
+        step(&mut plan, chunk(s), chunk(s + 1), op.combine());
+    }
+    // Rank r owns the whole reduction of chunk r+1; avg divides it once, before sharing.
+    if op == ReduceOp::Avg {
+        plan.scale(chunks[(rank + 1) % n], n as u32);
+    }
+    // All-gather on the host: at step t send chunk r+1-t, overwrite chunk r-t.
+    for t in 0..n - 1 {
+        let send = chunks[(rank + 1 + n - t % n) % n];
+        step(&mut plan, send, chunk(t), Combine::Copy);
+    }
+    for (h, o) in slices(host, whole).zip(slices(output, whole)) {
+        plan.copy(h, o);
+    }
+    plan
+}
