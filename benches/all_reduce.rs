@@ -28,7 +28,7 @@ fn all_reduce(c: &mut Criterion) {
             })
             .collect();
         bench.throughput(Throughput::Bytes((count * 4) as u64));
-        for algo in Algorithm::CONCRETE {
+        for algo in Algorithm::ALL {
             let opts = CallOptions {
                 algorithm: Some(algo),
                 ..CallOptions::default()

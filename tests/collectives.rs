@@ -84,7 +84,7 @@ fn matrix_8_ranks() {
 /// The central (parameter-server pattern), naive (host round-trip) and host-staged ring
 /// all-reduces, over every op, type and awkward size, on 1 to 5 ranks.
 #[test]
-fn central_and_naive_all_reduce() {
+fn central_naive_and_staged_all_reduce() {
     let mut rng = rand::rng();
     for algorithm in [
         wccl::Algorithm::Central,

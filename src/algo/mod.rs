@@ -50,8 +50,8 @@ pub enum Algorithm {
     /// Everything is read back to rank 0's host, reduced by its CPU, and written back.
     Naive,
     /// The host-staged ring: one read-back, the ring on host memory (folding on the CPU), one
-    /// upload; the ring's link traffic with half the device traffic. `Auto` does not choose it
-    /// yet.
+    /// upload: the ring's link traffic, and N bytes each way between device and host instead
+    /// of the device ring's 2(n-1)/n·N. `Auto` does not choose it yet.
     Staged = 4,
     /// Whichever the cost model predicts fastest for this size and these devices.
     ///
@@ -63,9 +63,10 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// The concrete algorithms `Auto` chooses among (not yet `Staged`).
+    /// The concrete algorithms `Auto` chooses among (not yet `Staged`: its model entry is
+    /// rough, see `model`). For every algorithm, [`ALL`](Self::ALL).
     pub const CONCRETE: [Algorithm; 3] = [Algorithm::Ring, Algorithm::Central, Algorithm::Naive];
-    /// Every concrete algorithm.
+    /// Every concrete algorithm (not `Auto`), `Staged` included.
     pub const ALL: [Algorithm; 4] = [
         Algorithm::Ring,
         Algorithm::Central,

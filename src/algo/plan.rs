@@ -45,7 +45,8 @@ pub enum Source {
     Previous,
 }
 
-/// Receiving a frame from a peer and folding it into a device region.
+/// Receiving a frame from a peer and folding it into a region (on the device, or in host
+/// memory for the algorithms that reduce there).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Recv {
     /// The sending rank.

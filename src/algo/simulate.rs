@@ -324,6 +324,13 @@ fn no_rank_finishes_while_another_refuses_the_call() {
                         count,
                     ),
                     (
+                        "staged all_reduce",
+                        Box::new(move |r| {
+                            staged_ring_all_reduce(n, r, count, ReduceOp::Sum, slice)
+                        }),
+                        count,
+                    ),
+                    (
                         "naive all_reduce",
                         Box::new(move |r| {
                             naive_all_reduce(n, r, root, count, ReduceOp::Sum, slice)

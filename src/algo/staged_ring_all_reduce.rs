@@ -1,18 +1,22 @@
 //! The host-staged ring all-reduce (Gloo's "CUDA staged" ring, for wgpu): read the buffer back
 //! once, run the ring's reduce-scatter and all-gather on host memory, folding on the CPU, and
 //! upload the result once. Per rank that is N bytes each way between device and host for an
-//! N-byte buffer, against about 2N each way for the device ring (every ring step reads back the
-//! chunk it sends and uploads the chunk it receives); the link traffic is the ring's
-//! 2(n-1)/n·N. Where the host folds as fast as the link delivers (a CPU adapter; across hosts
-//! over TCP), it is the faster ring.
+//! N-byte buffer, against 2(n-1)/n·N each way for the device ring (every ring step reads back
+//! the chunk it sends and uploads the chunk it receives): 2/3 of it at 4 ranks, the same at 2.
+//! The link traffic is the ring's 2(n-1)/n·N. Where the host folds faster than the device's
+//! kernel plus its copies (a CPU adapter; over TCP), it is the faster ring.
+//!
+//! Not yet overlapped: the executor finishes a read-back into host memory before the next
+//! action, so the call runs its read-back, its ring and its upload one after the other
+//! (issue 14 overlaps them slice by slice).
 
 use super::plan::{Buf, Plan, Recv, Region, Source, slices};
 use super::{partition, slices_per_chunk};
 use crate::types::{Combine, ReduceOp};
 
 /// The plan of rank `rank` of `n` for a host-staged ring all-reduce of `count` elements: one
-/// read-back of the input into host memory (slice by slice, so the executor pipelines it), the
-/// ring on host memory, one upload of the result into the output.
+/// read-back of the input into host memory (slice by slice), the ring on host memory, one
+/// upload of the result into the output.
 ///
 /// ```
 /// use wccl::{ReduceOp, algo::staged_ring_all_reduce};

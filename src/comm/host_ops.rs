@@ -1,4 +1,5 @@
-//! Element-wise reductions on the host, for algorithms that reduce in host memory (`naive`).
+//! Element-wise reductions on the host, for algorithms that reduce in host memory (`naive`,
+//! `staged`).
 //! Same arithmetic as the WGSL kernels: wrapping integers, IEEE f32/f16, bf16
 //! rounded to nearest even (the `half` crate's arithmetic goes through f32 and rounds once, as the
 //! packed kernels do), truncating division.
