@@ -35,6 +35,24 @@ pub fn ring_all_reduce(
         .into_iter()
         .map(|(s, l)| Region::new(Buf::Output, s, l))
         .collect();
+    ring_steps(&mut plan, &chunks, n, rank, op, slice_elems);
+    plan
+}
+
+/// The ring's 2(n-1) steps over `chunks` (one per rank, in whichever buffer: the device's output
+/// for the ring, host memory for the staged ring): a reduce-scatter, avg's one division by the
+/// chunk's owner, then an all-gather; each step cut into slices of at most `slice_elems`.
+pub(crate) fn ring_steps(
+    plan: &mut Plan,
+    chunks: &[Region],
+    n: usize,
+    rank: usize,
+    op: ReduceOp,
+    slice_elems: usize,
+) {
+    if n < 2 || chunks.len() != n {
+        return;
+    }
     let k = slices_per_chunk(chunks[0].len, slice_elems);
     let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
     let chunk = |shift: usize| chunks[(rank + n - shift % n) % n];
@@ -52,7 +70,7 @@ pub fn ring_all_reduce(
     };
     // Reduce-scatter: at step s send chunk r-s, fold the incoming chunk r-s-1 into ours.
     for s in 0..n - 1 {
-        step(&mut plan, chunk(s), chunk(s + 1), op.combine());
+        step(plan, chunk(s), chunk(s + 1), op.combine());
     }
     // Rank r now owns the whole reduction of chunk r+1; avg divides it once, before sharing.
     if op == ReduceOp::Avg {
@@ -61,7 +79,6 @@ pub fn ring_all_reduce(
     // All-gather: at step t send chunk r+1-t, overwrite chunk r-t with the incoming one.
     for t in 0..n - 1 {
         let send = chunks[(rank + 1 + n - t % n) % n];
-        step(&mut plan, send, chunk(t), Combine::Copy);
+        step(plan, send, chunk(t), Combine::Copy);
     }
-    plan
 }

@@ -10,9 +10,10 @@
 //! action, so the call runs its read-back, its ring and its upload one after the other
 //! (issue 14 overlaps them slice by slice).
 
-use super::plan::{Buf, Plan, Recv, Region, Source, slices};
+use super::plan::{Buf, Plan, Region, slices};
+use super::ring_all_reduce::ring_steps;
 use super::{partition, slices_per_chunk};
-use crate::types::{Combine, ReduceOp};
+use crate::types::ReduceOp;
 
 /// The plan of rank `rank` of `n` for a host-staged ring all-reduce of `count` elements: one
 /// read-back of the input into host memory (slice by slice), the ring on host memory, one
@@ -49,34 +50,7 @@ pub fn staged_ring_all_reduce(
         .into_iter()
         .map(|(s, l)| Region::new(Buf::Host, s, l))
         .collect();
-    let k = slices_per_chunk(chunks[0].len, slice_elems);
-    let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
-    let chunk = |shift: usize| chunks[(rank + n - shift % n) % n];
-    let step = |plan: &mut Plan, send: Region, recv: Region, combine: Combine| {
-        for (s, r) in slices(send, k).zip(slices(recv, k)) {
-            plan.transfer(
-                Some((next, Source::Device(s))),
-                Some(Recv {
-                    from: prev,
-                    dst: r,
-                    combine,
-                }),
-            );
-        }
-    };
-    // Reduce-scatter on the host: at step s send chunk r-s, fold the incoming chunk r-s-1.
-    for s in 0..n - 1 {
-        step(&mut plan, chunk(s), chunk(s + 1), op.combine());
-    }
-    // Rank r owns the whole reduction of chunk r+1; avg divides it once, before sharing.
-    if op == ReduceOp::Avg {
-        plan.scale(chunks[(rank + 1) % n], n as u32);
-    }
-    // All-gather on the host: at step t send chunk r+1-t, overwrite chunk r-t.
-    for t in 0..n - 1 {
-        let send = chunks[(rank + 1 + n - t % n) % n];
-        step(&mut plan, send, chunk(t), Combine::Copy);
-    }
+    ring_steps(&mut plan, &chunks, n, rank, op, slice_elems);
     for (h, o) in slices(host, whole).zip(slices(output, whole)) {
         plan.copy(h, o);
     }

@@ -207,7 +207,7 @@ impl<L: Link> EmulatedLink<L> {
                 self.held.lock().map_err(|_| LinkError::Closed)?.push(held);
                 return Err(LinkError::Timeout);
             }
-            std::thread::sleep(held.at - now);
+            std::thread::sleep(held.at.saturating_duration_since(now));
         }
         Ok(held.frame)
     }
