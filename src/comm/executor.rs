@@ -81,6 +81,10 @@ impl Engine {
     }
 }
 
+/// Received payloads a call keeps for reuse (one per send in flight is plenty: a send gives its
+/// buffer to the link).
+const MAX_SPARE: usize = 2;
+
 /// The longest extra wait for a peer's abort after this rank's own deadline.
 const MAX_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -115,6 +119,8 @@ struct Run<'e, 'a> {
     host: Vec<u32>,
     /// The payload of the last send, for `Source::Previous`.
     previous: Vec<u8>,
+    /// Received payloads already folded, reused for the payloads of sends from host memory.
+    spare: Vec<Vec<u8>>,
     /// Per action: whether a later send re-sends this action's payload.
     keep: Vec<bool>,
 }
@@ -145,6 +151,7 @@ pub(crate) fn execute(
         last: None,
         host,
         previous: Vec::new(),
+        spare: Vec::new(),
         keep: keep_flags(plan),
     };
     let result = run.plan(plan);
@@ -210,9 +217,17 @@ impl Run<'_, '_> {
         }
         if let Some((to, source)) = t.send {
             let payload = match source {
-                Source::Forward => received.clone().unwrap_or_default(),
+                // Nothing reads the received payload after it is forwarded: moved, not copied.
+                Source::Forward => received.take().unwrap_or_default(),
                 Source::Previous => self.previous.clone(),
-                Source::Device(r) if r.buf == Buf::Host => self.host_bytes(r).to_vec(),
+                Source::Device(r) if r.buf == Buf::Host => {
+                    // Into the buffer of an earlier received payload: its pages are mapped
+                    // already (a fresh vector of a slice's size costs page faults per send).
+                    let mut payload = self.spare.pop().unwrap_or_default();
+                    payload.clear();
+                    payload.extend_from_slice(self.host_bytes(r));
+                    payload
+                }
                 Source::Device(_) => {
                     let done = if t.recv_first {
                         i as isize
@@ -221,11 +236,13 @@ impl Run<'_, '_> {
                     };
                     self.begin_reads(reads, next_read, tickets, done)?;
                     match tickets.pop_front() {
-                        Some((a, ticket)) if a == i => self
-                            .eng
-                            .reads
-                            .finish(&self.eng.dev, ticket, self.call.deadline)
-                            .map_err(|e| wait_error(self.call.at, e))?,
+                        Some((a, ticket)) if a == i => {
+                            let spare = self.spare.pop().unwrap_or_default();
+                            self.eng
+                                .reads
+                                .finish_in(&self.eng.dev, ticket, self.call.deadline, spare)
+                                .map_err(|e| wait_error(self.call.at, e))?
+                        }
                         other => {
                             if let Some((_, ticket)) = other {
                                 self.eng.reads.abandon(&self.eng.dev, ticket);
@@ -243,7 +260,12 @@ impl Run<'_, '_> {
         if !t.recv_first
             && let Some(r) = &t.recv
         {
-            self.receive(r)?;
+            received = Some(self.receive(r)?);
+        }
+        if let Some(payload) = received
+            && self.spare.len() < MAX_SPARE
+        {
+            self.spare.push(payload);
         }
         Ok(())
     }
@@ -425,9 +447,15 @@ impl Run<'_, '_> {
 
     /// The bytes of a host region.
     fn host_bytes(&mut self, r: Region) -> &mut [u8] {
-        let es = self.call.dtype.size();
+        let range = self.host_range(r);
         let all: &mut [u8] = bytemuck::cast_slice_mut(&mut self.host);
-        &mut all[r.offset * es..(r.offset + r.len) * es]
+        &mut all[range]
+    }
+
+    /// The byte range of a host region in host memory.
+    fn host_range(&self, r: Region) -> std::ops::Range<usize> {
+        let es = self.call.dtype.size();
+        r.offset * es..(r.offset + r.len) * es
     }
 
     /// Device copy; through the bounce buffer when both sides are in the same wgpu buffer
@@ -449,17 +477,25 @@ impl Run<'_, '_> {
                     .reads
                     .begin(&self.eng.dev, &buf, off, bytes)
                     .map_err(|e| wait_error(self.call.at, e))?;
-                let data = self
+                // Straight from the mapped slot into host memory (the host-staged ring reads
+                // its whole buffer back this way): no intermediate copy.
+                let range = self.host_range(dst);
+                let host: &mut [u8] = bytemuck::cast_slice_mut(&mut self.host);
+                return self
                     .eng
                     .reads
-                    .finish(&self.eng.dev, ticket, self.call.deadline)
-                    .map_err(|e| wait_error(self.call.at, e))?;
-                self.host_bytes(dst).copy_from_slice(&data);
-                return Ok(());
+                    .finish_into(&self.eng.dev, ticket, self.call.deadline, &mut host[range])
+                    .map_err(|e| wait_error(self.call.at, e));
             }
             (Buf::Host, _) => {
-                let bytes = self.host_bytes(src).to_vec();
-                return self.upload(&bytes, dst, Combine::Copy);
+                // Host memory is lent to the upload instead of copied for it (the upload
+                // touches device buffers only), and put back whatever it returns.
+                let range = self.host_range(src);
+                let host = std::mem::take(&mut self.host);
+                let bytes: &[u8] = bytemuck::cast_slice(&host);
+                let r = self.upload(&bytes[range], dst, Combine::Copy);
+                self.host = host;
+                return r;
             }
             _ => {}
         }

@@ -50,7 +50,7 @@ impl Communicator {
                         "internal: every read staging slot is busy".into(),
                     ));
                 };
-                out.extend(e.reads.finish(&e.dev, ticket, deadline)?);
+                e.reads.finish_append(&e.dev, ticket, deadline, &mut out)?;
             }
             Ok(())
         })();

@@ -135,15 +135,74 @@ impl ReadRing {
     /// Waits for a read-back and copies its bytes out of the slot.
     ///
     /// The slot is unmapped and free again once this returns, whether or not it succeeded.
+    #[cfg(test)]
     pub(crate) fn finish(
         &mut self,
         dev: &RankDevice,
         ticket: ReadTicket,
         deadline: Instant,
     ) -> Result<Vec<u8>, WaitError> {
+        self.finish_in(dev, ticket, deadline, Vec::new())
+    }
+
+    /// Like [`finish`](Self::finish), but into `buf` (cleared first): a buffer reused from call
+    /// to call has its pages mapped already.
+    pub(crate) fn finish_in(
+        &mut self,
+        dev: &RankDevice,
+        ticket: ReadTicket,
+        deadline: Instant,
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>, WaitError> {
+        buf.clear();
+        self.finish_append(dev, ticket, deadline, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Like [`finish`](Self::finish), but appends the bytes to `out`.
+    pub(crate) fn finish_append(
+        &mut self,
+        dev: &RankDevice,
+        ticket: ReadTicket,
+        deadline: Instant,
+        out: &mut Vec<u8>,
+    ) -> Result<(), WaitError> {
+        self.finish_with(dev, ticket, deadline, |bytes| out.extend_from_slice(bytes))
+    }
+
+    /// Like [`finish`](Self::finish), but copies the bytes straight into `out` (its length
+    /// must be the read-back's): no allocation, one copy fewer.
+    pub(crate) fn finish_into(
+        &mut self,
+        dev: &RankDevice,
+        ticket: ReadTicket,
+        deadline: Instant,
+        out: &mut [u8],
+    ) -> Result<(), WaitError> {
+        if out.len() != ticket.len {
+            let len = ticket.len;
+            self.abandon(dev, ticket);
+            return Err(WaitError::Device(format!(
+                "internal: a read-back of {len} bytes finished into {} bytes",
+                out.len()
+            )));
+        }
+        self.finish_with(dev, ticket, deadline, |bytes| out.copy_from_slice(bytes))
+    }
+
+    /// Waits for a read-back, hands its bytes to `take`, and frees the slot (whether or not it
+    /// succeeded).
+    fn finish_with(
+        &mut self,
+        dev: &RankDevice,
+        ticket: ReadTicket,
+        deadline: Instant,
+        take: impl FnOnce(&[u8]),
+    ) -> Result<(), WaitError> {
         let Some(submission) = &ticket.submission else {
             self.busy[ticket.slot] = false;
-            return Ok(Vec::new());
+            take(&[]);
+            return Ok(());
         };
         let s = &self.slots[ticket.slot];
         if let Err(e) = dev.wait_flag(&s.mapped, Some(submission), deadline) {
@@ -151,7 +210,10 @@ impl ReadRing {
             return Err(e);
         }
         let out = match s.buffer.get_mapped_range(0..ticket.mapped_len) {
-            Ok(view) => Ok(view[ticket.head..ticket.head + ticket.len].to_vec()),
+            Ok(view) => {
+                take(&view[ticket.head..ticket.head + ticket.len]);
+                Ok(())
+            }
             Err(e) => Err(WaitError::Device(format!("mapping a read-back: {e}"))),
         };
         self.release(dev, ticket.slot);

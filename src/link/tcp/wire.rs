@@ -252,23 +252,28 @@ pub fn read_frame(
     read_body(r, u64::from(p.header_len), header)?;
     let mut crc = crc32c::crc32c_append(crc32c::crc32c(&raw), header);
     let payload = &mut spare.payload;
-    payload.clear();
     let mut left = p.payload_len;
+    let mut filled = 0;
     while left > 0 {
         // Piece by piece: each read straight into the buffer (no copy through the reader's
         // own buffer once a piece is at least its size) and checksummed while in cache. The
         // buffer grows a piece at a time, so a peer that announces a large frame and sends
-        // nothing costs one piece.
+        // nothing costs one piece. A reused buffer is overwritten where it is long enough
+        // already (growing it would first zero what the read then overwrites).
         let n = usize::try_from(left.min(PIECE as u64)).unwrap_or(PIECE);
-        let start = payload.len();
-        payload.resize(start + n, 0);
-        r.read_exact(&mut payload[start..])
+        let end = filled + n;
+        if payload.len() < end {
+            payload.resize(end, 0);
+        }
+        r.read_exact(&mut payload[filled..end])
             .map_err(|e| io_error(e, true))?;
         if p.checksum {
-            crc = crc32c::crc32c_append(crc, &payload[start..]);
+            crc = crc32c::crc32c_append(crc, &payload[filled..end]);
         }
+        filled = end;
         left -= n as u64;
     }
+    payload.truncate(filled);
     if p.checksum {
         let mut t = [0u8; 4];
         r.read_exact(&mut t).map_err(|e| io_error(e, true))?;
@@ -429,6 +434,58 @@ mod tests {
                 "a flip at byte {at} went unnoticed"
             );
         }
+    }
+
+    /// The reader reuses the buffers of earlier frames (the link's pool): a buffer longer than
+    /// the next payload must come back holding exactly that payload, a shorter one must grow,
+    /// and an abort read into a long buffer must carry only its own reason.
+    #[test]
+    fn reused_buffers_hold_exactly_each_frame() {
+        let long: Vec<u8> = (0..PIECE + 1001).map(|i| (i % 251) as u8).collect();
+        let short: Vec<u8> = (0..37).map(|i| (i * 7 % 13) as u8 + 100).collect();
+        let mut stream = Vec::new();
+        for (kind, payload) in [
+            (Kind::Data, &long[..]),
+            (Kind::Data, &short[..]),
+            (Kind::Abort, b"why".as_slice()),
+            (Kind::Data, &long[..]),
+            (Kind::Data, &[][..]),
+        ] {
+            let header: &[u8] = if kind == Kind::Data { &[9] } else { &[] };
+            stream.extend(encoded(kind, header, payload));
+        }
+        let mut r = &stream[..];
+        // Every buffer handed back is poisoned and longer than anything read: stale bytes
+        // would show.
+        let poisoned = || Frame {
+            header: vec![0xEE; 64],
+            payload: vec![0xEE; 2 * PIECE],
+        };
+        let mut spare = poisoned();
+        let mut next = |spare: &mut Frame| match read_frame(&mut r, &LIMITS, spare) {
+            Ok(Incoming::Data(f)) => {
+                *spare = poisoned();
+                Ok(f)
+            }
+            Ok(Incoming::Abort(reason)) => Err(reason),
+            other => panic!("unexpected {other:?}"),
+        };
+        // Compared as (header, length, equal?): a mismatch prints lengths, not megabytes.
+        let mut check = |what: &str, want: Result<&[u8], &str>| {
+            let got = next(&mut spare);
+            let ok = match (&got, want) {
+                (Ok(f), Ok(p)) => f.header == [9] && f.payload == p,
+                (Err(a), Err(b)) => a == b,
+                _ => false,
+            };
+            let shape = got.map(|f| (f.header, f.payload.len()));
+            assert!(ok, "{what}: got {shape:?}");
+        };
+        check("long after a poisoned buffer", Ok(&long));
+        check("short into a long buffer", Ok(&short));
+        check("abort into a long buffer", Err("why"));
+        check("long again", Ok(&long));
+        check("empty", Ok(&[]));
     }
 
     #[test]
