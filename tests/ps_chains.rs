@@ -150,9 +150,10 @@ impl Outcome {
 }
 
 /// Called by each worker (its index, the step, a probe) just before it pulls that step: fault
-/// injection. The probe pulls the first key again at the step before (answered at once, it
-/// changes nothing) and returns how many replicas the answer reported: a hook can wait on it
-/// for a state of the servers instead of guessing how many steps that state takes to reach.
+/// injection. The probe pulls the first key again at the step before (a read: it applies no
+/// update, though the worker counts it like any pull, failovers included) and returns how many
+/// replicas the answer reported: a hook can wait on it for a state of the servers instead of
+/// guessing how many steps that state takes to reach.
 type Hook<'a> = &'a (dyn Fn(usize, usize, Probe<'_>) -> Result<(), String> + Sync);
 
 /// See [`Hook`].
@@ -484,9 +485,9 @@ fn killed_run(spec: Spec, victim: usize, kill_at: usize) -> Result<(), String> {
     for (r, rep) in out.servers.iter().enumerate() {
         match (r == victim, rep) {
             // What the killed server's thread returns is the harness's, not wccl's: a killed
-            // process returns nothing. (Cut off from everyone, it may see the workers leave and
-            // finish as if they had: Ok.) That the kill took effect is checked above: workers
-            // failed over.
+            // process returns nothing. Killed before the final pull, it may already have had
+            // worker 1's `done` (Sync lets worker 1 finish while worker 0 is still to pull), and
+            // then returns Ok. That the kill took effect is checked above: workers failed over.
             (true, _) => {}
             (false, Err(e)) => return Err(format!("surviving server {r}: {e}")),
             (false, Ok(rep)) => {
@@ -574,9 +575,10 @@ fn strong_chains_of_every_shape_survive_a_random_kill() {
 /// workers stop, worker 0 pulls 'w' again until the answer reports every replica (the backup
 /// acknowledged the state it was sent), then kills the head and lets worker 1 go on. How long
 /// the rejoin takes is up to the machine (the head pings the backup with every update after
-/// the heal, and every deadline when idle); the order is not. Under `Eventual` the kill comes
-/// before step 9 whatever the backup holds: what that loses is counted, which is what that
-/// test checks.
+/// the heal, and every deadline when idle); the order is not. The price: the head dies while
+/// both workers are idle, not with worker 1's requests in flight (`killed_run` covers kills
+/// amid traffic). Under `Eventual` the kill comes before step 9 whatever the backup holds: what
+/// that loses is counted, which is what that test checks.
 fn heal_then_kill_run(
     replicas: usize,
     backup: usize,
@@ -600,30 +602,36 @@ fn heal_then_kill_run(
         .filter(|&r| r != backup)
         .collect();
     let strong = consistency == Consistency::Strong;
-    // Set by worker 0 once the head is killed; worker 1 waits for it.
-    let killed = (Mutex::new(false), Condvar::new());
+    // Set by worker 0 at the kill step: Some(true) once the head is killed, Some(false) if it
+    // gave up waiting (its error is the one to report). Worker 1 waits for either.
+    let killed = (Mutex::new(None::<bool>), Condvar::new());
     let hook = |q: usize, t: usize, probe: Probe<'_>| -> Result<(), String> {
         match (q, t) {
             (0, 2) => faults.partition(&[&[backup], &others]),
             (0, 4) => faults.heal(),
             (0, KILL_STEP) => {
-                if strong {
-                    wait_for_replicas(replicas, probe)?;
+                let ready = if strong {
+                    wait_for_replicas(replicas, probe)
+                } else {
+                    Ok(())
+                };
+                if ready.is_ok() {
+                    faults.kill(0);
                 }
-                faults.kill(0);
                 let mut done = killed.0.lock().unwrap_or_else(|p| p.into_inner());
-                *done = true;
+                *done = Some(ready.is_ok());
                 killed.1.notify_all();
+                ready?;
             }
             (_, KILL_STEP) if strong => {
-                let deadline = Instant::now() + REJOIN_WAIT;
+                // Longer than worker 0's own wait: its verdict always comes first.
+                let wait = REJOIN_WAIT.saturating_mul(2);
+                let deadline = Instant::now() + wait;
                 let mut done = killed.0.lock().unwrap_or_else(|p| p.into_inner());
-                while !*done {
+                while done.is_none() {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(format!(
-                            "worker {q}: the head was not killed within {REJOIN_WAIT:?}"
-                        ));
+                        return Err(format!("worker {q}: no word from worker 0 within {wait:?}"));
                     }
                     done = killed
                         .1
@@ -725,6 +733,19 @@ fn strong_heal_then_kill(replicas: usize, backup: usize) {
             panic!("{e}; {}", out.events());
         }
     }
+    // The kill took effect: the head's thread failed (no worker could have finished with it:
+    // both were held at the kill step), a survivor took 'w' over, and the workers turned to it.
+    assert!(out.servers[0].is_err(), "the killed head returned Ok");
+    assert!(
+        out.events().contains("took over 'w'"),
+        "no survivor took 'w' over; {}",
+        out.events()
+    );
+    assert!(
+        ws.iter().any(|w| w.failovers > 0),
+        "no worker failed over; {}",
+        out.events()
+    );
     eprintln!(
         "Strong heal then kill, replicas {replicas}, backup {backup}: {:.1?}",
         start.elapsed()
@@ -809,6 +830,12 @@ fn eventual_survivors_agree_after_heal_then_kill() {
         // they saw) is counted by them; a take-over from a copy that missed the head's last
         // update (it was in flight at the kill) is reported by the server that skipped ahead.
         // With neither, nothing may be lost.
+        // The kill took effect: three steps remained after it, so no worker had finished with
+        // the head, whose thread therefore failed.
+        assert!(
+            out.servers[0].is_err(),
+            "replicas {replicas}: the killed head returned Ok"
+        );
         let skipped = out.events().contains("skipped from version");
         if ws.iter().all(|w| w.lost == 0) && !skipped {
             if let Err(e) = compare(

@@ -27,6 +27,8 @@ pub(crate) struct Engine {
     placeholder: Buffer,
     /// Host memory for plans with host regions, kept across calls (no page faults per call).
     host: Vec<u32>,
+    /// Payload buffers kept across calls (see `Run::spare`).
+    spare: Vec<Vec<u8>>,
     /// Payload bytes sent over the link since the engine was made (headers not counted).
     pub(crate) bytes_sent: u64,
 }
@@ -57,6 +59,7 @@ impl Engine {
             scratch: None,
             placeholder,
             host: Vec::new(),
+            spare: Vec::new(),
             bytes_sent: 0,
         }
     }
@@ -119,7 +122,9 @@ struct Run<'e, 'a> {
     host: Vec<u32>,
     /// The payload of the last send, for `Source::Previous`.
     previous: Vec<u8>,
-    /// Received payloads already folded, reused for the payloads of sends from host memory.
+    /// Received payloads already folded, reused for the payloads of sends (from host memory,
+    /// read-backs, `Source::Previous`): their pages are mapped already. Kept in the engine
+    /// between calls.
     spare: Vec<Vec<u8>>,
     /// Per action: whether a later send re-sends this action's payload.
     keep: Vec<bool>,
@@ -141,6 +146,7 @@ pub(crate) fn execute(
     if host.len() < words {
         host.resize(words, 0);
     }
+    let spare = std::mem::take(&mut eng.spare);
     let mut run = Run {
         scratch: eng.scratch.clone(),
         eng,
@@ -151,11 +157,12 @@ pub(crate) fn execute(
         last: None,
         host,
         previous: Vec::new(),
-        spare: Vec::new(),
+        spare,
         keep: keep_flags(plan),
     };
     let result = run.plan(plan);
     run.eng.host = std::mem::take(&mut run.host);
+    run.eng.spare = std::mem::take(&mut run.spare);
     result?;
     if let Some(last) = run.last.take() {
         run.eng
@@ -219,7 +226,11 @@ impl Run<'_, '_> {
             let payload = match source {
                 // Nothing reads the received payload after it is forwarded: moved, not copied.
                 Source::Forward => received.take().unwrap_or_default(),
-                Source::Previous => self.previous.clone(),
+                Source::Previous => {
+                    let mut payload = self.spare.pop().unwrap_or_default();
+                    payload.clone_from(&self.previous);
+                    payload
+                }
                 Source::Device(r) if r.buf == Buf::Host => {
                     // Into the buffer of an earlier received payload: its pages are mapped
                     // already (a fresh vector of a slice's size costs page faults per send).
@@ -472,6 +483,14 @@ impl Run<'_, '_> {
             (_, Buf::Host) => {
                 let (buf, off) = self.locate(src);
                 let bytes = src.len * self.call.dtype.size();
+                let range = self.host_range(dst);
+                // Checked before the read-back takes a slot: nothing to release on this error.
+                if range.end > self.host.len() * 4 || range.len() != bytes {
+                    return Err(Error::Device {
+                        at: self.call.at,
+                        message: "internal: a read-back into host memory out of its range".into(),
+                    });
+                }
                 let ticket = self
                     .eng
                     .reads
@@ -479,7 +498,6 @@ impl Run<'_, '_> {
                     .map_err(|e| wait_error(self.call.at, e))?;
                 // Straight from the mapped slot into host memory (the host-staged ring reads
                 // its whole buffer back this way): no intermediate copy.
-                let range = self.host_range(dst);
                 let host: &mut [u8] = bytemuck::cast_slice_mut(&mut self.host);
                 return self
                     .eng
