@@ -151,8 +151,8 @@ pub enum Error {
         peer: usize,
     },
 
-    /// A frame from a peer failed its checks (checksum, length, framing); the link to it is
-    /// closed.
+    /// A frame from a peer failed its checks (checksum, length, framing): it was not used.
+    /// Over TCP the link to the peer is closed.
     #[error("{at}: the link to rank {peer} failed its checks: {reason}")]
     Corrupt {
         /// Where.

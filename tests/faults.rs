@@ -198,3 +198,67 @@ fn a_rebuilt_group_keeps_its_fault_plan() {
     let mut g = CommGroup::rebuild_from(g.into_communicators());
     all_name(checked_all_reduce(&mut g, 1001), 1);
 }
+
+/// A payload corrupted on the way (one bit flipped, on each edge of the ring in turn) is refused
+/// by its receiver, which names the sender, and never folded in: every rank fails (a rank that
+/// returned would have its result checked against the f64 reference), the receiver with
+/// `Error::Corrupt` naming the sender, the others with the receiver's reason, which names it
+/// too. A rebuilt group then computes the exact sum: the checksum passes intact frames.
+#[test]
+fn a_corrupted_payload_is_refused_naming_its_sender() {
+    let faults = FaultPlan::new();
+    let n = 4;
+    let mut g = group(n, &faults, Duration::from_secs(30));
+    for from in 0..n {
+        let to = (from + 1) % n;
+        faults.corrupt_next(from, to, 1);
+        for (r, e) in checked_all_reduce(&mut g, 1001).into_iter().enumerate() {
+            let e = e.expect_err("a corrupted payload fails the call on every rank");
+            if r == to {
+                assert!(
+                    matches!(e, Error::Corrupt { peer, .. } if peer == from),
+                    "{from} -> {to}: the receiver: {e}"
+                );
+            }
+            assert!(
+                e.to_string().contains(&format!("rank {from}")) && e.to_string().contains("CRC32C"),
+                "{from} -> {to}: rank {r}: {e}"
+            );
+        }
+        g.rebuild();
+    }
+    for x in checked_all_reduce(&mut g, 1001) {
+        x.expect("no fault left");
+    }
+}
+
+/// A frame delivered twice (on each edge of the ring in turn) is refused by its receiver as a
+/// repeated frame, naming the sender; every rank fails, none folds the copy in; a rebuilt
+/// group then computes the exact sum.
+#[test]
+fn a_duplicated_frame_is_refused_naming_its_sender() {
+    let faults = FaultPlan::new();
+    let n = 4;
+    let mut g = group(n, &faults, Duration::from_secs(30));
+    for from in 0..n {
+        let to = (from + 1) % n;
+        faults.duplicate_next(from, to, 1);
+        for (r, e) in checked_all_reduce(&mut g, 1001).into_iter().enumerate() {
+            let e = e.expect_err("a duplicated frame fails the call on every rank");
+            if r == to {
+                assert!(
+                    matches!(e, Error::Mismatch { peer, .. } if peer == from),
+                    "{from} -> {to}: the receiver: {e}"
+                );
+            }
+            assert!(
+                e.to_string().contains(&format!("rank {from}")),
+                "{from} -> {to}: rank {r}: {e}"
+            );
+        }
+        g.rebuild();
+    }
+    for x in checked_all_reduce(&mut g, 1001) {
+        x.expect("no fault left");
+    }
+}

@@ -1,6 +1,8 @@
 //! Fault injection: a link wrapper whose faults a test or bench turns on and off while the
 //! ranks run. Kill a rank (its frames vanish and its peers see its end as gone), delay a rank's
-//! frames, drop frames, or partition the ranks into groups that cannot reach each other.
+//! frames, drop, corrupt or duplicate frames, or partition the ranks into groups that cannot
+//! reach each other. Corruption is caught only by a checksum above this layer
+//! ([`Checksummed`](super::Checksummed), which [`LinkStack`](super::LinkStack) adds).
 //!
 //! ```
 //! use std::time::{Duration, Instant};
@@ -29,9 +31,36 @@ struct Faults {
     delays: HashMap<usize, Duration>,
     /// Frames still to drop on each (from, to) pair.
     drops: HashMap<(usize, usize), usize>,
+    /// Frames still to corrupt (one bit flipped) on each (from, to) pair.
+    corrupts: HashMap<(usize, usize), usize>,
+    /// Frames still to deliver twice on each (from, to) pair.
+    duplicates: HashMap<(usize, usize), usize>,
     /// Partition group of each rank; ranks in different groups cannot reach each other.
     groups: HashMap<usize, usize>,
     dropped: u64,
+}
+
+/// Takes one from a pair's pending count: whether this frame is hit.
+fn take_one(pending: &mut HashMap<(usize, usize), usize>, pair: (usize, usize)) -> bool {
+    pending.get_mut(&pair).is_some_and(|n| {
+        let hit = *n > 0;
+        *n = n.saturating_sub(1);
+        hit
+    })
+}
+
+/// Flips one bit of a frame: in the middle of the payload, or of the header when the payload is
+/// empty (a frame with neither is left as it is: there is nothing to corrupt).
+fn flip_bit(frame: &mut Frame) {
+    let bytes = if frame.payload.is_empty() {
+        &mut frame.header
+    } else {
+        &mut frame.payload
+    };
+    let mid = bytes.len() / 2;
+    if let Some(b) = bytes.get_mut(mid) {
+        *b ^= 0x10;
+    }
 }
 
 /// How often a waiting receive looks again for a killed peer.
@@ -49,6 +78,8 @@ impl std::fmt::Debug for FaultPlan {
         f.debug_struct("FaultPlan")
             .field("killed", &x.killed)
             .field("delays", &x.delays)
+            .field("corrupts", &x.corrupts)
+            .field("duplicates", &x.duplicates)
             .field("groups", &x.groups)
             .field("dropped", &x.dropped)
             .finish()
@@ -99,6 +130,22 @@ impl FaultPlan {
         *self.lock().drops.entry((from, to)).or_default() += count;
     }
 
+    /// Flips one bit in each of the next `count` frames from `from` to `to` (in the payload's
+    /// middle; in the header when the payload is empty). The frames arrive; only a checksum
+    /// above this layer can tell.
+    pub fn corrupt_next(&self, from: usize, to: usize, count: usize) {
+        let mut f = self.lock();
+        let n = f.corrupts.entry((from, to)).or_default();
+        *n = n.saturating_add(count);
+    }
+
+    /// Delivers each of the next `count` frames from `from` to `to` twice.
+    pub fn duplicate_next(&self, from: usize, to: usize, count: usize) {
+        let mut f = self.lock();
+        let n = f.duplicates.entry((from, to)).or_default();
+        *n = n.saturating_add(count);
+    }
+
     /// Splits the ranks into groups that cannot reach each other (ranks not listed form one
     /// more group together).
     pub fn partition(&self, groups: &[&[usize]]) {
@@ -111,12 +158,15 @@ impl FaultPlan {
         }
     }
 
-    /// Ends every partition, delay and pending drop (killed ranks stay dead).
+    /// Ends every partition, delay and pending drop, corruption and duplicate (killed ranks stay
+    /// dead).
     pub fn heal(&self) {
         let mut f = self.lock();
         f.groups.clear();
         f.delays.clear();
         f.drops.clear();
+        f.corrupts.clear();
+        f.duplicates.clear();
     }
 
     /// Frames dropped so far (partitions, drops, killed senders).
@@ -159,26 +209,29 @@ impl<L: Link> Link for FaultyLink<L> {
         self.inner.size()
     }
 
-    fn send(&self, to: usize, frame: Frame) -> Result<(), LinkError> {
+    fn send(&self, to: usize, mut frame: Frame) -> Result<(), LinkError> {
         let me = self.inner.rank();
-        let delay = {
+        let (delay, twice) = {
             let mut f = self.plan.lock();
             let cut =
                 f.groups.get(&me).copied().unwrap_or(0) != f.groups.get(&to).copied().unwrap_or(0);
-            let dropping = f.drops.get_mut(&(me, to)).is_some_and(|n| {
-                let hit = *n > 0;
-                *n = n.saturating_sub(1);
-                hit
-            });
+            let dropping = take_one(&mut f.drops, (me, to));
             if f.killed.contains(&me) || f.killed.contains(&to) || cut || dropping {
                 f.dropped += 1;
                 return Ok(()); // lost on the wire: the sender cannot tell
             }
-            f.delays.get(&me).copied()
+            if take_one(&mut f.corrupts, (me, to)) {
+                flip_bit(&mut frame);
+            }
+            let twice = take_one(&mut f.duplicates, (me, to));
+            (f.delays.get(&me).copied(), twice)
         };
         if let Some(d) = delay {
             // The emulated slow sender holds its frame back.
             std::thread::sleep(d);
+        }
+        if twice {
+            self.inner.send(to, frame.clone())?;
         }
         self.inner.send(to, frame)
     }

@@ -21,6 +21,7 @@
 //!   tell also reports a clean goodbye ([`LinkError::Exited`]) and a frame that failed its checks
 //!   ([`LinkError::Corrupt`]).
 
+mod checksum;
 mod emulated;
 mod faulty;
 mod inproc;
@@ -30,6 +31,7 @@ pub mod tcp;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use checksum::Checksummed;
 pub use emulated::{EmulatedLink, LinkEmulation};
 pub use faulty::{FaultPlan, FaultyLink};
 pub use inproc::{InProcLink, in_process_mesh};
@@ -60,8 +62,9 @@ pub enum LinkError {
     /// This rank's frame cannot be sent (over the limits the link agreed with the peer); nothing
     /// was sent, and the link is intact.
     Unsendable(String),
-    /// A frame from the peer failed its checks (length, checksum, framing); the link to it is
-    /// closed, since nothing after it can be trusted.
+    /// A frame from the peer failed its checks (length, checksum, framing). Over a byte stream
+    /// (TCP) the link to the peer is closed, since nothing after it can be trusted; a link of
+    /// whole frames ([`Checksummed`] over channels) refuses just that frame.
     Corrupt {
         /// The peer.
         peer: usize,

@@ -7,16 +7,20 @@
 
 use std::time::Instant;
 
-use super::{EmulatedLink, FaultPlan, Link, LinkEmulation, TcpLink, TcpOptions, in_process_mesh};
+use super::{
+    Checksummed, EmulatedLink, FaultPlan, Link, LinkEmulation, TcpLink, TcpOptions, in_process_mesh,
+};
 use crate::error::Result;
 
 /// The wrappers to put around each rank's link: an emulated network, injected faults, both, or
 /// none (the default).
 ///
-/// [`wrap`](Self::wrap) composes them in a fixed order, faults outermost
+/// [`wrap`](Self::wrap) composes them in a fixed order, faults outside the emulation
 /// (`FaultyLink<EmulatedLink<L>>`): a frame a fault drops never occupies the emulated wire, and
 /// a delay the plan injects comes on top of the emulated latency, as a slow sender in front of a
-/// network would.
+/// network would. With faults, a [`Checksummed`] layer goes outermost
+/// (`Checksummed<FaultyLink<…>>`): the plan can corrupt frames, and a checksum above the layer
+/// that flips the bits is what catches them, as TCP's does above the network.
 ///
 /// ```
 /// # fn main() -> Result<(), wccl::link::LinkError> {
@@ -58,8 +62,9 @@ impl LinkStack {
         self
     }
 
-    /// Injects the faults of `plan` (a [`FaultyLink`](super::FaultyLink) outermost). The plan is
-    /// shared: keep a clone to turn faults on and off while the ranks run.
+    /// Injects the faults of `plan` (a [`FaultyLink`](super::FaultyLink), inside a
+    /// [`Checksummed`] layer that catches the frames it corrupts). The plan is shared: keep a
+    /// clone to turn faults on and off while the ranks run.
     pub fn faults(mut self, plan: FaultPlan) -> Self {
         self.faults = Some(plan);
         self
@@ -104,14 +109,16 @@ impl LinkStack {
         self.faults.as_ref()
     }
 
-    /// Wraps one rank's link: `FaultyLink<EmulatedLink<L>>`, `FaultyLink<L>`, `EmulatedLink<L>`
-    /// or `L`, by what the stack holds. `epoch` is the emulation's clock origin (unused without
-    /// one): every link of one mesh must get the same, since a frame carries its delivery time
-    /// relative to it.
+    /// Wraps one rank's link: `Checksummed<FaultyLink<EmulatedLink<L>>>`,
+    /// `Checksummed<FaultyLink<L>>`, `EmulatedLink<L>` or `L`, by what the stack holds. `epoch`
+    /// is the emulation's clock origin (unused without one): every link of one mesh must get
+    /// the same, since a frame carries its delivery time relative to it.
     pub fn wrap<L: Link + 'static>(&self, link: L, epoch: Instant) -> Box<dyn Link> {
         match (self.emulation, &self.faults) {
-            (Some(emu), Some(plan)) => Box::new(plan.wrap_one(EmulatedLink::new(link, emu, epoch))),
-            (None, Some(plan)) => Box::new(plan.wrap_one(link)),
+            (Some(emu), Some(plan)) => Box::new(Checksummed::new(
+                plan.wrap_one(EmulatedLink::new(link, emu, epoch)),
+            )),
+            (None, Some(plan)) => Box::new(Checksummed::new(plan.wrap_one(link))),
             (Some(emu), None) => Box::new(EmulatedLink::new(link, emu, epoch)),
             (None, None) => Box::new(link),
         }
