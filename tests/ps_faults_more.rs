@@ -15,6 +15,9 @@
 //! member after it to refuse its claim still takes over with its old state under `Strong`,
 //! and the workers are not told that updates were lost.
 //!
+//! And 6: a push whose payload is corrupted on the way (`FaultPlan::corrupt_next`) is caught by
+//! the link's checksum and never applied.
+//!
 //! Every check compares against an f64 host reference written here, with inputs distinct per
 //! (worker, element) over a period of 97; every wait has a deadline (the builder's timeout,
 //! channels with `recv_timeout`), and threads return their failures as text instead of
@@ -1052,5 +1055,112 @@ fn strong_version_numbers_reused_after_a_take_over_are_caught() {
     match run.expect("the steps before worker 0's last pull") {
         Err(wccl::Error::Lost { .. }) => {}
         other => panic!("expected Error::Lost for worker 0's six lost updates: {other:?}"),
+    }
+}
+
+// ----- 6. a corrupted push is never applied -----
+
+const SIZE_6: usize = 41;
+const STEPS_6: usize = 5;
+
+/// 1 server, 2 workers, Sync. Worker 0's push of step 1 has one bit flipped on the way. The
+/// server's checksum refuses the frame, names the sender in its events and drops that worker
+/// as gone; the worker's push fails; the other worker goes on alone. Nothing of the corrupted
+/// push is applied: every pull of worker 1 and the server's final copy equal the reference in
+/// which step 0 has both gradients and every later step worker 1's alone (without the
+/// checksum the flipped bit would be folded in and the values would differ).
+#[test]
+fn a_corrupted_push_is_never_applied() {
+    let (lr, mu, salt) = (0.1, 0.5, 11);
+    let faults = FaultPlan::new();
+    let (servers, workers) = ParameterServer::builder()
+        .servers(1)
+        .workers(2)
+        .mode(Mode::Sync)
+        .rule(Sgd {
+            lr: lr as f32,
+            momentum: mu as f32,
+        })
+        .timeout(Duration::from_secs(5))
+        .faults(faults.clone())
+        .param("w", init(SIZE_6))
+        .build()
+        .expect("build");
+    // The reference: step 0 from both workers, the later steps from worker 1 alone.
+    let both = sync_reference(lr, mu, salt, &[0, 1], SIZE_6, 1);
+    let mut want = both.clone();
+    let mut w: Vec<f64> = both[1].clone();
+    let mut m: Vec<f64> = (0..SIZE_6)
+        .map(|i| {
+            (f64::from(grad(salt, 0, 0, SIZE_6)[i]) + f64::from(grad(salt, 1, 0, SIZE_6)[i])) / 2.0
+        })
+        .collect();
+    for t in 1..STEPS_6 {
+        let g = grad(salt, 1, t, SIZE_6);
+        for i in 0..SIZE_6 {
+            m[i] = mu * m[i] + f64::from(g[i]);
+            w[i] -= lr * m[i];
+        }
+        want.push(w.clone());
+    }
+    let faults = &faults;
+    let want = &want;
+    let (ws, ss) = std::thread::scope(|s| {
+        let hs: Vec<_> = servers
+            .into_iter()
+            .map(|sv| s.spawn(move || sv.serve().map_err(|e| e.to_string())))
+            .collect();
+        let wh: Vec<_> = workers
+            .into_iter()
+            .map(|mut w| {
+                s.spawn(move || -> Result<(), String> {
+                    let q = w.index();
+                    let buf = w
+                        .comm()
+                        .buffer::<f32>(SIZE_6)
+                        .map_err(|e| format!("worker {q}: buffer: {e}"))?;
+                    for t in 0..STEPS_6 {
+                        let (got, _) = pull_values(&mut w, &buf, SIZE_6, t as u64)?;
+                        compare(&format!("worker {q}: pull at step {t}"), &got, &want[t])?;
+                        if q == 0 && t == 1 {
+                            // Worker 0 is rank 1, the server rank 0.
+                            faults.corrupt_next(1, 0, 1);
+                        }
+                        push_grad(&mut w, salt, t, SIZE_6)?;
+                    }
+                    let (got, _) = pull_values(&mut w, &buf, SIZE_6, STEPS_6 as u64)?;
+                    compare(&format!("worker {q}: final pull"), &got, &want[STEPS_6])?;
+                    w.done().map_err(|e| format!("worker {q}: done: {e}"))
+                })
+            })
+            .collect();
+        let ws: Vec<_> = wh.into_iter().map(|h| join(h.join(), "worker")).collect();
+        let ss: Vec<_> = hs.into_iter().map(|h| join(h.join(), "server")).collect();
+        (ws, ss)
+    });
+    let ev = events(&ss);
+    match &ws[0] {
+        Err(e) => assert!(
+            e.contains("push at step 1"),
+            "worker 0 failed elsewhere: {e}; {ev}"
+        ),
+        Ok(()) => panic!("worker 0's corrupted push succeeded; {ev}"),
+    }
+    if let Err(e) = &ws[1] {
+        panic!("{e}; {ev}");
+    }
+    let rep = match &ss[0] {
+        Ok(rep) => rep,
+        Err(e) => panic!("server: {e}"),
+    };
+    assert!(
+        rep.events
+            .iter()
+            .any(|e| e.contains("from rank 1 failed its checks")),
+        "the server does not name the corrupt sender: {ev}"
+    );
+    let got = held(rep, "w").expect("the server reports 'w'");
+    if let Err(e) = compare("the server's final 'w'", got, &want[STEPS_6]) {
+        panic!("{e}; {ev}");
     }
 }

@@ -481,10 +481,17 @@ impl PsServer {
             listen.extend(self.live_servers());
             match self.comm.link().recv_any(&listen, deadline) {
                 Ok((from, frame)) => self.on_frame(from, frame)?,
-                // A peer that left cleanly or sent a corrupt frame is as gone as a dead one.
-                Err(
-                    LinkError::Gone(p) | LinkError::Exited(p) | LinkError::Corrupt { peer: p, .. },
-                ) => self.on_gone(p)?,
+                // A peer that sent a corrupt frame is as gone as a dead one: the frame is not
+                // used (its request may be anything), and nothing tells which call it was.
+                Err(LinkError::Corrupt { peer, reason }) => {
+                    self.event(format!(
+                        "a frame from rank {peer} failed its checks ({reason}): not used, and \
+                         rank {peer} is dropped as gone"
+                    ));
+                    self.on_gone(peer)?
+                }
+                // A peer that left cleanly is as gone as a dead one.
+                Err(LinkError::Gone(p) | LinkError::Exited(p)) => self.on_gone(p)?,
                 Err(LinkError::Timeout) => {}
                 Err(LinkError::Aborted { from, reason }) => {
                     return Err(Error::PeerAborted {
