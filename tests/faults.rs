@@ -262,3 +262,120 @@ fn a_duplicated_frame_is_refused_naming_its_sender() {
         x.expect("no fault left");
     }
 }
+
+/// Runs `f` on every communicator, one thread each, as the ranks of one job would.
+fn run_each_comm<R: Send>(
+    comms: &mut [wccl::Communicator],
+    f: impl Fn(&mut wccl::Communicator) -> wccl::Result<R> + Sync,
+) -> Vec<wccl::Result<R>> {
+    let f = &f;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms.iter_mut().map(|c| s.spawn(move || f(c))).collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    })
+}
+
+/// An out-of-place all-reduce of the survivors' [`distinct_input`]s (by their ranks in the
+/// original group, `old`) into poisoned outputs, every result checked against the f64 sum of
+/// those inputs alone.
+fn survivors_all_reduce(comms: &mut [wccl::Communicator], old: &[usize], count: usize) {
+    let inputs: Vec<_> = comms
+        .iter()
+        .zip(old)
+        .map(|(c, &o)| c.upload(&distinct_input(o, count)).expect("upload"))
+        .collect();
+    let outputs: Vec<_> = comms
+        .iter()
+        .map(|c| c.upload(&vec![f32::NAN; count]).expect("upload"))
+        .collect();
+    let res = run_each_comm(comms, |c| {
+        let r = c.rank();
+        c.run(
+            Collective::AllReduce {
+                input: inputs[r].view(),
+                output: outputs[r].view(),
+                op: ReduceOp::Sum,
+            },
+            CallOptions::default(),
+        )
+    });
+    let want: Vec<f64> = (0..count)
+        .map(|i| {
+            old.iter()
+                .map(|&o| f64::from(distinct_input(o, count)[i]))
+                .sum()
+        })
+        .collect();
+    for (r, x) in res.into_iter().enumerate() {
+        if let Err(e) = x {
+            panic!("survivor {r} (rank {} before): {e}", old[r]);
+        }
+        let got = comms[r].download(&outputs[r]).expect("download");
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(f64::from(g), w, "survivor {r}, element {i}");
+        }
+    }
+}
+
+/// Rank 2 of 4 dies: every call fails naming it; each survivor shrinks itself (no group
+/// object) to the other three, renumbered 0, 1, 2 in the old order, and their all-reduces are
+/// exact against the f64 sum of the survivors' inputs, though the failed call left frames and
+/// aborts on the links. Then the new rank 0 dies too and the last two shrink again.
+#[test]
+fn the_survivors_shrink_and_go_on() {
+    let faults = FaultPlan::new();
+    let mut g = group(4, &faults, Duration::from_secs(30));
+    faults.kill(2);
+    all_name(checked_all_reduce(&mut g, 1001), 2);
+    let mut comms = g.into_communicators();
+    drop(comms.remove(2));
+    for r in run_each_comm(&mut comms, |c| c.shrink(&[2])) {
+        r.expect("shrink");
+    }
+    let ranks: Vec<_> = comms.iter().map(|c| (c.rank(), c.size())).collect();
+    assert_eq!(ranks, [(0, 3), (1, 3), (2, 3)]);
+    survivors_all_reduce(&mut comms, &[0, 1, 3], 1001);
+    survivors_all_reduce(&mut comms, &[0, 1, 3], 37);
+    // The old rank 0, now rank 0 of three, dies.
+    faults.kill(0);
+    let failed = run_each_comm(&mut comms[1..], |c| {
+        let input = c.upload(&[1.0f32; 64])?;
+        c.all_reduce(&input, ReduceOp::Sum)
+    });
+    for (r, e) in failed.into_iter().enumerate() {
+        let e = e.expect_err("a call with a dead rank fails");
+        assert!(e.to_string().contains("rank 0"), "survivor {}: {e}", r + 1);
+    }
+    drop(comms.remove(0));
+    for r in run_each_comm(&mut comms, |c| c.shrink(&[0])) {
+        r.expect("shrink");
+    }
+    assert_eq!(
+        comms
+            .iter()
+            .map(|c| (c.rank(), c.size(), c.epoch()))
+            .collect::<Vec<_>>(),
+        [(0, 2, 2), (1, 2, 2)]
+    );
+    survivors_all_reduce(&mut comms, &[1, 3], 1001);
+}
+
+/// `shrink` refuses a failed set that names this rank or a rank outside the group, and the
+/// communicator is left as it was.
+#[test]
+fn shrink_refuses_bad_sets_and_loses_nothing() {
+    let faults = FaultPlan::new();
+    let g = group(3, &faults, Duration::from_secs(30));
+    let mut comms = g.into_communicators();
+    for bad in [&[0usize][..], &[1, 3]] {
+        let e = comms[0].shrink(bad).expect_err("refused");
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{bad:?}: {e}");
+        assert_eq!(
+            (comms[0].rank(), comms[0].size(), comms[0].epoch()),
+            (0, 3, 0)
+        );
+    }
+    survivors_all_reduce(&mut comms, &[0, 1, 2], 101);
+}

@@ -9,7 +9,7 @@ use crate::algo::{self, Algorithm, Plan};
 use crate::deadline::{deadline_after, deadline_from};
 use crate::device::{DeviceBuffer, RankDevice, TensorRef};
 use crate::error::{At, Error, Result};
-use crate::link::{Link, LinkStack, RemoteAbort};
+use crate::link::{Link, LinkStack, RemoteAbort, SubLink};
 use crate::model::CostModel;
 use crate::types::{CollectiveKind, DType, Element, ReduceOp};
 
@@ -210,6 +210,8 @@ pub struct Communicator {
     link: Box<dyn Link>,
     config: CommConfig,
     seq: u64,
+    /// Shrinks so far; the link's frames carry it once non-zero (see [`shrink`](Self::shrink)).
+    epoch: u32,
     broken: Option<Error>,
     cost_model: Option<CostModel>,
     last_algorithm: Option<Algorithm>,
@@ -262,12 +264,90 @@ impl Communicator {
             link,
             config,
             seq: 0,
+            epoch: 0,
             broken: None,
             cost_model: None,
             last_algorithm: None,
             aborted: Arc::new(OnceLock::new()),
             links: LinkStack::default(),
         }
+    }
+
+    /// Continues among the survivors of a failure: this communicator becomes one over the
+    /// ranks not in `failed`, renumbered in their old order (rank 3 of 4 is rank 2 of 3 once
+    /// rank 1 is out), over the same links and device, with no error and the sequence numbers
+    /// starting again. Each survivor calls it for itself, with the same `failed` set; there is
+    /// no group-level object to rebuild.
+    ///
+    /// Whatever the failed call left on the links (frames the survivors sent each other, their
+    /// aborts) never reaches the shrunk communicator: its frames carry a new epoch (see
+    /// [`SubLink`]). Abort handles of the old communicator no longer affect it.
+    ///
+    /// The survivors must agree on `failed` (a rank that passes another set is in another
+    /// group, and its calls fail on the header checks or the deadline).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if `failed` names this rank or a rank outside the group; the
+    /// communicator is then unchanged.
+    ///
+    /// ```
+    /// # fn main() -> wccl::Result<()> {
+    /// use wccl::{CommGroup, ReduceOp};
+    /// use wccl::link::{FaultPlan, LinkStack};
+    /// let faults = FaultPlan::new();
+    /// let g = CommGroup::builder().ranks(3).links(LinkStack::new().faults(faults.clone())).build()?;
+    /// let mut comms = g.into_communicators();
+    /// faults.kill(1);
+    /// drop(comms.remove(1)); // rank 1 is gone
+    /// for c in &mut comms {
+    ///     c.shrink(&[1])?;
+    /// }
+    /// assert_eq!((comms[1].rank(), comms[1].size()), (1, 2));
+    /// # Ok(()) }
+    /// ```
+    pub fn shrink(&mut self, failed: &[usize]) -> Result<()> {
+        let at = At::rank(self.rank);
+        let invalid = |message: String| Err(Error::InvalidArgument { at, message });
+        if let Some(&r) = failed.iter().find(|&&r| r >= self.size) {
+            return invalid(format!(
+                "rank {r} is not a rank of this group of {}",
+                self.size
+            ));
+        }
+        if failed.contains(&self.rank) {
+            return invalid(format!(
+                "this rank ({}) is among the failed ranks {failed:?}",
+                self.rank
+            ));
+        }
+        let members: Vec<usize> = (0..self.size).filter(|r| !failed.contains(r)).collect();
+        let epoch = self.epoch.saturating_add(1);
+        let placeholder: Box<dyn Link> = match crate::link::in_process_mesh(1).pop() {
+            Some(l) => Box::new(l),
+            None => return invalid("internal: no placeholder link".into()),
+        };
+        let old = std::mem::replace(&mut self.link, placeholder);
+        // `members` is sorted, holds this rank and only ranks of the link: `new` cannot fail.
+        match SubLink::new(old, members, epoch) {
+            Ok(sub) => {
+                self.rank = sub.rank();
+                self.size = sub.size();
+                self.link = Box::new(sub);
+            }
+            Err(message) => return invalid(format!("internal: {message}")),
+        }
+        self.epoch = epoch;
+        self.seq = 0;
+        self.broken = None;
+        self.cost_model = None;
+        self.last_algorithm = None;
+        self.aborted = Arc::new(OnceLock::new());
+        Ok(())
+    }
+
+    /// How many times this communicator was shrunk (0 for a fresh one).
+    pub fn epoch(&self) -> u32 {
+        self.epoch
     }
 
     /// Records the stack `link` was wrapped with, for a rebuild (see the `links` field).

@@ -26,6 +26,7 @@ mod emulated;
 mod faulty;
 mod inproc;
 mod stack;
+mod sub;
 pub mod tcp;
 
 use std::sync::Arc;
@@ -36,6 +37,7 @@ pub use emulated::{EmulatedLink, LinkEmulation};
 pub use faulty::{FaultPlan, FaultyLink};
 pub use inproc::{InProcLink, in_process_mesh};
 pub use stack::LinkStack;
+pub use sub::SubLink;
 pub use tcp::{TcpLink, TcpOptions};
 
 /// One message between two ranks: a small header the communicator defines, and a payload.

@@ -1,0 +1,308 @@
+//! A link over some of another link's ranks, renumbered in their old order: what
+//! [`Communicator::shrink`](crate::Communicator::shrink) gives the survivors of a failure.
+//!
+//! The old link still carries what the failed call left behind: frames the survivors sent each
+//! other before they gave up, and their aborts. None of it may reach the new communicator. So
+//! every frame and abort sent through a `SubLink` carries its epoch (a tag before the header, a
+//! mark before the abort's reason), and a `SubLink` drops whatever arrives without its own
+//! epoch: anything the old communicator, or an older sub-link over the same link, sent.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use wccl::link::{Frame, Link, SubLink, in_process_mesh};
+//! let mut old = in_process_mesh(4).into_iter();
+//! let (l0, _l1, l2, l3) = (old.next().unwrap(), old.next(), old.next().unwrap(), old.next().unwrap());
+//! // Left over from the failed call: a frame from 2 to 3 in the old numbering.
+//! l2.send(3, Frame { header: vec![9], payload: vec![] }).unwrap();
+//! // Rank 1 is gone; 0, 2 and 3 become 0, 1 and 2.
+//! let subs: Vec<_> = [l0, l2, l3]
+//!     .into_iter()
+//!     .map(|l| SubLink::new(l, vec![0, 2, 3], 1).unwrap())
+//!     .collect();
+//! subs[1].send(2, Frame { header: vec![1], payload: vec![5] }).unwrap();
+//! let got = subs[2].recv(1, Instant::now() + Duration::from_secs(5)).unwrap();
+//! assert_eq!(got, Frame { header: vec![1], payload: vec![5] }); // the stale frame was dropped
+//! ```
+
+use std::time::{Duration, Instant};
+
+use super::{Frame, Link, LinkError, RemoteAbort};
+
+/// Marks a sub-link's frames: magic, then the epoch.
+const MAGIC: [u8; 8] = *b"wcclSUB\x01";
+const TAG: usize = MAGIC.len() + 4;
+/// Brackets the epoch before an abort's reason.
+const MARK: char = '\u{1}';
+
+/// A [`Link`] among `members` of an inner link: new rank `i` is inner rank `members[i]`.
+#[derive(Debug)]
+pub struct SubLink<L: Link> {
+    inner: L,
+    members: Vec<usize>,
+    rank: usize,
+    epoch: u32,
+}
+
+impl<L: Link> SubLink<L> {
+    /// The ranks `members` of `inner` (in increasing order, this rank among them), renumbered
+    /// `0..members.len()`, with frames of `epoch` only. Every member must build its sub-link
+    /// with the same members and epoch, and the epoch must differ from every earlier
+    /// sub-link's over the same link (the communicator counts them up from 1).
+    pub fn new(inner: L, members: Vec<usize>, epoch: u32) -> Result<Self, String> {
+        let size = inner.size();
+        if members.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!(
+                "the members {members:?} are not in increasing order without repeats"
+            ));
+        }
+        if let Some(&m) = members.iter().find(|&&m| m >= size) {
+            return Err(format!("member {m} is not a rank of a group of {size}"));
+        }
+        let me = inner.rank();
+        let Some(rank) = members.iter().position(|&m| m == me) else {
+            return Err(format!(
+                "this rank ({me}) is not among the members {members:?}"
+            ));
+        };
+        Ok(SubLink {
+            inner,
+            members,
+            rank,
+            epoch,
+        })
+    }
+
+    /// The inner ranks of the members, in new-rank order.
+    pub fn members(&self) -> &[usize] {
+        &self.members
+    }
+
+    /// The epoch this sub-link's frames carry.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// The new rank of inner rank `r`, if a member.
+    fn renumber(&self, r: usize) -> Option<usize> {
+        self.members.binary_search(&r).ok()
+    }
+
+    fn tag(&self) -> [u8; TAG] {
+        let mut t = [0u8; TAG];
+        t[..MAGIC.len()].copy_from_slice(&MAGIC);
+        t[MAGIC.len()..].copy_from_slice(&self.epoch.to_le_bytes());
+        t
+    }
+
+    /// The frame without its tag, or `None` for a frame of another epoch (or of no sub-link).
+    fn strip(&self, mut frame: Frame) -> Option<Frame> {
+        if frame.header.get(..TAG)? != self.tag() {
+            return None;
+        }
+        frame.header.drain(..TAG);
+        Some(frame)
+    }
+
+    fn mark(&self, reason: &str) -> String {
+        format!("{MARK}{}{MARK}{reason}", self.epoch)
+    }
+
+    /// An inner error as this sub-link reports it: ranks renumbered; `None` for what belongs
+    /// to another epoch or comes from a rank outside the members (an abort of the old call).
+    fn error(&self, e: LinkError) -> Option<LinkError> {
+        let map = |r: usize| self.renumber(r);
+        Some(match e {
+            LinkError::Aborted { from, reason } => {
+                let rest = reason.strip_prefix(MARK)?;
+                let (epoch, reason) = rest.split_once(MARK)?;
+                if epoch.parse::<u32>().ok()? != self.epoch {
+                    return None;
+                }
+                LinkError::Aborted {
+                    from: map(from)?,
+                    reason: reason.to_string(),
+                }
+            }
+            LinkError::Gone(p) => LinkError::Gone(map(p)?),
+            LinkError::Exited(p) => LinkError::Exited(map(p)?),
+            LinkError::Corrupt { peer, reason } => LinkError::Corrupt {
+                peer: map(peer)?,
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    fn inner_rank(&self, r: usize) -> Result<usize, LinkError> {
+        self.members.get(r).copied().ok_or_else(|| {
+            LinkError::Unsendable(format!(
+                "rank {r} is not a rank of this group of {}",
+                self.members.len()
+            ))
+        })
+    }
+}
+
+impl<L: Link> Link for SubLink<L> {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn send(&self, to: usize, mut frame: Frame) -> Result<(), LinkError> {
+        let peer = self.inner_rank(to)?;
+        frame.header.splice(0..0, self.tag());
+        self.inner
+            .send(peer, frame)
+            .map_err(|e| self.error(e).unwrap_or(LinkError::Closed))
+    }
+
+    fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
+        let peer = self.inner_rank(from)?;
+        // Each pass consumes one stale frame or abort, or returns: no spinning.
+        loop {
+            match self.inner.recv(peer, deadline) {
+                Ok(frame) => {
+                    if let Some(f) = self.strip(frame) {
+                        return Ok(f);
+                    }
+                }
+                Err(e) => {
+                    if let Some(e) = self.error(e) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
+        let inner: Vec<usize> = peers
+            .iter()
+            .map(|&p| self.inner_rank(p))
+            .collect::<Result<_, _>>()?;
+        loop {
+            match self.inner.recv_any(&inner, deadline) {
+                Ok((p, frame)) => {
+                    if let (Some(f), Some(from)) = (self.strip(frame), self.renumber(p)) {
+                        return Ok((from, f));
+                    }
+                }
+                Err(e) => {
+                    if let Some(e) = self.error(e) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn silent_peers(&self, longer_than: Duration) -> Vec<usize> {
+        self.inner
+            .silent_peers(longer_than)
+            .into_iter()
+            .filter_map(|p| self.renumber(p))
+            .collect()
+    }
+
+    fn abort(&self, reason: &str) {
+        self.inner.abort(&self.mark(reason));
+    }
+
+    fn remote_abort(&self) -> Option<RemoteAbort> {
+        let inner = self.inner.remote_abort()?;
+        let epoch = self.epoch;
+        Some(std::sync::Arc::new(move |reason: &str| {
+            inner(&format!("{MARK}{epoch}{MARK}{reason}"))
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::in_process_mesh;
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    fn frame(tag: u8) -> Frame {
+        Frame {
+            header: vec![tag, 2, 3],
+            payload: vec![tag; 5],
+        }
+    }
+
+    /// Four ranks, rank 1 gone: the survivors renumbered 0, 1, 2; what the old links left
+    /// queued (frames and aborts, from members and from the dead rank) and what an older
+    /// sub-link sent never reaches the new one; ranks in errors and aborts are renumbered.
+    #[test]
+    fn stale_frames_and_aborts_never_reach_a_new_epoch() {
+        let old = in_process_mesh(4);
+        // Left behind by the failed call.
+        old[2].send(3, frame(1)).expect("send");
+        old[1].send(3, frame(2)).expect("send");
+        old[0].abort("the old call failed");
+        old[1].abort("so did rank 1");
+        let mut it = old.into_iter();
+        let (l0, l1, l2, l3) = (it.next(), it.next(), it.next(), it.next());
+        let (Some(l0), Some(_l1), Some(l2), Some(l3)) = (l0, l1, l2, l3) else {
+            panic!("four links")
+        };
+        // An older sub-link's frame: epoch 1 over the same links, then epoch 2.
+        let e1 = SubLink::new(l2, vec![0, 2, 3], 1).expect("members");
+        e1.send(2, frame(3)).expect("send");
+        let l2 = e1.inner;
+        let subs: Vec<_> = [l0, l2, l3]
+            .into_iter()
+            .map(|l| SubLink::new(l, vec![0, 2, 3], 2).expect("members"))
+            .collect();
+        assert_eq!(
+            subs.iter()
+                .map(|s| (s.rank(), s.size()))
+                .collect::<Vec<_>>(),
+            [(0, 3), (1, 3), (2, 3)]
+        );
+        subs[1].send(2, frame(4)).expect("send");
+        assert_eq!(subs[2].recv(1, soon()), Ok(frame(4)));
+        subs[0].send(2, frame(5)).expect("send");
+        assert_eq!(subs[2].recv_any(&[0, 1], soon()), Ok((0, frame(5))));
+        // An abort of this epoch arrives, renumbered, after the stale ones were dropped.
+        subs[1].abort("now");
+        assert_eq!(
+            subs[2].recv(0, soon()),
+            Err(LinkError::Aborted {
+                from: 1,
+                reason: "now".into()
+            })
+        );
+        // Nothing else is pending: the wait ends at its deadline.
+        assert_eq!(
+            subs[2].recv(1, Instant::now() + Duration::from_millis(30)),
+            Err(LinkError::Timeout)
+        );
+    }
+
+    #[test]
+    fn bad_members_are_refused_and_bad_ranks_are_errors() {
+        let mut old = in_process_mesh(3).into_iter();
+        let (Some(l0), Some(l1), Some(l2)) = (old.next(), old.next(), old.next()) else {
+            panic!("three links")
+        };
+        assert!(SubLink::new(l0, vec![1, 2], 1).is_err(), "not a member");
+        assert!(SubLink::new(l1, vec![1, 0], 1).is_err(), "order");
+        assert!(SubLink::new(l2, vec![0, 2, 3], 1).is_err(), "out of range");
+        let mut old = in_process_mesh(2).into_iter();
+        let Some(l0) = old.next() else {
+            panic!("a link")
+        };
+        let s = SubLink::new(l0, vec![0, 1], 1).expect("members");
+        assert!(matches!(s.send(2, frame(1)), Err(LinkError::Unsendable(_))));
+        assert!(s.recv(5, soon()).is_err());
+        assert!(s.recv_any(&[0, 7], soon()).is_err());
+    }
+}
