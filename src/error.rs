@@ -151,8 +151,8 @@ pub enum Error {
         peer: usize,
     },
 
-    /// A frame from a peer failed its checks (checksum, length, framing): it was not used.
-    /// Over TCP the link to the peer is closed.
+    /// A frame from a peer failed its checks (checksum, length, framing), or the peer refused
+    /// one of this rank's: it was not used, and the link to the peer is closed.
     #[error("{at}: the link to rank {peer} failed its checks: {reason}")]
     Corrupt {
         /// Where.
@@ -161,6 +161,31 @@ pub enum Error {
         peer: usize,
         /// What was wrong.
         reason: String,
+    },
+
+    /// The survivors' agreement left no more than half of the group: this side may not go on by
+    /// itself (the split-brain guard; the other side may hold the majority).
+    #[error(
+        "{at}: no quorum: only ranks {survivors:?} of {size} would go on, not more than half; \
+         this side stops"
+    )]
+    NoQuorum {
+        /// Where.
+        at: At,
+        /// The ranks the agreement left.
+        survivors: Vec<usize>,
+        /// The size of the group that agreed.
+        size: usize,
+    },
+
+    /// The survivors agreed that this rank failed (it was cut off, or too slow to answer): it
+    /// is not among those who go on.
+    #[error("{at}: the survivors agreed that ranks {failed:?} failed, this rank among them")]
+    Excluded {
+        /// Where.
+        at: At,
+        /// The failed ranks as agreed.
+        failed: Vec<usize>,
     },
 
     /// Ranks could not find or connect to each other (rendezvous, handshake, mesh), or the
@@ -267,6 +292,8 @@ impl Error {
             | Error::LinkClosed { at, .. }
             | Error::PeerExited { at, .. }
             | Error::Corrupt { at, .. }
+            | Error::NoQuorum { at, .. }
+            | Error::Excluded { at, .. }
             | Error::Connect { at, .. }
             | Error::Device { at, .. }
             | Error::Broken { at, .. }

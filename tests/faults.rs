@@ -9,7 +9,7 @@ use wccl::link::{FaultPlan, LinkStack};
 use wccl::{CallOptions, Collective, CommConfig, CommGroup, Error, ReduceOp};
 
 /// The links under the faults: channels here; `tests/faults_tcp.rs` includes this file and
-/// puts loopback TCP sockets there instead (`FaultyLink<TcpLink>`). `crate::` is whichever
+/// puts loopback TCP sockets there instead (`Checksummed<FaultyLink<TcpLink>>`). `crate::` is whichever
 /// test crate includes the file.
 #[allow(dead_code)]
 pub fn base_stack() -> LinkStack {
@@ -251,8 +251,10 @@ fn a_duplicated_frame_is_refused_naming_its_sender() {
                     "{from} -> {to}: the receiver: {e}"
                 );
             }
+            // The receiver's reason, as every rank reports it: the sender and the repeat.
+            let text = e.to_string();
             assert!(
-                e.to_string().contains(&format!("rank {from}")),
+                text.contains(&format!("rank {from} disagrees on frame (unit, bytes)")),
                 "{from} -> {to}: rank {r}: {e}"
             );
         }
@@ -338,18 +340,23 @@ fn the_survivors_shrink_and_go_on() {
     assert_eq!(ranks, [(0, 3), (1, 3), (2, 3)]);
     survivors_all_reduce(&mut comms, &[0, 1, 3], 1001);
     survivors_all_reduce(&mut comms, &[0, 1, 3], 37);
-    // The old rank 0, now rank 0 of three, dies.
-    faults.kill(0);
-    let failed = run_each_comm(&mut comms[1..], |c| {
+    // The old rank 3, now rank 2 of three, dies (the plan names ranks as built): the errors
+    // name it as the survivors now number it.
+    faults.kill(3);
+    let failed = run_each_comm(&mut comms[..2], |c| {
         let input = c.upload(&[1.0f32; 64])?;
         c.all_reduce(&input, ReduceOp::Sum)
     });
     for (r, e) in failed.into_iter().enumerate() {
         let e = e.expect_err("a call with a dead rank fails");
-        assert!(e.to_string().contains("rank 0"), "survivor {}: {e}", r + 1);
+        let text = e.to_string();
+        assert!(
+            text.contains("rank 2") && !text.contains("rank 3"),
+            "survivor {r}: {e}"
+        );
     }
-    drop(comms.remove(0));
-    for r in run_each_comm(&mut comms, |c| c.shrink(&[0])) {
+    drop(comms.remove(2));
+    for r in run_each_comm(&mut comms, |c| c.shrink(&[2])) {
         r.expect("shrink");
     }
     assert_eq!(
@@ -359,7 +366,7 @@ fn the_survivors_shrink_and_go_on() {
             .collect::<Vec<_>>(),
         [(0, 2, 2), (1, 2, 2)]
     );
-    survivors_all_reduce(&mut comms, &[1, 3], 1001);
+    survivors_all_reduce(&mut comms, &[0, 1], 1001);
 }
 
 /// `shrink` refuses a failed set that names this rank or a rank outside the group, and the
@@ -378,4 +385,41 @@ fn shrink_refuses_bad_sets_and_loses_nothing() {
         );
     }
     survivors_all_reduce(&mut comms, &[0, 1, 2], 101);
+}
+
+/// Rank 1 of 5 dies: every call fails naming it. The survivors `recover` (agree, then shrink)
+/// with no suspects of their own, while rank 0, the agreement's first coordinator, dies as the
+/// agreement begins: the other three agree on both (1 and 0) on every rank, shrink, and their
+/// all-reduce is exact against the f64 sum of their inputs.
+#[test]
+fn the_survivors_agree_even_when_the_coordinator_dies_during_it() {
+    let faults = FaultPlan::new();
+    let mut g = group(5, &faults, Duration::from_secs(5));
+    faults.kill(1);
+    all_name(checked_all_reduce(&mut g, 1001), 1);
+    let mut comms = g.into_communicators();
+    drop(comms.remove(1));
+    let res = run_each_comm(&mut comms, |c| {
+        if c.rank() == 0 {
+            // Dies instead of agreeing.
+            faults.kill(0);
+            return Ok(None);
+        }
+        c.recover(&[]).map(Some)
+    });
+    for (i, r) in res.into_iter().enumerate().skip(1) {
+        match r {
+            Ok(Some(failed)) => assert_eq!(failed, [0, 1], "survivor {i}"),
+            other => panic!("survivor {i}: {other:?}"),
+        }
+    }
+    drop(comms.remove(0));
+    assert_eq!(
+        comms
+            .iter()
+            .map(|c| (c.rank(), c.size()))
+            .collect::<Vec<_>>(),
+        [(0, 3), (1, 3), (2, 3)]
+    );
+    survivors_all_reduce(&mut comms, &[2, 3, 4], 1001);
 }

@@ -1,4 +1,4 @@
-//! The fault tests of `faults.rs` over loopback TCP sockets: `FaultyLink<TcpLink>`, the same
+//! The fault tests of `faults.rs` over loopback TCP sockets: `Checksummed<FaultyLink<TcpLink>>`, the same
 //! kill, partition, delay and drop, through the transport that crosses processes.
 
 use wccl::link::{LinkStack, TcpOptions};

@@ -212,6 +212,8 @@ pub struct Communicator {
     seq: u64,
     /// Shrinks so far; the link's frames carry it once non-zero (see [`shrink`](Self::shrink)).
     epoch: u32,
+    /// Agreements since the last shrink (each runs in an epoch of its own).
+    agreements: u32,
     broken: Option<Error>,
     cost_model: Option<CostModel>,
     last_algorithm: Option<Algorithm>,
@@ -265,6 +267,7 @@ impl Communicator {
             config,
             seq: 0,
             epoch: 0,
+            agreements: 0,
             broken: None,
             cost_model: None,
             last_algorithm: None,
@@ -284,7 +287,11 @@ impl Communicator {
     /// [`SubLink`]). Abort handles of the old communicator no longer affect it.
     ///
     /// The survivors must agree on `failed` (a rank that passes another set is in another
-    /// group, and its calls fail on the header checks or the deadline).
+    /// group, and its calls fail on the header checks or the deadline), and none may call the
+    /// shrunk communicator before every survivor has returned from the failed call:
+    /// [`agree`](Self::agree) (or [`recover`](Self::recover)) gives both. A
+    /// [`FaultPlan`](crate::link::FaultPlan) keeps naming ranks as they were numbered when the
+    /// group was built.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] if `failed` names this rank or a rank outside the group; the
@@ -321,6 +328,10 @@ impl Communicator {
             ));
         }
         let members: Vec<usize> = (0..self.size).filter(|r| !failed.contains(r)).collect();
+        // Checked before the link is taken apart: the error path below is unreachable.
+        if let Err(message) = SubLink::<&dyn Link>::check(&members, self.link.size(), self.rank) {
+            return invalid(message);
+        }
         let epoch = self.epoch.saturating_add(1);
         let placeholder: Box<dyn Link> = match crate::link::in_process_mesh(1).pop() {
             Some(l) => Box::new(l),
@@ -334,15 +345,59 @@ impl Communicator {
                 self.size = sub.size();
                 self.link = Box::new(sub);
             }
-            Err(message) => return invalid(format!("internal: {message}")),
+            Err(message) => {
+                let e = Error::InvalidArgument {
+                    at,
+                    message: format!("internal: {message}"),
+                };
+                self.broken = Some(e.clone());
+                return Err(e);
+            }
         }
         self.epoch = epoch;
+        self.agreements = 0;
         self.seq = 0;
         self.broken = None;
         self.cost_model = None;
         self.last_algorithm = None;
         self.aborted = Arc::new(OnceLock::new());
         Ok(())
+    }
+
+    /// Agrees with the other survivors of a failure on which ranks failed, as ULFM's
+    /// `MPIX_Comm_agree`: every survivor gets the same sorted list, to pass to
+    /// [`shrink`](Self::shrink) (or call [`recover`](Self::recover) for both). `suspects` are
+    /// ranks this rank already holds failed (the rank its error named, say; empty is fine: a
+    /// dead rank is found by the agreement itself). It ends even when more ranks die during it:
+    /// each wait lasts at most the communicator's timeout, and there are at most as many waits
+    /// as ranks. The protocol is in `comm/agree.rs`.
+    ///
+    /// Every survivor must call it, the same number of times between shrinks.
+    ///
+    /// # Errors
+    /// - [`Error::NoQuorum`]: the agreement left no more than half of the ranks (a partitioned
+    ///   minority, say); this side must not go on by itself.
+    /// - [`Error::Excluded`]: the others agreed that this rank failed.
+    /// - [`Error::InvalidArgument`]: a suspect that is this rank or not a rank of the group.
+    pub fn agree(&mut self, suspects: &[usize]) -> Result<Vec<usize>> {
+        self.agreements = self.agreements.wrapping_add(1);
+        // Unique per (shrink, agreement), and never a communicator's epoch (the top bit).
+        let epoch = ((self.epoch & 0x7fff) << 16) | (self.agreements & 0xffff);
+        super::agree::agree(
+            &*self.link,
+            suspects,
+            epoch,
+            self.config.timeout,
+            At::rank(self.rank),
+        )
+    }
+
+    /// [`agree`](Self::agree), then [`shrink`](Self::shrink) to the survivors; returns the
+    /// failed ranks (in the old numbering).
+    pub fn recover(&mut self, suspects: &[usize]) -> Result<Vec<usize>> {
+        let failed = self.agree(suspects)?;
+        self.shrink(&failed)?;
+        Ok(failed)
     }
 
     /// How many times this communicator was shrunk (0 for a fresh one).
@@ -924,7 +979,8 @@ impl Communicator {
     /// Breaks this communicator with `error` and tells the peers, as a failed collective does:
     /// for work between collectives (a rank's own kernels) that fails on one rank, so that the
     /// others leave their next collective at once with [`Error::PeerAborted`] instead of waiting
-    /// for the deadline. Rebuild the group afterwards.
+    /// for the deadline. Rebuild the group afterwards (or, when ranks died, let the survivors
+    /// [`recover`](Self::recover)).
     pub fn abort(&mut self, error: &Error) {
         if self.broken.is_none() {
             if !matches!(error, Error::PeerAborted { .. }) {
@@ -1004,7 +1060,8 @@ impl Communicator {
 /// and every later call fail with [`Error::Aborted`] naming the rank and the reason, and tells
 /// the peers, whose current or next call fails with [`Error::PeerAborted`] naming this rank.
 /// A call blocked in device work rather than on a peer ends at that work's end or its deadline.
-/// Rebuild the group afterwards, as after any failed call.
+/// Rebuild the group afterwards, as after any failed call (or let the survivors
+/// [`recover`](Communicator::recover)).
 ///
 /// ```no_run
 /// # fn main() -> wccl::Result<()> {

@@ -1,6 +1,7 @@
 //! Communicators: the per-rank handle, group construction and group calls, the frame header,
 //! and the executor that runs an algorithm's plan on a device over a link.
 
+mod agree;
 mod communicator;
 mod executor;
 mod group;

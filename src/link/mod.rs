@@ -5,7 +5,8 @@
 //!
 //! # The contract every link keeps
 //! - **FIFO per ordered pair of ranks.** Frames from rank a to rank b arrive in the order a
-//!   sent them, each whole, or not at all after the link to a ended (never a frame twice).
+//!   sent them, each whole, or not at all after the link to a ended (never a frame twice, but for
+//!   `FaultPlan::duplicate_next`, which breaks this on purpose).
 //! - **`send` does not wait for the receiver.** It queues the frame (in the receiver's channel,
 //!   or a writer thread's queue) and returns; a slow or stopped peer is found by the receiver's
 //!   deadline, not by a blocked sender.
@@ -64,9 +65,9 @@ pub enum LinkError {
     /// This rank's frame cannot be sent (over the limits the link agreed with the peer); nothing
     /// was sent, and the link is intact.
     Unsendable(String),
-    /// A frame from the peer failed its checks (length, checksum, framing). Over a byte stream
-    /// (TCP) the link to the peer is closed, since nothing after it can be trusted; a link of
-    /// whole frames ([`Checksummed`] over channels) refuses just that frame.
+    /// A frame from the peer failed its checks (length, checksum, framing), or the peer refused
+    /// one of this rank's: the link to the peer is closed, since nothing after it can be
+    /// trusted (TCP closes the connection; [`Checksummed`] closes the pair on both sides).
     Corrupt {
         /// The peer.
         peer: usize,
@@ -161,6 +162,33 @@ pub trait Link: Send + Sync {
     /// at the rank's next call or its deadline.
     fn remote_abort(&self) -> Option<RemoteAbort> {
         None
+    }
+}
+
+impl<L: Link + ?Sized> Link for &L {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn size(&self) -> usize {
+        (**self).size()
+    }
+    fn send(&self, to: usize, frame: Frame) -> Result<(), LinkError> {
+        (**self).send(to, frame)
+    }
+    fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
+        (**self).recv(from, deadline)
+    }
+    fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
+        (**self).recv_any(peers, deadline)
+    }
+    fn silent_peers(&self, longer_than: std::time::Duration) -> Vec<usize> {
+        (**self).silent_peers(longer_than)
+    }
+    fn abort(&self, reason: &str) {
+        (**self).abort(reason)
+    }
+    fn remote_abort(&self) -> Option<RemoteAbort> {
+        (**self).remote_abort()
     }
 }
 

@@ -3,9 +3,17 @@
 //!
 //! The old link still carries what the failed call left behind: frames the survivors sent each
 //! other before they gave up, and their aborts. None of it may reach the new communicator. So
-//! every frame and abort sent through a `SubLink` carries its epoch (a tag before the header, a
-//! mark before the abort's reason), and a `SubLink` drops whatever arrives without its own
-//! epoch: anything the old communicator, or an older sub-link over the same link, sent.
+//! every frame and abort sent through a `SubLink` carries its epoch (a tag before the header,
+//! with a checksum of the members; a mark before the abort's reason), and a `SubLink` drops
+//! whatever arrives without its own tag: anything the old communicator, an older sub-link over
+//! the same link, or a sub-link with other members sent.
+//!
+//! The filter protects the new epoch from the old, not the other way round: a rank still
+//! inside the failed call takes a new-epoch frame for a frame of that call (and fails it). So
+//! no member may send in the new epoch before every member has left the old call; agreeing on
+//! the members first ([`Communicator::agree`](crate::Communicator::agree)) guarantees it, since
+//! a rank agrees only once its call returned. Each level of shrinking adds its tag to every
+//! frame (20 bytes).
 //!
 //! ```
 //! use std::time::{Duration, Instant};
@@ -28,9 +36,10 @@ use std::time::{Duration, Instant};
 
 use super::{Frame, Link, LinkError, RemoteAbort};
 
-/// Marks a sub-link's frames: magic, then the epoch.
+/// Marks a sub-link's frames: magic, the epoch, then a CRC32C of the members (survivors that
+/// passed different failed sets of one size do not take each other's frames).
 const MAGIC: [u8; 8] = *b"wcclSUB\x01";
-const TAG: usize = MAGIC.len() + 4;
+const TAG: usize = MAGIC.len() + 8;
 /// Brackets the epoch before an abort's reason.
 const MARK: char = '\u{1}';
 
@@ -41,6 +50,8 @@ pub struct SubLink<L: Link> {
     members: Vec<usize>,
     rank: usize,
     epoch: u32,
+    /// CRC32C of the members, in the tag.
+    sum: u32,
 }
 
 impl<L: Link> SubLink<L> {
@@ -49,7 +60,22 @@ impl<L: Link> SubLink<L> {
     /// with the same members and epoch, and the epoch must differ from every earlier
     /// sub-link's over the same link (the communicator counts them up from 1).
     pub fn new(inner: L, members: Vec<usize>, epoch: u32) -> Result<Self, String> {
-        let size = inner.size();
+        let rank = Self::check(&members, inner.size(), inner.rank())?;
+        let sum = members.iter().fold(0, |c, &m| {
+            crc32c::crc32c_append(c, &(m as u64).to_le_bytes())
+        });
+        Ok(SubLink {
+            inner,
+            members,
+            rank,
+            epoch,
+            sum,
+        })
+    }
+
+    /// Whether `members` can make a sub-link of a link of `size` ranks held by rank `me`: its
+    /// new rank, or why not.
+    pub fn check(members: &[usize], size: usize, me: usize) -> Result<usize, String> {
         if members.windows(2).any(|w| w[0] >= w[1]) {
             return Err(format!(
                 "the members {members:?} are not in increasing order without repeats"
@@ -58,18 +84,10 @@ impl<L: Link> SubLink<L> {
         if let Some(&m) = members.iter().find(|&&m| m >= size) {
             return Err(format!("member {m} is not a rank of a group of {size}"));
         }
-        let me = inner.rank();
-        let Some(rank) = members.iter().position(|&m| m == me) else {
-            return Err(format!(
-                "this rank ({me}) is not among the members {members:?}"
-            ));
-        };
-        Ok(SubLink {
-            inner,
-            members,
-            rank,
-            epoch,
-        })
+        members
+            .iter()
+            .position(|&m| m == me)
+            .ok_or_else(|| format!("this rank ({me}) is not among the members {members:?}"))
     }
 
     /// The inner ranks of the members, in new-rank order.
@@ -90,7 +108,8 @@ impl<L: Link> SubLink<L> {
     fn tag(&self) -> [u8; TAG] {
         let mut t = [0u8; TAG];
         t[..MAGIC.len()].copy_from_slice(&MAGIC);
-        t[MAGIC.len()..].copy_from_slice(&self.epoch.to_le_bytes());
+        t[MAGIC.len()..MAGIC.len() + 4].copy_from_slice(&self.epoch.to_le_bytes());
+        t[MAGIC.len() + 4..].copy_from_slice(&self.sum.to_le_bytes());
         t
     }
 
