@@ -199,30 +199,25 @@ fn a_rebuilt_group_keeps_its_fault_plan() {
     all_name(checked_all_reduce(&mut g, 1001), 1);
 }
 
-/// A payload corrupted on the way (one bit flipped, on each edge of the ring in turn) is refused
-/// by its receiver, which names the sender, and never folded in: every rank fails (a rank that
-/// returned would have its result checked against the f64 reference), the receiver with
-/// `Error::Corrupt` naming the sender, the others with the receiver's reason, which names it
-/// too. A rebuilt group then computes the exact sum: the checksum passes intact frames.
-#[test]
-fn a_corrupted_payload_is_refused_naming_its_sender() {
+/// Injects `fault(plan, from, to)` on each edge of a 4-rank ring in turn and hands every
+/// rank's error to `check(from, to, rank, error)` (every rank must fail: one that returned had
+/// its result checked against the f64 reference); a rebuilt group then computes the exact sum.
+fn on_each_ring_edge(
+    fault: impl Fn(&FaultPlan, usize, usize),
+    check: impl Fn(usize, usize, usize, Error),
+) {
     let faults = FaultPlan::new();
     let n = 4;
     let mut g = group(n, &faults, Duration::from_secs(30));
     for from in 0..n {
         let to = (from + 1) % n;
-        faults.corrupt_next(from, to, 1);
+        fault(&faults, from, to);
         for (r, e) in checked_all_reduce(&mut g, 1001).into_iter().enumerate() {
-            let e = e.expect_err("a corrupted payload fails the call on every rank");
-            if r == to {
-                assert!(
-                    matches!(e, Error::Corrupt { peer, .. } if peer == from),
-                    "{from} -> {to}: the receiver: {e}"
-                );
-            }
-            assert!(
-                e.to_string().contains(&format!("rank {from}")) && e.to_string().contains("CRC32C"),
-                "{from} -> {to}: rank {r}: {e}"
+            check(
+                from,
+                to,
+                r,
+                e.expect_err("a fault on the ring fails the call on every rank"),
             );
         }
         g.rebuild();
@@ -232,19 +227,37 @@ fn a_corrupted_payload_is_refused_naming_its_sender() {
     }
 }
 
+/// A payload corrupted on the way (one bit flipped, on each edge of the ring in turn) is refused
+/// by its receiver, which names the sender, and never folded in: every rank fails, the
+/// receiver with `Error::Corrupt` naming the sender, the others with the receiver's reason,
+/// which names it too.
+#[test]
+fn a_corrupted_payload_is_refused_naming_its_sender() {
+    on_each_ring_edge(
+        |faults, from, to| faults.corrupt_next(from, to, 1),
+        |from, to, r, e| {
+            if r == to {
+                assert!(
+                    matches!(e, Error::Corrupt { peer, .. } if peer == from),
+                    "{from} -> {to}: the receiver: {e}"
+                );
+            }
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("rank {from}")) && text.contains("CRC32C"),
+                "{from} -> {to}: rank {r}: {e}"
+            );
+        },
+    );
+}
+
 /// A frame delivered twice (on each edge of the ring in turn) is refused by its receiver as a
-/// repeated frame, naming the sender; every rank fails, none folds the copy in; a rebuilt
-/// group then computes the exact sum.
+/// repeated frame, naming the sender; every rank fails, none folds the copy in.
 #[test]
 fn a_duplicated_frame_is_refused_naming_its_sender() {
-    let faults = FaultPlan::new();
-    let n = 4;
-    let mut g = group(n, &faults, Duration::from_secs(30));
-    for from in 0..n {
-        let to = (from + 1) % n;
-        faults.duplicate_next(from, to, 1);
-        for (r, e) in checked_all_reduce(&mut g, 1001).into_iter().enumerate() {
-            let e = e.expect_err("a duplicated frame fails the call on every rank");
+    on_each_ring_edge(
+        |faults, from, to| faults.duplicate_next(from, to, 1),
+        |from, to, r, e| {
             if r == to {
                 assert!(
                     matches!(e, Error::Mismatch { peer, .. } if peer == from),
@@ -252,17 +265,13 @@ fn a_duplicated_frame_is_refused_naming_its_sender() {
                 );
             }
             // The receiver's reason, as every rank reports it: the sender and the repeat.
-            let text = e.to_string();
             assert!(
-                text.contains(&format!("rank {from} disagrees on frame (unit, bytes)")),
+                e.to_string()
+                    .contains(&format!("rank {from} disagrees on frame (unit, bytes)")),
                 "{from} -> {to}: rank {r}: {e}"
             );
-        }
-        g.rebuild();
-    }
-    for x in checked_all_reduce(&mut g, 1001) {
-        x.expect("no fault left");
-    }
+        },
+    );
 }
 
 /// Runs `f` on every communicator, one thread each, as the ranks of one job would.
@@ -422,4 +431,35 @@ fn the_survivors_agree_even_when_the_coordinator_dies_during_it() {
         [(0, 3), (1, 3), (2, 3)]
     );
     survivors_all_reduce(&mut comms, &[2, 3, 4], 1001);
+}
+
+/// A refused `agree` (a bad suspect) does not put the rank out of step: the next agreement of
+/// every rank still meets and keeps everyone, and after `shrink(&[])` the group computes
+/// exactly.
+#[test]
+fn a_refused_agreement_leaves_the_ranks_in_step() {
+    let faults = FaultPlan::new();
+    let g = group(3, &faults, Duration::from_secs(10));
+    let mut comms = g.into_communicators();
+    for bad in [&[0usize][..], &[3]] {
+        let e = comms[0].agree(bad).expect_err("refused");
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{bad:?}: {e}");
+    }
+    for (r, x) in run_each_comm(&mut comms, |c| c.agree(&[]))
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(x.ok(), Some(vec![]), "rank {r}");
+    }
+    // A call before the shrink is refused (the agreement's messages are still on the links),
+    // and leaves the ranks in step too.
+    let one = comms[0].upload(&[1.0f32; 8]).expect("upload");
+    let e = comms[0]
+        .all_reduce(&one, ReduceOp::Sum)
+        .expect_err("refused until the shrink");
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+    for r in run_each_comm(&mut comms, |c| c.shrink(&[])) {
+        r.expect("shrink");
+    }
+    survivors_all_reduce(&mut comms, &[0, 1, 2], 77);
 }

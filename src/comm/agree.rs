@@ -4,27 +4,36 @@
 //!
 //! A coordinator collects and decides, so that every survivor adopts one decision:
 //! - The coordinator is the lowest rank this rank does not hold failed. Every other rank sends
-//!   it a proposal (the ranks it holds failed) and waits for its decision.
+//!   it a proposal (the ranks it holds failed), again every quarter of a wait (a coordinator
+//!   still inside the call that failed may take one for a frame of that call and drop it), and
+//!   waits for its decision, reading from it alone.
 //! - The coordinator waits for a proposal from every rank it does not hold failed, merging what
 //!   they hold failed into its own set. A rank whose link ends, whose frame is corrupt, or that
 //!   has not proposed when the wait's deadline passes is failed too. It then sends the decision
 //!   (the failed set) to every other rank, and returns.
 //! - A rank that loses its coordinator (link ended, deadline) holds it failed and proposes to
-//!   the next. A proposal that reaches a rank which is not yet coordinator in its own view
-//!   teaches it what the proposer holds failed, which can make it the coordinator.
-//! - A decision from any coordinator is adopted as it is.
-//! - A rank proposes again every quarter of a wait until it hears the decision: a coordinator
-//!   still inside the call that failed may take a proposal for a frame of that call and throw
-//!   it away.
+//!   the next.
+//! - A rank that gets a decision passes it on to every other rank before it returns, so that
+//!   if the coordinator died while telling them, the next coordinator they turn to has it; a
+//!   coordinator that gets a decision (it came late, after the others decided without it)
+//!   adopts it too.
 //!
-//! Every wait has a deadline (a coordinator collects for `timeout`; a rank waits twice that for
-//! its coordinator's decision, since the coordinator may begin late), and there are at most as
-//! many coordinators as ranks: the agreement ends even when ranks die during it.
+//! A coordinator collects for `timeout`; a rank waits twice that for its coordinator's
+//! decision, since the coordinator may begin late, and there are at most as many coordinators
+//! as ranks: the agreement ends even when ranks die during it, after at most about `2 n`
+//! timeouts when every coordinator in turn hangs.
+//!
+//! Not a uniform consensus: a second failure at the wrong moment (a coordinator that dies
+//! after telling some ranks, before the relays reach the others) can still leave two groups
+//! with different members. Neither computes a silently wrong result: each group's frames carry
+//! a checksum of its members, so the other's are dropped and the calls that would mix them
+//! fail at their deadline, and the next agreement settles it.
 //!
 //! The split-brain guard: a decision that leaves no more than half of the ranks is
 //! [`Error::NoQuorum`] on every rank that reaches it. A partitioned minority can never go on
 //! by itself, as torchft's quorum requires. A rank the decision names failed although it is
-//! alive gets [`Error::Excluded`].
+//! alive gets [`Error::Excluded`] when the decision reaches it (or, cut off from every
+//! coordinator, `NoQuorum` at the end of its waits).
 //!
 //! The agreement runs over its own epoch of the link (a [`SubLink`] over every rank), so
 //! frames the failed call left on the link do not disturb it, and its own stragglers do not
@@ -113,8 +122,6 @@ pub(crate) fn agree(
         }
     })?;
     let mut failed: BTreeSet<usize> = suspects.iter().copied().collect();
-    // Ranks whose proposal this rank has (counted when it coordinates).
-    let mut heard = BTreeSet::new();
     // The coordinator proposed to, and the set proposed.
     let mut proposed: Option<(usize, BTreeSet<usize>)> = None;
     let mut deadline = deadline_after(timeout.saturating_mul(2));
@@ -126,7 +133,7 @@ pub(crate) fn agree(
             break failed;
         };
         if coord == me {
-            break coordinate(&link, &mut failed, &mut heard, timeout)?;
+            break coordinate(&link, &mut failed, timeout)?;
         }
         let now = Instant::now();
         if proposed.as_ref() != Some(&(coord, failed.clone())) || now >= resend {
@@ -145,18 +152,18 @@ pub(crate) fn agree(
             proposed = Some((coord, failed.clone()));
             resend = deadline_after(slice);
         }
-        let peers: Vec<usize> = (0..n).filter(|r| *r != me && !failed.contains(r)).collect();
-        match link.recv_any(&peers, deadline.min(resend)) {
-            Ok((from, frame)) => match decode(&frame, n) {
-                Ok(Msg::Decide(set)) => break set,
-                Ok(Msg::Propose(set)) => {
-                    // `from` takes this rank for its coordinator: what it holds failed may
-                    // make it so.
-                    heard.insert(from);
-                    failed.extend(set.into_iter().filter(|&r| r != me));
+        // From the coordinator only: a rank that has decided may already be sending frames of
+        // the shrunk communicator, which must stay queued for it, not be read (and dropped) here.
+        match link.recv(coord, deadline.min(resend)) {
+            Ok(frame) => match decode(&frame, n) {
+                Ok(Msg::Decide(set)) => {
+                    relay(&link, &set, coord);
+                    break set;
                 }
-                Err(_) => {
-                    failed.insert(from);
+                // A rank below this one does not take it for its coordinator: not a message
+                // of this protocol as this rank follows it.
+                Ok(Msg::Propose(_)) | Err(_) => {
+                    failed.insert(coord);
                 }
             },
             Err(LinkError::Timeout) => {
@@ -165,8 +172,8 @@ pub(crate) fn agree(
                 }
             }
             Err(e) => {
-                if let Some(p) = culprit(&e) {
-                    failed.insert(p);
+                if culprit(&e).is_some() {
+                    failed.insert(coord);
                 } else {
                     return Err(link_failure(at, e));
                 }
@@ -176,17 +183,29 @@ pub(crate) fn agree(
     finish(decided, me, n, at)
 }
 
+/// Passes a decision on to every other rank before this rank acts on it: should its
+/// coordinator die while telling the others, they find the decision here when they turn to
+/// this rank (sends to ranks that have moved on go unread: later epochs drop them).
+fn relay(link: &SubLink<&dyn Link>, set: &BTreeSet<usize>, from: usize) {
+    let me = link.rank();
+    let decision = encode(DECIDE, set);
+    for r in (0..link.size()).filter(|r| *r != me && *r != from) {
+        let _ = link.send(r, decision.clone());
+    }
+}
+
 /// This rank coordinates: it waits for a proposal from every rank it does not hold failed
-/// (each new failure ends that rank's wait), then sends its decision to every rank that
-/// proposed or that it does not hold failed.
+/// (each new failure ends that rank's wait), then sends its decision to every other rank. A
+/// decision that reaches it meanwhile (another coordinator decided while this rank was late,
+/// or before it died) is adopted instead, and passed on.
 fn coordinate(
     link: &SubLink<&dyn Link>,
     failed: &mut BTreeSet<usize>,
-    heard: &mut BTreeSet<usize>,
     timeout: Duration,
 ) -> Result<BTreeSet<usize>> {
     let (n, me) = (link.size(), link.rank());
     let deadline = deadline_after(timeout);
+    let mut heard = BTreeSet::new();
     loop {
         let pending: Vec<usize> = (0..n)
             .filter(|r| *r != me && !failed.contains(r) && !heard.contains(r))
@@ -195,7 +214,7 @@ fn coordinate(
             break;
         }
         // From every rank not held failed: one already heard may propose again, having learnt
-        // of more failures since.
+        // of more failures since. (None of them can have decided: each waits for this rank.)
         let listen: Vec<usize> = (0..n).filter(|r| *r != me && !failed.contains(r)).collect();
         match link.recv_any(&listen, deadline) {
             Ok((from, frame)) => match decode(&frame, n) {
@@ -203,14 +222,42 @@ fn coordinate(
                     heard.insert(from);
                     failed.extend(set.into_iter().filter(|&r| r != me));
                 }
-                // Another coordinator decided (it holds this rank failed or, still, a rank
-                // below it alive): its decision stands for it; this rank goes on deciding for
-                // those it hears from.
-                Ok(Msg::Decide(_)) | Err(_) => {
+                Ok(Msg::Decide(set)) => {
+                    relay(link, &set, from);
+                    return Ok(set);
+                }
+                Err(_) => {
                     failed.insert(from);
                 }
             },
             Err(LinkError::Timeout) => failed.extend(pending),
+            Err(e) => match culprit(&e) {
+                Some(p) => {
+                    failed.insert(p);
+                }
+                None => return Err(link_failure(At::rank(me), e)),
+            },
+        }
+    }
+    // Whatever else is queued already: a late coordinator finds here the decision the others
+    // made without it, should it sit behind proposals it has not read (the links here read the
+    // lowest ready rank first, so a lower coordinator's decision is usually read above), and
+    // adopts it rather than decide again. (No rank sends frames of a shrunk communicator to it: a rank that
+    // decided without it holds it failed.)
+    loop {
+        let listen: Vec<usize> = (0..n).filter(|r| *r != me && !failed.contains(r)).collect();
+        match link.recv_any(&listen, Instant::now()) {
+            Ok((from, frame)) => match decode(&frame, n) {
+                Ok(Msg::Propose(set)) => failed.extend(set.into_iter().filter(|&r| r != me)),
+                Ok(Msg::Decide(set)) => {
+                    relay(link, &set, from);
+                    return Ok(set);
+                }
+                Err(_) => {
+                    failed.insert(from);
+                }
+            },
+            Err(LinkError::Timeout) => break,
             Err(e) => match culprit(&e) {
                 Some(p) => {
                     failed.insert(p);
@@ -373,6 +420,47 @@ mod tests {
                 res[r]
             );
         }
+    }
+
+    /// Rank 0, the first coordinator, comes only after the others decided without it (its call
+    /// ran long): it finds their decision behind their proposals and is told it is out,
+    /// instead of deciding again (which would have kept everyone).
+    #[test]
+    fn a_late_coordinator_adopts_the_decision_made_without_it() {
+        let links = in_process_mesh(5);
+        let (done_tx, done_rx) = crossbeam::channel::bounded(1);
+        let timeout = Duration::from_millis(300);
+        let res: Vec<Result<Vec<usize>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = links
+                .iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let (done_tx, done_rx) = (done_tx.clone(), &done_rx);
+                    s.spawn(move || {
+                        if r == 0 {
+                            // Waits for the others' decision (bounded), then agrees.
+                            let _ = done_rx.recv_timeout(Duration::from_secs(60));
+                        }
+                        let x = agree(l, &[], 1, timeout, At::rank(r));
+                        if r == 1 {
+                            let _ = done_tx.send(());
+                        }
+                        x
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| panic!("agree panicked")))
+                .collect()
+        });
+        for (r, x) in res.iter().enumerate().skip(1) {
+            assert_eq!(x.as_ref().ok(), Some(&vec![0]), "rank {r}: {x:?}");
+        }
+        assert!(
+            matches!(&res[0], Err(Error::Excluded { failed, .. }) if *failed == [0]),
+            "rank 0: {:?}",
+            res[0]
+        );
     }
 
     #[test]

@@ -214,6 +214,9 @@ pub struct Communicator {
     epoch: u32,
     /// Agreements since the last shrink (each runs in an epoch of its own).
     agreements: u32,
+    /// Whether an agreement ran since the last shrink: its frames may still be on the links,
+    /// and only a shrink's new epoch drops them, so no call runs until then.
+    agreed: bool,
     broken: Option<Error>,
     cost_model: Option<CostModel>,
     last_algorithm: Option<Algorithm>,
@@ -268,6 +271,7 @@ impl Communicator {
             seq: 0,
             epoch: 0,
             agreements: 0,
+            agreed: false,
             broken: None,
             cost_model: None,
             last_algorithm: None,
@@ -356,6 +360,7 @@ impl Communicator {
         }
         self.epoch = epoch;
         self.agreements = 0;
+        self.agreed = false;
         self.seq = 0;
         self.broken = None;
         self.cost_model = None;
@@ -369,10 +374,15 @@ impl Communicator {
     /// [`shrink`](Self::shrink) (or call [`recover`](Self::recover) for both). `suspects` are
     /// ranks this rank already holds failed (the rank its error named, say; empty is fine: a
     /// dead rank is found by the agreement itself). It ends even when more ranks die during it:
-    /// each wait lasts at most the communicator's timeout, and there are at most as many waits
-    /// as ranks. The protocol is in `comm/agree.rs`.
+    /// a coordinator collects for at most the communicator's timeout, a rank waits at most
+    /// twice that for each coordinator, and there are at most as many coordinators as ranks.
+    /// The protocol, and what it does not guarantee under a second failure at the wrong
+    /// moment, is in `comm/agree.rs`.
     ///
-    /// Every survivor must call it, the same number of times between shrinks.
+    /// Every survivor must call it, the same number of times between shrinks, and then
+    /// [`shrink`](Self::shrink) to the agreed set (`shrink(&[])` if it is empty) before its
+    /// next call: until then calls are refused, since the agreement's messages may still be on
+    /// the links.
     ///
     /// # Errors
     /// - [`Error::NoQuorum`]: the agreement left no more than half of the ranks (a partitioned
@@ -380,7 +390,19 @@ impl Communicator {
     /// - [`Error::Excluded`]: the others agreed that this rank failed.
     /// - [`Error::InvalidArgument`]: a suspect that is this rank or not a rank of the group.
     pub fn agree(&mut self, suspects: &[usize]) -> Result<Vec<usize>> {
+        // Checked before the count moves: a refused call must not put this rank's agreements
+        // out of step with its peers'.
+        if let Some(&r) = suspects.iter().find(|&&r| r >= self.size || r == self.rank) {
+            return Err(Error::InvalidArgument {
+                at: At::rank(self.rank),
+                message: format!(
+                    "suspect {r} is this rank or not a rank of this group of {}",
+                    self.size
+                ),
+            });
+        }
         self.agreements = self.agreements.wrapping_add(1);
+        self.agreed = true;
         // Unique per (shrink, agreement), and never a communicator's epoch (the top bit).
         let epoch = ((self.epoch & 0x7fff) << 16) | (self.agreements & 0xffff);
         super::agree::agree(
@@ -725,6 +747,16 @@ impl Communicator {
 
     /// Runs any collective with per-call options; every other method ends here.
     pub fn run(&mut self, call: Collective<'_>, opts: CallOptions) -> Result<()> {
+        if self.agreed {
+            // Before the count moves: the call never started, on this rank or any.
+            return Err(Error::InvalidArgument {
+                at: At::rank(self.rank),
+                message: "this communicator ran an agreement: shrink it to the agreed failed \
+                          ranks (`shrink(&[])` if none failed) before its next call; the \
+                          agreement's messages are still on its links"
+                    .into(),
+            });
+        }
         self.seq += 1;
         let at = At {
             rank: self.rank,

@@ -44,9 +44,11 @@ const CLOSED: [u8; 16] = *b"wcclCRC-REFUSED\0";
 /// A [`Link`] whose frames carry a CRC32C of header and payload, checked on receipt.
 ///
 /// After a corrupt frame from a peer, nothing more from that peer can be trusted: as TCP closes
-/// the connection, this closes the pair on both sides. It tells the peer, and every later send
-/// or receive between the two fails (`Corrupt` naming the other), so neither side goes on
-/// with a peer that no longer hears it.
+/// the connection, this closes the pair on both sides. It tells the peer with a marker frame;
+/// from then on this rank's sends to and receives from the peer fail (`Corrupt` naming it), and
+/// so do the peer's once it has read the marker (a peer that only sends, as a ring's sender
+/// to its successor, finds out at its next receive from this rank, or by the abort that
+/// follows).
 #[derive(Debug)]
 pub struct Checksummed<L: Link> {
     inner: L,

@@ -165,56 +165,40 @@ pub trait Link: Send + Sync {
     }
 }
 
-impl<L: Link + ?Sized> Link for &L {
-    fn rank(&self) -> usize {
-        (**self).rank()
-    }
-    fn size(&self) -> usize {
-        (**self).size()
-    }
-    fn send(&self, to: usize, frame: Frame) -> Result<(), LinkError> {
-        (**self).send(to, frame)
-    }
-    fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
-        (**self).recv(from, deadline)
-    }
-    fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
-        (**self).recv_any(peers, deadline)
-    }
-    fn silent_peers(&self, longer_than: std::time::Duration) -> Vec<usize> {
-        (**self).silent_peers(longer_than)
-    }
-    fn abort(&self, reason: &str) {
-        (**self).abort(reason)
-    }
-    fn remote_abort(&self) -> Option<RemoteAbort> {
-        (**self).remote_abort()
-    }
+/// `Link` for references and boxes of links, by delegation.
+macro_rules! delegate_link {
+    ($($t:ty),*) => {$(
+        impl<L: Link + ?Sized> Link for $t {
+            fn rank(&self) -> usize {
+                (**self).rank()
+            }
+            fn size(&self) -> usize {
+                (**self).size()
+            }
+            fn send(&self, to: usize, frame: Frame) -> Result<(), LinkError> {
+                (**self).send(to, frame)
+            }
+            fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
+                (**self).recv(from, deadline)
+            }
+            fn recv_any(
+                &self,
+                peers: &[usize],
+                deadline: Instant,
+            ) -> Result<(usize, Frame), LinkError> {
+                (**self).recv_any(peers, deadline)
+            }
+            fn silent_peers(&self, longer_than: std::time::Duration) -> Vec<usize> {
+                (**self).silent_peers(longer_than)
+            }
+            fn abort(&self, reason: &str) {
+                (**self).abort(reason)
+            }
+            fn remote_abort(&self) -> Option<RemoteAbort> {
+                (**self).remote_abort()
+            }
+        }
+    )*};
 }
 
-impl<L: Link + ?Sized> Link for Box<L> {
-    fn rank(&self) -> usize {
-        (**self).rank()
-    }
-    fn size(&self) -> usize {
-        (**self).size()
-    }
-    fn send(&self, to: usize, frame: Frame) -> Result<(), LinkError> {
-        (**self).send(to, frame)
-    }
-    fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
-        (**self).recv(from, deadline)
-    }
-    fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
-        (**self).recv_any(peers, deadline)
-    }
-    fn silent_peers(&self, longer_than: std::time::Duration) -> Vec<usize> {
-        (**self).silent_peers(longer_than)
-    }
-    fn abort(&self, reason: &str) {
-        (**self).abort(reason)
-    }
-    fn remote_abort(&self) -> Option<RemoteAbort> {
-        (**self).remote_abort()
-    }
-}
+delegate_link!(&L, Box<L>);
