@@ -404,7 +404,7 @@ mod tests {
         let plan = FaultPlan::new();
         let links = plan.wrap(in_process_mesh(5));
         plan.partition(&[&[0, 1], &[2, 3, 4]]);
-        let res = run(links, &[], Duration::from_millis(500));
+        let res = run(links, &[], Duration::from_secs(1));
         for r in [2, 3, 4] {
             assert_eq!(
                 res[r].as_ref().ok(),
@@ -429,7 +429,7 @@ mod tests {
     fn a_late_coordinator_adopts_the_decision_made_without_it() {
         let links = in_process_mesh(5);
         let (done_tx, done_rx) = crossbeam::channel::bounded(1);
-        let timeout = Duration::from_millis(300);
+        let timeout = Duration::from_secs(1);
         let res: Vec<Result<Vec<usize>>> = std::thread::scope(|s| {
             let hs: Vec<_> = links
                 .iter()
