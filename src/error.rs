@@ -163,6 +163,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// A rank revoked the communicator ([`Communicator::revoke`](crate::Communicator::revoke),
+    /// or [`AbortHandle::revoke`](crate::AbortHandle::revoke)): this call and every later one
+    /// fail so, until the ranks [`recover`](crate::Communicator::recover).
+    #[error("{at}: rank {by} revoked the communicator: {reason}")]
+    Revoked {
+        /// Where.
+        at: At,
+        /// The rank that revoked it.
+        by: usize,
+        /// Why.
+        reason: String,
+    },
+
     /// The survivors' agreement left no more than half of the group: this side may not go on by
     /// itself (the split-brain guard; the other side may hold the majority).
     #[error(
@@ -293,6 +306,7 @@ impl Error {
             | Error::PeerExited { at, .. }
             | Error::Corrupt { at, .. }
             | Error::NoQuorum { at, .. }
+            | Error::Revoked { at, .. }
             | Error::Excluded { at, .. }
             | Error::Connect { at, .. }
             | Error::Device { at, .. }

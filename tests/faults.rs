@@ -463,3 +463,60 @@ fn a_refused_agreement_leaves_the_ranks_in_step() {
     }
     survivors_all_reduce(&mut comms, &[0, 1, 2], 77);
 }
+
+/// ULFM's revoke, agree, shrink with nobody dead. Ranks 1 to 3 wait in an all-reduce that
+/// rank 0 never joins; another thread revokes rank 0's communicator: their pending calls and
+/// every later call fail with `Revoked` naming rank 0 and the reason, as do rank 0's own. Then
+/// every rank recovers (`recover(&[])`: the agreement finds nobody failed) and computes exactly
+/// again.
+#[test]
+fn a_revoke_ends_pending_and_later_calls_until_the_ranks_recover() {
+    let faults = FaultPlan::new();
+    let g = group(4, &faults, Duration::from_secs(30));
+    let mut comms = g.into_communicators();
+    let handle = comms[0].abort_handle();
+    let inputs: Vec<_> = comms
+        .iter()
+        .map(|c| c.upload(&distinct_input(c.rank(), 64)).expect("upload"))
+        .collect();
+    let (started_tx, started_rx) = crossbeam::channel::bounded::<()>(3);
+    let res = std::thread::scope(|s| {
+        let revoker = s.spawn(|| {
+            // Once the three are about to wait (bounded: a missing signal fails the test).
+            for _ in 0..3 {
+                started_rx
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("the ranks started");
+            }
+            handle.revoke("the job is being resized");
+        });
+        let res = run_each_comm(&mut comms[1..], |c| {
+            let _ = started_tx.send(());
+            c.all_reduce(&inputs[c.rank()], ReduceOp::Sum)
+        });
+        revoker.join().expect("revoker");
+        res
+    });
+    let is_revoke = |e: &Error| matches!(e, Error::Revoked { by: 0, reason, .. } if reason == "the job is being resized");
+    for (r, x) in res.into_iter().enumerate() {
+        let e = x.expect_err("a revoked call fails");
+        assert!(is_revoke(&e), "rank {}: {e}", r + 1);
+    }
+    // Later calls, every rank, the revoker's own included.
+    for (r, x) in run_each_comm(&mut comms, |c| {
+        c.all_reduce(&inputs[c.rank()], ReduceOp::Sum)
+    })
+    .into_iter()
+    .enumerate()
+    {
+        let e = x.expect_err("a revoked communicator refuses later calls");
+        assert!(is_revoke(&e), "rank {r}: {e}");
+    }
+    for (r, x) in run_each_comm(&mut comms, |c| c.recover(&[]))
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(x.ok(), Some(vec![]), "rank {r}");
+    }
+    survivors_all_reduce(&mut comms, &[0, 1, 2, 3], 1001);
+}

@@ -369,6 +369,20 @@ impl Communicator {
         Ok(())
     }
 
+    /// Revokes the communicator, as ULFM's `MPIX_Comm_revoke`: every peer's pending and later
+    /// calls fail with [`Error::Revoked`] naming this rank and `reason`, and so do this rank's
+    /// own. Call it from the rank's thread between calls; from another thread (the rank blocked
+    /// in a call), use [`AbortHandle::revoke`]. Afterwards the ranks
+    /// [`recover`](Self::recover) (`recover(&[])` when no rank failed) to go on.
+    pub fn revoke(&mut self, reason: &str) {
+        self.link.abort(&format!("{REVOKE}{reason}"));
+        self.broken = Some(Error::Revoked {
+            at: At::rank(self.rank),
+            by: self.rank,
+            reason: reason.to_string(),
+        });
+    }
+
     /// Agrees with the other survivors of a failure on which ranks failed, as ULFM's
     /// `MPIX_Comm_agree`: every survivor gets the same sorted list, to pass to
     /// [`shrink`](Self::shrink) (or call [`recover`](Self::recover) for both). `suspects` are
@@ -764,16 +778,32 @@ impl Communicator {
             seq: self.seq,
         };
         if let Some(cause) = &self.broken {
+            // Revoked: every later call says so, as the revoke's own.
+            if let Error::Revoked { by, reason, .. } = cause {
+                return Err(Error::Revoked {
+                    at,
+                    by: *by,
+                    reason: reason.clone(),
+                });
+            }
             return Err(Error::Broken {
                 at,
                 cause: Box::new(cause.clone()),
             });
         }
         let started = Instant::now();
-        // Aborted between calls: fail this call the same way, before anyone waits on it.
-        let aborted = self.aborted.get().map(|reason| Error::Aborted {
-            at,
-            reason: reason.clone(),
+        // Aborted (or revoked) between calls: fail this call the same way, before anyone waits
+        // on it.
+        let aborted = self.aborted.get().map(|reason| match revoked(reason) {
+            Some(reason) => Error::Revoked {
+                at,
+                by: self.rank,
+                reason: reason.to_string(),
+            },
+            None => Error::Aborted {
+                at,
+                reason: reason.clone(),
+            },
         });
         let deadline = deadline_from(started, opts.timeout.unwrap_or(self.config.timeout));
         let algorithm = opts.algorithm.unwrap_or(self.config.algorithm);
@@ -793,9 +823,14 @@ impl Communicator {
             });
         if let Err(e) = &result {
             // Tell the others, so that nobody waits for this rank until the deadline. An abort
-            // that came from a peer has reached everyone already.
-            if !matches!(e, Error::PeerAborted { .. }) {
-                self.link.abort(&e.to_string());
+            // or a revoke that came from a peer has reached everyone already; this rank's own
+            // revoke goes out as a revoke (again, if its handle could not send it).
+            match e {
+                Error::Revoked { by, reason, .. } if *by == self.rank => {
+                    self.link.abort(&format!("{REVOKE}{reason}"));
+                }
+                Error::PeerAborted { .. } | Error::Revoked { .. } => {}
+                _ => self.link.abort(&e.to_string()),
             }
             self.broken = Some(e.clone());
             tracing::warn!(error = %e, "collective failed");
@@ -1119,7 +1154,22 @@ pub struct AbortHandle {
     remote: Option<RemoteAbort>,
 }
 
+/// Marks an abort's reason as a revoke (see [`Communicator::revoke`]).
+const REVOKE: &str = "\u{2}revoked\u{2}";
+
+/// The reason of a revoke, if `reason` is one.
+pub(crate) fn revoked(reason: &str) -> Option<&str> {
+    reason.strip_prefix(REVOKE)
+}
+
 impl AbortHandle {
+    /// Revokes the communicator, as [`Communicator::revoke`], from any thread: the call it is
+    /// blocked in (if it waits for a peer) and every later one fail with [`Error::Revoked`],
+    /// and so do its peers'. Only the first abort or revoke on any of its handles counts.
+    pub fn revoke(&self, reason: &str) {
+        self.abort(&format!("{REVOKE}{reason}"));
+    }
+
     /// Aborts the communicator with `reason`. Only the first call on any of its handles counts;
     /// later ones do nothing.
     pub fn abort(&self, reason: &str) {
