@@ -165,7 +165,8 @@ pub enum Error {
 
     /// A rank revoked the communicator ([`Communicator::revoke`](crate::Communicator::revoke),
     /// or [`AbortHandle::revoke`](crate::AbortHandle::revoke)): this call and every later one
-    /// fail so, until the ranks [`recover`](crate::Communicator::recover).
+    /// fail so, until the ranks [`recover`](crate::Communicator::recover) (a communicator an
+    /// earlier failure broke keeps reporting that one).
     #[error("{at}: rank {by} revoked the communicator: {reason}")]
     Revoked {
         /// Where.

@@ -520,3 +520,29 @@ fn a_revoke_ends_pending_and_later_calls_until_the_ranks_recover() {
     }
     survivors_all_reduce(&mut comms, &[0, 1, 2, 3], 1001);
 }
+
+/// A revoke between calls, from the rank's own thread (`Communicator::revoke`): the idle
+/// peers' next call fails with `Revoked` naming the revoker, and so does the revoker's.
+#[test]
+fn a_revoke_between_calls_reaches_the_idle_peers() {
+    let faults = FaultPlan::new();
+    let g = group(3, &faults, Duration::from_secs(30));
+    let mut comms = g.into_communicators();
+    comms[2].revoke("checkpoint and stop");
+    let inputs: Vec<_> = comms
+        .iter()
+        .map(|c| c.upload(&distinct_input(c.rank(), 40)).expect("upload"))
+        .collect();
+    for (r, x) in run_each_comm(&mut comms, |c| {
+        c.all_reduce(&inputs[c.rank()], ReduceOp::Sum)
+    })
+    .into_iter()
+    .enumerate()
+    {
+        let e = x.expect_err("revoked");
+        assert!(
+            matches!(&e, Error::Revoked { by: 2, reason, .. } if reason == "checkpoint and stop"),
+            "rank {r}: {e}"
+        );
+    }
+}

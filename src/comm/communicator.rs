@@ -374,6 +374,11 @@ impl Communicator {
     /// own. Call it from the rank's thread between calls; from another thread (the rank blocked
     /// in a call), use [`AbortHandle::revoke`]. Afterwards the ranks
     /// [`recover`](Self::recover) (`recover(&[])` when no rank failed) to go on.
+    ///
+    /// Except where an earlier failure got there first: a peer whose communicator was already
+    /// broken keeps reporting that error ([`Error::Broken`]), and a peer whose current call
+    /// failed otherwise before the revoke arrived (another rank's abort, a deadline) reports
+    /// that. Either way the peer's calls fail until the ranks recover.
     pub fn revoke(&mut self, reason: &str) {
         self.link.abort(&format!("{REVOKE}{reason}"));
         self.broken = Some(Error::Revoked {
@@ -821,6 +826,19 @@ impl Communicator {
                 };
                 execute(&mut self.engine, self.link.as_ref(), &c, &plan)
             });
+        // Revoked through a handle while the call failed otherwise (ended at its deadline, say,
+        // on a link that cannot wake it): the revoke is what this rank reports, and sends.
+        let result = match (result, self.aborted.get().and_then(|r| revoked(r))) {
+            (Err(e), Some(reason)) if !matches!(e, Error::Revoked { .. }) => {
+                tracing::debug!(error = %e, "the call failed after this rank was revoked");
+                Err(Error::Revoked {
+                    at,
+                    by: self.rank,
+                    reason: reason.to_string(),
+                })
+            }
+            (r, _) => r,
+        };
         if let Err(e) = &result {
             // Tell the others, so that nobody waits for this rank until the deadline. An abort
             // or a revoke that came from a peer has reached everyone already; this rank's own
@@ -1050,8 +1068,12 @@ impl Communicator {
     /// [`recover`](Self::recover)).
     pub fn abort(&mut self, error: &Error) {
         if self.broken.is_none() {
-            if !matches!(error, Error::PeerAborted { .. }) {
-                self.link.abort(&error.to_string());
+            match error {
+                Error::Revoked { by, reason, .. } if *by == self.rank => {
+                    self.link.abort(&format!("{REVOKE}{reason}"));
+                }
+                Error::PeerAborted { .. } | Error::Revoked { .. } => {}
+                _ => self.link.abort(&error.to_string()),
             }
             self.broken = Some(error.clone());
         }
@@ -1092,13 +1114,25 @@ impl Communicator {
     /// afresh.
     pub(crate) fn gate(&self, at: At) -> Result<()> {
         match (&self.broken, self.aborted.get()) {
+            (Some(Error::Revoked { by, reason, .. }), _) => Err(Error::Revoked {
+                at,
+                by: *by,
+                reason: reason.clone(),
+            }),
             (Some(cause), _) => Err(Error::Broken {
                 at,
                 cause: Box::new(cause.clone()),
             }),
-            (None, Some(reason)) => Err(Error::Aborted {
-                at,
-                reason: reason.clone(),
+            (None, Some(reason)) => Err(match revoked(reason) {
+                Some(reason) => Error::Revoked {
+                    at,
+                    by: self.rank,
+                    reason: reason.to_string(),
+                },
+                None => Error::Aborted {
+                    at,
+                    reason: reason.clone(),
+                },
             }),
             (None, None) => Ok(()),
         }

@@ -641,23 +641,19 @@ impl Run<'_, '_> {
             LinkError::Exited(p) => Error::PeerExited { at, peer: p },
             LinkError::Corrupt { peer, reason } => Error::Corrupt { at, peer, reason },
             LinkError::Unsendable(message) => Error::InvalidArgument { at, message },
-            LinkError::Aborted { from, reason }
-                if super::communicator::revoked(&reason).is_some() =>
-            {
-                Error::Revoked {
+            LinkError::Aborted { from, reason } => match super::communicator::revoked(&reason) {
+                Some(why) => Error::Revoked {
                     at,
                     by: from,
-                    reason: super::communicator::revoked(&reason)
-                        .unwrap_or_default()
-                        .to_string(),
-                }
-            }
-            // This rank's own abort handle fired while it waited (see `Link::remote_abort`).
-            LinkError::Aborted { from, reason } if from == at.rank => Error::Aborted { at, reason },
-            LinkError::Aborted { from, reason } => Error::PeerAborted {
-                at,
-                peer: from,
-                reason,
+                    reason: why.to_string(),
+                },
+                // This rank's own abort handle fired while it waited (see `Link::remote_abort`).
+                None if from == at.rank => Error::Aborted { at, reason },
+                None => Error::PeerAborted {
+                    at,
+                    peer: from,
+                    reason,
+                },
             },
         }
     }
