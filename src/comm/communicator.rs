@@ -782,34 +782,13 @@ impl Communicator {
             op: Some(call.kind()),
             seq: self.seq,
         };
-        if let Some(cause) = &self.broken {
-            // Revoked: every later call says so, as the revoke's own.
-            if let Error::Revoked { by, reason, .. } = cause {
-                return Err(Error::Revoked {
-                    at,
-                    by: *by,
-                    reason: reason.clone(),
-                });
-            }
-            return Err(Error::Broken {
-                at,
-                cause: Box::new(cause.clone()),
-            });
+        if let Some(e) = self.broken_error(at) {
+            return Err(e);
         }
         let started = Instant::now();
         // Aborted (or revoked) between calls: fail this call the same way, before anyone waits
         // on it.
-        let aborted = self.aborted.get().map(|reason| match revoked(reason) {
-            Some(reason) => Error::Revoked {
-                at,
-                by: self.rank,
-                reason: reason.to_string(),
-            },
-            None => Error::Aborted {
-                at,
-                reason: reason.clone(),
-            },
-        });
+        let aborted = self.handle_error(at);
         let deadline = deadline_from(started, opts.timeout.unwrap_or(self.config.timeout));
         let algorithm = opts.algorithm.unwrap_or(self.config.algorithm);
         let result = aborted
@@ -1110,32 +1089,45 @@ impl Communicator {
     }
 
     /// Refuses work on the engine once a call has failed: an error may have left the device or
-    /// the peers half-way, and only [`CommGroup::rebuild`](crate::CommGroup::rebuild) starts
-    /// afresh.
+    /// the peers half-way, and only [`CommGroup::rebuild`](crate::CommGroup::rebuild) or
+    /// [`recover`](Self::recover) (its shrink) starts afresh.
     pub(crate) fn gate(&self, at: At) -> Result<()> {
-        match (&self.broken, self.aborted.get()) {
-            (Some(Error::Revoked { by, reason, .. }), _) => Err(Error::Revoked {
+        match self.broken_error(at).or_else(|| self.handle_error(at)) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// What a call on a broken communicator fails with: `Broken`, naming the cause, or, after
+    /// a revoke, the revoke itself.
+    fn broken_error(&self, at: At) -> Option<Error> {
+        Some(match self.broken.as_ref()? {
+            Error::Revoked { by, reason, .. } => Error::Revoked {
                 at,
                 by: *by,
                 reason: reason.clone(),
-            }),
-            (Some(cause), _) => Err(Error::Broken {
+            },
+            cause => Error::Broken {
                 at,
                 cause: Box::new(cause.clone()),
-            }),
-            (None, Some(reason)) => Err(match revoked(reason) {
-                Some(reason) => Error::Revoked {
-                    at,
-                    by: self.rank,
-                    reason: reason.to_string(),
-                },
-                None => Error::Aborted {
-                    at,
-                    reason: reason.clone(),
-                },
-            }),
-            (None, None) => Ok(()),
-        }
+            },
+        })
+    }
+
+    /// What a call fails with once an abort handle fired: `Aborted`, or `Revoked` by this rank.
+    fn handle_error(&self, at: At) -> Option<Error> {
+        let reason = self.aborted.get()?;
+        Some(match revoked(reason) {
+            Some(reason) => Error::Revoked {
+                at,
+                by: self.rank,
+                reason: reason.to_string(),
+            },
+            None => Error::Aborted {
+                at,
+                reason: reason.clone(),
+            },
+        })
     }
 
     /// Read-back staging slots busy, mapped or waiting for a map: zero between calls, whatever
