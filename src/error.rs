@@ -202,6 +202,20 @@ pub enum Error {
         failed: Vec<usize>,
     },
 
+    /// The root of a broadcast or reduce died during a call the survivors finished among
+    /// themselves ([`OnFailure::FinishAmongSurvivors`](crate::OnFailure)), and its data went
+    /// with it: no survivor held the whole broadcast, or the reduction had no rank to go to.
+    /// The survivors' communicator is shrunk and usable; only this call's result is lost.
+    #[error("{at}: root rank {root} died and its data with it: {message}")]
+    RootLost {
+        /// Where.
+        at: At,
+        /// The root, numbered as when the call began.
+        root: usize,
+        /// What was lost.
+        message: String,
+    },
+
     /// Ranks could not find or connect to each other (rendezvous, handshake, mesh), or the
     /// launcher's environment is inconsistent.
     #[error("{at}: could not connect: {message}")]
@@ -309,6 +323,7 @@ impl Error {
             | Error::NoQuorum { at, .. }
             | Error::Revoked { at, .. }
             | Error::Excluded { at, .. }
+            | Error::RootLost { at, .. }
             | Error::Connect { at, .. }
             | Error::Device { at, .. }
             | Error::Broken { at, .. }

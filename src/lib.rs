@@ -52,7 +52,7 @@ mod types;
 pub use algo::{Algorithm, ParseAlgorithmError};
 pub use comm::{
     AbortHandle, CallOptions, Collective, CommConfig, CommGroup, Communicator, ConnectOptions,
-    GroupBuilder,
+    GroupBuilder, OnFailure, Outcome,
 };
 pub use device::{AdapterSelector, DeviceBuffer, RankDevice, TensorRef};
 pub use error::{At, Error, Result};

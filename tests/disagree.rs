@@ -210,7 +210,7 @@ fn run(
 ) -> Vec<wccl::Result<()>> {
     let n = group.size();
     let colls: Vec<Collective<'_>> = (0..n).map(|r| collective(calls[r], n, &bufs[r])).collect();
-    group.run_each(|c| c.run(colls[c.rank()], opts))
+    group.run_each(|c| c.run(colls[c.rank()], opts).map(drop))
 }
 
 /// Rank `odd` calls `kind` with disagreement `d`, the others agree: every rank must fail with a

@@ -154,6 +154,7 @@ fn checked_all_reduce(g: &mut CommGroup, count: usize) -> Vec<wccl::Result<()>> 
             },
             CallOptions::default(),
         )
+        .map(drop)
     });
     let want: Vec<f64> = (0..count)
         .map(|i| (0..n).map(|r| f64::from(distinct_input(r, count)[i])).sum())
@@ -311,6 +312,7 @@ fn survivors_all_reduce(comms: &mut [wccl::Communicator], old: &[usize], count: 
             },
             CallOptions::default(),
         )
+        .map(drop)
     });
     let want: Vec<f64> = (0..count)
         .map(|i| {

@@ -92,7 +92,7 @@ impl Ranks for OneRank {
     }
     fn run(&mut self, calls: &[Collective<'_>], opts: CallOptions) -> crate::Result<()> {
         match calls {
-            [call] => self.0.run(*call, opts),
+            [call] => self.0.run(*call, opts).map(drop),
             _ => Err(crate::Error::InvalidArgument {
                 at: crate::At {
                     rank: self.0.rank(),
@@ -530,6 +530,7 @@ impl Case {
         let opts = CallOptions {
             timeout: Some(self.timeout),
             algorithm: Some(self.algo),
+            ..CallOptions::default()
         };
         group.run(&calls, opts)
     }

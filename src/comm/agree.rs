@@ -39,7 +39,7 @@
 //! frames the failed call left on the link do not disturb it, and its own stragglers do not
 //! disturb what follows.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::deadline::deadline_after;
@@ -53,16 +53,74 @@ const DECIDE: u8 = 2;
 /// Epochs of agreement sub-links: above any communicator's (see `Communicator::shrink`).
 pub(crate) const AGREE_EPOCH: u32 = 1 << 31;
 
-enum Msg {
-    Propose(BTreeSet<usize>),
-    Decide(BTreeSet<usize>),
+/// What a decision carries: the failed ranks, and the progress each survivor reported (see
+/// [`agree_progress`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Decided {
+    pub failed: BTreeSet<usize>,
+    pub progress: BTreeMap<usize, u64>,
 }
 
-fn encode(kind: u8, set: &BTreeSet<usize>) -> Frame {
+enum Msg {
+    /// The proposer's progress, and the ranks it holds failed.
+    Propose(u64, BTreeSet<usize>),
+    Decide(Decided),
+}
+
+fn ranks_bytes(set: &BTreeSet<usize>) -> impl Iterator<Item = u8> + '_ {
+    set.iter().flat_map(|&r| (r as u32).to_le_bytes())
+}
+
+fn frame(kind: u8, payload: Vec<u8>) -> Frame {
     let mut header = MAGIC.to_vec();
     header.push(kind);
-    let payload = set.iter().flat_map(|&r| (r as u32).to_le_bytes()).collect();
     Frame { header, payload }
+}
+
+/// A proposal: `[progress u64][failed ranks u32...]`.
+fn propose(progress: u64, set: &BTreeSet<usize>) -> Frame {
+    let mut payload = progress.to_le_bytes().to_vec();
+    payload.extend(ranks_bytes(set));
+    frame(PROPOSE, payload)
+}
+
+/// A decision: `[k u32][k x (rank u32, progress u64)][failed ranks u32...]`.
+fn decide(d: &Decided) -> Frame {
+    let mut payload = (d.progress.len() as u32).to_le_bytes().to_vec();
+    for (&r, &p) in &d.progress {
+        payload.extend((r as u32).to_le_bytes());
+        payload.extend(p.to_le_bytes());
+    }
+    payload.extend(ranks_bytes(&d.failed));
+    frame(DECIDE, payload)
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at.checked_add(4)?)
+        .and_then(|x| x.try_into().ok())
+        .map(u32::from_le_bytes)
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at.checked_add(8)?)
+        .and_then(|x| x.try_into().ok())
+        .map(u64::from_le_bytes)
+}
+
+/// A set of ranks of a group of `n`, as 4-byte words.
+fn decode_ranks(b: &[u8], n: usize) -> std::result::Result<BTreeSet<usize>, String> {
+    if !b.len().is_multiple_of(4) || b.len() / 4 > n {
+        return Err(format!("a set of {} bytes for a group of {n}", b.len()));
+    }
+    let mut set = BTreeSet::new();
+    for c in b.chunks_exact(4) {
+        let r = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize;
+        if r >= n {
+            return Err(format!("rank {r} in a group of {n}"));
+        }
+        set.insert(r);
+    }
+    Ok(set)
 }
 
 /// A frame from a peer: checked before anything in it is used.
@@ -76,30 +134,48 @@ fn decode(frame: &Frame, n: usize) -> std::result::Result<Msg, String> {
     if [m0, m1, m2, m3] != MAGIC {
         return Err("not an agreement frame".into());
     }
-    if !frame.payload.len().is_multiple_of(4) || frame.payload.len() / 4 > n {
-        return Err(format!(
-            "a set of {} bytes for a group of {n}",
-            frame.payload.len()
-        ));
-    }
-    let mut set = BTreeSet::new();
-    for c in frame.payload.chunks_exact(4) {
-        let r = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize;
-        if r >= n {
-            return Err(format!("rank {r} in a group of {n}"));
-        }
-        set.insert(r);
-    }
+    let b = &frame.payload;
     match kind {
-        PROPOSE => Ok(Msg::Propose(set)),
-        DECIDE => Ok(Msg::Decide(set)),
+        PROPOSE => {
+            let progress = u64_at(b, 0).ok_or("a proposal without its progress")?;
+            Ok(Msg::Propose(progress, decode_ranks(&b[8..], n)?))
+        }
+        DECIDE => {
+            let k = u32_at(b, 0).ok_or("a decision without its count")? as usize;
+            if k > n {
+                return Err(format!("a decision of {k} survivors in a group of {n}"));
+            }
+            // k <= n: no overflow.
+            let rest = 4 + 12 * k;
+            if b.len() < rest {
+                return Err(format!("a decision of {} bytes for {k} survivors", b.len()));
+            }
+            let mut progress = BTreeMap::new();
+            for i in 0..k {
+                let at = 4 + 12 * i;
+                let (Some(r), Some(p)) = (u32_at(b, at), u64_at(b, at + 4)) else {
+                    return Err("a truncated decision".into());
+                };
+                let r = r as usize;
+                if r >= n || progress.insert(r, p).is_some() {
+                    return Err(format!("survivor {r} (again, or not of a group of {n})"));
+                }
+            }
+            let failed = decode_ranks(&b[rest..], n)?;
+            if progress.keys().any(|r| failed.contains(r)) {
+                return Err("a decision that holds a survivor failed".into());
+            }
+            Ok(Msg::Decide(Decided { failed, progress }))
+        }
         k => Err(format!("an agreement message of kind {k}")),
     }
 }
 
 /// The ranks of a group of `n` that failed, as the survivors agree (see the module docs).
 /// `suspects` are ranks this rank already holds failed; `epoch` tells this agreement's frames
-/// from every other's; each wait lasts at most `timeout`.
+/// from every other's; each wait lasts at most `timeout`. (The communicator calls
+/// [`agree_progress`]; this is its plain form, for the tests.)
+#[cfg(test)]
 pub(crate) fn agree(
     link: &dyn Link,
     suspects: &[usize],
@@ -107,6 +183,20 @@ pub(crate) fn agree(
     timeout: Duration,
     at: At,
 ) -> Result<Vec<usize>> {
+    agree_progress(link, suspects, 0, epoch, timeout, at).map(|d| d.failed.into_iter().collect())
+}
+
+/// [`agree`], where each rank also reports a number (its progress in the call that failed),
+/// and the decision carries every survivor's: every survivor that reaches the same decision
+/// sees the same numbers, and so acts the same on them.
+pub(crate) fn agree_progress(
+    link: &dyn Link,
+    suspects: &[usize],
+    progress: u64,
+    epoch: u32,
+    timeout: Duration,
+    at: At,
+) -> Result<Decided> {
     let n = link.size();
     let me = link.rank();
     if let Some(&r) = suspects.iter().find(|&&r| r >= n || r == me) {
@@ -130,10 +220,13 @@ pub(crate) fn agree(
     let mut resend = deadline;
     let decided = loop {
         let Some(coord) = (0..n).find(|r| !failed.contains(r)) else {
-            break failed;
+            break Decided {
+                failed,
+                progress: BTreeMap::new(),
+            };
         };
         if coord == me {
-            break coordinate(&link, &mut failed, timeout)?;
+            break coordinate(&link, &mut failed, progress, timeout)?;
         }
         let now = Instant::now();
         if proposed.as_ref() != Some(&(coord, failed.clone())) || now >= resend {
@@ -145,7 +238,7 @@ pub(crate) fn agree(
             }
             // Proposed again every slice: a coordinator still inside the call that failed may
             // have taken the last one for a frame of that call (and thrown it away).
-            if link.send(coord, encode(PROPOSE, &failed)).is_err() {
+            if link.send(coord, propose(progress, &failed)).is_err() {
                 failed.insert(coord);
                 continue;
             }
@@ -156,13 +249,13 @@ pub(crate) fn agree(
         // the shrunk communicator, which must stay queued for it, not be read (and dropped) here.
         match link.recv(coord, deadline.min(resend)) {
             Ok(frame) => match decode(&frame, n) {
-                Ok(Msg::Decide(set)) => {
-                    relay(&link, &set, coord);
-                    break set;
+                Ok(Msg::Decide(d)) => {
+                    relay(&link, &d, coord);
+                    break d;
                 }
                 // A rank below this one does not take it for its coordinator: not a message
                 // of this protocol as this rank follows it.
-                Ok(Msg::Propose(_)) | Err(_) => {
+                Ok(Msg::Propose(..)) | Err(_) => {
                     failed.insert(coord);
                 }
             },
@@ -186,9 +279,9 @@ pub(crate) fn agree(
 /// Passes a decision on to every other rank before this rank acts on it: should its
 /// coordinator die while telling the others, they find the decision here when they turn to
 /// this rank (sends to ranks that have moved on go unread: later epochs drop them).
-fn relay(link: &SubLink<&dyn Link>, set: &BTreeSet<usize>, from: usize) {
+fn relay(link: &SubLink<&dyn Link>, d: &Decided, from: usize) {
     let me = link.rank();
-    let decision = encode(DECIDE, set);
+    let decision = decide(d);
     for r in (0..link.size()).filter(|r| *r != me && *r != from) {
         let _ = link.send(r, decision.clone());
     }
@@ -201,14 +294,16 @@ fn relay(link: &SubLink<&dyn Link>, set: &BTreeSet<usize>, from: usize) {
 fn coordinate(
     link: &SubLink<&dyn Link>,
     failed: &mut BTreeSet<usize>,
+    progress: u64,
     timeout: Duration,
-) -> Result<BTreeSet<usize>> {
+) -> Result<Decided> {
     let (n, me) = (link.size(), link.rank());
     let deadline = deadline_after(timeout);
-    let mut heard = BTreeSet::new();
+    // The progress each rank heard from reported.
+    let mut heard = BTreeMap::new();
     loop {
         let pending: Vec<usize> = (0..n)
-            .filter(|r| *r != me && !failed.contains(r) && !heard.contains(r))
+            .filter(|r| *r != me && !failed.contains(r) && !heard.contains_key(r))
             .collect();
         if pending.is_empty() {
             break;
@@ -218,13 +313,13 @@ fn coordinate(
         let listen: Vec<usize> = (0..n).filter(|r| *r != me && !failed.contains(r)).collect();
         match link.recv_any(&listen, deadline) {
             Ok((from, frame)) => match decode(&frame, n) {
-                Ok(Msg::Propose(set)) => {
-                    heard.insert(from);
+                Ok(Msg::Propose(p, set)) => {
+                    heard.insert(from, p);
                     failed.extend(set.into_iter().filter(|&r| r != me));
                 }
-                Ok(Msg::Decide(set)) => {
-                    relay(link, &set, from);
-                    return Ok(set);
+                Ok(Msg::Decide(d)) => {
+                    relay(link, &d, from);
+                    return Ok(d);
                 }
                 Err(_) => {
                     failed.insert(from);
@@ -242,16 +337,19 @@ fn coordinate(
     // Whatever else is queued already: a late coordinator finds here the decision the others
     // made without it, should it sit behind proposals it has not read (the links here read the
     // lowest ready rank first, so a lower coordinator's decision is usually read above), and
-    // adopts it rather than decide again. (No rank sends frames of a shrunk communicator to it: a rank that
-    // decided without it holds it failed.)
+    // adopts it rather than decide again. (No rank sends frames of a shrunk communicator to
+    // it: a rank that decided without it holds it failed.)
     loop {
         let listen: Vec<usize> = (0..n).filter(|r| *r != me && !failed.contains(r)).collect();
         match link.recv_any(&listen, Instant::now()) {
             Ok((from, frame)) => match decode(&frame, n) {
-                Ok(Msg::Propose(set)) => failed.extend(set.into_iter().filter(|&r| r != me)),
-                Ok(Msg::Decide(set)) => {
-                    relay(link, &set, from);
-                    return Ok(set);
+                Ok(Msg::Propose(p, set)) => {
+                    heard.insert(from, p);
+                    failed.extend(set.into_iter().filter(|&r| r != me));
+                }
+                Ok(Msg::Decide(d)) => {
+                    relay(link, &d, from);
+                    return Ok(d);
                 }
                 Err(_) => {
                     failed.insert(from);
@@ -266,14 +364,20 @@ fn coordinate(
             },
         }
     }
-    let decision = encode(DECIDE, failed);
+    heard.insert(me, progress);
+    heard.retain(|r, _| !failed.contains(r));
+    let d = Decided {
+        failed: failed.clone(),
+        progress: heard,
+    };
+    let decision = decide(&d);
     // To every other rank, the failed included: one held failed on another's word may be
     // alive, and must hear that it is out rather than wait for its deadline. (Frames to a dead
     // rank go nowhere; one that cannot be sent is its deadline's to report.)
     for r in (0..n).filter(|r| *r != me) {
         let _ = link.send(r, decision.clone());
     }
-    Ok(failed.clone())
+    Ok(d)
 }
 
 /// The peer an error names, if it names one (its link ended, it sent garbage, it gave up).
@@ -294,8 +398,8 @@ fn link_failure(at: At, e: LinkError) -> Error {
 }
 
 /// The decision as this rank returns it: the failed ranks, or why this rank cannot go on.
-fn finish(decided: BTreeSet<usize>, me: usize, n: usize, at: At) -> Result<Vec<usize>> {
-    let failed: Vec<usize> = decided.into_iter().collect();
+fn finish(decided: Decided, me: usize, n: usize, at: At) -> Result<Decided> {
+    let failed: Vec<usize> = decided.failed.iter().copied().collect();
     let survivors: Vec<usize> = (0..n).filter(|r| !failed.contains(r)).collect();
     if failed.contains(&me) {
         return Err(Error::Excluded { at, failed });
@@ -307,7 +411,7 @@ fn finish(decided: BTreeSet<usize>, me: usize, n: usize, at: At) -> Result<Vec<u
             size: n,
         });
     }
-    Ok(failed)
+    Ok(decided)
 }
 
 #[cfg(test)]
@@ -472,7 +576,36 @@ mod tests {
             (b"wAGR\x09".to_vec(), vec![]),
             (b"wAGR\x01".to_vec(), vec![1, 2, 3]),
             (b"wAGR\x01".to_vec(), 9u32.to_le_bytes().to_vec()),
-            (b"wAGR\x01".to_vec(), vec![0; 4 * 6]),
+            (b"wAGR\x01".to_vec(), vec![0; 8 + 4 * 6]),
+            (b"wAGR\x02".to_vec(), vec![]),
+            (b"wAGR\x02".to_vec(), 6u32.to_le_bytes().to_vec()),
+            (
+                b"wAGR\x02".to_vec(),
+                [1u32.to_le_bytes(), 0u32.to_le_bytes()].concat(),
+            ),
+            // Survivor 1 twice.
+            (
+                b"wAGR\x02".to_vec(),
+                [
+                    &2u32.to_le_bytes()[..],
+                    &1u32.to_le_bytes(),
+                    &[0; 8],
+                    &1u32.to_le_bytes(),
+                    &[0; 8],
+                ]
+                .concat(),
+            ),
+            // Survivor 1 also failed.
+            (
+                b"wAGR\x02".to_vec(),
+                [
+                    &1u32.to_le_bytes()[..],
+                    &1u32.to_le_bytes(),
+                    &[0; 8],
+                    &1u32.to_le_bytes(),
+                ]
+                .concat(),
+            ),
         ] {
             assert!(decode(&Frame { header, payload }, 5).is_err());
         }

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use super::executor::{Call, Engine, execute};
 use super::protocol::{Header, NONE};
+use super::survive::{Attempt, Kept};
+pub use super::survive::{OnFailure, Outcome};
 use crate::algo::{self, Algorithm, Plan};
 use crate::deadline::{deadline_after, deadline_from};
 use crate::device::{DeviceBuffer, RankDevice, TensorRef};
@@ -46,6 +48,10 @@ pub struct CommConfig {
     pub max_binding_bytes: Option<u64>,
     /// How all-reduces run unless the call says otherwise (default `Ring`).
     pub algorithm: Algorithm,
+    /// What a call does when a rank fails during it, unless the call says otherwise (default
+    /// [`OnFailure::Error`]). Set [`OnFailure::FinishAmongSurvivors`] here rather than per
+    /// call: every rank's every call then takes part in the recovery (see [`OnFailure`]).
+    pub on_failure: OnFailure,
 }
 
 impl Default for CommConfig {
@@ -56,6 +62,7 @@ impl Default for CommConfig {
             pipeline_depth: 3,
             max_binding_bytes: None,
             algorithm: Algorithm::Ring,
+            on_failure: OnFailure::Error,
         }
     }
 }
@@ -90,6 +97,12 @@ impl CommConfig {
         self.algorithm = algorithm;
         self
     }
+
+    /// Sets [`on_failure`](Self::on_failure), what calls do when a rank fails during them.
+    pub fn on_failure(mut self, on_failure: OnFailure) -> Self {
+        self.on_failure = on_failure;
+        self
+    }
 }
 
 /// Per-call settings.
@@ -99,6 +112,8 @@ pub struct CallOptions {
     pub timeout: Option<Duration>,
     /// This all-reduce's algorithm, instead of the communicator's (other collectives ignore it).
     pub algorithm: Option<Algorithm>,
+    /// What this call does when a rank fails during it, instead of the communicator's.
+    pub on_failure: Option<OnFailure>,
 }
 
 impl CallOptions {
@@ -106,8 +121,20 @@ impl CallOptions {
     pub fn timeout(timeout: Duration) -> Self {
         CallOptions {
             timeout: Some(timeout),
-            algorithm: None,
+            ..Self::default()
         }
+    }
+
+    /// These options, with what the call does when a rank fails during it.
+    ///
+    /// ```
+    /// use wccl::{CallOptions, OnFailure};
+    /// let opts = CallOptions::default().on_failure(OnFailure::FinishAmongSurvivors);
+    /// assert_eq!(opts.on_failure, Some(OnFailure::FinishAmongSurvivors));
+    /// ```
+    pub fn on_failure(mut self, on_failure: OnFailure) -> Self {
+        self.on_failure = Some(on_failure);
+        self
     }
 }
 
@@ -204,20 +231,20 @@ impl Collective<'_> {
 /// communicator (two `read`s, say) may see each other's device error. Make such calls from one
 /// thread at a time.
 pub struct Communicator {
-    rank: usize,
-    size: usize,
+    pub(super) rank: usize,
+    pub(super) size: usize,
     pub(crate) engine: Engine,
-    link: Box<dyn Link>,
-    config: CommConfig,
-    seq: u64,
+    pub(super) link: Box<dyn Link>,
+    pub(super) config: CommConfig,
+    pub(super) seq: u64,
     /// Shrinks so far; the link's frames carry it once non-zero (see [`shrink`](Self::shrink)).
     epoch: u32,
     /// Agreements since the last shrink (each runs in an epoch of its own).
     agreements: u32,
     /// Whether an agreement ran since the last shrink: its frames may still be on the links,
     /// and only a shrink's new epoch drops them, so no call runs until then.
-    agreed: bool,
-    broken: Option<Error>,
+    pub(super) agreed: bool,
+    pub(super) broken: Option<Error>,
     cost_model: Option<CostModel>,
     last_algorithm: Option<Algorithm>,
     /// The reason an [`AbortHandle`] gave, once one fired (shared with every handle).
@@ -420,13 +447,25 @@ impl Communicator {
                 ),
             });
         }
+        self.agree_with_progress(suspects, 0)
+            .map(|d| d.failed.into_iter().collect())
+    }
+
+    /// [`agree`](Self::agree), each rank also reporting its `progress` (see
+    /// `agree::agree_progress`); `suspects` are checked by the caller.
+    pub(super) fn agree_with_progress(
+        &mut self,
+        suspects: &[usize],
+        progress: u64,
+    ) -> Result<super::agree::Decided> {
         self.agreements = self.agreements.wrapping_add(1);
         self.agreed = true;
         // Unique per (shrink, agreement), and never a communicator's epoch (the top bit).
         let epoch = ((self.epoch & 0x7fff) << 16) | (self.agreements & 0xffff);
-        super::agree::agree(
+        super::agree::agree_progress(
             &*self.link,
             suspects,
+            progress,
             epoch,
             self.config.timeout,
             At::rank(self.rank),
@@ -610,6 +649,7 @@ impl Communicator {
             },
             CallOptions::default(),
         )
+        .map(drop)
     }
 
     /// Out-of-place all-reduce.
@@ -624,6 +664,7 @@ impl Communicator {
             Collective::AllReduce { input, output, op },
             CallOptions::default(),
         )
+        .map(drop)
     }
 
     /// Reduce-scatter: `output` (n times shorter than `input`) gets this rank's chunk.
@@ -638,6 +679,7 @@ impl Communicator {
             Collective::ReduceScatter { input, output, op },
             CallOptions::default(),
         )
+        .map(drop)
     }
 
     /// All-gather: `output` (n times longer than `input`) gets every rank's input.
@@ -651,6 +693,7 @@ impl Communicator {
             Collective::AllGather { input, output },
             CallOptions::default(),
         )
+        .map(drop)
     }
 
     /// In-place broadcast from `root`.
@@ -664,6 +707,7 @@ impl Communicator {
             },
             CallOptions::default(),
         )
+        .map(drop)
     }
 
     /// Out-of-place broadcast from `root`: every rank's `output` becomes the root's `input`.
@@ -683,6 +727,7 @@ impl Communicator {
             },
             CallOptions::default(),
         )
+        .map(drop)
     }
 
     /// Out-of-place reduce to `root`: the root's `output` becomes the reduction of every rank's
@@ -738,6 +783,7 @@ impl Communicator {
             },
             CallOptions::default(),
         )
+        .map(drop)
     }
 
     /// In-place reduce to `root`.
@@ -757,24 +803,53 @@ impl Communicator {
             },
             CallOptions::default(),
         )
+        .map(drop)
     }
 
     /// Blocks until every rank has entered the barrier.
     pub fn barrier(&mut self) -> Result<()> {
         self.run(Collective::Barrier, CallOptions::default())
+            .map(drop)
     }
 
     /// Runs any collective with per-call options; every other method ends here.
-    pub fn run(&mut self, call: Collective<'_>, opts: CallOptions) -> Result<()> {
+    ///
+    /// Returns what the result holds: every rank's contribution, unless the call finished
+    /// among the survivors of a failure ([`OnFailure::FinishAmongSurvivors`]), when the
+    /// [`Outcome`] names the ranks whose contributions it holds and those it left out.
+    pub fn run(&mut self, call: Collective<'_>, opts: CallOptions) -> Result<Outcome> {
+        match opts.on_failure.unwrap_or(self.config.on_failure) {
+            OnFailure::Error => self
+                .attempt(&call, opts, None)
+                .result
+                .map(|()| Outcome::everyone(&call, self.size)),
+            OnFailure::FinishAmongSurvivors => self.run_surviving(call, opts),
+        }
+    }
+
+    /// One try at a call. With `kept` (finishing among survivors), the input is first kept
+    /// there if the call may overwrite it, and a commit round follows the call (see
+    /// `survive.rs`).
+    pub(super) fn attempt(
+        &mut self,
+        call: &Collective<'_>,
+        opts: CallOptions,
+        kept: Option<&mut Option<Kept>>,
+    ) -> Attempt {
+        let refused = |result| Attempt {
+            result,
+            complete: false,
+            started: false,
+        };
         if self.agreed {
             // Before the count moves: the call never started, on this rank or any.
-            return Err(Error::InvalidArgument {
+            return refused(Err(Error::InvalidArgument {
                 at: At::rank(self.rank),
                 message: "this communicator ran an agreement: shrink it to the agreed failed \
                           ranks (`shrink(&[])` if none failed) before its next call; the \
                           agreement's messages are still on its links"
                     .into(),
-            });
+            }));
         }
         self.seq += 1;
         let at = At {
@@ -783,7 +858,7 @@ impl Communicator {
             seq: self.seq,
         };
         if let Some(e) = self.broken_error(at) {
-            return Err(e);
+            return refused(Err(e));
         }
         let started = Instant::now();
         // Aborted (or revoked) between calls: fail this call the same way, before anyone waits
@@ -791,10 +866,18 @@ impl Communicator {
         let aborted = self.handle_error(at);
         let deadline = deadline_from(started, opts.timeout.unwrap_or(self.config.timeout));
         let algorithm = opts.algorithm.unwrap_or(self.config.algorithm);
-        let result = aborted
-            .map_or(Ok(()), Err)
-            .and_then(|()| self.validate_and_plan(at, &call, algorithm))
-            .and_then(|(plan, header, t)| {
+        let mut ran = false;
+        let mut complete = false;
+        let result = match aborted.map_or(Ok(()), Err).and_then(|()| {
+            let planned = self.validate_and_plan(at, call, algorithm)?;
+            if let Some(kept) = kept {
+                self.keep_input(at, &planned, kept, deadline)?;
+            }
+            Ok(planned)
+        }) {
+            Err(e) => Err(e),
+            Ok((plan, header, t)) => {
+                ran = true;
                 let c = Call {
                     at,
                     header,
@@ -803,8 +886,19 @@ impl Communicator {
                     started,
                     deadline,
                 };
-                execute(&mut self.engine, self.link.as_ref(), &c, &plan)
-            });
+                let done = execute(&mut self.engine, self.link.as_ref(), &c, &plan);
+                complete = done.is_ok();
+                match done {
+                    Ok(())
+                        if opts.on_failure.unwrap_or(self.config.on_failure)
+                            == OnFailure::FinishAmongSurvivors =>
+                    {
+                        self.commit(&c)
+                    }
+                    other => other,
+                }
+            }
+        };
         // Revoked through a handle while the call failed otherwise (ended at its deadline, say,
         // on a link that cannot wake it): the revoke is what this rank reports, and sends.
         let result = match (result, self.aborted.get().and_then(|r| revoked(r))) {
@@ -832,7 +926,11 @@ impl Communicator {
             self.broken = Some(e.clone());
             tracing::warn!(error = %e, "collective failed");
         }
-        result
+        Attempt {
+            result,
+            complete,
+            started: ran,
+        }
     }
 
     /// Fails a call of `kind` before it starts, as a failed call does (it takes a sequence

@@ -392,7 +392,7 @@ impl CommGroup {
                 message: format!("{} calls for {} ranks", calls.len(), self.size()),
             });
         }
-        first_error(self.run_each(|c| c.run(calls[c.rank()], opts)))
+        first_error(self.run_each(|c| c.run(calls[c.rank()], opts).map(drop)))
     }
 
     /// In-place all-reduce over every rank's tensor.

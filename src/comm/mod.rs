@@ -10,9 +10,11 @@ mod launch;
 mod local;
 mod probe;
 mod protocol;
+mod survive;
 
 pub use communicator::{
-    AbortHandle, CallOptions, Collective, CommConfig, Communicator, MAX_PIPELINE_DEPTH,
+    AbortHandle, CallOptions, Collective, CommConfig, Communicator, MAX_PIPELINE_DEPTH, OnFailure,
+    Outcome,
 };
 pub use group::{CommGroup, GroupBuilder, MAX_RANKS};
 pub use launch::ConnectOptions;

@@ -28,6 +28,8 @@ use super::{Frame, Link, LinkError};
 struct Faults {
     // Each field is one kind of fault; `dropped` counts the frames they cost.
     killed: Vec<usize>,
+    /// Frames each rank still sends before it is killed (see `FaultPlan::kill_after`).
+    kill_after: HashMap<usize, usize>,
     delays: HashMap<usize, Duration>,
     /// Frames still to drop on each (from, to) pair.
     drops: HashMap<(usize, usize), usize>,
@@ -114,10 +116,27 @@ impl FaultPlan {
         self.faults.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Kills `rank`: frames from and to it vanish, and its peers' receives from it report it
-    /// gone.
+    /// Kills `rank`: frames from and to it vanish, its peers' receives from it report it gone,
+    /// and its own receives end at once (a dead process waits for nothing).
     pub fn kill(&self, rank: usize) {
         self.lock().killed.push(rank);
+    }
+
+    /// Kills `rank` once it has sent `frames` more frames (at once for 0): the way to kill a
+    /// rank at a chosen point inside a call, every frame of the call being a point.
+    pub fn kill_after(&self, rank: usize, frames: usize) {
+        let mut f = self.lock();
+        if frames == 0 {
+            f.killed.push(rank);
+        } else {
+            f.kill_after.insert(rank, frames);
+        }
+    }
+
+    /// Whether `rank` has been killed (by [`kill`](Self::kill), or by
+    /// [`kill_after`](Self::kill_after) once its frames ran out).
+    pub fn is_killed(&self, rank: usize) -> bool {
+        self.lock().killed.contains(&rank)
     }
 
     /// Delays every frame `rank` sends by `by`.
@@ -192,7 +211,10 @@ impl<L: Link> std::fmt::Debug for FaultyLink<L> {
 
 impl<L: Link> FaultyLink<L> {
     fn check_peer(&self, peer: usize) -> Result<(), LinkError> {
-        if self.plan.lock().killed.contains(&peer) {
+        let f = self.plan.lock();
+        if f.killed.contains(&self.inner.rank()) {
+            Err(LinkError::Closed)
+        } else if f.killed.contains(&peer) {
             Err(LinkError::Gone(peer))
         } else {
             Ok(())
@@ -211,7 +233,7 @@ impl<L: Link> Link for FaultyLink<L> {
 
     fn send(&self, to: usize, mut frame: Frame) -> Result<(), LinkError> {
         let me = self.inner.rank();
-        let (delay, twice) = {
+        let (delay, twice, last) = {
             let mut f = self.plan.lock();
             let cut =
                 f.groups.get(&me).copied().unwrap_or(0) != f.groups.get(&to).copied().unwrap_or(0);
@@ -224,7 +246,12 @@ impl<L: Link> Link for FaultyLink<L> {
                 flip_bit(&mut frame);
             }
             let twice = take_one(&mut f.duplicates, (me, to));
-            (f.delays.get(&me).copied(), twice)
+            // This frame is the rank's last: it dies once the frame is on its way.
+            let last = f.kill_after.get_mut(&me).is_some_and(|left| {
+                *left = left.saturating_sub(1);
+                *left == 0
+            });
+            (f.delays.get(&me).copied(), twice, last)
         };
         if let Some(d) = delay {
             // The emulated slow sender holds its frame back.
@@ -233,7 +260,13 @@ impl<L: Link> Link for FaultyLink<L> {
         if twice {
             self.inner.send(to, frame.clone())?;
         }
-        self.inner.send(to, frame)
+        let sent = self.inner.send(to, frame);
+        if last {
+            let mut f = self.plan.lock();
+            f.kill_after.remove(&me);
+            f.killed.push(me);
+        }
+        sent
     }
 
     fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
