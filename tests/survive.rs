@@ -280,12 +280,21 @@ fn every_collective_finishes_among_survivors() {
         ] {
             let what = format!("{kind}, killed after {frames} frames");
             let res = one_call(kind, frames);
-            // A root that died: every survivor reports the loss, or every survivor finished.
-            if kind.ends_with("_2")
-                && res
-                    .iter()
-                    .any(|(_, (x, _))| matches!(x, Err(Error::RootLost { .. })))
-            {
+            // The root died before it sent anything (0 frames): its data is lost. After one
+            // frame, the broadcast's next rank holds it whole and takes over; a reduce's result
+            // had nowhere to go.
+            let lost = match (kind, frames) {
+                ("broadcast_2", 0) | ("reduce_2", 0 | 1) => Some(true),
+                ("broadcast_2", 1) => Some(false),
+                _ => None,
+            };
+            let any_lost = res
+                .iter()
+                .any(|(_, (x, _))| matches!(x, Err(Error::RootLost { .. })));
+            if let Some(lost) = lost {
+                assert_eq!(any_lost, lost, "{what}");
+            }
+            if kind.ends_with("_2") && any_lost {
                 for (r, (x, _)) in &res {
                     assert!(
                         matches!(x, Err(Error::RootLost { root: 2, .. })),
@@ -304,6 +313,19 @@ fn every_collective_finishes_among_survivors() {
             let o = outcomes[0].clone();
             for x in &outcomes {
                 assert_eq!(x.contributors, o.contributors, "{what}: {outcomes:?}");
+                // Found in this call, or (a rank that had returned) in its next.
+                assert!(
+                    x.excluded.is_empty() || x.excluded == [2],
+                    "{what}: {outcomes:?}"
+                );
+                assert_eq!(x.excluded.is_empty(), x.recovered_in.is_none(), "{what}");
+            }
+            if frames < 4 {
+                // Early: nobody can have finished; every survivor found the death here.
+                assert!(
+                    outcomes.iter().all(|x| x.excluded == [2]),
+                    "{what}: {outcomes:?}"
+                );
             }
             for (r, (_, got)) in &res {
                 let what = format!("{what}: rank {r}");
@@ -339,26 +361,17 @@ fn every_collective_finishes_among_survivors() {
     }
 }
 
-/// A second death during the recovery: rank 2 of 5 dies in the call, and rank 1 as soon as it
-/// sends its next frame after that (its proposal, or a frame of the call it has not yet seen
-/// fail). The three left agree, finish among themselves, and the result is exactly theirs.
+/// A second death during the recovery: rank 2 of 5 dies in the call, and rank 1 right after its
+/// next frame, which is its proposal to the agreement's coordinator (its frames of the call go
+/// to rank 2, and frames to a dead rank are not counted). The three left agree, finish among
+/// themselves, and the result is exactly theirs.
 #[test]
 fn a_second_death_during_the_recovery() {
     let (n, count) = (5, 999);
     let faults = FaultPlan::new();
     let mut cs = comms(n, &faults, Duration::from_secs(20));
+    faults.kill_after_death_of(2, 1, 1);
     faults.kill_after(2, 3);
-    let watcher = {
-        let faults = faults.clone();
-        std::thread::spawn(move || {
-            // Bounded: the call cannot outlast this.
-            let end = std::time::Instant::now() + Duration::from_secs(120);
-            while !faults.is_killed(2) && std::time::Instant::now() < end {
-                std::thread::yield_now();
-            }
-            faults.kill_after(1, 1);
-        })
-    };
     let res = each(&mut cs, |c| {
         let me = c.rank();
         let buf = c.upload(&input(me, count)).expect("upload");
@@ -372,7 +385,6 @@ fn a_second_death_during_the_recovery() {
         );
         (got, c.download(&buf).expect("download"))
     });
-    watcher.join().expect("watcher");
     for r in [0, 3, 4] {
         let (x, got) = &res[r];
         let o = x.as_ref().unwrap_or_else(|e| panic!("rank {r}: {e}"));
@@ -428,17 +440,299 @@ fn a_minority_partition_gets_no_quorum() {
 }
 
 /// A revoke is the user stopping the communicator: a call finishing among survivors does not
-/// recover from it; every rank reports it, naming the revoker.
+/// recover from it. Ranks 1 and 2 wait in a call rank 0 never makes; rank 0's handle revokes
+/// from another thread (before or while they wait: either way the same): both report it,
+/// naming rank 0, and so does rank 0's next call.
 #[test]
 fn a_revoke_is_not_recovered_from() {
     let faults = FaultPlan::new();
     let mut cs = comms(3, &faults, Duration::from_secs(20));
-    cs[0].revoke("stop");
-    let res = each(&mut cs, |c| c.barrier());
+    let handle = cs[0].abort_handle();
+    let mut rest = cs.split_off(1);
+    let res = std::thread::scope(|s| {
+        let revoker = s.spawn(|| handle.revoke("stop"));
+        let res = each(&mut rest, |c| c.barrier());
+        revoker.join().expect("revoker");
+        res
+    });
     for (r, x) in res.iter().enumerate() {
         assert!(
             matches!(x, Err(Error::Revoked { by: 0, .. })),
-            "rank {r}: {x:?}"
+            "rank {}: {x:?}",
+            r + 1
         );
+    }
+    let own = cs[0].barrier();
+    assert!(matches!(own, Err(Error::Revoked { by: 0, .. })), "{own:?}");
+}
+
+/// A call that is wrong in itself is not run again without the rank that refused it: rank 1
+/// passes a reduce-scatter whose input is not ranks x output; every rank fails, none excludes
+/// it.
+#[test]
+fn a_refused_call_is_not_recovered_from() {
+    let faults = FaultPlan::new();
+    let mut cs = comms(3, &faults, Duration::from_secs(20));
+    let res = each(&mut cs, |c| {
+        let me = c.rank();
+        let input = c
+            .buffer::<f32>(if me == 1 { 10 } else { 9 })
+            .expect("buffer");
+        let output = c.buffer::<f32>(3).expect("buffer");
+        c.run(
+            Collective::ReduceScatter {
+                input: input.view(),
+                output: output.view(),
+                op: ReduceOp::Sum,
+            },
+            CallOptions::default(),
+        )
+    });
+    assert!(
+        matches!(&res[1], Err(Error::InvalidArgument { .. })),
+        "{:?}",
+        res[1]
+    );
+    for r in [0, 2] {
+        assert!(
+            matches!(&res[r], Err(Error::PeerAborted { peer: 1, .. })),
+            "rank {r}: {:?}",
+            res[r]
+        );
+    }
+}
+
+/// `Avg` divides by the contributors: rank 0 of 4 dies one frame into the call, and the three
+/// left get the mean of their three inputs.
+#[test]
+fn avg_divides_by_the_contributors() {
+    let (n, count) = (4, 1001);
+    let faults = FaultPlan::new();
+    let mut cs = comms(n, &faults, Duration::from_secs(20));
+    faults.kill_after(0, 1);
+    let res = each(&mut cs, |c| {
+        let me = c.rank();
+        let buf = c.upload(&input(me, count)).expect("upload");
+        let o = c.run(
+            Collective::AllReduce {
+                input: buf.view(),
+                output: buf.view(),
+                op: ReduceOp::Avg,
+            },
+            CallOptions::default(),
+        );
+        (o, c.download(&buf).expect("download"))
+    });
+    let want: Vec<f64> = sum_of(&[1, 2, 3], count).iter().map(|v| v / 3.0).collect();
+    for (r, (o, got)) in res.iter().enumerate().skip(1) {
+        let o = o.as_ref().unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        assert_eq!(o.contributors, [1, 2, 3], "rank {r}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-6 * w.abs(),
+                "rank {r}, element {i}: {g} against {w}"
+            );
+        }
+    }
+}
+
+/// A fresh device for a newcomer.
+fn newcomer_device(rank: usize) -> wccl::RankDevice {
+    let (device, queue) = common::user_devices(1).pop().expect("a device");
+    wccl::RankDevice::from_wgpu(rank, device, queue)
+}
+
+/// Three ranks grow onto a fresh mesh of four and a newcomer joins: the newcomer is told the
+/// epoch to go on in, sequence numbers start again everywhere, and an all-reduce of the four
+/// is exact; then the newcomer dies two frames into the next call, and the other three finish
+/// it with exactly their sum.
+#[test]
+fn a_newcomer_joins_and_the_four_go_on() {
+    let faults = FaultPlan::new();
+    let mut cs = comms(3, &faults, Duration::from_secs(20));
+    let later = FaultPlan::new();
+    let mesh = crate::base_stack()
+        .faults(later.clone())
+        .mesh(4)
+        .expect("mesh");
+    let mut links: Vec<Option<Box<dyn wccl::link::Link>>> = mesh.into_iter().map(Some).collect();
+    let newcomer_link = links[3].take().expect("link");
+    let config = CommConfig::default()
+        .timeout(Duration::from_secs(20))
+        .on_failure(OnFailure::FinishAmongSurvivors);
+    let count = 1001;
+    #[allow(clippy::type_complexity)]
+    let grown: Vec<(
+        usize,
+        (wccl::Result<Outcome>, Vec<f32>, u64),
+        (wccl::Result<Outcome>, Vec<f32>),
+    )> = std::thread::scope(|s| {
+        let mut hs = Vec::new();
+        for mut c in cs.drain(..) {
+            let link = links[c.rank()].take().expect("link");
+            hs.push(s.spawn(move || {
+                c.grow(link).expect("grow");
+                (c, 0)
+            }));
+        }
+        let config = config.clone();
+        hs.push(s.spawn(move || {
+            let c = Communicator::join(newcomer_device(3), newcomer_link, config).expect("join");
+            (c, 1)
+        }));
+        let mut grown: Vec<Communicator> =
+            hs.into_iter().map(|h| h.join().expect("rank").0).collect();
+        assert!(grown.iter().all(|c| c.size() == 4 && c.seq() == 0));
+        let epoch = grown[0].epoch();
+        assert!(epoch > 0 && grown.iter().all(|c| c.epoch() == epoch));
+        each(&mut grown, |c| {
+            let me = c.rank();
+            let buf = c.upload(&input(me, count)).expect("upload");
+            let o = c.run(
+                Collective::AllReduce {
+                    input: buf.view(),
+                    output: buf.view(),
+                    op: ReduceOp::Sum,
+                },
+                CallOptions::default(),
+            );
+            let first = (o, c.download(&buf).expect("download"), c.seq());
+            // The newcomer dies two frames into the next call; the others finish it.
+            if me == 3 {
+                later.kill_after(3, 2);
+            }
+            c.write(&buf, &input(me, count)).expect("write");
+            let o = c.run(
+                Collective::AllReduce {
+                    input: buf.view(),
+                    output: buf.view(),
+                    op: ReduceOp::Sum,
+                },
+                CallOptions::default(),
+            );
+            let second = (o, c.download(&buf).expect("download"));
+            (me, first, second)
+        })
+    });
+    for (r, (o, got, seq), (o2, got2)) in &grown {
+        let o = o.as_ref().unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        assert_eq!(o.contributors, [0, 1, 2, 3]);
+        assert_eq!(*seq, 1, "rank {r}: sequence numbers start again");
+        assert_exact(&format!("rank {r}"), got, &sum_of(&[0, 1, 2, 3], count));
+        if *r == 3 {
+            continue;
+        }
+        let o2 = o2
+            .as_ref()
+            .unwrap_or_else(|e| panic!("rank {r}: second call: {e}"));
+        assert_eq!(
+            (&o2.contributors[..], &o2.excluded[..]),
+            (&[0, 1, 2][..], &[3][..])
+        );
+        assert_exact(
+            &format!("rank {r}, second call"),
+            got2,
+            &sum_of(&[0, 1, 2], count),
+        );
+    }
+}
+
+/// A grow the ranks disagree on is refused on every rank, and the members' communicator is left
+/// as it was: a newcomer that takes a member's number, and a link that does not give a member
+/// its number.
+#[test]
+fn a_grow_that_does_not_add_up_is_refused_and_changes_nothing() {
+    let faults = FaultPlan::new();
+    let mut cs = comms(3, &faults, Duration::from_secs(5));
+    // Not this rank's number, or not larger: refused before anything is sent.
+    let mut wrong = LinkStack::new().mesh(4).expect("mesh");
+    let e = cs[1]
+        .grow(wrong.remove(2))
+        .expect_err("another rank's link");
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+    let e = cs[1]
+        .grow(LinkStack::new().mesh(3).expect("mesh").remove(1))
+        .expect_err("not larger");
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+    // Members 0 and 1 grow; a newcomer takes member 2's number, another joins as rank 3.
+    let mesh = LinkStack::new().mesh(4).expect("mesh");
+    let mut links: Vec<Option<Box<dyn wccl::link::Link>>> = mesh.into_iter().map(Some).collect();
+    let config = CommConfig::default().timeout(Duration::from_secs(5));
+    let results: Vec<wccl::Result<()>> = std::thread::scope(|s| {
+        let mut hs = Vec::new();
+        for c in cs.iter_mut().take(2) {
+            let link = links[c.rank()].take().expect("link");
+            hs.push(s.spawn(move || c.grow(link)));
+        }
+        for r in [2, 3] {
+            let (link, config) = (links[r].take().expect("link"), config.clone());
+            hs.push(
+                s.spawn(move || Communicator::join(newcomer_device(r), link, config).map(drop)),
+            );
+        }
+        hs.into_iter().map(|h| h.join().expect("rank")).collect()
+    });
+    for (i, x) in results.iter().enumerate() {
+        assert!(
+            matches!(x, Err(Error::Connect { message, .. }) if message.contains("rank 2")),
+            "{i}: {x:?}"
+        );
+    }
+    // Unchanged: the three members still all-reduce among themselves.
+    let got = each(&mut cs, |c| {
+        assert_eq!(c.size(), 3);
+        let buf = c.upload(&input(c.rank(), 10)).expect("upload");
+        c.all_reduce(&buf, ReduceOp::Sum).expect("all_reduce");
+        c.download(&buf).expect("download")
+    });
+    for (r, g) in got.iter().enumerate() {
+        assert_exact(&format!("rank {r}"), g, &sum_of(&[0, 1, 2], 10));
+    }
+}
+
+/// A second death while the survivors run an all-gather again: rank 2 of 5 dies one frame into
+/// the call, and rank 1 after `k` more frames (its proposal, its relays of the decision, then
+/// the frames of the second try: its data, then its commit round). Whichever try it dies in,
+/// the three left agree on one result, every block of a contributor holds that rank's input
+/// and every other block is zero.
+#[test]
+fn a_second_death_during_an_all_gather_run_again() {
+    let (n, c) = (5, 301);
+    for k in 3..=9 {
+        let faults = FaultPlan::new();
+        let mut cs = comms(n, &faults, Duration::from_secs(20));
+        faults.kill_after_death_of(2, 1, k);
+        faults.kill_after(2, 1);
+        let res = each(&mut cs, |comm| {
+            let me = comm.rank();
+            let input = comm.upload(&input(me, c)).expect("upload");
+            let output = comm.upload(&vec![f32::NAN; n * c]).expect("upload");
+            let o = comm.run(
+                Collective::AllGather {
+                    input: input.view(),
+                    output: output.view(),
+                },
+                CallOptions::default(),
+            );
+            (o, comm.download(&output).expect("download"))
+        });
+        let what = format!("rank 1 dead {k} frames after rank 2");
+        let first = res[0].0.as_ref().map(|o| o.contributors.clone()).ok();
+        for r in [0, 3, 4] {
+            let (o, got) = &res[r];
+            let o = o
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{what}: rank {r}: {e}"));
+            assert_eq!(Some(&o.contributors), first.as_ref(), "{what}: rank {r}");
+            let want: Vec<f64> = (0..n)
+                .flat_map(|b| {
+                    let present = o.contributors.contains(&b);
+                    input(b, c)
+                        .into_iter()
+                        .map(move |v| if present { f64::from(v) } else { 0.0 })
+                })
+                .collect();
+            assert_exact(&format!("{what}: rank {r}"), got, &want);
+        }
     }
 }

@@ -24,6 +24,43 @@ pub fn chain_broadcast(
     count: usize,
     slice_elems: usize,
 ) -> Plan {
+    let mut plan = chain_broadcast_data(n, rank, root, count, slice_elems);
+    if n < 2 {
+        return plan;
+    }
+    let pos = (rank + n - root) % n;
+    let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+    if rank == root {
+        // The last rank's acknowledgement, then "done" for the ranks between (none when the
+        // next rank is the last).
+        plan.push(super::Action::Transfer(relay(
+            prev,
+            (n > 2).then_some(next),
+        )));
+    } else if pos == n - 1 {
+        // Every rank before this one has checked its data: tell the root.
+        plan.transfer(Some((next, Source::Device(EMPTY))), None);
+    } else {
+        // Wait for "done" and pass it on, except to the last rank, which started it.
+        let to_last = pos + 2 == n;
+        plan.push(super::Action::Transfer(relay(
+            prev,
+            (!to_last).then_some(next),
+        )));
+    }
+    plan
+}
+
+/// [`chain_broadcast`] without its acknowledgements: once a rank's plan ends, it holds the
+/// root's whole data (a call finishing among survivors ends with its own commit round instead,
+/// and needs to know which ranks hold the data when the root dies).
+pub(crate) fn chain_broadcast_data(
+    n: usize,
+    rank: usize,
+    root: usize,
+    count: usize,
+    slice_elems: usize,
+) -> Plan {
     let mut plan = Plan::default();
     let input = Region::new(Buf::Input, 0, count);
     let output = Region::new(Buf::Output, 0, count);
@@ -37,12 +74,6 @@ pub fn chain_broadcast(
             for s in slices(input, k) {
                 plan.transfer(Some((next, Source::Device(s))), None);
             }
-            // The last rank's acknowledgement, then "done" for the ranks between (none when
-            // the next rank is the last).
-            plan.push(super::Action::Transfer(relay(
-                prev,
-                (n > 2).then_some(next),
-            )));
         }
         return plan;
     }
@@ -57,17 +88,6 @@ pub fn chain_broadcast(
             }),
             recv_first: true,
         }));
-    }
-    if last {
-        // Every rank before this one has checked its data: tell the root.
-        plan.transfer(Some((next, Source::Device(EMPTY))), None);
-    } else {
-        // Wait for "done" and pass it on, except to the last rank, which started it.
-        let to_last = pos + 2 == n;
-        plan.push(super::Action::Transfer(relay(
-            prev,
-            (!to_last).then_some(next),
-        )));
     }
     plan
 }

@@ -20,6 +20,7 @@ mod staged_ring_all_reduce;
 
 pub use central_all_reduce::central_all_reduce;
 pub use chain_broadcast::chain_broadcast;
+pub(crate) use chain_broadcast::chain_broadcast_data;
 pub use chain_reduce::chain_reduce;
 pub use naive_all_reduce::naive_all_reduce;
 pub use plan::{Action, Buf, Plan, Recv, Region, Source, Transfer, partition};

@@ -165,6 +165,14 @@ fn decode(frame: &Frame, n: usize) -> std::result::Result<Msg, String> {
             if progress.keys().any(|r| failed.contains(r)) {
                 return Err("a decision that holds a survivor failed".into());
             }
+            // Every rank is either failed or reports its progress: a survivor left out would
+            // make the others decide without it.
+            if progress.len() + failed.len() != n {
+                return Err(format!(
+                    "a decision that covers {} of {n} ranks",
+                    progress.len() + failed.len()
+                ));
+            }
             Ok(Msg::Decide(Decided { failed, progress }))
         }
         k => Err(format!("an agreement message of kind {k}")),

@@ -238,17 +238,17 @@ pub struct Communicator {
     pub(super) config: CommConfig,
     pub(super) seq: u64,
     /// Shrinks so far; the link's frames carry it once non-zero (see [`shrink`](Self::shrink)).
-    epoch: u32,
+    pub(super) epoch: u32,
     /// Agreements since the last shrink (each runs in an epoch of its own).
-    agreements: u32,
+    pub(super) agreements: u32,
     /// Whether an agreement ran since the last shrink: its frames may still be on the links,
     /// and only a shrink's new epoch drops them, so no call runs until then.
     pub(super) agreed: bool,
     pub(super) broken: Option<Error>,
-    cost_model: Option<CostModel>,
-    last_algorithm: Option<Algorithm>,
+    pub(super) cost_model: Option<CostModel>,
+    pub(super) last_algorithm: Option<Algorithm>,
     /// The reason an [`AbortHandle`] gave, once one fired (shared with every handle).
-    aborted: Arc<OnceLock<String>>,
+    pub(super) aborted: Arc<OnceLock<String>>,
     /// The wrappers [`CommGroup`](crate::CommGroup) put around `link`, so that a group rebuilt
     /// from its communicators alone wraps its fresh links the same way (none when built with
     /// [`new`](Self::new)).
@@ -385,14 +385,7 @@ impl Communicator {
                 return Err(e);
             }
         }
-        self.epoch = epoch;
-        self.agreements = 0;
-        self.agreed = false;
-        self.seq = 0;
-        self.broken = None;
-        self.cost_model = None;
-        self.last_algorithm = None;
-        self.aborted = Arc::new(OnceLock::new());
+        self.reset_after_membership_change(epoch);
         Ok(())
     }
 
@@ -866,10 +859,12 @@ impl Communicator {
         let aborted = self.handle_error(at);
         let deadline = deadline_from(started, opts.timeout.unwrap_or(self.config.timeout));
         let algorithm = opts.algorithm.unwrap_or(self.config.algorithm);
+        let surviving =
+            opts.on_failure.unwrap_or(self.config.on_failure) == OnFailure::FinishAmongSurvivors;
         let mut ran = false;
         let mut complete = false;
         let result = match aborted.map_or(Ok(()), Err).and_then(|()| {
-            let planned = self.validate_and_plan(at, call, algorithm)?;
+            let planned = self.validate_and_plan(at, call, algorithm, surviving)?;
             if let Some(kept) = kept {
                 self.keep_input(at, &planned, kept, deadline)?;
             }
@@ -889,12 +884,7 @@ impl Communicator {
                 let done = execute(&mut self.engine, self.link.as_ref(), &c, &plan);
                 complete = done.is_ok();
                 match done {
-                    Ok(())
-                        if opts.on_failure.unwrap_or(self.config.on_failure)
-                            == OnFailure::FinishAmongSurvivors =>
-                    {
-                        self.commit(&c)
-                    }
+                    Ok(()) if surviving => self.commit(&c),
                     other => other,
                 }
             }
@@ -921,6 +911,11 @@ impl Communicator {
                     self.link.abort(&format!("{REVOKE}{reason}"));
                 }
                 Error::PeerAborted { .. } | Error::Revoked { .. } => {}
+                // The call itself is wrong (bad arguments, ranks that disagree on it): peers
+                // finishing among survivors must not run it again without this rank.
+                Error::InvalidArgument { .. } | Error::Mismatch { .. } => {
+                    self.link.abort(&format!("{NOT_RECOVERABLE}{e}"))
+                }
                 _ => self.link.abort(&e.to_string()),
             }
             self.broken = Some(e.clone());
@@ -962,6 +957,7 @@ impl Communicator {
         at: At,
         call: &Collective<'a>,
         algorithm: Algorithm,
+        surviving: bool,
     ) -> Result<(Plan, Header, Option<(TensorRef<'a>, TensorRef<'a>)>)> {
         let (n, r) = (self.size, self.rank);
         let slice = self.config.slice_bytes;
@@ -1066,7 +1062,12 @@ impl Communicator {
                 }
                 disjoint_or_same(at, &input, &output)?;
                 let se = slice / output.dtype.size();
-                let plan = algo::chain_broadcast(n, r, root, output.count, se);
+                // Finishing among survivors, the commit round stands for the acknowledgements.
+                let plan = if surviving {
+                    algo::chain_broadcast_data(n, r, root, output.count, se)
+                } else {
+                    algo::chain_broadcast(n, r, root, output.count, se)
+                };
                 header.count = output.count as u64;
                 header.root = root as u32;
                 (plan, input, output, None)
@@ -1277,6 +1278,10 @@ pub struct AbortHandle {
     /// none (the abort then takes effect at the next call, or the current call's deadline).
     remote: Option<RemoteAbort>,
 }
+
+/// Starts the reason of an abort for a call that is wrong in itself (see
+/// [`OnFailure::FinishAmongSurvivors`], which does not recover from it).
+pub(crate) const NOT_RECOVERABLE: &str = "(not recoverable) ";
 
 /// Marks an abort's reason as a revoke (see [`Communicator::revoke`]).
 const REVOKE: &str = "\u{2}revoked\u{2}";

@@ -59,7 +59,7 @@ impl Communicator {
         if options.local_rank.is_none() {
             options.local_rank = Some(launch.local_rank);
         }
-        Self::join(launch.rank, launch.size, &launch.master, options)
+        Self::join_job(launch.rank, launch.size, &launch.master, options)
     }
 
     /// Joins a job explicitly: this process is `rank` of `size`, and rank 0 serves the
@@ -88,10 +88,10 @@ impl Communicator {
             options.tcp.token =
                 token_from_vars(&std::env::vars().collect()).map_err(launch_error)?;
         }
-        Self::join(rank, size, &master, options)
+        Self::join_job(rank, size, &master, options)
     }
 
-    fn join(
+    fn join_job(
         rank: usize,
         size: usize,
         master: &Master,

@@ -5,6 +5,7 @@ mod agree;
 mod communicator;
 mod executor;
 mod group;
+mod grow;
 mod host_ops;
 mod launch;
 mod local;

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use wgpu::BufferUsages;
 
-use super::communicator::{CallOptions, Collective, Communicator};
+use super::communicator::{CallOptions, Collective, Communicator, NOT_RECOVERABLE};
 use super::executor::{Call, execute};
 use super::protocol::Header;
 use crate::algo::{Action, Buf, Plan, Region};
@@ -53,24 +53,43 @@ pub enum OnFailure {
     /// [`Communicator::shrink`](crate::Communicator::shrink)), and finish the call among
     /// themselves; [`Communicator::run`](crate::Communicator::run) returns an [`Outcome`]
     /// naming the ranks the result holds. The result is the full result when every survivor
-    /// had it whole already, else exactly the survivors' result, never a mix:
+    /// had finished its part already, else exactly the survivors' result, never a mix:
     /// - all-reduce: the reduction of the survivors' inputs (`Avg` divides by their number);
     /// - reduce-scatter: each survivor's own chunk, reduced over the survivors;
-    /// - all-gather: the survivors' pieces in place, and the failed ranks' blocks zeroed;
+    /// - all-gather: the survivors' pieces in place, and the failed ranks' blocks zeroed (the
+    ///   [`Outcome`] says which are absent: zeros are not a marker);
     /// - broadcast: from the root, or, when the root died, from the first survivor holding its
     ///   whole data ([`Error::RootLost`] when none does);
-    /// - reduce: to the root ([`Error::RootLost`] when the root died).
+    /// - reduce: to the root; [`Error::RootLost`] when the root died before every rank had
+    ///   sent it its part.
     ///
     /// The call keeps a copy of its input when it may overwrite it (an in-place call), and
-    /// ends with a commit round (a ring barrier): a rank returns only once every rank holds the
-    /// result. Set it in [`CommConfig::on_failure`](crate::CommConfig::on_failure), so that
-    /// every call of every rank takes part: a rank that returned from a call joins the others'
-    /// recovery from its next call, which must come within the communicator's timeout.
+    /// ends with a commit round (a ring barrier): a rank returns only once every rank has
+    /// finished its part. The price without faults: that copy and n-1 more hops per call
+    /// (`benches/survive.rs` measures it).
     ///
-    /// What does not recover: a call refused on this rank (bad arguments, a broken
-    /// communicator), a call that disagrees with its peers', a revoke, an abort through this
-    /// rank's handle, a device error, and the agreement's own errors ([`Error::NoQuorum`],
-    /// [`Error::Excluded`]), which break the communicator.
+    /// Set it in [`CommConfig::on_failure`](crate::CommConfig::on_failure), so that every call
+    /// of every rank takes part: a rank that returned from a call joins the others' recovery
+    /// from its next call, which must come within the communicator's timeout (a rank that
+    /// returned and computes for longer is held failed). That rank's next call is then the
+    /// first call of the shrunk communicator, which the others make afresh: it runs numbered
+    /// as when it began (a reduce-scatter's or all-gather's blocks in the old numbering, the
+    /// absent ones dropped or zeroed), the others' in the new numbering; sizes match, layouts
+    /// follow each rank's own call. Ranks are renumbered by every recovery: keep your own ids
+    /// (`Outcome::excluded` and [`Communicator::epoch`](crate::Communicator::epoch) say when).
+    /// The collective shortcuts ([`all_reduce`](crate::Communicator::all_reduce), ...) return
+    /// `()`; call [`run`](crate::Communicator::run) to see the [`Outcome`]. Abort handles
+    /// taken before a recovery do not reach the shrunk communicator: take new ones.
+    ///
+    /// What does not recover: a call refused on any rank (bad arguments) or on which ranks
+    /// disagree (every rank returns an error; the peers' is [`Error::PeerAborted`]), a
+    /// revoke, an abort through this rank's handle (this rank returns
+    /// [`Error::Aborted`]; the others go on without it), a device error on this rank (the
+    /// others go on without it), and the agreement's own errors ([`Error::NoQuorum`],
+    /// [`Error::Excluded`]), which break the communicator. A corrupt frame closes its pair of
+    /// ranks for good, and both ends are held failed. The agreement is not uniform under a
+    /// second failure at the wrong moment (`comm/agree.rs`): two groups may then decide
+    /// differently, one keeping its result, the other failing at its deadline, never mixing.
     FinishAmongSurvivors,
 }
 
@@ -83,7 +102,8 @@ pub enum OnFailure {
 pub struct Outcome {
     /// The ranks whose inputs the result holds (a broadcast's: its root).
     pub contributors: Vec<usize>,
-    /// The ranks that failed during the call and are no longer members.
+    /// The ranks found failed during the call (on a rank that had returned from the call
+    /// before a death, the next call finds it) and no longer members.
     pub excluded: Vec<usize>,
     /// From the first failure to the end of the call, when the call recovered.
     pub recovered_in: Option<Duration>,
@@ -139,14 +159,16 @@ fn temp_buffer(c: &Communicator, bytes: u64) -> wgpu::Buffer {
 /// up. Not: this rank's own refusals, a disagreeing call (it would disagree again), a revoke
 /// or an abort (the user stopped the communicator), device errors.
 fn recoverable(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::Timeout { .. }
-            | Error::PeerAborted { .. }
-            | Error::LinkClosed { .. }
-            | Error::PeerExited { .. }
-            | Error::Corrupt { .. }
-    )
+    match e {
+        Error::PeerAborted { reason, .. } => !reason.starts_with(NOT_RECOVERABLE),
+        _ => matches!(
+            e,
+            Error::Timeout { .. }
+                | Error::LinkClosed { .. }
+                | Error::PeerExited { .. }
+                | Error::Corrupt { .. }
+        ),
+    }
 }
 
 /// The peer an error shows dead (its link ended, or it sent garbage): the agreement need not
@@ -292,6 +314,13 @@ impl Communicator {
                         recovered_in: failed_at.map(|t| t.elapsed()),
                     });
                 }
+                Err(e) if !attempt.started && round > 0 => {
+                    // A try that could not even start here (its copies failed): the others are
+                    // in it already, and must not wait for this rank.
+                    self.link.abort(&e.to_string());
+                    self.broken = Some(e.clone());
+                    return Err(e);
+                }
                 Err(e) if !attempt.started || !recoverable(&e) => return Err(e),
                 Err(e) => e,
             };
@@ -367,10 +396,14 @@ impl Communicator {
             }
             last = Some(e);
         }
-        Err(last.unwrap_or(Error::InvalidArgument {
+        let e = last.unwrap_or(Error::InvalidArgument {
             at: at0,
             message: "internal: a recovery without a failure".into(),
-        }))
+        });
+        // As many recoveries as ranks and still failing: this rank gives up, and says so.
+        self.link.abort(&e.to_string());
+        self.broken = Some(e.clone());
+        Err(e)
     }
 
     /// `call` again among `members` (numbered as when the call began; this communicator is
@@ -482,7 +515,9 @@ impl Communicator {
                     opts,
                     None,
                 );
-                if attempt.result.is_err() {
+                // Placed once this rank has the whole gather, even if the commit round failed:
+                // the recovery may keep it.
+                if !attempt.complete {
                     return attempt;
                 }
                 // The survivors' blocks where the call put them; the failed ranks' zeroed.
@@ -501,9 +536,13 @@ impl Communicator {
                 let placed = self
                     .device_copy(at, gathered, output, &present, deadline)
                     .and_then(|()| self.device_copy(at, zero, output, &absent, deadline));
-                Attempt {
-                    result: placed,
-                    ..attempt
+                match placed {
+                    Ok(()) => attempt,
+                    Err(e) => Attempt {
+                        result: Err(e),
+                        complete: false,
+                        started: false,
+                    },
                 }
             }
             Collective::Broadcast { input, output, .. } => {

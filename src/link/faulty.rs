@@ -30,6 +30,8 @@ struct Faults {
     killed: Vec<usize>,
     /// Frames each rank still sends before it is killed (see `FaultPlan::kill_after`).
     kill_after: HashMap<usize, usize>,
+    /// `(first, then, frames)`: once `first` is killed, `then` dies after `frames` more frames.
+    chains: Vec<(usize, usize, usize)>,
     delays: HashMap<usize, Duration>,
     /// Frames still to drop on each (from, to) pair.
     drops: HashMap<(usize, usize), usize>,
@@ -62,6 +64,35 @@ fn flip_bit(frame: &mut Frame) {
     let mid = bytes.len() / 2;
     if let Some(b) = bytes.get_mut(mid) {
         *b ^= 0x10;
+    }
+}
+
+impl Faults {
+    /// Kills `rank`, and arms the kills that wait for its death.
+    fn kill(&mut self, rank: usize) {
+        if self.killed.contains(&rank) {
+            return;
+        }
+        self.killed.push(rank);
+        self.kill_after.remove(&rank);
+        let armed: Vec<_> = self
+            .chains
+            .iter()
+            .filter(|c| c.0 == rank)
+            .map(|c| (c.1, c.2))
+            .collect();
+        self.chains.retain(|c| c.0 != rank);
+        for (then, frames) in armed {
+            self.kill_after_frames(then, frames);
+        }
+    }
+
+    fn kill_after_frames(&mut self, rank: usize, frames: usize) {
+        if frames == 0 {
+            self.kill(rank);
+        } else {
+            self.kill_after.insert(rank, frames);
+        }
     }
 }
 
@@ -119,17 +150,24 @@ impl FaultPlan {
     /// Kills `rank`: frames from and to it vanish, its peers' receives from it report it gone,
     /// and its own receives end at once (a dead process waits for nothing).
     pub fn kill(&self, rank: usize) {
-        self.lock().killed.push(rank);
+        self.lock().kill(rank);
     }
 
     /// Kills `rank` once it has sent `frames` more frames (at once for 0): the way to kill a
     /// rank at a chosen point inside a call, every frame of the call being a point.
     pub fn kill_after(&self, rank: usize, frames: usize) {
+        self.lock().kill_after_frames(rank, frames);
+    }
+
+    /// Once `first` is killed (by any of these methods), kills `then` after `frames` more of
+    /// its frames: a second death at a point set by the first, with no thread racing to see
+    /// the first (0 kills both at once).
+    pub fn kill_after_death_of(&self, first: usize, then: usize, frames: usize) {
         let mut f = self.lock();
-        if frames == 0 {
-            f.killed.push(rank);
+        if f.killed.contains(&first) {
+            f.kill_after_frames(then, frames);
         } else {
-            f.kill_after.insert(rank, frames);
+            f.chains.push((first, then, frames));
         }
     }
 
@@ -210,15 +248,17 @@ impl<L: Link> std::fmt::Debug for FaultyLink<L> {
 }
 
 impl<L: Link> FaultyLink<L> {
-    fn check_peer(&self, peer: usize) -> Result<(), LinkError> {
-        let f = self.plan.lock();
-        if f.killed.contains(&self.inner.rank()) {
+    /// A killed rank waits for nothing: its own receives end at once.
+    fn check_self(&self) -> Result<(), LinkError> {
+        if self.is_killed(self.inner.rank()) {
             Err(LinkError::Closed)
-        } else if f.killed.contains(&peer) {
-            Err(LinkError::Gone(peer))
         } else {
             Ok(())
         }
+    }
+
+    fn is_killed(&self, rank: usize) -> bool {
+        self.plan.lock().killed.contains(&rank)
     }
 }
 
@@ -262,22 +302,27 @@ impl<L: Link> Link for FaultyLink<L> {
         }
         let sent = self.inner.send(to, frame);
         if last {
-            let mut f = self.plan.lock();
-            f.kill_after.remove(&me);
-            f.killed.push(me);
+            self.plan.lock().kill(me);
         }
         sent
     }
 
     fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
         // Wait in short slices, so that a peer killed while this rank waits is seen at once
-        // (as a reset connection would be), not at the deadline.
+        // (as a reset connection would be), not at the deadline. What a killed peer sent before
+        // it died is still delivered first, as a socket's buffered bytes are before its reset.
         loop {
-            self.check_peer(from)?;
-            match self
-                .inner
-                .recv(from, deadline.min(Instant::now() + KILL_CHECK))
-            {
+            self.check_self()?;
+            let dead = self.is_killed(from);
+            let until = if dead {
+                Instant::now()
+            } else {
+                deadline.min(Instant::now() + KILL_CHECK)
+            };
+            match self.inner.recv(from, until) {
+                // Whatever the link says about a killed peer's end (nothing queued, closed),
+                // it is gone.
+                Err(_) if dead => return Err(LinkError::Gone(from)),
                 Err(LinkError::Timeout) if Instant::now() < deadline => continue,
                 other => return other,
             }
@@ -286,15 +331,22 @@ impl<L: Link> Link for FaultyLink<L> {
 
     fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
         loop {
-            for &p in peers {
-                self.check_peer(p)?;
-            }
-            match self
-                .inner
-                .recv_any(peers, deadline.min(Instant::now() + KILL_CHECK))
-            {
-                Err(LinkError::Timeout) if Instant::now() < deadline => continue,
-                other => return other,
+            self.check_self()?;
+            let dead = peers.iter().copied().find(|&p| self.is_killed(p));
+            let until = if dead.is_some() {
+                Instant::now()
+            } else {
+                deadline.min(Instant::now() + KILL_CHECK)
+            };
+            match (self.inner.recv_any(peers, until), dead) {
+                (Err(LinkError::Timeout | LinkError::Closed), Some(p)) => {
+                    return Err(LinkError::Gone(p));
+                }
+                (Err(LinkError::Gone(q) | LinkError::Exited(q)), _) if self.is_killed(q) => {
+                    return Err(LinkError::Gone(q));
+                }
+                (Err(LinkError::Timeout), None) if Instant::now() < deadline => continue,
+                (other, _) => return other,
             }
         }
     }
