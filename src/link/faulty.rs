@@ -32,6 +32,9 @@ struct Faults {
     kill_after: HashMap<usize, usize>,
     /// `(first, then, frames)`: once `first` is killed, `then` dies after `frames` more frames.
     chains: Vec<(usize, usize, usize)>,
+    /// Killed ranks whose frames sent before they died are still delivered (those killed at a
+    /// frame, by `kill_after`); the frames of those killed outright vanish, queued ones too.
+    delivered: Vec<usize>,
     delays: HashMap<usize, Duration>,
     /// Frames still to drop on each (from, to) pair.
     drops: HashMap<(usize, usize), usize>,
@@ -88,6 +91,7 @@ impl Faults {
     }
 
     fn kill_after_frames(&mut self, rank: usize, frames: usize) {
+        self.delivered.push(rank);
         if frames == 0 {
             self.kill(rank);
         } else {
@@ -147,14 +151,17 @@ impl FaultPlan {
         self.faults.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Kills `rank`: frames from and to it vanish, its peers' receives from it report it gone,
-    /// and its own receives end at once (a dead process waits for nothing).
+    /// Kills `rank`: frames from and to it vanish (those queued for its peers too), its peers'
+    /// receives from it report it gone, and its own receives end at once (a dead process waits
+    /// for nothing).
     pub fn kill(&self, rank: usize) {
         self.lock().kill(rank);
     }
 
     /// Kills `rank` once it has sent `frames` more frames (at once for 0): the way to kill a
-    /// rank at a chosen point inside a call, every frame of the call being a point.
+    /// rank at a chosen point inside a call, every frame of the call being a point. Unlike
+    /// [`kill`](Self::kill), what it sent before it died is delivered, as a socket's buffered
+    /// bytes are before its reset.
     pub fn kill_after(&self, rank: usize, frames: usize) {
         self.lock().kill_after_frames(rank, frames);
     }
@@ -260,6 +267,12 @@ impl<L: Link> FaultyLink<L> {
     fn is_killed(&self, rank: usize) -> bool {
         self.plan.lock().killed.contains(&rank)
     }
+
+    /// Whether `rank` is killed, and whether what it sent before is still delivered.
+    fn fate(&self, rank: usize) -> (bool, bool) {
+        let f = self.plan.lock();
+        (f.killed.contains(&rank), f.delivered.contains(&rank))
+    }
 }
 
 impl<L: Link> Link for FaultyLink<L> {
@@ -309,11 +322,13 @@ impl<L: Link> Link for FaultyLink<L> {
 
     fn recv(&self, from: usize, deadline: Instant) -> Result<Frame, LinkError> {
         // Wait in short slices, so that a peer killed while this rank waits is seen at once
-        // (as a reset connection would be), not at the deadline. What a killed peer sent before
-        // it died is still delivered first, as a socket's buffered bytes are before its reset.
+        // (as a reset connection would be), not at the deadline.
         loop {
             self.check_self()?;
-            let dead = self.is_killed(from);
+            let (dead, delivered) = self.fate(from);
+            if dead && !delivered {
+                return Err(LinkError::Gone(from));
+            }
             let until = if dead {
                 Instant::now()
             } else {
@@ -332,6 +347,13 @@ impl<L: Link> Link for FaultyLink<L> {
     fn recv_any(&self, peers: &[usize], deadline: Instant) -> Result<(usize, Frame), LinkError> {
         loop {
             self.check_self()?;
+            if let Some(p) = peers
+                .iter()
+                .copied()
+                .find(|&p| self.fate(p) == (true, false))
+            {
+                return Err(LinkError::Gone(p));
+            }
             let dead = peers.iter().copied().find(|&p| self.is_killed(p));
             let until = if dead.is_some() {
                 Instant::now()
