@@ -191,16 +191,24 @@ pub(crate) fn agree(
     timeout: Duration,
     at: At,
 ) -> Result<Vec<usize>> {
-    agree_progress(link, suspects, 0, epoch, timeout, at).map(|d| d.failed.into_iter().collect())
+    agree_progress(link, None, suspects, 0, Vec::new(), epoch, timeout, at)
+        .map(|d| d.failed.into_iter().collect())
 }
 
 /// [`agree`], where each rank also reports a number (its progress in the call that failed),
 /// and the decision carries every survivor's: every survivor that reaches the same decision
 /// sees the same numbers, and so acts the same on them.
+///
+/// `stray` are frames this rank's last call read from the link that were not the call's (a
+/// rank still in the call when its peers began the agreement takes their proposals or
+/// decisions for frames of the call): those of this agreement count as received.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn agree_progress(
     link: &dyn Link,
+    stash: Option<crate::link::AbortStash>,
     suspects: &[usize],
     progress: u64,
+    stray: Vec<(usize, Frame)>,
     epoch: u32,
     timeout: Duration,
     at: At,
@@ -213,13 +221,33 @@ pub(crate) fn agree_progress(
             message: format!("suspect {r} is this rank or not a rank of this group of {n}"),
         });
     }
-    let link = SubLink::new(link, (0..n).collect(), AGREE_EPOCH | epoch).map_err(|message| {
-        Error::InvalidArgument {
-            at,
-            message: format!("internal: {message}"),
-        }
-    })?;
+    let mut link =
+        SubLink::new(link, (0..n).collect(), AGREE_EPOCH | epoch).map_err(|message| {
+            Error::InvalidArgument {
+                at,
+                message: format!("internal: {message}"),
+            }
+        })?;
+    if let Some(stash) = stash {
+        link = link.with_stash(stash);
+    }
     let mut failed: BTreeSet<usize> = suspects.iter().copied().collect();
+    // What the last call took of this agreement: a decision is adopted at once, proposals
+    // count if this rank coordinates.
+    let mut early = BTreeMap::new();
+    for (from, frame) in stray {
+        match link.open(frame).map(|f| decode(&f, n)) {
+            Some(Ok(Msg::Decide(d))) if from < n && from != me => {
+                relay(&link, &d, from);
+                return finish(d, me, n, at);
+            }
+            Some(Ok(Msg::Propose(p, set))) if from < n && from != me => {
+                early.insert(from, p);
+                failed.extend(set.into_iter().filter(|&r| r != me));
+            }
+            _ => {}
+        }
+    }
     // The coordinator proposed to, and the set proposed.
     let mut proposed: Option<(usize, BTreeSet<usize>)> = None;
     let mut deadline = deadline_after(timeout.saturating_mul(2));
@@ -234,7 +262,7 @@ pub(crate) fn agree_progress(
             };
         };
         if coord == me {
-            break coordinate(&link, &mut failed, progress, timeout)?;
+            break coordinate(&link, &mut failed, progress, early, timeout)?;
         }
         let now = Instant::now();
         if proposed.as_ref() != Some(&(coord, failed.clone())) || now >= resend {
@@ -303,12 +331,13 @@ fn coordinate(
     link: &SubLink<&dyn Link>,
     failed: &mut BTreeSet<usize>,
     progress: u64,
+    early: BTreeMap<usize, u64>,
     timeout: Duration,
 ) -> Result<Decided> {
     let (n, me) = (link.size(), link.rank());
     let deadline = deadline_after(timeout);
-    // The progress each rank heard from reported.
-    let mut heard = BTreeMap::new();
+    // The progress each rank heard from reported (some already, through the last call).
+    let mut heard = early;
     loop {
         let pending: Vec<usize> = (0..n)
             .filter(|r| *r != me && !failed.contains(r) && !heard.contains_key(r))

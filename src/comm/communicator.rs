@@ -247,6 +247,8 @@ pub struct Communicator {
     pub(super) broken: Option<Error>,
     pub(super) cost_model: Option<CostModel>,
     pub(super) last_algorithm: Option<Algorithm>,
+    /// Aborts of other epochs, kept for the sub-link of theirs (see `link::sub`).
+    pub(super) stash: crate::link::AbortStash,
     /// The reason an [`AbortHandle`] gave, once one fired (shared with every handle).
     pub(super) aborted: Arc<OnceLock<String>>,
     /// The wrappers [`CommGroup`](crate::CommGroup) put around `link`, so that a group rebuilt
@@ -303,6 +305,7 @@ impl Communicator {
             cost_model: None,
             last_algorithm: None,
             aborted: Arc::new(OnceLock::new()),
+            stash: Arc::default(),
             links: LinkStack::default(),
         }
     }
@@ -372,6 +375,7 @@ impl Communicator {
         // `members` is sorted, holds this rank and only ranks of the link: `new` cannot fail.
         match SubLink::new(old, members, epoch) {
             Ok(sub) => {
+                let sub = sub.with_stash(Arc::clone(&self.stash));
                 self.rank = sub.rank();
                 self.size = sub.size();
                 self.link = Box::new(sub);
@@ -455,10 +459,13 @@ impl Communicator {
         self.agreed = true;
         // Unique per (shrink, agreement), and never a communicator's epoch (the top bit).
         let epoch = ((self.epoch & 0x7fff) << 16) | (self.agreements & 0xffff);
+        let stray = std::mem::take(&mut self.engine.stray);
         super::agree::agree_progress(
             &*self.link,
+            Some(Arc::clone(&self.stash)),
             suspects,
             progress,
+            stray,
             epoch,
             self.config.timeout,
             At::rank(self.rank),
@@ -913,7 +920,10 @@ impl Communicator {
                 Error::PeerAborted { .. } | Error::Revoked { .. } => {}
                 // The call itself is wrong (bad arguments, ranks that disagree on it): peers
                 // finishing among survivors must not run it again without this rank.
-                Error::InvalidArgument { .. } | Error::Mismatch { .. } => {
+                // (A frame that is not a call's at all is a peer that left the call for an
+                // agreement: not a disagreement about the call.)
+                Error::InvalidArgument { .. } => self.link.abort(&format!("{NOT_RECOVERABLE}{e}")),
+                Error::Mismatch { field, .. } if *field != super::protocol::NOT_A_CALL => {
                     self.link.abort(&format!("{NOT_RECOVERABLE}{e}"))
                 }
                 _ => self.link.abort(&e.to_string()),

@@ -31,6 +31,9 @@ pub(crate) struct Engine {
     spare: Vec<Vec<u8>>,
     /// Payload bytes sent over the link since the engine was made (headers not counted).
     pub(crate) bytes_sent: u64,
+    /// Frames a call read that were not a call's (a peer's agreement frames, read by a rank
+    /// still in the call): the next agreement looks at them (see `agree.rs`).
+    pub(crate) stray: Vec<(usize, Frame)>,
 }
 
 impl Engine {
@@ -61,6 +64,7 @@ impl Engine {
             host: Vec::new(),
             spare: Vec::new(),
             bytes_sent: 0,
+            stray: Vec::new(),
         }
     }
 
@@ -87,6 +91,9 @@ impl Engine {
 /// Received payloads a call keeps for reuse (one per send in flight is plenty: a send gives its
 /// buffer to the link).
 const MAX_SPARE: usize = 2;
+
+/// Frames of other protocols kept for the next agreement, at most.
+const MAX_STRAY: usize = 16;
 
 /// The longest extra wait for a peer's abort after this rank's own deadline.
 const MAX_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
@@ -380,13 +387,20 @@ impl Run<'_, '_> {
             ..self.call.header
         };
         self.received[r.from] += 1;
-        let theirs = Header::decode(&frame.header).ok_or_else(|| Error::Mismatch {
-            at: self.call.at,
-            peer: r.from,
-            field: "frame header",
-            ours: format!("{} bytes", std::mem::size_of::<Header>()),
-            theirs: format!("{} bytes", frame.header.len()),
-        })?;
+        let Some(theirs) = Header::decode(&frame.header) else {
+            let e = Error::Mismatch {
+                at: self.call.at,
+                peer: r.from,
+                field: super::protocol::NOT_A_CALL,
+                ours: format!("{} bytes", std::mem::size_of::<Header>()),
+                theirs: format!("{} bytes", frame.header.len()),
+            };
+            // Kept for the agreement it may belong to (a few at most: each ends a call).
+            if self.eng.stray.len() < MAX_STRAY {
+                self.eng.stray.push((r.from, frame));
+            }
+            return Err(e);
+        };
         expected.check(&theirs, self.call.at, r.from)?;
         if frame.payload.len() as u64 != expected.payload_bytes {
             return Err(Error::Mismatch {

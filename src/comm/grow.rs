@@ -183,6 +183,8 @@ impl Communicator {
         self.rank = link.rank();
         self.size = link.size();
         self.link = link;
+        // Aborts kept for sub-links of the old link have no reader on the new one.
+        self.stash = Arc::default();
         self.reset_after_membership_change(epoch);
         Ok(())
     }
@@ -211,6 +213,7 @@ impl Communicator {
 
     /// The state a new membership starts from (a fresh link or epoch, nothing in flight).
     pub(super) fn reset_after_membership_change(&mut self, epoch: u32) {
+        self.engine.stray.clear();
         self.epoch = epoch;
         self.agreements = 0;
         self.agreed = false;

@@ -4,6 +4,11 @@
 use crate::error::{At, Error};
 use crate::types::{CollectiveKind, DType, ReduceOp};
 
+/// What a `Mismatch` names when a peer's frame is not a call's frame at all (its header has
+/// another length): a frame of another protocol, such as the proposal of a peer that left the
+/// call for an agreement.
+pub(crate) const NOT_A_CALL: &str = "frame header";
+
 /// Field value meaning "not used by this collective".
 pub(crate) const NONE: u32 = u32::MAX;
 

@@ -155,12 +155,15 @@ fn temp_buffer(c: &Communicator, bytes: u64) -> wgpu::Buffer {
         })
 }
 
-/// The failures the survivors can finish after: a peer died, fell silent or told them it gave
-/// up. Not: this rank's own refusals, a disagreeing call (it would disagree again), a revoke
+/// The failures the survivors can finish after: a peer died, fell silent, told them it gave
+/// up, or already went to the agreement. Not: this rank's own refusals, a disagreeing call (it would disagree again), a revoke
 /// or an abort (the user stopped the communicator), device errors.
 fn recoverable(e: &Error) -> bool {
     match e {
         Error::PeerAborted { reason, .. } => !reason.starts_with(NOT_RECOVERABLE),
+        // Not a frame of a call: a peer that already left this one for the agreement (its
+        // proposal reached this rank, still in the call, before its abort did).
+        Error::Mismatch { field, .. } => *field == super::protocol::NOT_A_CALL,
         _ => matches!(
             e,
             Error::Timeout { .. }

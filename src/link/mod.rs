@@ -38,6 +38,7 @@ pub use emulated::{EmulatedLink, LinkEmulation};
 pub use faulty::{FaultPlan, FaultyLink};
 pub use inproc::{InProcLink, in_process_mesh};
 pub use stack::LinkStack;
+pub(crate) use sub::AbortStash;
 pub use sub::SubLink;
 pub use tcp::{TcpLink, TcpOptions};
 

@@ -43,6 +43,16 @@ const TAG: usize = MAGIC.len() + 8;
 /// Brackets the epoch before an abort's reason.
 const MARK: char = '\u{1}';
 
+/// Aborts of other epochs that sub-links over one inner link took from it, kept for the
+/// sub-link of their epoch: a rank still in an agreement of the old epoch must not lose the
+/// abort a peer already in the new one sent (the new epoch's call would wait for its
+/// deadline instead). Bounded: the oldest go first.
+pub(crate) type AbortStash =
+    std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<(usize, String)>>>;
+
+/// Aborts kept in a stash, at most.
+const STASHED: usize = 64;
+
 /// A [`Link`] among `members` of an inner link: new rank `i` is inner rank `members[i]`.
 #[derive(Debug)]
 pub struct SubLink<L: Link> {
@@ -52,6 +62,7 @@ pub struct SubLink<L: Link> {
     epoch: u32,
     /// CRC32C of the members, in the tag.
     sum: u32,
+    stash: Option<AbortStash>,
 }
 
 impl<L: Link> SubLink<L> {
@@ -70,6 +81,7 @@ impl<L: Link> SubLink<L> {
             rank,
             epoch,
             sum,
+            stash: None,
         })
     }
 
@@ -111,6 +123,42 @@ impl<L: Link> SubLink<L> {
         t[MAGIC.len()..MAGIC.len() + 4].copy_from_slice(&self.epoch.to_le_bytes());
         t[MAGIC.len() + 4..].copy_from_slice(&self.sum.to_le_bytes());
         t
+    }
+
+    /// Shares `stash` with the other sub-links over the same inner link (see [`AbortStash`]).
+    pub(crate) fn with_stash(mut self, stash: AbortStash) -> Self {
+        self.stash = Some(stash);
+        self
+    }
+
+    /// An abort of this epoch another sub-link kept, if any.
+    fn stashed(&self) -> Option<LinkError> {
+        let stash = self.stash.as_ref()?;
+        let mut q = stash.lock().unwrap_or_else(|p| p.into_inner());
+        let prefix = format!("{MARK}{}{MARK}", self.epoch);
+        let i = q.iter().position(|(_, r)| r.starts_with(&prefix))?;
+        let (from, reason) = q.remove(i)?;
+        drop(q);
+        self.error(LinkError::Aborted { from, reason })
+    }
+
+    /// Keeps an abort of another epoch for its sub-link.
+    fn keep(&self, e: &LinkError) {
+        if let (Some(stash), LinkError::Aborted { from, reason }) = (&self.stash, e)
+            && reason.starts_with(MARK)
+        {
+            let mut q = stash.lock().unwrap_or_else(|p| p.into_inner());
+            if q.len() >= STASHED {
+                q.pop_front();
+            }
+            q.push_back((*from, reason.clone()));
+        }
+    }
+
+    /// A frame of this sub-link that another reader took from the inner link (a rank still
+    /// in a call reads an agreement's frame): without its tag, or `None` if it is not one.
+    pub(crate) fn open(&self, frame: Frame) -> Option<Frame> {
+        self.strip(frame)
     }
 
     /// The frame without its tag, or `None` for a frame of another epoch (or of no sub-link).
@@ -183,17 +231,19 @@ impl<L: Link> Link for SubLink<L> {
         let peer = self.inner_rank(from)?;
         // Each pass consumes one stale frame or abort, or returns: no spinning.
         loop {
+            if let Some(e) = self.stashed() {
+                return Err(e);
+            }
             match self.inner.recv(peer, deadline) {
                 Ok(frame) => {
                     if let Some(f) = self.strip(frame) {
                         return Ok(f);
                     }
                 }
-                Err(e) => {
-                    if let Some(e) = self.error(e) {
-                        return Err(e);
-                    }
-                }
+                Err(e) => match self.error(e.clone()) {
+                    Some(e) => return Err(e),
+                    None => self.keep(&e),
+                },
             }
         }
     }
@@ -204,17 +254,19 @@ impl<L: Link> Link for SubLink<L> {
             .map(|&p| self.inner_rank(p))
             .collect::<Result<_, _>>()?;
         loop {
+            if let Some(e) = self.stashed() {
+                return Err(e);
+            }
             match self.inner.recv_any(&inner, deadline) {
                 Ok((p, frame)) => {
                     if let (Some(f), Some(from)) = (self.strip(frame), self.renumber(p)) {
                         return Ok((from, f));
                     }
                 }
-                Err(e) => {
-                    if let Some(e) = self.error(e) {
-                        return Err(e);
-                    }
-                }
+                Err(e) => match self.error(e.clone()) {
+                    Some(e) => return Err(e),
+                    None => self.keep(&e),
+                },
             }
         }
     }
@@ -259,6 +311,36 @@ mod tests {
     /// Four ranks, rank 1 gone: the survivors renumbered 0, 1, 2; what the old links left
     /// queued (frames and aborts, from members and from the dead rank) and what an older
     /// sub-link sent never reaches the new one; ranks in errors and aborts are renumbered.
+    #[test]
+    fn an_abort_of_a_newer_epoch_read_by_an_older_reader_is_kept_for_it() {
+        let mut links = in_process_mesh(2).into_iter();
+        let (Some(l0), Some(l1)) = (links.next(), links.next()) else {
+            panic!("two links")
+        };
+        let stash = AbortStash::default();
+        // Rank 1 already in epoch 2 gives up while rank 0 still reads in epoch 7 (an
+        // agreement of the old epoch).
+        let new1 = SubLink::new(&l1, vec![0, 1], 2).expect("members");
+        new1.abort("gave up");
+        let old0 = SubLink::new(&l0, vec![0, 1], 7)
+            .expect("members")
+            .with_stash(stash.clone());
+        let short = || Instant::now() + Duration::from_millis(30);
+        assert_eq!(old0.recv(1, short()), Err(LinkError::Timeout));
+        // The epoch-2 reader gets it, once.
+        let new0 = SubLink::new(&l0, vec![0, 1], 2)
+            .expect("members")
+            .with_stash(stash);
+        assert_eq!(
+            new0.recv(1, soon()),
+            Err(LinkError::Aborted {
+                from: 1,
+                reason: "gave up".into()
+            })
+        );
+        assert_eq!(new0.recv(1, short()), Err(LinkError::Timeout));
+    }
+
     #[test]
     fn stale_frames_and_aborts_never_reach_a_new_epoch() {
         let old = in_process_mesh(4);
