@@ -6,7 +6,13 @@
 //! exactly the ranks its outcome names. Also the price of the feature without faults: the
 //! all-reduce with its input kept and its commit round against the plain one.
 //!
-//! `cargo bench --bench survive` (`KILLS=20` for a quick run)
+//! Then stragglers (`CallOptions::skip_after`): 4 ranks train `STEPS` steps (default 40) of
+//! 20 ms compute and a 1 MiB all-reduce, one rank 10x slow (200 ms) on every step; rank 0's
+//! steps/s with the slow rank skipped after 10 ms, against the same without the slow rank
+//! (the fault-free pace) and with it waited for.
+//!
+//! `cargo bench --bench survive` (`KILLS=20` for a quick run; `PART=kills` or `PART=stragglers`
+//! for one half)
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +53,78 @@ fn percentile(xs: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() {
+    let part = std::env::var("PART").unwrap_or_default();
+    if part != "stragglers" {
+        kills();
+    }
+    if part != "kills" {
+        stragglers();
+    }
+}
+
+/// Rank 0's steps per second over `steps` steps of `compute` (the slow rank's: `slow`) and a
+/// 1 MiB all-reduce with `opts`.
+fn pace(steps: usize, slow: Option<Duration>, opts: CallOptions) -> f64 {
+    let compute = Duration::from_millis(20);
+    let count = (1 << 20) / 4;
+    let comms = match CommGroup::builder()
+        .ranks(RANKS)
+        .config(CommConfig::default().timeout(Duration::from_secs(120)))
+        .build()
+    {
+        Ok(g) => g.into_communicators(),
+        Err(e) => panic!("no adapter for the bench: {e}"),
+    };
+    let paces: Vec<Option<f64>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|mut c| {
+                s.spawn(move || {
+                    let me = c.rank();
+                    let buf = c.upload(&vec![1.0f32; count]).expect("upload");
+                    // Warm-up, every rank in.
+                    all_reduce(&mut c, &buf, CallOptions::default()).expect("warm-up");
+                    let t = Instant::now();
+                    for _ in 0..steps {
+                        // The step's compute, emulated (10x for the slow rank).
+                        std::thread::sleep(if me == 2 { slow.unwrap_or(compute) } else { compute });
+                        if let Err(e) = all_reduce(&mut c, &buf, opts) {
+                            // The slow rank, still behind when rank 0 has gone: done.
+                            assert!(me == 2, "rank {me}: {e}");
+                            return None;
+                        }
+                    }
+                    (me == 0).then(|| steps as f64 / t.elapsed().as_secs_f64())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("rank")).collect()
+    });
+    paces.into_iter().flatten().next().unwrap_or(f64::NAN)
+}
+
+fn stragglers() {
+    let steps: usize = std::env::var("STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let slow = Some(Duration::from_millis(200));
+    let skip = CallOptions::default().skip_after(Duration::from_millis(10));
+    let clean = pace(steps, None, CallOptions::default());
+    let waited = pace(steps, slow, CallOptions::default());
+    let skipped = pace(steps, slow, skip);
+    // Skipping with nobody slow: the window is never waited out, the price is the arrival round.
+    let clean_skip = pace(steps, None, skip);
+    println!("stragglers: {RANKS} ranks, 1 MiB all-reduce after 20 ms of compute, rank 2 at 200 ms, {steps} steps");
+    println!("  fault-free: {clean:.1} steps/s (with skip_after and nobody slow: {clean_skip:.1}, {:.2}x)", clean_skip / clean);
+    println!("  slow rank waited for: {waited:.1} steps/s ({:.2}x the fault-free pace)", waited / clean);
+    println!(
+        "  slow rank skipped after 10 ms: {skipped:.1} steps/s ({:.2}x the fault-free pace; target 0.70x)",
+        skipped / clean
+    );
+}
+
+fn kills() {
     let kills: usize = std::env::var("KILLS")
         .ok()
         .and_then(|s| s.parse().ok())

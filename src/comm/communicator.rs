@@ -114,6 +114,8 @@ pub struct CallOptions {
     pub algorithm: Option<Algorithm>,
     /// What this call does when a rank fails during it, instead of the communicator's.
     pub on_failure: Option<OnFailure>,
+    /// Skip stragglers: see [`skip_after`](Self::skip_after).
+    pub skip_after: Option<Duration>,
 }
 
 impl CallOptions {
@@ -134,6 +136,25 @@ impl CallOptions {
     /// ```
     pub fn on_failure(mut self, on_failure: OnFailure) -> Self {
         self.on_failure = Some(on_failure);
+        self
+    }
+
+    /// These options, skipping stragglers: an all-reduce runs among the ranks that entered it
+    /// within `after` of rank 0, instead of waiting for the slowest, as backup workers do for
+    /// a parameter server. The [`Outcome`] names the ranks it skipped; their inputs are not in
+    /// the result, their outputs are left as they were, and they take part again in the first
+    /// call they reach in time (a rank that is always late is always skipped). Every rank must
+    /// pass it. Rank 0 decides, and is never skipped. For all-reduce only, and not yet with
+    /// [`OnFailure::FinishAmongSurvivors`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use wccl::CallOptions;
+    /// let opts = CallOptions::default().skip_after(Duration::from_millis(20));
+    /// assert_eq!(opts.skip_after, Some(Duration::from_millis(20)));
+    /// ```
+    pub fn skip_after(mut self, after: Duration) -> Self {
+        self.skip_after = Some(after);
         self
     }
 }
@@ -234,7 +255,8 @@ pub struct Communicator {
     pub(super) rank: usize,
     pub(super) size: usize,
     pub(crate) engine: Engine,
-    pub(super) link: Box<dyn Link>,
+    /// Shared, so that a call among some ranks (see `straggle.rs`) can run over a view of it.
+    pub(super) link: Arc<dyn Link>,
     pub(super) config: CommConfig,
     pub(super) seq: u64,
     /// Shrinks so far; the link's frames carry it once non-zero (see [`shrink`](Self::shrink)).
@@ -295,7 +317,7 @@ impl Communicator {
             rank: link.rank(),
             size: link.size(),
             engine,
-            link,
+            link: Arc::from(link),
             config,
             seq: 0,
             epoch: 0,
@@ -367,8 +389,8 @@ impl Communicator {
             return invalid(message);
         }
         let epoch = self.epoch.saturating_add(1);
-        let placeholder: Box<dyn Link> = match crate::link::in_process_mesh(1).pop() {
-            Some(l) => Box::new(l),
+        let placeholder: Arc<dyn Link> = match crate::link::in_process_mesh(1).pop() {
+            Some(l) => Arc::new(l),
             None => return invalid("internal: no placeholder link".into()),
         };
         let old = std::mem::replace(&mut self.link, placeholder);
@@ -378,7 +400,7 @@ impl Communicator {
                 let sub = sub.with_stash(Arc::clone(&self.stash));
                 self.rank = sub.rank();
                 self.size = sub.size();
-                self.link = Box::new(sub);
+                self.link = Arc::new(sub);
             }
             Err(message) => {
                 let e = Error::InvalidArgument {
@@ -818,6 +840,9 @@ impl Communicator {
     /// among the survivors of a failure ([`OnFailure::FinishAmongSurvivors`]), when the
     /// [`Outcome`] names the ranks whose contributions it holds and those it left out.
     pub fn run(&mut self, call: Collective<'_>, opts: CallOptions) -> Result<Outcome> {
+        if let Some(after) = opts.skip_after {
+            return self.run_skipping(call, opts, after);
+        }
         match opts.on_failure.unwrap_or(self.config.on_failure) {
             OnFailure::Error => self
                 .attempt(&call, opts, None)
@@ -941,7 +966,7 @@ impl Communicator {
     /// Fails a call of `kind` before it starts, as a failed call does (it takes a sequence
     /// number, breaks the communicator and tells the peers, so that none of them waits for
     /// this rank until its deadline): for arguments that no `Collective` can express.
-    fn refuse(&mut self, kind: CollectiveKind, message: String) -> Result<()> {
+    pub(super) fn refuse(&mut self, kind: CollectiveKind, message: String) -> Result<()> {
         self.seq += 1;
         let at = At {
             rank: self.rank,

@@ -182,7 +182,7 @@ impl Communicator {
         )?;
         self.rank = link.rank();
         self.size = link.size();
-        self.link = link;
+        self.link = Arc::from(link);
         // Aborts kept for sub-links of the old link have no reader on the new one.
         self.stash = Arc::default();
         self.reset_after_membership_change(epoch);

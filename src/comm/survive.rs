@@ -105,6 +105,10 @@ pub struct Outcome {
     /// The ranks found failed during the call (on a rank that had returned from the call
     /// before a death, the next call finds it) and no longer members.
     pub excluded: Vec<usize>,
+    /// The ranks skipped as stragglers in this call
+    /// ([`CallOptions::skip_after`](crate::CallOptions::skip_after)): still members, their
+    /// inputs are not in the result and their outputs were left as they were.
+    pub skipped: Vec<usize>,
     /// From the first failure to the end of the call, when the call recovered.
     pub recovered_in: Option<Duration>,
 }
@@ -115,6 +119,7 @@ impl Outcome {
         Outcome {
             contributors: contributors(call, &(0..n).collect::<Vec<_>>()),
             excluded: Vec::new(),
+            skipped: Vec::new(),
             recovered_in: None,
         }
     }
@@ -314,6 +319,7 @@ impl Communicator {
                     return Ok(Outcome {
                         contributors,
                         excluded: (0..n0).filter(|r| !members.contains(r)).collect(),
+                        skipped: Vec::new(),
                         recovered_in: failed_at.map(|t| t.elapsed()),
                     });
                 }
@@ -365,6 +371,7 @@ impl Communicator {
                 return Ok(Outcome {
                     contributors,
                     excluded: (0..n0).filter(|r| !members.contains(r)).collect(),
+                    skipped: Vec::new(),
                     recovered_in: failed_at.map(|t| t.elapsed()),
                 });
             }

@@ -202,4 +202,4 @@ macro_rules! delegate_link {
     )*};
 }
 
-delegate_link!(&L, Box<L>);
+delegate_link!(&L, Box<L>, std::sync::Arc<L>);

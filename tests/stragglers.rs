@@ -1,0 +1,158 @@
+//! `CallOptions::skip_after`: an all-reduce among the ranks that arrive in time, the late ones
+//! skipped (their outputs untouched) and back in the first call they reach in time; every
+//! result checked against the f64 sum of exactly the ranks the `Outcome` names.
+
+mod common;
+
+use std::time::Duration;
+
+use wccl::{CallOptions, Collective, CommConfig, Communicator, Error, ReduceOp};
+
+fn input(rank: usize, count: usize) -> Vec<f32> {
+    (0..count)
+        .map(|i| ((rank * 1009 + i * 7) % 997) as f32 + 1000.0 * rank as f32)
+        .collect()
+}
+
+fn sum_of(ranks: &[usize], count: usize) -> Vec<f32> {
+    (0..count)
+        .map(|i| {
+            ranks
+                .iter()
+                .map(|&r| f64::from(input(r, count)[i]))
+                .sum::<f64>() as f32
+        })
+        .collect()
+}
+
+fn all_reduce(
+    c: &mut Communicator,
+    count: usize,
+    opts: CallOptions,
+) -> (wccl::Result<wccl::Outcome>, Vec<f32>) {
+    let me = c.rank();
+    let input = c.upload(&input(me, count)).expect("upload");
+    let output = c.upload(&vec![f32::NAN; count]).expect("upload");
+    let o = c.run(
+        Collective::AllReduce {
+            input: input.view(),
+            output: output.view(),
+            op: ReduceOp::Sum,
+        },
+        opts,
+    );
+    (o, c.download(&output).expect("download"))
+}
+
+/// Rank 2 of 4 enters the first call only once rank 0 has returned from it (so, certainly
+/// late): it is skipped, its output untouched, and the three others hold exactly their sum.
+/// In the second call rank 0 waits long enough: rank 2 is back, and all four hold the sum.
+#[test]
+fn a_late_rank_is_skipped_then_back() {
+    let (n, count) = (4, 1001);
+    let comms = common::group_with(n, CommConfig::default().timeout(Duration::from_secs(30)))
+        .into_communicators();
+    let (done_tx, done_rx) = crossbeam::channel::bounded::<()>(1);
+    let res: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|mut c| {
+                let (done_tx, done_rx) = (done_tx.clone(), done_rx.clone());
+                s.spawn(move || {
+                    let me = c.rank();
+                    if me == 2 {
+                        done_rx
+                            .recv_timeout(Duration::from_secs(60))
+                            .expect("rank 0 finished the first call");
+                    }
+                    let first = all_reduce(
+                        &mut c,
+                        count,
+                        CallOptions::default().skip_after(Duration::from_millis(50)),
+                    );
+                    if me == 0 {
+                        done_tx.send(()).expect("signal");
+                    }
+                    let second = all_reduce(
+                        &mut c,
+                        count,
+                        CallOptions::default().skip_after(Duration::from_secs(20)),
+                    );
+                    (first, second)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("rank")).collect()
+    });
+    for (r, ((o1, got1), (o2, got2))) in res.iter().enumerate() {
+        let o1 = o1.as_ref().unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        assert_eq!((&o1.contributors[..], &o1.skipped[..]), (&[0, 1, 3][..], &[2][..]));
+        if r == 2 {
+            assert!(got1.iter().all(|v| v.is_nan()), "the skipped rank's output was written");
+        } else {
+            assert_eq!(got1, &sum_of(&[0, 1, 3], count), "rank {r}, first call");
+        }
+        let o2 = o2.as_ref().unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        assert_eq!(o2.contributors, [0, 1, 2, 3], "rank {r}");
+        assert!(o2.skipped.is_empty(), "rank {r}");
+        assert_eq!(got2, &sum_of(&[0, 1, 2, 3], count), "rank {r}, second call");
+    }
+}
+
+/// Ranks that disagree on skipping (rank 1 runs a plain all-reduce) all fail with an error,
+/// none hangs; and skip_after on another collective is refused on that rank and reported to
+/// the others.
+#[test]
+fn disagreeing_on_skipping_is_an_error_everywhere() {
+    let n = 4;
+    let mut comms = common::group_with(n, CommConfig::default().timeout(Duration::from_secs(10)))
+        .into_communicators();
+    let res: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter_mut()
+            .map(|c| {
+                s.spawn(move || {
+                    let opts = if c.rank() == 1 {
+                        CallOptions::default()
+                    } else {
+                        CallOptions::default().skip_after(Duration::from_millis(100))
+                    };
+                    all_reduce(c, 10, opts).0
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("rank")).collect()
+    });
+    for (r, x) in res.iter().enumerate() {
+        assert!(x.is_err(), "rank {r}: {x:?}");
+    }
+    let mut comms = common::group_with(3, CommConfig::default().timeout(Duration::from_secs(10)))
+        .into_communicators();
+    let res: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter_mut()
+            .map(|c| {
+                s.spawn(move || {
+                    if c.rank() == 1 {
+                        c.run(
+                            Collective::Barrier,
+                            CallOptions::default().skip_after(Duration::from_millis(1)),
+                        )
+                        .map(drop)
+                    } else {
+                        c.barrier()
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("rank")).collect::<Vec<_>>()
+    });
+    assert!(matches!(&res[1], Err(Error::InvalidArgument { .. })), "{:?}", res[1]);
+    for r in [0, 2] {
+        assert!(
+            matches!(&res[r], Err(Error::PeerAborted { peer: 1, .. })),
+            "rank {r}: {:?}",
+            res[r]
+        );
+    }
+}
