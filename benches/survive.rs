@@ -87,7 +87,11 @@ fn pace(steps: usize, slow: Option<Duration>, opts: CallOptions) -> f64 {
                     let t = Instant::now();
                     for _ in 0..steps {
                         // The step's compute, emulated (10x for the slow rank).
-                        std::thread::sleep(if me == 2 { slow.unwrap_or(compute) } else { compute });
+                        std::thread::sleep(if me == 2 {
+                            slow.unwrap_or(compute)
+                        } else {
+                            compute
+                        });
                         if let Err(e) = all_reduce(&mut c, &buf, opts) {
                             // The slow rank, still behind when rank 0 has gone: done.
                             assert!(me == 2, "rank {me}: {e}");
@@ -115,9 +119,17 @@ fn stragglers() {
     let skipped = pace(steps, slow, skip);
     // Skipping with nobody slow: the window is never waited out, the price is the arrival round.
     let clean_skip = pace(steps, None, skip);
-    println!("stragglers: {RANKS} ranks, 1 MiB all-reduce after 20 ms of compute, rank 2 at 200 ms, {steps} steps");
-    println!("  fault-free: {clean:.1} steps/s (with skip_after and nobody slow: {clean_skip:.1}, {:.2}x)", clean_skip / clean);
-    println!("  slow rank waited for: {waited:.1} steps/s ({:.2}x the fault-free pace)", waited / clean);
+    println!(
+        "stragglers: {RANKS} ranks, 1 MiB all-reduce after 20 ms of compute, rank 2 at 200 ms, {steps} steps"
+    );
+    println!(
+        "  fault-free: {clean:.1} steps/s (with skip_after and nobody slow: {clean_skip:.1}, {:.2}x)",
+        clean_skip / clean
+    );
+    println!(
+        "  slow rank waited for: {waited:.1} steps/s ({:.2}x the fault-free pace)",
+        waited / clean
+    );
     println!(
         "  slow rank skipped after 10 ms: {skipped:.1} steps/s ({:.2}x the fault-free pace; target 0.70x)",
         skipped / clean

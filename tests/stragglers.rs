@@ -86,9 +86,15 @@ fn a_late_rank_is_skipped_then_back() {
     });
     for (r, ((o1, got1), (o2, got2))) in res.iter().enumerate() {
         let o1 = o1.as_ref().unwrap_or_else(|e| panic!("rank {r}: {e}"));
-        assert_eq!((&o1.contributors[..], &o1.skipped[..]), (&[0, 1, 3][..], &[2][..]));
+        assert_eq!(
+            (&o1.contributors[..], &o1.skipped[..]),
+            (&[0, 1, 3][..], &[2][..])
+        );
         if r == 2 {
-            assert!(got1.iter().all(|v| v.is_nan()), "the skipped rank's output was written");
+            assert!(
+                got1.iter().all(|v| v.is_nan()),
+                "the skipped rank's output was written"
+            );
         } else {
             assert_eq!(got1, &sum_of(&[0, 1, 3], count), "rank {r}, first call");
         }
@@ -145,9 +151,15 @@ fn disagreeing_on_skipping_is_an_error_everywhere() {
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("rank")).collect::<Vec<_>>()
+        hs.into_iter()
+            .map(|h| h.join().expect("rank"))
+            .collect::<Vec<_>>()
     });
-    assert!(matches!(&res[1], Err(Error::InvalidArgument { .. })), "{:?}", res[1]);
+    assert!(
+        matches!(&res[1], Err(Error::InvalidArgument { .. })),
+        "{:?}",
+        res[1]
+    );
     for r in [0, 2] {
         assert!(
             matches!(&res[r], Err(Error::PeerAborted { peer: 1, .. })),

@@ -34,7 +34,10 @@ fn frame(kind: u8, seq: u64, ranks: &[usize]) -> Frame {
     header.extend(seq.to_le_bytes());
     Frame {
         header,
-        payload: ranks.iter().flat_map(|&r| (r as u32).to_le_bytes()).collect(),
+        payload: ranks
+            .iter()
+            .flat_map(|&r| (r as u32).to_le_bytes())
+            .collect(),
     }
 }
 
@@ -143,7 +146,10 @@ impl Link for Members {
 /// An error from a call among `members`, numbered as the whole group is.
 fn renumbered(e: Error, members: &[usize]) -> Error {
     let g = |r: usize| members.get(r).copied().unwrap_or(r);
-    let at = |a: At| At { rank: g(a.rank), ..a };
+    let at = |a: At| At {
+        rank: g(a.rank),
+        ..a
+    };
     match e {
         Error::Timeout {
             at: a,
@@ -229,7 +235,13 @@ impl Communicator {
         }
         if self.agreed || self.broken.is_some() || self.size < 2 {
             // The plain path reports these (and runs a group of one).
-            return self.run(call, CallOptions { skip_after: None, ..opts });
+            return self.run(
+                call,
+                CallOptions {
+                    skip_after: None,
+                    ..opts
+                },
+            );
         }
         let started = Instant::now();
         let deadline = deadline_from(started, opts.timeout.unwrap_or(self.config.timeout));
@@ -263,7 +275,14 @@ impl Communicator {
         self.rank = me;
         self.size = participants.len();
         let result = self
-            .attempt(&call, CallOptions { skip_after: None, ..opts }, None)
+            .attempt(
+                &call,
+                CallOptions {
+                    skip_after: None,
+                    ..opts
+                },
+                None,
+            )
             .result;
         self.link = full;
         self.rank = rank;
