@@ -122,6 +122,24 @@ fn join() -> Result<Communicator, Fail> {
 }
 
 fn run_scenario(scenario: &str, rank: &mut String) -> Result<String, Fail> {
+    if scenario == "newcomer" {
+        // Not launched into the job: a new process that comes to the group's grow with the
+        // job token.
+        let (r, n) = grow_target()?;
+        *rank = r.to_string();
+        let options = ConnectOptions {
+            tcp: TcpOptions {
+                timeout: env_ms("WCCL_TEST_CONNECT_MS", 60_000),
+                ..TcpOptions::default()
+            },
+            config: CommConfig::default().timeout(env_ms("WCCL_TEST_CALL_MS", 60_000)),
+            ..ConnectOptions::default()
+        };
+        let master = std::env::var("WCCL_TEST_GROW_MASTER")
+            .map_err(|_| Fail::Check("no WCCL_TEST_GROW_MASTER".into()))?;
+        let mut comm = Communicator::join_grown(r, n, &master, options)?;
+        return grown_all_reduce(&mut comm);
+    }
     let mut comm = join()?;
     *rank = comm.rank().to_string();
     let detail = match scenario {
@@ -132,9 +150,62 @@ fn run_scenario(scenario: &str, rank: &mut String) -> Result<String, Fail> {
             comm.barrier()?;
             "connected".into()
         }
+        "grow" => grow(&mut comm)?,
         other => return Err(Fail::Check(format!("unknown scenario {other:?}"))),
     };
     Ok(detail)
+}
+
+/// The newcomer's rank and the grown size (`WCCL_TEST_GROW_RANK`, `WCCL_TEST_GROW_SIZE`).
+fn grow_target() -> Result<(usize, usize), Fail> {
+    let get = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or_else(|| Fail::Check(format!("no {k}")))
+    };
+    Ok((get("WCCL_TEST_GROW_RANK")?, get("WCCL_TEST_GROW_SIZE")?))
+}
+
+/// Every rank of the grown group adds `rank + 1` (its number there) in an all-reduce: checked
+/// exactly against the sum over the grown group.
+fn grown_all_reduce(comm: &mut Communicator) -> Result<String, Fail> {
+    let (n, count) = (comm.size(), 1001usize);
+    let buf = comm.upload(&vec![comm.rank() as f32 + 1.0; count])?;
+    comm.all_reduce(&buf, ReduceOp::Sum)?;
+    let want = (n * (n + 1) / 2) as f32;
+    let got = comm.download(&buf)?;
+    if let Some(i) = got.iter().position(|&v| v != want) {
+        return Err(Fail::Check(format!(
+            "element {i} is {} after the grow, not {want}",
+            got[i]
+        )));
+    }
+    Ok(format!(
+        "grown to {n}: seq {} epoch {}",
+        comm.seq(),
+        comm.epoch()
+    ))
+}
+
+/// A member: an exact all-reduce among the members, then grow at `WCCL_TEST_GROW_MASTER` to
+/// `WCCL_TEST_GROW_SIZE` with the newcomers, and an exact all-reduce among everyone.
+fn grow(comm: &mut Communicator) -> Result<String, Fail> {
+    let n = comm.size();
+    let buf = comm.upload(&[comm.rank() as f32 + 1.0; 7])?;
+    comm.all_reduce(&buf, ReduceOp::Sum)?;
+    if comm.download(&buf)? != vec![(n * (n + 1) / 2) as f32; 7] {
+        return Err(Fail::Check("the members' all-reduce is wrong".into()));
+    }
+    let (_, size) = grow_target()?;
+    let master = std::env::var("WCCL_TEST_GROW_MASTER")
+        .map_err(|_| Fail::Check("no WCCL_TEST_GROW_MASTER".into()))?;
+    let tcp = TcpOptions {
+        timeout: env_ms("WCCL_TEST_CONNECT_MS", 60_000),
+        ..TcpOptions::default()
+    };
+    comm.grow_at(size, &master, &tcp)?;
+    grown_all_reduce(comm)
 }
 
 /// One collective to run and check.
@@ -1316,4 +1387,58 @@ fn mpirun_starts_three_ranks() {
         tail(&done[0].stderr)
     );
     assert!(done[0].status.success(), "{}", done[0].status);
+}
+
+/// The `grow` job: `n` member processes launched with wccl's variables, then one newcomer
+/// process, not launched into the job, that comes to the grow at a second rendezvous with
+/// `newcomer_token` (the members' is "s3cret").
+fn grow_job(test: &str, newcomer_token: &str, connect_ms: &str) -> Vec<Finished> {
+    let n = 3;
+    let (port, grow_port, job) = (free_port(), free_port(), job_id(test));
+    let grow_vars = |r: usize| {
+        vec![
+            ("WCCL_TEST_GROW_MASTER", format!("127.0.0.1:{grow_port}")),
+            ("WCCL_TEST_GROW_RANK", r.to_string()),
+            ("WCCL_TEST_GROW_SIZE", (n + 1).to_string()),
+            ("WCCL_TEST_CONNECT_MS", connect_ms.to_string()),
+        ]
+    };
+    let mut procs = Procs::new();
+    procs.spawn_ranks(n, "grow", |r| {
+        let mut v = wccl_vars(r, n, port, &job);
+        v.push(("WCCL_JOB_TOKEN", "s3cret".into()));
+        v.extend(grow_vars(r));
+        v
+    });
+    let mut v = grow_vars(n);
+    v.push(("WCCL_JOB_TOKEN", newcomer_token.into()));
+    procs.spawn("newcomer".into(), child_command("newcomer", &v));
+    procs.wait_all(JOB_DEADLINE)
+}
+
+/// Three processes all-reduce, then grow to four: a new process comes with the job token, and
+/// the four all-reduce exactly (every rank's sequence numbers start again).
+#[test]
+fn a_new_process_joins_a_running_job() {
+    let _one = serial();
+    let done = grow_job("grow", "s3cret", "60000");
+    for (r, f) in done.iter().enumerate() {
+        f.assert_ok(r);
+        let o = f.outcome();
+        assert!(o.text.contains("grown to 4: seq 1"), "{}: {o:?}", f.name);
+    }
+}
+
+/// A newcomer with the wrong job token is refused, and so is the grow on every member: each
+/// says why.
+#[test]
+fn a_newcomer_with_a_wrong_token_is_refused() {
+    let _one = serial();
+    let done = grow_job("grow-token", "not-the-secret", "5000");
+    for f in &done {
+        let o = f.outcome();
+        assert_eq!(o.kind, "Connect", "{}: {o:?}", f.name);
+    }
+    let newcomer = done[3].outcome();
+    assert!(newcomer.text.contains("job token"), "{newcomer:?}");
 }

@@ -980,7 +980,9 @@ impl Communicator {
             });
         }
         let e = Error::InvalidArgument { at, message };
-        self.link.abort(&e.to_string());
+        // The call itself is wrong: peers finishing among survivors must not go on without
+        // this rank (see `attempt`).
+        self.link.abort(&format!("{NOT_RECOVERABLE}{e}"));
         self.broken = Some(e.clone());
         Err(e)
     }

@@ -368,7 +368,24 @@ impl Run<'_, '_> {
     /// Receives one frame, checks it against what this rank expects, and folds it into the
     /// destination on the device. Returns the payload (for forwarding).
     fn receive(&mut self, r: &Recv) -> Result<Vec<u8>> {
-        let frame = match self.link.recv(r.from, self.call.deadline) {
+        let frame = self.recv_frame(r)?;
+        self.fold(r, frame)
+    }
+
+    /// The next frame from `r.from`, past the arrivals of calls it was skipped in (see
+    /// `straggle.rs`: a late rank announces itself for calls already decided without it, and
+    /// rank 0 reads on in a later call).
+    fn recv_frame(&mut self, r: &Recv) -> Result<Frame> {
+        loop {
+            let frame = self.recv_once(r)?;
+            if !super::straggle::is_arrival(&frame) {
+                return Ok(frame);
+            }
+        }
+    }
+
+    fn recv_once(&mut self, r: &Recv) -> Result<Frame> {
+        match self.link.recv(r.from, self.call.deadline) {
             // This peer has taken part in the call, so the rank at fault is further back in
             // the ring, and the rank waiting on it directly is about to say so: give its abort
             // a moment to arrive, so that every rank reports the root cause.
@@ -380,7 +397,12 @@ impl Run<'_, '_> {
             }
             other => other,
         }
-        .map_err(|e| self.link_error(e, r.from))?;
+        .map_err(|e| self.link_error(e, r.from))
+    }
+
+    /// Checks a received frame against what this rank expects and folds it into the
+    /// destination on the device. Returns the payload (for forwarding).
+    fn fold(&mut self, r: &Recv, frame: Frame) -> Result<Vec<u8>> {
         let expected = Header {
             unit: self.received[r.from],
             payload_bytes: (r.dst.len * self.call.dtype.size()) as u64,

@@ -108,12 +108,15 @@ fn handshake(
                     problems.push(format!(
                         "rank {r} is a member of a group of {of}, rank 0 of one of {member_of}"
                     ));
+                } else if member && their_epoch != epoch {
+                    problems.push(format!(
+                        "rank {r} is in epoch {their_epoch} of its group, rank 0 in {epoch}"
+                    ));
                 } else if !member && of != 0 {
                     problems.push(format!(
                         "rank {r} is a member (of {of}), but members are ranks 0..{member_of}"
                     ));
                 }
-                next = next.max(their_epoch);
             }
             _ => problems.push(format!("rank {r} sent a malformed hello")),
         }
@@ -143,6 +146,10 @@ impl Communicator {
     /// collects and answers), waiting at most the communicator's timeout. Afterwards every
     /// rank's sequence numbers start again, and the newcomers hold nothing yet: broadcast them
     /// the parameters.
+    ///
+    /// Rank 0's answer is the commit: a member whose wait ends before it comes keeps its
+    /// old communicator while the others grow, and the next call fails (never silently).
+    /// Abort handles taken before a grow do not reach the grown communicator: take new ones.
     ///
     /// The new link must be a fresh one: in one process, a new mesh
     /// ([`LinkStack::mesh`](crate::link::LinkStack::mesh)). (Across processes a newcomer would

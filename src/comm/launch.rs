@@ -27,6 +27,19 @@ fn launch_error(message: String) -> Error {
     Error::Launch { message }
 }
 
+/// `"host:port"` (the host may be bracketed) as the rendezvous's address.
+fn parse_master(master: &str, from: &'static str) -> Result<Master> {
+    let (host, port) = master
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| launch_error(format!("{master:?} is not host:port")))?;
+    Ok(Master::Tcp {
+        host: host.to_string(),
+        port,
+        from,
+    })
+}
+
 impl Communicator {
     /// Joins the job this process was launched into: reads rank, world size, local rank and the
     /// master's address from the launcher's variables (`crate::rendezvous::env` lists them: wccl's
@@ -73,15 +86,7 @@ impl Communicator {
         master: &str,
         options: ConnectOptions,
     ) -> Result<Communicator> {
-        let (host, port) = master
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-            .ok_or_else(|| launch_error(format!("{master:?} is not host:port")))?;
-        let master = Master::Tcp {
-            host: host.to_string(),
-            port,
-            from: "Communicator::connect",
-        };
+        let master = parse_master(master, "Communicator::connect")?;
         // The token from the environment too, as the error for a missing one says.
         let mut options = options;
         if options.tcp.token.is_none() {
@@ -103,6 +108,59 @@ impl Communicator {
         // fails with its reason) instead of leaving them to wait for a registration.
         match open_local(rank, local, &options.adapters) {
             Ok(dev) => Ok(Communicator::new(dev, Box::new(link), options.config)),
+            Err(e) => {
+                link.abort(&format!("could not open its device: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Grows this communicator across processes (see [`grow`](Self::grow)): its members and
+    /// the newcomers ([`join_grown`](Self::join_grown)) meet at a fresh rendezvous, `master`
+    /// (`"host:port"`, served by rank 0 as for [`connect`](Self::connect)), as a group of
+    /// `size`, each member keeping its number; the transport checks the job token
+    /// (`tcp.token`, else the environment's) of every process that comes, and the members and
+    /// newcomers then check each other before anyone changes. The call blocks until every
+    /// member and newcomer came, within `tcp.timeout`.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect) for the rendezvous, then as [`grow`](Self::grow); the
+    /// communicator is unchanged on any error.
+    pub fn grow_at(&mut self, size: usize, master: &str, tcp: &TcpOptions) -> Result<()> {
+        let master = parse_master(master, "Communicator::grow_at")?;
+        let mut tcp = tcp.clone();
+        if tcp.token.is_none() {
+            tcp.token = token_from_vars(&std::env::vars().collect()).map_err(launch_error)?;
+        }
+        if size <= self.size() {
+            return Err(Error::InvalidArgument {
+                at: crate::error::At::rank(self.rank()),
+                message: format!("a group of {size} does not grow one of {}", self.size()),
+            });
+        }
+        let link = connect_link(self.rank(), size, &master, &tcp)?;
+        self.grow(Box::new(link))
+    }
+
+    /// A new process joins a group growing at `master` (see [`grow_at`](Self::grow_at)) as
+    /// rank `rank` of `size`, a number after every member's, presenting the job token
+    /// (`options.tcp.token`, else the environment's), on the adapter its local rank picks.
+    pub fn join_grown(
+        rank: usize,
+        size: usize,
+        master: &str,
+        options: ConnectOptions,
+    ) -> Result<Communicator> {
+        let master = parse_master(master, "Communicator::join_grown")?;
+        let mut options = options;
+        if options.tcp.token.is_none() {
+            options.tcp.token =
+                token_from_vars(&std::env::vars().collect()).map_err(launch_error)?;
+        }
+        let link = connect_link(rank, size, &master, &options.tcp)?;
+        let local = options.local_rank.unwrap_or(rank);
+        match open_local(rank, local, &options.adapters) {
+            Ok(dev) => Communicator::join(dev, Box::new(link), options.config),
             Err(e) => {
                 link.abort(&format!("could not open its device: {e}"));
                 Err(e)

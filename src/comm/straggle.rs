@@ -41,6 +41,12 @@ fn frame(kind: u8, seq: u64, ranks: &[usize]) -> Frame {
     }
 }
 
+/// Whether `f` is an arrival: a call's reader skips those, left by a rank that was late for a
+/// call already decided without it.
+pub(crate) fn is_arrival(f: &Frame) -> bool {
+    f.header.len() == 13 && f.header[..4] == MAGIC && f.header[4] == ARRIVE
+}
+
 /// A frame of this protocol from a peer, checked before use: its kind, sequence number and
 /// ranks (each below `n`, ascending).
 fn decode(f: &Frame, n: usize) -> std::result::Result<(u8, u64, Vec<usize>), String> {
@@ -74,12 +80,16 @@ struct Members {
 
 impl Members {
     fn global(&self, r: usize) -> usize {
-        self.members.get(r).copied().unwrap_or(usize::MAX)
+        global(&self.members, r)
     }
 
-    /// A peer's number among the members (a rank outside them keeps its own number).
+    /// A peer's number among the members; a rank outside them is numbered after them
+    /// (`members.len() + its number`), so that it is never taken for a member.
     fn local(&self, r: usize) -> usize {
-        self.members.iter().position(|&m| m == r).unwrap_or(r)
+        self.members
+            .iter()
+            .position(|&m| m == r)
+            .unwrap_or_else(|| self.members.len().saturating_add(r))
     }
 
     fn error(&self, e: LinkError) -> LinkError {
@@ -143,9 +153,17 @@ impl Link for Members {
     }
 }
 
+/// The group's number of rank `r` of a view over `members` (see `Members::local`).
+fn global(members: &[usize], r: usize) -> usize {
+    members
+        .get(r)
+        .copied()
+        .unwrap_or_else(|| r.saturating_sub(members.len()))
+}
+
 /// An error from a call among `members`, numbered as the whole group is.
 fn renumbered(e: Error, members: &[usize]) -> Error {
-    let g = |r: usize| members.get(r).copied().unwrap_or(r);
+    let g = |r: usize| global(members, r);
     let at = |a: At| At {
         rank: g(a.rank),
         ..a
@@ -199,6 +217,12 @@ fn renumbered(e: Error, members: &[usize]) -> Error {
             peer: g(peer),
             reason,
         },
+        Error::Revoked { at: a, by, reason } => Error::Revoked {
+            at: at(a),
+            by: g(by),
+            reason,
+        },
+        Error::Aborted { at: a, reason } => Error::Aborted { at: at(a), reason },
         e => e,
     }
 }
@@ -287,6 +311,8 @@ impl Communicator {
         self.link = full;
         self.rank = rank;
         self.size = n;
+        // Numbered among the participants: of no use to an agreement of the whole group.
+        self.engine.stray.clear();
         if let Err(e) = &result {
             self.broken = Some(renumbered(e.clone(), &participants));
         }

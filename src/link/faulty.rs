@@ -335,6 +335,8 @@ impl<L: Link> Link for FaultyLink<L> {
                 deadline.min(Instant::now() + KILL_CHECK)
             };
             match self.inner.recv(from, until) {
+                // Another rank's abort is news whoever this rank waits on.
+                Err(e @ LinkError::Aborted { .. }) => return Err(e),
                 // Whatever the link says about a killed peer's end (nothing queued, closed),
                 // it is gone.
                 Err(_) if dead => return Err(LinkError::Gone(from)),
