@@ -160,8 +160,9 @@ impl FaultPlan {
 
     /// Kills `rank` once it has sent `frames` more frames (at once for 0): the way to kill a
     /// rank at a chosen point inside a call, every frame of the call being a point. Unlike
-    /// [`kill`](Self::kill), what it sent before it died is delivered, as a socket's buffered
-    /// bytes are before its reset.
+    /// [`kill`](Self::kill), what it sent before it died and had reached the peer's link is
+    /// still read, as a socket's buffered bytes are before its reset (over channels, all of it;
+    /// over TCP, what had crossed the socket: a frame still in flight is lost).
     pub fn kill_after(&self, rank: usize, frames: usize) {
         self.lock().kill_after_frames(rank, frames);
     }
