@@ -53,6 +53,18 @@ fn each<R: Send>(comms: &mut [Communicator], f: impl Fn(&mut Communicator) -> R 
     })
 }
 
+/// An in-place sum of `buf` on `c`, with the communicator's options.
+fn sum_in_place(c: &mut Communicator, buf: &wccl::DeviceBuffer<f32>) -> wccl::Result<Outcome> {
+    c.run(
+        Collective::AllReduce {
+            input: buf.view(),
+            output: buf.view(),
+            op: ReduceOp::Sum,
+        },
+        CallOptions::default(),
+    )
+}
+
 fn assert_exact(what: &str, got: &[f32], want: &[f64]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = (0..got.len()).find(|&i| f64::from(got[i]) != want[i]) {
@@ -378,14 +390,7 @@ fn a_second_death_during_the_recovery() {
     let res = each(&mut cs, |c| {
         let me = c.rank();
         let buf = c.upload(&input(me, count)).expect("upload");
-        let got = c.run(
-            Collective::AllReduce {
-                input: buf.view(),
-                output: buf.view(),
-                op: ReduceOp::Sum,
-            },
-            CallOptions::default(),
-        );
+        let got = sum_in_place(c, &buf);
         (got, c.download(&buf).expect("download"))
     });
     for r in [0, 3, 4] {
@@ -408,14 +413,7 @@ fn a_minority_partition_gets_no_quorum() {
     let res = each(&mut cs, |c| {
         let me = c.rank();
         let buf = c.upload(&input(me, count)).expect("upload");
-        let got = c.run(
-            Collective::AllReduce {
-                input: buf.view(),
-                output: buf.view(),
-                op: ReduceOp::Sum,
-            },
-            CallOptions::default(),
-        );
+        let got = sum_in_place(c, &buf);
         let after = c.barrier();
         (got, c.download(&buf).expect("download"), after)
     });
@@ -591,28 +589,14 @@ fn a_newcomer_joins_and_the_four_go_on() {
         each(&mut grown, |c| {
             let me = c.rank();
             let buf = c.upload(&input(me, count)).expect("upload");
-            let o = c.run(
-                Collective::AllReduce {
-                    input: buf.view(),
-                    output: buf.view(),
-                    op: ReduceOp::Sum,
-                },
-                CallOptions::default(),
-            );
+            let o = sum_in_place(c, &buf);
             let first = (o, c.download(&buf).expect("download"), c.seq());
             // The newcomer dies two frames into the next call; the others finish it.
             if me == 3 {
                 later.kill_after(3, 2);
             }
             c.write(&buf, &input(me, count)).expect("write");
-            let o = c.run(
-                Collective::AllReduce {
-                    input: buf.view(),
-                    output: buf.view(),
-                    op: ReduceOp::Sum,
-                },
-                CallOptions::default(),
-            );
+            let o = sum_in_place(c, &buf);
             let second = (o, c.download(&buf).expect("download"));
             (me, first, second)
         })

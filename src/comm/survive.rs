@@ -207,6 +207,26 @@ fn root_of(call: &Collective<'_>) -> Option<usize> {
     }
 }
 
+/// The input a try starts from: the copy kept before the first try, or the call's own input
+/// (which the call does not overwrite).
+fn kept_or<'b>(input: TensorRef<'b>, kept: Option<&'b Kept>) -> TensorRef<'b> {
+    kept.map_or(input, |k| {
+        TensorRef::new(&k.buffer, 0, input.count, input.dtype)
+    })
+}
+
+/// Bytes of `n` blocks of `c` elements of `es` bytes, if that fits.
+fn blocks_bytes(n: usize, c: usize, es: u64) -> Option<u64> {
+    (n as u64).checked_mul(c as u64)?.checked_mul(es)
+}
+
+fn too_large(at: At) -> Error {
+    Error::InvalidArgument {
+        at,
+        message: "the survivors' buffer does not fit in 64 bits".into(),
+    }
+}
+
 /// A plan of device copies from the call's input to its output: `(from, to, len)` in elements.
 fn copies(pieces: &[(usize, usize, usize)]) -> Plan {
     let mut plan = Plan::default();
@@ -443,9 +463,7 @@ impl Communicator {
         let new_index = |r: usize| members.iter().position(|&m| m == r);
         match *call {
             Collective::AllReduce { input, output, op } => {
-                let input = kept.map_or(input, |k| {
-                    TensorRef::new(&k.buffer, 0, input.count, input.dtype)
-                });
+                let input = kept_or(input, kept);
                 if let Err(e) =
                     self.device_copy(at, input, output, &[(0, 0, input.count)], deadline)
                 {
@@ -462,19 +480,11 @@ impl Communicator {
                 )
             }
             Collective::ReduceScatter { input, output, op } => {
-                let input = kept.map_or(input, |k| {
-                    TensorRef::new(&k.buffer, 0, input.count, input.dtype)
-                });
+                let input = kept_or(input, kept);
                 let c = output.count;
                 let es = input.dtype.size() as u64;
-                let Some(bytes) = (n as u64)
-                    .checked_mul(c as u64)
-                    .and_then(|x| x.checked_mul(es))
-                else {
-                    return refused(Err(Error::InvalidArgument {
-                        at,
-                        message: "too large".into(),
-                    }));
+                let Some(bytes) = blocks_bytes(n, c, es) else {
+                    return refused(Err(too_large(at)));
                 };
                 let compact = temp_buffer(self, bytes);
                 let compact = TensorRef::new(&compact, 0, n * c, input.dtype);
@@ -497,19 +507,11 @@ impl Communicator {
                 )
             }
             Collective::AllGather { input, output } => {
-                let input = kept.map_or(input, |k| {
-                    TensorRef::new(&k.buffer, 0, input.count, input.dtype)
-                });
+                let input = kept_or(input, kept);
                 let c = input.count;
                 let es = input.dtype.size() as u64;
-                let Some(bytes) = (n as u64)
-                    .checked_mul(c as u64)
-                    .and_then(|x| x.checked_mul(es))
-                else {
-                    return refused(Err(Error::InvalidArgument {
-                        at,
-                        message: "too large".into(),
-                    }));
+                let Some(bytes) = blocks_bytes(n, c, es) else {
+                    return refused(Err(too_large(at)));
                 };
                 let gathered = temp_buffer(self, bytes);
                 let gathered = TensorRef::new(&gathered, 0, n * c, input.dtype);
@@ -565,9 +567,7 @@ impl Communicator {
                 // The original root starts again from its input; a survivor taking over sends
                 // the output it received whole.
                 if root == me && root_of(call).and_then(new_index) == Some(root) {
-                    let input = kept.map_or(input, |k| {
-                        TensorRef::new(&k.buffer, 0, input.count, input.dtype)
-                    });
+                    let input = kept_or(input, kept);
                     if let Err(e) =
                         self.device_copy(at, input, output, &[(0, 0, input.count)], deadline)
                     {
@@ -593,9 +593,7 @@ impl Communicator {
                         message: "internal: no root".into(),
                     }));
                 };
-                let input = kept.map_or(input, |k| {
-                    TensorRef::new(&k.buffer, 0, input.count, input.dtype)
-                });
+                let input = kept_or(input, kept);
                 let copy = temp_buffer(self, input.bytes());
                 let copy = TensorRef::new(&copy, 0, input.count, input.dtype);
                 if let Err(e) = self.device_copy(at, input, copy, &[(0, 0, input.count)], deadline)
