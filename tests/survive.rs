@@ -730,3 +730,35 @@ fn a_second_death_during_an_all_gather_run_again() {
         }
     }
 }
+
+/// `CommGroup::recover`, the group's wrapper over every rank's `recover`: rank 1 of 4 is killed,
+/// the group's call fails, and the group goes on with the three others, renumbered, exactly.
+#[test]
+fn a_group_recovers_as_its_ranks_do() {
+    let faults = FaultPlan::new();
+    let mut g = common::group_linked(
+        4,
+        CommConfig::default().timeout(Duration::from_secs(20)),
+        crate::base_stack().faults(faults.clone()),
+    );
+    faults.kill(1);
+    let bufs: Vec<_> = (0..4)
+        .map(|r| g.comm(r).upload(&input(r, 101)).expect("upload"))
+        .collect();
+    let views: Vec<_> = bufs.iter().map(|b| b.view()).collect();
+    assert!(g.all_reduce(&views, ReduceOp::Sum).is_err());
+    assert_eq!(g.recover().expect("recover"), [1]);
+    assert_eq!(g.size(), 3);
+    let bufs: Vec<_> = [0usize, 2, 3]
+        .iter()
+        .enumerate()
+        .map(|(r, &old)| g.comm(r).upload(&input(old, 101)).expect("upload"))
+        .collect();
+    let views: Vec<_> = bufs.iter().map(|b| b.view()).collect();
+    g.all_reduce(&views, ReduceOp::Sum)
+        .expect("all_reduce among three");
+    for (r, b) in bufs.iter().enumerate() {
+        let got = g.comm(r).download(b).expect("download");
+        assert_exact(&format!("rank {r}"), &got, &sum_of(&[0, 2, 3], 101));
+    }
+}

@@ -212,6 +212,82 @@ impl CommGroup {
         *self = CommGroup::link(devices, config, links);
     }
 
+    /// The group's survivors go on without the ranks that failed, as each rank of a
+    /// multi-process job does for itself with [`Communicator::recover`]: a thin wrapper that runs
+    /// every rank's `recover` at once (each holding failed the rank its own error named, if it
+    /// names one), then keeps the communicators of the survivors, renumbered in their old order.
+    /// Returns the failed ranks (in the old numbering). Unlike [`rebuild`](Self::rebuild), which
+    /// makes every rank fresh links from one place and keeps them all, this drops the failed
+    /// ones and keeps the links (see [`Communicator::shrink`]).
+    ///
+    /// # Errors
+    /// The survivors' error when the agreement leaves no quorum ([`Error::NoQuorum`]), or the
+    /// first survivor's other error; the group is then left as it was (its communicators
+    /// refuse calls until a [`rebuild`](Self::rebuild)).
+    pub fn recover(&mut self) -> Result<Vec<usize>> {
+        let results = self.run_each(|c| {
+            let suspects: Vec<usize> = match c.broken() {
+                Some(
+                    Error::LinkClosed { peer, .. }
+                    | Error::PeerExited { peer, .. }
+                    | Error::Corrupt { peer, .. },
+                ) if *peer != c.rank() => vec![*peer],
+                _ => Vec::new(),
+            };
+            c.recover(&suspects)
+        });
+        // The decision, as every survivor reached it; the failed ranks' own results are errors.
+        let mut agreed: Option<Vec<usize>> = None;
+        let mut first_error = None;
+        for (r, x) in results.iter().enumerate() {
+            // (Checked whole below.)
+            match x {
+                Ok(failed) if !failed.contains(&r) => {
+                    agreed.get_or_insert_with(|| failed.clone());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if first_error.is_none() && !matches!(e, Error::Excluded { .. }) {
+                        first_error = Some((r, e.clone()));
+                    }
+                }
+            }
+        }
+        let Some(failed) = agreed else {
+            return Err(first_error.map_or_else(
+                || Error::InvalidArgument {
+                    at: At::rank(0),
+                    message: "no rank of the group recovered".into(),
+                },
+                |(_, e)| e,
+            ));
+        };
+        // Every survivor must have reached that decision: two groups are not one.
+        if let Some((r, x)) = results
+            .iter()
+            .enumerate()
+            .find(|(r, x)| !failed.contains(r) && x.as_ref().ok() != Some(&failed))
+        {
+            return Err(match x {
+                Err(e) => e.clone(),
+                Ok(other) => Error::InvalidArgument {
+                    at: At::rank(r),
+                    message: format!(
+                        "the survivors disagree: rank {r} holds {other:?} failed, others {failed:?}"
+                    ),
+                },
+            });
+        }
+        let comms = std::mem::take(&mut self.comms);
+        self.comms = comms
+            .into_iter()
+            .enumerate()
+            .filter(|(r, _)| !failed.contains(r))
+            .map(|(_, c)| c)
+            .collect();
+        Ok(failed)
+    }
+
     /// Like [`rebuild`](Self::rebuild), from communicators taken out with
     /// [`into_communicators`](Self::into_communicators), in rank order. Each communicator
     /// remembers the [`LinkStack`] its group wrapped its link with, so the fresh links get the
