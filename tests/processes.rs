@@ -201,10 +201,11 @@ fn grow(comm: &mut Communicator) -> Result<String, Fail> {
     let master = std::env::var("WCCL_TEST_GROW_MASTER")
         .map_err(|_| Fail::Check("no WCCL_TEST_GROW_MASTER".into()))?;
     let tcp = TcpOptions {
-        timeout: env_ms("WCCL_TEST_CONNECT_MS", 60_000),
+        timeout: env_ms("WCCL_TEST_GROW_MS", 60_000),
         ..TcpOptions::default()
     };
-    comm.grow_at(size, &master, &tcp)?;
+    comm.grow_at(size, &master, &tcp)
+        .map_err(|e| Fail::Check(format!("grow_at: {e}")))?;
     grown_all_reduce(comm)
 }
 
@@ -1391,8 +1392,9 @@ fn mpirun_starts_three_ranks() {
 
 /// The `grow` job: `n` member processes launched with wccl's variables, then one newcomer
 /// process, not launched into the job, that comes to the grow at a second rendezvous with
-/// `newcomer_token` (the members' is "s3cret").
-fn grow_job(test: &str, newcomer_token: &str, connect_ms: &str) -> Vec<Finished> {
+/// `newcomer_token` (the members' is "s3cret"). The members' grow waits `grow_ms`; every other
+/// wait is long (a slow machine must not turn a refusal into a timeout).
+fn grow_job(test: &str, newcomer_token: &str, grow_ms: &str) -> Vec<Finished> {
     let n = 3;
     let (port, grow_port, job) = (free_port(), free_port(), job_id(test));
     let grow_vars = |r: usize| {
@@ -1400,7 +1402,7 @@ fn grow_job(test: &str, newcomer_token: &str, connect_ms: &str) -> Vec<Finished>
             ("WCCL_TEST_GROW_MASTER", format!("127.0.0.1:{grow_port}")),
             ("WCCL_TEST_GROW_RANK", r.to_string()),
             ("WCCL_TEST_GROW_SIZE", (n + 1).to_string()),
-            ("WCCL_TEST_CONNECT_MS", connect_ms.to_string()),
+            ("WCCL_TEST_GROW_MS", grow_ms.to_string()),
         ]
     };
     let mut procs = Procs::new();
@@ -1435,10 +1437,19 @@ fn a_new_process_joins_a_running_job() {
 fn a_newcomer_with_a_wrong_token_is_refused() {
     let _one = serial();
     let done = grow_job("grow-token", "not-the-secret", "5000");
-    for f in &done {
+    // The members fail in their grow (their first all-reduce succeeded), the newcomer at its
+    // token.
+    for f in &done[..3] {
         let o = f.outcome();
-        assert_eq!(o.kind, "Connect", "{}: {o:?}", f.name);
+        assert!(
+            o.kind == "Check" && o.text.contains("grow_at") && o.text.contains("could not connect"),
+            "{}: {o:?}",
+            f.name
+        );
     }
     let newcomer = done[3].outcome();
-    assert!(newcomer.text.contains("job token"), "{newcomer:?}");
+    assert!(
+        newcomer.kind == "Connect" && newcomer.text.contains("job token"),
+        "{newcomer:?}"
+    );
 }

@@ -69,7 +69,7 @@ fn a_late_rank_is_skipped_then_back() {
                             for _ in 0..2 {
                                 in_rx
                                     .recv_timeout(Duration::from_secs(60))
-                                    .expect("ranks 1 and 3 enter the first call");
+                                    .expect("ranks 1 and 2 enter the first call");
                             }
                         }
                         3 => {
@@ -193,4 +193,48 @@ fn disagreeing_on_skipping_is_an_error_everywhere() {
             res[r]
         );
     }
+}
+
+/// The other way round: rank 2 of 3 skips, ranks 0 and 1 do not. Rank 0 reads rank 2's
+/// arrival for this very call where a ring frame belongs: a disagreement, reported at once
+/// (not a wait to the deadline), and every rank fails.
+#[test]
+fn a_skipping_rank_among_plain_ones_is_a_disagreement_at_once() {
+    let mut comms = common::group_with(3, CommConfig::default().timeout(Duration::from_secs(60)))
+        .into_communicators();
+    let res: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter_mut()
+            .map(|c| {
+                s.spawn(move || {
+                    let opts = if c.rank() == 2 {
+                        CallOptions::default().skip_after(Duration::from_millis(100))
+                    } else {
+                        CallOptions::default()
+                    };
+                    all_reduce(c, 10, opts).0
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("rank"))
+            .collect::<Vec<_>>()
+    });
+    for (r, x) in res.iter().enumerate() {
+        assert!(
+            matches!(x, Err(e) if !matches!(e, Error::Timeout { .. })),
+            "rank {r}: {x:?}"
+        );
+    }
+    assert!(
+        matches!(
+            &res[0],
+            Err(Error::Mismatch {
+                field: "skip_after",
+                ..
+            })
+        ),
+        "{:?}",
+        res[0]
+    );
 }

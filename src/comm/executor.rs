@@ -378,8 +378,20 @@ impl Run<'_, '_> {
     fn recv_frame(&mut self, r: &Recv) -> Result<Frame> {
         loop {
             let frame = self.recv_once(r)?;
-            if !super::straggle::is_arrival(&frame) {
-                return Ok(frame);
+            match super::straggle::arrival_seq(&frame) {
+                None => return Ok(frame),
+                Some(s) if s < self.call.header.seq => {}
+                // The peer is in a call with `skip_after` now, this rank in one without: they
+                // disagree about the call (not a peer that left it).
+                Some(s) => {
+                    return Err(Error::Mismatch {
+                        at: self.call.at,
+                        peer: r.from,
+                        field: "skip_after",
+                        ours: "not set".into(),
+                        theirs: format!("set (its arrival for call #{s})"),
+                    });
+                }
             }
         }
     }

@@ -221,9 +221,9 @@ impl CommGroup {
     /// ones and keeps the links (see [`Communicator::shrink`]).
     ///
     /// # Errors
-    /// The survivors' error when the agreement leaves no quorum ([`Error::NoQuorum`]), or the
-    /// first survivor's other error; the group is then left as it was (its communicators
-    /// refuse calls until a [`rebuild`](Self::rebuild)).
+    /// The survivors' error when the agreement leaves no quorum ([`Error::NoQuorum`]), else the
+    /// first rank's error, or survivors that reached different decisions; the group's
+    /// communicators then refuse calls until a [`rebuild`](Self::rebuild).
     pub fn recover(&mut self) -> Result<Vec<usize>> {
         let results = self.run_each(|c| {
             let suspects: Vec<usize> = match c.broken() {
@@ -254,7 +254,13 @@ impl CommGroup {
             }
         }
         let Some(failed) = agreed else {
-            return Err(first_error.map_or_else(
+            // The survivors' verdict (no quorum) before a dead rank's own error.
+            let no_quorum = results
+                .iter()
+                .enumerate()
+                .find(|(_, x)| matches!(x, Err(Error::NoQuorum { .. })))
+                .and_then(|(r, x)| x.as_ref().err().map(|e| (r, e.clone())));
+            return Err(no_quorum.or(first_error).map_or_else(
                 || Error::InvalidArgument {
                     at: At::rank(0),
                     message: "no rank of the group recovered".into(),
@@ -268,7 +274,7 @@ impl CommGroup {
             .enumerate()
             .find(|(r, x)| !failed.contains(r) && x.as_ref().ok() != Some(&failed))
         {
-            return Err(match x {
+            let e = match x {
                 Err(e) => e.clone(),
                 Ok(other) => Error::InvalidArgument {
                     at: At::rank(r),
@@ -276,7 +282,12 @@ impl CommGroup {
                         "the survivors disagree: rank {r} holds {other:?} failed, others {failed:?}"
                     ),
                 },
-            });
+            };
+            // Some may have shrunk already: none may run a call in a group that is not one.
+            for c in &mut self.comms {
+                c.set_broken(e.clone());
+            }
+            return Err(e);
         }
         let comms = std::mem::take(&mut self.comms);
         self.comms = comms

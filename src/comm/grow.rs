@@ -152,8 +152,8 @@ impl Communicator {
     /// Abort handles taken before a grow do not reach the grown communicator: take new ones.
     ///
     /// The new link must be a fresh one: in one process, a new mesh
-    /// ([`LinkStack::mesh`](crate::link::LinkStack::mesh)). (Across processes a newcomer would
-    /// present the job token to a rendezvous the survivors still listen on: not built yet.)
+    /// ([`LinkStack::mesh`](crate::link::LinkStack::mesh)); across processes, a fresh
+    /// rendezvous ([`grow_at`](Self::grow_at) and [`join_grown`](Self::join_grown)).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a link that is not larger or does not give this rank its

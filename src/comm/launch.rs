@@ -120,13 +120,21 @@ impl Communicator {
     /// (`"host:port"`, served by rank 0 as for [`connect`](Self::connect)), as a group of
     /// `size`, each member keeping its number; the transport checks the job token
     /// (`tcp.token`, else the environment's) of every process that comes, and the members and
-    /// newcomers then check each other before anyone changes. The call blocks until every
+    /// newcomers then check each other before anyone changes. Every side must pass the same
+    /// `tcp.job` (the default unless the launcher's is set on every side). The call blocks until every
     /// member and newcomer came, within `tcp.timeout`.
     ///
     /// # Errors
     /// As [`connect`](Self::connect) for the rendezvous, then as [`grow`](Self::grow); the
     /// communicator is unchanged on any error.
     pub fn grow_at(&mut self, size: usize, master: &str, tcp: &TcpOptions) -> Result<()> {
+        // Refused before the rendezvous, so that the peers hear why (the grow would refuse).
+        if let Some(e) = self.broken() {
+            return Err(Error::InvalidArgument {
+                at: crate::error::At::rank(self.rank()),
+                message: format!("this communicator is broken ({e}); recover before growing"),
+            });
+        }
         let master = parse_master(master, "Communicator::grow_at")?;
         let mut tcp = tcp.clone();
         if tcp.token.is_none() {
@@ -151,6 +159,15 @@ impl Communicator {
         master: &str,
         options: ConnectOptions,
     ) -> Result<Communicator> {
+        if rank == 0 || rank >= size {
+            return Err(Error::InvalidArgument {
+                at: crate::error::At::rank(rank),
+                message: format!(
+                    "a newcomer takes a rank after the members' (rank 0 is always one), below \
+                     {size}; not {rank}"
+                ),
+            });
+        }
         let master = parse_master(master, "Communicator::join_grown")?;
         let mut options = options;
         if options.tcp.token.is_none() {

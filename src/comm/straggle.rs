@@ -41,10 +41,15 @@ fn frame(kind: u8, seq: u64, ranks: &[usize]) -> Frame {
     }
 }
 
-/// Whether `f` is an arrival: a call's reader skips those, left by a rank that was late for a
-/// call already decided without it.
-pub(crate) fn is_arrival(f: &Frame) -> bool {
-    f.header.len() == 13 && f.header[..4] == MAGIC && f.header[4] == ARRIVE
+/// The call `f` announces an arrival for, if it is an arrival: a call's reader skips those of
+/// earlier calls, left by a rank that was late for a call already decided without it.
+pub(crate) fn arrival_seq(f: &Frame) -> Option<u64> {
+    if f.header.len() != 13 || f.header[..4] != MAGIC || f.header[4] != ARRIVE {
+        return None;
+    }
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&f.header[5..13]);
+    Some(u64::from_le_bytes(seq))
 }
 
 /// A frame of this protocol from a peer, checked before use: its kind, sequence number and
@@ -273,7 +278,15 @@ impl Communicator {
             Ok(p) => p,
             Err(e) => {
                 self.seq = seq;
-                self.link.abort(&e.to_string());
+                match &e {
+                    // Ranks that disagree on the call: peers finishing among survivors must not
+                    // go on without this one (see `attempt`).
+                    Error::Mismatch { .. } => self
+                        .link
+                        .abort(&format!("{}{e}", super::communicator::NOT_RECOVERABLE)),
+                    Error::PeerAborted { .. } | Error::Revoked { .. } | Error::Aborted { .. } => {}
+                    _ => self.link.abort(&e.to_string()),
+                }
                 self.broken = Some(e.clone());
                 return Err(e);
             }
@@ -351,10 +364,18 @@ impl Communicator {
                 waiting_on: vec![peer],
                 waited: started.elapsed(),
             },
-            LinkError::Aborted { from, reason } => Error::PeerAborted {
-                at,
-                peer: from,
-                reason,
+            LinkError::Aborted { from, reason } => match super::communicator::revoked(&reason) {
+                Some(why) => Error::Revoked {
+                    at,
+                    by: from,
+                    reason: why.to_string(),
+                },
+                None if from == at.rank => Error::Aborted { at, reason },
+                None => Error::PeerAborted {
+                    at,
+                    peer: from,
+                    reason,
+                },
             },
             LinkError::Exited(p) => Error::PeerExited { at, peer: p },
             LinkError::Corrupt { peer, reason } => Error::Corrupt { at, peer, reason },
