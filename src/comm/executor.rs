@@ -667,43 +667,54 @@ impl Run<'_, '_> {
     }
 
     fn link_error(&self, e: LinkError, peer: usize) -> Error {
-        let at = self.call.at;
-        match e {
-            LinkError::Timeout => {
-                // The peers that fell silent (a stopped or hung process, where the link can
-                // tell) are the cause; the peer this rank waited on may be waiting on them too.
-                let waited = self.call.started.elapsed();
-                let silent = self.link.silent_peers((waited / 2).max(MIN_SILENCE));
-                Error::Timeout {
-                    at,
-                    waiting_on: if silent.is_empty() {
-                        vec![peer]
-                    } else {
-                        silent
-                    },
-                    waited,
-                }
+        call_link_error(self.link, self.call.at, self.call.started, e, peer)
+    }
+}
+
+/// What a call (begun at `started`, failing at `at`) reports for a link error while it waited
+/// on, or sent to, `peer`: the executor's and the straggler handshake's.
+pub(crate) fn call_link_error(
+    link: &dyn Link,
+    at: At,
+    started: Instant,
+    e: LinkError,
+    peer: usize,
+) -> Error {
+    match e {
+        LinkError::Timeout => {
+            // The peers that fell silent (a stopped or hung process, where the link can
+            // tell) are the cause; the peer this rank waited on may be waiting on them too.
+            let waited = started.elapsed();
+            let silent = link.silent_peers((waited / 2).max(MIN_SILENCE));
+            Error::Timeout {
+                at,
+                waiting_on: if silent.is_empty() {
+                    vec![peer]
+                } else {
+                    silent
+                },
+                waited,
             }
-            LinkError::Closed => Error::LinkClosed { at, peer },
-            LinkError::Gone(p) => Error::LinkClosed { at, peer: p },
-            LinkError::Exited(p) => Error::PeerExited { at, peer: p },
-            LinkError::Corrupt { peer, reason } => Error::Corrupt { at, peer, reason },
-            LinkError::Unsendable(message) => Error::InvalidArgument { at, message },
-            LinkError::Aborted { from, reason } => match super::communicator::revoked(&reason) {
-                Some(why) => Error::Revoked {
-                    at,
-                    by: from,
-                    reason: why.to_string(),
-                },
-                // This rank's own abort handle fired while it waited (see `Link::remote_abort`).
-                None if from == at.rank => Error::Aborted { at, reason },
-                None => Error::PeerAborted {
-                    at,
-                    peer: from,
-                    reason,
-                },
-            },
         }
+        LinkError::Closed => Error::LinkClosed { at, peer },
+        LinkError::Gone(p) => Error::LinkClosed { at, peer: p },
+        LinkError::Exited(p) => Error::PeerExited { at, peer: p },
+        LinkError::Corrupt { peer, reason } => Error::Corrupt { at, peer, reason },
+        LinkError::Unsendable(message) => Error::InvalidArgument { at, message },
+        LinkError::Aborted { from, reason } => match super::communicator::revoked(&reason) {
+            Some(why) => Error::Revoked {
+                at,
+                by: from,
+                reason: why.to_string(),
+            },
+            // This rank's own abort handle fired while it waited (see `Link::remote_abort`).
+            None if from == at.rank => Error::Aborted { at, reason },
+            None => Error::PeerAborted {
+                at,
+                peer: from,
+                reason,
+            },
+        },
     }
 }
 

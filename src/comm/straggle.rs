@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::communicator::{CallOptions, Collective, Communicator};
+use super::executor::call_link_error;
 use super::survive::Outcome;
 use crate::deadline::{deadline_after, deadline_from};
 use crate::error::{At, Error, Result};
@@ -358,30 +359,7 @@ impl Communicator {
             ours: format!("call #{seq}"),
             theirs: message,
         };
-        let link_error = |peer: usize, e: LinkError| match e {
-            LinkError::Timeout => Error::Timeout {
-                at,
-                waiting_on: vec![peer],
-                waited: started.elapsed(),
-            },
-            LinkError::Aborted { from, reason } => match super::communicator::revoked(&reason) {
-                Some(why) => Error::Revoked {
-                    at,
-                    by: from,
-                    reason: why.to_string(),
-                },
-                None if from == at.rank => Error::Aborted { at, reason },
-                None => Error::PeerAborted {
-                    at,
-                    peer: from,
-                    reason,
-                },
-            },
-            LinkError::Exited(p) => Error::PeerExited { at, peer: p },
-            LinkError::Corrupt { peer, reason } => Error::Corrupt { at, peer, reason },
-            LinkError::Gone(p) => Error::LinkClosed { at, peer: p },
-            _ => Error::LinkClosed { at, peer },
-        };
+        let link_error = |peer: usize, e: LinkError| call_link_error(link, at, started, e, peer);
         if self.rank != 0 {
             link.send(0, frame(ARRIVE, seq, &[]))
                 .map_err(|e| link_error(0, e))?;
