@@ -342,13 +342,18 @@ fn coordinate(
         let pending: Vec<usize> = (0..n)
             .filter(|r| *r != me && !failed.contains(r) && !heard.contains_key(r))
             .collect();
-        if pending.is_empty() {
-            break;
-        }
+        // Once every rank not held failed has proposed, whatever else is queued already: a late
+        // coordinator finds there the decision the others made without it, should it sit
+        // behind proposals it has not read (the links here read the lowest ready rank first,
+        // so a lower coordinator's decision is usually read earlier), and adopts it rather
+        // than decide again. (No rank sends frames of a shrunk communicator to it: a rank that
+        // decided without it holds it failed.)
+        let draining = pending.is_empty();
         // From every rank not held failed: one already heard may propose again, having learnt
         // of more failures since. (None of them can have decided: each waits for this rank.)
         let listen: Vec<usize> = (0..n).filter(|r| *r != me && !failed.contains(r)).collect();
-        match link.recv_any(&listen, deadline) {
+        let until = if draining { Instant::now() } else { deadline };
+        match link.recv_any(&listen, until) {
             Ok((from, frame)) => match decode(&frame, n) {
                 Ok(Msg::Propose(p, set)) => {
                     heard.insert(from, p);
@@ -362,37 +367,8 @@ fn coordinate(
                     failed.insert(from);
                 }
             },
+            Err(LinkError::Timeout) if draining => break,
             Err(LinkError::Timeout) => failed.extend(pending),
-            Err(e) => match culprit(&e) {
-                Some(p) => {
-                    failed.insert(p);
-                }
-                None => return Err(link_failure(At::rank(me), e)),
-            },
-        }
-    }
-    // Whatever else is queued already: a late coordinator finds here the decision the others
-    // made without it, should it sit behind proposals it has not read (the links here read the
-    // lowest ready rank first, so a lower coordinator's decision is usually read above), and
-    // adopts it rather than decide again. (No rank sends frames of a shrunk communicator to
-    // it: a rank that decided without it holds it failed.)
-    loop {
-        let listen: Vec<usize> = (0..n).filter(|r| *r != me && !failed.contains(r)).collect();
-        match link.recv_any(&listen, Instant::now()) {
-            Ok((from, frame)) => match decode(&frame, n) {
-                Ok(Msg::Propose(p, set)) => {
-                    heard.insert(from, p);
-                    failed.extend(set.into_iter().filter(|&r| r != me));
-                }
-                Ok(Msg::Decide(d)) => {
-                    relay(link, &d, from);
-                    return Ok(d);
-                }
-                Err(_) => {
-                    failed.insert(from);
-                }
-            },
-            Err(LinkError::Timeout) => break,
             Err(e) => match culprit(&e) {
                 Some(p) => {
                     failed.insert(p);

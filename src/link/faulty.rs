@@ -333,7 +333,7 @@ impl<L: Link> Link for FaultyLink<L> {
             let until = if dead {
                 Instant::now()
             } else {
-                deadline.min(Instant::now() + KILL_CHECK)
+                deadline.min(crate::deadline::deadline_after(KILL_CHECK))
             };
             match self.inner.recv(from, until) {
                 // Another rank's abort is news whoever this rank waits on.
@@ -361,7 +361,7 @@ impl<L: Link> Link for FaultyLink<L> {
             let until = if dead.is_some() {
                 Instant::now()
             } else {
-                deadline.min(Instant::now() + KILL_CHECK)
+                deadline.min(crate::deadline::deadline_after(KILL_CHECK))
             };
             match (self.inner.recv_any(peers, until), dead) {
                 (Err(LinkError::Timeout | LinkError::Closed), Some(p)) => {
