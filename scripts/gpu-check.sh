@@ -4,7 +4,7 @@
 # Prepare here (this machine has the toolchain and the network):
 #   cargo build --release --bin wccl-bench --example tensor_parallel && mkdir -p .gpu &&
 #   cp target/release/wccl-bench target/release/examples/tensor_parallel .gpu/ &&
-#   for t in properties half disagree device_errors ps ps_chains ps_replication ps_checkpoint ps_wire; do
+#   for t in properties half disagree device_errors collectives survive ps ps_chains ps_replication ps_checkpoint ps_wire; do
 #     cargo test --release --test $t --no-run 2>&1 | grep -o "target/release/deps/$t-[0-9a-f]*" |
 #     head -n 1 | xargs -I{} cp {} .gpu/$t; done &&
 #   cargo bench --bench ps_faults --no-run 2>&1 | grep -o "target/release/deps/ps_faults-[0-9a-f]*" |
@@ -13,8 +13,9 @@
 # Run there, from the repository root, carrying .gl and .gpu:
 #   bash scripts/gpu-check.sh [OUT_DIR]
 # Steps (GPU_CHECK_STEPS picks some, default all, in this order):
-#   tests   the test binaries in .gpu/ (the randomized property test: every collective, op and
-#           type against f64; packed f16/bf16; every rank errs when ranks disagree; device errors;
+#   tests   the test binaries in .gpu/ (the randomized property test and the full matrix on 1 to 8
+#           ranks: every collective, op and type against f64; packed f16/bf16; every rank errs
+#           when ranks disagree; device errors; a ring finishing among survivors of a kill;
 #           the parameter server: modes, chains and cycles, 100 kills, heal then kill)
 #   probe   the devices, and the reduce kernel against the adapter's own copy
 #   matmul  the matmul kernels at 1024^3 and 4096^3, f32 and f16
@@ -45,7 +46,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvi
 if want tests; then
     echo "== test binaries on the GPU"
     found=0
-    for t in properties half disagree device_errors ps ps_chains ps_replication ps_checkpoint ps_wire; do
+    for t in properties half disagree device_errors collectives survive ps ps_chains ps_replication ps_checkpoint ps_wire; do
         [ -x ".gpu/$t" ] || continue
         found=1
         timeout 150 ".gpu/$t" --test-threads 4 > "$out/test-$t.log" 2>&1
