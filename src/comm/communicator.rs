@@ -1278,7 +1278,8 @@ impl Communicator {
     }
 
     pub(crate) fn into_parts(self) -> (RankDevice, CommConfig, LinkStack) {
-        (self.engine.dev, self.config, self.links)
+        // The engine is dropped (it has work of its own to do then), its device kept.
+        (self.engine.dev.share(), self.config, self.links)
     }
 }
 

@@ -34,6 +34,17 @@ pub(crate) struct Engine {
     /// Frames a call read that were not a call's (a peer's agreement frames, read by a rank
     /// still in the call): the next agreement looks at them (see `agree.rs`).
     pub(crate) stray: Vec<(usize, Frame)>,
+    /// Taken when the engine is dropped and released after every field above it (fields drop
+    /// in order, after `drop`): destroying the device, which happens when the last of them
+    /// lets go of it, then waits for its turn in the process (see `device::lifecycle`).
+    /// Declared last for that reason.
+    dropping: Option<crate::device::lifecycle::Turn>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.dropping = Some(crate::device::lifecycle::turn());
+    }
 }
 
 impl Engine {
@@ -65,6 +76,7 @@ impl Engine {
             spare: Vec::new(),
             bytes_sent: 0,
             stray: Vec::new(),
+            dropping: None,
         }
     }
 

@@ -83,12 +83,14 @@ impl RankDevice {
             required_limits: adapter.limits(),
             ..Default::default()
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(|e| {
-            Error::DeviceRequest {
-                at: At::rank(rank),
-                adapter: adapter.get_info().name,
-                message: e.to_string(),
-            }
+        // One device made or destroyed at a time in the process (see `lifecycle`).
+        let turn = super::lifecycle::turn();
+        let made = pollster::block_on(adapter.request_device(&desc));
+        drop(turn);
+        let (device, queue) = made.map_err(|e| Error::DeviceRequest {
+            at: At::rank(rank),
+            adapter: adapter.get_info().name,
+            message: e.to_string(),
         })?;
         let dev = Self::from_wgpu(rank, device, queue);
         let sink = Arc::clone(&dev.error);
@@ -118,6 +120,19 @@ impl RankDevice {
             info,
             error: Arc::new(Mutex::new(None)),
             adapter_token: None,
+        }
+    }
+
+    /// Another handle on the same device, queue and error store: what a rebuilt communicator
+    /// keeps of an old one (whose engine is then dropped, the device staying alive).
+    pub(crate) fn share(&self) -> RankDevice {
+        RankDevice {
+            rank: self.rank,
+            device: self.device.clone(),
+            queue: self.queue.clone(),
+            info: self.info.clone(),
+            error: Arc::clone(&self.error),
+            adapter_token: self.adapter_token,
         }
     }
 

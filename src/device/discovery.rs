@@ -282,6 +282,9 @@ pub fn discover(selector: &AdapterSelector) -> Result<Vec<Adapter>> {
     discover_with(
         &selector.wanted(),
         |pass| {
+            // Making an instance and enumerating its devices, one thread at a time in the
+            // process, as making and destroying devices is (see `lifecycle`).
+            let _turn = super::lifecycle::turn();
             let instance = instance_for(pass);
             pollster::block_on(instance.enumerate_adapters(pass))
         },

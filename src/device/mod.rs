@@ -4,6 +4,7 @@
 mod buffer;
 mod context;
 mod discovery;
+pub(crate) mod lifecycle;
 mod staging;
 
 pub use buffer::{DeviceBuffer, TensorRef};
