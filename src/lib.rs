@@ -16,7 +16,9 @@
 //!   executor that runs an algorithm's plan on a device over a link;
 //! - [`ps`]: the parameter server (push/pull, modes, replication, CAP choice);
 //! - [`tp`]: tensor parallelism (a tiled WGSL matmul, column- and row-parallel products and
-//!   layers, the Megatron MLP block).
+//!   layers, the Megatron MLP block);
+//! - [`availability`]: the arithmetic of nines and replicas, and a model of a training job's
+//!   progress under failures (pure code, no devices).
 //!
 //! ```no_run
 //! # fn main() -> wccl::Result<()> {
@@ -36,6 +38,7 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod algo;
+pub mod availability;
 pub mod bench;
 pub mod comm;
 mod deadline;

@@ -379,3 +379,55 @@ fn matmul_table_puts_each_kernel_beside_the_plain_one_and_checks_it() {
         "a malformed shape must be refused: {out}"
     );
 }
+
+#[test]
+fn availability_prints_the_lectures_numbers_and_checks_its_model() {
+    let (ok, out) = bench(&["availability", "--nines", "4"]);
+    assert!(ok && out.contains("52.56 minutes"), "{out}");
+    let (ok, out) = bench(&["availability", "--node", "0.99", "--target", "0.9999"]);
+    assert!(
+        ok && out.contains(": 2 replicas") && out.contains("99.99%"),
+        "{out}"
+    );
+    let svg = std::env::temp_dir().join(format!("wccl-availability-{}.svg", std::process::id()));
+    let svg_arg = svg.to_string_lossy().into_owned();
+    let (ok, out) = bench(&[
+        "availability",
+        "--ranks",
+        "64,1024,16384",
+        "--simulate",
+        "20000",
+        "--plot",
+        &svg_arg,
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("within 1%: yes"), "{out}");
+    assert_eq!(rows(&out).len(), 6 + 6 + 3, "{out}"); // nines, replicas, job sizes
+    let plot = std::fs::read_to_string(&svg).expect("the plot");
+    assert!(plot.contains("surviving ring"), "{plot}");
+    let _ = std::fs::remove_file(&svg);
+    // Out of range: a clean error.
+    let (ok, _) = bench(&["availability", "--nines", "-1"]);
+    assert!(!ok);
+}
+
+#[test]
+fn chaos_exits_non_zero_only_when_its_checks_fail() {
+    let (ok, out) = bench(&["chaos", "--faults", "8", "--seed", "3"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("hangs 0, silently wrong results 0: passed"),
+        "{out}"
+    );
+    let (ok, out) = bench(&[
+        "chaos",
+        "--faults",
+        "8",
+        "--seed",
+        "3",
+        "--plant",
+        "wrong-element",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("FAILED"), "{out}");
+}

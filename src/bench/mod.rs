@@ -3,6 +3,7 @@
 //!
 //! The binary (`src/bin/wccl-bench.rs`) only parses flags into [`Settings`] and calls [`run`].
 
+pub mod chaos;
 mod matmul;
 // The SVG plot and the progress bar need the CLI-only dependencies (the `cli` feature, on by
 // default): training code that links the library without it compiles neither.
@@ -22,7 +23,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub use matmul::{MatmulRow, matmul_rows, parse_shape};
 #[cfg(feature = "cli")]
-pub use plot::plot_busbw;
+pub use plot::{plot_busbw, plot_progress};
 pub use ps_row::ps_rows;
 pub use report::{CSV_HEADER, Measure, Row, busbw_factor, csv_row, footer, format_row, header};
 pub use sizes::{parse_size, size_steps};

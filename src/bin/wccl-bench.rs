@@ -103,6 +103,28 @@ enum Command {
         #[arg(long = "reps", default_value_t = 5)]
         reps: usize,
     },
+    /// Availability arithmetic: the downtime `--nines` allow, the replicas `--node` needs to
+    /// reach `--target`, or (with neither) the lecture's table and a training job's progress
+    /// under failures for the fail-stop ring with checkpoints, the surviving ring and the
+    /// replicated parameter server.
+    Availability(AvailabilityArgs),
+    /// A fault campaign: random faults (kill, stall, delay, drop, duplicate, corrupt,
+    /// partition, slow rank) injected into collectives, every result checked against an f64
+    /// reference; exits non-zero on any hang or silently wrong result.
+    Chaos {
+        /// Faults to inject (one per trial).
+        #[arg(long = "faults", default_value_t = 1000)]
+        faults: usize,
+        /// Seed of every random choice.
+        #[arg(long = "seed", default_value_t = 1)]
+        seed: u64,
+        /// Every call's deadline, milliseconds.
+        #[arg(long = "deadline-ms", default_value_t = 200)]
+        deadline_ms: u64,
+        /// Plant a bug to see the checks fail: unreported (errors swallowed) or wrong-element.
+        #[arg(long = "plant", hide = true)]
+        plant: Option<String>,
+    },
     /// Predicted all-reduce busbw of ring, central and tree over independent links, at scale.
     Model {
         /// Rank counts: a list (2,4,8) or a range of powers of two (2..1024).
@@ -121,6 +143,63 @@ enum Command {
         #[arg(short = 'b', long = "bytes", default_value = "256M", value_parser = bench::parse_size)]
         bytes: u64,
     },
+}
+
+#[derive(Args)]
+struct AvailabilityArgs {
+    /// Print the downtime a year that this many nines allow (4: 52.56 minutes).
+    #[arg(long)]
+    nines: Option<f64>,
+    /// Each replica's availability (with --target: the replicas needed).
+    #[arg(long, requires = "target")]
+    node: Option<f64>,
+    /// The availability wanted from independent replicas of --node.
+    #[arg(long, requires = "node")]
+    target: Option<f64>,
+    /// Job sizes for the job model: a list (64,1024) or a range of powers of two (8..65536).
+    #[arg(long = "ranks", default_value = "8..131072")]
+    ranks: String,
+    /// Each rank's (and server's) mean time between failures, hours.
+    #[arg(long = "mtbf-hours", default_value_t = 50_000.0)]
+    mtbf_hours: f64,
+    /// One training step, seconds.
+    #[arg(long = "step-s", default_value_t = 1.0)]
+    step_s: f64,
+    /// Fail-stop ring: writing one checkpoint, seconds.
+    #[arg(long = "checkpoint-s", default_value_t = 60.0)]
+    checkpoint_s: f64,
+    /// Fail-stop ring: seconds of work between checkpoints (default: Young's optimum).
+    #[arg(long = "interval-s")]
+    interval_s: Option<f64>,
+    /// Fail-stop ring: relaunching the job and loading its checkpoint, seconds.
+    #[arg(long = "restart-s", default_value_t = 600.0)]
+    restart_s: f64,
+    /// Surviving ring: a recovery, seconds (detection by the call's deadline plus the
+    /// agreement and shrink; `wccl-bench chaos` and benches/survive.rs measure the latter).
+    #[arg(long = "recovery-s", default_value_t = 1.051)]
+    recovery_s: f64,
+    /// Surviving ring: survive mode's own cost per step, as a fraction of the step.
+    #[arg(long = "survive-overhead", default_value_t = 0.0)]
+    survive_overhead: f64,
+    /// Parameter server: one server per this many ranks.
+    #[arg(long = "ranks-per-server", default_value_t = 8)]
+    ranks_per_server: u32,
+    /// Parameter server: how long the servers wait for a dead worker, seconds.
+    #[arg(long = "deadline-s", default_value_t = 1.0)]
+    deadline_s: f64,
+    /// Parameter server: a dead server's failover, seconds.
+    #[arg(long = "failover-s", default_value_t = 0.4)]
+    failover_s: f64,
+    /// Check every closed form by simulating this many failures (0: no check); exits non-zero
+    /// when one differs by more than 1%.
+    #[arg(long = "simulate", default_value_t = 0)]
+    simulate: u64,
+    /// The simulation's seed.
+    #[arg(long = "seed", default_value_t = 1)]
+    seed: u64,
+    /// Draw the progress of each scheme against the ranks into this SVG.
+    #[arg(long = "plot")]
+    plot: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -283,6 +362,95 @@ fn parse_ranks(s: &str) -> Result<Vec<usize>, String> {
     s.split(',')
         .map(|x| x.trim().parse().map_err(|_| bad()))
         .collect()
+}
+
+fn chaos(
+    faults: usize,
+    seed: u64,
+    deadline_ms: u64,
+    plant: Option<&str>,
+) -> Result<ExitCode, bench::BenchError> {
+    use wccl::bench::chaos::{ChaosSettings, Plant};
+    let plant = match plant {
+        None => None,
+        Some("unreported") => Some(Plant::Unreported),
+        Some("wrong-element") => Some(Plant::WrongElement),
+        Some(other) => {
+            return Err(format!("--plant {other}: expected unreported or wrong-element").into());
+        }
+    };
+    if deadline_ms == 0 {
+        return Err("--deadline-ms must be at least 1".into());
+    }
+    let settings = ChaosSettings {
+        faults,
+        seed,
+        deadline: Duration::from_millis(deadline_ms),
+        plant,
+    };
+    let report = wccl::bench::chaos::run(&settings, &mut std::io::stdout())?;
+    print!("{}", report.summary());
+    Ok(if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn availability(a: &AvailabilityArgs) -> Result<ExitCode, bench::BenchError> {
+    use wccl::availability::job::JobModel;
+    use wccl::availability::report;
+    if let Some(n) = a.nines {
+        println!("{}", report::nines_line(n)?);
+    }
+    if let (Some(node), Some(target)) = (a.node, a.target) {
+        println!("{}", report::replicas_line(node, target)?);
+    }
+    if a.nines.is_some() || a.node.is_some() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ranks = parse_ranks(&a.ranks)?
+        .into_iter()
+        .map(|r| u32::try_from(r).map_err(|_| format!("{r} ranks: at most {}", u32::MAX)))
+        .collect::<Result<Vec<u32>, String>>()?;
+    let model = JobModel {
+        ranks: 1,
+        mtbf: a.mtbf_hours * 3600.0,
+        step: a.step_s,
+        checkpoint: a.checkpoint_s,
+        checkpoint_interval: a.interval_s,
+        restart: a.restart_s,
+        recovery: a.recovery_s,
+        survive_overhead: a.survive_overhead,
+        servers: 1,
+        worker_deadline: a.deadline_s,
+        failover: a.failover_s,
+    };
+    print!("{}", report::lecture_table()?);
+    let rows = report::job_rows(&model, &ranks, a.ranks_per_server, a.simulate, a.seed)?;
+    print!("{}", report::job_table(&model, a.ranks_per_server, &rows));
+    if let Some(path) = &a.plot {
+        bench::plot_progress(&rows, "progress of a training job under failures", path)?;
+        println!("# plot: {}", path.display());
+    }
+    if a.simulate > 0 {
+        let worst = rows
+            .iter()
+            .map(|r| r.worst_difference())
+            .fold(0.0, f64::max);
+        let ok = worst <= 0.01;
+        println!(
+            "# simulation ({} failures per cell, seed {}): worst difference {:.3}% (within 1%: {})",
+            a.simulate,
+            a.seed,
+            worst * 100.0,
+            if ok { "yes" } else { "NO" }
+        );
+        if !ok {
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn write_probe(out: &mut dyn Write, p: &Probe) -> std::io::Result<()> {
@@ -477,6 +645,13 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
             warmup,
             check,
         } => return matmul(&sizes, &kernel, &dtype, iters, warmup, check != 0),
+        Command::Availability(a) => return availability(&a),
+        Command::Chaos {
+            faults,
+            seed,
+            deadline_ms,
+            plant,
+        } => return chaos(faults, seed, deadline_ms, plant.as_deref()),
         Command::Model {
             ranks,
             link_gbps,

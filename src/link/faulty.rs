@@ -45,6 +45,11 @@ struct Faults {
     /// Partition group of each rank; ranks in different groups cannot reach each other.
     groups: HashMap<usize, usize>,
     dropped: u64,
+    /// Frames corrupted and frames delivered twice so far.
+    corrupted: u64,
+    duplicated: u64,
+    /// When each killed rank died.
+    killed_at: HashMap<usize, Instant>,
 }
 
 /// Takes one from a pair's pending count: whether this frame is hit.
@@ -77,6 +82,7 @@ impl Faults {
             return;
         }
         self.killed.push(rank);
+        self.killed_at.insert(rank, Instant::now());
         self.kill_after.remove(&rank);
         let armed: Vec<_> = self
             .chains
@@ -238,6 +244,22 @@ impl FaultPlan {
     pub fn dropped(&self) -> u64 {
         self.lock().dropped
     }
+
+    /// Frames corrupted so far (one bit flipped by [`corrupt_next`](Self::corrupt_next)).
+    pub fn corrupted(&self) -> u64 {
+        self.lock().corrupted
+    }
+
+    /// Frames delivered twice so far (by [`duplicate_next`](Self::duplicate_next)).
+    pub fn duplicated(&self) -> u64 {
+        self.lock().duplicated
+    }
+
+    /// When `rank` was killed, if it was: the moment its death took effect (for
+    /// [`kill_after`](Self::kill_after), after its last frame).
+    pub fn killed_at(&self, rank: usize) -> Option<Instant> {
+        self.lock().killed_at.get(&rank).copied()
+    }
 }
 
 /// A [`Link`] subject to a [`FaultPlan`].
@@ -298,8 +320,12 @@ impl<L: Link> Link for FaultyLink<L> {
             }
             if take_one(&mut f.corrupts, (me, to)) {
                 flip_bit(&mut frame);
+                f.corrupted = f.corrupted.saturating_add(1);
             }
             let twice = take_one(&mut f.duplicates, (me, to));
+            if twice {
+                f.duplicated = f.duplicated.saturating_add(1);
+            }
             // This frame is the rank's last: it dies once the frame is on its way.
             let last = f.kill_after.get_mut(&me).is_some_and(|left| {
                 *left = left.saturating_sub(1);

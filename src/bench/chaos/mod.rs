@@ -1,0 +1,338 @@
+//! The fault campaign of `wccl-bench chaos`: random faults injected into collectives, every
+//! result judged against an f64 reference, as Jepsen checks a history.
+//!
+//! Each trial builds a fresh group of 3 to 5 ranks over channels with a [`FaultPlan`](crate::link::FaultPlan) under a
+//! checksum (the [`LinkStack`](crate::link::LinkStack) of the fault tests), arms one fault, runs
+//! one call on every rank (random size, root, in or out of place), and judges every rank:
+//!
+//! - a rank that returns success must hold exactly the reference of the ranks its
+//!   [`Outcome`](crate::Outcome) names (all of them unless it finished among survivors);
+//!   anything else is a *silently wrong* result;
+//! - a rank that returns an error has *detected* the fault; the error is *correctly named* when
+//!   it names the faulty rank ([`blame::blamed`]);
+//! - a rank that has not returned long after every deadline (8 deadlines and 5 s) is a *hang*.
+//!
+//! The campaign fails (and `wccl-bench chaos` exits non-zero) on any hang or silently wrong
+//! result. Detection later than the deadline plus 10% is counted and shown, not failed: a
+//! loaded 2-core machine can miss a wall-clock bound without anything being wrong.
+//!
+//! A killed rank's own result is not judged (a dead process reports nothing). The parameter
+//! server is not in the campaign yet.
+
+pub mod blame;
+mod trial;
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+
+pub use trial::{TrialResult, Verdict};
+
+use super::BenchError;
+
+/// The calls the campaign injects faults into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// Ring all-reduce, fail-stop (the default `OnFailure::Error`).
+    RingFailStop,
+    /// All-reduce finishing among survivors (`OnFailure::FinishAmongSurvivors`).
+    SurvivingRing,
+    /// Reduce-scatter, fail-stop.
+    ReduceScatter,
+    /// All-gather, fail-stop.
+    AllGather,
+    /// Broadcast, fail-stop.
+    Broadcast,
+    /// Reduce, fail-stop.
+    Reduce,
+}
+
+impl Target {
+    /// Every target, in the report's order.
+    pub const ALL: [Target; 6] = [
+        Target::RingFailStop,
+        Target::SurvivingRing,
+        Target::ReduceScatter,
+        Target::AllGather,
+        Target::Broadcast,
+        Target::Reduce,
+    ];
+
+    /// The report's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::RingFailStop => "all_reduce fail-stop",
+            Target::SurvivingRing => "all_reduce survivors",
+            Target::ReduceScatter => "reduce_scatter",
+            Target::AllGather => "all_gather",
+            Target::Broadcast => "broadcast",
+            Target::Reduce => "reduce",
+        }
+    }
+}
+
+/// The faults the campaign injects (one per trial, into one rank or one pair).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// A rank dies after 0 to 7 of its frames
+    /// ([`FaultPlan::kill_after`](crate::link::FaultPlan::kill_after)).
+    Kill,
+    /// A rank comes to the call 1.5 deadlines late (a stalled process).
+    Stall,
+    /// Every frame a rank sends is held back 1/40 of the deadline (a slow link).
+    Delay,
+    /// One frame from a rank to its successor or another peer is lost.
+    Drop,
+    /// One such frame is delivered twice.
+    Duplicate,
+    /// One such frame has a bit flipped.
+    Corrupt,
+    /// The rank (or it and its successor) is cut off from the others.
+    Partition,
+    /// A rank comes to the call a quarter of the deadline late (a straggler).
+    Slow,
+}
+
+impl Fault {
+    /// Every fault, in the report's order.
+    pub const ALL: [Fault; 8] = [
+        Fault::Kill,
+        Fault::Stall,
+        Fault::Delay,
+        Fault::Drop,
+        Fault::Duplicate,
+        Fault::Corrupt,
+        Fault::Partition,
+        Fault::Slow,
+    ];
+
+    /// The report's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Stall => "stall",
+            Fault::Delay => "delay",
+            Fault::Drop => "drop",
+            Fault::Duplicate => "duplicate",
+            Fault::Corrupt => "corrupt",
+            Fault::Partition => "partition",
+            Fault::Slow => "slow rank",
+        }
+    }
+}
+
+/// A bug planted between the ranks and the checks, to show that the checks can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plant {
+    /// Every error is swallowed: the call reports success with whatever its output holds.
+    Unreported,
+    /// One element of every successful result is off by one.
+    WrongElement,
+}
+
+/// What a campaign runs.
+#[derive(Debug, Clone)]
+pub struct ChaosSettings {
+    /// Trials (one fault each).
+    pub faults: usize,
+    /// The seed of every random choice (the run is the same for a seed, timing aside).
+    pub seed: u64,
+    /// Every call's deadline.
+    pub deadline: Duration,
+    /// A bug to plant, to check the checks.
+    pub plant: Option<Plant>,
+}
+
+/// Every trial of a campaign.
+#[derive(Debug, Clone)]
+pub struct ChaosReport {
+    /// The settings it ran with.
+    pub settings: ChaosSettings,
+    /// The trials, in order.
+    pub trials: Vec<TrialResult>,
+}
+
+/// Runs the campaign, printing a line per trial that failed into `log` as it goes.
+pub fn run(
+    settings: &ChaosSettings,
+    log: &mut dyn std::io::Write,
+) -> Result<ChaosReport, BenchError> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(settings.seed);
+    let mut trials = Vec::with_capacity(settings.faults);
+    for index in 0..settings.faults {
+        let target = Target::ALL[rng.random_range(0..Target::ALL.len())];
+        let fault = Fault::ALL[rng.random_range(0..Fault::ALL.len())];
+        let setup = trial::Setup {
+            index,
+            target,
+            fault,
+            deadline: settings.deadline,
+            plant: settings.plant,
+        };
+        let t = trial::run(&setup, &mut rng)?;
+        if matches!(
+            t.verdict,
+            Verdict::Hang { .. } | Verdict::SilentlyWrong { .. }
+        ) {
+            writeln!(
+                log,
+                "# trial {index}: {} into {} (victim {} of {}): {:?}",
+                fault.name(),
+                target.name(),
+                t.victim,
+                t.ranks,
+                t.verdict
+            )?;
+        }
+        let hung = matches!(t.verdict, Verdict::Hang { .. });
+        trials.push(t);
+        if hung {
+            // The hung rank's thread still holds its device; stop here, the verdict is in.
+            break;
+        }
+    }
+    Ok(ChaosReport {
+        settings: settings.clone(),
+        trials,
+    })
+}
+
+/// The `p`-th percentile (0..1) of `xs`, sorted in place; `None` for none.
+fn percentile(xs: &mut [Duration], p: f64) -> Option<Duration> {
+    xs.sort_unstable();
+    let last = xs.len().checked_sub(1)?;
+    let i = ((last as f64) * p).round() as usize;
+    xs.get(i.min(last)).copied()
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+}
+
+impl ChaosReport {
+    /// Trials that hung.
+    pub fn hangs(&self) -> usize {
+        self.count(|t| matches!(t.verdict, Verdict::Hang { .. }))
+    }
+
+    /// Trials where a rank returned success with a wrong result.
+    pub fn silently_wrong(&self) -> usize {
+        self.count(|t| matches!(t.verdict, Verdict::SilentlyWrong { .. }))
+    }
+
+    /// Whether the campaign failed: any hang or silently wrong result.
+    pub fn failed(&self) -> bool {
+        self.hangs() > 0 || self.silently_wrong() > 0
+    }
+
+    fn count(&self, f: impl Fn(&TrialResult) -> bool) -> usize {
+        self.trials.iter().filter(|t| f(t)).count()
+    }
+
+    /// Detections later than the deadline plus 10%, of all detections.
+    pub fn late_detections(&self) -> (usize, usize) {
+        let limit = self.settings.deadline.mul_f64(1.1);
+        let all: Vec<Duration> = self
+            .trials
+            .iter()
+            .flat_map(|t| t.detection.iter().copied())
+            .collect();
+        (all.iter().filter(|&&d| d > limit).count(), all.len())
+    }
+
+    /// The report: a row per fault, then the totals and the latencies.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let d = self.settings.deadline;
+        let _ = writeln!(
+            s,
+            "# chaos: {} faults, seed {}, deadline {} ms, 3-5 ranks over channels with checksums",
+            self.trials.len(),
+            self.settings.seed,
+            d.as_millis()
+        );
+        if let Some(p) = self.settings.plant {
+            let _ = writeln!(s, "# PLANTED BUG: {p:?} (the checks must fail this run)");
+        }
+        let _ = writeln!(
+            s,
+            "# {:<20} {:>8} {:>6} {:>8} {:>8} {:>13} {:>9} {:>6} {:>6}",
+            "fault", "injected", "fired", "detected", "correct", "named", "late", "wrong", "hangs"
+        );
+        let limit = d.mul_f64(1.1);
+        let row = |s: &mut String, name: &str, ts: &[&TrialResult]| {
+            let named: usize = ts
+                .iter()
+                .map(|t| t.named.iter().filter(|&&x| x).count())
+                .sum();
+            let errors: usize = ts.iter().map(|t| t.named.len()).sum();
+            let late: usize = ts
+                .iter()
+                .map(|t| t.detection.iter().filter(|&&x| x > limit).count())
+                .sum();
+            let _ = writeln!(
+                s,
+                "  {:<20} {:>8} {:>6} {:>8} {:>8} {:>13} {:>9} {:>6} {:>6}",
+                name,
+                ts.len(),
+                ts.iter().filter(|t| t.fired).count(),
+                ts.iter().filter(|t| t.verdict == Verdict::Detected).count(),
+                ts.iter().filter(|t| t.verdict == Verdict::Correct).count(),
+                format!("{named}/{errors}"),
+                format!("{late}/{errors}"),
+                ts.iter()
+                    .filter(|t| matches!(t.verdict, Verdict::SilentlyWrong { .. }))
+                    .count(),
+                ts.iter()
+                    .filter(|t| matches!(t.verdict, Verdict::Hang { .. }))
+                    .count(),
+            );
+        };
+        for f in Fault::ALL {
+            let ts: Vec<&TrialResult> = self.trials.iter().filter(|t| t.fault == f).collect();
+            row(&mut s, f.name(), &ts);
+        }
+        let all: Vec<&TrialResult> = self.trials.iter().collect();
+        row(&mut s, "all", &all);
+        let _ = writeln!(s, "# by call:");
+        for t in Target::ALL {
+            let ts: Vec<&TrialResult> = self.trials.iter().filter(|x| x.target == t).collect();
+            row(&mut s, t.name(), &ts);
+        }
+        let mut det: Vec<Duration> = self
+            .trials
+            .iter()
+            .flat_map(|t| t.detection.iter().copied())
+            .collect();
+        let (late, of) = self.late_detections();
+        let _ = writeln!(
+            s,
+            "# detection (fault to error return): p50 {}, p99 {}, deadline {} ms; later than \
+             deadline + 10%: {late} of {of}",
+            ms(percentile(&mut det, 0.5)),
+            ms(percentile(&mut det, 0.99)),
+            d.as_millis()
+        );
+        let mut rec: Vec<Duration> = self
+            .trials
+            .iter()
+            .flat_map(|t| t.recoveries.iter().copied())
+            .collect();
+        let _ = writeln!(
+            s,
+            "# recovery (finish among survivors, failure to end of call): p50 {}, p99 {} over {}",
+            ms(percentile(&mut rec, 0.5)),
+            ms(percentile(&mut rec, 0.99)),
+            rec.len()
+        );
+        let _ = writeln!(
+            s,
+            "# hangs {}, silently wrong results {}: {}",
+            self.hangs(),
+            self.silently_wrong(),
+            if self.failed() { "FAILED" } else { "passed" }
+        );
+        s
+    }
+}

@@ -1,0 +1,62 @@
+//! The fault campaign (`wccl-bench chaos`) at CI's size: 200 faults with a fixed seed and a
+//! short deadline pass with no hang and no silently wrong result; and the campaign's checks
+//! can fail: a planted bug (an error swallowed, an element changed) fails it.
+
+use std::time::Duration;
+
+use wccl::bench::chaos::{ChaosSettings, Plant, Verdict, run};
+
+fn settings(faults: usize, seed: u64, plant: Option<Plant>) -> ChaosSettings {
+    ChaosSettings {
+        faults,
+        seed,
+        deadline: Duration::from_millis(200),
+        plant,
+    }
+}
+
+#[test]
+fn two_hundred_faults_no_hang_no_silently_wrong_result() {
+    let report = run(&settings(200, 2026, None), &mut std::io::stderr()).expect("campaign");
+    let summary = report.summary();
+    eprintln!("{summary}");
+    assert_eq!(report.trials.len(), 200);
+    assert!(!report.failed(), "{summary}");
+    // The faults did something: most fired, and some were detected, some survived.
+    let fired = report.trials.iter().filter(|t| t.fired).count();
+    assert!(fired >= 120, "only {fired} of 200 faults fired\n{summary}");
+    for verdict in [Verdict::Detected, Verdict::Correct] {
+        assert!(
+            report.trials.iter().any(|t| t.verdict == verdict),
+            "no trial {verdict:?}\n{summary}"
+        );
+    }
+    // The surviving ring recovered at least once, and every recovery was reported.
+    assert!(
+        report.trials.iter().any(|t| !t.recoveries.is_empty()),
+        "{summary}"
+    );
+}
+
+#[test]
+fn a_swallowed_error_fails_the_campaign() {
+    let report = run(
+        &settings(30, 5, Some(Plant::Unreported)),
+        &mut std::io::sink(),
+    )
+    .expect("campaign");
+    assert!(report.silently_wrong() > 0, "{}", report.summary());
+    assert!(report.failed());
+    assert!(report.summary().contains("FAILED"));
+}
+
+#[test]
+fn a_changed_element_fails_the_campaign() {
+    let report = run(
+        &settings(10, 6, Some(Plant::WrongElement)),
+        &mut std::io::sink(),
+    )
+    .expect("campaign");
+    assert!(report.silently_wrong() > 0, "{}", report.summary());
+    assert!(report.failed());
+}
