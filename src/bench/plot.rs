@@ -76,6 +76,9 @@ pub fn plot_progress(
     path: &Path,
 ) -> Result<(), super::BenchError> {
     use crate::availability::job::Scheme;
+    if rows.is_empty() {
+        return Err("nothing to plot: no job size".into());
+    }
     let xmin = rows
         .iter()
         .map(|r| f64::from(r.ranks))

@@ -9,8 +9,17 @@
 //! ([kvark/blade#336](https://github.com/kvark/blade/issues/336)). Groups are made and dropped
 //! on many threads at once (tests run in parallel; a process may hold several jobs), so wccl
 //! takes a turn around what it opens (discovery, [`RankDevice::open`](super::RankDevice::open))
-//! and around dropping a communicator's device work, which is where the devices it opened are
-//! destroyed.
+//! and around dropping a communicator's device work.
+//!
+//! A device is destroyed when the last handle on it goes. That is inside the communicator's
+//! turn when the communicator holds the last one (its device, queue, buffers and pipelines), as
+//! in a group dropped whole. A caller's handle that outlives it (a [`DeviceBuffer`]
+//! still held, a clone of the device, a device passed in with
+//! [`RankDevice::from_wgpu`](super::RankDevice::from_wgpu)) destroys the device later, outside
+//! any turn, as do the devices a failed [`GroupBuilder::build`](crate::GroupBuilder::build)
+//! had opened: this narrows the race to those cases, it does not close it.
+//!
+//! [`DeviceBuffer`]: super::DeviceBuffer
 //!
 //! A turn is a flag, not a held `MutexGuard`, so that the value that releases it can be kept in
 //! a `Send` struct. Waiting for a turn has a deadline: a thread stuck in a driver call must not

@@ -10,11 +10,18 @@
 //!   anything else is a *silently wrong* result;
 //! - a rank that returns an error has *detected* the fault; the error is *correctly named* when
 //!   it names the faulty rank ([`blame::blamed`]);
-//! - a rank that has not returned long after every deadline (8 deadlines and 5 s) is a *hang*.
+//! - the successful ranks' outcomes must all be true together: a fail-stop success names every
+//!   rank (a broadcast, its root); ranks finishing among survivors name one set, a strict
+//!   majority holding every rank that succeeded (two sides of a partition never both go on);
+//! - a rank that has not returned long after every deadline (8 deadlines and 5 s) is a *hang*;
+//! - then, the faults healed (the dead stay dead), every rank makes one more, fault-free call:
+//!   it must end, and what succeeds is judged the same way (a communicator a fault left in a
+//!   state that hangs or corrupts its next call fails the trial).
 //!
-//! The campaign fails (and `wccl-bench chaos` exits non-zero) on any hang or silently wrong
-//! result. Detection later than the deadline plus 10% is counted and shown, not failed: a
-//! loaded 2-core machine can miss a wall-clock bound without anything being wrong.
+//! The campaign fails (and `wccl-bench chaos` exits non-zero) on any hang, silently wrong
+//! result, inconsistent outcome or panic. Returns later than the deadline plus 10% are
+//! counted and shown, not failed: a loaded 2-core machine can miss a wall-clock bound without
+//! anything being wrong.
 //!
 //! A killed rank's own result is not judged (a dead process reports nothing). The parameter
 //! server is not in the campaign yet.
@@ -159,7 +166,8 @@ pub fn run(
     log: &mut dyn std::io::Write,
 ) -> Result<ChaosReport, BenchError> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(settings.seed);
-    let mut trials = Vec::with_capacity(settings.faults);
+    // Not sized from the settings: a huge --faults must not allocate up front.
+    let mut trials = Vec::new();
     for index in 0..settings.faults {
         let target = Target::ALL[rng.random_range(0..Target::ALL.len())];
         let fault = Fault::ALL[rng.random_range(0..Fault::ALL.len())];
@@ -171,10 +179,7 @@ pub fn run(
             plant: settings.plant,
         };
         let t = trial::run(&setup, &mut rng)?;
-        if matches!(
-            t.verdict,
-            Verdict::Hang { .. } | Verdict::SilentlyWrong { .. }
-        ) {
+        if t.verdict.fails() {
             writeln!(
                 log,
                 "# trial {index}: {} into {} (victim {} of {}): {:?}",
@@ -185,7 +190,7 @@ pub fn run(
                 t.verdict
             )?;
         }
-        let hung = matches!(t.verdict, Verdict::Hang { .. });
+        let hung = matches!(t.verdict, Verdict::Hang { .. } | Verdict::Panicked { .. });
         trials.push(t);
         if hung {
             // The hung rank's thread still holds its device; stop here, the verdict is in.
@@ -196,6 +201,11 @@ pub fn run(
         settings: settings.clone(),
         trials,
     })
+}
+
+/// `d` plus 10%, saturating.
+fn plus_ten_percent(d: Duration) -> Duration {
+    d.saturating_add(d / 10)
 }
 
 /// The `p`-th percentile (0..1) of `xs`, sorted in place; `None` for none.
@@ -221,9 +231,20 @@ impl ChaosReport {
         self.count(|t| matches!(t.verdict, Verdict::SilentlyWrong { .. }))
     }
 
-    /// Whether the campaign failed: any hang or silently wrong result.
+    /// Trials whose successful ranks' outcomes cannot all be true, or where a rank panicked.
+    pub fn inconsistent(&self) -> usize {
+        self.count(|t| {
+            matches!(
+                t.verdict,
+                Verdict::Inconsistent { .. } | Verdict::Panicked { .. }
+            )
+        })
+    }
+
+    /// Whether the campaign failed: any hang, silently wrong result, inconsistent outcome or
+    /// panic.
     pub fn failed(&self) -> bool {
-        self.hangs() > 0 || self.silently_wrong() > 0
+        self.trials.iter().any(|t| t.verdict.fails())
     }
 
     fn count(&self, f: impl Fn(&TrialResult) -> bool) -> usize {
@@ -232,7 +253,7 @@ impl ChaosReport {
 
     /// Detections later than the deadline plus 10%, of all detections.
     pub fn late_detections(&self) -> (usize, usize) {
-        let limit = self.settings.deadline.mul_f64(1.1);
+        let limit = plus_ten_percent(self.settings.deadline);
         let all: Vec<Duration> = self
             .trials
             .iter()
@@ -260,17 +281,14 @@ impl ChaosReport {
             "# {:<20} {:>8} {:>6} {:>8} {:>8} {:>13} {:>9} {:>6} {:>6}",
             "fault", "injected", "fired", "detected", "correct", "named", "late", "wrong", "hangs"
         );
-        let limit = d.mul_f64(1.1);
         let row = |s: &mut String, name: &str, ts: &[&TrialResult]| {
             let named: usize = ts
                 .iter()
                 .map(|t| t.named.iter().filter(|&&x| x).count())
                 .sum();
             let errors: usize = ts.iter().map(|t| t.named.len()).sum();
-            let late: usize = ts
-                .iter()
-                .map(|t| t.detection.iter().filter(|&&x| x > limit).count())
-                .sum();
+            let late: usize = ts.iter().map(|t| t.late_returns).sum();
+            let returns: usize = ts.iter().map(|t| t.returns).sum();
             let _ = writeln!(
                 s,
                 "  {:<20} {:>8} {:>6} {:>8} {:>8} {:>13} {:>9} {:>6} {:>6}",
@@ -280,9 +298,16 @@ impl ChaosReport {
                 ts.iter().filter(|t| t.verdict == Verdict::Detected).count(),
                 ts.iter().filter(|t| t.verdict == Verdict::Correct).count(),
                 format!("{named}/{errors}"),
-                format!("{late}/{errors}"),
+                format!("{late}/{returns}"),
                 ts.iter()
-                    .filter(|t| matches!(t.verdict, Verdict::SilentlyWrong { .. }))
+                    .filter(|t| {
+                        matches!(
+                            t.verdict,
+                            Verdict::SilentlyWrong { .. }
+                                | Verdict::Inconsistent { .. }
+                                | Verdict::Panicked { .. }
+                        )
+                    })
                     .count(),
                 ts.iter()
                     .filter(|t| matches!(t.verdict, Verdict::Hang { .. }))
@@ -326,11 +351,28 @@ impl ChaosReport {
             ms(percentile(&mut rec, 0.99)),
             rec.len()
         );
+        let follow: Vec<bool> = self.trials.iter().filter_map(|t| t.follow_up_ok).collect();
         let _ = writeln!(
             s,
-            "# hangs {}, silently wrong results {}: {}",
+            "# follow-up call after each trial (faults healed, the dead still dead): ran {}, \
+             succeeded somewhere {}, failed everywhere {} (a fail-stop communicator stays \
+             broken)",
+            follow.len(),
+            follow.iter().filter(|&&x| x).count(),
+            follow.iter().filter(|&&x| !x).count()
+        );
+        let _ = writeln!(
+            s,
+            "# late: returns later than the deadline + 10% after the rank could start (two \
+             deadlines + 10% finishing among survivors); wrong: silently wrong, inconsistent \
+             outcomes, panics"
+        );
+        let _ = writeln!(
+            s,
+            "# hangs {}, silently wrong results {}, inconsistent outcomes or panics {}: {}",
             self.hangs(),
             self.silently_wrong(),
+            self.inconsistent(),
             if self.failed() { "FAILED" } else { "passed" }
         );
         s

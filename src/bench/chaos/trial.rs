@@ -40,11 +40,18 @@ pub struct TrialResult {
     pub detection: Vec<Duration>,
     /// Recoveries reported by the ranks that finished among survivors.
     pub recoveries: Vec<Duration>,
-    /// The slowest rank's return, from the call's start.
-    pub slowest: Duration,
+    /// Returns of the faulty call, success or error, and how many came later than the
+    /// deadline plus 10% after the rank could start (for a call finishing among survivors, two
+    /// deadlines plus 10%: the deadline, then the agreement's).
+    pub returns: usize,
+    /// See [`returns`](Self::returns).
+    pub late_returns: usize,
+    /// Whether the follow-up call (fault-free, faults healed, dead ranks still dead) succeeded
+    /// on some rank (`Some(true)`), failed on every rank (`Some(false)`), or did not run.
+    pub follow_up_ok: Option<bool>,
 }
 
-/// A trial's verdict; only the last two fail the campaign.
+/// A trial's verdict; every one but the first two fails the campaign.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Every rank returned the right result (the fault cost nothing, or was recovered from).
@@ -55,37 +62,71 @@ pub enum Verdict {
     SilentlyWrong {
         /// The rank.
         rank: usize,
-        /// The first wrong element's index, what it held and what it should have.
+        /// Which call: 1 the faulty one, 2 the follow-up.
+        call: u8,
+        /// The first wrong element's index.
         index: usize,
         /// What the rank's output held there.
         got: f64,
         /// What the reference holds.
         want: f64,
     },
+    /// Ranks returned success with outcomes that cannot all be true: a fail-stop call that
+    /// left a rank out, survivors that disagree on who contributed, a minority that went on.
+    Inconsistent {
+        /// Which call: 1 the faulty one, 2 the follow-up.
+        call: u8,
+        /// What is wrong.
+        why: String,
+    },
     /// A rank had not returned when the watchdog gave up on it.
     Hang {
+        /// Which call: 1 the faulty one, 2 the follow-up.
+        call: u8,
         /// The ranks that had not returned.
         ranks: Vec<usize>,
     },
+    /// A rank's thread panicked.
+    Panicked {
+        /// The rank.
+        rank: usize,
+    },
 }
 
-/// Distinct per (rank, element), period 997 (not a power of two), integers, so that f32 sums
-/// of a few ranks are exact.
-fn input(rank: usize, count: usize) -> Vec<f32> {
-    (0..count)
-        .map(|i| ((rank * 1009 + i * 7) % 997) as f32 + 1000.0 * rank as f32)
+impl Verdict {
+    /// Whether this verdict fails the campaign.
+    pub fn fails(&self) -> bool {
+        !matches!(self, Verdict::Correct | Verdict::Detected)
+    }
+}
+
+/// Distinct per (rank, element) over the whole buffer (`rank * len + i`), integers whose sums
+/// over 5 ranks stay exact in f32 (below 2^24), offset per call.
+fn input(rank: usize, len: usize, call: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| (rank * len + i + 1 + call * 1_000_000) as f32)
         .collect()
 }
 
-/// A value no correct output holds (the inputs are non-negative).
+/// A value no correct output holds (the inputs are positive).
 const POISON: f32 = -12_345.0;
 
-/// One rank's part in a trial, returned by its thread.
+/// The follow-up call's length (an all-reduce, out of place).
+const FOLLOW_UP_LEN: usize = 257;
+
+/// One rank's result of one call, returned by its thread.
 struct RankResult {
     rank: usize,
     result: Result<Outcome, Error>,
     output: Option<Vec<f32>>,
     returned: Instant,
+}
+
+/// What a rank's thread reports.
+enum Report {
+    First(RankResult),
+    Second(RankResult),
+    Panicked(usize),
 }
 
 /// The settings one trial needs from the campaign.
@@ -97,7 +138,20 @@ pub(super) struct Setup {
     pub plant: Option<Plant>,
 }
 
-/// Runs one trial; `Err` only for a group that could not be built.
+/// One rank's two calls, as its thread runs them.
+struct RankJob {
+    rank: usize,
+    comm: Communicator,
+    data: Vec<f32>,
+    out_len: usize,
+    in_place: bool,
+    target: Target,
+    root: usize,
+    late: Duration,
+}
+
+/// Runs one trial; `Err` only for a group that could not be built or a thread that could not
+/// be started.
 pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Error> {
     let Setup {
         target,
@@ -111,7 +165,8 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
     let root = rng.random_range(0..n);
     let victim = rng.random_range(0..n);
     let plan = FaultPlan::new();
-    let on_failure = if target == Target::SurvivingRing {
+    let survivors = target == Target::SurvivingRing;
+    let on_failure = if survivors {
         OnFailure::FinishAmongSurvivors
     } else {
         OnFailure::Error
@@ -127,7 +182,7 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
         .build()?;
     let comms = group.into_communicators();
     let (in_len, out_len) = target.lengths(block, n);
-    let inputs: Vec<Vec<f32>> = (0..n).map(|r| input(r, in_len)).collect();
+    let inputs: Vec<Vec<f32>> = (0..n).map(|r| input(r, in_len, 0)).collect();
 
     // The fault, armed before the call: what it does happens inside it.
     let peer = (victim + 1 + rng.random_range(0..n - 1)) % n; // any rank but the victim
@@ -154,33 +209,35 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
     }
 
     let (tx, rx) = mpsc::channel();
+    let mut go = Vec::with_capacity(n);
     let start = Instant::now();
     for (rank, comm) in comms.into_iter().enumerate() {
         let tx = tx.clone();
-        let data = inputs[rank].clone();
-        let wait = if rank == victim { late } else { Duration::ZERO };
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        go.push(go_tx);
+        let job = RankJob {
+            rank,
+            comm,
+            data: inputs[rank].clone(),
+            out_len,
+            in_place,
+            target,
+            root,
+            late: if rank == victim { late } else { Duration::ZERO },
+        };
+        let wait_for_go = watchdog(deadline, late);
         // Not scoped: a rank that hangs must not hang the campaign; the watchdog below gives
-        // up on it and the process exits with the verdict.
-        std::thread::spawn(move || {
-            let r = one_rank(comm, rank, &data, out_len, in_place, target, root, wait);
-            // The campaign may have given up on this rank already; nothing to tell then.
-            let _ = tx.send(r);
-        });
+        // up on it and the campaign stops with the verdict.
+        std::thread::Builder::new()
+            .name(format!("chaos rank {rank}"))
+            .spawn(move || rank_thread(job, &tx, &go_rx, wait_for_go))
+            .map_err(|e| Error::InvalidArgument {
+                at: crate::At::rank(rank),
+                message: format!("cannot start the rank's thread: {e}"),
+            })?;
     }
     drop(tx);
-    // Every rank returns within its call's deadline, a recovery's agreements and the stall;
-    // this is far past all of them, so that a loaded machine is not taken for a hang.
-    let watchdog = deadline.saturating_mul(8) + late + Duration::from_secs(5);
-    let give_up = crate::deadline::deadline_after(watchdog);
-    let mut results: Vec<RankResult> = Vec::with_capacity(n);
-    while results.len() < n {
-        let left = give_up.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(r) => results.push(r),
-            Err(_) => break,
-        }
-    }
-    let fired = match fault {
+    let fired = |plan: &FaultPlan| match fault {
         Fault::Kill => plan.is_killed(victim),
         Fault::Stall | Fault::Slow | Fault::Partition | Fault::Delay => true,
         Fault::Drop => plan.dropped() > 0,
@@ -193,33 +250,46 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
         fault,
         ranks: n,
         victim,
-        fired,
+        fired: false,
         verdict: Verdict::Correct,
         named: Vec::new(),
         detection: Vec::new(),
         recoveries: Vec::new(),
-        slowest: results
-            .iter()
-            .map(|r| r.returned.saturating_duration_since(start))
-            .max()
-            .unwrap_or_default(),
+        returns: 0,
+        late_returns: 0,
+        follow_up_ok: None,
     };
-    if results.len() < n {
-        let mut missing: Vec<usize> = (0..n)
-            .filter(|r| !results.iter().any(|x| x.rank == *r))
-            .collect();
-        missing.sort_unstable();
-        trial.verdict = Verdict::Hang { ranks: missing };
-        return Ok(trial);
-    }
-    results.sort_by_key(|r| r.rank);
+    let mut results = match collect(&rx, n, watchdog(deadline, late), 1) {
+        Ok(r) => r,
+        Err(v) => {
+            trial.fired = fired(&plan);
+            trial.verdict = v;
+            return Ok(trial);
+        }
+    };
+    trial.fired = fired(&plan);
     let killed_at = plan.killed_at(victim);
+    // Every rank may start at the call's start but the late one, at its arrival.
+    let bound = |rank: usize| {
+        let rounds = if survivors { 2.2 } else { 1.1 };
+        let from = if rank == victim { late } else { Duration::ZERO };
+        from.saturating_add(deadline.mul_f64(rounds))
+    };
     let mut erred = false;
+    let mut oks: Vec<(usize, Vec<usize>)> = Vec::new();
+    let everyone: Vec<usize> = (0..n).collect();
+    // The ranks the survivors agreed failed: after them the communicator is renumbered over
+    // the rest, and the follow-up's outcome numbers its contributors that way.
+    let mut excluded: Vec<usize> = Vec::new();
     for r in &mut results {
         if killed_at.is_some() && r.rank == victim {
             continue; // a dead process reports nothing
         }
-        plant(setup.plant, r, out_len);
+        trial.returns += 1;
+        if r.returned.saturating_duration_since(start) > bound(r.rank) {
+            trial.late_returns += 1;
+        }
+        plant(setup.plant, r, out_len, target, root, n);
         match &r.result {
             Err(e) => {
                 erred = true;
@@ -250,33 +320,252 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
                 if let Some(d) = outcome.recovered_in {
                     trial.recoveries.push(d);
                 }
-                let want = target.reference(&inputs, &outcome.contributors, r.rank, root, n);
-                let got = r.output.as_deref().unwrap_or_default();
-                if let Some(v) = first_wrong(got, want.as_deref()) {
-                    trial.verdict = Verdict::SilentlyWrong {
-                        rank: r.rank,
-                        index: v.0,
-                        got: v.1,
-                        want: v.2,
-                    };
+                if let Some(v) = judge(r, outcome, target, &inputs, root, &everyone, 1) {
+                    trial.verdict = v;
                     return Ok(trial);
                 }
+                oks.push((r.rank, outcome.contributors.clone()));
+                excluded.extend(outcome.excluded.iter().copied().filter(|&x| x < n));
             }
         }
+    }
+    if let Some(why) = consistent(&oks, target, root, &everyone, survivors) {
+        trial.verdict = Verdict::Inconsistent { call: 1, why };
+        return Ok(trial);
     }
     if erred {
         trial.verdict = Verdict::Detected;
     }
+
+    // The follow-up: the faults healed (the dead stay dead), every rank calls a fault-free
+    // all-reduce; it must end, and what succeeds must be right and agree.
+    plan.heal();
+    for g in &go {
+        // A thread that is gone has already reported; nothing to tell it.
+        let _ = g.send(());
+    }
+    let follow = match collect(&rx, n, watchdog(deadline, Duration::ZERO), 2) {
+        Ok(r) => r,
+        Err(v) => {
+            trial.verdict = v;
+            return Ok(trial);
+        }
+    };
+    let follow_inputs: Vec<Vec<f32>> = (0..n).map(|r| input(r, FOLLOW_UP_LEN, 1)).collect();
+    let members: Vec<usize> = (0..n).filter(|r| !excluded.contains(r)).collect();
+    let mut oks: Vec<(usize, Vec<usize>)> = Vec::new();
+    for r in &follow {
+        if plan.is_killed(r.rank) {
+            continue;
+        }
+        if let Ok(outcome) = &r.result {
+            if let Some(v) = judge(
+                r,
+                outcome,
+                Target::RingFailStop,
+                &follow_inputs,
+                0,
+                &members,
+                2,
+            ) {
+                trial.verdict = v;
+                return Ok(trial);
+            }
+            oks.push((r.rank, map_ranks(&outcome.contributors, &members)));
+        }
+    }
+    if let Some(why) = consistent(&oks, Target::RingFailStop, 0, &members, survivors) {
+        trial.verdict = Verdict::Inconsistent { call: 2, why };
+        return Ok(trial);
+    }
+    trial.follow_up_ok = Some(!oks.is_empty());
     Ok(trial)
 }
 
+/// Far past every deadline a call can run into (its own, a recovery's agreements, a stall),
+/// so that a loaded machine is not taken for a hang.
+fn watchdog(deadline: Duration, late: Duration) -> Duration {
+    deadline
+        .saturating_mul(8)
+        .saturating_add(late)
+        .saturating_add(Duration::from_secs(5))
+}
+
+/// `n` results of call `call` (1 or 2) from the ranks' threads, in rank order, or the verdict
+/// when one panicked or had not reported by `within`.
+fn collect(
+    rx: &mpsc::Receiver<Report>,
+    n: usize,
+    within: Duration,
+    call: u8,
+) -> Result<Vec<RankResult>, Verdict> {
+    let give_up = crate::deadline::deadline_after(within);
+    let mut results: Vec<RankResult> = Vec::with_capacity(n);
+    while results.len() < n {
+        let left = give_up.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Report::First(r) | Report::Second(r)) => results.push(r),
+            Ok(Report::Panicked(rank)) => return Err(Verdict::Panicked { rank }),
+            Err(_) => {
+                let missing: Vec<usize> = (0..n)
+                    .filter(|r| !results.iter().any(|x| x.rank == *r))
+                    .collect();
+                return Err(Verdict::Hang {
+                    call,
+                    ranks: missing,
+                });
+            }
+        }
+    }
+    results.sort_by_key(|r| r.rank);
+    Ok(results)
+}
+
+/// `ranks` numbered in a communicator of `members` (its rank i is `members[i]`), in the
+/// group's original numbering; a number past the members stays out of range (`usize::MAX`).
+fn map_ranks(ranks: &[usize], members: &[usize]) -> Vec<usize> {
+    ranks
+        .iter()
+        .map(|&c| members.get(c).copied().unwrap_or(usize::MAX))
+        .collect()
+}
+
+/// The verdict on one rank's successful call, if it is wrong: an outcome naming ranks that do
+/// not exist, or an output that is not the reference of the ranks it names. The call ran on a
+/// communicator of `members` (original ranks, in its order).
+fn judge(
+    r: &RankResult,
+    outcome: &Outcome,
+    target: Target,
+    inputs: &[Vec<f32>],
+    root: usize,
+    members: &[usize],
+    call: u8,
+) -> Option<Verdict> {
+    let n = inputs.len();
+    let contributors = map_ranks(&outcome.contributors, members);
+    if contributors.iter().any(|&c| c >= n) {
+        return Some(Verdict::Inconsistent {
+            call,
+            why: format!(
+                "rank {} names contributors {:?} of a communicator of {members:?}",
+                r.rank, outcome.contributors
+            ),
+        });
+    }
+    let want = target.reference(inputs, &contributors, r.rank, root, n);
+    let got = r.output.as_deref().unwrap_or_default();
+    first_wrong(got, want.as_deref()).map(|(index, got, want)| Verdict::SilentlyWrong {
+        rank: r.rank,
+        call,
+        index,
+        got,
+        want,
+    })
+}
+
+/// What is wrong with the successful ranks' outcomes taken together, if anything: a fail-stop
+/// success names every rank (a broadcast, its root); survivors agree on one set, a strict
+/// majority that holds every rank that succeeded.
+fn consistent(
+    oks: &[(usize, Vec<usize>)],
+    target: Target,
+    root: usize,
+    members: &[usize],
+    survivors: bool,
+) -> Option<String> {
+    let n = members.len();
+    let everyone: Vec<usize> = match target {
+        Target::Broadcast => vec![root],
+        _ => members.to_vec(),
+    };
+    if !survivors {
+        return oks.iter().find(|(_, c)| *c != everyone).map(|(r, c)| {
+            format!("rank {r} succeeded fail-stop naming contributors {c:?}, not {everyone:?}")
+        });
+    }
+    let (first_rank, set) = oks.first()?;
+    if let Some((r, c)) = oks.iter().find(|(_, c)| c != set) {
+        return Some(format!(
+            "survivors disagree: rank {first_rank} names {set:?}, rank {r} names {c:?}"
+        ));
+    }
+    if set.len().saturating_mul(2) <= n {
+        return Some(format!(
+            "ranks {:?} went on as {set:?}, not a majority of {n}",
+            oks.iter().map(|o| o.0).collect::<Vec<_>>()
+        ));
+    }
+    oks.iter()
+        .find(|(r, _)| !set.contains(r))
+        .map(|(r, _)| format!("rank {r} succeeded but is not among the contributors {set:?}"))
+}
+
+/// A rank's thread: the faulty call, its report, then (when told) the follow-up and its
+/// report; the communicator is dropped only after both, so that tearing down its device is
+/// not timed as part of a call. A panic is reported as one.
+fn rank_thread(
+    job: RankJob,
+    tx: &mpsc::Sender<Report>,
+    go: &mpsc::Receiver<()>,
+    wait_for_go: Duration,
+) {
+    let rank = job.rank;
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let RankJob {
+            rank,
+            mut comm,
+            data,
+            out_len,
+            in_place,
+            target,
+            root,
+            late,
+        } = job;
+        let first = one_call(
+            &mut comm, rank, &data, out_len, in_place, target, root, late,
+        );
+        // The campaign may have given up on this rank already; nothing to tell then.
+        let _ = tx.send(Report::First(first));
+        if go.recv_timeout(wait_for_go).is_ok() {
+            let data = input(rank, FOLLOW_UP_LEN, 1);
+            let second = one_call(
+                &mut comm,
+                rank,
+                &data,
+                FOLLOW_UP_LEN,
+                false,
+                Target::RingFailStop,
+                0,
+                Duration::ZERO,
+            );
+            let _ = tx.send(Report::Second(second));
+        }
+        drop(comm);
+    }));
+    if ran.is_err() {
+        let _ = tx.send(Report::Panicked(rank));
+    }
+}
+
 /// A bug planted in what the ranks returned, to show that the checks catch it.
-fn plant(plant: Option<Plant>, r: &mut RankResult, out_len: usize) {
+fn plant(
+    plant: Option<Plant>,
+    r: &mut RankResult,
+    out_len: usize,
+    target: Target,
+    root: usize,
+    n: usize,
+) {
     match plant {
-        // An error swallowed: the call "succeeds" with whatever the output holds.
+        // An error swallowed: the call "succeeds", claiming what a fault-free call would, with
+        // whatever the output holds: only the data can give it away.
         Some(Plant::Unreported) if r.result.is_err() => {
             r.result = Ok(Outcome {
-                contributors: Vec::new(),
+                contributors: match target {
+                    Target::Broadcast => vec![root],
+                    _ => (0..n).collect(),
+                },
                 excluded: Vec::new(),
                 skipped: Vec::new(),
                 recovered_in: None,
@@ -311,8 +600,8 @@ fn first_wrong(got: &[f32], want: Option<&[f64]>) -> Option<(usize, f64, f64)> {
 /// One rank's call: waits `late` first (a stalled or slow rank), runs the call, reads its
 /// output back.
 #[allow(clippy::too_many_arguments)]
-fn one_rank(
-    mut comm: Communicator,
+fn one_call(
+    comm: &mut Communicator,
     rank: usize,
     data: &[f32],
     out_len: usize,
@@ -425,5 +714,62 @@ impl Target {
             Target::Broadcast => Some(inputs[root].iter().map(|&x| f64::from(x)).collect()),
             Target::Reduce => (rank == root).then(|| sum(0..block)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_that_cannot_all_be_true_are_caught() {
+        let all: Vec<usize> = (0..5).collect();
+        let ok = |r: usize, c: &[usize]| (r, c.to_vec());
+        // Fail-stop: a success names everyone (a broadcast, its root).
+        assert!(consistent(&[ok(0, &all), ok(1, &all)], Target::Reduce, 0, &all, false).is_none());
+        assert!(
+            consistent(
+                &[ok(0, &[0, 1, 2, 3])],
+                Target::RingFailStop,
+                0,
+                &all,
+                false
+            )
+            .is_some()
+        );
+        assert!(consistent(&[ok(3, &[2])], Target::Broadcast, 2, &all, false).is_none());
+        assert!(consistent(&[ok(3, &all)], Target::Broadcast, 2, &all, false).is_some());
+        // Survivors: one set, a strict majority, holding every rank that succeeded.
+        let three = [0, 2, 4];
+        assert!(
+            consistent(
+                &[ok(0, &three), ok(2, &three), ok(4, &three)],
+                Target::SurvivingRing,
+                0,
+                &all,
+                true
+            )
+            .is_none()
+        );
+        let split = consistent(
+            &[ok(0, &three), ok(1, &[1, 3])],
+            Target::SurvivingRing,
+            0,
+            &all,
+            true,
+        );
+        assert!(split.is_some_and(|w| w.contains("disagree")));
+        let minority = consistent(
+            &[ok(1, &[1, 3]), ok(3, &[1, 3])],
+            Target::SurvivingRing,
+            0,
+            &all,
+            true,
+        );
+        assert!(minority.is_some_and(|w| w.contains("not a majority")));
+        let outsider = consistent(&[ok(1, &three)], Target::SurvivingRing, 0, &all, true);
+        assert!(outsider.is_some_and(|w| w.contains("not among")));
+        // After a shrink to [0, 2, 4], the communicator's 1 is the group's 2; past it, nobody.
+        assert_eq!(map_ranks(&[0, 1, 2, 3], &three), [0, 2, 4, usize::MAX]);
     }
 }
