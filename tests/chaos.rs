@@ -1,6 +1,7 @@
 //! The fault campaign (`wccl-bench chaos`) at CI's size: 200 faults with a fixed seed and a
-//! short deadline pass with no hang and no silently wrong result; and the campaign's checks
-//! can fail: a planted bug (an error swallowed, an element changed) fails it.
+//! short deadline, into the collectives and the parameter server, pass with no hang, no
+//! silently wrong result and no acknowledged update lost; and the campaign's checks can fail:
+//! a planted bug (an error swallowed, an element changed, parameters off) fails it.
 
 use std::time::Duration;
 
@@ -31,6 +32,11 @@ fn two_hundred_faults_no_hang_no_silently_wrong_result() {
             "no trial {verdict:?}\n{summary}"
         );
     }
+    // The parameter server's trials ran, and some were checked against the reference.
+    assert!(
+        report.trials.iter().any(|t| t.verified),
+        "no parameter-server trial was checked\n{summary}"
+    );
     // The surviving ring recovered at least once, and every recovery was reported.
     assert!(
         report.trials.iter().any(|t| !t.recoveries.is_empty()),
@@ -59,4 +65,21 @@ fn a_changed_element_fails_the_campaign() {
     .expect("campaign");
     assert!(report.silently_wrong() > 0, "{}", report.summary());
     assert!(report.failed());
+}
+
+#[test]
+fn parameters_off_the_reference_under_strong_fail_the_campaign() {
+    let report = run(
+        &settings(40, 8, Some(Plant::WrongElement)),
+        &mut std::io::sink(),
+    )
+    .expect("campaign");
+    let ps_caught = report.trials.iter().any(|t| {
+        t.target == wccl::bench::chaos::Target::PsStrong
+            && matches!(
+                t.verdict,
+                Verdict::SilentlyWrong { .. } | Verdict::LostUpdate { .. }
+            )
+    });
+    assert!(ps_caught, "{}", report.summary());
 }

@@ -22,6 +22,8 @@ pub fn blamed(e: &Error) -> Vec<usize> {
             survivors, size, ..
         } => (0..*size).filter(|r| !survivors.contains(r)).collect(),
         Error::RootLost { root, .. } => vec![*root],
+        // A replica that cannot prove its copy current lists the ranks it cannot reach.
+        Error::Unavailable { reason, .. } => lists_in(reason),
         Error::Broken { cause, .. } => blamed(cause),
         _ => Vec::new(),
     }
@@ -33,6 +35,26 @@ fn strip_at(text: &str) -> &str {
         Some(rest) => rest.split_once(": ").map_or(text, |(_, tail)| tail),
         None => text,
     }
+}
+
+/// The numbers of every list in `text`: "[1, 2]", "{0}".
+fn lists_in(text: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(['[', '{']) {
+        let close = if rest[i..].starts_with('[') { ']' } else { '}' };
+        rest = &rest[i + 1..];
+        let end = rest.find(close).unwrap_or(rest.len());
+        out.extend(
+            rest[..end]
+                .split(',')
+                .filter_map(|x| x.trim().parse::<usize>().ok()),
+        );
+        rest = &rest[end..];
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// Every rank number `text` names: "rank 3", "rank(s) [1, 2]", "ranks [0, 4]".
@@ -111,5 +133,9 @@ mod tests {
         };
         assert_eq!(blamed(&e), [2, 3, 4]);
         assert_eq!(ranks_in("ranks [0, 4] and rank 7"), [0, 4, 7]);
+        assert_eq!(
+            lists_in("server rank 0: rank(s) {2} before it are unreachable, rank(s) {} after"),
+            [2]
+        );
     }
 }

@@ -23,10 +23,15 @@
 //! counted and shown, not failed: a loaded 2-core machine can miss a wall-clock bound without
 //! anything being wrong.
 //!
-//! A killed rank's own result is not judged (a dead process reports nothing). The parameter
-//! server is not in the campaign yet.
+//! A killed rank's own result is not judged (a dead process reports nothing).
+//!
+//! The parameter server's trials (`ps.rs`) run 3 servers, each key on a chain of 2, and 2 or 3
+//! workers for a few `Sync` steps; under `Strong` an acknowledged update lost (a worker told,
+//! or the parameters off the f64 reference after every worker finished) fails the campaign,
+//! under `Eventual` losses are counted as its CAP choice.
 
 pub mod blame;
+mod ps;
 mod trial;
 
 use std::fmt::Write as _;
@@ -53,17 +58,23 @@ pub enum Target {
     Broadcast,
     /// Reduce, fail-stop.
     Reduce,
+    /// The replicated parameter server, `Strong`.
+    PsStrong,
+    /// The replicated parameter server, `Eventual`.
+    PsEventual,
 }
 
 impl Target {
     /// Every target, in the report's order.
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 8] = [
         Target::RingFailStop,
         Target::SurvivingRing,
         Target::ReduceScatter,
         Target::AllGather,
         Target::Broadcast,
         Target::Reduce,
+        Target::PsStrong,
+        Target::PsEventual,
     ];
 
     /// The report's name.
@@ -75,6 +86,8 @@ impl Target {
             Target::AllGather => "all_gather",
             Target::Broadcast => "broadcast",
             Target::Reduce => "reduce",
+            Target::PsStrong => "ps Strong",
+            Target::PsEventual => "ps Eventual",
         }
     }
 }
@@ -305,6 +318,7 @@ impl ChaosReport {
                             t.verdict,
                             Verdict::SilentlyWrong { .. }
                                 | Verdict::Inconsistent { .. }
+                                | Verdict::LostUpdate { .. }
                                 | Verdict::Panicked { .. }
                         )
                     })
@@ -350,6 +364,21 @@ impl ChaosReport {
             ms(percentile(&mut rec, 0.5)),
             ms(percentile(&mut rec, 0.99)),
             rec.len()
+        );
+        let ps: Vec<&TrialResult> = self
+            .trials
+            .iter()
+            .filter(|t| matches!(t.target, Target::PsStrong | Target::PsEventual))
+            .collect();
+        let _ = writeln!(
+            s,
+            "# parameter server ({} trials, {} with every push applied and checked against the \
+             reference): acknowledged updates lost under Strong {} (target 0); updates lost \
+             under Eventual {} (its CAP choice)",
+            ps.len(),
+            ps.iter().filter(|t| t.verified).count(),
+            ps.iter().map(|t| t.lost_acknowledged).sum::<u64>(),
+            ps.iter().map(|t| t.lost_eventual).sum::<u64>()
         );
         let follow: Vec<bool> = self.trials.iter().filter_map(|t| t.follow_up_ok).collect();
         let _ = writeln!(

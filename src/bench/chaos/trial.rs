@@ -49,6 +49,16 @@ pub struct TrialResult {
     /// Whether the follow-up call (fault-free, faults healed, dead ranks still dead) succeeded
     /// on some rank (`Some(true)`), failed on every rank (`Some(false)`), or did not run.
     pub follow_up_ok: Option<bool>,
+    /// Parameter server under `Strong`: acknowledged updates lost (a worker told
+    /// `Error::Lost`, or a key off the reference after every worker finished).
+    pub lost_acknowledged: u64,
+    /// Parameter server under `Eventual`: updates lost (the workers' counts, and keys off the
+    /// reference), the CAP choice rather than a failure.
+    pub lost_eventual: u64,
+    /// Parameter server: whether the final parameters were checked against the reference of
+    /// every push (not when a worker failed, a live server failed, or a push came after its
+    /// step's update and was answered without being applied).
+    pub verified: bool,
 }
 
 /// A trial's verdict; every one but the first two fails the campaign.
@@ -85,6 +95,11 @@ pub enum Verdict {
         call: u8,
         /// The ranks that had not returned.
         ranks: Vec<usize>,
+    },
+    /// Acknowledged parameter-server updates lost under `Strong`.
+    LostUpdate {
+        /// How many losses were seen (workers told, keys off the reference).
+        count: u64,
     },
     /// A rank's thread panicked.
     Panicked {
@@ -159,6 +174,9 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
         deadline,
         ..
     } = *setup;
+    if matches!(target, Target::PsStrong | Target::PsEventual) {
+        return super::ps::run(setup, rng);
+    }
     let n = rng.random_range(3..=5usize);
     let block = rng.random_range(1..=1500usize);
     let in_place = rng.random_bool(0.5) && target.in_place_allowed();
@@ -258,6 +276,9 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
         returns: 0,
         late_returns: 0,
         follow_up_ok: None,
+        lost_acknowledged: 0,
+        lost_eventual: 0,
+        verified: false,
     };
     let mut results = match collect(&rx, n, watchdog(deadline, late), 1) {
         Ok(r) => r,
@@ -300,6 +321,8 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
                         (0..n).filter(|x| !cut.contains(x)).collect()
                     }
                     Fault::Partition => cut.clone(),
+                    // A frame lost, doubled or corrupted on a pair: either end is the fault's.
+                    Fault::Drop | Fault::Duplicate | Fault::Corrupt => vec![victim, to],
                     _ => vec![victim],
                 };
                 trial.named.push(culprits.iter().any(|c| named.contains(c)));
@@ -630,11 +653,14 @@ fn one_call(
     }
     let out = if in_place { &input } else { &output };
     let call = match target {
-        Target::RingFailStop | Target::SurvivingRing => Collective::AllReduce {
-            input: input.view(),
-            output: out.view(),
-            op: ReduceOp::Sum,
-        },
+        // (The parameter server's trials run in `ps.rs`, never here.)
+        Target::RingFailStop | Target::SurvivingRing | Target::PsStrong | Target::PsEventual => {
+            Collective::AllReduce {
+                input: input.view(),
+                output: out.view(),
+                op: ReduceOp::Sum,
+            }
+        }
         Target::ReduceScatter => Collective::ReduceScatter {
             input: input.view(),
             output: output.view(),
@@ -713,6 +739,8 @@ impl Target {
             ),
             Target::Broadcast => Some(inputs[root].iter().map(|&x| f64::from(x)).collect()),
             Target::Reduce => (rank == root).then(|| sum(0..block)),
+            // Judged in `ps.rs` against the parameters' own reference.
+            Target::PsStrong | Target::PsEventual => None,
         }
     }
 }
