@@ -417,7 +417,8 @@ fn chaos_exits_non_zero_only_when_its_checks_fail() {
     assert!(ok, "{out}");
     assert!(
         out.contains(
-            "hangs 0, silently wrong results 0, inconsistent outcomes or panics 0: passed"
+            "hangs 0, silently wrong results 0, inconsistent outcomes or panics 0, lost \
+             acknowledged updates 0: passed"
         ),
         "{out}"
     );

@@ -3,9 +3,10 @@
 //! silently wrong result and no acknowledged update lost; and the campaign's checks can fail:
 //! a planted bug (an error swallowed, an element changed, parameters off) fails it.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
-use wccl::bench::chaos::{ChaosSettings, Plant, Verdict, run};
+use wccl::bench::chaos::{ChaosSettings, Plant, Target, Verdict, run};
 
 fn settings(faults: usize, seed: u64, plant: Option<Plant>) -> ChaosSettings {
     ChaosSettings {
@@ -13,12 +14,24 @@ fn settings(faults: usize, seed: u64, plant: Option<Plant>) -> ChaosSettings {
         seed,
         deadline: Duration::from_millis(200),
         plant,
+        targets: Vec::new(),
     }
+}
+
+/// One campaign at a time: two at once on a 2-core machine push healthy ranks past the short
+/// deadline (not wrong, but not the campaign CI means to run).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn campaign(s: &ChaosSettings) -> wccl::bench::chaos::ChaosReport {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    run(s, &mut std::io::sink()).expect("campaign")
 }
 
 #[test]
 fn two_hundred_faults_no_hang_no_silently_wrong_result() {
-    let report = run(&settings(200, 2026, None), &mut std::io::stderr()).expect("campaign");
+    let report = campaign(&settings(200, 2026, None));
     let summary = report.summary();
     eprintln!("{summary}");
     assert_eq!(report.trials.len(), 200);
@@ -46,11 +59,7 @@ fn two_hundred_faults_no_hang_no_silently_wrong_result() {
 
 #[test]
 fn a_swallowed_error_fails_the_campaign() {
-    let report = run(
-        &settings(30, 5, Some(Plant::Unreported)),
-        &mut std::io::sink(),
-    )
-    .expect("campaign");
+    let report = campaign(&settings(30, 5, Some(Plant::Unreported)));
     assert!(report.silently_wrong() > 0, "{}", report.summary());
     assert!(report.failed());
     assert!(report.summary().contains("FAILED"));
@@ -58,28 +67,23 @@ fn a_swallowed_error_fails_the_campaign() {
 
 #[test]
 fn a_changed_element_fails_the_campaign() {
-    let report = run(
-        &settings(10, 6, Some(Plant::WrongElement)),
-        &mut std::io::sink(),
-    )
-    .expect("campaign");
+    let report = campaign(&settings(10, 6, Some(Plant::WrongElement)));
     assert!(report.silently_wrong() > 0, "{}", report.summary());
     assert!(report.failed());
 }
 
 #[test]
 fn parameters_off_the_reference_under_strong_fail_the_campaign() {
-    let report = run(
-        &settings(40, 8, Some(Plant::WrongElement)),
-        &mut std::io::sink(),
-    )
-    .expect("campaign");
-    let ps_caught = report.trials.iter().any(|t| {
-        t.target == wccl::bench::chaos::Target::PsStrong
-            && matches!(
-                t.verdict,
-                Verdict::SilentlyWrong { .. } | Verdict::LostUpdate { .. }
-            )
+    // Only the parameter server under Strong, enough trials that some finish with every push
+    // applied and are checked.
+    let report = campaign(&ChaosSettings {
+        targets: vec![Target::PsStrong],
+        ..settings(20, 8, Some(Plant::WrongElement))
     });
-    assert!(ps_caught, "{}", report.summary());
+    let caught = report
+        .trials
+        .iter()
+        .filter(|t| matches!(t.verdict, Verdict::SilentlyWrong { .. }))
+        .count();
+    assert!(caught > 0, "{}", report.summary());
 }

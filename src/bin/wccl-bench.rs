@@ -387,6 +387,7 @@ fn chaos(
         seed,
         deadline: Duration::from_millis(deadline_ms),
         plant,
+        targets: Vec::new(),
     };
     let report = wccl::bench::chaos::run(&settings, &mut std::io::stdout())?;
     print!("{}", report.summary());

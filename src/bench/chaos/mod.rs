@@ -162,6 +162,8 @@ pub struct ChaosSettings {
     pub deadline: Duration,
     /// A bug to plant, to check the checks.
     pub plant: Option<Plant>,
+    /// The calls to inject faults into (empty: all of [`Target::ALL`]).
+    pub targets: Vec<Target>,
 }
 
 /// Every trial of a campaign.
@@ -182,7 +184,12 @@ pub fn run(
     // Not sized from the settings: a huge --faults must not allocate up front.
     let mut trials = Vec::new();
     for index in 0..settings.faults {
-        let target = Target::ALL[rng.random_range(0..Target::ALL.len())];
+        let targets: &[Target] = if settings.targets.is_empty() {
+            &Target::ALL
+        } else {
+            &settings.targets
+        };
+        let target = targets[rng.random_range(0..targets.len())];
         let fault = Fault::ALL[rng.random_range(0..Fault::ALL.len())];
         let setup = trial::Setup {
             index,
@@ -372,12 +379,14 @@ impl ChaosReport {
             .collect();
         let _ = writeln!(
             s,
-            "# parameter server ({} trials, {} with every push applied and checked against the \
-             reference): acknowledged updates lost under Strong {} (target 0); updates lost \
-             under Eventual {} (its CAP choice)",
+            "# parameter server ({} trials, {} with every push applied, no server lost and the \
+             parameters checked against the reference): acknowledged updates lost silently \
+             under Strong {} (target 0); reported lost under Strong (Error::Lost) {}; updates \
+             lost under Eventual {} (its CAP choice)",
             ps.len(),
             ps.iter().filter(|t| t.verified).count(),
             ps.iter().map(|t| t.lost_acknowledged).sum::<u64>(),
+            ps.iter().map(|t| t.lost_reported).sum::<u64>(),
             ps.iter().map(|t| t.lost_eventual).sum::<u64>()
         );
         let follow: Vec<bool> = self.trials.iter().filter_map(|t| t.follow_up_ok).collect();
@@ -398,10 +407,12 @@ impl ChaosReport {
         );
         let _ = writeln!(
             s,
-            "# hangs {}, silently wrong results {}, inconsistent outcomes or panics {}: {}",
+            "# hangs {}, silently wrong results {}, inconsistent outcomes or panics {}, lost \
+             acknowledged updates {}: {}",
             self.hangs(),
             self.silently_wrong(),
             self.inconsistent(),
+            self.count(|t| matches!(t.verdict, Verdict::LostUpdate { .. })),
             if self.failed() { "FAILED" } else { "passed" }
         );
         s

@@ -49,9 +49,12 @@ pub struct TrialResult {
     /// Whether the follow-up call (fault-free, faults healed, dead ranks still dead) succeeded
     /// on some rank (`Some(true)`), failed on every rank (`Some(false)`), or did not run.
     pub follow_up_ok: Option<bool>,
-    /// Parameter server under `Strong`: acknowledged updates lost (a worker told
-    /// `Error::Lost`, or a key off the reference after every worker finished).
+    /// Parameter server under `Strong`: acknowledged updates lost silently (a key off the
+    /// reference after every worker finished with every push applied).
     pub lost_acknowledged: u64,
+    /// Parameter server under `Strong`: workers told `Error::Lost` (a head that committed
+    /// alone died).
+    pub lost_reported: u64,
     /// Parameter server under `Eventual`: updates lost (the workers' counts, and keys off the
     /// reference), the CAP choice rather than a failure.
     pub lost_eventual: u64,
@@ -277,6 +280,7 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
         late_returns: 0,
         follow_up_ok: None,
         lost_acknowledged: 0,
+        lost_reported: 0,
         lost_eventual: 0,
         verified: false,
     };
