@@ -90,12 +90,7 @@ fn work(w: &mut PsWorker, len: usize, late: Duration, late_step: u64) -> Result<
 
 /// Runs one parameter-server trial.
 pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Error> {
-    let Setup {
-        target,
-        fault,
-        deadline,
-        ..
-    } = *setup;
+    let (target, fault, deadline) = (setup.target, setup.fault, setup.deadline);
     let consistency = if target == Target::PsStrong {
         Consistency::Strong
     } else {
@@ -208,25 +203,7 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
     }
     drop(tx);
 
-    let mut trial = TrialResult {
-        index: setup.index,
-        target,
-        fault,
-        ranks: n,
-        victim,
-        fired: false,
-        verdict: Verdict::Correct,
-        named: Vec::new(),
-        detection: Vec::new(),
-        recoveries: Vec::new(),
-        returns: 0,
-        late_returns: 0,
-        follow_up_ok: None,
-        lost_acknowledged: 0,
-        lost_reported: 0,
-        lost_eventual: 0,
-        verified: false,
-    };
+    let mut trial = TrialResult::new(setup, n, victim);
     // Every request may wait out a deadline and fail over, a few times in a run.
     let watchdog = deadline
         .saturating_mul(40)
@@ -259,13 +236,8 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
             }
         }
     }
-    trial.fired = match fault {
-        Fault::Kill => plan.is_killed(server),
-        Fault::Stall | Fault::Slow | Fault::Partition | Fault::Delay => true,
-        Fault::Drop => plan.dropped() > 0,
-        Fault::Duplicate => plan.duplicated() > 0,
-        Fault::Corrupt => plan.corrupted() > 0,
-    };
+    // A kill is armed on the server (the victim).
+    trial.fired = super::trial::fired(fault, &plan, victim);
     let dead = plan.is_killed(server).then_some(server);
     let mut all_ok = true;
     // No returns or detection times are counted here: a run of several steps has no one

@@ -111,6 +111,42 @@ pub enum Verdict {
     },
 }
 
+impl TrialResult {
+    /// A trial of `setup` on `n` ranks hitting `victim`, before anything is judged.
+    pub(super) fn new(setup: &Setup, n: usize, victim: usize) -> Self {
+        TrialResult {
+            index: setup.index,
+            target: setup.target,
+            fault: setup.fault,
+            ranks: n,
+            victim,
+            fired: false,
+            verdict: Verdict::Correct,
+            named: Vec::new(),
+            detection: Vec::new(),
+            recoveries: Vec::new(),
+            returns: 0,
+            late_returns: 0,
+            follow_up_ok: None,
+            lost_acknowledged: 0,
+            lost_reported: 0,
+            lost_eventual: 0,
+            verified: false,
+        }
+    }
+}
+
+/// Whether `fault` touched anything by now (`victim`: the rank it was armed on).
+pub(super) fn fired(fault: Fault, plan: &FaultPlan, victim: usize) -> bool {
+    match fault {
+        Fault::Kill => plan.is_killed(victim),
+        Fault::Stall | Fault::Slow | Fault::Partition | Fault::Delay => true,
+        Fault::Drop => plan.dropped() > 0,
+        Fault::Duplicate => plan.duplicated() > 0,
+        Fault::Corrupt => plan.corrupted() > 0,
+    }
+}
+
 impl Verdict {
     /// Whether this verdict fails the campaign.
     pub fn fails(&self) -> bool {
@@ -258,32 +294,8 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
             })?;
     }
     drop(tx);
-    let fired = |plan: &FaultPlan| match fault {
-        Fault::Kill => plan.is_killed(victim),
-        Fault::Stall | Fault::Slow | Fault::Partition | Fault::Delay => true,
-        Fault::Drop => plan.dropped() > 0,
-        Fault::Duplicate => plan.duplicated() > 0,
-        Fault::Corrupt => plan.corrupted() > 0,
-    };
-    let mut trial = TrialResult {
-        index: setup.index,
-        target,
-        fault,
-        ranks: n,
-        victim,
-        fired: false,
-        verdict: Verdict::Correct,
-        named: Vec::new(),
-        detection: Vec::new(),
-        recoveries: Vec::new(),
-        returns: 0,
-        late_returns: 0,
-        follow_up_ok: None,
-        lost_acknowledged: 0,
-        lost_reported: 0,
-        lost_eventual: 0,
-        verified: false,
-    };
+    let fired = |plan: &FaultPlan| fired(fault, plan, victim);
+    let mut trial = TrialResult::new(setup, n, victim);
     let mut results = match collect(&rx, n, watchdog(deadline, late), 1) {
         Ok(r) => r,
         Err(v) => {
