@@ -186,10 +186,18 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
         let r = SERVERS + w.index();
         let wait = if r == victim { late } else { Duration::ZERO };
         spawn(format!("chaos worker {r}"), move || {
-            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
                 let out = work(&mut w, len, wait, late_step);
                 // A worker that failed drops its end: the servers see it gone and finish.
-                out.and_then(|lost| w.done().map(|()| lost))
+                // `done` consumes the worker: its device is gone before the report, so that
+                // no trial's devices outlive it into the next (see `trial::Ranks`).
+                match out {
+                    Ok(lost) => w.done().map(|()| lost),
+                    Err(e) => {
+                        drop(w);
+                        Err(e)
+                    }
+                }
             }));
             let _ = tx.send(match ran {
                 Ok(out) => Done::Worker(r, out),

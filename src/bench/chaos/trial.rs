@@ -181,6 +181,37 @@ enum Report {
     First(RankResult),
     Second(RankResult),
     Panicked(usize),
+    /// The rank's communicator, and with it its device, is gone: its last report.
+    Gone,
+}
+
+/// The ranks' threads of one trial: their reports, and their go-ahead for the follow-up.
+/// Dropped at the end of the trial, it withholds the go-ahead from those still waiting and
+/// waits (with a deadline) until every rank's device is torn down, so that no trial's devices
+/// outlive it into the next: on OpenGL, a device torn down on one thread while the next
+/// trial's are used on others ended in `BadDisplay` and a corrupted heap.
+struct Ranks {
+    rx: mpsc::Receiver<Report>,
+    go: Vec<mpsc::Sender<()>>,
+    n: usize,
+    gone: std::cell::Cell<usize>,
+    within: Duration,
+}
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        self.go.clear();
+        let give_up = crate::deadline::deadline_after(self.within);
+        while self.gone.get() < self.n {
+            let left = give_up.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(Report::Gone) => self.gone.set(self.gone.get() + 1),
+                Ok(_) => {}
+                // Past the deadline (a hung rank: the campaign stops) or every thread gone.
+                Err(_) => break,
+            }
+        }
+    }
 }
 
 /// The settings one trial needs from the campaign.
@@ -294,9 +325,16 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
             })?;
     }
     drop(tx);
+    let ranks = Ranks {
+        rx,
+        go,
+        n,
+        gone: std::cell::Cell::new(0),
+        within: watchdog(deadline, late),
+    };
     let fired = |plan: &FaultPlan| fired(fault, plan, victim);
     let mut trial = TrialResult::new(setup, n, victim);
-    let mut results = match collect(&rx, n, watchdog(deadline, late), 1) {
+    let mut results = match collect(&ranks, watchdog(deadline, late), 1) {
         Ok(r) => r,
         Err(v) => {
             trial.fired = fired(&plan);
@@ -379,11 +417,11 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
     // The follow-up: the faults healed (the dead stay dead), every rank calls a fault-free
     // all-reduce; it must end, and what succeeds must be right and agree.
     plan.heal();
-    for g in &go {
+    for g in &ranks.go {
         // A thread that is gone has already reported; nothing to tell it.
         let _ = g.send(());
     }
-    let follow = match collect(&rx, n, watchdog(deadline, Duration::ZERO), 2) {
+    let follow = match collect(&ranks, watchdog(deadline, Duration::ZERO), 2) {
         Ok(r) => r,
         Err(v) => {
             trial.verdict = v;
@@ -432,19 +470,16 @@ fn watchdog(deadline: Duration, late: Duration) -> Duration {
 
 /// `n` results of call `call` (1 or 2) from the ranks' threads, in rank order, or the verdict
 /// when one panicked or had not reported by `within`.
-fn collect(
-    rx: &mpsc::Receiver<Report>,
-    n: usize,
-    within: Duration,
-    call: u8,
-) -> Result<Vec<RankResult>, Verdict> {
+fn collect(ranks: &Ranks, within: Duration, call: u8) -> Result<Vec<RankResult>, Verdict> {
+    let n = ranks.n;
     let give_up = crate::deadline::deadline_after(within);
     let mut results: Vec<RankResult> = Vec::with_capacity(n);
     while results.len() < n {
         let left = give_up.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        match ranks.rx.recv_timeout(left) {
             Ok(Report::First(r) | Report::Second(r)) => results.push(r),
             Ok(Report::Panicked(rank)) => return Err(Verdict::Panicked { rank }),
+            Ok(Report::Gone) => ranks.gone.set(ranks.gone.get() + 1),
             Err(_) => {
                 let missing: Vec<usize> = (0..n)
                     .filter(|r| !results.iter().any(|x| x.rank == *r))
@@ -585,6 +620,7 @@ fn rank_thread(
     if ran.is_err() {
         let _ = tx.send(Report::Panicked(rank));
     }
+    let _ = tx.send(Report::Gone);
 }
 
 /// A bug planted in what the ranks returned, to show that the checks catch it.
