@@ -434,3 +434,69 @@ fn chaos_exits_non_zero_only_when_its_checks_fail() {
     assert!(!ok, "{out}");
     assert!(out.contains("FAILED"), "{out}");
 }
+
+#[test]
+fn reliability_prints_every_cell_of_the_lectures_table_and_fails_on_a_wrong_result() {
+    let (ok, out) = bench(&[
+        "reliability",
+        "--bytes",
+        "1M",
+        "--scale-ranks",
+        "3",
+        "--iters",
+        "1",
+        "--steps",
+        "6",
+        "--model-ranks",
+        "64",
+    ]);
+    assert!(ok, "{out}");
+    for cell in [
+        "scalability     parameter server",
+        "model at 64 ranks",
+        "dead worker     parameter server",
+        "silent (cut off)",
+        "ring, fail-stop",
+        "ring, survivors (wccl)",
+        "10x straggler   parameter server",
+        "skip_after 10.0 ms",
+        "dead server     ps, one server",
+        "ps, 2 replicas, Strong",
+        "acknowledged updates lost: 0, every key equal to the reference of every push",
+        "partition       ps, 2 replicas, Strong",
+        "the replicas are equal (converged)",
+        "the cut-off rank is told",
+    ] {
+        assert!(out.contains(cell), "no '{cell}' in:\n{out}");
+    }
+    assert!(out.contains("0 problems: passed"), "{out}");
+    // Every row was run with the faults it names: its checks did not find a fault elsewhere.
+    assert!(!out.contains("WRONG"), "{out}");
+    let (ok, out) = bench(&[
+        "reliability",
+        "--only",
+        "dead-worker",
+        "--steps",
+        "4",
+        "--plant",
+        "wrong-element",
+    ]);
+    assert!(!ok, "{out}");
+    // Both halves of the row catch it: a ring rank's result and the servers' parameters.
+    assert!(out.contains("WRONG: ring rank"), "{out}");
+    assert!(out.contains("WRONG: ps, a dead worker"), "{out}");
+    assert!(out.contains("FAILED"), "{out}");
+    let (ok, _) = bench(&["reliability", "--only", "everything"]);
+    assert!(!ok);
+    for bad in [
+        &["--ranks", "2"][..],
+        &["--grad", "1G"],
+        &["--link-latency-us", "-1"],
+        &["--compute-ms", "100"],
+    ] {
+        let mut args = vec!["reliability"];
+        args.extend_from_slice(bad);
+        let (ok, _) = bench(&args);
+        assert!(!ok, "{bad:?} was accepted");
+    }
+}

@@ -15,6 +15,8 @@ fn settings(faults: usize, seed: u64, plant: Option<Plant>) -> ChaosSettings {
         deadline: Duration::from_millis(200),
         plant,
         targets: Vec::new(),
+        // wccl-bench runs a trial's processes (it is the campaign's child program).
+        program: Some(env!("CARGO_BIN_EXE_wccl-bench").into()),
     }
 }
 
@@ -55,6 +57,34 @@ fn two_hundred_faults_no_hang_no_silently_wrong_result() {
         report.trials.iter().any(|t| !t.recoveries.is_empty()),
         "{summary}"
     );
+    // Real processes were killed and stopped, and their survivors told.
+    let procs: Vec<_> = report
+        .trials
+        .iter()
+        .filter(|t| t.target == Target::Processes)
+        .collect();
+    assert!(
+        procs.len() >= 10,
+        "{} process trials\n{summary}",
+        procs.len()
+    );
+    assert!(
+        procs
+            .iter()
+            .any(|t| t.verdict == Verdict::Detected && t.named.contains(&true)),
+        "no process trial named its victim\n{summary}"
+    );
+}
+
+#[test]
+fn a_changed_element_on_real_processes_fails_the_campaign() {
+    // The children check their own results: one changed element there fails the run too.
+    let report = campaign(&ChaosSettings {
+        targets: vec![Target::Processes],
+        ..settings(4, 6, Some(Plant::WrongElement))
+    });
+    assert!(report.silently_wrong() > 0, "{}", report.summary());
+    assert!(report.failed());
 }
 
 #[test]

@@ -10,6 +10,7 @@ mod matmul;
 #[cfg(feature = "cli")]
 mod plot;
 mod ps_row;
+pub mod reliability;
 mod report;
 mod sizes;
 pub mod tcp;

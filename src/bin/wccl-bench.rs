@@ -108,6 +108,10 @@ enum Command {
     /// under failures for the fail-stop ring with checkpoints, the surviving ring and the
     /// replicated parameter server.
     Availability(AvailabilityArgs),
+    /// The lecture's table of the parameter server against ring all-reduce, measured in one
+    /// run: scalability (busbw, and the model at 1024 ranks), a dead worker, a 10x straggler,
+    /// a dead server and a partition, every result checked; exits non-zero on a wrong result.
+    Reliability(ReliabilityArgs),
     /// A fault campaign: random faults (kill, stall, delay, drop, duplicate, corrupt,
     /// partition, slow rank) injected into collectives, every result checked against an f64
     /// reference; exits non-zero on any hang or silently wrong result.
@@ -124,6 +128,9 @@ enum Command {
         /// Plant a bug to see the checks fail: unreported (errors swallowed) or wrong-element.
         #[arg(long = "plant", hide = true)]
         plant: Option<String>,
+        /// No trials on real processes over TCP (they start copies of this program).
+        #[arg(long = "no-processes")]
+        no_processes: bool,
     },
     /// Predicted all-reduce busbw of ring, central and tree over independent links, at scale.
     Model {
@@ -143,6 +150,50 @@ enum Command {
         #[arg(short = 'b', long = "bytes", default_value = "256M", value_parser = bench::parse_size)]
         bytes: u64,
     },
+}
+
+#[derive(Args)]
+struct ReliabilityArgs {
+    /// Ring ranks and parameter-server workers (at least 3).
+    #[arg(long = "ranks", default_value_t = 4)]
+    ranks: usize,
+    /// Training steps of each run (the faults come halfway; at least 4).
+    #[arg(long = "steps", default_value_t = 20)]
+    steps: u64,
+    /// The gradient's size.
+    #[arg(long = "grad", default_value = "256K", value_parser = bench::parse_size)]
+    grad: u64,
+    /// A healthy rank's compute per step, milliseconds (the straggler's is 10x).
+    #[arg(long = "compute-ms", default_value_t = 20)]
+    compute_ms: u64,
+    /// Every call's deadline, milliseconds.
+    #[arg(long = "deadline-ms", default_value_t = 1000)]
+    deadline_ms: u64,
+    /// The scalability row's all-reduce size.
+    #[arg(short = 'b', long = "bytes", default_value = "16M", value_parser = bench::parse_size)]
+    bytes: u64,
+    /// The scalability row's measured rank counts.
+    #[arg(long = "scale-ranks", default_value = "4,8")]
+    scale_ranks: String,
+    /// Timed iterations per scalability measurement.
+    #[arg(short = 'n', long = "iters", default_value_t = 3)]
+    iters: usize,
+    /// The scalability row's modelled rank count.
+    #[arg(long = "model-ranks", default_value_t = 1024)]
+    model_ranks: usize,
+    /// The model's link bandwidth, GB/s.
+    #[arg(long = "link-gbps", default_value_t = 25.0)]
+    link_gbps: f64,
+    /// The model's link latency, microseconds.
+    #[arg(long = "link-latency-us", default_value_t = 5.0)]
+    link_latency_us: f64,
+    /// Rows to run, comma-separated: scalability, dead-worker, straggler, dead-server,
+    /// partition (all by default).
+    #[arg(long = "only")]
+    only: Option<String>,
+    /// Plant a bug to see the checks fail: wrong-element.
+    #[arg(long = "plant", hide = true)]
+    plant: Option<String>,
 }
 
 #[derive(Args)]
@@ -369,6 +420,7 @@ fn chaos(
     seed: u64,
     deadline_ms: u64,
     plant: Option<&str>,
+    no_processes: bool,
 ) -> Result<ExitCode, bench::BenchError> {
     use wccl::bench::chaos::{ChaosSettings, Plant};
     let plant = match plant {
@@ -388,9 +440,62 @@ fn chaos(
         deadline: Duration::from_millis(deadline_ms),
         plant,
         targets: Vec::new(),
+        // This program is the child of the campaign's trials on processes.
+        program: if no_processes {
+            None
+        } else {
+            Some(std::env::current_exe()?)
+        },
     };
     let report = wccl::bench::chaos::run(&settings, &mut std::io::stdout())?;
     print!("{}", report.summary());
+    Ok(if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn reliability(a: &ReliabilityArgs) -> Result<ExitCode, bench::BenchError> {
+    use wccl::bench::reliability::{Aspect, ReliabilitySettings, run};
+    let len = usize::try_from(a.grad / 4).map_err(|_| "--grad is too large")?;
+    let only = match &a.only {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|x| {
+                Aspect::parse(x.trim()).ok_or_else(|| {
+                    format!("--only: '{x}' is not one of scalability, dead-worker, straggler, dead-server, partition")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let plant = match a.plant.as_deref() {
+        None => false,
+        Some("wrong-element") => true,
+        Some(other) => return Err(format!("--plant: '{other}' is not wrong-element").into()),
+    };
+    let s = ReliabilitySettings {
+        ranks: a.ranks,
+        steps: a.steps,
+        len,
+        compute: Duration::from_millis(a.compute_ms),
+        deadline: Duration::from_millis(a.deadline_ms),
+        scale_bytes: a.bytes,
+        scale_ranks: parse_ranks(&a.scale_ranks)?,
+        scale_iters: a.iters,
+        model_ranks: a.model_ranks,
+        link: LinkModel {
+            gbps: a.link_gbps,
+            latency_us: a.link_latency_us,
+            reduce_gbps: None,
+        },
+        only,
+        plant,
+        ..ReliabilitySettings::default()
+    };
+    let report = run(&s, &mut std::io::stderr())?;
+    print!("{}", report.render());
     Ok(if report.failed() {
         ExitCode::FAILURE
     } else {
@@ -599,6 +704,11 @@ fn matmul(
 
 fn main() -> ExitCode {
     quiet_headless_vulkan();
+    // A rank of a `chaos` trial on real processes.
+    if let Ok(spec) = std::env::var(wccl::bench::chaos::procs::CHILD_VAR) {
+        let code = wccl::bench::chaos::procs::child(&spec);
+        return ExitCode::from(u8::try_from(code).unwrap_or(2));
+    }
     // A copy of this program started by `tcp-probe` or `tcp-init` as the other processes.
     if let Ok(spec) = std::env::var(TCP_CHILD) {
         return match tcp_child(&spec) {
@@ -656,12 +766,14 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
             check,
         } => return matmul(&sizes, &kernel, &dtype, iters, warmup, check != 0),
         Command::Availability(a) => return availability(&a),
+        Command::Reliability(a) => return reliability(&a),
         Command::Chaos {
             faults,
             seed,
             deadline_ms,
             plant,
-        } => return chaos(faults, seed, deadline_ms, plant.as_deref()),
+            no_processes,
+        } => return chaos(faults, seed, deadline_ms, plant.as_deref(), no_processes),
         Command::Model {
             ranks,
             link_gbps,

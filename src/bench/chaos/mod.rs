@@ -31,7 +31,8 @@
 //! under `Eventual` losses are counted as its CAP choice.
 
 pub mod blame;
-mod ps;
+pub mod procs;
+pub(in crate::bench) mod ps;
 mod trial;
 
 use std::fmt::Write as _;
@@ -62,11 +63,15 @@ pub enum Target {
     PsStrong,
     /// The replicated parameter server, `Eventual`.
     PsEventual,
+    /// All-reduce between real processes over TCP, fail-stop or finishing among survivors;
+    /// the fault is a real SIGKILL or SIGSTOP ([`procs`]). Only with
+    /// [`ChaosSettings::program`].
+    Processes,
 }
 
 impl Target {
     /// Every target, in the report's order.
-    pub const ALL: [Target; 8] = [
+    pub const ALL: [Target; 9] = [
         Target::RingFailStop,
         Target::SurvivingRing,
         Target::ReduceScatter,
@@ -75,6 +80,7 @@ impl Target {
         Target::Reduce,
         Target::PsStrong,
         Target::PsEventual,
+        Target::Processes,
     ];
 
     /// The report's name.
@@ -88,6 +94,7 @@ impl Target {
             Target::Reduce => "reduce",
             Target::PsStrong => "ps Strong",
             Target::PsEventual => "ps Eventual",
+            Target::Processes => "all_reduce processes",
         }
     }
 }
@@ -162,8 +169,12 @@ pub struct ChaosSettings {
     pub deadline: Duration,
     /// A bug to plant, to check the checks.
     pub plant: Option<Plant>,
-    /// The calls to inject faults into (empty: all of [`Target::ALL`]).
+    /// The calls to inject faults into (empty: all of [`Target::ALL`], less
+    /// [`Target::Processes`] without a [`program`](Self::program)).
     pub targets: Vec<Target>,
+    /// A program that runs [`procs::child`] when [`procs::CHILD_VAR`] is set (`wccl-bench`
+    /// does): with one, the campaign also kills real processes.
+    pub program: Option<std::path::PathBuf>,
 }
 
 /// Every trial of a campaign.
@@ -183,14 +194,27 @@ pub fn run(
     let mut rng = rand::rngs::StdRng::seed_from_u64(settings.seed);
     // Not sized from the settings: a huge --faults must not allocate up front.
     let mut trials = Vec::new();
+    let targets: Vec<Target> = if settings.targets.is_empty() {
+        Target::ALL
+            .into_iter()
+            .filter(|&t| t != Target::Processes || settings.program.is_some())
+            .collect()
+    } else {
+        settings.targets.clone()
+    };
+    if targets.contains(&Target::Processes) && settings.program.is_none() {
+        return Err("chaos: trials on processes need the program to run as a child".into());
+    }
     for index in 0..settings.faults {
-        let targets: &[Target] = if settings.targets.is_empty() {
-            &Target::ALL
-        } else {
-            &settings.targets
+        let Some(&target) = targets.get(rng.random_range(0..targets.len().max(1))) else {
+            return Err("chaos: no target to inject faults into".into());
         };
-        let target = targets[rng.random_range(0..targets.len())];
-        let fault = Fault::ALL[rng.random_range(0..Fault::ALL.len())];
+        // A real process can be killed or stopped; the other faults act on frames.
+        let fault = if target == Target::Processes {
+            [Fault::Kill, Fault::Stall][rng.random_range(0..2)]
+        } else {
+            Fault::ALL[rng.random_range(0..Fault::ALL.len())]
+        };
         let setup = trial::Setup {
             index,
             target,
@@ -198,7 +222,10 @@ pub fn run(
             deadline: settings.deadline,
             plant: settings.plant,
         };
-        let t = trial::run(&setup, &mut rng)?;
+        let t = match (&settings.program, target) {
+            (Some(program), Target::Processes) => procs::run(&setup, &mut rng, program)?,
+            _ => trial::run(&setup, &mut rng)?,
+        };
         if t.verdict.fails() {
             writeln!(
                 log,
@@ -288,10 +315,11 @@ impl ChaosReport {
         let d = self.settings.deadline;
         let _ = writeln!(
             s,
-            "# chaos: {} faults, seed {}, deadline {} ms, 3-5 ranks over channels with checksums",
+            "# chaos: {} faults, seed {}, deadline {} ms, 3-5 ranks over channels with checksums; {} trials on 3-4 real processes over TCP (SIGKILL or SIGSTOP)",
             self.trials.len(),
             self.settings.seed,
-            d.as_millis()
+            d.as_millis(),
+            self.count(|t| t.target == Target::Processes)
         );
         if let Some(p) = self.settings.plant {
             let _ = writeln!(s, "# PLANTED BUG: {p:?} (the checks must fail this run)");

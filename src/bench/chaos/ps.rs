@@ -25,7 +25,8 @@ const SERVERS: usize = 3;
 const REPLICAS: usize = 2;
 const KEYS: usize = 3;
 const STEPS: u64 = 4;
-const LR: f32 = 0.01;
+/// The learning rate of the plain SGD every trial uses.
+pub(in crate::bench) const LR: f32 = 0.01;
 
 fn key_name(k: usize) -> String {
     format!("k{k}")
@@ -33,12 +34,13 @@ fn key_name(k: usize) -> String {
 
 /// Worker `q`'s gradient of `key` at `step`, element `i`: distinct per (worker, key, step,
 /// element) over a period of 11.
-fn grad_value(q: usize, key: usize, step: u64, i: usize) -> f32 {
+pub(in crate::bench) fn grad_value(q: usize, key: usize, step: u64, i: usize) -> f32 {
     let n = (q * 7 + key * 3 + (step % 11) as usize * 5 + i) % 11;
     n as f32 / 11.0 - 0.45
 }
 
-fn init_value(key: usize, i: usize) -> f32 {
+/// Key `key`'s initial value, element `i`.
+pub(in crate::bench) fn init_value(key: usize, i: usize) -> f32 {
     ((key * 5 + i) % 7) as f32 / 7.0
 }
 

@@ -706,13 +706,15 @@ fn one_call(
     let out = if in_place { &input } else { &output };
     let call = match target {
         // (The parameter server's trials run in `ps.rs`, never here.)
-        Target::RingFailStop | Target::SurvivingRing | Target::PsStrong | Target::PsEventual => {
-            Collective::AllReduce {
-                input: input.view(),
-                output: out.view(),
-                op: ReduceOp::Sum,
-            }
-        }
+        Target::RingFailStop
+        | Target::SurvivingRing
+        | Target::PsStrong
+        | Target::PsEventual
+        | Target::Processes => Collective::AllReduce {
+            input: input.view(),
+            output: out.view(),
+            op: ReduceOp::Sum,
+        },
         Target::ReduceScatter => Collective::ReduceScatter {
             input: input.view(),
             output: output.view(),
@@ -792,7 +794,7 @@ impl Target {
             Target::Broadcast => Some(inputs[root].iter().map(|&x| f64::from(x)).collect()),
             Target::Reduce => (rank == root).then(|| sum(0..block)),
             // Judged in `ps.rs` against the parameters' own reference.
-            Target::PsStrong | Target::PsEventual => None,
+            Target::PsStrong | Target::PsEventual | Target::Processes => None,
         }
     }
 }
