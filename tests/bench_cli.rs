@@ -491,7 +491,7 @@ fn reliability_prints_every_cell_of_the_lectures_table_and_fails_on_a_wrong_resu
     for bad in [
         &["--ranks", "2"][..],
         &["--grad", "1G"],
-        &["--link-latency-us", "-1"],
+        &["--link-latency-us=-1"],
         &["--compute-ms", "100"],
     ] {
         let mut args = vec!["reliability"];

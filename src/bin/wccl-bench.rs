@@ -441,7 +441,8 @@ fn chaos(
         plant,
         targets: Vec::new(),
         // This program is the child of the campaign's trials on processes.
-        program: if no_processes {
+        // (Unix only: the campaign stops processes with SIGSTOP.)
+        program: if no_processes || !cfg!(unix) {
             None
         } else {
             Some(std::env::current_exe()?)
@@ -706,8 +707,7 @@ fn main() -> ExitCode {
     quiet_headless_vulkan();
     // A rank of a `chaos` trial on real processes.
     if let Ok(spec) = std::env::var(wccl::bench::chaos::procs::CHILD_VAR) {
-        let code = wccl::bench::chaos::procs::child(&spec);
-        return ExitCode::from(u8::try_from(code).unwrap_or(2));
+        return ExitCode::from(wccl::bench::chaos::procs::child(&spec));
     }
     // A copy of this program started by `tcp-probe` or `tcp-init` as the other processes.
     if let Ok(spec) = std::env::var(TCP_CHILD) {

@@ -197,13 +197,16 @@ pub fn run(
     let targets: Vec<Target> = if settings.targets.is_empty() {
         Target::ALL
             .into_iter()
-            .filter(|&t| t != Target::Processes || settings.program.is_some())
+            .filter(|&t| t != Target::Processes || (settings.program.is_some() && cfg!(unix)))
             .collect()
     } else {
         settings.targets.clone()
     };
-    if targets.contains(&Target::Processes) && settings.program.is_none() {
-        return Err("chaos: trials on processes need the program to run as a child".into());
+    if targets.contains(&Target::Processes) && (settings.program.is_none() || !cfg!(unix)) {
+        return Err(
+            "chaos: trials on processes need a Unix machine and the program to run as a child"
+                .into(),
+        );
     }
     for index in 0..settings.faults {
         let Some(&target) = targets.get(rng.random_range(0..targets.len().max(1))) else {
@@ -380,13 +383,33 @@ impl ChaosReport {
             .flat_map(|t| t.detection.iter().copied())
             .collect();
         let (late, of) = self.late_detections();
+        // Which faults the late detections came from.
+        let limit = plus_ten_percent(d);
+        let by_fault: Vec<String> = Fault::ALL
+            .iter()
+            .filter_map(|&f| {
+                let k = self
+                    .trials
+                    .iter()
+                    .filter(|t| t.fault == f)
+                    .flat_map(|t| t.detection.iter())
+                    .filter(|&&x| x > limit)
+                    .count();
+                (k > 0).then(|| format!("{} {k}", f.name()))
+            })
+            .collect();
         let _ = writeln!(
             s,
-            "# detection (fault to error return): p50 {}, p99 {}, deadline {} ms; later than \
-             deadline + 10%: {late} of {of}",
+            "# detection (fault, or the start of a call that began after it, to error return): \
+             p50 {}, p99 {}, deadline {} ms; later than deadline + 10%: {late} of {of}{}",
             ms(percentile(&mut det, 0.5)),
             ms(percentile(&mut det, 0.99)),
-            d.as_millis()
+            d.as_millis(),
+            if by_fault.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", by_fault.join(", "))
+            }
         );
         let mut rec: Vec<Duration> = self
             .trials

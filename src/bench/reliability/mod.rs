@@ -531,7 +531,8 @@ fn ring_pace(ran: &Ran, id: usize, from: usize, to: usize) -> Option<f64> {
     train::pace(ran.log(id)?, from, to)
 }
 
-/// The survivors' errors of a fail-stop run: the slowest detection after the fault, how many
+/// The survivors' errors of a fail-stop run: the slowest detection (from the fault, or from the
+/// start of the failing call if later), how many
 /// named `victim`, how many failed at step `k`, and the first error.
 fn detections(
     ran: &Ran,
@@ -541,13 +542,15 @@ fn detections(
     let (mut slowest, mut named, mut failed) = (None::<Duration>, 0, 0);
     let mut first = None;
     for l in ran.logs.iter().filter(|l| l.id != victim) {
-        if let Some((step, e, at)) = &l.error {
+        if let Some((step, e, at, began)) = &l.error {
             failed += usize::from(*step == k);
             if blamed(e).contains(&victim) {
                 named += 1;
             }
             if let Some(f) = ran.fault_at {
-                let d = at.saturating_duration_since(f);
+                // From the fault, or from the start of the call if it began later (the
+                // survivors compute before they call).
+                let d = at.saturating_duration_since(f.max(*began));
                 slowest = Some(slowest.map_or(d, |x: Duration| x.max(d)));
             }
             first = first.or(Some(e));
@@ -598,28 +601,14 @@ fn dead_worker(
     t.kill_worker = Some((victim, k));
     let ran = ps_train::run(&t)?;
     let w0 = ran.worker(0);
-    let stall = w0.and_then(|w| {
-        let end = *w.ends.get(ki)?;
-        let before = *w.ends.get(ki.checked_sub(1)?)?;
-        Some(end.saturating_duration_since(before))
-    });
+    let stall = w0.and_then(|w| ps_step(w, ki));
     ps_survivors_ok(&ran, victim, "ps, a dead worker", check);
     if ran.declared_failed() {
         // A healthy worker that missed the deadline on a loaded machine: the steps after it
         // applied without it, which this reference does not know.
         check.skipped("ps, a dead worker: a server declared a live worker failed".into());
     } else {
-        let off = ps_train::keys_off(
-            &t,
-            &ran,
-            |step| (0..s.ranks).filter(|&q| q != victim || step < k).collect(),
-            check,
-        );
-        if !off.is_empty() {
-            check.wrong(format!(
-                "ps, a dead worker: {off:?} differ from the reference of the survivors' pushes"
-            ));
-        }
+        check_without(&t, &ran, victim, k, "ps, a dead worker", check);
     }
     // Step 0 is the first use of every buffer: the paces start after it.
     let (before, after) = (ps_pace(w0, 1, ki), ps_pace(w0, ki + 1, steps));
@@ -641,17 +630,7 @@ fn dead_worker(
             "ps, a silent worker: live workers declared failed too ({declared:?})"
         ));
     } else {
-        let off = ps_train::keys_off(
-            &t,
-            &cut,
-            |step| (0..s.ranks).filter(|&q| q != victim || step < k).collect(),
-            check,
-        );
-        if !off.is_empty() {
-            check.wrong(format!(
-                "ps, a silent worker: {off:?} differ from the reference of the others' pushes"
-            ));
-        }
+        check_without(&t, &cut, victim, k, "ps, a silent worker", check);
     }
     let c0 = cut.worker(0);
     let silent_stall = c0.and_then(|w| ps_step(w, ki));
@@ -699,7 +678,7 @@ fn dead_worker(
         lecture: "zero tolerance",
         measured: vec![
             format!(
-                "{failed} of {} survivors fail at step {k}, within {} of the kill, {named} naming rank {victim}",
+                "{failed} of {} survivors fail at step {k}, within {} of the kill (or of their call's start, if later), {named} naming rank {victim}",
                 s.ranks - 1,
                 slowest.map_or("-".into(), ms)
             ),
@@ -746,10 +725,25 @@ fn dead_worker(
     Ok(())
 }
 
+/// Every key equals the reference of every worker's pushes, `victim`'s only before step `k`.
+fn check_without(t: &PsTrain, ran: &PsRan, victim: usize, k: u64, what: &str, check: &Check) {
+    let counted = |step: u64| {
+        (0..t.workers)
+            .filter(|&q| q != victim || step < k)
+            .collect()
+    };
+    let off = ps_train::keys_off(t, ran, counted, check);
+    if !off.is_empty() {
+        check.wrong(format!(
+            "{what}: {off:?} differ from the reference of the others' pushes"
+        ));
+    }
+}
+
 /// Every worker but `victim` finished without an error.
 fn ps_survivors_ok(ran: &PsRan, victim: usize, what: &str, check: &Check) {
     for w in ran.workers.iter().filter(|w| w.q != victim) {
-        if let Some((step, e, _)) = &w.error {
+        if let Some((step, e, ..)) = &w.error {
             check.wrong(format!("{what}: worker {} failed at step {step}: {e}", w.q));
         }
     }
@@ -757,7 +751,7 @@ fn ps_survivors_ok(ran: &PsRan, victim: usize, what: &str, check: &Check) {
 
 /// A ring rank that must finish every step did.
 fn survived(l: &RankLog, steps: u64, what: &str, check: &Check) {
-    if let Some((step, e, _)) = &l.error {
+    if let Some((step, e, ..)) = &l.error {
         check.wrong(format!("{what}: rank {} failed at step {step}: {e}", l.id));
     } else if (l.steps.len() as u64) < steps {
         check.wrong(format!(
@@ -931,11 +925,11 @@ fn dead_server(
     let (mut slowest, mut failed, mut named) = (None::<Duration>, 0, 0);
     let mut first = None;
     for w in &ran.workers {
-        if let Some((_, e, at)) = &w.error {
+        if let Some((_, e, at, began)) = &w.error {
             failed += 1;
             named += usize::from(blamed(e).contains(&0));
             if let Some(f) = ran.fault_at {
-                let d = at.saturating_duration_since(f);
+                let d = at.saturating_duration_since(f.max(*began));
                 slowest = Some(slowest.map_or(d, |x: Duration| x.max(d)));
             }
             first = first.or(Some(e));
@@ -953,7 +947,7 @@ fn dead_server(
         lecture: "single point of failure",
         measured: vec![
             format!(
-                "fails: {failed} of {} workers fail within {} of the kill, {named} naming the server",
+                "fails: {failed} of {} workers fail within {} of the kill (or of their step's requests, if later), {named} naming the server",
                 s.ranks,
                 slowest.map_or("-".into(), ms)
             ),
@@ -973,14 +967,15 @@ fn dead_server(
             Consistency::Eventual => "ps, 3 servers, Eventual",
         };
         ps_survivors_ok(&ran, usize::MAX, name, check);
-        // The failover's cost: the step of the kill over a median step, the worst worker's.
-        let mut cost = None::<Duration>;
+        // The failover's cost: the step of the kill less a median step (signed), the worst
+        // worker's.
+        let mut cost = None::<f64>;
         for w in &ran.workers {
             let (Some(step), Some(median)) = (ps_step(w, ki), median_step(w)) else {
                 continue;
             };
-            let c = step.saturating_sub(median);
-            cost = Some(cost.map_or(c, |x: Duration| x.max(c)));
+            let c = (step.as_secs_f64() - median.as_secs_f64()) * 1e3;
+            cost = Some(cost.map_or(c, |x: f64| x.max(c)));
         }
         let failovers: u64 = ran.workers.iter().map(|w| w.failovers).sum();
         let all_ok = ran.workers.iter().all(|w| w.error.is_none());
@@ -999,8 +994,8 @@ fn dead_server(
             ));
         }
         let mut measured = vec![format!(
-            "failover: the step of the kill took {} more than a median step (worst worker); {failovers} failovers",
-            cost.map_or("-".into(), ms),
+            "failover: the step of the kill against a median step, {} (worst worker); {failovers} failovers",
+            cost.map_or("-".into(), |c| format!("{c:+.1} ms")),
         )];
         match consistency {
             Consistency::Strong => {
@@ -1008,7 +1003,7 @@ fn dead_server(
                 let told = ran
                     .workers
                     .iter()
-                    .filter(|w| matches!(w.error, Some((_, Error::Lost { .. }, _))))
+                    .filter(|w| matches!(w.error, Some((_, Error::Lost { .. }, ..))))
                     .count();
                 if !off.is_empty() {
                     check.wrong(format!(
@@ -1171,8 +1166,8 @@ fn partition(
     let recovered = recovery_at(&ran, victim, k, "ring survivors, a partition", check);
     let minority = ran.log(victim).and_then(|l| l.error.as_ref());
     match minority {
-        Some((_, Error::NoQuorum { .. } | Error::Excluded { .. }, _)) => {}
-        Some((_, e, _)) => check.wrong(format!(
+        Some((_, Error::NoQuorum { .. } | Error::Excluded { .. }, ..)) => {}
+        Some((_, e, ..)) => check.wrong(format!(
             "ring survivors, a partition: the cut-off rank failed with {e}, not NoQuorum"
         )),
         None => check.wrong("ring survivors, a partition: the cut-off rank did not fail".into()),

@@ -93,8 +93,8 @@ pub(super) struct WorkerLog {
     pub start: Instant,
     /// The end of each step that succeeded.
     pub ends: Vec<Instant>,
-    /// The step that failed, its error and when.
-    pub error: Option<(u64, Error, Instant)>,
+    /// The step that failed, its error, when, and when the step's requests began.
+    pub error: Option<(u64, Error, Instant, Instant)>,
     /// Updates this worker saw lost (`Eventual`).
     pub lost: u64,
     /// Times this worker turned to another replica.
@@ -242,24 +242,28 @@ pub(super) fn run(t: &PsTrain) -> Result<PsRan, BenchError> {
                             set_once(fault_at_ref, Instant::now());
                         }
                         let slow = matches!(t.slow, Some((r, _)) if r == q);
-                        if slow && finished.is_set() {
+                        if slow && t.backups > 0 && finished.is_set() {
                             // Worker 0 is done: the straggler's late pushes no longer matter.
+                            // (Without backups every step waits for the straggler: it makes
+                            // every step.)
                             break;
                         }
                         std::thread::sleep(match t.slow {
                             Some((r, d)) if r == q => d,
                             _ => t.compute,
                         });
+                        let began = Instant::now();
                         if let Err(e) = one_step(&mut w, t, step, &bufs) {
-                            log.error = Some((step, e, Instant::now()));
+                            log.error = Some((step, e, Instant::now(), began));
                             (log.lost, log.failovers) = (w.lost_updates(), w.failovers());
                             return Ok(log);
                         }
                         log.ends.push(Instant::now());
                     }
                     (log.lost, log.failovers) = (w.lost_updates(), w.failovers());
+                    let began = Instant::now();
                     if let Err(e) = w.done() {
-                        log.error = Some((t.steps, e, Instant::now()));
+                        log.error = Some((t.steps, e, Instant::now(), began));
                     }
                     Ok(log)
                 })

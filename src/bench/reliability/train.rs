@@ -71,8 +71,8 @@ pub(super) struct RankLog {
     pub start: Instant,
     /// The end of each step that succeeded, in order, with its outcome.
     pub steps: Vec<(Instant, Outcome)>,
-    /// The step that failed, its error and when.
-    pub error: Option<(u64, Error, Instant)>,
+    /// The step that failed, its error, when, and when its call began.
+    pub error: Option<(u64, Error, Instant, Instant)>,
 }
 
 /// A whole run.
@@ -121,10 +121,15 @@ pub(super) fn run(t: &Train, check: &Check) -> Result<Ran, BenchError> {
     let fault_at = Mutex::new(None::<Instant>);
     let finished = AtomicBool::new(false);
     let leave = Leave::default();
-    // Every call of a run ends within its deadline, a few calls each for recovery.
+    // Every call of a run ends within its deadline; a cut-off minority learns it has no quorum
+    // after each coordinator it tries has timed out (two deadlines each).
+    let waits = u32::try_from(t.ranks)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(2)
+        .saturating_add(4);
     let leave_within = t
         .deadline
-        .saturating_mul(10)
+        .saturating_mul(waits)
         .saturating_add(Duration::from_secs(5));
     let (plan, fault_at_ref, finished, leave) = (&plan, &fault_at, &finished, &leave);
     let joined: Vec<_> = std::thread::scope(|s| {
@@ -217,6 +222,7 @@ fn rank_loop(
         let values: Vec<f32> = (0..t.len).map(|i| grad(id, step, i)).collect();
         c.write(&buf, &values)?;
         let me = c.rank();
+        let began = Instant::now();
         let got = c.run(
             Collective::AllReduce {
                 input: buf.view(),
@@ -241,7 +247,7 @@ fn rank_loop(
                 log.steps.push((end, o));
             }
             Err(e) => {
-                log.error = Some((step, e, Instant::now()));
+                log.error = Some((step, e, Instant::now(), began));
                 return Ok(log);
             }
         }
