@@ -13,9 +13,9 @@
 //! does). It prints one line per event:
 //!
 //! - `READY` once joined;
-//! - `OK <call> <contributors> <recovered_us>` per call that succeeded and checked right
-//!   (contributors by their numbers at the start, comma-separated; recovered_us `-` when it
-//!   did not recover);
+//! - `OK <call> <contributors> <recovered_us> <size>` per call that succeeded and checked
+//!   right (contributors by their numbers at the start, comma-separated; recovered_us `-` when
+//!   it did not recover; size, the communicator's when the call began);
 //! - as its last line, `DONE` (exit 0), `ERR <call> <blamed> <in_call_us> <error>` or
 //!   `WRONG <call> <index> <got> <want>` (exit 1).
 
@@ -43,6 +43,9 @@ pub const CHILD_VAR: &str = "WCCL_CHAOS_CHILD";
 const CALLS: usize = 8;
 /// The longest a child may take to join (start, open a device, rendezvous).
 const JOIN_WITHIN: Duration = Duration::from_secs(60);
+/// What a survivor's teardown may take beyond its calls: a TCP link lingers up to 10 s for
+/// a peer to read what it sent (`TcpOptions::linger`), twice for margin.
+const TEARDOWN: Duration = Duration::from_secs(20);
 /// Tries of a trial whose processes could not start or join (a busy machine, a port taken):
 /// the trial is not run rather than the campaign lost.
 const LAUNCH_TRIES: usize = 3;
@@ -141,6 +144,7 @@ fn calls_of(comm: &mut Communicator, len: usize, calls: usize, plant: u8) -> Res
     let mut members: Vec<usize> = (0..n).collect();
     for call in 0..calls {
         let data: Vec<f32> = (0..len).map(|i| input(me, call, i)).collect();
+        let size = comm.size();
         let now = Instant::now();
         comm.write(&buf, &data).map_err(|e| err(call, &e, now))?;
         let started = Instant::now();
@@ -194,7 +198,7 @@ fn calls_of(comm: &mut Communicator, len: usize, calls: usize, plant: u8) -> Res
         }
         let c: Vec<String> = ids.iter().map(usize::to_string).collect();
         say(&format!(
-            "OK {call} {} {}",
+            "OK {call} {} {} {size}",
             c.join(","),
             o.recovered_in
                 .map_or("-".into(), |d| d.as_micros().to_string())
@@ -284,6 +288,9 @@ fn start(
             .env("WCCL_JOB_ID", &job)
             .env_remove("WCCL_MASTER_ADDR")
             .env_remove("WCCL_MASTER_PORT")
+            // torchrun's master wins over a rendezvous file (`rendezvous::env`).
+            .env_remove("MASTER_ADDR")
+            .env_remove("MASTER_PORT")
             .env_remove("WCCL_JOB_TOKEN")
             .env_remove("WCCL_JOB_TOKEN_FILE")
             .stdin(Stdio::null())
@@ -298,8 +305,15 @@ fn start(
             .name(format!("chaos child {rank}"))
             .spawn(move || {
                 if let Some(out) = out {
-                    for line in BufReader::new(out).lines() {
-                        let Ok(line) = line else { break };
+                    let mut out = BufReader::new(out);
+                    let mut bytes = Vec::new();
+                    // Until the output ends (a read error ends it too); a line that is not
+                    // UTF-8 is read as well as it can be, not taken for the end.
+                    while matches!(out.read_until(b'\n', &mut bytes), Ok(k) if k > 0) {
+                        let line = String::from_utf8_lossy(&bytes)
+                            .trim_end_matches(['\n', '\r'])
+                            .to_string();
+                        bytes.clear();
                         let said = Said {
                             rank,
                             line: Some(line),
@@ -338,7 +352,10 @@ fn start(
                 return Err(format!("rank {} could not join: {l}", said.rank));
             }
             Some(_) => early.push(said),
-            None => return Err(format!("rank {} exited before it joined", said.rank)),
+            None if !ready.get(said.rank).copied().unwrap_or(true) => {
+                return Err(format!("rank {} exited before it joined", said.rank));
+            }
+            None => early.push(said),
         }
     }
     Ok(Started {
@@ -421,16 +438,12 @@ pub(super) fn run(
     }
     // The injected fault's timing itself, not a wait for anything.
     std::thread::sleep(after);
-    // A victim that has already ended (its last line, or its output closed) is not hit.
-    trial.fired = !early
-        .iter()
-        .any(|s| s.rank == victim && s.line.as_deref().is_none_or(is_last));
-    let fault_at = Instant::now();
     if let Some(c) = children.procs.get_mut(victim) {
         let pid = c.id();
         let signalled = if setup.fault == Fault::Stall {
-            Command::new("kill")
-                .args(["-STOP", &pid.to_string()])
+            // The shell's own `kill`: no procps needed.
+            Command::new("sh")
+                .args(["-c", &format!("kill -STOP {pid}")])
                 .status()
                 .map(|s| s.success())
         } else {
@@ -444,9 +457,17 @@ pub(super) fn run(
             });
         }
     }
+    let fault_at = Instant::now();
+    // A victim that had already ended (its last line, or its output closed) was not hit.
+    while let Ok(said) = rx.try_recv() {
+        early.push(said);
+    }
+    trial.fired = !early
+        .iter()
+        .any(|s| s.rank == victim && s.line.as_deref().is_none_or(is_last) && s.at <= fault_at);
 
     // Every survivor prints its last line and its output closes (it exited), within the
-    // watchdog: every call, the barrier and the teardown end within a few deadlines each.
+    // watchdog: every call and the barrier end within a few deadlines each, then the teardown.
     let watchdog = setup
         .deadline
         .saturating_mul(
@@ -455,7 +476,7 @@ pub(super) fn run(
                 .saturating_add(1)
                 .saturating_mul(4),
         )
-        .saturating_add(Duration::from_secs(10));
+        .saturating_add(TEARDOWN);
     let give_up = crate::deadline::deadline_after(watchdog);
     let closed = |lines: &[Said], r: usize| lines.iter().any(|s| s.rank == r && s.line.is_none());
     let mut lines = early;
@@ -513,10 +534,8 @@ pub(super) fn judge(
 ) {
     let inconsistent = |why: String| Verdict::Inconsistent { call: 1, why };
     let mut errors = false;
-    // Per call, the contributors the first survivor that succeeded named.
+    // Per call, the contributors the first rank that succeeded named.
     let mut sets: std::collections::HashMap<&str, (usize, Vec<usize>)> = Default::default();
-    // Per survivor, the members of its communicator (it shrinks on each recovery).
-    let mut members: Vec<usize> = vec![n; n];
     for s in lines {
         let Some(line) = s.line.as_deref() else {
             continue;
@@ -537,27 +556,27 @@ pub(super) fn judge(
                 };
                 return;
             }
-            _ if s.rank == victim => {}
-            ["ERR", _call, named, in_call, ..] => {
-                errors = true;
-                let named: Vec<usize> = named.split(',').filter_map(|x| x.parse().ok()).collect();
-                trial.named.push(named.contains(&victim));
-                // From the fault, or from the start of the call if it began later.
-                let since_fault = s.at.saturating_duration_since(fault_at);
-                let in_call = in_call
-                    .parse::<u64>()
-                    .map_or(since_fault, Duration::from_micros);
-                trial.detection.push(since_fault.min(in_call));
-            }
-            ["OK", call, contributors, recovered, ..] => {
-                let Some(c) = ranks_of(contributors, n) else {
+            ["OK", call, contributors, recovered, size] => {
+                let (Some(c), Ok(size)) = (ranks_of(contributors, n), size.parse::<usize>()) else {
                     trial.verdict = inconsistent(format!(
-                        "rank {}, call {call}: contributors '{contributors}' are not a set of ranks of {n}",
+                        "rank {}: '{line}' is not a call's contributors and size",
                         s.rank
                     ));
                     return;
                 };
-                let before = members.get(s.rank).copied().unwrap_or(n);
+                // Every rank that returned a call names one set, the victim before it was hit
+                // too: the whole result or the same survivors', never a mix.
+                let first = sets.entry(call).or_insert_with(|| (s.rank, c.clone()));
+                if first.1 != c {
+                    trial.verdict = inconsistent(format!(
+                        "call {call}: rank {} holds {:?}, rank {} holds {c:?}",
+                        first.0, first.1, s.rank
+                    ));
+                    return;
+                }
+                if s.rank == victim {
+                    continue;
+                }
                 if !c.contains(&s.rank) {
                     trial.verdict = inconsistent(format!(
                         "rank {}, call {call}: succeeded without being a contributor ({c:?})",
@@ -572,29 +591,33 @@ pub(super) fn judge(
                     ));
                     return;
                 }
-                // A strict majority of the communicator the call ran on.
-                if c.len() != before && c.len().saturating_mul(2) <= before {
+                // The whole communicator the call ran on, or a strict majority of it.
+                if c.len() != size && c.len().saturating_mul(2) <= size {
                     trial.verdict = inconsistent(format!(
-                        "rank {}, call {call}: a minority went on: {c:?} of {before}",
+                        "rank {}, call {call}: a minority went on: {c:?} of {size}",
                         s.rank
-                    ));
-                    return;
-                }
-                if let Some(m) = members.get_mut(s.rank) {
-                    *m = c.len();
-                }
-                // Survivors of one call name one set: the whole result or the same survivors'.
-                let first = sets.entry(call).or_insert_with(|| (s.rank, c.clone()));
-                if first.1 != c {
-                    trial.verdict = inconsistent(format!(
-                        "call {call}: rank {} holds {:?}, rank {} holds {c:?}",
-                        first.0, first.1, s.rank
                     ));
                     return;
                 }
                 if let Ok(us) = recovered.parse::<u64>() {
                     trial.recoveries.push(Duration::from_micros(us));
                 }
+            }
+            ["OK", ..] => {
+                trial.verdict = inconsistent(format!("rank {}: a malformed '{line}'", s.rank));
+                return;
+            }
+            _ if s.rank == victim => {}
+            ["ERR", _call, named, in_call, ..] => {
+                errors = true;
+                let named: Vec<usize> = named.split(',').filter_map(|x| x.parse().ok()).collect();
+                trial.named.push(named.contains(&victim));
+                // From the fault, or from the start of the call if it began later.
+                let since_fault = s.at.saturating_duration_since(fault_at);
+                let in_call = in_call
+                    .parse::<u64>()
+                    .map_or(since_fault, Duration::from_micros);
+                trial.detection.push(since_fault.min(in_call));
             }
             _ => {}
         }
@@ -607,6 +630,11 @@ pub(super) fn judge(
             .filter_map(|s| s.line.as_deref())
             .find(|l| is_last(l));
         let code = exits.iter().find(|e| e.0 == r).and_then(|e| e.1);
+        if code == Some(101) {
+            // Rust's exit status for a panic.
+            trial.verdict = Verdict::Panicked { rank: r };
+            return;
+        }
         let expected = match last {
             Some("DONE") => Some(0),
             Some(_) => Some(1),
@@ -683,13 +711,22 @@ mod tests {
 
     #[test]
     fn a_recovery_that_all_survivors_agree_on_is_correct() {
-        let mut lines = vec![(3, "OK 0 0,1,2,3 -")];
+        let mut lines = vec![(3, "OK 0 0,1,2,3 - 4")];
         for r in 0..3 {
-            lines.push((r, "OK 0 0,1,2,3 -"));
-            lines.push((r, "OK 1 0,1,2 1500"));
+            lines.push((r, "OK 0 0,1,2,3 - 4"));
+            lines.push((r, "OK 1 0,1,2 1500 4"));
             lines.push((r, "DONE"));
         }
         assert_eq!(verdict(&lines, true), Verdict::Correct);
+        // Two of three after a whole result kept: a majority of the communicator it ran on.
+        let mut lines = Vec::new();
+        for r in 0..2 {
+            lines.push((r, "OK 0 0,1,2,3 - 4"));
+            lines.push((r, "OK 1 0,1 900 3"));
+            lines.push((r, "DONE"));
+        }
+        lines.push((2, "ERR 1 - 5 excluded"));
+        assert_eq!(verdict(&lines, true), Verdict::Detected);
     }
 
     #[test]
@@ -731,8 +768,20 @@ mod tests {
         // Survivors disagreeing on one call's contributors.
         let v = verdict(
             &[
-                (0, "OK 1 0,1,2 -"),
-                (1, "OK 1 0,1,2,3 -"),
+                (0, "OK 1 0,1,2 - 4"),
+                (1, "OK 1 0,1,2,3 - 4"),
+                (0, "DONE"),
+                (1, "DONE"),
+                (2, "DONE"),
+            ],
+            true,
+        );
+        assert!(is_inconsistent(&v), "{v:?}");
+        // The victim, before it was hit, holding a result the survivors did not.
+        let v = verdict(
+            &[
+                (3, "OK 1 0,1,2,3 - 4"),
+                (0, "OK 1 0,1,2 - 4"),
                 (0, "DONE"),
                 (1, "DONE"),
                 (2, "DONE"),
@@ -742,18 +791,24 @@ mod tests {
         assert!(is_inconsistent(&v), "{v:?}");
         // A fail-stop call leaving a rank out.
         let v = verdict(
-            &[(0, "OK 0 0,1,2 -"), (0, "DONE"), (1, "DONE"), (2, "DONE")],
+            &[(0, "OK 0 0,1,2 - 4"), (0, "DONE"), (1, "DONE"), (2, "DONE")],
             false,
         );
         assert!(is_inconsistent(&v), "{v:?}");
         // A minority going on.
         let v = verdict(
-            &[(0, "OK 0 0,1 -"), (0, "DONE"), (1, "DONE"), (2, "DONE")],
+            &[(0, "OK 0 0,1 - 4"), (0, "DONE"), (1, "DONE"), (2, "DONE")],
             true,
         );
         assert!(is_inconsistent(&v), "{v:?}");
         // A contributor named twice, a rank out of range, a reporter not among them.
-        for c in ["OK 0 0,0,1,2 -", "OK 0 0,1,2,9 -", "OK 0 1,2,3 -"] {
+        for c in [
+            "OK 0 0,0,1,2 - 4",
+            "OK 0 0,1,2,9 - 4",
+            "OK 0 1,2,3 - 4",
+            // No size.
+            "OK 0 0,1,2 -",
+        ] {
             let v = verdict(&[(0, c), (0, "DONE"), (1, "DONE"), (2, "DONE")], true);
             assert!(is_inconsistent(&v), "{c}: {v:?}");
         }
@@ -775,6 +830,11 @@ mod tests {
             t0,
         );
         assert!(is_inconsistent(&t.verdict), "{:?}", t.verdict);
+        // A panic (Rust's exit status 101) is a verdict of its own.
+        let mut t = trial();
+        let exits = [(0, Some(0)), (1, Some(101)), (2, Some(0))];
+        judge(&mut t, &lines, &exits, 3, 4, true, t0);
+        assert_eq!(t.verdict, Verdict::Panicked { rank: 1 });
     }
 
     #[test]
