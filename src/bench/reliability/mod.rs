@@ -575,6 +575,24 @@ fn recovery_at(ran: &Ran, victim: usize, k: u64, what: &str, check: &Check) -> O
     recovered
 }
 
+/// Runs `t` (a fault on `victim` at step `k`) finishing among survivors: every survivor must
+/// finish every step and recover in step `k`; returns the run and the longest recovery.
+fn survivors_run(
+    mut t: Train,
+    victim: usize,
+    k: u64,
+    what: &str,
+    check: &Check,
+) -> Result<(Ran, Option<Duration>), BenchError> {
+    t.on_failure = OnFailure::FinishAmongSurvivors;
+    let ran = train::run(&t, check)?;
+    for l in ran.logs.iter().filter(|l| l.id != victim) {
+        survived(l, t.steps, what, check);
+    }
+    let recovered = recovery_at(&ran, victim, k, what, check);
+    Ok((ran, recovered))
+}
+
 /// Step `k`'s duration on ring rank `id` (from the end of the step before).
 fn ring_step(ran: &Ran, id: usize, k: usize) -> Option<Duration> {
     let l = ran.log(id)?;
@@ -696,12 +714,7 @@ fn dead_worker(
     // The surviving ring: the call finishes among the survivors, training goes on.
     let mut t = train(s);
     t.kill = Some((victim, k));
-    t.on_failure = OnFailure::FinishAmongSurvivors;
-    let ran = train::run(&t, check)?;
-    for l in ran.logs.iter().filter(|l| l.id != victim) {
-        survived(l, s.steps, "ring survivors, a dead rank", check);
-    }
-    let recovered = recovery_at(&ran, victim, k, "ring survivors, a dead rank", check);
+    let (ran, recovered) = survivors_run(t, victim, k, "ring survivors, a dead rank", check)?;
     let (before, after) = (ring_pace(&ran, 0, 0, ki), ring_pace(&ran, 0, ki + 1, steps));
     lines.push(Line {
         aspect: "dead worker",
@@ -1158,12 +1171,7 @@ fn partition(
     let k = s.steps / 2;
     let mut t = train(s);
     t.cut = Some((victim, k));
-    t.on_failure = OnFailure::FinishAmongSurvivors;
-    let ran = train::run(&t, check)?;
-    for l in ran.logs.iter().filter(|l| l.id != victim) {
-        survived(l, s.steps, "ring survivors, a partition", check);
-    }
-    let recovered = recovery_at(&ran, victim, k, "ring survivors, a partition", check);
+    let (ran, recovered) = survivors_run(t, victim, k, "ring survivors, a partition", check)?;
     let minority = ran.log(victim).and_then(|l| l.error.as_ref());
     match minority {
         Some((_, Error::NoQuorum { .. } | Error::Excluded { .. }, ..)) => {}
