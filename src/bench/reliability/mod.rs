@@ -834,12 +834,7 @@ fn straggler(
         arch: "parameter server",
         lecture: "tolerated (backup workers)",
         measured: vec![
-            format!(
-                "fault-free {}; waited for {} ({} of fault-free)",
-                rate(c),
-                rate(w),
-                ratio(w, c)
-            ),
+            waited_for(c, w),
             format!(
                 "one backup worker: {} ({}); {backup_note}",
                 rate(b),
@@ -881,12 +876,7 @@ fn straggler(
         arch: "ring all-reduce",
         lecture: "as slow as the slowest rank",
         measured: vec![
-            format!(
-                "fault-free {}; waited for {} ({} of fault-free)",
-                rate(c),
-                rate(w),
-                ratio(w, c)
-            ),
+            waited_for(c, w),
             format!(
                 "skip_after {}: {} ({}); skipped in {skips} of {} steps",
                 ms(s.skip_after),
@@ -897,6 +887,16 @@ fn straggler(
         ],
     });
     Ok(())
+}
+
+/// The fault-free pace and the pace with the straggler waited for.
+fn waited_for(clean: Option<f64>, waited: Option<f64>) -> String {
+    format!(
+        "fault-free {}; waited for {} ({} of fault-free)",
+        rate(clean),
+        rate(waited),
+        ratio(waited, clean)
+    )
 }
 
 /// Every key of a run in which every worker finished equals the reference of `counted`.
