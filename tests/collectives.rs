@@ -82,15 +82,19 @@ fn matrix_8_ranks() {
 }
 
 /// The central (parameter-server pattern), naive (host round-trip) and host-staged ring
-/// all-reduces, over every op, type and awkward size, on 1 to 5 ranks.
+/// all-reduces, over every op, type and awkward size, on 1 to 5 ranks. The host-staged ring runs
+/// both of its paths: in tensors mapped in place (where the device's memory is the host's, as
+/// on the CI's lavapipe) and staged through host memory (tensors that cannot be mapped).
 #[test]
 fn central_naive_and_staged_all_reduce() {
     let mut rng = rand::rng();
-    for algorithm in [
-        wccl::Algorithm::Central,
-        wccl::Algorithm::Naive,
-        wccl::Algorithm::Staged,
-    ] {
+    let runs = [
+        (wccl::Algorithm::Central, true),
+        (wccl::Algorithm::Naive, true),
+        (wccl::Algorithm::Staged, true),
+        (wccl::Algorithm::Staged, false),
+    ];
+    for (algorithm, mappable) in runs {
         for n in 1..=5 {
             let config = wccl::CommConfig::default()
                 .algorithm(algorithm)
@@ -108,9 +112,24 @@ fn central_naive_and_staged_all_reduce() {
                             root: 0,
                             pad: i % 2,
                         };
-                        check(&mut g, case, &mut rng);
+                        common::check_with(&mut g, case, &mut rng, mappable);
                     }
                 }
+            }
+            // Which path ran: in the tensors exactly where the ring stages on the host (n > 1),
+            // the device maps in place, and the tensors can be mapped.
+            for r in 0..n {
+                let c = g.comm(r);
+                let expected = algorithm == wccl::Algorithm::Staged
+                    && mappable
+                    && n > 1
+                    && c.device().unified_memory();
+                assert_eq!(
+                    c.mapped_calls() > 0,
+                    expected,
+                    "{algorithm:?} on {n} ranks, rank {r}, mappable {mappable}: {} calls mapped",
+                    c.mapped_calls()
+                );
             }
         }
     }

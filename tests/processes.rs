@@ -110,12 +110,16 @@ fn env_ms(name: &str, default: u64) -> Duration {
 
 /// Joins the job with the deadlines the parent chose.
 fn join() -> Result<Communicator, Fail> {
+    let mut config = CommConfig::default().timeout(env_ms("WCCL_TEST_CALL_MS", 60_000));
+    if std::env::var("WCCL_TEST_MATRIX").as_deref() == Ok("staged") {
+        config = config.algorithm(wccl::Algorithm::Staged);
+    }
     let options = ConnectOptions {
         tcp: TcpOptions {
             timeout: env_ms("WCCL_TEST_CONNECT_MS", 60_000),
             ..TcpOptions::default()
         },
-        config: CommConfig::default().timeout(env_ms("WCCL_TEST_CALL_MS", 60_000)),
+        config,
         ..ConnectOptions::default()
     };
     Ok(Communicator::from_env_with(options)?)
@@ -230,7 +234,8 @@ fn reduces(kind: CollectiveKind) -> bool {
 
 /// The cases of a matrix on `n` ranks: `full` is every collective, op and type at odd sizes
 /// plus two big f32 cases; `reduced` every op on f32 and every type with sum (and the big cases
-/// from 8 ranks on); `tiny` one case of each collective.
+/// from 8 ranks on); `tiny` one case of each collective; `staged` every op and type of
+/// all-reduce, plus a big one (run with the host-staged ring: see `join`).
 fn cases(matrix: &str, n: usize) -> Vec<Case> {
     let mut sizes = vec![0, 1, n.saturating_sub(1).max(1), 7, 1021];
     sizes.sort_unstable();
@@ -255,6 +260,16 @@ fn cases(matrix: &str, n: usize) -> Vec<Case> {
                 push(kind, ReduceOp::ALL[i % ReduceOp::ALL.len()], dtype, 7);
             }
             push(CollectiveKind::AllReduce, ReduceOp::Sum, DType::F32, 1021);
+        }
+        "staged" => {
+            for op in ReduceOp::ALL {
+                for dtype in DType::ALL {
+                    for &count in &sizes {
+                        push(CollectiveKind::AllReduce, op, dtype, count);
+                    }
+                }
+            }
+            push(CollectiveKind::AllReduce, ReduceOp::Sum, DType::F32, BIG);
         }
         "full" | "reduced" => {
             for kind in common::KINDS {
@@ -479,6 +494,12 @@ fn correct(comm: &mut Communicator) -> Result<String, Fail> {
         execute(comm, &p, CallOptions::default())?;
     }
     comm.barrier()?;
+    // The host-staged ring runs in the tensors, mapped in place, where the device allows it.
+    if matrix == "staged" && comm.device().unified_memory() && comm.mapped_calls() == 0 {
+        return Err(Fail::Check(
+            "the host-staged ring never ran in its tensors mapped in place".into(),
+        ));
+    }
     Ok(format!("cases={}", list.len()))
 }
 
@@ -996,6 +1017,13 @@ fn correct_on(n: usize, matrix: &'static str) {
 #[test]
 fn every_collective_op_and_type_on_3_processes() {
     correct_on(3, "full");
+}
+
+/// The host-staged ring over TCP, one rank per process: every op and type at odd sizes and a
+/// big case, against the f64 reference (in the tensors mapped in place on the CI's lavapipe).
+#[test]
+fn staged_ring_on_4_processes() {
+    correct_on(4, "staged");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! the root reduces on its device with the WGSL kernel and sends the result back. The root's
 //! link carries 2(n-1) buffers, so it scales poorly; it is here to be measured against the ring.
 
-use super::plan::{Buf, Plan, Recv, Region, Source, slices};
+use super::plan::{Buf, Fold, Plan, Recv, Region, Source, slices};
 use super::slices_per_chunk;
 use crate::types::{Combine, ReduceOp};
 
@@ -36,6 +36,7 @@ pub fn central_all_reduce(
                     from: p,
                     dst: s,
                     combine: op.combine(),
+                    fold: Fold::Dst,
                 }),
             );
         }
@@ -60,6 +61,7 @@ pub(crate) fn worker_side(plan: &mut Plan, root: usize, input: Region, output: R
                 from: root,
                 dst: s,
                 combine: Combine::Copy,
+                fold: Fold::Dst,
             }),
         );
     }

@@ -12,7 +12,7 @@
 //! that disagree about the collective or its root still meet on the same links: as long as one
 //! rank starts by sending, a disagreement is found rather than waited out.
 
-use super::plan::{Buf, Plan, Recv, Region, Source, Transfer, slices};
+use super::plan::{Buf, Fold, Plan, Recv, Region, Source, Transfer, slices};
 use super::slices_per_chunk;
 use crate::types::Combine;
 
@@ -85,6 +85,7 @@ pub(crate) fn chain_broadcast_data(
                 from: prev,
                 dst: s,
                 combine: Combine::Copy,
+                fold: Fold::Dst,
             }),
             recv_first: true,
         }));
@@ -101,6 +102,7 @@ pub(crate) fn ack(from: usize) -> Recv {
         from,
         dst: EMPTY,
         combine: Combine::Copy,
+        fold: Fold::Dst,
     }
 }
 

@@ -8,7 +8,7 @@
 //! pipeline, and every frame goes from a rank to rank+1 (see `chain_broadcast`).
 
 use super::chain_broadcast::relay;
-use super::plan::{Action, Buf, Plan, Recv, Region, Source, Transfer, slices};
+use super::plan::{Action, Buf, Fold, Plan, Recv, Region, Source, Transfer, slices};
 use super::slices_per_chunk;
 use crate::types::ReduceOp;
 
@@ -55,6 +55,7 @@ pub fn chain_reduce(
                 from: prev,
                 dst: s,
                 combine: op.combine(),
+                fold: Fold::Dst,
             }),
             recv_first: true,
         }));

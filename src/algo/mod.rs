@@ -23,6 +23,7 @@ pub use chain_broadcast::chain_broadcast;
 pub(crate) use chain_broadcast::chain_broadcast_data;
 pub use chain_reduce::chain_reduce;
 pub use naive_all_reduce::naive_all_reduce;
+pub(crate) use plan::Fold;
 pub use plan::{Action, Buf, Plan, Recv, Region, Source, Transfer, partition};
 pub use ring_all_gather::ring_all_gather;
 pub use ring_all_reduce::ring_all_reduce;

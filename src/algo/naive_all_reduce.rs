@@ -2,7 +2,7 @@
 //! on the host (the root's CPU), write the result to every device. No kernel reduces anything.
 
 use super::central_all_reduce::{send_to_all, worker_side};
-use super::plan::{Buf, Plan, Recv, Region, slices};
+use super::plan::{Buf, Fold, Plan, Recv, Region, slices};
 use super::slices_per_chunk;
 use crate::types::ReduceOp;
 
@@ -36,6 +36,7 @@ pub fn naive_all_reduce(
                     from: p,
                     dst: acc,
                     combine: op.combine(),
+                    fold: Fold::Dst,
                 }),
             );
         }

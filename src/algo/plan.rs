@@ -55,6 +55,26 @@ pub struct Recv {
     pub dst: Region,
     /// How the payload combines with what is there (`Copy` overwrites).
     pub(crate) combine: Combine,
+    /// Which side the fold lands in.
+    pub(crate) fold: Fold,
+}
+
+/// Which side of a receive a fold lands in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fold {
+    /// The payload folds into the destination.
+    Dst,
+    /// The destination (host memory) folds into the payload and is left as it is; the payload
+    /// is then divided by `divide` (when over 1), copied into the destination when `write`, and
+    /// is what a `Source::Forward` of the same transfer sends on. The ring that forwards its
+    /// partial sums this way reads each host element before it writes it (see
+    /// [`Plan::host_split`]).
+    Payload {
+        /// Divisor of the folded payload (avg's last step); 1 for none.
+        divide: u32,
+        /// Whether the folded payload is also written into the destination.
+        write: bool,
+    },
 }
 
 /// One exchange step: an optional send and an optional receive.
@@ -108,6 +128,13 @@ pub struct Plan {
     pub scratch: usize,
     /// Elements of host memory the plan needs.
     pub host: usize,
+    /// Host memory mirrors the tensors: `Buf::Host` element i is input element i until the
+    /// plan first writes it and output element i from then on, and the plan reads no host
+    /// element after writing it; its only copies between host memory and a tensor are the
+    /// input into host memory and host memory into the output, each at the same offsets. An
+    /// executor may then read host memory from the input and write it into the output, both
+    /// mapped in place (a unified-memory device), and skip those copies.
+    pub host_split: bool,
 }
 
 impl Plan {

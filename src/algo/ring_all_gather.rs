@@ -1,6 +1,6 @@
 //! Ring all-gather: each rank places its piece, then n-1 steps pass pieces around the ring.
 
-use super::plan::{Buf, Plan, Recv, Region, Source, slices};
+use super::plan::{Buf, Fold, Plan, Recv, Region, Source, slices};
 use super::slices_per_chunk;
 use crate::types::Combine;
 
@@ -25,6 +25,7 @@ pub fn ring_all_gather(n: usize, rank: usize, count: usize, slice_elems: usize) 
                     from: prev,
                     dst: rv,
                     combine: Combine::Copy,
+                    fold: Fold::Dst,
                 }),
             );
         }

@@ -1,7 +1,7 @@
 //! Ring all-reduce: a reduce-scatter then an all-gather around the ring, 2(n-1) steps of S/n,
 //! each step cut into slices so read-back, transfer and reduction of successive slices overlap.
 
-use super::plan::{Buf, Plan, Recv, Region, Source, slices};
+use super::plan::{Buf, Fold, Plan, Recv, Region, Source, slices};
 use super::{partition, slices_per_chunk};
 use crate::types::{Combine, ReduceOp};
 
@@ -64,6 +64,7 @@ pub(crate) fn ring_steps(
                     from: prev,
                     dst: r,
                     combine,
+                    fold: Fold::Dst,
                 }),
             );
         }

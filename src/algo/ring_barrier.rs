@@ -1,7 +1,7 @@
 //! Barrier: n-1 empty frames around the ring; after step t a rank knows that the t+1 ranks
 //! before it have arrived, so after n-1 steps every rank knows all have.
 
-use super::plan::{Buf, Plan, Recv, Region, Source};
+use super::plan::{Buf, Fold, Plan, Recv, Region, Source};
 use crate::types::Combine;
 
 /// The plan of rank `rank` of `n` for a barrier.
@@ -15,6 +15,7 @@ pub fn ring_barrier(n: usize, rank: usize) -> Plan {
                 from: (rank + n - 1) % n,
                 dst: empty,
                 combine: Combine::Copy,
+                fold: Fold::Dst,
             }),
         );
     }

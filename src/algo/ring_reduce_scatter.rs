@@ -1,7 +1,7 @@
 //! Ring reduce-scatter: n-1 steps around the ring, in scratch space, so that rank r ends with
 //! the reduction of chunk r.
 
-use super::plan::{Buf, Plan, Recv, Region, Source, slices};
+use super::plan::{Buf, Fold, Plan, Recv, Region, Source, slices};
 use super::slices_per_chunk;
 use crate::types::ReduceOp;
 
@@ -41,6 +41,7 @@ pub fn ring_reduce_scatter(
                     from: prev,
                     dst: rv,
                     combine: op.combine(),
+                    fold: Fold::Dst,
                 }),
             );
         }

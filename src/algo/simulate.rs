@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use super::plan::{Action, Buf, Plan, Region, Source};
+use super::plan::{Action, Buf, Fold, Plan, Region, Source};
 use super::{
     Algorithm, central_all_reduce, chain_broadcast, chain_reduce, naive_all_reduce,
     ring_all_gather, ring_all_reduce, ring_reduce_scatter, staged_ring_all_reduce,
@@ -20,6 +20,8 @@ struct Rank {
     output: Vec<f64>,
     scratch: Vec<f64>,
     host: Vec<f64>,
+    /// Host elements the plan has written (the checks of `Plan::host_split`).
+    written: Vec<bool>,
     previous: Vec<f64>,
 }
 
@@ -36,6 +38,20 @@ impl Rank {
     }
     fn get(&mut self, r: Region) -> Vec<f64> {
         self.buf(r.buf)[r.offset..r.offset + r.len].to_vec()
+    }
+    /// A read of host memory by a `host_split` plan: only of elements not yet written.
+    fn read_host(&self, r: Region) {
+        if self.plan.host_split && r.buf == Buf::Host {
+            assert!(
+                !self.written[r.offset..r.offset + r.len].contains(&true),
+                "a host_split plan read host memory it had written: {r:?}"
+            );
+        }
+    }
+    fn wrote_host(&mut self, r: Region) {
+        if r.buf == Buf::Host {
+            self.written[r.offset..r.offset + r.len].fill(true);
+        }
     }
 }
 
@@ -79,6 +95,7 @@ fn simulate_with(
         .map(|(plan, input)| Rank {
             scratch: vec![f64::NAN; plan.scratch],
             host: vec![f64::NAN; plan.host],
+            written: vec![false; plan.host],
             previous: Vec::new(),
             output: if in_place {
                 input.clone()
@@ -104,10 +121,27 @@ fn simulate_with(
                 };
                 match action {
                     Action::Copy { src, dst } => {
+                        if rank.plan.host_split {
+                            // The only copies: the input in, the output out, offsets kept.
+                            let mirror = |a: Buf, b: Buf| {
+                                src.buf == a && dst.buf == b && src.offset == dst.offset
+                            };
+                            assert!(
+                                mirror(Buf::Input, Buf::Host) || mirror(Buf::Host, Buf::Output),
+                                "a host_split plan copies {src:?} to {dst:?}"
+                            );
+                        } else {
+                            rank.read_host(src);
+                            rank.wrote_host(dst);
+                        }
                         let v = rank.get(src);
                         rank.buf(dst.buf)[dst.offset..dst.offset + dst.len].copy_from_slice(&v);
                     }
                     Action::Scale { dst, divisor } => {
+                        assert!(
+                            !(rank.plan.host_split && dst.buf == Buf::Host),
+                            "a host_split plan scales host memory"
+                        );
                         for x in &mut rank.buf(dst.buf)[dst.offset..dst.offset + dst.len] {
                             *x /= divisor as f64;
                         }
@@ -130,11 +164,33 @@ fn simulate_with(
                                 }
                                 assert_eq!(p.len(), rv.dst.len, "frame length");
                                 let d = rv.dst;
-                                for (x, y) in rank.buf(d.buf)[d.offset..d.offset + d.len]
-                                    .iter_mut()
-                                    .zip(&p)
-                                {
-                                    *x = apply(rv.combine, *x, *y);
+                                let mut p = p;
+                                match rv.fold {
+                                    Fold::Dst => {
+                                        if rv.combine != Combine::Copy {
+                                            rank.read_host(d);
+                                        }
+                                        rank.wrote_host(d);
+                                        for (x, y) in rank.buf(d.buf)[d.offset..d.offset + d.len]
+                                            .iter_mut()
+                                            .zip(&p)
+                                        {
+                                            *x = apply(rv.combine, *x, *y);
+                                        }
+                                    }
+                                    Fold::Payload { divide, write } => {
+                                        rank.read_host(d);
+                                        let mine = rank.get(d);
+                                        for (y, x) in p.iter_mut().zip(&mine) {
+                                            *y = apply(rv.combine, *y, *x)
+                                                / f64::from(divide.max(1));
+                                        }
+                                        if write {
+                                            rank.wrote_host(d);
+                                            rank.buf(d.buf)[d.offset..d.offset + d.len]
+                                                .copy_from_slice(&p);
+                                        }
+                                    }
                                 }
                                 rank.received = Some(p);
                                 true
@@ -144,7 +200,10 @@ fn simulate_with(
                         }
                         if let (Some((to, src)), false) = (t.send, rank.sent) {
                             let payload = match src {
-                                Source::Device(reg) => rank.get(reg),
+                                Source::Device(reg) => {
+                                    rank.read_host(reg);
+                                    rank.get(reg)
+                                }
                                 Source::Forward => rank.received.clone().unwrap_or_default(),
                                 Source::Previous => rank.previous.clone(),
                             };

@@ -6,14 +6,18 @@
 //! The link traffic is the ring's 2(n-1)/n·N. Where the host folds faster than the device's
 //! kernel plus its copies (a CPU adapter; over TCP), it is the faster ring.
 //!
-//! Not yet overlapped: the executor finishes a read-back into host memory before the next
-//! action, so the call runs its read-back, its ring and its upload one after the other
-//! (issue 14 overlaps them slice by slice).
+//! The partial sums travel forwarded: each rank folds its own chunk into the frame it received
+//! and sends that frame on, so no partial sum is stored, and host memory is read (the input)
+//! before it is written (the result). On a unified-memory device the executor therefore reads
+//! the input and writes the output mapped in place ([`Plan::host_split`]): no staging copies,
+//! and per rank no copy of a partial sum either.
+//!
+//! Not yet overlapped: on other devices the executor finishes the read-back into host memory
+//! before the ring starts, and the upload after it ends (issue 14 overlaps them slice by slice).
 
-use super::plan::{Buf, Plan, Region, slices};
-use super::ring_all_reduce::ring_steps;
+use super::plan::{Action, Buf, Fold, Plan, Recv, Region, Source, Transfer, slices};
 use super::{partition, slices_per_chunk};
-use crate::types::ReduceOp;
+use crate::types::{Combine, ReduceOp};
 
 /// The plan of rank `rank` of `n` for a host-staged ring all-reduce of `count` elements: one
 /// read-back of the input into host memory (slice by slice), the ring on host memory, one
@@ -46,13 +50,69 @@ pub fn staged_ring_all_reduce(
     for (i, h) in slices(input, whole).zip(slices(host, whole)) {
         plan.copy(i, h);
     }
+    plan.host_split = true;
     let chunks: Vec<Region> = partition(count, n)
         .into_iter()
         .map(|(s, l)| Region::new(Buf::Host, s, l))
         .collect();
-    ring_steps(&mut plan, &chunks, n, rank, op, slice_elems);
+    forwarding_ring(&mut plan, &chunks, rank, op, slice_elems);
     for (h, o) in slices(host, whole).zip(slices(output, whole)) {
         plan.copy(h, o);
     }
     plan
+}
+
+/// The ring over host chunks with the partial sums forwarded, slice by slice: rank r sends its
+/// own values of chunk r; at reduce-scatter step s it receives the partial sum of chunk r-s,
+/// folds its own values into the frame, and sends the frame on. The last step's sum (chunk r+1,
+/// divided for avg) is the result: written into host memory and sent on as the all-gather's
+/// first frame. Each all-gather frame is copied into host memory and sent on unchanged.
+fn forwarding_ring(
+    plan: &mut Plan,
+    chunks: &[Region],
+    rank: usize,
+    op: ReduceOp,
+    slice_elems: usize,
+) {
+    let n = chunks.len();
+    if n < 2 {
+        return;
+    }
+    let k = slices_per_chunk(chunks[0].len, slice_elems);
+    let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+    let chunk = |shift: usize| chunks[(rank + n - shift % n) % n];
+    let forward = |plan: &mut Plan, dst: Region, combine: Combine, fold: Fold, on: bool| {
+        plan.push(Action::Transfer(Transfer {
+            send: on.then_some((next, Source::Forward)),
+            recv: Some(Recv {
+                from: prev,
+                dst,
+                combine,
+                fold,
+            }),
+            recv_first: true,
+        }));
+    };
+    for s in slices(chunk(0), k) {
+        plan.transfer(Some((next, Source::Device(s))), None);
+    }
+    for s in 1..n {
+        let last = s == n - 1;
+        let fold = Fold::Payload {
+            divide: if last && op == ReduceOp::Avg {
+                n as u32
+            } else {
+                1
+            },
+            write: last,
+        };
+        for r in slices(chunk(s), k) {
+            forward(plan, r, op.combine(), fold, true);
+        }
+    }
+    for t in 0..n - 1 {
+        for r in slices(chunk(t), k) {
+            forward(plan, r, Combine::Copy, Fold::Dst, t < n - 2);
+        }
+    }
 }

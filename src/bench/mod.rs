@@ -275,13 +275,14 @@ pub fn run(
         .iter()
         .map(|&r| {
             let dev = group.comm(r).device().device().clone();
+            // What training code on this device should make: mappable in place where the
+            // device's memory is the host's.
+            let usage = group.comm(r).device().tensor_usages();
             let make = |label| {
                 dev.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(label),
                     size: ((capacity * es) as u64).next_multiple_of(4).max(4),
-                    usage: wgpu::BufferUsages::STORAGE
-                        | wgpu::BufferUsages::COPY_SRC
-                        | wgpu::BufferUsages::COPY_DST,
+                    usage,
                     mapped_at_creation: false,
                 })
             };

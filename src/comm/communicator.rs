@@ -1200,6 +1200,16 @@ impl Communicator {
         self.engine.bytes_sent
     }
 
+    /// Calls that ran in their tensors mapped in place instead of through staging buffers: the
+    /// host-staged ring on a unified-memory device ([`RankDevice::unified_memory`]), with
+    /// tensors made with [`RankDevice::tensor_usages`]. Says which path a call took.
+    ///
+    /// [`RankDevice::unified_memory`]: crate::RankDevice::unified_memory
+    /// [`RankDevice::tensor_usages`]: crate::RankDevice::tensor_usages
+    pub fn mapped_calls(&self) -> u64 {
+        self.engine.mapped_calls
+    }
+
     /// The algorithm the last all-reduce ran: what `Auto` resolved to, so `Ring` when `Auto`
     /// ran without a cost model; never `Auto`.
     pub fn last_algorithm(&self) -> Option<Algorithm> {

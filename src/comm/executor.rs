@@ -9,7 +9,8 @@ use wgpu::{Buffer, BufferUsages, SubmissionIndex};
 
 use super::host_ops;
 use super::protocol::Header;
-use crate::algo::{Action, Buf, Plan, Recv, Region, Source, Transfer};
+use super::split::{self, Split};
+use crate::algo::{Action, Buf, Fold, Plan, Recv, Region, Source, Transfer};
 use crate::deadline::deadline_from;
 use crate::device::{RankDevice, ReadRing, ReadTicket, TensorRef, UploadRing, wait_error};
 use crate::error::{At, Error, Result};
@@ -31,6 +32,8 @@ pub(crate) struct Engine {
     spare: Vec<Vec<u8>>,
     /// Payload bytes sent over the link since the engine was made (headers not counted).
     pub(crate) bytes_sent: u64,
+    /// Calls that ran in their tensors mapped in place (see `split.rs`).
+    pub(crate) mapped_calls: u64,
     /// Frames a call read that were not a call's (a peer's agreement frames, read by a rank
     /// still in the call): the next agreement looks at them (see `agree.rs`).
     pub(crate) stray: Vec<(usize, Frame)>,
@@ -75,6 +78,7 @@ impl Engine {
             host: Vec::new(),
             spare: Vec::new(),
             bytes_sent: 0,
+            mapped_calls: 0,
             stray: Vec::new(),
             dropping: None,
         }
@@ -147,6 +151,8 @@ struct Run<'e, 'a> {
     spare: Vec<Vec<u8>>,
     /// Per action: whether a later send re-sends this action's payload.
     keep: Vec<bool>,
+    /// The tensors mapped in place, when host memory lives in them (see `split.rs`).
+    split: Option<Split>,
 }
 
 /// Executes `plan` for this rank. Returns once this rank's part is on its device.
@@ -165,6 +171,20 @@ pub(crate) fn execute(
     if host.len() < words {
         host.resize(words, 0);
     }
+    let split = {
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut host);
+        split::open(&eng.dev, call.tensors, plan, bytes, call.deadline)
+    };
+    let split = match split {
+        Ok(s) => s,
+        Err(e) => {
+            eng.host = host;
+            return Err(wait_error(call.at, e));
+        }
+    };
+    if split.is_some() {
+        eng.mapped_calls += 1;
+    }
     let spare = std::mem::take(&mut eng.spare);
     let mut run = Run {
         scratch: eng.scratch.clone(),
@@ -178,8 +198,11 @@ pub(crate) fn execute(
         previous: Vec::new(),
         spare,
         keep: keep_flags(plan),
+        split,
     };
     let result = run.plan(plan);
+    // Unmapped before anything waits: the tensors are the caller's again.
+    run.split = None;
     run.eng.host = std::mem::take(&mut run.host);
     run.eng.spare = std::mem::take(&mut run.spare);
     result?;
@@ -212,6 +235,9 @@ impl Run<'_, '_> {
             match action {
                 Action::Copy { src, dst } => self.copy(*src, *dst)?,
                 Action::Scale { dst, divisor } if dst.buf == Buf::Host => {
+                    if self.split.is_some() {
+                        return Err(self.internal("a split plan scales host memory"));
+                    }
                     let dtype = self.call.dtype;
                     host_ops::scale(dtype, self.host_bytes(*dst), *divisor);
                 }
@@ -255,7 +281,7 @@ impl Run<'_, '_> {
                     // already (a fresh vector of a slice's size costs page faults per send).
                     let mut payload = self.spare.pop().unwrap_or_default();
                     payload.clear();
-                    payload.extend_from_slice(self.host_bytes(r));
+                    payload.extend_from_slice(self.host_read(r)?);
                     payload
                 }
                 Source::Device(_) => {
@@ -457,13 +483,84 @@ impl Run<'_, '_> {
                 theirs: frame.payload.len().to_string(),
             });
         }
-        if r.dst.buf == Buf::Host {
-            let dtype = self.call.dtype;
-            host_ops::combine(dtype, r.combine, self.host_bytes(r.dst), &frame.payload);
-        } else {
-            self.upload(&frame.payload, r.dst, r.combine)?;
+        let dtype = self.call.dtype;
+        match r.fold {
+            Fold::Payload { divide, write } => {
+                if r.dst.buf != Buf::Host {
+                    return Err(self.internal("a fold into the payload of device memory"));
+                }
+                let mut payload = frame.payload;
+                host_ops::combine(dtype, r.combine, &mut payload, self.host_read(r.dst)?);
+                if divide > 1 {
+                    host_ops::scale(dtype, &mut payload, divide);
+                }
+                if write {
+                    self.host_write(r.dst, &payload)?;
+                }
+                Ok(payload)
+            }
+            Fold::Dst if r.dst.buf == Buf::Host => {
+                if self.split.is_some() {
+                    // Host memory is the output here, which is written, never read.
+                    if r.combine != Combine::Copy {
+                        return Err(self.internal("a split plan folds into host memory"));
+                    }
+                    self.host_write(r.dst, &frame.payload)?;
+                } else {
+                    host_ops::combine(dtype, r.combine, self.host_bytes(r.dst), &frame.payload);
+                }
+                Ok(frame.payload)
+            }
+            Fold::Dst => {
+                self.upload(&frame.payload, r.dst, r.combine)?;
+                Ok(frame.payload)
+            }
         }
-        Ok(frame.payload)
+    }
+
+    /// The bytes of a host region for reading: the input's own, mapped, in a split run.
+    fn host_read(&self, r: Region) -> Result<&[u8]> {
+        let range = self.host_range(r);
+        let all: &[u8] = match self.split.as_ref().and_then(|s| s.input.as_ref()) {
+            Some(input) => input.bytes(),
+            None => bytemuck::cast_slice(&self.host),
+        };
+        all.get(range)
+            .ok_or_else(|| self.internal("a host region outside host memory"))
+    }
+
+    /// Writes `bytes` into a host region: into the output, mapped, in a split run.
+    fn host_write(&mut self, r: Region, bytes: &[u8]) -> Result<()> {
+        let range = self.host_range(r);
+        if range.len() != bytes.len() {
+            return Err(self.internal("a host write of the wrong length"));
+        }
+        let written = match self.split.as_mut() {
+            Some(split) => split.output.write(range.start, bytes),
+            None => {
+                let all: &mut [u8] = bytemuck::cast_slice_mut(&mut self.host);
+                match all.get_mut(range) {
+                    Some(dst) => {
+                        dst.copy_from_slice(bytes);
+                        true
+                    }
+                    None => false,
+                }
+            }
+        };
+        if written {
+            Ok(())
+        } else {
+            Err(self.internal("a host region outside host memory"))
+        }
+    }
+
+    /// An error of wccl's own bookkeeping (a plan the executor cannot run).
+    fn internal(&self, what: &str) -> Error {
+        Error::Device {
+            at: self.call.at,
+            message: format!("internal: {what}"),
+        }
     }
 
     /// Folds host bytes into a device region: staged through an upload slot, then the kernel.
@@ -534,6 +631,14 @@ impl Run<'_, '_> {
     fn copy(&mut self, src: Region, dst: Region) -> Result<()> {
         // Errors of this device work reach the rank's error store when the scope ends.
         let _scope = self.eng.dev.error_scope();
+        if self.split.is_some() {
+            // The mapping is the copy: host reads are the input's, host writes the output's.
+            return if split::is_mirror(src, dst) {
+                Ok(())
+            } else {
+                Err(self.internal("a split plan copies outside its mirror copies"))
+            };
+        }
         match (src.buf, dst.buf) {
             (Buf::Host, Buf::Host) => {
                 let bytes = self.host_bytes(src).to_vec();

@@ -11,6 +11,7 @@ mod launch;
 mod local;
 mod probe;
 mod protocol;
+mod split;
 mod straggle;
 mod survive;
 

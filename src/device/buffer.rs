@@ -161,7 +161,7 @@ impl<T: Element> DeviceBuffer<T> {
         let buffer = dev.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("wccl tensor"),
             size,
-            usage: COLLECTIVE_USAGES | BufferUsages::COPY_DST,
+            usage: dev.tensor_usages(),
             mapped_at_creation: false,
         });
         // End the scope first: an allocation that failed (out of memory) is this call's error.

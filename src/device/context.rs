@@ -75,8 +75,15 @@ impl RankDevice {
     ///
     /// The device is wccl's: device loss and errors outside wccl's scopes (the caller's own work
     /// on [`RankDevice::device`], say) are recorded, so the next call on this rank reports them.
+    ///
+    /// On a CPU adapter (lavapipe, SwiftShader, WARP), where device memory is host memory, it
+    /// also asks for `MAPPABLE_PRIMARY_BUFFERS`, so that tensors can be mapped in place (see
+    /// [`unified_memory`](Self::unified_memory)).
     pub fn open(rank: usize, adapter: &Adapter) -> Result<Self> {
-        let wanted = Features::SHADER_F16 | Features::TIMESTAMP_QUERY;
+        let mut wanted = Features::SHADER_F16 | Features::TIMESTAMP_QUERY;
+        if adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+            wanted |= Features::MAPPABLE_PRIMARY_BUFFERS;
+        }
         let desc = wgpu::DeviceDescriptor {
             label: Some("wccl rank device"),
             required_features: adapter.features() & wanted,
@@ -185,6 +192,30 @@ impl RankDevice {
     /// The device's limits.
     pub fn limits(&self) -> Limits {
         self.device.limits()
+    }
+
+    /// Whether the device's memory is the host's and its buffers can be mapped in place: a CPU
+    /// adapter, opened with `MAPPABLE_PRIMARY_BUFFERS`. There the host-staged algorithms map a
+    /// tensor made with [`tensor_usages`](Self::tensor_usages) and work in it directly, with no
+    /// copy through staging buffers. Integrated GPUs share memory too, but their host view may
+    /// be uncached; they are left on the staging path until measured.
+    pub fn unified_memory(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+            && self
+                .device
+                .features()
+                .contains(Features::MAPPABLE_PRIMARY_BUFFERS)
+    }
+
+    /// The usages wccl gives the tensors it allocates, and that callers should give theirs:
+    /// `STORAGE | COPY_SRC | COPY_DST`, plus `MAP_READ | MAP_WRITE` where the device has
+    /// [`unified_memory`](Self::unified_memory) (tensors mapped in place, no staging copies).
+    pub fn tensor_usages(&self) -> wgpu::BufferUsages {
+        let mut usages = super::buffer::COLLECTIVE_USAGES | wgpu::BufferUsages::COPY_DST;
+        if self.unified_memory() {
+            usages |= wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::MAP_WRITE;
+        }
+        usages
     }
 
     /// Whether tensors of `dtype` can be buffers and collective arguments on this device. Every

@@ -5,6 +5,7 @@ mod buffer;
 mod context;
 mod discovery;
 pub(crate) mod lifecycle;
+mod mapped;
 mod staging;
 
 pub use buffer::{DeviceBuffer, TensorRef};
@@ -13,4 +14,5 @@ pub use context::RankDevice;
 pub(crate) use context::WaitError;
 pub use discovery::{AdapterSelector, discover, discover_adapters};
 pub(crate) use discovery::{next_adapter_token, same_physical};
+pub(crate) use mapped::MappedTensor;
 pub(crate) use staging::{ReadRing, ReadTicket, UploadRing};

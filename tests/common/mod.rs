@@ -141,6 +141,20 @@ pub fn poison(dtype: DType) -> f64 {
 /// A caller-owned wgpu buffer of `len` elements (plus `pad` elements before and after) filled
 /// with `values` at element offset `pad`, the rest poisoned.
 pub fn make_buffer(comm: &Communicator, dtype: DType, values: &[f64], pad: usize) -> wgpu::Buffer {
+    make_buffer_with(comm, dtype, values, pad, true)
+}
+
+/// [`make_buffer`], mappable in place (the device's [`tensor_usages`]) or not (`STORAGE |
+/// COPY_SRC | COPY_DST` only, so that every path stages through staging buffers).
+///
+/// [`tensor_usages`]: wccl::RankDevice::tensor_usages
+pub fn make_buffer_with(
+    comm: &Communicator,
+    dtype: DType,
+    values: &[f64],
+    pad: usize,
+    mappable: bool,
+) -> wgpu::Buffer {
     let mut all = vec![poison(dtype); pad];
     all.extend_from_slice(values);
     all.extend(std::iter::repeat_n(poison(dtype), pad));
@@ -152,9 +166,15 @@ pub fn make_buffer(comm: &Communicator, dtype: DType, values: &[f64], pad: usize
         .create_buffer(&wgpu::BufferDescriptor {
             label: Some("test tensor"),
             size: bytes.len() as u64,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
+            // Mappable in place where the device's memory is the host's (a CPU adapter): the
+            // host-staged ring then runs in the tensors themselves.
+            usage: if mappable {
+                comm.device().tensor_usages()
+            } else {
+                wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST
+            },
             mapped_at_creation: false,
         });
     comm.device().queue().write_buffer(&buf, 0, &bytes);
@@ -264,6 +284,11 @@ pub struct Case {
 /// poisoned outputs, and checks every rank's output against the f64 reference, that
 /// out-of-place inputs are unchanged, and that nothing outside the tensors was written.
 pub fn check(group: &mut CommGroup, case: Case, rng: &mut impl Rng) {
+    check_with(group, case, rng, true);
+}
+
+/// [`check`] with tensors mappable in place or not (see [`make_buffer_with`]).
+pub fn check_with(group: &mut CommGroup, case: Case, rng: &mut impl Rng, mappable: bool) {
     let n = group.size();
     let Case {
         kind,
@@ -295,10 +320,11 @@ pub fn check(group: &mut CommGroup, case: Case, rng: &mut impl Rng) {
                 }
                 _ => inputs[r].clone(),
             };
-            bufs.push((make_buffer(comm, dtype, &values, pad), None));
+            bufs.push((make_buffer_with(comm, dtype, &values, pad, mappable), None));
         } else {
-            let input = make_buffer(comm, dtype, &inputs[r], pad);
-            let output = make_buffer(comm, dtype, &vec![poison(dtype); out_len], pad);
+            let input = make_buffer_with(comm, dtype, &inputs[r], pad, mappable);
+            let poisoned = vec![poison(dtype); out_len];
+            let output = make_buffer_with(comm, dtype, &poisoned, pad, mappable);
             bufs.push((input, Some(output)));
         }
     }
