@@ -145,6 +145,55 @@ fn a_corrupted_element_is_counted_and_fails_the_run() {
     assert!(out.contains("# Out of bounds values : 8 FAILED"), "{out}");
 }
 
+/// The host-staged ring checks out in mapped tensors and, `--no-map`, through staging buffers
+/// (every op, in and out of place, at the four buffer shifts); and the checker still sees a
+/// wrong element on both paths.
+#[test]
+fn the_staged_ring_checks_out_mapped_and_through_staging() {
+    for no_map in [false, true] {
+        for corrupt in [false, true] {
+            let mut args = vec![
+                "all_reduce",
+                "-b",
+                "4K",
+                "-e",
+                "64K",
+                "-f",
+                "16",
+                "-g",
+                "3",
+                "-n",
+                "1",
+                "-w",
+                "0",
+                "-o",
+                "all",
+                "--algo",
+                "staged",
+            ];
+            if no_map {
+                args.push("--no-map");
+            }
+            if corrupt {
+                args.push("--corrupt-one");
+            }
+            let (ok, out) = bench(&args);
+            assert_eq!(ok, !corrupt, "no_map {no_map}, corrupt {corrupt}:\n{out}");
+            let r = rows(&out);
+            assert_eq!(r.len(), 2 * 5, "{out}");
+            let wrong: Vec<(&str, &str)> = r
+                .iter()
+                .map(|row| (row[9].as_str(), row[13].as_str()))
+                .collect();
+            if corrupt {
+                assert!(wrong.iter().any(|w| *w != ("0", "0")), "{out}");
+            } else {
+                assert!(wrong.iter().all(|w| *w == ("0", "0")), "{out}");
+            }
+        }
+    }
+}
+
 /// The checker must see the bugs it is there for: a chunk written 1024·k elements off, and
 /// another rank's chunk, in every collective that moves data.
 #[test]

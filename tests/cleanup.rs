@@ -8,19 +8,24 @@ mod common;
 use std::time::Duration;
 
 use wccl::link::{FaultPlan, LinkStack};
-use wccl::{CommConfig, CommGroup, DeviceBuffer, Error, ReduceOp};
+use wccl::{Algorithm, CommConfig, CommGroup, DeviceBuffer, Error, ReduceOp};
 
 const RANKS: usize = 3;
 /// Many slices per chunk (256 f32 per slice), so that read-backs are in flight when it breaks.
 const COUNT: usize = 3 * 1000 + 7;
 
 fn group(faults: &FaultPlan, timeout: Duration) -> CommGroup {
+    group_with(faults, timeout, Algorithm::Auto)
+}
+
+fn group_with(faults: &FaultPlan, timeout: Duration, algorithm: Algorithm) -> CommGroup {
     common::group_linked(
         RANKS,
         CommConfig::default()
             .timeout(timeout)
             .slice_bytes(1024)
-            .pipeline_depth(3),
+            .pipeline_depth(3)
+            .algorithm(algorithm),
         LinkStack::new().faults(faults.clone()),
     )
 }
@@ -195,4 +200,98 @@ fn a_rank_that_panics_in_a_group_call_is_broken_and_its_peers_told() {
         assert!(x.is_err(), "rank {r}: {x:?}");
         assert_eq!(g.comm(r).staging_in_use(), 0, "rank {r}");
     }
+}
+
+/// The host-staged ring works in its tensors mapped in place (a unified-memory device: the
+/// CI's lavapipe): a call broken mid-way by a dropped frame, a partition or a killed rank leaves
+/// every tensor unmapped on every rank. Device work on a mapped buffer fails, so the writes
+/// and reads after the failure, and the rebuilt group's exact call (in the mapped tensors
+/// again), show it.
+#[test]
+fn a_broken_staged_ring_leaves_its_mapped_tensors_unmapped() {
+    for fault in ["dropped frame", "partition", "killed rank"] {
+        let faults = FaultPlan::new();
+        let mut g = group_with(&faults, Duration::from_secs(2), Algorithm::Staged);
+        let b = buffers(&mut g);
+        match fault {
+            "dropped frame" => faults.drop_next(0, 1, 1),
+            "partition" => faults.partition(&[&[0], &[1, 2]]),
+            _ => faults.kill(2),
+        }
+        let res = all_reduce(&mut g, &b);
+        assert_failed_clean(&mut g, &res, fault);
+        let unified = g.comm(0).device().unified_memory();
+        for r in 0..RANKS {
+            let c = g.comm(r);
+            // The ranks that got as far as the ring had mapped their tensors.
+            assert!(
+                !unified || r == 2 || c.mapped_calls() == 1,
+                "{fault}: rank {r}"
+            );
+            if r == 2 && fault == "killed rank" {
+                continue;
+            }
+            b.outputs[r]
+                .write(c.device(), &vec![f32::NAN; COUNT])
+                .unwrap_or_else(|e| panic!("{fault}: rank {r}'s output after the failure: {e}"));
+            let got = b.inputs[r]
+                .read(c.device())
+                .unwrap_or_else(|e| panic!("{fault}: rank {r}'s input after the failure: {e}"));
+            assert_eq!(got, input(r), "{fault}: rank {r}'s input is kept");
+        }
+        if fault == "killed rank" {
+            continue;
+        }
+        faults.heal();
+        let g = assert_exact_after_rebuild(g, &b, fault);
+        for r in 0..RANKS {
+            assert_eq!(
+                g.comm(r).mapped_calls(),
+                u64::from(unified),
+                "{fault}: rank {r}'s rebuilt call ran in its tensors"
+            );
+        }
+    }
+}
+
+/// A tensor its owner has mapped cannot be mapped in place for a call: the call fails with an
+/// error that says so (no panic), and the owner's mapping and view are left as they were.
+#[test]
+fn a_tensor_mapped_by_its_owner_is_refused_and_left_mapped() {
+    let faults = FaultPlan::new();
+    let mut g = group_with(&faults, Duration::from_secs(5), Algorithm::Staged);
+    if !g.comm(0).device().unified_memory() {
+        println!("skipped: the device does not map tensors in place");
+        return;
+    }
+    let b = buffers(&mut g);
+    let raw = b.inputs[0].raw().clone();
+    let mapped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&mapped);
+    raw.map_async(wgpu::MapMode::Read, .., move |r| {
+        flag.store(r.is_ok(), std::sync::atomic::Ordering::Release)
+    });
+    g.comm(0)
+        .device()
+        .device()
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
+    assert!(
+        mapped.load(std::sync::atomic::Ordering::Acquire),
+        "the owner's map"
+    );
+    let view = raw.get_mapped_range(..).expect("the owner's view");
+    let res = all_reduce(&mut g, &b);
+    let text = res[0]
+        .as_ref()
+        .expect_err("rank 0's tensor is mapped")
+        .to_string();
+    assert!(text.contains("mapped already"), "{text}");
+    assert!(res.iter().all(|r| r.is_err()), "{res:?}");
+    // The owner's view still reads its data, and its unmap is its own to make.
+    let got: Vec<f32> = bytemuck::pod_collect_to_vec(&view[..COUNT * 4]);
+    assert_eq!(got, input(0));
+    drop(view);
+    raw.unmap();
+    assert_exact_after_rebuild(g, &b, "owner's map");
 }

@@ -114,7 +114,11 @@ impl Action {
     pub fn writes(&self) -> Option<Region> {
         match self {
             Action::Copy { dst, .. } | Action::Scale { dst, .. } => Some(*dst),
-            Action::Transfer(t) => t.recv.map(|r| r.dst),
+            Action::Transfer(t) => t.recv.and_then(|r| match r.fold {
+                // Folded into the frame, the destination only read.
+                Fold::Payload { write: false, .. } => None,
+                _ => Some(r.dst),
+            }),
         }
     }
 }
@@ -129,11 +133,12 @@ pub struct Plan {
     /// Elements of host memory the plan needs.
     pub host: usize,
     /// Host memory mirrors the tensors: `Buf::Host` element i is input element i until the
-    /// plan first writes it and output element i from then on, and the plan reads no host
-    /// element after writing it; its only copies between host memory and a tensor are the
-    /// input into host memory and host memory into the output, each at the same offsets. An
-    /// executor may then read host memory from the input and write it into the output, both
-    /// mapped in place (a unified-memory device), and skip those copies.
+    /// plan first writes it and output element i from then on. The plan reads no host element
+    /// after writing it, writes every host element before copying it out, and its only copies
+    /// between host memory and a tensor are the input into host memory and host memory into
+    /// the output, each at the same offsets and lengths. An executor may then read host memory
+    /// from the input and write it into the output, both mapped in place (a unified-memory
+    /// device), and skip those copies. The simulator checks all of this.
     pub host_split: bool,
 }
 

@@ -122,14 +122,27 @@ fn simulate_with(
                 match action {
                     Action::Copy { src, dst } => {
                         if rank.plan.host_split {
-                            // The only copies: the input in, the output out, offsets kept.
+                            // The only copies: the input in, the output out, offsets and lengths
+                            // kept; what goes out was all written (a split run skips the copy,
+                            // so an unwritten element would leave the output stale).
                             let mirror = |a: Buf, b: Buf| {
-                                src.buf == a && dst.buf == b && src.offset == dst.offset
+                                src.buf == a
+                                    && dst.buf == b
+                                    && src.offset == dst.offset
+                                    && src.len == dst.len
                             };
                             assert!(
                                 mirror(Buf::Input, Buf::Host) || mirror(Buf::Host, Buf::Output),
                                 "a host_split plan copies {src:?} to {dst:?}"
                             );
+                            if src.buf == Buf::Host {
+                                assert!(
+                                    rank.written[src.offset..src.offset + src.len]
+                                        .iter()
+                                        .all(|&w| w),
+                                    "a host_split plan copies out host memory it never wrote: {src:?}"
+                                );
+                            }
                         } else {
                             rank.read_host(src);
                             rank.wrote_host(dst);

@@ -186,6 +186,10 @@ pub struct Settings {
     pub corrupt: Option<Corrupt>,
     /// The emulated links the group was built with, if any (for the bottleneck note).
     pub link: Option<LinkEmulation>,
+    /// Tensors without map usages (`--no-map`), as a framework that allocates its own would
+    /// make them: the host-staged ring then goes through staging buffers even where the
+    /// device could map its tensors in place.
+    pub no_map: bool,
 }
 
 impl Default for Settings {
@@ -203,6 +207,7 @@ impl Default for Settings {
             algos: vec![Algorithm::Ring],
             corrupt: None,
             link: None,
+            no_map: false,
         }
     }
 }
@@ -276,8 +281,14 @@ pub fn run(
         .map(|&r| {
             let dev = group.comm(r).device().device().clone();
             // What training code on this device should make: mappable in place where the
-            // device's memory is the host's.
-            let usage = group.comm(r).device().tensor_usages();
+            // device's memory is the host's (unless the run asks for plain tensors).
+            let usage = if s.no_map {
+                wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST
+            } else {
+                group.comm(r).device().tensor_usages()
+            };
             let make = |label| {
                 dev.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(label),

@@ -324,6 +324,10 @@ struct Sweep {
     /// Under a launcher (one rank per process over TCP): turn the frames' CRC32C off.
     #[arg(long = "no-crc")]
     no_crc: bool,
+    /// Tensors without map usages, as a framework would allocate them: on a CPU adapter the
+    /// host-staged ring then stages through staging buffers instead of working in the tensors.
+    #[arg(long = "no-map")]
+    no_map: bool,
     /// Damage rank 0's result before checking: `one`, `misplace:N` (a chunk N elements off) or
     /// `swap` (another rank's chunk); to test the checker.
     #[arg(long = "corrupt", hide = true, value_parser = parse_corrupt)]
@@ -811,6 +815,7 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
             latency_us: a.link_latency_us,
             jitter_us: a.link_jitter_us,
         }),
+        no_map: a.no_map,
     };
     let config = CommConfig::default()
         .timeout(settings.timeout)

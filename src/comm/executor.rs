@@ -167,23 +167,22 @@ pub(crate) fn execute(
     }
     let n = link.size();
     let mut host = std::mem::take(&mut eng.host);
-    let words = (plan.host * call.dtype.size()).div_ceil(4);
-    if host.len() < words {
-        host.resize(words, 0);
-    }
-    let split = {
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut host);
-        split::open(&eng.dev, call.tensors, plan, bytes, call.deadline)
-    };
-    let split = match split {
+    let split = match split::open(&eng.dev, call.tensors, plan, &mut host, call.deadline) {
         Ok(s) => s,
         Err(e) => {
             eng.host = host;
             return Err(wait_error(call.at, e));
         }
     };
-    if split.is_some() {
-        eng.mapped_calls += 1;
+    match split {
+        Some(_) => eng.mapped_calls += 1,
+        // Host memory of its own (in a split run the tensors are the host memory).
+        None => {
+            let words = (plan.host * call.dtype.size()).div_ceil(4);
+            if host.len() < words {
+                host.resize(words, 0);
+            }
+        }
     }
     let spare = std::mem::take(&mut eng.spare);
     let mut run = Run {
@@ -522,7 +521,7 @@ impl Run<'_, '_> {
     fn host_read(&self, r: Region) -> Result<&[u8]> {
         let range = self.host_range(r);
         let all: &[u8] = match self.split.as_ref().and_then(|s| s.input.as_ref()) {
-            Some(input) => input.bytes(),
+            Some(input) => input.bytes().unwrap_or_default(),
             None => bytemuck::cast_slice(&self.host),
         };
         all.get(range)

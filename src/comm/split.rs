@@ -24,12 +24,12 @@ pub(super) struct Split {
 /// unified-memory device, and tensors made with its
 /// [`tensor_usages`](RankDevice::tensor_usages). `Ok(None)` where it cannot: the executor then
 /// stages through host memory as on any device. In place, the input's bytes are copied into
-/// `host` first.
+/// `host` first (grown to hold them); out of place `host` is not used.
 pub(super) fn open(
     dev: &RankDevice,
     tensors: Option<(TensorRef<'_>, TensorRef<'_>)>,
     plan: &Plan,
-    host: &mut [u8],
+    host: &mut Vec<u32>,
     deadline: Instant,
 ) -> Result<Option<Split>, WaitError> {
     let Some((input, output)) = tensors else {
@@ -51,11 +51,15 @@ pub(super) fn open(
     }
     if in_place {
         let read = MappedTensor::map(dev, &input, false, deadline)?;
-        let bytes = read.bytes();
-        let dst = host.get_mut(..bytes.len()).ok_or_else(|| {
-            WaitError::Device("internal: host memory shorter than its tensor".into())
+        let bytes = read.bytes().ok_or_else(|| {
+            WaitError::Device("internal: a read mapping shorter than its tensor".into())
         })?;
-        dst.copy_from_slice(bytes);
+        let words = bytes.len().div_ceil(4);
+        if host.len() < words {
+            host.resize(words, 0);
+        }
+        let all: &mut [u8] = bytemuck::cast_slice_mut(host);
+        all[..bytes.len()].copy_from_slice(bytes);
         drop(read);
         let output = MappedTensor::map(dev, &output, true, deadline)?;
         return Ok(Some(Split {

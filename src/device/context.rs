@@ -76,12 +76,12 @@ impl RankDevice {
     /// The device is wccl's: device loss and errors outside wccl's scopes (the caller's own work
     /// on [`RankDevice::device`], say) are recorded, so the next call on this rank reports them.
     ///
-    /// On a CPU adapter (lavapipe, SwiftShader, WARP), where device memory is host memory, it
+    /// On a Vulkan CPU adapter (lavapipe, SwiftShader), where device memory is host memory, it
     /// also asks for `MAPPABLE_PRIMARY_BUFFERS`, so that tensors can be mapped in place (see
     /// [`unified_memory`](Self::unified_memory)).
     pub fn open(rank: usize, adapter: &Adapter) -> Result<Self> {
         let mut wanted = Features::SHADER_F16 | Features::TIMESTAMP_QUERY;
-        if adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+        if maps_in_place(&adapter.get_info()) {
             wanted |= Features::MAPPABLE_PRIMARY_BUFFERS;
         }
         let desc = wgpu::DeviceDescriptor {
@@ -194,13 +194,14 @@ impl RankDevice {
         self.device.limits()
     }
 
-    /// Whether the device's memory is the host's and its buffers can be mapped in place: a CPU
-    /// adapter, opened with `MAPPABLE_PRIMARY_BUFFERS`. There the host-staged algorithms map a
-    /// tensor made with [`tensor_usages`](Self::tensor_usages) and work in it directly, with no
-    /// copy through staging buffers. Integrated GPUs share memory too, but their host view may
-    /// be uncached; they are left on the staging path until measured.
+    /// Whether the device's memory is the host's and its buffers can be mapped in place: a
+    /// Vulkan CPU adapter (lavapipe, SwiftShader: ordinary, coherent host memory), opened with
+    /// `MAPPABLE_PRIMARY_BUFFERS`. There the host-staged ring maps tensors made with
+    /// [`tensor_usages`](Self::tensor_usages) and works in them directly, with no copy through
+    /// staging buffers. Integrated GPUs and DX12's WARP share memory too, but map such buffers
+    /// as write-combined (uncached) memory; they stay on the staging path until measured.
     pub fn unified_memory(&self) -> bool {
-        self.info.device_type == wgpu::DeviceType::Cpu
+        maps_in_place(&self.info)
             && self
                 .device
                 .features()
@@ -210,6 +211,12 @@ impl RankDevice {
     /// The usages wccl gives the tensors it allocates, and that callers should give theirs:
     /// `STORAGE | COPY_SRC | COPY_DST`, plus `MAP_READ | MAP_WRITE` where the device has
     /// [`unified_memory`](Self::unified_memory) (tensors mapped in place, no staging copies).
+    ///
+    /// While a host-staged call runs in a mapped tensor, its whole wgpu buffer is mapped (wgpu
+    /// maps buffers, not ranges): work submitted meanwhile that touches any part of that buffer
+    /// fails. Training code that overlaps an all-reduce of one bucket with kernels writing
+    /// another bucket of the same buffer should give the buckets buffers of their own, or
+    /// leave the map usages off (the call then stages through staging buffers).
     pub fn tensor_usages(&self) -> wgpu::BufferUsages {
         let mut usages = super::buffer::COLLECTIVE_USAGES | wgpu::BufferUsages::COPY_DST;
         if self.unified_memory() {
@@ -389,6 +396,12 @@ fn record(sink: &Mutex<Option<String>>, message: String) {
     if slot.is_none() {
         *slot = Some(message);
     }
+}
+
+/// A Vulkan CPU adapter: its device memory is ordinary host memory, coherent and cached, so
+/// tensors can be mapped and worked in in place.
+fn maps_in_place(info: &AdapterInfo) -> bool {
+    info.device_type == wgpu::DeviceType::Cpu && info.backend == wgpu::Backend::Vulkan
 }
 
 #[cfg(test)]

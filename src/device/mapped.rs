@@ -17,9 +17,17 @@ enum View {
 }
 
 /// A tensor's bytes, mapped for the host. Dropping it unmaps the buffer (a map still pending is
-/// cancelled), on every path: no buffer stays mapped after the call that mapped it.
+/// cancelled), on every path: no buffer stays mapped after the call that mapped it. A map that
+/// wgpu refused is not wccl's to undo (the buffer may be mapped by its owner) and is left alone.
+///
+/// The whole wgpu buffer is mapped while this lives (wgpu maps buffers, not ranges): work the
+/// caller submits that touches any part of it fails until the call returns.
 pub(crate) struct MappedTensor {
     buffer: Buffer,
+    device: wgpu::Device,
+    /// Set by the map callback: it has run, and it succeeded.
+    done: Arc<AtomicBool>,
+    ok: Arc<AtomicBool>,
     view: Option<View>,
     /// Where the tensor's first byte lies in the view (the view starts on a map boundary).
     head: usize,
@@ -57,11 +65,9 @@ impl MappedTensor {
             .map_err(|_| WaitError::Device("internal: a map offset out of range".into()))?;
         let len = usize::try_from(t.bytes())
             .map_err(|_| WaitError::Device("internal: a mapped tensor over usize".into()))?;
-        // Errors of this device work reach the rank's error store when the scope ends.
+        // Errors of this device work reach the rank's error store when the scope ends. (wgpu
+        // sends the writes the caller queued on the buffer before it maps it.)
         let scope = dev.error_scope();
-        // Writes the caller queued with `write_buffer` go out with the next submission; the
-        // map waits for that submission, so send them now.
-        dev.queue().submit([]);
         let done = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicBool::new(false));
         let (d, o) = (Arc::clone(&done), Arc::clone(&ok));
@@ -74,6 +80,9 @@ impl MappedTensor {
         // From here the guard unmaps on every exit, a map still pending included.
         let mut mapped = MappedTensor {
             buffer: t.buffer.clone(),
+            device: dev.device().clone(),
+            done: Arc::clone(&done),
+            ok: Arc::clone(&ok),
             view: None,
             head,
             len,
@@ -81,7 +90,9 @@ impl MappedTensor {
         dev.wait_flag(&done, None, deadline)?;
         if !ok.load(Ordering::Acquire) {
             return Err(WaitError::Device(
-                "mapping a tensor in place failed (see the device's error)".into(),
+                "a tensor's buffer could not be mapped in place: it is mapped already (by its \
+                 owner: unmap it before the call) or was destroyed"
+                    .into(),
             ));
         }
         let view = if write {
@@ -93,13 +104,12 @@ impl MappedTensor {
         Ok(mapped)
     }
 
-    /// The tensor's bytes; empty for a write mapping (never read, see [`write`](Self::write)).
-    pub(crate) fn bytes(&self) -> &[u8] {
-        let all: &[u8] = match &self.view {
-            Some(View::Read(v)) => v,
-            _ => &[],
-        };
-        all.get(self.head..self.head + self.len).unwrap_or(&[])
+    /// The tensor's bytes; `None` for a write mapping (never read, see [`write`](Self::write)).
+    pub(crate) fn bytes(&self) -> Option<&[u8]> {
+        match &self.view {
+            Some(View::Read(v)) => v.get(self.head..self.head.checked_add(self.len)?),
+            _ => None,
+        }
     }
 
     /// Writes `bytes` at byte `at` of the tensor; false (nothing written) for a read mapping or
@@ -124,7 +134,17 @@ impl Drop for MappedTensor {
     fn drop(&mut self) {
         // The view first: wgpu refuses to unmap a buffer with a live view.
         self.view = None;
+        // Ours to undo: a map that succeeded, or one still pending (cancelled). A refused map
+        // is not (the buffer may be mapped by its owner, views and all).
+        let done = self.done.load(Ordering::Acquire);
+        if done && !self.ok.load(Ordering::Acquire) {
+            return;
+        }
+        // A device lost or a buffer destroyed meanwhile makes the unmap an error: the call has
+        // failed already, and the next one finds the device's state; nothing for any handler.
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         self.buffer.unmap();
+        let _ = pollster::block_on(scope.pop());
     }
 }
 
