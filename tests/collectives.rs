@@ -200,3 +200,61 @@ fn buffers_without_copy_dst() {
         assert_eq!(g.comm(r).read::<f32>(o).unwrap(), inputs.concat());
     }
 }
+
+/// Device traffic, counted by the executor (`Communicator::device_bytes`): per rank and N-byte
+/// all-reduce on 4 ranks, the device ring reads back and uploads 2·2(n-1)/n·N = 3N, the
+/// host-staged ring N each way (at most 1.1·2N) through staging buffers, and nothing in tensors
+/// mapped in place. Every result is checked against the f64 reference too.
+#[test]
+fn device_traffic_of_the_ring_and_the_staged_ring() {
+    let mut rng = rand::rng();
+    let n = 4;
+    let count = (1 << 16) + 3;
+    let bytes = (count * 4) as f64;
+    let runs = [
+        (wccl::Algorithm::Ring, true, "device ring"),
+        (
+            wccl::Algorithm::Staged,
+            false,
+            "staged ring, staging buffers",
+        ),
+        (wccl::Algorithm::Staged, true, "staged ring, mapped tensors"),
+    ];
+    for (algorithm, mappable, what) in runs {
+        let config = wccl::CommConfig::default()
+            .algorithm(algorithm)
+            .slice_bytes(64 << 10);
+        let mut g = common::group_with(n, config);
+        for in_place in [false, true] {
+            let before: Vec<u64> = (0..n).map(|r| g.comm(r).device_bytes()).collect();
+            let case = Case {
+                kind: CollectiveKind::AllReduce,
+                op: ReduceOp::Sum,
+                dtype: DType::F32,
+                count,
+                in_place,
+                root: 0,
+                pad: 1,
+            };
+            common::check_with(&mut g, case, &mut rng, mappable);
+            for (r, &b) in before.iter().enumerate() {
+                let c = g.comm(r);
+                // The check's own read-backs go through `DeviceBuffer`/`read`, not a call.
+                let moved = (c.device_bytes() - b) as f64;
+                let what = format!("{what}, in place {in_place}, rank {r}: {moved} bytes");
+                match (algorithm, mappable && c.device().unified_memory()) {
+                    (wccl::Algorithm::Ring, _) => {
+                        let want = 2.0 * 2.0 * (n - 1) as f64 / n as f64 * bytes;
+                        assert!((moved - want).abs() <= 0.01 * want, "{what}, want {want}");
+                    }
+                    (_, false) => assert!(
+                        moved >= 2.0 * bytes && moved <= 1.1 * 2.0 * bytes,
+                        "{what}, want 2N = {}",
+                        2.0 * bytes
+                    ),
+                    (_, true) => assert_eq!(moved, 0.0, "{what}"),
+                }
+            }
+        }
+    }
+}

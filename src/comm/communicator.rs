@@ -1200,6 +1200,16 @@ impl Communicator {
         self.engine.bytes_sent
     }
 
+    /// Bytes this rank's collectives have read back from its device and uploaded to it
+    /// through staging buffers since the communicator was made: the device traffic of the
+    /// algorithms, measured, as [`bytes_sent`](Self::bytes_sent) measures the link's. Per rank
+    /// and N-byte all-reduce, about 2·2(n-1)/n·N for the device ring (every ring step reads
+    /// back what it sends and uploads what it receives), 2N for the host-staged ring, and 0
+    /// for the host-staged ring in tensors mapped in place.
+    pub fn device_bytes(&self) -> u64 {
+        self.engine.device_bytes
+    }
+
     /// Calls that ran in their tensors mapped in place instead of through staging buffers: the
     /// host-staged ring on a unified-memory device ([`RankDevice::unified_memory`]), with
     /// tensors made with [`RankDevice::tensor_usages`]. Says which path a call took.

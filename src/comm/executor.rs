@@ -34,6 +34,9 @@ pub(crate) struct Engine {
     pub(crate) bytes_sent: u64,
     /// Calls that ran in their tensors mapped in place (see `split.rs`).
     pub(crate) mapped_calls: u64,
+    /// Bytes read back from the device and uploaded to it through staging buffers by calls
+    /// since the engine was made: a call's device traffic, counted, not modelled.
+    pub(crate) device_bytes: u64,
     /// Frames a call read that were not a call's (a peer's agreement frames, read by a rank
     /// still in the call): the next agreement looks at them (see `agree.rs`).
     pub(crate) stray: Vec<(usize, Frame)>,
@@ -79,6 +82,7 @@ impl Engine {
             spare: Vec::new(),
             bytes_sent: 0,
             mapped_calls: 0,
+            device_bytes: 0,
             stray: Vec::new(),
             dropping: None,
         }
@@ -373,6 +377,7 @@ impl Run<'_, '_> {
                 .reads
                 .begin(&self.eng.dev, &buf, off, bytes)
                 .map_err(|e| wait_error(self.call.at, e))?;
+            self.eng.device_bytes = self.eng.device_bytes.saturating_add(bytes as u64);
             tickets.push_back((r.action, ticket));
             *next += 1;
         }
@@ -575,6 +580,7 @@ impl Run<'_, '_> {
             .device()
             .create_command_encoder(&Default::default());
         let (buf, off) = self.locate(dst);
+        self.eng.device_bytes = self.eng.device_bytes.saturating_add(bytes.len() as u64);
         if combine == Combine::Copy && aligned4(off, bytes.len()) && copy_target(&buf) {
             // A plain copy goes straight from the staging slot to its place: no kernel.
             self.eng
@@ -660,6 +666,7 @@ impl Run<'_, '_> {
                     .reads
                     .begin(&self.eng.dev, &buf, off, bytes)
                     .map_err(|e| wait_error(self.call.at, e))?;
+                self.eng.device_bytes = self.eng.device_bytes.saturating_add(bytes as u64);
                 // Straight from the mapped slot into host memory (the host-staged ring reads
                 // its whole buffer back this way): no intermediate copy.
                 let host: &mut [u8] = bytemuck::cast_slice_mut(&mut self.host);
