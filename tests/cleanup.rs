@@ -295,3 +295,29 @@ fn a_tensor_mapped_by_its_owner_is_refused_and_left_mapped() {
     raw.unmap();
     assert_exact_after_rebuild(g, &b, "owner's map");
 }
+
+/// A tensor destroyed before a host-staged call cannot be mapped (wgpu refuses): an error on
+/// every rank, no panic, and the other tensors are left unmapped (they take writes after).
+#[test]
+fn a_destroyed_tensor_fails_the_staged_call_cleanly() {
+    let faults = FaultPlan::new();
+    let mut g = group_with(&faults, Duration::from_secs(5), Algorithm::Staged);
+    let b = buffers(&mut g);
+    b.inputs[0].raw().destroy();
+    let res = all_reduce(&mut g, &b);
+    assert!(res.iter().all(|r| r.is_err()), "{res:?}");
+    if g.comm(0).device().unified_memory() {
+        let text = res[0]
+            .as_ref()
+            .err()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        assert!(text.contains("mapping a tensor in place failed"), "{text}");
+    }
+    for r in 1..RANKS {
+        let c = g.comm(r);
+        b.outputs[r]
+            .write(c.device(), &vec![f32::NAN; COUNT])
+            .unwrap_or_else(|e| panic!("rank {r}'s output after the failure: {e}"));
+    }
+}

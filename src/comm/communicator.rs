@@ -1040,6 +1040,9 @@ impl Communicator {
                     }
                     Algorithm::Naive => algo::naive_all_reduce(n, r, 0, count, op, se),
                     Algorithm::Staged => algo::staged_ring_all_reduce(n, r, count, op, se),
+                    Algorithm::HalvingDoubling => {
+                        algo::halving_doubling_all_reduce(n, r, count, op, in_place, se)
+                    }
                     Algorithm::Ring | Algorithm::Auto => {
                         algo::ring_all_reduce(n, r, count, op, in_place, se)
                     }
@@ -1200,9 +1203,10 @@ impl Communicator {
         self.engine.bytes_sent
     }
 
-    /// Bytes this rank's collectives have read back from its device and uploaded to it
-    /// through staging buffers since the communicator was made: the device traffic of the
-    /// algorithms, measured, as [`bytes_sent`](Self::bytes_sent) measures the link's. Per rank
+    /// Bytes this rank's collective calls have begun to read back from its device and upload
+    /// to it through staging buffers since the communicator was made (those of failed calls
+    /// included; the parameter server's not): the device traffic of the algorithms, measured,
+    /// as [`bytes_sent`](Self::bytes_sent) measures the link's. Per rank
     /// and N-byte all-reduce, about 2·2(n-1)/n·N for the device ring (every ring step reads
     /// back what it sends and uploads what it receives), 2N for the host-staged ring, and 0
     /// for the host-staged ring in tensors mapped in place.

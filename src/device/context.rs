@@ -214,9 +214,11 @@ impl RankDevice {
     ///
     /// While a host-staged call runs in a mapped tensor, its whole wgpu buffer is mapped (wgpu
     /// maps buffers, not ranges): work submitted meanwhile that touches any part of that buffer
-    /// fails. Training code that overlaps an all-reduce of one bucket with kernels writing
-    /// another bucket of the same buffer should give the buckets buffers of their own, or
-    /// leave the map usages off (the call then stages through staging buffers).
+    /// fails, and so does mapping it: do not map it or hold views of it until the call
+    /// returns (a tensor already mapped is refused, with an error that says so). Training
+    /// code that overlaps an all-reduce of one bucket with kernels writing another bucket of
+    /// the same buffer should give the buckets buffers of their own, or leave the map usages
+    /// off (the call then stages through staging buffers).
     pub fn tensor_usages(&self) -> wgpu::BufferUsages {
         let mut usages = super::buffer::COLLECTIVE_USAGES | wgpu::BufferUsages::COPY_DST;
         if self.unified_memory() {

@@ -17,17 +17,17 @@ enum View {
 }
 
 /// A tensor's bytes, mapped for the host. Dropping it unmaps the buffer (a map still pending is
-/// cancelled), on every path: no buffer stays mapped after the call that mapped it. A map that
-/// wgpu refused is not wccl's to undo (the buffer may be mapped by its owner) and is left alone.
+/// cancelled, a failed one's record cleared), on every path: no buffer stays mapped after the
+/// call that mapped it. A map that was never wccl's (wgpu turned it away at once because the
+/// buffer is mapped already, by its owner) is left alone.
 ///
 /// The whole wgpu buffer is mapped while this lives (wgpu maps buffers, not ranges): work the
 /// caller submits that touches any part of it fails until the call returns.
 pub(crate) struct MappedTensor {
     buffer: Buffer,
     device: wgpu::Device,
-    /// Set by the map callback: it has run, and it succeeded.
-    done: Arc<AtomicBool>,
-    ok: Arc<AtomicBool>,
+    /// Whether the mapping is wccl's to undo.
+    owned: bool,
     view: Option<View>,
     /// Where the tensor's first byte lies in the view (the view starts on a map boundary).
     head: usize,
@@ -65,33 +65,47 @@ impl MappedTensor {
             .map_err(|_| WaitError::Device("internal: a map offset out of range".into()))?;
         let len = usize::try_from(t.bytes())
             .map_err(|_| WaitError::Device("internal: a mapped tensor over usize".into()))?;
-        // Errors of this device work reach the rank's error store when the scope ends. (wgpu
-        // sends the writes the caller queued on the buffer before it maps it.)
-        let scope = dev.error_scope();
+        // wgpu sends the writes the caller queued on the buffer before it maps it.
         let done = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicBool::new(false));
         let (d, o) = (Arc::clone(&done), Arc::clone(&ok));
         let mode = if write { MapMode::Write } else { MapMode::Read };
+        let scope = dev.device().push_error_scope(wgpu::ErrorFilter::Validation);
         t.buffer.map_async(mode, range.clone(), move |r| {
             o.store(r.is_ok(), Ordering::Release);
             d.store(true, Ordering::Release);
         });
-        drop(scope);
-        // From here the guard unmaps on every exit, a map still pending included.
+        let refused = pollster::block_on(scope.pop());
+        // Turned away before the call returned, with no error of wgpu's own: the buffer is
+        // mapped already (wgpu's record of it), by someone else. Anything else is wccl's map
+        // from here on (pending, failed or done) and the guard unmaps it on every exit, which
+        // cancels a pending one and clears a failed one's record.
+        let owners =
+            done.load(Ordering::Acquire) && !ok.load(Ordering::Acquire) && refused.is_none();
         let mut mapped = MappedTensor {
             buffer: t.buffer.clone(),
             device: dev.device().clone(),
-            done: Arc::clone(&done),
-            ok: Arc::clone(&ok),
+            owned: !owners,
             view: None,
             head,
             len,
         };
+        if owners {
+            return Err(WaitError::Device(
+                "a tensor's buffer is mapped already (by its owner?): unmap it before the call, \
+                 and leave it unmapped until the call returns"
+                    .into(),
+            ));
+        }
+        if let Some(e) = refused {
+            return Err(WaitError::Device(format!(
+                "mapping a tensor in place failed: {e}"
+            )));
+        }
         dev.wait_flag(&done, None, deadline)?;
         if !ok.load(Ordering::Acquire) {
             return Err(WaitError::Device(
-                "a tensor's buffer could not be mapped in place: it is mapped already (by its \
-                 owner: unmap it before the call) or was destroyed"
+                "mapping a tensor in place failed (the buffer was destroyed, or the device lost)"
                     .into(),
             ));
         }
@@ -134,17 +148,24 @@ impl Drop for MappedTensor {
     fn drop(&mut self) {
         // The view first: wgpu refuses to unmap a buffer with a live view.
         self.view = None;
-        // Ours to undo: a map that succeeded, or one still pending (cancelled). A refused map
-        // is not (the buffer may be mapped by its owner, views and all).
-        let done = self.done.load(Ordering::Acquire);
-        if done && !self.ok.load(Ordering::Acquire) {
+        if !self.owned {
             return;
         }
-        // A device lost or a buffer destroyed meanwhile makes the unmap an error: the call has
-        // failed already, and the next one finds the device's state; nothing for any handler.
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        // A failed map, a device lost or a buffer destroyed meanwhile makes the unmap an error
+        // (it still clears wgpu's record of the map): the call has failed already, and the
+        // next one finds the device's state; nothing for any handler.
+        let scopes: Vec<_> = [
+            wgpu::ErrorFilter::Validation,
+            wgpu::ErrorFilter::OutOfMemory,
+            wgpu::ErrorFilter::Internal,
+        ]
+        .into_iter()
+        .map(|f| self.device.push_error_scope(f))
+        .collect();
         self.buffer.unmap();
-        let _ = pollster::block_on(scope.pop());
+        for scope in scopes.into_iter().rev() {
+            let _ = pollster::block_on(scope.pop());
+        }
     }
 }
 
