@@ -81,8 +81,9 @@ fn matrix_8_ranks() {
     full_matrix(8);
 }
 
-/// The central (parameter-server pattern), naive (host round-trip) and host-staged ring
-/// all-reduces, over every op, type and awkward size, on 1 to 5 ranks. The host-staged ring runs
+/// The central (parameter-server pattern), naive (host round-trip), host-staged ring and
+/// halving-doubling all-reduces, over every op, type and awkward size, on 1 to 5 ranks (3 and 5
+/// fold a rank into halving-doubling's exchanges). The host-staged ring runs
 /// both of its paths: in tensors mapped in place (where the device's memory is the host's, as
 /// on the CI's lavapipe) and staged through host memory (tensors that cannot be mapped).
 #[test]
@@ -93,6 +94,7 @@ fn central_naive_and_staged_all_reduce() {
         (wccl::Algorithm::Naive, true),
         (wccl::Algorithm::Staged, true),
         (wccl::Algorithm::Staged, false),
+        (wccl::Algorithm::HalvingDoubling, true),
     ];
     for (algorithm, mappable) in runs {
         for n in 1..=5 {
@@ -140,7 +142,9 @@ fn central_naive_and_staged_all_reduce() {
 }
 
 /// A Vulkan CPU adapter (the CI's lavapipe) maps tensors in place: the test above checks the
-/// mapped path there, not only the staging one.
+/// mapped path there, not only the staging one. In CI (`CI` set: a machine with lavapipe and no
+/// GPU) a Vulkan run must be on such an adapter, so that the mapped path cannot quietly turn
+/// into the staging one.
 #[test]
 fn a_vulkan_cpu_adapter_maps_tensors_in_place() {
     let g = group(1);
@@ -148,6 +152,13 @@ fn a_vulkan_cpu_adapter_maps_tensors_in_place() {
     let info = dev.info();
     let cpu_vulkan =
         info.device_type == wgpu::DeviceType::Cpu && info.backend == wgpu::Backend::Vulkan;
+    if std::env::var_os("CI").is_some() && info.backend == wgpu::Backend::Vulkan {
+        assert!(
+            cpu_vulkan && dev.unified_memory(),
+            "CI's Vulkan adapter: {info:?}"
+        );
+    }
+    // MAPPABLE_PRIMARY_BUFFERS was asked for and granted wherever the adapter is one.
     assert_eq!(dev.unified_memory(), cpu_vulkan, "{info:?}");
     if cpu_vulkan {
         let usages = dev.tensor_usages();

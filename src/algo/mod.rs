@@ -8,6 +8,7 @@
 mod central_all_reduce;
 mod chain_broadcast;
 mod chain_reduce;
+mod halving_doubling_all_reduce;
 mod naive_all_reduce;
 mod plan;
 mod ring_all_gather;
@@ -22,6 +23,7 @@ pub use central_all_reduce::central_all_reduce;
 pub use chain_broadcast::chain_broadcast;
 pub(crate) use chain_broadcast::chain_broadcast_data;
 pub use chain_reduce::chain_reduce;
+pub use halving_doubling_all_reduce::halving_doubling_all_reduce;
 pub use naive_all_reduce::naive_all_reduce;
 pub(crate) use plan::Fold;
 pub use plan::{Action, Buf, Plan, Recv, Region, Source, Transfer, partition};
@@ -55,6 +57,12 @@ pub enum Algorithm {
     /// upload: the ring's link traffic, and N bytes each way between device and host instead
     /// of the device ring's 2(n-1)/n·N. `Auto` does not choose it yet.
     Staged = 4,
+    /// Recursive halving-doubling (Rabenseifner): a reduce-scatter by recursive halving and an
+    /// all-gather by recursive doubling, 2·log2(n) exchanges against the ring's 2(n-1), the
+    /// ring's link traffic, reductions on the devices; rank counts that are not powers of two
+    /// fold their extra ranks in first. For small messages at scale. `Auto` does not choose it
+    /// yet.
+    HalvingDoubling = 5,
     /// Whichever the cost model predicts fastest for this size and these devices.
     ///
     /// Without a cost model (no [`CommGroup::probe`](crate::CommGroup::probe) and no
@@ -69,11 +77,12 @@ impl Algorithm {
     /// rough, see `model`). For every algorithm, [`ALL`](Self::ALL).
     pub const CONCRETE: [Algorithm; 3] = [Algorithm::Ring, Algorithm::Central, Algorithm::Naive];
     /// Every concrete algorithm (not `Auto`), `Staged` included.
-    pub const ALL: [Algorithm; 4] = [
+    pub const ALL: [Algorithm; 5] = [
         Algorithm::Ring,
         Algorithm::Central,
         Algorithm::Naive,
         Algorithm::Staged,
+        Algorithm::HalvingDoubling,
     ];
 
     pub(crate) const fn code(self) -> u32 {
@@ -88,15 +97,16 @@ impl std::fmt::Display for Algorithm {
             Algorithm::Central => "central",
             Algorithm::Naive => "naive",
             Algorithm::Staged => "staged",
+            Algorithm::HalvingDoubling => "hd",
             Algorithm::Auto => "auto",
         })
     }
 }
 
 /// The error of parsing an [`Algorithm`] from a name that is none of `ring`, `central`,
-/// `naive`, `staged`, `auto`.
+/// `naive`, `staged`, `hd`, `auto`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown algorithm '{name}' (ring, central, naive, staged, auto)")]
+#[error("unknown algorithm '{name}' (ring, central, naive, staged, hd, auto)")]
 pub struct ParseAlgorithmError {
     /// The name that was given.
     pub name: String,
@@ -110,6 +120,7 @@ impl std::str::FromStr for Algorithm {
             "central" => Ok(Algorithm::Central),
             "naive" => Ok(Algorithm::Naive),
             "staged" => Ok(Algorithm::Staged),
+            "hd" | "halving-doubling" => Ok(Algorithm::HalvingDoubling),
             "auto" => Ok(Algorithm::Auto),
             _ => Err(ParseAlgorithmError { name: s.into() }),
         }

@@ -5,8 +5,9 @@ use std::collections::VecDeque;
 
 use super::plan::{Action, Buf, Fold, Plan, Region, Source};
 use super::{
-    Algorithm, central_all_reduce, chain_broadcast, chain_reduce, naive_all_reduce,
-    ring_all_gather, ring_all_reduce, ring_reduce_scatter, staged_ring_all_reduce,
+    Algorithm, central_all_reduce, chain_broadcast, chain_reduce, halving_doubling_all_reduce,
+    naive_all_reduce, ring_all_gather, ring_all_reduce, ring_reduce_scatter,
+    staged_ring_all_reduce,
 };
 use crate::types::{Combine, ReduceOp};
 
@@ -292,6 +293,9 @@ fn every_algorithm_on_1_to_16_ranks() {
                                 }
                                 Algorithm::Naive => naive_all_reduce(n, r, 0, count, op, slice),
                                 Algorithm::Staged => staged_ring_all_reduce(n, r, count, op, slice),
+                                Algorithm::HalvingDoubling => {
+                                    halving_doubling_all_reduce(n, r, count, op, in_place, slice)
+                                }
                                 _ => ring_all_reduce(n, r, count, op, in_place, slice),
                             })
                             .collect();
@@ -342,6 +346,51 @@ fn every_algorithm_on_1_to_16_ranks() {
             }
         }
     }
+}
+
+/// Halving-doubling on every rank count from 1 to 64 (the folds of 2(n-p) ranks for every
+/// p up to 32), every op, in and out of place, sizes below and above the rank count.
+#[test]
+fn halving_doubling_on_1_to_64_ranks() {
+    for n in 1..=64 {
+        for &(count, slice) in &[(0, 1), (3, 1), (n + 5, 2), (257, 1 << 20)] {
+            for in_place in [false, true] {
+                for op in ReduceOp::ALL {
+                    let x = inputs(n, count, 11);
+                    let plans = (0..n)
+                        .map(|r| halving_doubling_all_reduce(n, r, count, op, in_place, slice))
+                        .collect();
+                    for (r, o) in simulate(plans, x.clone(), count, in_place)
+                        .iter()
+                        .enumerate()
+                    {
+                        for (i, got) in o.iter().enumerate() {
+                            let e = reduce(op, &x, i);
+                            assert!(
+                                (got - e).abs() <= 1e-9 * e.abs(),
+                                "hd n={n} r={r} count={count} i={i}: {got} vs {e}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Halving-doubling moves the ring's volume (2(p-1)/p of the buffer each way among the p that
+/// exchange) in 2·log2(p) exchanges, plus the folds.
+#[test]
+fn halving_doubling_takes_log_steps() {
+    let sends = |n: usize, r: usize| {
+        halving_doubling_all_reduce(n, r, 1 << 12, ReduceOp::Sum, true, 1 << 20).sends()
+    };
+    assert_eq!(sends(32, 7), 10);
+    assert_eq!(sends(64, 0), 12);
+    // 33 ranks: rank 0 folds into 1 (one send); rank 1 exchanges 10 times and sends back.
+    assert_eq!(sends(33, 0), 1);
+    assert_eq!(sends(33, 1), 11);
+    assert_eq!(sends(33, 2), 10);
 }
 
 #[test]
@@ -399,6 +448,13 @@ fn no_rank_finishes_while_another_refuses_the_call() {
                         "staged all_reduce",
                         Box::new(move |r| {
                             staged_ring_all_reduce(n, r, count, ReduceOp::Sum, slice)
+                        }),
+                        count,
+                    ),
+                    (
+                        "halving-doubling all_reduce",
+                        Box::new(move |r| {
+                            halving_doubling_all_reduce(n, r, count, ReduceOp::Sum, true, slice)
                         }),
                         count,
                     ),

@@ -378,6 +378,7 @@ fn parse_algos(s: &str) -> Result<(Vec<Algorithm>, bool), String> {
             Algorithm::Central,
             Algorithm::Naive,
             Algorithm::Staged,
+            Algorithm::HalvingDoubling,
             Algorithm::Auto,
         ];
         return Ok((all, true));

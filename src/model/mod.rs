@@ -216,6 +216,36 @@ fn work(algo: Algorithm, n: usize, r: usize, bytes: usize, in_place: bool, slice
                 steps: 2.0 * c * k,
             }
         }
+        Algorithm::HalvingDoubling => {
+            // Among the p that exchange: log2(p) halvings of the window each way, the ring's
+            // volume, a slice count per exchange from its region's size; the first 2(n-p)
+            // ranks add a whole-buffer fold (even ranks: only that, and the result back).
+            let p = 1usize << n.ilog2();
+            let pf = p as f64;
+            let whole = bytes.div_ceil(slice.max(1)).max(1) as f64;
+            let folds = r < 2 * (n - p);
+            if folds && r.is_multiple_of(2) {
+                return Work {
+                    readback: s,
+                    upload: s,
+                    copy: oop_copy,
+                    steps: 2.0 * whole,
+                    ..Work::default()
+                };
+            }
+            let exchanges: f64 = (1..=p.ilog2())
+                .map(|j| (bytes >> j).div_ceil(slice.max(1)).max(1) as f64)
+                .sum();
+            let fold = if folds { 1.0 } else { 0.0 };
+            Work {
+                readback: 2.0 * (pf - 1.0) / pf * s + fold * s,
+                upload: 2.0 * (pf - 1.0) / pf * s + fold * s,
+                reduce: (pf - 1.0) / pf * s + fold * s,
+                copy: oop_copy,
+                host: 0.0,
+                steps: 2.0 * exchanges + fold * 2.0 * whole,
+            }
+        }
         Algorithm::Central | Algorithm::Naive => {
             let k = bytes.div_ceil(slice.max(1)).max(1) as f64;
             if r != 0 {
