@@ -314,10 +314,16 @@ fn a_destroyed_tensor_fails_the_staged_call_cleanly() {
             .unwrap_or_default();
         assert!(text.contains("mapping a tensor in place failed"), "{text}");
     }
-    for r in 1..RANKS {
+    for r in 0..RANKS {
         let c = g.comm(r);
         b.outputs[r]
             .write(c.device(), &vec![f32::NAN; COUNT])
             .unwrap_or_else(|e| panic!("rank {r}'s output after the failure: {e}"));
+        if r > 0 {
+            let got = b.inputs[r]
+                .read(c.device())
+                .unwrap_or_else(|e| panic!("rank {r}'s input after the failure: {e}"));
+            assert_eq!(got, input(r), "rank {r}'s input is kept");
+        }
     }
 }

@@ -58,10 +58,11 @@ pub enum Algorithm {
     /// of the device ring's 2(n-1)/n·N. `Auto` does not choose it yet.
     Staged = 4,
     /// Recursive halving-doubling (Rabenseifner): a reduce-scatter by recursive halving and an
-    /// all-gather by recursive doubling, 2·log2(n) exchanges against the ring's 2(n-1), the
-    /// ring's link traffic, reductions on the devices; rank counts that are not powers of two
-    /// fold their extra ranks in first. For small messages at scale. `Auto` does not choose it
-    /// yet.
+    /// all-gather by recursive doubling among p, the largest power of two at most n: 2·log2(p)
+    /// exchanges against the ring's 2(n-1), and the ring's link traffic, 2(p-1)/p of the buffer
+    /// each way; reductions on the devices. Rank counts that are not powers of two fold their
+    /// 2(n-p) first ranks in pairs first (one more buffer each way, and two more steps, on
+    /// those). For small messages at scale. `Auto` does not choose it yet.
     HalvingDoubling = 5,
     /// Whichever the cost model predicts fastest for this size and these devices.
     ///

@@ -391,6 +391,36 @@ fn halving_doubling_takes_log_steps() {
     assert_eq!(sends(33, 0), 1);
     assert_eq!(sends(33, 1), 11);
     assert_eq!(sends(33, 2), 10);
+    // The volume: 2(p-1)/p of the buffer among the p, and the whole buffer once more on a
+    // folding rank (the even one sends it in, the odd one sends the result back).
+    let count = 7000;
+    for n in [2usize, 4, 6, 8, 13, 32, 33] {
+        let p = 1usize << n.ilog2();
+        for r in 0..n {
+            let plan = halving_doubling_all_reduce(n, r, count, ReduceOp::Sum, true, 1 << 20);
+            let sent: usize = plan
+                .actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Transfer(t) => match t.send {
+                        Some((_, Source::Device(r))) => Some(r.len),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .sum();
+            let folds = r < 2 * (n - p);
+            let want = match (folds, r % 2) {
+                (true, 0) => count,
+                (true, _) => 2 * (p - 1) * count / p + count,
+                _ => 2 * (p - 1) * count / p,
+            };
+            assert!(
+                sent.abs_diff(want) <= 2 * p,
+                "n={n} r={r}: sent {sent}, want {want}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -488,15 +518,24 @@ fn no_rank_finishes_while_another_refuses_the_call() {
                     ("barrier", Box::new(move |r| super::ring_barrier(n, r)), 0),
                 ];
                 for (name, make, len) in algorithms {
-                    let plans = (0..n).map(&make).collect();
-                    let x = inputs(n, len, 1);
-                    let (_, finished) = simulate_with(plans, x, len, true, Some(odd));
-                    let done: Vec<usize> = (0..n).filter(|&r| finished[r]).collect();
-                    assert!(
-                        done.is_empty(),
-                        "{name} n={n} root={root} count={count} slice={slice}: rank {odd} \
-                         disagrees, yet ranks {done:?} finish"
-                    );
+                    // Halving-doubling is not symmetric in the ranks (folding pairs, partners
+                    // by bit): every rank takes its turn disagreeing.
+                    let odds = if name.starts_with("halving") {
+                        (0..n).collect()
+                    } else {
+                        vec![odd]
+                    };
+                    for odd in odds {
+                        let plans = (0..n).map(&make).collect();
+                        let x = inputs(n, len, 1);
+                        let (_, finished) = simulate_with(plans, x, len, true, Some(odd));
+                        let done: Vec<usize> = (0..n).filter(|&r| finished[r]).collect();
+                        assert!(
+                            done.is_empty(),
+                            "{name} n={n} root={root} count={count} slice={slice}: rank {odd} \
+                             disagrees, yet ranks {done:?} finish"
+                        );
+                    }
                 }
             }
         }

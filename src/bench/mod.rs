@@ -432,6 +432,15 @@ pub fn link_seconds(
     }
     let (egress, steps) = match (kind, algo) {
         (CollectiveKind::AllReduce, Algorithm::Central | Algorithm::Naive) => ((nf - 1.0) * s, 2.0),
+        (CollectiveKind::AllReduce, Algorithm::HalvingDoubling) => {
+            // The busiest rank: an odd one of the folded pairs when n is not a power of two (it
+            // also sends the whole result back), with one step each way more.
+            let p = 1usize << n.ilog2();
+            let pf = p as f64;
+            let fold = if p < n { 1.0 } else { 0.0 };
+            let exchanges = 2.0 * f64::from(p.ilog2());
+            (2.0 * (pf - 1.0) / pf * s + fold * s, exchanges + 2.0 * fold)
+        }
         (CollectiveKind::AllReduce, _) => (2.0 * (nf - 1.0) / nf * s, 2.0 * (nf - 1.0)),
         (CollectiveKind::ReduceScatter | CollectiveKind::AllGather, _) => {
             ((nf - 1.0) / nf * s, nf - 1.0)

@@ -293,7 +293,8 @@ struct Sweep {
     #[arg(short = 'T', long = "timeout", default_value_t = 30)]
     timeout: u64,
     /// All-reduce algorithms, comma separated: ring, central, naive, staged (the host-staged
-    /// ring), auto, ps (through the parameter server, on one more rank), all.
+    /// ring), hd (recursive halving-doubling), auto, ps (through the parameter server, on one
+    /// more rank), all.
     #[arg(long = "algo", default_value = "ring")]
     algo: String,
     /// Also write the rows as CSV to this file.

@@ -70,16 +70,28 @@ impl MappedTensor {
         let ok = Arc::new(AtomicBool::new(false));
         let (d, o) = (Arc::clone(&done), Arc::clone(&ok));
         let mode = if write { MapMode::Write } else { MapMode::Read };
-        let scope = dev.device().push_error_scope(wgpu::ErrorFilter::Validation);
+        let scopes: Vec<_> = [
+            wgpu::ErrorFilter::Validation,
+            wgpu::ErrorFilter::OutOfMemory,
+            wgpu::ErrorFilter::Internal,
+        ]
+        .into_iter()
+        .map(|f| dev.device().push_error_scope(f))
+        .collect();
         t.buffer.map_async(mode, range.clone(), move |r| {
             o.store(r.is_ok(), Ordering::Release);
             d.store(true, Ordering::Release);
         });
-        let refused = pollster::block_on(scope.pop());
+        let mut refused = None;
+        for scope in scopes.into_iter().rev() {
+            refused = refused.or(pollster::block_on(scope.pop()));
+        }
         // Turned away before the call returned, with no error of wgpu's own: the buffer is
-        // mapped already (wgpu's record of it), by someone else. Anything else is wccl's map
-        // from here on (pending, failed or done) and the guard unmaps it on every exit, which
-        // cancels a pending one and clears a failed one's record.
+        // mapped already (wgpu's record of it, which every map, `map_buffer_on_submit`'s too,
+        // passes first), by someone else; or the device is lost (its errors reach no scope).
+        // Anything else is wccl's map from here on (pending, failed or done) and the guard
+        // unmaps it on every exit, which cancels a pending one and clears a failed one's
+        // record.
         let owners =
             done.load(Ordering::Acquire) && !ok.load(Ordering::Acquire) && refused.is_none();
         let mut mapped = MappedTensor {
@@ -92,8 +104,8 @@ impl MappedTensor {
         };
         if owners {
             return Err(WaitError::Device(
-                "a tensor's buffer is mapped already (by its owner?): unmap it before the call, \
-                 and leave it unmapped until the call returns"
+                "a tensor's buffer is mapped already (by its owner: unmap it before the call, \
+                 and leave it unmapped until the call returns), or the device was lost"
                     .into(),
             ));
         }
