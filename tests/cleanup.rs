@@ -15,7 +15,7 @@ const RANKS: usize = 3;
 const COUNT: usize = 3 * 1000 + 7;
 
 fn group(faults: &FaultPlan, timeout: Duration) -> CommGroup {
-    group_with(faults, timeout, Algorithm::Auto)
+    group_with(faults, timeout, CommConfig::default().algorithm)
 }
 
 fn group_with(faults: &FaultPlan, timeout: Duration, algorithm: Algorithm) -> CommGroup {

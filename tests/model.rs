@@ -5,7 +5,7 @@
 mod common;
 
 use wccl::model::{CostModel, Figures, Probe};
-use wccl::{Algorithm, CallOptions, Collective, CommGroup, ReduceOp};
+use wccl::{Algorithm, CallOptions, Collective, CommGroup, ReduceOp, TensorRef};
 
 /// Distinct per (rank, element) with period 11, exact in f32, and so are their sums.
 fn value(r: usize, i: usize) -> f64 {
@@ -13,23 +13,32 @@ fn value(r: usize, i: usize) -> f64 {
 }
 
 /// Runs an in-place `Auto` all-reduce of `count` elements on every rank, checks every rank's
-/// result against the f64 sum and returns the algorithm each rank ran.
+/// result against the f64 sum and returns the algorithm each rank ran. The tensors are
+/// mappable in place where the device allows it (`RankDevice::tensor_usages`).
 fn run_auto(g: &mut CommGroup, count: usize) -> Vec<Option<Algorithm>> {
+    run_auto_with(g, count, true)
+}
+
+/// [`run_auto`] with tensors mappable in place or not (`STORAGE | COPY_SRC | COPY_DST` only):
+/// `Auto` weighs the host-staged ring only for the former.
+fn run_auto_with(g: &mut CommGroup, count: usize, mappable: bool) -> Vec<Option<Algorithm>> {
     let n = g.size();
+    let dtype = wccl::DType::F32;
     let inputs: Vec<Vec<f64>> = (0..n)
         .map(|r| (0..count).map(|i| value(r, i)).collect())
         .collect();
-    let bufs: Vec<_> = (0..n)
-        .map(|r| {
-            let v: Vec<f32> = inputs[r].iter().map(|&x| x as f32).collect();
-            g.comm(r).upload(&v).expect("upload")
-        })
+    let bufs: Vec<wgpu::Buffer> = (0..n)
+        .map(|r| common::make_buffer_with(g.comm(r), dtype, &inputs[r], 0, mappable))
         .collect();
-    let calls: Vec<_> = bufs
+    let views: Vec<TensorRef<'_>> = bufs
         .iter()
-        .map(|b| Collective::AllReduce {
-            input: b.view(),
-            output: b.view(),
+        .map(|b| TensorRef::new(b, 0, count, dtype))
+        .collect();
+    let calls: Vec<_> = views
+        .iter()
+        .map(|&v| Collective::AllReduce {
+            input: v,
+            output: v,
             op: ReduceOp::Sum,
         })
         .collect();
@@ -38,16 +47,10 @@ fn run_auto(g: &mut CommGroup, count: usize) -> Vec<Option<Algorithm>> {
         ..CallOptions::default()
     };
     g.run(&calls, opts).expect("auto all_reduce");
-    let want = common::reference(wccl::DType::F32, ReduceOp::Sum, &inputs);
+    let want = common::reference(dtype, ReduceOp::Sum, &inputs);
     (0..n)
         .map(|r| {
-            let got: Vec<f64> = g
-                .comm(r)
-                .download(&bufs[r])
-                .expect("download")
-                .into_iter()
-                .map(f64::from)
-                .collect();
+            let got = common::read(g.comm(r), views[r]);
             common::assert_close(&format!("rank {r}, {count} elements"), &got, &want, |_| 0.0);
             g.comm(r).last_algorithm()
         })
@@ -85,8 +88,11 @@ fn auto_runs_what_the_model_chooses() {
             "every rank holds the same model"
         );
     }
+    // The tensors are mappable in place where the device allows it: then `Auto` weighs the
+    // host-staged ring too.
+    let mapped = g.comm(0).device().unified_memory();
     for count in [1usize, 1000, 300_000] {
-        let chosen = model.choose(count * 4, true);
+        let chosen = model.choose_for(count * 4, true, mapped);
         for (r, ran) in run_auto(&mut g, count).into_iter().enumerate() {
             assert_eq!(ran, Some(chosen), "rank {r}, {count} elements");
         }
@@ -152,8 +158,37 @@ fn auto_follows_hand_built_figures_to_each_algorithm() {
         for r in 0..3 {
             g.comm_mut(r).set_cost_model(model.clone());
         }
-        for (r, ran) in run_auto(&mut g, count).into_iter().enumerate() {
+        // Plain tensors: the host-staged ring is not a candidate.
+        for (r, ran) in run_auto_with(&mut g, count, false).into_iter().enumerate() {
             assert_eq!(ran, Some(want), "rank {r} under {f:?}, shared {shared}");
+        }
+    }
+    // Tensors mapped in place (a unified-memory device): the host-staged ring moves nothing
+    // between device and host there, so where the host folds fast it beats naive (which still
+    // reads back and uploads); where the host is slow, the ring stays the choice.
+    if g.comm(0).device().unified_memory() {
+        for (f, want) in [(naive, Algorithm::Staged), (ring, Algorithm::Ring)] {
+            let model = CostModel::new(
+                Probe {
+                    alone: vec![f; 3],
+                    together: f,
+                    shared: true,
+                    bytes: 0,
+                },
+                slice,
+            );
+            assert_eq!(model.choose_for(count * 4, true, true), want, "{f:?}");
+            assert_ne!(model.choose(count * 4, true), Algorithm::Staged);
+            for r in 0..3 {
+                g.comm_mut(r).set_cost_model(model.clone());
+            }
+            for (r, ran) in run_auto(&mut g, count).into_iter().enumerate() {
+                assert_eq!(ran, Some(want), "rank {r}, mapped tensors, under {f:?}");
+            }
+            // The same model with plain tensors: never the host-staged ring.
+            for (r, ran) in run_auto_with(&mut g, count, false).into_iter().enumerate() {
+                assert_ne!(ran, Some(Algorithm::Staged), "rank {r}, plain tensors");
+            }
         }
     }
 }

@@ -55,7 +55,8 @@ pub enum Algorithm {
     Naive,
     /// The host-staged ring: one read-back, the ring on host memory (folding on the CPU), one
     /// upload: the ring's link traffic, and N bytes each way between device and host instead
-    /// of the device ring's 2(n-1)/n·N. `Auto` does not choose it yet.
+    /// of the device ring's 2(n-1)/n·N; on a unified-memory device, in tensors mapped in
+    /// place, none at all. `Auto` weighs it only there (elsewhere its model entry is rough).
     Staged = 4,
     /// Recursive halving-doubling (Rabenseifner): a reduce-scatter by recursive halving and an
     /// all-gather by recursive doubling among p, the largest power of two at most n: 2·log2(p)
@@ -74,8 +75,9 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// The concrete algorithms `Auto` chooses among (not yet `Staged`: its model entry is
-    /// rough, see `model`). For every algorithm, [`ALL`](Self::ALL).
+    /// The concrete algorithms `Auto` chooses among everywhere; `Staged` joins them for tensors
+    /// it can work in mapped in place (see `CostModel::choose_for`). For every algorithm,
+    /// [`ALL`](Self::ALL).
     pub const CONCRETE: [Algorithm; 3] = [Algorithm::Ring, Algorithm::Central, Algorithm::Naive];
     /// Every concrete algorithm (not `Auto`), `Staged` included.
     pub const ALL: [Algorithm; 5] = [

@@ -352,13 +352,18 @@ pub fn run(
                 let model = local
                     .first()
                     .and_then(|&r| group.comm(r).cost_model().cloned());
+                // The bench's tensors are mappable in place where the device allows it.
+                let mapped = !s.no_map
+                    && local
+                        .first()
+                        .is_some_and(|&r| group.comm(r).device().unified_memory());
                 let (label, predicted) = match (s.kind, model) {
                     (CollectiveKind::AllReduce, Some(m)) => {
                         let chosen = match algo {
-                            Algorithm::Auto => m.choose(bytes, false),
+                            Algorithm::Auto => m.choose_for(bytes, false, mapped),
                             a => a,
                         };
-                        let p = m.predict(chosen, bytes, false);
+                        let p = m.predict_for(chosen, bytes, false, mapped);
                         let label = if algo == Algorithm::Auto {
                             format!("auto:{chosen}")
                         } else {

@@ -1033,7 +1033,8 @@ impl Communicator {
                 let in_place = disjoint_or_same(at, &input, &output)?;
                 let se = slice / input.dtype.size();
                 let count = input.count;
-                let algorithm = self.resolve(algorithm, count, input.dtype, in_place);
+                let mapped = super::split::tensors_map(&self.engine.dev, &input, &output);
+                let algorithm = self.resolve(algorithm, count, input.dtype, in_place, mapped);
                 let plan = match algorithm {
                     Algorithm::Central => {
                         algo::central_all_reduce(n, r, 0, count, op, in_place, se)
@@ -1153,9 +1154,12 @@ impl Communicator {
         count: usize,
         dtype: DType,
         in_place: bool,
+        mapped: bool,
     ) -> Algorithm {
         match (algorithm, &self.cost_model) {
-            (Algorithm::Auto, Some(m)) => m.choose(count.saturating_mul(dtype.size()), in_place),
+            (Algorithm::Auto, Some(m)) => {
+                m.choose_for(count.saturating_mul(dtype.size()), in_place, mapped)
+            }
             (Algorithm::Auto, None) => Algorithm::Ring,
             (a, _) => a,
         }

@@ -40,11 +40,7 @@ pub(super) fn open(
         && plan.host > 0
         && input.count == plan.host
         && output.count == plan.host
-        && input.dtype == output.dtype
-        && MappedTensor::can_map(dev, &output, true)
-        && MappedTensor::can_map(dev, &input, false)
-        // One mapping per buffer: in place, or two buffers.
-        && (in_place || input.buffer != output.buffer)
+        && tensors_map(dev, &input, &output)
         && plan.actions.iter().all(host_only);
     if !eligible {
         return Ok(None);
@@ -73,6 +69,17 @@ pub(super) fn open(
         input: Some(input),
         output,
     }))
+}
+
+/// Whether a call's tensors can be mapped in place for a split run: a unified-memory device,
+/// tensors made with its [`tensor_usages`](RankDevice::tensor_usages), one element type, and
+/// one mapping per buffer (in place, or two buffers). What `Auto` asks before it weighs the
+/// host-staged ring.
+pub(super) fn tensors_map(dev: &RankDevice, input: &TensorRef<'_>, output: &TensorRef<'_>) -> bool {
+    input.dtype == output.dtype
+        && MappedTensor::can_map(dev, output, true)
+        && MappedTensor::can_map(dev, input, false)
+        && (input.same_as(output) || input.buffer != output.buffer)
 }
 
 /// Whether an action of a split plan stays in host memory, apart from the mirror copies (the

@@ -121,9 +121,23 @@ impl CostModel {
     /// Predicted time of an all-reduce of `bytes` per rank with `algo` (not `Auto`) on the
     /// probed ranks.
     pub fn predict(&self, algo: Algorithm, bytes: usize, in_place: bool) -> Prediction {
+        self.predict_for(algo, bytes, in_place, false)
+    }
+
+    /// [`predict`](Self::predict) for tensors that the host-staged ring can work in, mapped in
+    /// place (`mapped`: a unified-memory device and tensors made with its
+    /// [`tensor_usages`](crate::RankDevice::tensor_usages)), where it moves nothing between
+    /// device and host. Only `Staged` depends on it.
+    pub fn predict_for(
+        &self,
+        algo: Algorithm,
+        bytes: usize,
+        in_place: bool,
+        mapped: bool,
+    ) -> Prediction {
         let n = self.probe.alone.len().max(1);
         let works: Vec<Work> = (0..n)
-            .map(|r| work(algo, n, r, bytes, in_place, self.slice_bytes))
+            .map(|r| work(algo, n, r, bytes, in_place, self.slice_bytes, mapped))
             .collect();
         let terms = if self.probe.shared {
             let total = works.iter().fold(Work::default(), |a, w| a.add(*w));
@@ -154,14 +168,24 @@ impl CostModel {
         }
     }
 
-    /// The algorithm with the smallest predicted time.
+    /// The algorithm with the smallest predicted time, among [`Algorithm::CONCRETE`].
     pub fn choose(&self, bytes: usize, in_place: bool) -> Algorithm {
+        self.choose_for(bytes, in_place, false)
+    }
+
+    /// [`choose`](Self::choose) for tensors the host-staged ring can work in, mapped in place
+    /// (see [`predict_for`](Self::predict_for)): then `Staged` is a candidate too, its entry
+    /// being what it does there (no device traffic, the ring's folds and copies on the host).
+    /// Elsewhere its entry is too rough to choose by (issue 14).
+    pub fn choose_for(&self, bytes: usize, in_place: bool, mapped: bool) -> Algorithm {
+        let staged = mapped.then_some(Algorithm::Staged);
         Algorithm::CONCRETE
             .into_iter()
+            .chain(staged)
             .min_by(|a, b| {
-                self.predict(*a, bytes, in_place)
+                self.predict_for(*a, bytes, in_place, mapped)
                     .seconds
-                    .total_cmp(&self.predict(*b, bytes, in_place).seconds)
+                    .total_cmp(&self.predict_for(*b, bytes, in_place, mapped).seconds)
             })
             .unwrap_or(Algorithm::Ring)
     }
@@ -173,7 +197,15 @@ fn total(terms: &[(&'static str, f64)]) -> f64 {
 
 /// What rank `r` of `n` does in an all-reduce of `bytes` (rank 0 is the root of central and
 /// naive), following the plans in `algo/`.
-fn work(algo: Algorithm, n: usize, r: usize, bytes: usize, in_place: bool, slice: usize) -> Work {
+fn work(
+    algo: Algorithm,
+    n: usize,
+    r: usize,
+    bytes: usize,
+    in_place: bool,
+    slice: usize,
+    mapped: bool,
+) -> Work {
     let s = bytes as f64;
     let c = (n - 1) as f64;
     let nf = n as f64;
@@ -197,6 +229,20 @@ fn work(algo: Algorithm, n: usize, r: usize, bytes: usize, in_place: bool, slice
                 copy: oop_copy,
                 host: 0.0,
                 steps: 2.0 * c * k,
+            }
+        }
+        Algorithm::Staged if mapped => {
+            // In the tensors, mapped in place: no device traffic and no device round trip per
+            // step. On the host: in place, the tensor read once into host memory; every rank
+            // folds (n-1)/n of the buffer into frames and copies (n-1)/n of it out of frames
+            // (the all-gather), plus its first send and its own finished chunk (2/n).
+            Work {
+                readback: 0.0,
+                upload: 0.0,
+                reduce: 0.0,
+                copy: 0.0,
+                host: (2.0 * c + 2.0) / nf * s + if in_place { s } else { 0.0 },
+                steps: 0.0,
             }
         }
         Algorithm::Staged => {
