@@ -16,19 +16,23 @@ fn value(r: usize, i: usize) -> f64 {
 /// result against the f64 sum and returns the algorithm each rank ran. The tensors are
 /// mappable in place where the device allows it (`RankDevice::tensor_usages`).
 fn run_auto(g: &mut CommGroup, count: usize) -> Vec<Option<Algorithm>> {
-    run_auto_with(g, count, true)
+    run_auto_with(g, count, |_| true)
 }
 
-/// [`run_auto`] with tensors mappable in place or not (`STORAGE | COPY_SRC | COPY_DST` only):
-/// `Auto` weighs the host-staged ring only for the former.
-fn run_auto_with(g: &mut CommGroup, count: usize, mappable: bool) -> Vec<Option<Algorithm>> {
+/// [`run_auto`] with each rank's tensors mappable in place or not (`STORAGE | COPY_SRC |
+/// COPY_DST` only), as `mappable(rank)` says.
+fn run_auto_with(
+    g: &mut CommGroup,
+    count: usize,
+    mappable: impl Fn(usize) -> bool,
+) -> Vec<Option<Algorithm>> {
     let n = g.size();
     let dtype = wccl::DType::F32;
     let inputs: Vec<Vec<f64>> = (0..n)
         .map(|r| (0..count).map(|i| value(r, i)).collect())
         .collect();
     let bufs: Vec<wgpu::Buffer> = (0..n)
-        .map(|r| common::make_buffer_with(g.comm(r), dtype, &inputs[r], 0, mappable))
+        .map(|r| common::make_buffer_with(g.comm(r), dtype, &inputs[r], 0, mappable(r)))
         .collect();
     let views: Vec<TensorRef<'_>> = bufs
         .iter()
@@ -88,11 +92,13 @@ fn auto_runs_what_the_model_chooses() {
             "every rank holds the same model"
         );
     }
-    // The tensors are mappable in place where the device allows it: then `Auto` weighs the
-    // host-staged ring too.
-    let mapped = g.comm(0).device().unified_memory();
+    // Where every rank's device maps tensors in place, `Auto` weighs the host-staged ring too.
+    assert_eq!(
+        model.probe().unified,
+        (0..3).all(|r| g.comm(r).device().unified_memory())
+    );
     for count in [1usize, 1000, 300_000] {
-        let chosen = model.choose_for(count * 4, true, mapped);
+        let chosen = model.choose_for(count * 4, true, model.probe().unified);
         for (r, ran) in run_auto(&mut g, count).into_iter().enumerate() {
             assert_eq!(ran, Some(chosen), "rank {r}, {count} elements");
         }
@@ -147,6 +153,7 @@ fn auto_follows_hand_built_figures_to_each_algorithm() {
                 together: f,
                 shared,
                 bytes: 0,
+                unified: false,
             },
             slice,
         );
@@ -159,35 +166,54 @@ fn auto_follows_hand_built_figures_to_each_algorithm() {
             g.comm_mut(r).set_cost_model(model.clone());
         }
         // Plain tensors: the host-staged ring is not a candidate.
-        for (r, ran) in run_auto_with(&mut g, count, false).into_iter().enumerate() {
+        for (r, ran) in run_auto_with(&mut g, count, |_| false)
+            .into_iter()
+            .enumerate()
+        {
             assert_eq!(ran, Some(want), "rank {r} under {f:?}, shared {shared}");
         }
     }
-    // Tensors mapped in place (a unified-memory device): the host-staged ring moves nothing
-    // between device and host there, so where the host folds fast it beats naive (which still
-    // reads back and uploads); where the host is slow, the ring stays the choice.
-    if g.comm(0).device().unified_memory() {
-        for (f, want) in [(naive, Algorithm::Staged), (ring, Algorithm::Ring)] {
-            let model = CostModel::new(
-                Probe {
-                    alone: vec![f; 3],
-                    together: f,
-                    shared: true,
-                    bytes: 0,
-                },
-                slice,
-            );
-            assert_eq!(model.choose_for(count * 4, true, true), want, "{f:?}");
-            assert_ne!(model.choose(count * 4, true), Algorithm::Staged);
-            for r in 0..3 {
-                g.comm_mut(r).set_cost_model(model.clone());
-            }
-            for (r, ran) in run_auto(&mut g, count).into_iter().enumerate() {
-                assert_eq!(ran, Some(want), "rank {r}, mapped tensors, under {f:?}");
-            }
-            // The same model with plain tensors: never the host-staged ring.
-            for (r, ran) in run_auto_with(&mut g, count, false).into_iter().enumerate() {
-                assert_ne!(ran, Some(Algorithm::Staged), "rank {r}, plain tensors");
+    // Every rank's device maps tensors in place (the probe says so): the host-staged ring moves
+    // nothing between device and host there, so where the host folds fast it beats naive
+    // (which still reads back and uploads); where the host is slow, the ring stays the choice.
+    // The choice rests on the model alone, the same on every rank: with tensors that cannot be
+    // mapped the staged ring runs through staging buffers, still right.
+    for (f, want) in [(naive, Algorithm::Staged), (ring, Algorithm::Ring)] {
+        let model = CostModel::new(
+            Probe {
+                alone: vec![f; 3],
+                together: f,
+                shared: true,
+                bytes: 0,
+                unified: true,
+            },
+            slice,
+        );
+        assert_eq!(model.choose_for(count * 4, true, true), want, "{f:?}");
+        assert_ne!(model.choose(count * 4, true), Algorithm::Staged);
+        for r in 0..3 {
+            g.comm_mut(r).set_cost_model(model.clone());
+        }
+        // Every rank's tensors mappable, none, and only rank 0's: every rank runs the same
+        // algorithm whatever its own tensors are.
+        type Kind = (&'static str, fn(usize) -> bool);
+        let kinds: [Kind; 3] = [
+            ("all", |_| true),
+            ("none", |_| false),
+            ("rank 0's", |r| r == 0),
+        ];
+        for (kind, mappable) in kinds {
+            let before: Vec<u64> = (0..3).map(|r| g.comm(r).mapped_calls()).collect();
+            for (r, ran) in run_auto_with(&mut g, count, mappable)
+                .into_iter()
+                .enumerate()
+            {
+                assert_eq!(ran, Some(want), "rank {r}, {kind} mappable, under {f:?}");
+                // In the tensors themselves exactly where they and the device allow it.
+                let mapped = g.comm(r).mapped_calls() - before[r];
+                let expected =
+                    want == Algorithm::Staged && mappable(r) && g.comm(r).device().unified_memory();
+                assert_eq!(mapped, u64::from(expected), "rank {r}, {kind} mappable");
             }
         }
     }

@@ -67,6 +67,13 @@ pub enum Algorithm {
     HalvingDoubling = 5,
     /// Whichever the cost model predicts fastest for this size and these devices.
     ///
+    /// The choice rests on the model, which every rank holds alike, and on the call's size and
+    /// whether it is in place: ranks must agree on those (as NCCL's tuning rests on what the
+    /// ranks agreed at init plus count and type), or they may choose differently and fail the
+    /// call. Where the probe found that every rank maps tensors in place, the choice includes
+    /// the host-staged ring, which then maps the whole wgpu buffer of a tensor made with
+    /// [`tensor_usages`](crate::RankDevice::tensor_usages) for the length of the call.
+    ///
     /// Without a cost model (no [`CommGroup::probe`](crate::CommGroup::probe) and no
     /// [`Communicator::set_cost_model`](crate::Communicator::set_cost_model)), `Auto` runs the
     /// ring, silently; [`Communicator::last_algorithm`](crate::Communicator::last_algorithm)
@@ -75,9 +82,9 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// The concrete algorithms `Auto` chooses among everywhere; `Staged` joins them for tensors
-    /// it can work in mapped in place (see `CostModel::choose_for`). For every algorithm,
-    /// [`ALL`](Self::ALL).
+    /// The concrete algorithms `Auto` chooses among everywhere; `Staged` joins them where every
+    /// rank maps tensors in place (`Probe::unified`, see `CostModel::choose_for`). For every
+    /// algorithm, [`ALL`](Self::ALL).
     pub const CONCRETE: [Algorithm; 3] = [Algorithm::Ring, Algorithm::Central, Algorithm::Naive];
     /// Every concrete algorithm (not `Auto`), `Staged` included.
     pub const ALL: [Algorithm; 5] = [

@@ -1033,8 +1033,7 @@ impl Communicator {
                 let in_place = disjoint_or_same(at, &input, &output)?;
                 let se = slice / input.dtype.size();
                 let count = input.count;
-                let mapped = super::split::tensors_map(&self.engine.dev, &input, &output);
-                let algorithm = self.resolve(algorithm, count, input.dtype, in_place, mapped);
+                let algorithm = self.resolve(algorithm, count, input.dtype, in_place);
                 let plan = match algorithm {
                     Algorithm::Central => {
                         algo::central_all_reduce(n, r, 0, count, op, in_place, se)
@@ -1154,11 +1153,15 @@ impl Communicator {
         count: usize,
         dtype: DType,
         in_place: bool,
-        mapped: bool,
     ) -> Algorithm {
+        // From the call and the model alone, which every rank holds alike, never from this
+        // rank's own tensors or device: ranks that chose differently would fail the call. The
+        // model says whether every rank's device maps tensors in place; a rank whose own
+        // tensors cannot be mapped then runs the staged ring through staging buffers.
         match (algorithm, &self.cost_model) {
             (Algorithm::Auto, Some(m)) => {
-                m.choose_for(count.saturating_mul(dtype.size()), in_place, mapped)
+                let bytes = count.saturating_mul(dtype.size());
+                m.choose_for(bytes, in_place, m.probe().unified)
             }
             (Algorithm::Auto, None) => Algorithm::Ring,
             (a, _) => a,

@@ -458,11 +458,13 @@ impl CommGroup {
             .map(|c| (c.device().info(), c.device().adapter_token()))
             .collect();
         let shared = (0..n).any(|a| (0..a).any(|b| shares_adapter(devs[a], devs[b])));
+        let unified = self.comms.iter().all(|c| c.device().unified_memory());
         let probe = Probe {
             alone,
             together,
             shared,
             bytes,
+            unified,
         };
         for c in &mut self.comms {
             let slice = c.config().slice_bytes;

@@ -73,8 +73,7 @@ pub(super) fn open(
 
 /// Whether a call's tensors can be mapped in place for a split run: a unified-memory device,
 /// tensors made with its [`tensor_usages`](RankDevice::tensor_usages), one element type, and
-/// one mapping per buffer (in place, or two buffers). What `Auto` asks before it weighs the
-/// host-staged ring.
+/// one mapping per buffer (in place, or two buffers).
 pub(super) fn tensors_map(dev: &RankDevice, input: &TensorRef<'_>, output: &TensorRef<'_>) -> bool {
     input.dtype == output.dtype
         && MappedTensor::can_map(dev, output, true)

@@ -45,6 +45,10 @@ pub struct Probe {
     pub shared: bool,
     /// Bytes per probe transfer.
     pub bytes: usize,
+    /// Whether every rank's device maps tensors in place
+    /// ([`unified_memory`](crate::RankDevice::unified_memory)): then `Auto` weighs the
+    /// host-staged ring, on every rank alike (see [`CostModel::choose_for`]).
+    pub unified: bool,
 }
 
 /// A predicted time and what bounds it.
@@ -173,10 +177,11 @@ impl CostModel {
         self.choose_for(bytes, in_place, false)
     }
 
-    /// [`choose`](Self::choose) for tensors the host-staged ring can work in, mapped in place
-    /// (see [`predict_for`](Self::predict_for)): then `Staged` is a candidate too, its entry
-    /// being what it does there (no device traffic, the ring's folds and copies on the host).
-    /// Elsewhere its entry is too rough to choose by (issue 14).
+    /// [`choose`](Self::choose) where the host-staged ring works in tensors mapped in place
+    /// (`mapped`; `Auto` passes [`Probe::unified`], the same on every rank): then `Staged` is a
+    /// candidate too, its entry being what it does there (no device traffic, the ring's folds
+    /// and copies on the host, no per-frame cost: it undercounts small calls). Elsewhere its
+    /// entry is too rough to choose by (issue 14).
     pub fn choose_for(&self, bytes: usize, in_place: bool, mapped: bool) -> Algorithm {
         let staged = mapped.then_some(Algorithm::Staged);
         Algorithm::CONCRETE
@@ -352,6 +357,7 @@ mod tests {
             together: figures(1e9),
             shared: false,
             bytes: 0,
+            unified: false,
         };
         let m = CostModel::new(p, 1 << 30);
         let t = m.predict(Algorithm::Ring, 400_000_000, true);
@@ -371,6 +377,7 @@ mod tests {
             together: f,
             shared: true,
             bytes: 0,
+            unified: false,
         };
         let m = CostModel::new(p, 1 << 30);
         let t = m.predict(Algorithm::Central, 100_000_000, true);
@@ -388,6 +395,7 @@ mod tests {
             together: f,
             shared: true,
             bytes: 0,
+            unified: false,
         };
         let m = CostModel::new(p.clone(), 1 << 20);
         assert_eq!(m.choose(64 << 20, true), Algorithm::Naive);
@@ -398,6 +406,7 @@ mod tests {
             together: g,
             shared: false,
             bytes: 0,
+            unified: false,
         };
         assert_ne!(
             CostModel::new(p, 1 << 20).choose(64 << 20, true),
