@@ -103,15 +103,8 @@ pub fn halving_doubling_all_reduce(
             ((mid, hi), (lo, mid))
         };
         let (send, recv) = (span(give.0, give.1), span(keep.0, keep.1));
-        exchange(
-            &mut plan,
-            Some(partner),
-            Some(partner),
-            send,
-            recv,
-            op.combine(),
-            slice_elems,
-        );
+        let both = Some(partner);
+        exchange(&mut plan, both, both, send, recv, op.combine(), slice_elems);
         (lo, hi) = keep;
         d /= 2;
     }
@@ -131,10 +124,11 @@ pub fn halving_doubling_all_reduce(
             (lo - width, lo)
         };
         let (send, recv) = (span(lo, hi), span(theirs.0, theirs.1));
+        let both = Some(partner);
         exchange(
             &mut plan,
-            Some(partner),
-            Some(partner),
+            both,
+            both,
             send,
             recv,
             Combine::Copy,

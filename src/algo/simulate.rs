@@ -398,17 +398,7 @@ fn halving_doubling_takes_log_steps() {
         let p = 1usize << n.ilog2();
         for r in 0..n {
             let plan = halving_doubling_all_reduce(n, r, count, ReduceOp::Sum, true, 1 << 20);
-            let sent: usize = plan
-                .actions
-                .iter()
-                .filter_map(|a| match a {
-                    Action::Transfer(t) => match t.send {
-                        Some((_, Source::Device(r))) => Some(r.len),
-                        _ => None,
-                    },
-                    _ => None,
-                })
-                .sum();
+            let sent = device_sent(&plan);
             let folds = r < 2 * (n - p);
             let want = match (folds, r % 2) {
                 (true, 0) => count,
@@ -423,23 +413,27 @@ fn halving_doubling_takes_log_steps() {
     }
 }
 
+/// Elements a plan sends out of its own memory (not forwarded): its share of the link volume.
+fn device_sent(plan: &Plan) -> usize {
+    plan.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Transfer(t) => match t.send {
+                Some((_, Source::Device(r))) => Some(r.len),
+                _ => None,
+            },
+            _ => None,
+        })
+        .sum()
+}
+
 #[test]
 fn ring_all_reduce_moves_the_bandwidth_optimal_volume() {
     // Each rank sends 2(n-1)/n of the buffer: Patarasuk and Yuan's lower bound.
     for n in [2, 4, 7] {
         let count = 7000;
         let plan = ring_all_reduce(n, 1, count, ReduceOp::Sum, true, 1 << 20);
-        let sent: usize = plan
-            .actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Transfer(t) => match t.send {
-                    Some((_, Source::Device(r))) => Some(r.len),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .sum();
+        let sent = device_sent(&plan);
         let bound = 2 * (n - 1) * count / n;
         assert!(
             sent.abs_diff(bound) <= 2 * n,

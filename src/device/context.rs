@@ -145,16 +145,8 @@ impl RankDevice {
 
     /// Error scopes for wccl's own work on this thread, until the returned value is dropped.
     pub(crate) fn error_scope(&self) -> ErrorScope {
-        let guards = [
-            wgpu::ErrorFilter::Validation,
-            wgpu::ErrorFilter::OutOfMemory,
-            wgpu::ErrorFilter::Internal,
-        ]
-        .into_iter()
-        .map(|f| self.device.push_error_scope(f))
-        .collect();
         ErrorScope {
-            guards,
+            guards: push_scopes(&self.device),
             sink: Arc::clone(&self.error),
         }
     }
@@ -398,6 +390,18 @@ fn record(sink: &Mutex<Option<String>>, message: String) {
     if slot.is_none() {
         *slot = Some(message);
     }
+}
+
+/// wgpu error scopes of every filter on `device`, innermost last (pop them in reverse).
+pub(crate) fn push_scopes(device: &Device) -> Vec<wgpu::ErrorScopeGuard> {
+    [
+        wgpu::ErrorFilter::Validation,
+        wgpu::ErrorFilter::OutOfMemory,
+        wgpu::ErrorFilter::Internal,
+    ]
+    .into_iter()
+    .map(|f| device.push_error_scope(f))
+    .collect()
 }
 
 /// A Vulkan CPU adapter: its device memory is ordinary host memory, coherent and cached, so

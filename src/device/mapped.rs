@@ -9,7 +9,7 @@ use std::time::Instant;
 use wgpu::{Buffer, BufferUsages, BufferView, BufferViewMut, MapMode};
 
 use super::buffer::TensorRef;
-use super::context::{RankDevice, WaitError};
+use super::context::{RankDevice, WaitError, push_scopes};
 
 enum View {
     Read(BufferView),
@@ -70,14 +70,7 @@ impl MappedTensor {
         let ok = Arc::new(AtomicBool::new(false));
         let (d, o) = (Arc::clone(&done), Arc::clone(&ok));
         let mode = if write { MapMode::Write } else { MapMode::Read };
-        let scopes: Vec<_> = [
-            wgpu::ErrorFilter::Validation,
-            wgpu::ErrorFilter::OutOfMemory,
-            wgpu::ErrorFilter::Internal,
-        ]
-        .into_iter()
-        .map(|f| dev.device().push_error_scope(f))
-        .collect();
+        let scopes = push_scopes(dev.device());
         t.buffer.map_async(mode, range.clone(), move |r| {
             o.store(r.is_ok(), Ordering::Release);
             d.store(true, Ordering::Release);
@@ -166,14 +159,7 @@ impl Drop for MappedTensor {
         // A failed map, a device lost or a buffer destroyed meanwhile makes the unmap an error
         // (it still clears wgpu's record of the map): the call has failed already, and the
         // next one finds the device's state; nothing for any handler.
-        let scopes: Vec<_> = [
-            wgpu::ErrorFilter::Validation,
-            wgpu::ErrorFilter::OutOfMemory,
-            wgpu::ErrorFilter::Internal,
-        ]
-        .into_iter()
-        .map(|f| self.device.push_error_scope(f))
-        .collect();
+        let scopes = push_scopes(&self.device);
         self.buffer.unmap();
         for scope in scopes.into_iter().rev() {
             let _ = pollster::block_on(scope.pop());
