@@ -94,11 +94,12 @@ fn auto_runs_what_the_model_chooses() {
     }
     // Where every rank's device maps tensors in place, `Auto` weighs the host-staged ring too.
     assert_eq!(
-        model.probe().unified,
+        model.unified_memory(),
         (0..3).all(|r| g.comm(r).device().unified_memory())
     );
     for count in [1usize, 1000, 300_000] {
-        let chosen = model.choose_for(count * 4, true, model.probe().unified);
+        // Out of place or in, one choice (the call runs in place here).
+        let chosen = model.choose_for(count * 4, false, model.unified_memory());
         for (r, ran) in run_auto(&mut g, count).into_iter().enumerate() {
             assert_eq!(ran, Some(chosen), "rank {r}, {count} elements");
         }
@@ -153,12 +154,11 @@ fn auto_follows_hand_built_figures_to_each_algorithm() {
                 together: f,
                 shared,
                 bytes: 0,
-                unified: false,
             },
             slice,
         );
         assert_eq!(
-            model.choose(count * 4, true),
+            model.choose(count * 4, false),
             want,
             "{f:?}, shared {shared}"
         );
@@ -185,12 +185,11 @@ fn auto_follows_hand_built_figures_to_each_algorithm() {
                 together: f,
                 shared: true,
                 bytes: 0,
-                unified: true,
             },
             slice,
-        );
-        assert_eq!(model.choose_for(count * 4, true, true), want, "{f:?}");
-        assert_ne!(model.choose(count * 4, true), Algorithm::Staged);
+        )
+        .with_unified_memory(true);
+        assert_eq!(model.choose_for(count * 4, false, true), want, "{f:?}");
         for r in 0..3 {
             g.comm_mut(r).set_cost_model(model.clone());
         }
@@ -216,6 +215,27 @@ fn auto_follows_hand_built_figures_to_each_algorithm() {
                 assert_eq!(mapped, u64::from(expected), "rank {r}, {kind} mappable");
             }
         }
+    }
+    // A model not made for unified-memory ranks never weighs the host-staged ring, even with
+    // every rank's tensors mappable: naive, as with plain tensors.
+    let model = CostModel::new(
+        Probe {
+            alone: vec![naive; 3],
+            together: naive,
+            shared: true,
+            bytes: 0,
+        },
+        slice,
+    );
+    for r in 0..3 {
+        g.comm_mut(r).set_cost_model(model.clone());
+    }
+    for (r, ran) in run_auto(&mut g, count).into_iter().enumerate() {
+        assert_eq!(
+            ran,
+            Some(Algorithm::Naive),
+            "rank {r}, a model without unified memory"
+        );
     }
 }
 

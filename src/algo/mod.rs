@@ -67,10 +67,10 @@ pub enum Algorithm {
     HalvingDoubling = 5,
     /// Whichever the cost model predicts fastest for this size and these devices.
     ///
-    /// The choice rests on the model, which every rank holds alike, and on the call's size and
-    /// whether it is in place: ranks must agree on those (as NCCL's tuning rests on what the
-    /// ranks agreed at init plus count and type), or they may choose differently and fail the
-    /// call. Where the probe found that every rank maps tensors in place, the choice includes
+    /// The choice rests on the model, which every rank must hold alike, and on the call's size
+    /// (as NCCL's tuning rests on what the ranks agreed at init plus count and type), not on
+    /// whether a rank's call is in place or what its tensors are: ranks with different models
+    /// may choose differently and fail the call. Where the probe found that every rank maps tensors in place, the choice includes
     /// the host-staged ring, which then maps the whole wgpu buffer of a tensor made with
     /// [`tensor_usages`](crate::RankDevice::tensor_usages) for the length of the call.
     ///
@@ -83,7 +83,7 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// The concrete algorithms `Auto` chooses among everywhere; `Staged` joins them where every
-    /// rank maps tensors in place (`Probe::unified`, see `CostModel::choose_for`). For every
+    /// rank maps tensors in place (`CostModel::unified_memory`, see `CostModel::choose_for`). For every
     /// algorithm, [`ALL`](Self::ALL).
     pub const CONCRETE: [Algorithm; 3] = [Algorithm::Ring, Algorithm::Central, Algorithm::Naive];
     /// Every concrete algorithm (not `Auto`), `Staged` included.

@@ -360,7 +360,7 @@ pub fn run(
                 let (label, predicted) = match (s.kind, model) {
                     (CollectiveKind::AllReduce, Some(m)) => {
                         let chosen = match algo {
-                            Algorithm::Auto => m.choose_for(bytes, false, m.probe().unified),
+                            Algorithm::Auto => m.choose_for(bytes, false, m.unified_memory()),
                             a => a,
                         };
                         let p = m.predict_for(chosen, bytes, false, mapped);

@@ -1154,14 +1154,16 @@ impl Communicator {
         dtype: DType,
         in_place: bool,
     ) -> Algorithm {
-        // From the call and the model alone, which every rank holds alike, never from this
-        // rank's own tensors or device: ranks that chose differently would fail the call. The
-        // model says whether every rank's device maps tensors in place; a rank whose own
-        // tensors cannot be mapped then runs the staged ring through staging buffers.
+        // From the call's size and the model alone, which every rank holds alike, never from
+        // this rank's own tensors, device or placement (ranks may mix in-place and out-of-place
+        // calls, as in NCCL): ranks that chose differently would fail the call. The model says
+        // whether every rank's device maps tensors in place; a rank whose own tensors cannot
+        // be mapped then runs the staged ring through staging buffers.
+        let _ = in_place;
         match (algorithm, &self.cost_model) {
             (Algorithm::Auto, Some(m)) => {
                 let bytes = count.saturating_mul(dtype.size());
-                m.choose_for(bytes, in_place, m.probe().unified)
+                m.choose_for(bytes, false, m.unified_memory())
             }
             (Algorithm::Auto, None) => Algorithm::Ring,
             (a, _) => a,

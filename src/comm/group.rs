@@ -464,11 +464,10 @@ impl CommGroup {
             together,
             shared,
             bytes,
-            unified,
         };
         for c in &mut self.comms {
             let slice = c.config().slice_bytes;
-            c.set_cost_model(CostModel::new(probe.clone(), slice));
+            c.set_cost_model(CostModel::new(probe.clone(), slice).with_unified_memory(unified));
         }
         Ok(probe)
     }

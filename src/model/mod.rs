@@ -45,10 +45,6 @@ pub struct Probe {
     pub shared: bool,
     /// Bytes per probe transfer.
     pub bytes: usize,
-    /// Whether every rank's device maps tensors in place
-    /// ([`unified_memory`](crate::RankDevice::unified_memory)): then `Auto` weighs the
-    /// host-staged ring, on every rank alike (see [`CostModel::choose_for`]).
-    pub unified: bool,
 }
 
 /// A predicted time and what bounds it.
@@ -109,12 +105,32 @@ impl Work {
 pub struct CostModel {
     probe: Probe,
     slice_bytes: usize,
+    unified: bool,
 }
 
 impl CostModel {
     /// A model from probe figures, for a communicator that pipelines in `slice_bytes` slices.
     pub fn new(probe: Probe, slice_bytes: usize) -> Self {
-        CostModel { probe, slice_bytes }
+        CostModel {
+            probe,
+            slice_bytes,
+            unified: false,
+        }
+    }
+
+    /// The same model for ranks whose devices all map tensors in place (`unified`: every
+    /// rank's [`unified_memory`](crate::RankDevice::unified_memory)), as
+    /// [`CommGroup::probe`](crate::CommGroup::probe) finds: then `Auto` weighs the host-staged
+    /// ring too, on every rank alike (see [`choose_for`](Self::choose_for)). Every rank must
+    /// hold the same model.
+    pub fn with_unified_memory(mut self, unified: bool) -> Self {
+        self.unified = unified;
+        self
+    }
+
+    /// Whether the model was made for ranks that all map tensors in place.
+    pub fn unified_memory(&self) -> bool {
+        self.unified
     }
 
     /// The figures it predicts from.
@@ -178,7 +194,8 @@ impl CostModel {
     }
 
     /// [`choose`](Self::choose) where the host-staged ring works in tensors mapped in place
-    /// (`mapped`; `Auto` passes [`Probe::unified`], the same on every rank): then `Staged` is a
+    /// (`mapped`; `Auto` passes [`unified_memory`](Self::unified_memory), the same on every
+    /// rank): then `Staged` is a
     /// candidate too, its entry being what it does there (no device traffic, the ring's folds
     /// and copies on the host, no per-frame cost: it undercounts small calls). Elsewhere its
     /// entry is too rough to choose by (issue 14).
@@ -357,7 +374,6 @@ mod tests {
             together: figures(1e9),
             shared: false,
             bytes: 0,
-            unified: false,
         };
         let m = CostModel::new(p, 1 << 30);
         let t = m.predict(Algorithm::Ring, 400_000_000, true);
@@ -377,7 +393,6 @@ mod tests {
             together: f,
             shared: true,
             bytes: 0,
-            unified: false,
         };
         let m = CostModel::new(p, 1 << 30);
         let t = m.predict(Algorithm::Central, 100_000_000, true);
@@ -395,7 +410,6 @@ mod tests {
             together: f,
             shared: true,
             bytes: 0,
-            unified: false,
         };
         let m = CostModel::new(p.clone(), 1 << 20);
         assert_eq!(m.choose(64 << 20, true), Algorithm::Naive);
@@ -406,7 +420,6 @@ mod tests {
             together: g,
             shared: false,
             bytes: 0,
-            unified: false,
         };
         assert_ne!(
             CostModel::new(p, 1 << 20).choose(64 << 20, true),
