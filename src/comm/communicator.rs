@@ -1033,7 +1033,7 @@ impl Communicator {
                 let in_place = disjoint_or_same(at, &input, &output)?;
                 let se = slice / input.dtype.size();
                 let count = input.count;
-                let algorithm = self.resolve(algorithm, count, input.dtype, in_place);
+                let algorithm = self.resolve(algorithm, count, input.dtype);
                 let plan = match algorithm {
                     Algorithm::Central => {
                         algo::central_all_reduce(n, r, 0, count, op, in_place, se)
@@ -1147,19 +1147,12 @@ impl Communicator {
     /// The concrete algorithm for an all-reduce of `count` elements: `Auto` asks the cost
     /// model (every rank holds the same one, so every rank picks the same), or takes the ring
     /// when no probe has run.
-    fn resolve(
-        &self,
-        algorithm: Algorithm,
-        count: usize,
-        dtype: DType,
-        in_place: bool,
-    ) -> Algorithm {
+    fn resolve(&self, algorithm: Algorithm, count: usize, dtype: DType) -> Algorithm {
         // From the call's size and the model alone, which every rank holds alike, never from
         // this rank's own tensors, device or placement (ranks may mix in-place and out-of-place
         // calls, as in NCCL): ranks that chose differently would fail the call. The model says
         // whether every rank's device maps tensors in place; a rank whose own tensors cannot
         // be mapped then runs the staged ring through staging buffers.
-        let _ = in_place;
         match (algorithm, &self.cost_model) {
             (Algorithm::Auto, Some(m)) => {
                 let bytes = count.saturating_mul(dtype.size());
