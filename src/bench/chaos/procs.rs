@@ -733,7 +733,7 @@ mod tests {
     fn errors_naming_the_victim_are_detected() {
         let mut t = trial();
         let t0 = Instant::now();
-        let later = t0 + Duration::from_millis(300);
+        let later = crate::deadline::deadline_from(t0, Duration::from_millis(300));
         let lines = vec![
             said(
                 0,
