@@ -15,6 +15,7 @@ fn settings(faults: usize, seed: u64, plant: Option<Plant>) -> ChaosSettings {
         deadline: Duration::from_millis(200),
         plant,
         targets: Vec::new(),
+        kinds: Vec::new(),
         // wccl-bench runs a trial's processes (it is the campaign's child program).
         program: Some(env!("CARGO_BIN_EXE_wccl-bench").into()),
     }

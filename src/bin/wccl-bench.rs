@@ -131,6 +131,14 @@ enum Command {
         /// No trials on real processes over TCP (they start copies of this program).
         #[arg(long = "no-processes")]
         no_processes: bool,
+        /// Only these faults, a comma-separated list of kill, stall, delay, drop, duplicate,
+        /// corrupt, partition, slow (default: all).
+        #[arg(long = "fault")]
+        fault: Option<String>,
+        /// Only these calls, a comma-separated list of fail-stop, survivors, reduce_scatter,
+        /// all_gather, broadcast, reduce, ps-strong, ps-eventual, processes (default: all).
+        #[arg(long = "call")]
+        call: Option<String>,
     },
     /// Predicted all-reduce busbw of ring, central and tree over independent links, at scale.
     Model {
@@ -427,8 +435,26 @@ fn chaos(
     deadline_ms: u64,
     plant: Option<&str>,
     no_processes: bool,
+    fault: Option<&str>,
+    call: Option<&str>,
 ) -> Result<ExitCode, bench::BenchError> {
-    use wccl::bench::chaos::{ChaosSettings, Plant};
+    use wccl::bench::chaos::{ChaosSettings, Fault, Plant, Target};
+    fn list<T>(
+        flag: &str,
+        s: Option<&str>,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Vec<T>, bench::BenchError> {
+        s.map_or(Ok(Vec::new()), |s| {
+            s.split(',')
+                .map(|x| {
+                    parse(x.trim())
+                        .ok_or_else(|| format!("{flag} {x}: not one of its names").into())
+                })
+                .collect()
+        })
+    }
+    let kinds = list("--fault", fault, Fault::from_key)?;
+    let targets = list("--call", call, Target::from_key)?;
     let plant = match plant {
         None => None,
         Some("unreported") => Some(Plant::Unreported),
@@ -445,7 +471,8 @@ fn chaos(
         seed,
         deadline: Duration::from_millis(deadline_ms),
         plant,
-        targets: Vec::new(),
+        targets,
+        kinds,
         // This program is the child of the campaign's trials on processes.
         // (Unix only: the campaign stops processes with SIGSTOP.)
         program: if no_processes || !cfg!(unix) {
@@ -779,7 +806,19 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
             deadline_ms,
             plant,
             no_processes,
-        } => return chaos(faults, seed, deadline_ms, plant.as_deref(), no_processes),
+            fault,
+            call,
+        } => {
+            return chaos(
+                faults,
+                seed,
+                deadline_ms,
+                plant.as_deref(),
+                no_processes,
+                fault.as_deref(),
+                call.as_deref(),
+            );
+        }
         Command::Model {
             ranks,
             link_gbps,

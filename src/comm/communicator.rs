@@ -441,10 +441,14 @@ impl Communicator {
     /// dead rank is found by the agreement itself). It ends even when more ranks die during it:
     /// a coordinator collects for at most the communicator's timeout, a rank waits at most
     /// twice that for each coordinator, and there are at most as many coordinators as ranks.
+    /// A rank silent for the communicator's timeout from this rank's start is held failed:
+    /// every side of a partition ends after about one timeout, the minority with
+    /// [`Error::NoQuorum`].
     /// The protocol, and what it does not guarantee under a second failure at the wrong
     /// moment, is in `comm/agree.rs`.
     ///
-    /// Every survivor must call it, the same number of times between shrinks, and then
+    /// Every survivor must call it, within the communicator's timeout of the others (or be
+    /// held failed), the same number of times between shrinks, and then
     /// [`shrink`](Self::shrink) to the agreed set (`shrink(&[])` if it is empty) before its
     /// next call: until then calls are refused, since the agreement's messages may still be on
     /// the links.

@@ -442,9 +442,10 @@ impl Run<'_, '_> {
         match self.link.recv(r.from, self.call.deadline) {
             // This peer has taken part in the call, so the rank at fault is further back in
             // the ring, and the rank waiting on it directly is about to say so: give its abort
-            // a moment to arrive, so that every rank reports the root cause.
+            // a moment to arrive, so that every rank reports the root cause: a twentieth of
+            // the wait, so that the call still returns within its deadline plus 10%.
             Err(LinkError::Timeout) if self.received[r.from] > 0 => {
-                let grace = (self.call.deadline - self.call.started) / 10;
+                let grace = (self.call.deadline - self.call.started) / 20;
                 let grace = grace.min(MAX_GRACE);
                 self.link
                     .recv(r.from, deadline_from(self.call.deadline, grace))
@@ -843,7 +844,7 @@ pub(crate) fn call_link_error(
 
 /// The shortest silence that names a peer as the cause of a timeout: two heartbeats of the TCP
 /// link's default half-second, missed.
-const MIN_SILENCE: Duration = Duration::from_secs(1);
+pub(crate) const MIN_SILENCE: Duration = Duration::from_secs(1);
 
 /// Whether a byte offset and length suit `copy_buffer_to_buffer` (multiples of 4).
 fn aligned4(offset: u64, len: usize) -> bool {

@@ -44,6 +44,8 @@ struct Faults {
     duplicates: HashMap<(usize, usize), usize>,
     /// Partition group of each rank; ranks in different groups cannot reach each other.
     groups: HashMap<usize, usize>,
+    /// When the partition in force began.
+    cut_at: Option<Instant>,
     dropped: u64,
     /// Frames corrupted and frames delivered twice so far.
     corrupted: u64,
@@ -222,6 +224,7 @@ impl FaultPlan {
     pub fn partition(&self, groups: &[&[usize]]) {
         let mut f = self.lock();
         f.groups.clear();
+        f.cut_at = Some(Instant::now());
         for (g, ranks) in groups.iter().enumerate() {
             for &r in *ranks {
                 f.groups.insert(r, g + 1);
@@ -234,6 +237,7 @@ impl FaultPlan {
     pub fn heal(&self) {
         let mut f = self.lock();
         f.groups.clear();
+        f.cut_at = None;
         f.delays.clear();
         f.drops.clear();
         f.corrupts.clear();
@@ -402,8 +406,19 @@ impl<L: Link> Link for FaultyLink<L> {
         }
     }
 
+    /// The inner link's, and the peers across a partition once it has lasted `longer_than`:
+    /// a cut stops heartbeats too, as a link that sends them would tell.
     fn silent_peers(&self, longer_than: Duration) -> Vec<usize> {
-        self.inner.silent_peers(longer_than)
+        let mut silent = self.inner.silent_peers(longer_than);
+        let me = self.inner.rank();
+        let f = self.plan.lock();
+        if f.cut_at.is_some_and(|t| t.elapsed() > longer_than) {
+            let side = |r: usize| f.groups.get(&r).copied().unwrap_or(0);
+            silent.extend((0..self.inner.size()).filter(|&p| p != me && side(p) != side(me)));
+        }
+        silent.sort_unstable();
+        silent.dedup();
+        silent
     }
 
     fn abort(&self, reason: &str) {

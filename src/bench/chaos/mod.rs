@@ -97,6 +97,26 @@ impl Target {
             Target::Processes => "all_reduce processes",
         }
     }
+
+    /// The name `wccl-bench chaos --call` takes.
+    pub fn key(self) -> &'static str {
+        match self {
+            Target::RingFailStop => "fail-stop",
+            Target::SurvivingRing => "survivors",
+            Target::ReduceScatter => "reduce_scatter",
+            Target::AllGather => "all_gather",
+            Target::Broadcast => "broadcast",
+            Target::Reduce => "reduce",
+            Target::PsStrong => "ps-strong",
+            Target::PsEventual => "ps-eventual",
+            Target::Processes => "processes",
+        }
+    }
+
+    /// The target of [`key`](Self::key) `key`.
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.key() == key)
+    }
 }
 
 /// The faults the campaign injects (one per trial, into one rank or one pair).
@@ -147,6 +167,19 @@ impl Fault {
             Fault::Slow => "slow rank",
         }
     }
+
+    /// The name `wccl-bench chaos --fault` takes.
+    pub fn key(self) -> &'static str {
+        match self {
+            Fault::Slow => "slow",
+            f => f.name(),
+        }
+    }
+
+    /// The fault of [`key`](Self::key) `key`.
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.key() == key)
+    }
 }
 
 /// A bug planted between the ranks and the checks, to show that the checks can fail.
@@ -172,6 +205,9 @@ pub struct ChaosSettings {
     /// The calls to inject faults into (empty: all of [`Target::ALL`], less
     /// [`Target::Processes`] without a [`program`](Self::program)).
     pub targets: Vec<Target>,
+    /// The faults to inject (empty: all of [`Fault::ALL`]; on real processes, only kills and
+    /// stalls, so they take part only when one of those is listed).
+    pub kinds: Vec<Fault>,
     /// A program that runs [`procs::child`] when [`procs::CHILD_VAR`] is set (`wccl-bench`
     /// does): with one, the campaign also kills real processes.
     pub program: Option<std::path::PathBuf>,
@@ -194,14 +230,30 @@ pub fn run(
     let mut rng = rand::rngs::StdRng::seed_from_u64(settings.seed);
     // Not sized from the settings: a huge --faults must not allocate up front.
     let mut trials = Vec::new();
+    let kinds: Vec<Fault> = if settings.kinds.is_empty() {
+        Fault::ALL.to_vec()
+    } else {
+        settings.kinds.clone()
+    };
+    // A real process can be killed or stopped; the other faults act on frames.
+    let on_processes: Vec<Fault> = [Fault::Kill, Fault::Stall]
+        .into_iter()
+        .filter(|f| kinds.contains(f))
+        .collect();
     let targets: Vec<Target> = if settings.targets.is_empty() {
         Target::ALL
             .into_iter()
-            .filter(|&t| t != Target::Processes || (settings.program.is_some() && cfg!(unix)))
+            .filter(|&t| {
+                t != Target::Processes
+                    || (settings.program.is_some() && cfg!(unix) && !on_processes.is_empty())
+            })
             .collect()
     } else {
         settings.targets.clone()
     };
+    if targets.contains(&Target::Processes) && on_processes.is_empty() {
+        return Err("chaos: trials on processes take kills and stalls only".into());
+    }
     if targets.contains(&Target::Processes) && (settings.program.is_none() || !cfg!(unix)) {
         return Err(
             "chaos: trials on processes need a Unix machine and the program to run as a child"
@@ -212,11 +264,13 @@ pub fn run(
         let Some(&target) = targets.get(rng.random_range(0..targets.len().max(1))) else {
             return Err("chaos: no target to inject faults into".into());
         };
-        // A real process can be killed or stopped; the other faults act on frames.
-        let fault = if target == Target::Processes {
-            [Fault::Kill, Fault::Stall][rng.random_range(0..2)]
+        let allowed = if target == Target::Processes {
+            &on_processes
         } else {
-            Fault::ALL[rng.random_range(0..Fault::ALL.len())]
+            &kinds
+        };
+        let Some(&fault) = allowed.get(rng.random_range(0..allowed.len().max(1))) else {
+            return Err("chaos: no fault to inject".into());
         };
         let setup = trial::Setup {
             index,

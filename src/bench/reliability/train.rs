@@ -122,7 +122,8 @@ pub(super) fn run(t: &Train, check: &Check) -> Result<Ran, BenchError> {
     let finished = AtomicBool::new(false);
     let leave = Leave::default();
     // Every call of a run ends within its deadline; a cut-off minority learns it has no quorum
-    // after each coordinator it tries has timed out (two deadlines each).
+    // after one more (the agreement holds silent ranks failed), or two for each coordinator
+    // that hangs after it spoke: the bound is for the worst case.
     let waits = u32::try_from(t.ranks)
         .unwrap_or(u32::MAX)
         .saturating_mul(2)
