@@ -48,6 +48,49 @@ fn full_matrix(n: usize) {
     g.barrier().expect("barrier after the matrix");
 }
 
+/// Broadcast, reduce and barrier on 17 ranks, where short ones run on the binomial trees and
+/// the dissemination barrier (a rank count that is not a power of two: partial subtrees), every
+/// op and type, the chunking sizes and one long enough for the chain, against the reference.
+#[test]
+fn trees_on_17_ranks() {
+    let n = 17;
+    let mut g = group(n);
+    let mut rng = rand::rng();
+    let mut cases = 0;
+    for kind in [
+        CollectiveKind::Broadcast,
+        CollectiveKind::Reduce,
+        CollectiveKind::Barrier,
+    ] {
+        let ops: &[ReduceOp] = if reduces(kind) {
+            &ReduceOp::ALL
+        } else {
+            &[ReduceOp::Sum]
+        };
+        for &op in ops {
+            for dtype in DType::ALL {
+                // 20,000 f32 is past the tree's 64 KiB: the chain.
+                for (i, &count) in [0, 1, 3, 16, 18, 1000, 20_000].iter().enumerate() {
+                    for in_place in [false, true] {
+                        let case = Case {
+                            kind,
+                            op,
+                            dtype,
+                            count,
+                            in_place,
+                            root: (i * 5 + cases) % n,
+                            pad: i % 3,
+                        };
+                        check(&mut g, case, &mut rng);
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    g.barrier().expect("barrier after the trees");
+}
+
 #[test]
 fn matrix_1_rank() {
     full_matrix(1);

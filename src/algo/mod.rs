@@ -8,6 +8,7 @@
 mod central_all_reduce;
 mod chain_broadcast;
 mod chain_reduce;
+mod dissemination_barrier;
 mod halving_doubling_all_reduce;
 mod naive_all_reduce;
 mod plan;
@@ -18,11 +19,14 @@ mod ring_reduce_scatter;
 #[cfg(test)]
 mod simulate;
 mod staged_ring_all_reduce;
+mod tree_broadcast;
+mod tree_reduce;
 
 pub use central_all_reduce::central_all_reduce;
 pub use chain_broadcast::chain_broadcast;
 pub(crate) use chain_broadcast::chain_broadcast_data;
 pub use chain_reduce::chain_reduce;
+pub use dissemination_barrier::dissemination_barrier;
 pub use halving_doubling_all_reduce::halving_doubling_all_reduce;
 pub use naive_all_reduce::naive_all_reduce;
 pub(crate) use plan::Fold;
@@ -32,6 +36,8 @@ pub use ring_all_reduce::ring_all_reduce;
 pub use ring_barrier::ring_barrier;
 pub use ring_reduce_scatter::ring_reduce_scatter;
 pub use staged_ring_all_reduce::staged_ring_all_reduce;
+pub use tree_broadcast::tree_broadcast;
+pub use tree_reduce::tree_reduce;
 
 /// The number of slices each chunk is cut into so that no slice exceeds `slice_elems`; every
 /// rank computes it from the largest chunk, so sender and receiver agree slice by slice.

@@ -348,6 +348,76 @@ fn every_algorithm_on_1_to_16_ranks() {
     }
 }
 
+/// The binomial trees and the dissemination barrier on every rank count from 1 to 64, every
+/// root of the small ones, every op, sizes below and above the rank count and the slice.
+#[test]
+fn trees_on_1_to_64_ranks() {
+    for n in 1..=64 {
+        let roots: Vec<usize> = if n <= 9 {
+            (0..n).collect()
+        } else {
+            vec![0, 1, n / 2, n - 1]
+        };
+        for &root in &roots {
+            for &(count, slice) in &[(0, 1), (3, 1), (n + 5, 2), (257, 1 << 20)] {
+                for in_place in [false, true] {
+                    let x = inputs(n, count, 13);
+                    let plans = (0..n)
+                        .map(|r| super::tree_broadcast(n, r, root, count, slice))
+                        .collect();
+                    for (r, o) in simulate(plans, x.clone(), count, in_place)
+                        .iter()
+                        .enumerate()
+                    {
+                        assert_eq!(o, &x[root], "tree broadcast n={n} root={root} r={r}");
+                    }
+                    for op in ReduceOp::ALL {
+                        let plans = (0..n)
+                            .map(|r| super::tree_reduce(n, r, root, count, op, slice))
+                            .collect();
+                        let out = simulate(plans, x.clone(), count, in_place);
+                        for (i, &got) in out[root].iter().enumerate() {
+                            let e = reduce(op, &x, i);
+                            assert!(
+                                (got - e).abs() <= 1e-9 * e.abs(),
+                                "tree reduce {op} n={n} root={root} i={i}: {got} vs {e}"
+                            );
+                        }
+                        // The other ranks' outputs are untouched (theirs is the input).
+                        for (r, o) in out.iter().enumerate().filter(|(r, _)| *r != root) {
+                            if in_place {
+                                assert_eq!(o, &x[r], "tree reduce wrote rank {r}'s buffer");
+                            } else {
+                                assert!(o.iter().all(|v| v.is_nan()), "rank {r} output written");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let plans = (0..n).map(|r| super::dissemination_barrier(n, r)).collect();
+        simulate(plans, inputs(n, 0, 1), 0, false);
+    }
+}
+
+/// The trees and the dissemination barrier take log steps: at 32 ranks the root's broadcast
+/// plan has 5 sends of data, the barrier 5 rounds, against the chain's and ring's 31.
+#[test]
+fn trees_take_log_steps() {
+    for n in [2usize, 5, 8, 32, 33, 64] {
+        let log = (usize::BITS - (n - 1).leading_zeros()) as usize;
+        for r in 0..n {
+            assert_eq!(super::dissemination_barrier(n, r).sends(), log, "n={n}");
+            // Data, then at most one acknowledgement up and one "done" per child.
+            let b = super::tree_broadcast(n, r, 0, 10, 1 << 20);
+            assert!(b.sends() <= 2 * log + 1, "n={n} r={r}: {}", b.sends());
+            let d = super::tree_reduce(n, r, 0, 10, ReduceOp::Sum, 1 << 20);
+            assert!(d.sends() <= log + 1, "n={n} r={r}: {}", d.sends());
+        }
+        assert_eq!(super::tree_broadcast(n, 0, 0, 10, 1 << 20).sends(), 2 * log);
+    }
+}
+
 /// Halving-doubling on every rank count from 1 to 64 (the folds of 2(n-p) ranks for every
 /// p up to 32), every op, in and out of place, sizes below and above the rank count.
 #[test]
@@ -510,6 +580,23 @@ fn no_rank_finishes_while_another_refuses_the_call() {
                         count,
                     ),
                     ("barrier", Box::new(move |r| super::ring_barrier(n, r)), 0),
+                    (
+                        "tree broadcast",
+                        Box::new(move |r| super::tree_broadcast(n, r, root, count, slice)),
+                        count,
+                    ),
+                    (
+                        "tree reduce",
+                        Box::new(move |r| {
+                            super::tree_reduce(n, r, root, count, ReduceOp::Sum, slice)
+                        }),
+                        count,
+                    ),
+                    (
+                        "dissemination barrier",
+                        Box::new(move |r| super::dissemination_barrier(n, r)),
+                        0,
+                    ),
                 ];
                 for (name, make, len) in algorithms {
                     // Halving-doubling is not symmetric in the ranks (folding pairs, partners

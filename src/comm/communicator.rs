@@ -1106,9 +1106,13 @@ impl Communicator {
                 }
                 disjoint_or_same(at, &input, &output)?;
                 let se = slice / output.dtype.size();
-                // Finishing among survivors, the commit round stands for the acknowledgements.
+                // Finishing among survivors, the commit round stands for the acknowledgements
+                // (and the recovery knows which ranks of the chain hold the data).
                 let plan = if surviving {
                     algo::chain_broadcast_data(n, r, root, output.count, se)
+                } else if on_tree(n, output.count, output.dtype) {
+                    header.algo = super::protocol::TREE;
+                    algo::tree_broadcast(n, r, root, output.count, se)
                 } else {
                     algo::chain_broadcast(n, r, root, output.count, se)
                 };
@@ -1134,12 +1138,25 @@ impl Communicator {
                 }
                 disjoint_or_same(at, &input, &output)?;
                 let se = slice / input.dtype.size();
-                let plan = algo::chain_reduce(n, r, root, input.count, op, se);
+                let plan = if !surviving && on_tree(n, input.count, input.dtype) {
+                    header.algo = super::protocol::TREE;
+                    algo::tree_reduce(n, r, root, input.count, op, se)
+                } else {
+                    algo::chain_reduce(n, r, root, input.count, op, se)
+                };
                 header.count = input.count as u64;
                 header.root = root as u32;
                 (plan, input, output, Some(op))
             }
-            Collective::Barrier => return Ok((algo::ring_barrier(n, r), header, None)),
+            Collective::Barrier => {
+                // Finishing among survivors, the ring barrier the recovery was built on.
+                let plan = if surviving || n < TREE_MIN_RANKS {
+                    algo::ring_barrier(n, r)
+                } else {
+                    algo::dissemination_barrier(n, r)
+                };
+                return Ok((plan, header, None));
+            }
         };
         header.dtype = input.dtype.code();
         if let Some(op) = op {
@@ -1420,3 +1437,21 @@ const _: () = {
     assert_sync::<Communicator>();
     assert_sync::<AbortHandle>();
 };
+
+/// Broadcasts and reduces up to this size run on the binomial tree (ceil(log2 n) steps, the
+/// root sending or receiving the buffer once per child), longer ones on the pipelined chain
+/// (n-1 steps, the buffer once per link), as NCCL and MPICH switch: every rank decides from
+/// the group's size and the call's count and type, which they agree on.
+pub(crate) const TREE_MAX_BYTES: usize = 64 << 10;
+
+/// From this many ranks on, short broadcasts and reduces run on the binomial tree and barriers
+/// on the dissemination pattern (log2 n steps). Below it they keep the chain and the ring
+/// (n-1 steps), whose every rank reads from its predecessor: a rank that calls another
+/// collective is then found by the first frame, where on a tree it may wait out the deadline
+/// (every rank still fails, none silently: a rank returns only once every rank accepted).
+pub(crate) const TREE_MIN_RANKS: usize = 16;
+
+/// Whether a broadcast or reduce of `count` elements of `dtype` on `n` ranks runs on the tree.
+fn on_tree(n: usize, count: usize, dtype: DType) -> bool {
+    n >= TREE_MIN_RANKS && count.saturating_mul(dtype.size()) <= TREE_MAX_BYTES
+}

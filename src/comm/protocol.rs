@@ -12,6 +12,10 @@ pub(crate) const NOT_A_CALL: &str = "frame header";
 /// Field value meaning "not used by this collective".
 pub(crate) const NONE: u32 = u32::MAX;
 
+/// The `algo` of a broadcast or reduce on the binomial tree (the chain's is [`NONE`]): ranks
+/// that chose differently (they disagree about the count) are told so when they meet.
+pub(crate) const TREE: u32 = 0x100;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct Header {
@@ -126,6 +130,9 @@ fn op_name(code: u32) -> String {
 }
 
 fn algo_name(code: u32) -> String {
+    if code == TREE {
+        return "tree".into();
+    }
     crate::algo::Algorithm::ALL
         .iter()
         .find(|a| a.code() == code)
