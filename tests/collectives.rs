@@ -50,18 +50,16 @@ fn full_matrix(n: usize) {
 
 /// Broadcast, reduce and barrier on 17 ranks, where short ones run on the binomial trees and
 /// the dissemination barrier (a rank count that is not a power of two: partial subtrees), every
-/// op and type, the chunking sizes and one long enough for the chain, against the reference.
-#[test]
-fn trees_on_17_ranks() {
+/// op and type, the chunking sizes and the sizes either side of the tree's 64 KiB, against the
+/// reference; then, that the tree ran: a tree root sends the buffer once per child (5 here),
+/// a chain's once. (Integer products are left out: 17 factors of the test's values can pass
+/// 2^32.)
+fn trees_on_17_ranks_with(slice_bytes: usize, counts: &[usize]) {
     let n = 17;
-    let mut g = group(n);
+    let mut g = common::group_with(n, wccl::CommConfig::default().slice_bytes(slice_bytes));
     let mut rng = rand::rng();
     let mut cases = 0;
-    for kind in [
-        CollectiveKind::Broadcast,
-        CollectiveKind::Reduce,
-        CollectiveKind::Barrier,
-    ] {
+    for kind in [CollectiveKind::Broadcast, CollectiveKind::Reduce] {
         let ops: &[ReduceOp] = if reduces(kind) {
             &ReduceOp::ALL
         } else {
@@ -69,8 +67,10 @@ fn trees_on_17_ranks() {
         };
         for &op in ops {
             for dtype in DType::ALL {
-                // 20,000 f32 is past the tree's 64 KiB: the chain.
-                for (i, &count) in [0, 1, 3, 16, 18, 1000, 20_000].iter().enumerate() {
+                if op == ReduceOp::Prod && matches!(dtype, DType::I32 | DType::U32) {
+                    continue;
+                }
+                for (i, &count) in counts.iter().enumerate() {
                     for in_place in [false, true] {
                         let case = Case {
                             kind,
@@ -88,7 +88,40 @@ fn trees_on_17_ranks() {
             }
         }
     }
-    g.barrier().expect("barrier after the trees");
+    g.barrier().expect("a dissemination barrier");
+    // 1,000 f32 on the tree, 16,385 (64 KiB and 4 bytes) on the chain.
+    for (count, children) in [(1000usize, 5u64), (16_385, 1)] {
+        let root = 3;
+        let before = g.comm(root).bytes_sent();
+        let case = Case {
+            kind: CollectiveKind::Broadcast,
+            op: ReduceOp::Sum,
+            dtype: DType::F32,
+            count,
+            in_place: false,
+            root,
+            pad: 0,
+        };
+        check(&mut g, case, &mut rng);
+        let sent = g.comm(root).bytes_sent() - before;
+        let data = 4 * count as u64 * children;
+        assert!(
+            sent >= data && sent < data + 4 * count as u64,
+            "{count} f32 from rank {root} of {n}: {sent} bytes sent, {children} copies expected"
+        );
+    }
+}
+
+#[test]
+fn trees_on_17_ranks() {
+    // 16,384 f32 and 32,768 f16 are the tree's last sizes, one more the chain's.
+    trees_on_17_ranks_with(4 << 20, &[0, 1, 3, 16, 18, 1000, 16_384, 16_385, 32_769]);
+}
+
+#[test]
+fn trees_on_17_ranks_in_odd_slices() {
+    // 6-byte slices: three f16 (a slice edge inside a 32-bit word), one and a half f32.
+    trees_on_17_ranks_with(6, &[1, 5, 18, 101]);
 }
 
 #[test]

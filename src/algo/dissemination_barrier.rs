@@ -22,7 +22,7 @@ pub fn dissemination_barrier(n: usize, rank: usize) -> Plan {
         plan.transfer(
             Some(((rank + d) % n, Source::Device(empty))),
             Some(Recv {
-                from: (rank + n - d % n) % n,
+                from: (rank + n - d) % n,
                 dst: empty,
                 combine: Combine::Copy,
                 fold: Fold::Dst,

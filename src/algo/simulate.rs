@@ -400,6 +400,46 @@ fn trees_on_1_to_64_ranks() {
     }
 }
 
+/// No rank finishes while another refuses the call, on the trees and the dissemination barrier
+/// at the rank counts they run on (16 or more), partial subtrees included: every rank in turn
+/// disagrees, as every root is tried with rank 0 disagreeing.
+#[test]
+fn no_rank_finishes_on_a_tree_while_another_refuses() {
+    for n in [16, 17, 31, 33, 63, 64] {
+        for root in 0..n {
+            for &(count, slice) in &[(0, 1), (17, 3)] {
+                let x = inputs(n, count, 1);
+                for (name, plans) in [
+                    (
+                        "tree broadcast",
+                        (0..n)
+                            .map(|r| super::tree_broadcast(n, r, root, count, slice))
+                            .collect::<Vec<_>>(),
+                    ),
+                    (
+                        "tree reduce",
+                        (0..n)
+                            .map(|r| super::tree_reduce(n, r, root, count, ReduceOp::Sum, slice))
+                            .collect(),
+                    ),
+                ] {
+                    let (_, finished) = simulate_with(plans, x.clone(), count, true, Some(0));
+                    assert!(
+                        finished.iter().all(|f| !f),
+                        "{name} n={n} root={root} count={count}: rank 0 disagrees, yet {:?} finish",
+                        (0..n).filter(|&r| finished[r]).collect::<Vec<_>>()
+                    );
+                }
+            }
+        }
+        for odd in 0..n {
+            let plans = (0..n).map(|r| super::dissemination_barrier(n, r)).collect();
+            let (_, finished) = simulate_with(plans, inputs(n, 0, 1), 0, true, Some(odd));
+            assert!(finished.iter().all(|f| !f), "barrier n={n} odd={odd}");
+        }
+    }
+}
+
 /// The trees and the dissemination barrier take log steps: at 32 ranks the root's broadcast
 /// plan has 5 sends of data, the barrier 5 rounds, against the chain's and ring's 31.
 #[test]

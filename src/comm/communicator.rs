@@ -1153,6 +1153,7 @@ impl Communicator {
                 let plan = if surviving || n < TREE_MIN_RANKS {
                     algo::ring_barrier(n, r)
                 } else {
+                    header.algo = super::protocol::TREE;
                     algo::dissemination_barrier(n, r)
                 };
                 return Ok((plan, header, None));

@@ -12,8 +12,9 @@ pub(crate) const NOT_A_CALL: &str = "frame header";
 /// Field value meaning "not used by this collective".
 pub(crate) const NONE: u32 = u32::MAX;
 
-/// The `algo` of a broadcast or reduce on the binomial tree (the chain's is [`NONE`]): ranks
-/// that chose differently (they disagree about the count) are told so when they meet.
+/// The `algo` of a broadcast or reduce on the binomial tree, or a dissemination barrier (the
+/// chain's and the ring's is [`NONE`]): ranks that chose differently (they disagree about the
+/// count, or about finishing among survivors) are told so when their frames meet.
 pub(crate) const TREE: u32 = 0x100;
 
 #[repr(C)]
@@ -70,9 +71,6 @@ impl Header {
         if self.kind != theirs.kind {
             return mismatch("collective", kind_name(self.kind), kind_name(theirs.kind));
         }
-        if self.algo != theirs.algo {
-            return mismatch("algorithm", algo_name(self.algo), algo_name(theirs.algo));
-        }
         if self.dtype != theirs.dtype {
             return mismatch(
                 "element type",
@@ -88,6 +86,11 @@ impl Header {
         }
         if self.root != theirs.root {
             return mismatch("root", self.root.to_string(), theirs.root.to_string());
+        }
+        // After the fields the algorithm is chosen from: ranks whose counts differ are told
+        // that, not the algorithm it led them to.
+        if self.algo != theirs.algo {
+            return mismatch("algorithm", algo_name(self.algo), algo_name(theirs.algo));
         }
         if self.unit != theirs.unit || self.payload_bytes != theirs.payload_bytes {
             return mismatch(

@@ -67,7 +67,8 @@ pub fn group_linked(n: usize, config: CommConfig, links: LinkStack) -> CommGroup
 }
 
 /// Random values for `op` on `dtype`, exactly representable in `dtype`, in ranges where the
-/// reduction of up to 16 ranks neither overflows nor loses everything to rounding.
+/// reduction of up to 16 ranks neither overflows nor loses everything to rounding (17 ranks:
+/// all but integer products).
 pub fn random_values(rng: &mut impl Rng, dtype: DType, op: ReduceOp, len: usize) -> Vec<f64> {
     (0..len)
         .map(|_| {
