@@ -24,8 +24,14 @@
 //!   when one holds the other failed on its own word, and each follower must take the one it
 //!   follows. Another's is kept for when that rank becomes its coordinator.
 //! - A decision without a majority means its decider stopped (`NoQuorum`): every rank that
-//!   gets it holds the decider failed, and stops with it only if the decision holds it a
-//!   survivor and names failed no rank it has heard from in this agreement.
+//!   gets it holds the decider failed, and stops with it only if it is its coordinator's (or
+//!   it coordinates), holds it a survivor, and names failed no rank it has heard from in this
+//!   agreement.
+//! - A coordinator counts a proposal only from a rank that says it has heard from the
+//!   coordinator in this agreement (a flag in the proposal; a rank resends when it first
+//!   hears): a rank that has not may yet give up on the coordinator for its silence, and must
+//!   not be counted as going on with it. A proposal to another coordinator withdraws an
+//!   earlier one.
 //! - One wait after a rank began (checked only when nothing is queued from the ranks it waits
 //!   on), every rank it has not heard from is held failed: a live, reachable rank begins
 //!   within a wait of the others (a failed call tells its peers at once; a rank that had
@@ -37,10 +43,10 @@
 //!   across it.)
 //! - Silence is this rank's own judgement, not proof: it decides whom this rank follows and
 //!   waits for (and what it decides, if it coordinates), but its proposals do not pass it on.
-//! - A rank whose link has heard nothing, not even a heartbeat, from enough ranks for half a
-//!   wait and at least a second (TCP's heartbeats tell a cut this way, after four of them at
-//!   least) that no more than half of the ranks could go on with it, stops at once with
-//!   `NoQuorum`, telling nobody; the others hold it failed for its silence. It asks the link
+//! - A rank whose link has heard nothing, not even a heartbeat, for half a wait and at least
+//!   a second (TCP's heartbeats tell a cut this way, after four of them at least) from so
+//!   many ranks that, with those it already holds failed (its suspects), no more than half of
+//!   the ranks could go on with it, stops at once with `NoQuorum`, telling nobody; the others hold it failed for its silence. It asks the link
 //!   twice, a moment apart, and a frame from a rank in that moment proves it alive: a rank
 //!   that was itself stopped may find its peers silent when it resumes, until its link's
 //!   readers catch up. With a long enough wait, a cut-off rank so returns right after its
@@ -105,6 +111,10 @@ enum Msg {
     Propose {
         progress: u64,
         to: usize,
+        /// Whether the proposer has heard from `to` in this agreement: a coordinator counts
+        /// only such proposals, so that it never counts a rank that may give up on it for its
+        /// silence (the proposer's silence check spares only ranks it heard from).
+        heard: bool,
         failed: BTreeSet<usize>,
     },
     /// A decision, and the coordinator that made it.
@@ -121,10 +131,12 @@ fn frame(kind: u8, payload: Vec<u8>) -> Frame {
     Frame { header, payload }
 }
 
-/// A proposal: `[progress u64][coordinator u32][failed ranks u32...]`.
-fn propose(progress: u64, to: usize, set: &BTreeSet<usize>) -> Frame {
+/// A proposal: `[progress u64][coordinator u32][heard from it u32: 0 or 1][failed ranks
+/// u32...]`.
+fn propose(progress: u64, to: usize, heard: bool, set: &BTreeSet<usize>) -> Frame {
     let mut payload = progress.to_le_bytes().to_vec();
     payload.extend((to as u32).to_le_bytes());
+    payload.extend(u32::from(heard).to_le_bytes());
     payload.extend(ranks_bytes(set));
     frame(PROPOSE, payload)
 }
@@ -188,10 +200,16 @@ fn decode(frame: &Frame, n: usize) -> std::result::Result<Msg, String> {
             if to >= n {
                 return Err(format!("a proposal to rank {to} in a group of {n}"));
             }
+            let heard = match u32_at(b, 12).ok_or("a proposal without its heard flag")? {
+                0 => false,
+                1 => true,
+                x => return Err(format!("a heard flag of {x}")),
+            };
             Ok(Msg::Propose {
                 progress,
                 to,
-                failed: decode_ranks(&b[12..], n)?,
+                heard,
+                failed: decode_ranks(&b[16..], n)?,
             })
         }
         DECIDE => {
@@ -415,14 +433,20 @@ impl Round<'_> {
     fn hear(&mut self, from: usize, frame: &Frame, coordinating: bool) -> Option<(usize, Decided)> {
         self.spoke.entry(from).or_insert_with(Instant::now);
         match decode(frame, self.n) {
+            // This rank's own decision, back from a peer: nothing a correct peer sends.
+            Ok(Msg::Decide { by, .. }) if by == self.me => self.fail(from),
             Ok(Msg::Decide { by, d }) => return self.weigh(from, by, d, coordinating),
             Ok(Msg::Propose {
                 progress,
                 to,
+                heard,
                 failed,
             }) => {
-                if to == self.me {
+                if to == self.me && heard {
                     self.to_me.insert(from, (progress, failed));
+                } else {
+                    // Not (or no longer) a proposal this rank may count.
+                    self.to_me.remove(&from);
                 }
             }
             // Garbage on a link that carried this agreement's tag: a broken peer.
@@ -438,8 +462,9 @@ impl Round<'_> {
     ///   each follower must take the one it follows. Another's is kept for when its decider
     ///   becomes this rank's coordinator.
     /// - One without a majority: its decider has stopped (it returned `NoQuorum`), which is
-    ///   proof that it failed. This rank stops with it only if the decision holds it a
-    ///   survivor and names failed no rank this rank has heard from in this agreement: the
+    ///   proof that it failed. This rank stops with it only if it is its coordinator's (or
+    ///   this rank coordinates), holds it a survivor, and names failed no rank this rank has
+    ///   heard from in this agreement: the
     ///   decider may have judged on stale silence (it was stopped itself), and the ranks it
     ///   names may be a majority going on.
     fn weigh(
@@ -465,8 +490,11 @@ impl Round<'_> {
         None
     }
 
-    /// Holds `r` failed, with proof.
+    /// Holds `r` failed, with proof (never this rank itself).
     fn fail(&mut self, r: usize) {
+        if r == self.me {
+            return;
+        }
         self.failed.insert(r);
         self.confirmed.insert(r);
     }
@@ -509,7 +537,8 @@ impl Round<'_> {
     /// each of `ranks`: the coordinator collects it, the others learn that this rank is alive
     /// and reachable. A rank it cannot send to is held failed.
     fn propose_to(&mut self, to: usize, ranks: &[usize]) {
-        let frame = propose(self.progress, to, &self.confirmed);
+        let heard = to == self.me || self.spoke.contains_key(&to);
+        let frame = propose(self.progress, to, heard, &self.confirmed);
         for &r in ranks {
             if self.link.send(r, frame.clone()).is_err() {
                 self.fail(r);
@@ -537,7 +566,7 @@ impl Round<'_> {
     /// Follows the lowest rank not held failed until it decides (or this rank coordinates).
     fn follow(&mut self) -> Result<(usize, Decided)> {
         // The coordinator proposed to, and the set proposed.
-        let mut proposed: Option<(usize, BTreeSet<usize>)> = None;
+        let mut proposed: Option<(usize, bool, BTreeSet<usize>)> = None;
         let mut deadline = deadline_after(self.timeout.saturating_mul(2));
         let mut resend = deadline;
         loop {
@@ -562,9 +591,12 @@ impl Round<'_> {
                 return Ok((by, d));
             }
             let now = Instant::now();
-            let changed = proposed.as_ref() != Some(&(coord, self.confirmed.clone()));
+            // Whether the proposal would differ: another coordinator, more failed ranks, or
+            // the coordinator heard from since (which makes the proposal count).
+            let heard = self.spoke.contains_key(&coord);
+            let changed = proposed.as_ref() != Some(&(coord, heard, self.confirmed.clone()));
             if changed || now >= resend {
-                if proposed.as_ref().is_none_or(|(c, _)| *c != coord) {
+                if proposed.as_ref().is_none_or(|(c, _, _)| *c != coord) {
                     // A new coordinator gets two whole waits: its own collection may take
                     // one, begun up to one later than this rank's (it may still have been in
                     // the call that failed).
@@ -575,7 +607,7 @@ impl Round<'_> {
                 // rank when it changes: they only need to hear that this rank is alive.
                 let to = if changed { self.alive() } else { vec![coord] };
                 self.propose_to(coord, &to);
-                proposed = Some((coord, self.confirmed.clone()));
+                proposed = Some((coord, heard, self.confirmed.clone()));
                 resend = deadline_after(self.slice);
                 continue;
             }
@@ -987,9 +1019,9 @@ mod tests {
         }
     }
 
-    /// A rank that holds every other failed (its links to them ended, say) decides alone that
-    /// it has no quorum, and stops alone: the ranks its decision names do not adopt it (they
-    /// learn from it that its decider stopped), and agree without it.
+    /// A rank that holds every other failed (its links to them ended, say) stops at once with
+    /// no quorum, sending nothing; the others hold it failed for its silence after one wait,
+    /// and agree without it.
     #[test]
     fn a_rank_that_holds_everyone_failed_stops_alone() {
         let res = run(
@@ -1103,6 +1135,85 @@ mod tests {
         }
     }
 
+    /// Rank 0, the first coordinator, begins after the others gave up on it for its silence:
+    /// their first proposals to it wait in its queue, but it learns that it is out (it never
+    /// goes on alone with all five), and the others agree without it.
+    #[test]
+    fn a_coordinator_late_past_the_wait_is_told_it_is_out() {
+        let links = in_process_mesh(5);
+        let timeout = Duration::from_secs(1);
+        let res: Vec<Result<Vec<usize>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = links
+                .iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    s.spawn(move || {
+                        if r == 0 {
+                            std::thread::sleep(timeout.mul_f64(1.2));
+                        }
+                        agree(l, &[], 1, timeout, At::rank(r))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| panic!("agree panicked")))
+                .collect()
+        });
+        for (r, x) in res.iter().enumerate().skip(1) {
+            assert_eq!(x.as_ref().ok(), Some(&vec![0]), "rank {r}: {x:?}");
+        }
+        assert!(
+            matches!(
+                &res[0],
+                Err(Error::Excluded { .. } | Error::NoQuorum { .. })
+            ),
+            "rank 0: {:?}",
+            res[0]
+        );
+    }
+
+    /// What a coordinator counts: a proposal to it from a rank that has heard from it; not one
+    /// made before (that rank may still give up on it for its silence), and not once the rank
+    /// proposes to another.
+    #[test]
+    fn a_coordinator_counts_only_proposals_that_heard_from_it() {
+        let links = in_process_mesh(3);
+        let sub = SubLink::new(&links[0] as &dyn Link, vec![0, 1, 2], 7).unwrap_or_else(|e| {
+            panic!("{e}");
+        });
+        let mut round = Round {
+            link: &sub,
+            n: 3,
+            me: 0,
+            progress: 0,
+            timeout: Duration::from_secs(1),
+            at: At::rank(0),
+            failed: BTreeSet::new(),
+            confirmed: BTreeSet::new(),
+            spoke: BTreeMap::new(),
+            to_me: BTreeMap::new(),
+            others: Vec::new(),
+            speak_by: None,
+            slice: Duration::from_millis(10),
+        };
+        let none = BTreeSet::new();
+        assert!(round.hear(1, &propose(5, 0, false, &none), true).is_none());
+        assert!(round.to_me.is_empty(), "counted before it heard");
+        round.hear(1, &propose(5, 0, true, &none), true);
+        round.hear(2, &propose(6, 0, true, &none), true);
+        assert_eq!(round.to_me.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        // Rank 2 gave up on rank 0 (it proposes to rank 1 now).
+        round.hear(2, &propose(6, 1, true, &[0].into()), true);
+        assert_eq!(round.to_me.keys().copied().collect::<Vec<_>>(), [1]);
+        // Its own decision coming back is a broken peer, never this rank failing itself.
+        let d = Decided {
+            failed: BTreeSet::new(),
+            progress: [(0, 0), (1, 0), (2, 0)].into(),
+        };
+        assert!(round.hear(1, &decide(0, &d), true).is_none());
+        assert!(round.failed.contains(&1) && !round.failed.contains(&0));
+    }
+
     /// A decision survives its frame: decider, survivors' progress, failed ranks.
     #[test]
     fn a_decision_round_trips() {
@@ -1201,7 +1312,14 @@ mod tests {
             (b"wAGR\x01".to_vec(), vec![1, 2, 3]),
             (b"wAGR\x01".to_vec(), 9u32.to_le_bytes().to_vec()),
             // Six ranks failed of five.
-            (b"wAGR\x01".to_vec(), vec![0; 8 + 4 + 4 * 6]),
+            (b"wAGR\x01".to_vec(), vec![0; 8 + 4 + 4 + 4 * 6]),
+            // No heard flag.
+            (b"wAGR\x01".to_vec(), vec![0; 8 + 4]),
+            // A heard flag of 2.
+            (
+                b"wAGR\x01".to_vec(),
+                [&[0; 8][..], &0u32.to_le_bytes(), &2u32.to_le_bytes()].concat(),
+            ),
             // No coordinator.
             (b"wAGR\x01".to_vec(), vec![0; 8]),
             // A coordinator not of the group.
