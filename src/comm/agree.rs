@@ -825,6 +825,35 @@ mod tests {
         })
     }
 
+    /// Runs the agreement on every rank, rank `r` beginning `late(r)` after the others (as a
+    /// rank whose failed call ended later); results in rank order.
+    fn run_late(
+        links: &[impl Link],
+        late: impl Fn(usize) -> Duration + Sync,
+        timeout: Duration,
+    ) -> Vec<Result<Vec<usize>>> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = links
+                .iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let late = &late;
+                    s.spawn(move || {
+                        let wait = late(r);
+                        if !wait.is_zero() {
+                            // The fault injected: this rank is still in its call.
+                            std::thread::sleep(wait);
+                        }
+                        agree(l, &[], 1, timeout, At::rank(r))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| panic!("agree panicked")))
+                .collect()
+        })
+    }
+
     #[test]
     fn everyone_alive_agrees_on_nothing() {
         for n in 1..=5 {
@@ -1107,24 +1136,18 @@ mod tests {
     fn a_rank_that_finds_peers_silent_stops_only_itself() {
         let links = silent_links(4, &[(0, &[2, 3])]);
         let timeout = Duration::from_secs(2);
-        let res: Vec<Result<Vec<usize>>> = std::thread::scope(|s| {
-            let hs: Vec<_> = links
-                .iter()
-                .enumerate()
-                .map(|(r, l)| {
-                    s.spawn(move || {
-                        if r >= 2 {
-                            // Still in the call that failed.
-                            std::thread::sleep(timeout.mul_f64(0.3));
-                        }
-                        agree(l, &[], 1, timeout, At::rank(r))
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| panic!("agree panicked")))
-                .collect()
-        });
+        // Still in the call that failed.
+        let res = run_late(
+            &links,
+            |r| {
+                if r >= 2 {
+                    timeout.mul_f64(0.3)
+                } else {
+                    Duration::ZERO
+                }
+            },
+            timeout,
+        );
         assert!(
             matches!(&res[0], Err(Error::NoQuorum { survivors, .. }) if *survivors == [0, 1]),
             "rank 0: {:?}",
@@ -1142,23 +1165,17 @@ mod tests {
     fn a_coordinator_late_past_the_wait_is_told_it_is_out() {
         let links = in_process_mesh(5);
         let timeout = Duration::from_secs(1);
-        let res: Vec<Result<Vec<usize>>> = std::thread::scope(|s| {
-            let hs: Vec<_> = links
-                .iter()
-                .enumerate()
-                .map(|(r, l)| {
-                    s.spawn(move || {
-                        if r == 0 {
-                            std::thread::sleep(timeout.mul_f64(1.2));
-                        }
-                        agree(l, &[], 1, timeout, At::rank(r))
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| panic!("agree panicked")))
-                .collect()
-        });
+        let res = run_late(
+            &links,
+            |r| {
+                if r == 0 {
+                    timeout.mul_f64(1.2)
+                } else {
+                    Duration::ZERO
+                }
+            },
+            timeout,
+        );
         for (r, x) in res.iter().enumerate().skip(1) {
             assert_eq!(x.as_ref().ok(), Some(&vec![0]), "rank {r}: {x:?}");
         }
@@ -1238,24 +1255,18 @@ mod tests {
     fn a_coordinator_late_within_the_wait_is_kept() {
         let links = in_process_mesh(4);
         let timeout = Duration::from_secs(2);
-        let res: Vec<Result<Vec<usize>>> = std::thread::scope(|s| {
-            let hs: Vec<_> = links
-                .iter()
-                .enumerate()
-                .map(|(r, l)| {
-                    s.spawn(move || {
-                        if r == 0 {
-                            // Still in its call, as a rank whose call failed later.
-                            std::thread::sleep(timeout.mul_f64(0.6));
-                        }
-                        agree(l, &[], 1, timeout, At::rank(r))
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| panic!("agree panicked")))
-                .collect()
-        });
+        // Still in its call, as a rank whose call failed later.
+        let res = run_late(
+            &links,
+            |r| {
+                if r == 0 {
+                    timeout.mul_f64(0.6)
+                } else {
+                    Duration::ZERO
+                }
+            },
+            timeout,
+        );
         for (r, x) in res.iter().enumerate() {
             assert_eq!(x.as_ref().ok(), Some(&vec![]), "rank {r}: {x:?}");
         }
