@@ -832,6 +832,18 @@ mod tests {
         late: impl Fn(usize) -> Duration + Sync,
         timeout: Duration,
     ) -> Vec<Result<Vec<usize>>> {
+        run_timed(links, late, timeout)
+            .into_iter()
+            .map(|(x, _)| x)
+            .collect()
+    }
+
+    /// [`run_late`], with the time each rank took from its own start.
+    fn run_timed(
+        links: &[impl Link],
+        late: impl Fn(usize) -> Duration + Sync,
+        timeout: Duration,
+    ) -> Vec<(Result<Vec<usize>>, Duration)> {
         std::thread::scope(|s| {
             let hs: Vec<_> = links
                 .iter()
@@ -844,7 +856,8 @@ mod tests {
                             // The fault injected: this rank is still in its call.
                             std::thread::sleep(wait);
                         }
-                        agree(l, &[], 1, timeout, At::rank(r))
+                        let t = Instant::now();
+                        (agree(l, &[], 1, timeout, At::rank(r)), t.elapsed())
                     })
                 })
                 .collect();
@@ -956,22 +969,7 @@ mod tests {
                         let links = plan.wrap(in_process_mesh(*n));
                         let rest: Vec<usize> = (0..*n).filter(|r| !cut.contains(r)).collect();
                         plan.partition(&[cut, &rest]);
-                        std::thread::scope(|s| {
-                            let hs: Vec<_> = links
-                                .iter()
-                                .enumerate()
-                                .map(|(r, l)| {
-                                    s.spawn(move || {
-                                        let t = Instant::now();
-                                        let x = agree(l, &[], 1, timeout, At::rank(r));
-                                        (x, t.elapsed())
-                                    })
-                                })
-                                .collect();
-                            hs.into_iter()
-                                .map(|h| h.join().unwrap_or_else(|_| panic!("agree panicked")))
-                                .collect::<Vec<_>>()
-                        })
+                        run_timed(&links, |_| Duration::ZERO, timeout)
                     })
                 })
                 .collect();
@@ -1019,21 +1017,7 @@ mod tests {
         plan.partition(&[&[1, 3], &[0, 2, 4]]);
         // The call that failed waited this long across the cut.
         std::thread::sleep(timeout.mul_f64(0.6));
-        let res: Vec<(Result<Vec<usize>>, Duration)> = std::thread::scope(|s| {
-            let hs: Vec<_> = links
-                .iter()
-                .enumerate()
-                .map(|(r, l)| {
-                    s.spawn(move || {
-                        let t = Instant::now();
-                        (agree(l, &[], 1, timeout, At::rank(r)), t.elapsed())
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| panic!("agree panicked")))
-                .collect()
-        });
+        let res = run_timed(&links, |_| Duration::ZERO, timeout);
         for (r, (x, took)) in res.iter().enumerate() {
             if [1, 3].contains(&r) {
                 assert!(
