@@ -158,8 +158,8 @@ fn matrix_8_ranks() {
 }
 
 /// The central (parameter-server pattern), naive (host round-trip), host-staged ring and
-/// halving-doubling all-reduces, over every op, type and awkward size, on 1 to 5 ranks (3 and 5
-/// fold a rank into halving-doubling's exchanges). The host-staged ring runs
+/// halving-doubling (on the devices and host-staged) all-reduces, over every op, type and
+/// awkward size, on 1 to 5 ranks (3 and 5 fold a rank into halving-doubling's exchanges). The host-staged ring runs
 /// both of its paths: in tensors mapped in place (where the device's memory is the host's, as
 /// on the CI's lavapipe) and staged through host memory (tensors that cannot be mapped).
 #[test]
@@ -171,13 +171,16 @@ fn central_naive_and_staged_all_reduce() {
         (wccl::Algorithm::Staged, true),
         (wccl::Algorithm::Staged, false),
         (wccl::Algorithm::HalvingDoubling, true),
+        (wccl::Algorithm::StagedHalvingDoubling, true),
     ];
     for (algorithm, mappable) in runs {
-        // Halving-doubling up to 8 ranks: 6 and 7 fold two and three pairs into p = 4.
-        let most = if algorithm == wccl::Algorithm::HalvingDoubling {
-            8
-        } else {
-            5
+        // Halving-doubling up to 8 ranks: 6 and 7 fold two and three pairs into p = 4; the
+        // host-staged one up to 6 (its schedule is the same, checked to 64 ranks by the
+        // simulator).
+        let most = match algorithm {
+            wccl::Algorithm::HalvingDoubling => 8,
+            wccl::Algorithm::StagedHalvingDoubling => 6,
+            _ => 5,
         };
         for n in 1..=most {
             let config = wccl::CommConfig::default()
@@ -299,8 +302,8 @@ fn buffers_without_copy_dst() {
 
 /// Device traffic, counted by the executor (`Communicator::device_bytes`): per rank and N-byte
 /// all-reduce on 4 ranks, the device ring reads back and uploads 2·2(n-1)/n·N = 3N, the
-/// host-staged ring N each way (at most 1.1·2N) through staging buffers, and nothing in tensors
-/// mapped in place. Every result is checked against the f64 reference too.
+/// host-staged ring and halving-doubling N each way (at most 1.1·2N) through staging buffers,
+/// and the staged ring nothing in tensors mapped in place. Every result is checked against the f64 reference too.
 #[test]
 fn device_traffic_of_the_ring_and_the_staged_ring() {
     let mut rng = rand::rng();
@@ -315,6 +318,12 @@ fn device_traffic_of_the_ring_and_the_staged_ring() {
             "staged ring, staging buffers",
         ),
         (wccl::Algorithm::Staged, true, "staged ring, mapped tensors"),
+        // Folds into host memory after reading it: never in the tensors, even mappable ones.
+        (
+            wccl::Algorithm::StagedHalvingDoubling,
+            true,
+            "staged halving-doubling",
+        ),
     ];
     for (algorithm, mappable, what) in runs {
         let config = wccl::CommConfig::default()
@@ -338,7 +347,9 @@ fn device_traffic_of_the_ring_and_the_staged_ring() {
                 // The check's own read-backs go through `DeviceBuffer`/`read`, not a call.
                 let moved = (c.device_bytes() - b) as f64;
                 let what = format!("{what}, in place {in_place}, rank {r}: {moved} bytes");
-                match (algorithm, mappable && c.device().unified_memory()) {
+                let mapped =
+                    algorithm == wccl::Algorithm::Staged && mappable && c.device().unified_memory();
+                match (algorithm, mapped) {
                     (wccl::Algorithm::Ring, _) => {
                         let want = 2.0 * 2.0 * (n - 1) as f64 / n as f64 * bytes;
                         assert!((moved - want).abs() <= 0.01 * want, "{what}, want {want}");

@@ -268,3 +268,50 @@ fn ranks_that_pick_different_algorithms_get_a_mismatch() {
     assert!(results.iter().all(|r| r.is_err()), "{text:?}");
     assert!(text.iter().any(|t| t.contains("algorithm")), "{text:?}");
 }
+
+/// A group whose links emulate a network gets a model with that network's terms from the
+/// probe, and `Auto` runs what that model chooses: over a 1 MB/s link, where the link is all
+/// that counts at 1 MiB, never the star (its root's egress carries n buffers, the ring's and
+/// halving-doubling's 2(n-1)/n of one), though the same devices on free links may choose it.
+#[test]
+fn an_emulated_network_reaches_the_model_and_auto() {
+    use wccl::link::{LinkEmulation, LinkStack};
+    use wccl::model::LinkCost;
+    let emu = LinkEmulation {
+        gbps: 0.001,
+        latency_us: 40.0,
+        jitter_us: 20.0,
+    };
+    let mut g = common::group_linked(
+        3,
+        wccl::CommConfig::default(),
+        LinkStack::new().emulate(emu),
+    );
+    g.probe(64 << 10).expect("probe");
+    let model = g.comm(0).cost_model().cloned().expect("model installed");
+    assert_eq!(
+        model.link(),
+        Some(LinkCost {
+            gbps: 0.001,
+            latency_us: 50.0
+        })
+    );
+    let bytes = 1 << 20;
+    let chosen = model.choose_for(bytes, false, model.unified_memory());
+    assert!(
+        !matches!(chosen, Algorithm::Naive | Algorithm::Central),
+        "{chosen:?}"
+    );
+    let free = model.clone().with_link(None);
+    let p = model.predict(Algorithm::Naive, bytes, false);
+    assert!(
+        p.seconds > free.predict(Algorithm::Naive, bytes, false).seconds + 2.0,
+        "{p:?}"
+    );
+    // The call itself, small enough for the emulated link to carry in a moment.
+    let count = 300;
+    let small = model.choose_for(count * 4, false, model.unified_memory());
+    for (r, ran) in run_auto(&mut g, count).into_iter().enumerate() {
+        assert_eq!(ran, Some(small), "rank {r}");
+    }
+}

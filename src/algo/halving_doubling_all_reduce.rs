@@ -36,12 +36,30 @@ pub fn halving_doubling_all_reduce(
     slice_elems: usize,
 ) -> Plan {
     let mut plan = Plan::default();
-    let whole = Region::new(Buf::Output, 0, count);
     if !in_place {
-        plan.copy(Region::new(Buf::Input, 0, count), whole);
+        plan.copy(
+            Region::new(Buf::Input, 0, count),
+            Region::new(Buf::Output, 0, count),
+        );
     }
+    exchanges(&mut plan, Buf::Output, n, rank, count, op, slice_elems);
+    plan
+}
+
+/// The exchanges of halving-doubling among `n` ranks on `count` elements of `buf` (the output
+/// on the devices, or host memory for the host-staged variant), folding in place there.
+pub(super) fn exchanges(
+    plan: &mut Plan,
+    buf: Buf,
+    n: usize,
+    rank: usize,
+    count: usize,
+    op: ReduceOp,
+    slice_elems: usize,
+) {
+    let whole = Region::new(buf, 0, count);
     if n < 2 || rank >= n {
-        return plan;
+        return;
     }
     // p: the largest power of two at most n; the first 2·extra ranks pair up to fold.
     let p = 1usize << n.ilog2();
@@ -50,7 +68,7 @@ pub fn halving_doubling_all_reduce(
     if folds && rank.is_multiple_of(2) {
         // Out of the exchanges: the whole buffer to the partner, the result back from it.
         exchange(
-            &mut plan,
+            plan,
             Some(rank + 1),
             None,
             whole,
@@ -59,7 +77,7 @@ pub fn halving_doubling_all_reduce(
             slice_elems,
         );
         exchange(
-            &mut plan,
+            plan,
             None,
             Some(rank + 1),
             whole,
@@ -67,11 +85,11 @@ pub fn halving_doubling_all_reduce(
             Combine::Copy,
             slice_elems,
         );
-        return plan;
+        return;
     }
     if folds {
         exchange(
-            &mut plan,
+            plan,
             None,
             Some(rank - 1),
             whole,
@@ -87,7 +105,7 @@ pub fn halving_doubling_all_reduce(
     let span = |lo: usize, hi: usize| {
         let start = blocks[lo].0;
         let end = blocks[hi - 1].0 + blocks[hi - 1].1;
-        Region::new(Buf::Output, start, end - start)
+        Region::new(buf, start, end - start)
     };
     // Reduce-scatter: at distance d (p/2 down to 1) keep the half of the window on this rank's
     // side of bit d, send the other half to the partner across it, and fold in the partner's
@@ -104,7 +122,7 @@ pub fn halving_doubling_all_reduce(
         };
         let (send, recv) = (span(give.0, give.1), span(keep.0, keep.1));
         let both = Some(partner);
-        exchange(&mut plan, both, both, send, recv, op.combine(), slice_elems);
+        exchange(plan, both, both, send, recv, op.combine(), slice_elems);
         (lo, hi) = keep;
         d /= 2;
     }
@@ -125,21 +143,13 @@ pub fn halving_doubling_all_reduce(
         };
         let (send, recv) = (span(lo, hi), span(theirs.0, theirs.1));
         let both = Some(partner);
-        exchange(
-            &mut plan,
-            both,
-            both,
-            send,
-            recv,
-            Combine::Copy,
-            slice_elems,
-        );
+        exchange(plan, both, both, send, recv, Combine::Copy, slice_elems);
         (lo, hi) = (lo.min(theirs.0), hi.max(theirs.1));
         d *= 2;
     }
     if folds {
         exchange(
-            &mut plan,
+            plan,
             Some(rank - 1),
             None,
             whole,
@@ -148,7 +158,6 @@ pub fn halving_doubling_all_reduce(
             slice_elems,
         );
     }
-    plan
 }
 
 /// One exchange: `send` to `to` and `recv` from `from` (either may be absent), each cut into

@@ -18,6 +18,7 @@ mod ring_barrier;
 mod ring_reduce_scatter;
 #[cfg(test)]
 mod simulate;
+mod staged_halving_doubling_all_reduce;
 mod staged_ring_all_reduce;
 mod tree_broadcast;
 mod tree_reduce;
@@ -35,6 +36,7 @@ pub use ring_all_gather::ring_all_gather;
 pub use ring_all_reduce::ring_all_reduce;
 pub use ring_barrier::ring_barrier;
 pub use ring_reduce_scatter::ring_reduce_scatter;
+pub use staged_halving_doubling_all_reduce::staged_halving_doubling_all_reduce;
 pub use staged_ring_all_reduce::staged_ring_all_reduce;
 pub use tree_broadcast::tree_broadcast;
 pub use tree_reduce::tree_reduce;
@@ -69,8 +71,15 @@ pub enum Algorithm {
     /// exchanges against the ring's 2(n-1), and the ring's link traffic, 2(p-1)/p of the buffer
     /// each way; reductions on the devices. Rank counts that are not powers of two fold their
     /// 2(n-p) first ranks in pairs first (one more buffer each way, and two more steps, on
-    /// those). For small messages at scale. `Auto` does not choose it yet.
+    /// those). For small messages at scale; `Auto` weighs it everywhere.
     HalvingDoubling = 5,
+    /// Halving-doubling on host memory: one read-back, the exchanges between host memories
+    /// (folding on the CPU), one upload: N bytes each way between device and host per rank,
+    /// and no device round trip per exchange, so small messages at scale pay only the link and
+    /// the host per step (Gloo's CUDA halving-doubling stages this way). `Auto` does not weigh
+    /// it yet: its model entry, like the staged ring's off unified memory, has no per-frame
+    /// host cost.
+    StagedHalvingDoubling = 6,
     /// Whichever the cost model predicts fastest for this size and these devices.
     ///
     /// The choice rests on the model, which every rank must hold alike, and on the call's size
@@ -91,14 +100,20 @@ impl Algorithm {
     /// The concrete algorithms `Auto` chooses among everywhere; `Staged` joins them where every
     /// rank maps tensors in place (`CostModel::unified_memory`, see `CostModel::choose_for`). For every
     /// algorithm, [`ALL`](Self::ALL).
-    pub const CONCRETE: [Algorithm; 3] = [Algorithm::Ring, Algorithm::Central, Algorithm::Naive];
-    /// Every concrete algorithm (not `Auto`), `Staged` included.
-    pub const ALL: [Algorithm; 5] = [
+    pub const CONCRETE: [Algorithm; 4] = [
+        Algorithm::Ring,
+        Algorithm::Central,
+        Algorithm::Naive,
+        Algorithm::HalvingDoubling,
+    ];
+    /// Every concrete algorithm (not `Auto`), the host-staged ones included.
+    pub const ALL: [Algorithm; 6] = [
         Algorithm::Ring,
         Algorithm::Central,
         Algorithm::Naive,
         Algorithm::Staged,
         Algorithm::HalvingDoubling,
+        Algorithm::StagedHalvingDoubling,
     ];
 
     pub(crate) const fn code(self) -> u32 {
@@ -114,15 +129,16 @@ impl std::fmt::Display for Algorithm {
             Algorithm::Naive => "naive",
             Algorithm::Staged => "staged",
             Algorithm::HalvingDoubling => "hd",
+            Algorithm::StagedHalvingDoubling => "staged-hd",
             Algorithm::Auto => "auto",
         })
     }
 }
 
 /// The error of parsing an [`Algorithm`] from a name that is none of `ring`, `central`,
-/// `naive`, `staged`, `hd`, `auto`.
+/// `naive`, `staged`, `hd`, `staged-hd`, `auto`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown algorithm '{name}' (ring, central, naive, staged, hd, auto)")]
+#[error("unknown algorithm '{name}' (ring, central, naive, staged, hd, staged-hd, auto)")]
 pub struct ParseAlgorithmError {
     /// The name that was given.
     pub name: String,
@@ -137,6 +153,7 @@ impl std::str::FromStr for Algorithm {
             "naive" => Ok(Algorithm::Naive),
             "staged" => Ok(Algorithm::Staged),
             "hd" | "halving-doubling" => Ok(Algorithm::HalvingDoubling),
+            "staged-hd" => Ok(Algorithm::StagedHalvingDoubling),
             "auto" => Ok(Algorithm::Auto),
             _ => Err(ParseAlgorithmError { name: s.into() }),
         }

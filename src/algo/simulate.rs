@@ -7,7 +7,7 @@ use super::plan::{Action, Buf, Fold, Plan, Region, Source};
 use super::{
     Algorithm, central_all_reduce, chain_broadcast, chain_reduce, halving_doubling_all_reduce,
     naive_all_reduce, ring_all_gather, ring_all_reduce, ring_reduce_scatter,
-    staged_ring_all_reduce,
+    staged_halving_doubling_all_reduce, staged_ring_all_reduce,
 };
 use crate::types::{Combine, ReduceOp};
 
@@ -296,6 +296,9 @@ fn every_algorithm_on_1_to_16_ranks() {
                                 Algorithm::HalvingDoubling => {
                                     halving_doubling_all_reduce(n, r, count, op, in_place, slice)
                                 }
+                                Algorithm::StagedHalvingDoubling => {
+                                    staged_halving_doubling_all_reduce(n, r, count, op, slice)
+                                }
                                 _ => ring_all_reduce(n, r, count, op, in_place, slice),
                             })
                             .collect();
@@ -458,17 +461,24 @@ fn trees_take_log_steps() {
     }
 }
 
-/// Halving-doubling on every rank count from 1 to 64 (the folds of 2(n-p) ranks for every
-/// p up to 32), every op, in and out of place, sizes below and above the rank count.
+/// Halving-doubling, on the devices and host-staged, on every rank count from 1 to 64 (the
+/// folds of 2(n-p) ranks for every p up to 32), every op, in and out of place, sizes below and
+/// above the rank count.
 #[test]
 fn halving_doubling_on_1_to_64_ranks() {
     for n in 1..=64 {
         for &(count, slice) in &[(0, 1), (3, 1), (n + 5, 2), (257, 1 << 20)] {
-            for in_place in [false, true] {
+            for (in_place, staged) in [(false, false), (true, false), (false, true), (true, true)] {
                 for op in ReduceOp::ALL {
                     let x = inputs(n, count, 11);
                     let plans = (0..n)
-                        .map(|r| halving_doubling_all_reduce(n, r, count, op, in_place, slice))
+                        .map(|r| {
+                            if staged {
+                                staged_halving_doubling_all_reduce(n, r, count, op, slice)
+                            } else {
+                                halving_doubling_all_reduce(n, r, count, op, in_place, slice)
+                            }
+                        })
                         .collect();
                     for (r, o) in simulate(plans, x.clone(), count, in_place)
                         .iter()
@@ -478,7 +488,7 @@ fn halving_doubling_on_1_to_64_ranks() {
                             let e = reduce(op, &x, i);
                             assert!(
                                 (got - e).abs() <= 1e-9 * e.abs(),
-                                "hd n={n} r={r} count={count} i={i}: {got} vs {e}"
+                                "hd (staged {staged}) n={n} r={r} count={count} i={i}: {got} vs {e}"
                             );
                         }
                     }
@@ -519,6 +529,45 @@ fn halving_doubling_takes_log_steps() {
                 sent.abs_diff(want) <= 2 * p,
                 "n={n} r={r}: sent {sent}, want {want}"
             );
+        }
+    }
+}
+
+/// The host-staged halving-doubling sends what the device one sends, frame for frame, and
+/// touches the devices only to read the input back once and upload the result once.
+#[test]
+fn staged_halving_doubling_moves_the_same_frames_and_one_buffer_each_way() {
+    let count = 7000;
+    for n in [2usize, 3, 6, 8, 13, 32, 33] {
+        for r in 0..n {
+            let dev = halving_doubling_all_reduce(n, r, count, ReduceOp::Sum, true, 1000);
+            let host = staged_halving_doubling_all_reduce(n, r, count, ReduceOp::Sum, 1000);
+            assert_eq!(host.sends(), dev.sends(), "n={n} r={r}");
+            assert_eq!(device_sent(&host), device_sent(&dev), "n={n} r={r}");
+            let (mut down, mut up) = (0, 0);
+            for a in &host.actions {
+                match a {
+                    Action::Copy { src, dst } if dst.buf == Buf::Host => {
+                        assert_eq!(src.buf, Buf::Input);
+                        down += src.len;
+                    }
+                    Action::Copy { src, dst } => {
+                        assert_eq!((src.buf, dst.buf), (Buf::Host, Buf::Output));
+                        up += src.len;
+                    }
+                    Action::Transfer(t) => {
+                        let sent = t.send.map(|(_, s)| s);
+                        if let Some(Source::Device(reg)) = sent {
+                            assert_eq!(reg.buf, Buf::Host, "n={n} r={r}");
+                        }
+                        if let Some(recv) = t.recv {
+                            assert_eq!(recv.dst.buf, Buf::Host, "n={n} r={r}");
+                        }
+                    }
+                    Action::Scale { dst, .. } => assert_eq!(dst.buf, Buf::Host),
+                }
+            }
+            assert_eq!((down, up), (count, count), "n={n} r={r}");
         }
     }
 }
@@ -589,6 +638,13 @@ fn no_rank_finishes_while_another_refuses_the_call() {
                         "halving-doubling all_reduce",
                         Box::new(move |r| {
                             halving_doubling_all_reduce(n, r, count, ReduceOp::Sum, true, slice)
+                        }),
+                        count,
+                    ),
+                    (
+                        "staged halving-doubling all_reduce",
+                        Box::new(move |r| {
+                            staged_halving_doubling_all_reduce(n, r, count, ReduceOp::Sum, slice)
                         }),
                         count,
                     ),

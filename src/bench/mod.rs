@@ -357,6 +357,10 @@ pub fn run(
                     && local
                         .first()
                         .is_some_and(|&r| group.comm(r).device().unified_memory());
+                let floor = match (s.kind, &model) {
+                    (CollectiveKind::AllReduce, Some(m)) => Some(m.floor(bytes) * 1e6),
+                    _ => None,
+                };
                 let (label, predicted) = match (s.kind, model) {
                     (CollectiveKind::AllReduce, Some(m)) => {
                         let chosen = match algo {
@@ -387,6 +391,7 @@ pub fn run(
                     out_of_place: measures[0],
                     in_place: measures[1],
                     predicted,
+                    floor,
                 };
                 progress.suspend(|| writeln!(out, "{}", format_row(&row)))?;
                 if let Some(link) = s.link {
@@ -437,7 +442,10 @@ pub fn link_seconds(
     }
     let (egress, steps) = match (kind, algo) {
         (CollectiveKind::AllReduce, Algorithm::Central | Algorithm::Naive) => ((nf - 1.0) * s, 2.0),
-        (CollectiveKind::AllReduce, Algorithm::HalvingDoubling) => {
+        (
+            CollectiveKind::AllReduce,
+            Algorithm::HalvingDoubling | Algorithm::StagedHalvingDoubling,
+        ) => {
             // The busiest rank: an odd one of the folded pairs when n is not a power of two (it
             // also sends the whole result back), with one step each way more.
             let p = 1usize << n.ilog2();

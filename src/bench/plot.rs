@@ -8,14 +8,28 @@ use plotters::prelude::*;
 
 use super::report::Row;
 
-/// Draws the out-of-place busbw of `rows` against size, one line per algorithm, into `path`.
+/// Draws the out-of-place busbw of `rows` against size, one line per algorithm, into `path`,
+/// and the floor's busbw (one read-back and one upload per rank) where the rows know it.
 pub fn plot_busbw(rows: &[Row], title: &str, path: &Path) -> Result<(), super::BenchError> {
     let mut lines: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut floor: BTreeMap<u64, f64> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.size > 0) {
         lines
             .entry(r.algo.as_str())
             .or_default()
             .push((r.size as f64, r.out_of_place.busbw));
+        // busbw at the floor's time: the row's own busbw/algbw factor, size over the floor.
+        let m = &r.out_of_place;
+        if let Some(f) = r.floor.filter(|f| *f > 0.0 && m.algbw > 0.0) {
+            let busbw = r.size as f64 / f / 1e3 * (m.busbw / m.algbw);
+            floor.entry(r.size).or_insert(busbw);
+        }
+    }
+    if !floor.is_empty() {
+        lines.insert(
+            "floor",
+            floor.into_iter().map(|(b, f)| (b as f64, f)).collect(),
+        );
     }
     let ymax = lines
         .values()

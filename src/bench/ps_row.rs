@@ -113,6 +113,7 @@ pub fn ps_rows(
             out_of_place: m,
             in_place: m,
             predicted: None,
+            floor: None,
         });
     }
     Ok(rows)

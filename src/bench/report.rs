@@ -73,6 +73,12 @@ pub struct Row {
     pub in_place: Measure,
     /// The cost model's predicted time (us) and bounding resource, if known.
     pub predicted: Option<(f64, String)>,
+    /// The floor (us), if known: every rank reads its buffer back once and uploads the result
+    /// once, all ranks at once, at the probe's rates ([`CostModel::floor`]). Tensors mapped in
+    /// place on a unified-memory device need neither, so a row there can beat it.
+    ///
+    /// [`CostModel::floor`]: crate::model::CostModel::floor
+    pub floor: Option<f64>,
 }
 
 /// The column header, as nccl-tests prints it, with wccl's extra columns.
@@ -85,7 +91,7 @@ pub fn header() -> String {
     );
     let _ = writeln!(
         s,
-        "#{:>11} {:>12} {:>8} {:>6} {:>6} {:>12} | {:>9} {:>7} {:>7} {:>6} | {:>9} {:>7} {:>7} {:>6} | {:>9}  bound by",
+        "#{:>11} {:>12} {:>8} {:>6} {:>6} {:>12} | {:>9} {:>7} {:>7} {:>6} | {:>9} {:>7} {:>7} {:>6} | {:>9} {:>9}  bound by",
         "size",
         "count",
         "type",
@@ -101,10 +107,11 @@ pub fn header() -> String {
         "busbw",
         "#wrong",
         "model",
+        "floor",
     );
     let _ = write!(
         s,
-        "#{:>11} {:>12} {:>8} {:>6} {:>6} {:>12} | {:>9} {:>7} {:>7} {:>6} | {:>9} {:>7} {:>7} {:>6} | {:>9}",
+        "#{:>11} {:>12} {:>8} {:>6} {:>6} {:>12} | {:>9} {:>7} {:>7} {:>6} | {:>9} {:>7} {:>7} {:>6} | {:>9} {:>9}",
         "(B)",
         "(elements)",
         "",
@@ -119,6 +126,7 @@ pub fn header() -> String {
         "(GB/s)",
         "(GB/s)",
         "",
+        "(us)",
         "(us)"
     );
     s
@@ -136,8 +144,11 @@ pub fn format_row(r: &Row) -> String {
         Some((t, b)) => (format!("{t:>9.1}"), b.clone()),
         None => (format!("{:>9}", "-"), String::new()),
     };
+    let floor = r
+        .floor
+        .map_or(format!("{:>9}", "-"), |f| format!("{f:>9.1}"));
     format!(
-        " {:>11} {:>12} {:>8} {:>6} {:>6} {:>12} | {} | {} | {}  {}",
+        " {:>11} {:>12} {:>8} {:>6} {:>6} {:>12} | {} | {} | {} {}  {}",
         r.size,
         r.count,
         r.dtype.to_string(),
@@ -147,6 +158,7 @@ pub fn format_row(r: &Row) -> String {
         m(&r.out_of_place),
         m(&r.in_place),
         model,
+        floor,
         bound
     )
     .trim_end()
@@ -172,7 +184,7 @@ pub fn footer(rows: &[Row]) -> String {
 }
 
 /// The CSV header.
-pub const CSV_HEADER: &str = "size,count,type,redop,root,algo,oop_time_us,oop_algbw,oop_busbw,oop_wrong,ip_time_us,ip_algbw,ip_busbw,ip_wrong,model_us,bound";
+pub const CSV_HEADER: &str = "size,count,type,redop,root,algo,oop_time_us,oop_algbw,oop_busbw,oop_wrong,ip_time_us,ip_algbw,ip_busbw,ip_wrong,model_us,bound,floor_us";
 
 /// One CSV line.
 pub fn csv_row(r: &Row) -> String {
@@ -180,8 +192,9 @@ pub fn csv_row(r: &Row) -> String {
         Some((t, b)) => (format!("{t:.3}"), b.clone()),
         None => (String::new(), String::new()),
     };
+    let floor = r.floor.map_or(String::new(), |f| format!("{f:.3}"));
     format!(
-        "{},{},{},{},{},{},{:.3},{:.6},{:.6},{},{:.3},{:.6},{:.6},{},{},{}",
+        "{},{},{},{},{},{},{:.3},{:.6},{:.6},{},{:.3},{:.6},{:.6},{},{},{},{}",
         r.size,
         r.count,
         r.dtype,
@@ -197,6 +210,7 @@ pub fn csv_row(r: &Row) -> String {
         r.in_place.busbw,
         r.in_place.wrong,
         model,
-        bound
+        bound,
+        floor
     )
 }

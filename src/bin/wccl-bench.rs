@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use wccl::bench::{self, Settings};
 use wccl::link::{LinkEmulation, LinkStack};
-use wccl::model::{Figures, LinkModel, Probe, scaling_table};
+use wccl::model::{Figures, LinkCost, LinkModel, Probe, scaling_table};
 use wccl::tp::MatmulKernel;
 use wccl::{Algorithm, CollectiveKind, CommConfig, CommGroup, DType, ReduceOp};
 
@@ -140,7 +140,9 @@ enum Command {
         #[arg(long = "call")]
         call: Option<String>,
     },
-    /// Predicted all-reduce busbw of ring, central and tree over independent links, at scale.
+    /// Predicted all-reduce busbw of ring, central, tree and halving-doubling over independent
+    /// links, at scale; then the sizes where `auto` changes its choice on this machine (its
+    /// ranks probed), with in-process links and over the given link.
     Model {
         /// Rank counts: a list (2,4,8) or a range of powers of two (2..1024).
         #[arg(long = "ranks", default_value = "2..1024")]
@@ -151,9 +153,18 @@ enum Command {
         /// Link latency, microseconds.
         #[arg(long = "link-latency-us", default_value_t = 5.0)]
         link_latency_us: f64,
+        /// What a rank spends handling one message, microseconds (LogP's overhead).
+        #[arg(long = "message-us", default_value_t = 1.0)]
+        message_us: f64,
         /// Reduction rate per rank, GB/s (0: ignore the reduction).
         #[arg(long = "reduce-gbps", default_value_t = 0.0)]
         reduce_gbps: f64,
+        /// Ranks on this machine to probe for the crossover sizes (0: skip the probe).
+        #[arg(long = "here", default_value_t = 4)]
+        here: usize,
+        /// Bytes per probe transfer.
+        #[arg(long = "probe-bytes", default_value = "4M", value_parser = bench::parse_size)]
+        probe_bytes: u64,
         /// Bytes per rank.
         #[arg(short = 'b', long = "bytes", default_value = "256M", value_parser = bench::parse_size)]
         bytes: u64,
@@ -301,8 +312,8 @@ struct Sweep {
     #[arg(short = 'T', long = "timeout", default_value_t = 30)]
     timeout: u64,
     /// All-reduce algorithms, comma separated: ring, central, naive, staged (the host-staged
-    /// ring), hd (recursive halving-doubling), auto, ps (through the parameter server, on one
-    /// more rank), all.
+    /// ring), hd (recursive halving-doubling), staged-hd (halving-doubling on host memory),
+    /// auto, ps (through the parameter server, on one more rank), all.
     #[arg(long = "algo", default_value = "ring")]
     algo: String,
     /// Also write the rows as CSV to this file.
@@ -379,6 +390,51 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
+/// Probes `ranks` ranks on this machine and prints where `auto`'s all-reduce choice changes,
+/// from 4 B to 1 GiB (powers of two, out of place), with in-process links and over `link`.
+fn write_crossovers(
+    ranks: usize,
+    probe_bytes: usize,
+    link: LinkCost,
+) -> Result<(), bench::BenchError> {
+    let mut group = CommGroup::builder().ranks(ranks).build()?;
+    let probe = group.probe(probe_bytes)?;
+    let model = group
+        .comm(0)
+        .cost_model()
+        .cloned()
+        .ok_or("the probe installed no cost model")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "# auto on this machine: {ranks} ranks on {} (shared adapter: {}, unified memory: {})",
+        group.adapters().first().map_or("?", |a| a.name.as_str()),
+        probe.shared,
+        model.unified_memory()
+    )?;
+    let sizes: Vec<usize> = (2..=30).map(|k| 1usize << k).collect();
+    let over = model.clone().with_link(Some(link));
+    let links = format!("{} GB/s, {} us links", link.gbps, link.latency_us);
+    for (name, m) in [("in-process links", &model), (links.as_str(), &over)] {
+        let line: Vec<String> = m
+            .crossovers(&sizes, false)
+            .iter()
+            .map(|(b, a)| format!("{a} from {}", human(*b)))
+            .collect();
+        writeln!(out, "#  {name}: {}", line.join(", "))?;
+    }
+    Ok(())
+}
+
+/// A size in the largest binary unit that divides it.
+fn human(b: usize) -> String {
+    let units = [(30, "GiB"), (20, "MiB"), (10, "KiB")];
+    units
+        .iter()
+        .find(|(k, _)| b >= 1 << k && b.is_multiple_of(1 << k))
+        .map_or(format!("{b} B"), |(k, u)| format!("{} {u}", b >> k))
+}
+
 /// The collective algorithms asked for, and whether `ps` is among them.
 fn parse_algos(s: &str) -> Result<(Vec<Algorithm>, bool), String> {
     if s == "all" {
@@ -388,6 +444,7 @@ fn parse_algos(s: &str) -> Result<(Vec<Algorithm>, bool), String> {
             Algorithm::Naive,
             Algorithm::Staged,
             Algorithm::HalvingDoubling,
+            Algorithm::StagedHalvingDoubling,
             Algorithm::Auto,
         ];
         return Ok((all, true));
@@ -522,6 +579,7 @@ fn reliability(a: &ReliabilityArgs) -> Result<ExitCode, bench::BenchError> {
         link: LinkModel {
             gbps: a.link_gbps,
             latency_us: a.link_latency_us,
+            message_us: 0.0,
             reduce_gbps: None,
         },
         only,
@@ -823,18 +881,29 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
             ranks,
             link_gbps,
             link_latency_us,
+            message_us,
             reduce_gbps,
+            here,
+            probe_bytes,
             bytes,
         } => {
             let link = LinkModel {
                 gbps: link_gbps,
                 latency_us: link_latency_us,
+                message_us,
                 reduce_gbps: (reduce_gbps > 0.0).then_some(reduce_gbps),
             };
             print!(
                 "{}",
                 scaling_table(&parse_ranks(&ranks)?, bytes as f64, &link)
             );
+            if here > 0 {
+                let cost = LinkCost {
+                    gbps: link_gbps,
+                    latency_us: link_latency_us,
+                };
+                write_crossovers(here, probe_bytes as usize, cost)?;
+            }
             return Ok(ExitCode::SUCCESS);
         }
     };

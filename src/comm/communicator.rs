@@ -1047,6 +1047,9 @@ impl Communicator {
                     Algorithm::HalvingDoubling => {
                         algo::halving_doubling_all_reduce(n, r, count, op, in_place, se)
                     }
+                    Algorithm::StagedHalvingDoubling => {
+                        algo::staged_halving_doubling_all_reduce(n, r, count, op, se)
+                    }
                     Algorithm::Ring | Algorithm::Auto => {
                         algo::ring_all_reduce(n, r, count, op, in_place, se)
                     }

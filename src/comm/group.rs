@@ -418,7 +418,9 @@ impl CommGroup {
 
     /// Measures every device alone and all together (see
     /// [`Communicator::probe_device`]), and installs the resulting cost model on every rank, so
-    /// that `Algorithm::Auto` picks what it predicts fastest. Returns the figures.
+    /// that `Algorithm::Auto` picks what it predicts fastest. Returns the figures. Links
+    /// emulating a network ([`LinkStack::emulate`](crate::link::LinkStack::emulate)) give
+    /// the model its link terms from their settings.
     pub fn probe(&mut self, bytes: usize) -> Result<Probe> {
         let n = self.size();
         let alone = (0..n)
@@ -465,9 +467,15 @@ impl CommGroup {
             shared,
             bytes,
         };
+        // An emulated network costs what its settings say (the model's link terms).
+        let link = self.links.emulation().map(crate::model::LinkCost::from);
         for c in &mut self.comms {
             let slice = c.config().slice_bytes;
-            c.set_cost_model(CostModel::new(probe.clone(), slice).with_unified_memory(unified));
+            c.set_cost_model(
+                CostModel::new(probe.clone(), slice)
+                    .with_unified_memory(unified)
+                    .with_link(link),
+            );
         }
         Ok(probe)
     }

@@ -6,10 +6,16 @@
 //! own adapters work in parallel: the slowest rank sets the time. Ranks that share an adapter
 //! share its resources: their bytes add up, at the throughput measured with all ranks busy.
 //! Within a rank the terms add up (on a software adapter every resource is the same CPU).
+//!
+//! Where the ranks talk over a network ([`LinkCost`]: each rank's egress bandwidth and a
+//! latency per message), each algorithm also has its link cost: the bytes on the critical path
+//! through a rank's egress (β each) and the messages in sequence (α each). The link works beside
+//! the devices (a rank sends while it computes), so a call takes the longer of the two, plus the
+//! latencies it waits for one after another.
 
 mod scaling;
 
-pub use scaling::{LinkModel, scaling_table};
+pub use scaling::{AllReduceTimes, LinkModel, scaling_table};
 
 use crate::algo::Algorithm;
 
@@ -47,14 +53,59 @@ pub struct Probe {
     pub bytes: usize,
 }
 
+/// A network between the ranks: each rank's egress bandwidth, and the latency of one message
+/// (the α and β of Hockney's model). From the emulation settings
+/// ([`LinkEmulation`](crate::link::LinkEmulation), which it mirrors), or measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinkCost {
+    /// Each rank's egress bandwidth, GB/s (β = 1 / this).
+    pub gbps: f64,
+    /// One message's latency, microseconds (α).
+    pub latency_us: f64,
+}
+
+impl LinkCost {
+    /// Seconds per byte on a rank's egress; a bandwidth that is zero, negative or NaN costs
+    /// nothing (no network term) rather than infinity.
+    fn beta(&self) -> f64 {
+        if self.gbps.is_finite() && self.gbps > 0.0 {
+            1.0 / (self.gbps * 1e9)
+        } else {
+            0.0
+        }
+    }
+
+    /// Seconds per message in sequence.
+    fn alpha(&self) -> f64 {
+        if self.latency_us.is_finite() && self.latency_us > 0.0 {
+            self.latency_us * 1e-6
+        } else {
+            0.0
+        }
+    }
+}
+
+impl From<crate::link::LinkEmulation> for LinkCost {
+    /// The emulated network's figures; its random jitter adds half its span to the latency on
+    /// average.
+    fn from(e: crate::link::LinkEmulation) -> Self {
+        LinkCost {
+            gbps: e.gbps,
+            latency_us: e.latency_us + e.jitter_us / 2.0,
+        }
+    }
+}
+
 /// A predicted time and what bounds it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prediction {
     /// Seconds.
     pub seconds: f64,
-    /// The largest term: "readback", "upload", "reduce", "copy", "host", "steps".
+    /// The largest term: "readback", "upload", "reduce", "copy", "host", "steps", or, with a
+    /// network, "link" (egress bytes) or "latency".
     pub bound: &'static str,
-    /// Every term, seconds.
+    /// Every term, seconds. The device terms add up; with a network, `seconds` is the larger of
+    /// their sum and "link", plus "latency".
     pub terms: Vec<(&'static str, f64)>,
 }
 
@@ -67,6 +118,10 @@ struct Work {
     copy: f64,
     host: f64,
     steps: f64,
+    /// Bytes on the critical path through this rank's egress.
+    wire: f64,
+    /// Messages this rank waits for one after another (a latency each).
+    hops: f64,
 }
 
 impl Work {
@@ -78,6 +133,8 @@ impl Work {
             copy: self.copy + o.copy,
             host: self.host + o.host,
             steps: self.steps + o.steps,
+            wire: self.wire + o.wire,
+            hops: self.hops + o.hops,
         }
     }
 
@@ -106,6 +163,7 @@ pub struct CostModel {
     probe: Probe,
     slice_bytes: usize,
     unified: bool,
+    link: Option<LinkCost>,
 }
 
 impl CostModel {
@@ -115,7 +173,20 @@ impl CostModel {
             probe,
             slice_bytes,
             unified: false,
+            link: None,
         }
+    }
+
+    /// The same model for ranks that talk over `link` (`None`: links that cost nothing next to
+    /// the devices, as in-process channels). Every rank must hold the same model.
+    pub fn with_link(mut self, link: Option<LinkCost>) -> Self {
+        self.link = link;
+        self
+    }
+
+    /// The network the model charges, if any.
+    pub fn link(&self) -> Option<LinkCost> {
+        self.link
     }
 
     /// The same model for ranks whose devices all map tensors in place (`unified`: every
@@ -159,12 +230,19 @@ impl CostModel {
         let works: Vec<Work> = (0..n)
             .map(|r| work(algo, n, r, bytes, in_place, self.slice_bytes, mapped))
             .collect();
-        let terms = if self.probe.shared {
+        let mut terms = if self.probe.shared {
             let total = works.iter().fold(Work::default(), |a, w| a.add(*w));
             let mut t = total.terms(&self.probe.together);
-            // The step costs of ranks that share a device are measured per rank, all at once.
+            // The step costs of ranks that share a device are measured per rank, all at once;
+            // but a rank's own steps come one after another, so the busiest rank (a star's
+            // root handling n-1 messages in turn) takes at least its steps at its own pace.
             if let Some(s) = t.iter_mut().find(|t| t.0 == "steps") {
-                s.1 /= n as f64;
+                let busiest = works
+                    .iter()
+                    .zip(&self.probe.alone)
+                    .map(|(w, f)| w.steps * f.step)
+                    .fold(0.0, f64::max);
+                s.1 = (s.1 / n as f64).max(busiest);
             }
             t
         } else {
@@ -176,7 +254,17 @@ impl CostModel {
                 .max_by(|a, b| total(a).total_cmp(&total(b)))
                 .unwrap_or_default()
         };
-        let seconds = total(&terms);
+        let device = total(&terms);
+        let mut seconds = device;
+        if let Some(link) = self.link {
+            // Each rank has its own egress: the busiest one's bytes, and the longest chain of
+            // messages, set the network's part.
+            let wire = works.iter().map(|w| w.wire).fold(0.0, f64::max) * link.beta();
+            let latency = works.iter().map(|w| w.hops).fold(0.0, f64::max) * link.alpha();
+            seconds = device.max(wire) + latency;
+            terms.push(("link", wire));
+            terms.push(("latency", latency));
+        }
         let bound = terms
             .iter()
             .max_by(|a, b| a.1.total_cmp(&b.1))
@@ -186,6 +274,54 @@ impl CostModel {
             bound,
             terms,
         }
+    }
+
+    /// The floor of an all-reduce of `bytes` per rank on devices that hold their tensors apart
+    /// from the host: every rank reads its buffer back once and uploads the result once, all
+    /// ranks at once (no algorithm on a device without peer-to-peer moves less). Tensors mapped
+    /// in place on a unified-memory device need neither, so there the floor is not this.
+    pub fn floor(&self, bytes: usize) -> f64 {
+        let n = self.probe.alone.len().max(1);
+        let s = bytes as f64;
+        if n == 1 {
+            return 0.0;
+        }
+        let once = |f: &Figures, k: f64| k * s / f.readback.max(1.0) + k * s / f.upload.max(1.0);
+        if self.probe.shared {
+            once(&self.probe.together, n as f64)
+        } else {
+            self.probe
+                .alone
+                .iter()
+                .map(|f| once(f, 1.0))
+                .fold(0.0, f64::max)
+        }
+    }
+
+    /// The sizes where [`choose`](Self::choose) changes its mind, among `sizes` (in bytes,
+    /// ascending): the first size and its choice, then each size whose choice differs from the
+    /// one before.
+    ///
+    /// ```
+    /// use wccl::model::{CostModel, Figures, Probe};
+    /// let f = Figures { upload: 1e9, readback: 1e9, copy: 1e9, reduce: 1e9, host_reduce: 1e9,
+    ///     step: 1e-4, native_copy: 1e9 };
+    /// let m = CostModel::new(Probe { alone: vec![f; 4], together: f, shared: false, bytes: 0 },
+    ///     1 << 20);
+    /// let sizes: Vec<usize> = (2..28).map(|k| 1usize << k).collect();
+    /// let c = m.crossovers(&sizes, false);
+    /// assert_eq!(c[0].0, 4);
+    /// assert!(c.windows(2).all(|w| w[0].1 != w[1].1));
+    /// ```
+    pub fn crossovers(&self, sizes: &[usize], in_place: bool) -> Vec<(usize, Algorithm)> {
+        let mut out: Vec<(usize, Algorithm)> = Vec::new();
+        for &b in sizes {
+            let a = self.choose_for(b, in_place, self.unified);
+            if out.last().is_none_or(|l| l.1 != a) {
+                out.push((b, a));
+            }
+        }
+        out
     }
 
     /// The algorithm with the smallest predicted time, among [`Algorithm::CONCRETE`].
@@ -239,7 +375,13 @@ fn work(
         };
     }
     // Received copies go from the staging slot straight to their place (an upload); device
-    // copies are the adapter's own (4-byte element types).
+    // copies are the adapter's own (4-byte element types). The link terms: the ring's
+    // 2(n-1)/n of the buffer out of every rank in 2(n-1) messages in sequence.
+    let ring_link = Work {
+        wire: 2.0 * c / nf * s,
+        hops: 2.0 * c,
+        ..Work::default()
+    };
     match algo {
         Algorithm::Ring | Algorithm::Auto => {
             let chunk = bytes.div_ceil(n);
@@ -251,6 +393,7 @@ fn work(
                 copy: oop_copy,
                 host: 0.0,
                 steps: 2.0 * c * k,
+                ..ring_link
             }
         }
         Algorithm::Staged if mapped => {
@@ -265,6 +408,7 @@ fn work(
                 copy: 0.0,
                 host: (2.0 * c + 2.0) / nf * s + if in_place { s } else { 0.0 },
                 steps: 0.0,
+                ..ring_link
             }
         }
         Algorithm::Staged => {
@@ -282,6 +426,7 @@ fn work(
                 copy: 0.0,
                 host: 2.0 * c / nf * s,
                 steps: 2.0 * c * k,
+                ..ring_link
             }
         }
         Algorithm::HalvingDoubling => {
@@ -298,6 +443,8 @@ fn work(
                     upload: s,
                     copy: oop_copy,
                     steps: 2.0 * whole,
+                    wire: s,
+                    hops: 2.0,
                     ..Work::default()
                 };
             }
@@ -312,6 +459,40 @@ fn work(
                 copy: oop_copy,
                 host: 0.0,
                 steps: 2.0 * exchanges + fold * 2.0 * whole,
+                // The partner's buffer in, the exchanges, the result back out: in sequence.
+                wire: 2.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
+                hops: 2.0 * f64::from(p.ilog2()) + fold * 2.0,
+            }
+        }
+        Algorithm::StagedHalvingDoubling => {
+            // One read-back and one upload of the whole buffer, slice by slice (a device step
+            // per slice); on the host the halvings fold (p-1)/p of it and the doublings copy
+            // as much, plus the fold of a pair's buffer in and the result out. No per-frame
+            // host cost yet (`Auto` does not weigh it). The link: halving-doubling's.
+            let p = 1usize << n.ilog2();
+            let pf = p as f64;
+            let whole = bytes.div_ceil(slice.max(1)).max(1) as f64;
+            let folds = r < 2 * (n - p);
+            if folds && r.is_multiple_of(2) {
+                return Work {
+                    readback: s,
+                    upload: s,
+                    host: s,
+                    steps: whole,
+                    wire: s,
+                    hops: 2.0,
+                    ..Work::default()
+                };
+            }
+            let fold = if folds { 1.0 } else { 0.0 };
+            Work {
+                readback: s,
+                upload: s,
+                host: 2.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
+                steps: whole,
+                wire: 2.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
+                hops: 2.0 * f64::from(p.ilog2()) + fold * 2.0,
+                ..Work::default()
             }
         }
         Algorithm::Central | Algorithm::Naive => {
@@ -321,9 +502,18 @@ fn work(
                     readback: s,
                     upload: s,
                     steps: 2.0 * k,
+                    wire: s,
+                    hops: 2.0,
                     ..Work::default()
                 };
             }
+            // The root: every peer's buffer in (over the peers' egress, side by side), then
+            // the result out to each peer in turn through its own.
+            let star_link = Work {
+                wire: nf * s,
+                hops: 2.0,
+                ..Work::default()
+            };
             if algo == Algorithm::Central {
                 Work {
                     readback: s,
@@ -333,6 +523,7 @@ fn work(
                     // Each result slice is read back once and copied for the other peers.
                     host: (c - 1.0) * s,
                     steps: (c + 1.0) * k,
+                    ..star_link
                 }
             } else {
                 Work {
@@ -343,6 +534,7 @@ fn work(
                     // Folding in c buffers, plus copying the result into c frames.
                     host: 2.0 * c * s,
                     steps: (c + 2.0) * k,
+                    ..star_link
                 }
             }
         }
@@ -397,6 +589,124 @@ mod tests {
         let m = CostModel::new(p, 1 << 30);
         let t = m.predict(Algorithm::Central, 100_000_000, true);
         assert!((t.seconds - 0.502).abs() < 1e-9, "{t:?}");
+    }
+
+    /// With a network, a call takes the longer of its device work and its busiest egress,
+    /// plus its latencies in sequence: the ring by hand on 4 independent ranks.
+    #[test]
+    fn link_terms_by_hand() {
+        let p = Probe {
+            alone: vec![figures(1e9); 4],
+            together: figures(1e9),
+            shared: false,
+            bytes: 0,
+        };
+        let link = LinkCost {
+            gbps: 0.1,
+            latency_us: 50.0,
+        };
+        let m = CostModel::new(p, 1 << 30).with_link(Some(link));
+        // Device: 1.5 s as above. Wire: 2*3/4*400 MB at 0.1 GB/s = 6 s. Latency: 6 x 50 us.
+        let t = m.predict(Algorithm::Ring, 400_000_000, true);
+        assert!((t.seconds - (6.0 + 6.0 * 50e-6)).abs() < 1e-9, "{t:?}");
+        assert_eq!(t.bound, "link");
+        // The star's root: the peers' buffers in, then 3 out: 4 x 400 MB at 0.1 GB/s.
+        let t = m.predict(Algorithm::Naive, 400_000_000, true);
+        assert!((t.seconds - (16.0 + 2.0 * 50e-6)).abs() < 1e-9, "{t:?}");
+        // Halving-doubling: the ring's volume, 2 log2(4) = 4 latencies.
+        let t = m.predict(Algorithm::HalvingDoubling, 400_000_000, true);
+        assert!((t.seconds - (6.0 + 4.0 * 50e-6)).abs() < 1e-9, "{t:?}");
+        // A link that costs nothing (zero or NaN bandwidth) adds nothing.
+        for gbps in [0.0, f64::NAN] {
+            let free = m.clone().with_link(Some(LinkCost {
+                gbps,
+                latency_us: f64::NAN,
+            }));
+            let t = free.predict(Algorithm::Ring, 400_000_000, true);
+            assert!((t.seconds - 1.5).abs() < 1e-9, "{t:?}");
+        }
+    }
+
+    /// A host that folds fast makes the star (naive) the choice on free links; over a slow
+    /// link its root's egress, n buffers against the ring's 2(n-1)/n, rules it out.
+    #[test]
+    fn a_slow_link_turns_auto_from_the_star() {
+        let mut f = figures(1e9);
+        f.host_reduce = 1e11;
+        f.reduce = 2e8;
+        let p = Probe {
+            alone: vec![f; 4],
+            together: f,
+            shared: false,
+            bytes: 0,
+        };
+        let m = CostModel::new(p, 1 << 20);
+        assert_eq!(m.choose(64 << 20, true), Algorithm::Naive);
+        let slow = m.with_link(Some(LinkCost {
+            gbps: 0.01,
+            latency_us: 50.0,
+        }));
+        let c = slow.choose(64 << 20, true);
+        assert!(
+            matches!(c, Algorithm::Ring | Algorithm::HalvingDoubling),
+            "{c:?}"
+        );
+    }
+
+    /// On a shared device a rank's own steps still come one after another: the star's root,
+    /// with n-1 messages each way, sets the steps term once it has more than the average.
+    #[test]
+    fn the_busiest_rank_sets_the_steps_on_a_shared_device() {
+        let mut f = figures(1e15);
+        f.step = 1e-3;
+        let n = 32;
+        let p = Probe {
+            alone: vec![f; n],
+            together: f,
+            shared: true,
+            bytes: 0,
+        };
+        let m = CostModel::new(p, 1 << 30);
+        // Naive's root: 31 receives, then a fold and a send to 31 peers: (31 + 2) steps in
+        // turn, against the average (33 + 31 x 2) / 32.
+        let t = m.predict(Algorithm::Naive, 4, true);
+        assert!((t.seconds - 33e-3).abs() < 1e-9, "{t:?}");
+        // Halving-doubling: 10 exchanges on every rank.
+        let t = m.predict(Algorithm::HalvingDoubling, 4, true);
+        assert!((t.seconds - 10e-3).abs() < 1e-9, "{t:?}");
+        assert_eq!(m.choose(4, true), Algorithm::HalvingDoubling);
+    }
+
+    /// The floor: one read-back and one upload per rank, all ranks at once on a shared device
+    /// (at the aggregate rates), the slowest rank on independent ones.
+    #[test]
+    fn the_floor_by_hand() {
+        let mut f = figures(1e9);
+        f.readback = 2e9;
+        let shared = Probe {
+            alone: vec![f; 4],
+            together: f,
+            shared: true,
+            bytes: 0,
+        };
+        // 4 x 100 MB at 2 GB/s + 4 x 100 MB at 1 GB/s = 0.2 + 0.4 s.
+        let m = CostModel::new(shared, 1 << 20);
+        assert!((m.floor(100_000_000) - 0.6).abs() < 1e-9);
+        let mut slow = f;
+        slow.upload = 0.5e9;
+        let apart = Probe {
+            alone: vec![f, f, slow, f],
+            together: f,
+            shared: false,
+            bytes: 0,
+        };
+        // The slow rank: 0.05 + 0.2 s.
+        let m = CostModel::new(apart, 1 << 20);
+        assert!((m.floor(100_000_000) - 0.25).abs() < 1e-9);
+        assert_eq!(
+            CostModel::new(Probe::default(), 1 << 20).floor(1 << 20),
+            0.0
+        );
     }
 
     #[test]

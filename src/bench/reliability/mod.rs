@@ -136,6 +136,7 @@ impl Default for ReliabilitySettings {
             link: LinkModel {
                 gbps: 25.0,
                 latency_us: 5.0,
+                message_us: 0.0,
                 reduce_gbps: None,
             },
             only: Vec::new(),
@@ -469,7 +470,8 @@ fn scalability(
     }
     let n = s.model_ranks.max(2);
     let bytes = s.scale_bytes as f64;
-    let (ring_s, central_s, _) = s.link.all_reduce_seconds(n, bytes);
+    let t = s.link.all_reduce_seconds(n, bytes);
+    let (ring_s, central_s) = (t.ring, t.central);
     let busbw = |sec: f64| bytes / sec / 1e9 * 2.0 * (n as f64 - 1.0) / n as f64;
     let link = format!("{} GB/s, {} us links", s.link.gbps, s.link.latency_us);
     let size = size(s.scale_bytes);
