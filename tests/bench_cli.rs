@@ -108,12 +108,25 @@ fn all_reduce_table_with_every_algorithm_csv_and_plot() {
         assert!((algbw - size as f64 / t / 1e3).abs() <= 0.0006, "{row:?}");
         assert!((busbw - algbw * 4.0 / 3.0).abs() <= 0.0011, "{row:?}");
         assert_eq!(row[9], "0");
+        // model and floor (one read-back and one upload per rank): the floor depends on the
+        // size alone.
+        let floor: f64 = row[15].parse().unwrap();
+        let same = r.iter().find(|o| o[0] == row[0]).unwrap();
+        assert!(floor > 0.0 && same[15] == row[15], "{row:?}");
+        assert!(row[14].parse::<f64>().unwrap() > 0.0, "{row:?}");
     }
     let csv = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(csv.lines().count(), 1 + 9);
-    assert!(csv.starts_with("size,count,type"));
+    assert!(
+        csv.starts_with("size,count,type") && csv.lines().next().unwrap().ends_with(",floor_us")
+    );
+    for line in csv.lines().skip(1) {
+        let floor: f64 = line.rsplit(',').next().unwrap().parse().unwrap();
+        assert!(floor > 0.0, "{line}");
+    }
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.contains("<svg") && svg.contains("central") && svg.contains("naive"));
+    assert!(svg.contains("floor"), "the floor's line");
 }
 
 #[test]
@@ -342,8 +355,20 @@ fn probe_and_model_subcommands() {
         "5",
         "-b",
         "64M",
+        "--here",
+        "2",
+        "--probe-bytes",
+        "64K",
     ]);
     assert!(ok, "{out}");
+    // Where `auto` changes its mind on this machine: on free links, over the given one, and
+    // for tensors apart from the host; each line starts from the smallest size.
+    let cross: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("#  ") && l.contains(" links"))
+        .collect();
+    assert_eq!(cross.len(), 3, "{out}");
+    assert!(cross.iter().all(|l| l.contains(" from 4 B")), "{out}");
     let rows: Vec<Vec<f64>> = out
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -354,11 +379,22 @@ fn probe_and_model_subcommands() {
         vec![2, 4, 8, 16, 32, 64]
     );
     for r in &rows {
+        // ranks, ring, central, tree, hd busbw, and the better log-step over central.
+        assert_eq!(r.len(), 6, "{r:?}");
         // Ring busbw stays near the link speed; central falls behind from 4 ranks on.
         assert!(r[1] > 8.0 && r[1] <= 10.0, "{r:?}");
         if r[0] >= 4.0 {
             assert!(r[2] < r[1], "{r:?}");
         }
+        // At 64 MiB halving-doubling moves the ring's volume: near the link speed too.
+        assert!(r[4] > 8.0 && r[4] <= 10.0, "{r:?}");
+        let best = r[3].max(r[4]);
+        assert!((r[5] - best / r[2]).abs() <= 0.02 * r[5] + 0.01, "{r:?}");
+    }
+    // Flags that make no link are refused, not turned into NaN.
+    for bad in [["--link-gbps", "0"], ["--message-us", "-1"]] {
+        let (ok, out) = bench(&["model", "--here", "0", bad[0], bad[1]]);
+        assert!(!ok, "{bad:?}: {out}");
     }
 }
 

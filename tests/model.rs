@@ -137,8 +137,10 @@ fn auto_follows_hand_built_figures_to_each_algorithm() {
     let mut ring = uniform(1e9);
     ring.host_reduce = 1e3;
     // When only steps cost (1 s each, transfers free): with one slice per chunk, ring takes
-    // 2(n-1) = 4 steps on each of 3 ranks (12), central (n-1)+1 = 3 at the root plus 2 on
-    // each other rank (7), naive (n-1)+2 = 4 at the root plus 2 per other rank (8).
+    // 2(n-1) = 4 steps on each of 3 ranks, central (n-1)+1 = 3 at the root (2 on the others),
+    // naive (n-1)+2 = 4 at the root, halving-doubling 4 on the rank that folds a partner in
+    // (2 exchanges and the fold in and out): the busiest rank's steps, one after another,
+    // above the average on a shared device.
     let mut central = uniform(1e15);
     central.step = 1.0;
     let cases = [
@@ -271,8 +273,8 @@ fn ranks_that_pick_different_algorithms_get_a_mismatch() {
 
 /// A group whose links emulate a network gets a model with that network's terms from the
 /// probe, and `Auto` runs what that model chooses: over a 1 MB/s link, where the link is all
-/// that counts at 1 MiB, never the star (its root's egress carries n buffers, the ring's and
-/// halving-doubling's 2(n-1)/n of one), though the same devices on free links may choose it.
+/// that counts at 1 MiB, never the star (the critical path through its root's egress carries
+/// n buffers, the ring's and, at a power of two, halving-doubling's 2(n-1)/n of one).
 #[test]
 fn an_emulated_network_reaches_the_model_and_auto() {
     use wccl::link::{LinkEmulation, LinkStack};
@@ -283,7 +285,7 @@ fn an_emulated_network_reaches_the_model_and_auto() {
         jitter_us: 20.0,
     };
     let mut g = common::group_linked(
-        3,
+        4,
         wccl::CommConfig::default(),
         LinkStack::new().emulate(emu),
     );

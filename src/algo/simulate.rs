@@ -533,16 +533,44 @@ fn halving_doubling_takes_log_steps() {
     }
 }
 
-/// The host-staged halving-doubling sends what the device one sends, frame for frame, and
-/// touches the devices only to read the input back once and upload the result once.
+/// The host-staged halving-doubling sends what the device one sends, frame for frame (the
+/// same peers, lengths and folds in the same order), and touches the devices only to read the
+/// input back once and upload the result once; avg divides on the host.
 #[test]
 fn staged_halving_doubling_moves_the_same_frames_and_one_buffer_each_way() {
     let count = 7000;
-    for n in [2usize, 3, 6, 8, 13, 32, 33] {
+    // Each transfer's (to, length sent) and (from, length received, combine), in order.
+    type Step = (Option<(usize, usize)>, Option<(usize, usize, Combine)>);
+    let frames = |p: &Plan| -> Vec<Step> {
+        p.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Transfer(t) => Some((
+                    t.send.map(|(to, s)| match s {
+                        Source::Device(r) => (to, r.len),
+                        _ => (to, usize::MAX),
+                    }),
+                    t.recv.map(|r| (r.from, r.dst.len, r.combine)),
+                )),
+                _ => None,
+            })
+            .collect()
+    };
+    let scales = |p: &Plan| {
+        p.actions
+            .iter()
+            .filter(|a| matches!(a, Action::Scale { .. }))
+            .count()
+    };
+    for (n, op) in [2usize, 3, 6, 8, 13, 32, 33]
+        .into_iter()
+        .flat_map(|n| ReduceOp::ALL.into_iter().map(move |op| (n, op)))
+    {
         for r in 0..n {
-            let dev = halving_doubling_all_reduce(n, r, count, ReduceOp::Sum, true, 1000);
-            let host = staged_halving_doubling_all_reduce(n, r, count, ReduceOp::Sum, 1000);
-            assert_eq!(host.sends(), dev.sends(), "n={n} r={r}");
+            let dev = halving_doubling_all_reduce(n, r, count, op, true, 1000);
+            let host = staged_halving_doubling_all_reduce(n, r, count, op, 1000);
+            assert_eq!(frames(&host), frames(&dev), "n={n} r={r} {op:?}");
+            assert_eq!(scales(&host), scales(&dev), "n={n} r={r} {op:?}");
             assert_eq!(device_sent(&host), device_sent(&dev), "n={n} r={r}");
             let (mut down, mut up) = (0, 0);
             for a in &host.actions {

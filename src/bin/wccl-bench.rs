@@ -415,7 +415,15 @@ fn write_crossovers(
     let sizes: Vec<usize> = (2..=30).map(|k| 1usize << k).collect();
     let over = model.clone().with_link(Some(link));
     let links = format!("{} GB/s, {} us links", link.gbps, link.latency_us);
-    for (name, m) in [("in-process links", &model), (links.as_str(), &over)] {
+    // Devices that keep tensors apart from the host (every discrete GPU) choose among the
+    // device algorithms; the same figures show where those cross over.
+    let plain = over.clone().with_unified_memory(false);
+    let plain_links = format!("{links}, tensors apart from the host");
+    for (name, m) in [
+        ("in-process links", &model),
+        (links.as_str(), &over),
+        (plain_links.as_str(), &plain),
+    ] {
         let line: Vec<String> = m
             .crossovers(&sizes, false)
             .iter()
@@ -887,6 +895,23 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
             probe_bytes,
             bytes,
         } => {
+            let positive = |name: &str, v: f64| {
+                if v.is_finite() && v > 0.0 {
+                    Ok(())
+                } else {
+                    Err(format!("{name} must be a positive number, not {v}"))
+                }
+            };
+            positive("--link-gbps", link_gbps)?;
+            for (name, v) in [
+                ("--link-latency-us", link_latency_us),
+                ("--message-us", message_us),
+                ("--reduce-gbps", reduce_gbps),
+            ] {
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(format!("{name} must be a number at least 0, not {v}").into());
+                }
+            }
             let link = LinkModel {
                 gbps: link_gbps,
                 latency_us: link_latency_us,
@@ -902,7 +927,10 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
                     gbps: link_gbps,
                     latency_us: link_latency_us,
                 };
-                write_crossovers(here, probe_bytes as usize, cost)?;
+                // The table stands on its own: a machine with no adapter still gets it.
+                if let Err(e) = write_crossovers(here, probe_bytes as usize, cost) {
+                    println!("# auto on this machine: not probed ({e})");
+                }
             }
             return Ok(ExitCode::SUCCESS);
         }

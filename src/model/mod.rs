@@ -8,10 +8,14 @@
 //! Within a rank the terms add up (on a software adapter every resource is the same CPU).
 //!
 //! Where the ranks talk over a network ([`LinkCost`]: each rank's egress bandwidth and a
-//! latency per message), each algorithm also has its link cost: the bytes on the critical path
-//! through a rank's egress (β each) and the messages in sequence (α each). The link works beside
-//! the devices (a rank sends while it computes), so a call takes the longer of the two, plus the
-//! latencies it waits for one after another.
+//! latency per message, as [`EmulatedLink`](crate::link::EmulatedLink) emulates it), each
+//! algorithm also has its link cost: the bytes on the critical path through a rank's egress
+//! (β each; a star's root: the peers' buffers in over their egress, then its own n-1 out) and
+//! the messages in sequence (α each). The link is taken to work beside the devices (a rank
+//! sends while it computes), so a call takes the longer of the two, plus the latencies it
+//! waits for one after another. That holds for the ring's pipeline; halving-doubling's
+//! exchanges depend on each other (each sends what the last one folded), so on a link about
+//! as slow as its device work the model underestimates it.
 
 mod scaling;
 
@@ -255,6 +259,10 @@ impl CostModel {
                 .unwrap_or_default()
         };
         let device = total(&terms);
+        let mut bound = terms
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or("steps", |t| t.0);
         let mut seconds = device;
         if let Some(link) = self.link {
             // Each rank has its own egress: the busiest one's bytes, and the longest chain of
@@ -262,13 +270,16 @@ impl CostModel {
             let wire = works.iter().map(|w| w.wire).fold(0.0, f64::max) * link.beta();
             let latency = works.iter().map(|w| w.hops).fold(0.0, f64::max) * link.alpha();
             seconds = device.max(wire) + latency;
+            // What sets the time: the link where its bytes outlast all the device work, the
+            // latencies where they outlast both.
+            if latency > device.max(wire) {
+                bound = "latency";
+            } else if wire > device {
+                bound = "link";
+            }
             terms.push(("link", wire));
             terms.push(("latency", latency));
         }
-        let bound = terms
-            .iter()
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map_or("steps", |t| t.0);
         Prediction {
             seconds,
             bound,
@@ -278,8 +289,10 @@ impl CostModel {
 
     /// The floor of an all-reduce of `bytes` per rank on devices that hold their tensors apart
     /// from the host: every rank reads its buffer back once and uploads the result once, all
-    /// ranks at once (no algorithm on a device without peer-to-peer moves less). Tensors mapped
-    /// in place on a unified-memory device need neither, so there the floor is not this.
+    /// ranks at once (no algorithm on a device without peer-to-peer moves less), the two added
+    /// as the model adds its terms (a device whose copy engines read back and upload at once
+    /// can beat it by up to 2x). Tensors mapped in place on a unified-memory device need
+    /// neither, so there the floor is not this.
     pub fn floor(&self, bytes: usize) -> f64 {
         let n = self.probe.alone.len().max(1);
         let s = bytes as f64;
@@ -303,15 +316,22 @@ impl CostModel {
     /// one before.
     ///
     /// ```
+    /// use wccl::Algorithm;
     /// use wccl::model::{CostModel, Figures, Probe};
-    /// let f = Figures { upload: 1e9, readback: 1e9, copy: 1e9, reduce: 1e9, host_reduce: 1e9,
-    ///     step: 1e-4, native_copy: 1e9 };
+    /// // 4 ranks on their own devices: 1 GB/s each way, a device reduce of 0.1 GB/s, a host
+    /// // that folds for free, 1 ms a step, one slice a call. Halving-doubling: 4 steps, 3/2 of
+    /// // the buffer each way and 3/4 of it reduced on the device (10.5 ns a byte); naive: 5
+    /// // steps at its root, one buffer each way (2 ns a byte). The step it saves stops paying
+    /// // at 1 ms / 8.5 ns = 117,647 bytes.
+    /// let f = Figures { upload: 1e9, readback: 1e9, copy: 1e9, reduce: 1e8, host_reduce: 1e15,
+    ///     step: 1e-3, native_copy: 1e9 };
     /// let m = CostModel::new(Probe { alone: vec![f; 4], together: f, shared: false, bytes: 0 },
-    ///     1 << 20);
+    ///     1 << 30);
     /// let sizes: Vec<usize> = (2..28).map(|k| 1usize << k).collect();
-    /// let c = m.crossovers(&sizes, false);
-    /// assert_eq!(c[0].0, 4);
-    /// assert!(c.windows(2).all(|w| w[0].1 != w[1].1));
+    /// assert_eq!(
+    ///     m.crossovers(&sizes, true),
+    ///     vec![(4, Algorithm::HalvingDoubling), (128 << 10, Algorithm::Naive)]
+    /// );
     /// ```
     pub fn crossovers(&self, sizes: &[usize], in_place: bool) -> Vec<(usize, Algorithm)> {
         let mut out: Vec<(usize, Algorithm)> = Vec::new();
@@ -467,8 +487,9 @@ fn work(
         Algorithm::StagedHalvingDoubling => {
             // One read-back and one upload of the whole buffer, slice by slice (a device step
             // per slice); on the host the halvings fold (p-1)/p of it and the doublings copy
-            // as much, plus the fold of a pair's buffer in and the result out. No per-frame
-            // host cost yet (`Auto` does not weigh it). The link: halving-doubling's.
+            // as much, and the sends copy as much again into frames, plus the fold of a pair's
+            // buffer in and the result out. No per-frame host cost yet (`Auto` does not weigh
+            // it). The link: halving-doubling's.
             let p = 1usize << n.ilog2();
             let pf = p as f64;
             let whole = bytes.div_ceil(slice.max(1)).max(1) as f64;
@@ -488,7 +509,7 @@ fn work(
             Work {
                 readback: s,
                 upload: s,
-                host: 2.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
+                host: 4.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
                 steps: whole,
                 wire: 2.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
                 hops: 2.0 * f64::from(p.ilog2()) + fold * 2.0,

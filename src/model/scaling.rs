@@ -17,7 +17,7 @@ pub struct LinkModel {
     pub latency_us: f64,
     /// What a rank spends handling one message, microseconds (LogP's overhead: a system
     /// call, a header, a completion): paid for every message a rank sends or receives, one
-    /// after another.
+    /// after another (two per ring step or halving-doubling exchange, one per tree step).
     pub message_us: f64,
     /// Reduction rate, GB/s (gamma = 1 / this); `None` ignores the reduction.
     pub reduce_gbps: Option<f64>,
@@ -58,11 +58,14 @@ impl LinkModel {
         let beta = 1.0 / (self.gbps * 1e9);
         let gamma = self.reduce_gbps.map_or(0.0, |g| 1.0 / (g * 1e9));
         let lg = nf.log2().ceil();
-        let ring = 2.0 * (nf - 1.0) * (alpha + o)
+        // A ring step and a halving-doubling exchange each send one message and receive one
+        // (2o); a tree step is one or the other.
+        let ring = 2.0 * (nf - 1.0) * (alpha + 2.0 * o)
             + 2.0 * (nf - 1.0) / nf * bytes * beta
             + (nf - 1.0) / nf * bytes * gamma;
         // One latency in, one out (the peers send at once), but the root handles every
-        // message and every buffer in turn.
+        // message and every buffer in turn: n-1 in, then n-1 out, through one full-duplex
+        // link (whose two directions a gather and then a scatter cannot use at once).
         let central =
             2.0 * alpha + 2.0 * (nf - 1.0) * (o + bytes * beta) + (nf - 1.0) * bytes * gamma;
         let tree = 2.0 * lg * (alpha + o + bytes * beta) + lg * bytes * gamma;
@@ -73,7 +76,7 @@ impl LinkModel {
         } else {
             0.0
         };
-        let halving_doubling = 2.0 * f64::from(p.ilog2()) * (alpha + o)
+        let halving_doubling = 2.0 * f64::from(p.ilog2()) * (alpha + 2.0 * o)
             + 2.0 * (pf - 1.0) / pf * bytes * beta
             + (pf - 1.0) / pf * bytes * gamma
             + fold;
@@ -102,7 +105,7 @@ pub fn scaling_table(ranks: &[usize], bytes: f64, link: &LinkModel) -> String {
     );
     let _ = writeln!(
         s,
-        "#{:>7} {:>12} {:>12} {:>12} {:>12}   (predicted busbw, GB/s) {:>12}",
+        "#{:>7} {:>12} {:>12} {:>12} {:>12} {:>12}   (predicted busbw, GB/s; log/star: how many times faster the better of tree and hd is than central)",
         "ranks", "ring", "central", "tree", "hd", "log/star"
     );
     for &n in ranks.iter().filter(|&&n| n >= 2) {
@@ -111,13 +114,12 @@ pub fn scaling_table(ranks: &[usize], bytes: f64, link: &LinkModel) -> String {
         let bw = |sec: f64| bytes / sec / 1e9 * f;
         let _ = writeln!(
             s,
-            " {:>7} {:>12.4} {:>12.4} {:>12.4} {:>12.4}   {:>22} {:>11.1}x",
+            " {:>7} {:>12.4} {:>12.4} {:>12.4} {:>12.4} {:>12.2}",
             n,
             bw(t.ring),
             bw(t.central),
             bw(t.tree),
             bw(t.halving_doubling),
-            "",
             t.central / t.tree.min(t.halving_doubling),
         );
     }
