@@ -12,16 +12,18 @@
 //! the input and writes the output mapped in place ([`Plan::host_split`]): no staging copies,
 //! and per rank no copy of a partial sum either.
 //!
-//! Not yet overlapped: on other devices the executor finishes the read-back into host memory
-//! before the ring starts, and the upload after it ends (issue 14 overlaps them slice by slice).
+//! The three stages overlap slice by slice: each slice is read back just before the ring first
+//! needs it (this rank's own slice before it sends it, a partial sum's slice before the frame
+//! it folds into arrives), and uploaded as soon as it is final, so a slice's read-back and
+//! another's upload happen while frames are on the link, not before and after the whole ring.
 
 use super::plan::{Action, Buf, Fold, Plan, Recv, Region, Source, Transfer, slices};
 use super::{partition, slices_per_chunk};
 use crate::types::{Combine, ReduceOp};
 
 /// The plan of rank `rank` of `n` for a host-staged ring all-reduce of `count` elements: one
-/// read-back of the input into host memory (slice by slice), the ring on host memory, one
-/// upload of the result into the output.
+/// read-back of the input into host memory and one upload of the result into the output,
+/// slice by slice, interleaved with the ring on host memory.
 ///
 /// ```
 /// use wccl::{ReduceOp, algo::staged_ring_all_reduce};
@@ -45,20 +47,12 @@ pub fn staged_ring_all_reduce(
         return plan;
     }
     plan.host = count;
-    let host = Region::new(Buf::Host, 0, count);
-    let whole = slices_per_chunk(count, slice_elems);
-    for (i, h) in slices(input, whole).zip(slices(host, whole)) {
-        plan.copy(i, h);
-    }
     plan.host_split = true;
     let chunks: Vec<Region> = partition(count, n)
         .into_iter()
         .map(|(s, l)| Region::new(Buf::Host, s, l))
         .collect();
     forwarding_ring(&mut plan, &chunks, rank, op, slice_elems);
-    for (h, o) in slices(host, whole).zip(slices(output, whole)) {
-        plan.copy(h, o);
-    }
     plan
 }
 
@@ -78,6 +72,25 @@ fn forwarding_ring(
     if n < 2 {
         return;
     }
+    // The tensors' mirror of a host slice: read back into it, uploaded out of it.
+    let read_back = |plan: &mut Plan, h: Region| {
+        plan.copy(
+            Region {
+                buf: Buf::Input,
+                ..h
+            },
+            h,
+        )
+    };
+    let upload = |plan: &mut Plan, h: Region| {
+        plan.copy(
+            h,
+            Region {
+                buf: Buf::Output,
+                ..h
+            },
+        )
+    };
     let k = slices_per_chunk(chunks[0].len, slice_elems);
     let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
     let chunk = |shift: usize| chunks[(rank + n - shift % n) % n];
@@ -94,6 +107,7 @@ fn forwarding_ring(
         }));
     };
     for s in slices(chunk(0), k) {
+        read_back(plan, s);
         plan.transfer(Some((next, Source::Device(s))), None);
     }
     for s in 1..n {
@@ -107,12 +121,19 @@ fn forwarding_ring(
             write: last,
         };
         for r in slices(chunk(s), k) {
+            // Read back before the frame it folds into is taken, so that the read-back and
+            // the frame's flight overlap; the last step's sum is final: uploaded at once.
+            read_back(plan, r);
             forward(plan, r, op.combine(), fold, true);
+            if last {
+                upload(plan, r);
+            }
         }
     }
     for t in 0..n - 1 {
         for r in slices(chunk(t), k) {
             forward(plan, r, Combine::Copy, Fold::Dst, t < n - 2);
+            upload(plan, r);
         }
     }
 }

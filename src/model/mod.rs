@@ -435,7 +435,7 @@ fn work(
             // One read-back and one upload of the whole buffer; the ring's steps, each folding
             // (reduce-scatter) or copying (all-gather) a slice on the host. Rough: the ring's
             // steps are charged the device ring's step cost, though they touch no device, and
-            // the read-back and upload round trips (not yet pipelined) are not counted; `Auto`
+            // the read-back and upload round trips (interleaved with the ring, slice by slice) are not counted; `Auto`
             // does not choose `Staged` until this entry is measured (issue 14).
             let chunk = bytes.div_ceil(n);
             let k = chunk.div_ceil(slice.max(1)).max(1) as f64;
