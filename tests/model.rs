@@ -83,6 +83,8 @@ fn auto_runs_what_the_model_chooses() {
             assert!(v.is_finite() && v > 1e6, "{f:?}");
         }
         assert!(f.step > 0.0 && f.step < 1.0, "{f:?}");
+        // A host-staged step, measured with every rank busy.
+        assert!(f.frame > 0.0 && f.frame < 1.0, "{f:?}");
     }
     let model = g.comm(0).cost_model().cloned().expect("model installed");
     for r in 0..3 {
@@ -116,6 +118,7 @@ fn uniform(rate: f64) -> Figures {
         host_reduce: rate,
         step: 0.0,
         native_copy: rate,
+        frame: 0.0,
     }
 }
 

@@ -77,8 +77,8 @@ pub enum Algorithm {
     /// (folding on the CPU), one upload: N bytes each way between device and host per rank,
     /// and no device round trip per exchange, so small messages at scale pay only the link and
     /// the host per step (Gloo's CUDA halving-doubling stages this way). `Auto` does not weigh
-    /// it yet: its model entry, like the staged ring's off unified memory, has no per-frame
-    /// host cost.
+    /// it yet: its model entry, like the staged ring's off unified memory, is not yet
+    /// measured against what it does.
     StagedHalvingDoubling = 6,
     /// Whichever the cost model predicts fastest for this size and these devices.
     ///

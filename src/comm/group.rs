@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use wgpu::{AdapterInfo, Device, Queue};
 
 use super::communicator::{CallOptions, Collective, CommConfig, Communicator};
+use crate::algo::Algorithm;
 use crate::deadline::deadline_after;
 use crate::device::{
     AdapterSelector, RankDevice, TensorRef, discover, next_adapter_token, same_physical,
@@ -13,6 +14,9 @@ use crate::device::{
 use crate::error::{At, Error, Result};
 use crate::link::{LinkStack, in_process_mesh};
 use crate::model::{CostModel, Figures, Probe};
+
+/// Timed calls of the frame probe (see `CommGroup::probe_frames`).
+const FRAME_SAMPLES: usize = 7;
 use crate::types::ReduceOp;
 
 /// The most ranks one process links: each rank opens a device, and the in-process mesh has a
@@ -453,6 +457,7 @@ impl CommGroup {
             host_reduce: agg(|f| f.host_reduce),
             step: together.iter().map(|f| f.step).fold(0.0, f64::max),
             native_copy: agg(|f| f.native_copy),
+            frame: 0.0,
         };
         let devs: Vec<(&AdapterInfo, Option<u64>)> = self
             .comms
@@ -460,6 +465,9 @@ impl CommGroup {
             .map(|c| (c.device().info(), c.device().adapter_token()))
             .collect();
         let shared = (0..n).any(|a| (0..a).any(|b| shares_adapter(devs[a], devs[b])));
+        let frame = self.probe_frames()?;
+        let together = Figures { frame, ..together };
+        let alone = alone.into_iter().map(|f| Figures { frame, ..f }).collect();
         let unified = self.comms.iter().all(|c| c.device().unified_memory());
         let probe = Probe {
             alone,
@@ -478,6 +486,49 @@ impl CommGroup {
             );
         }
         Ok(probe)
+    }
+
+    /// The fixed cost of one step of a host-staged call, every rank busy: a host-staged ring
+    /// all-reduce of one element per rank, on every rank at once, [`FRAME_SAMPLES`] times after
+    /// a warm-up; the slowest rank's median over the ring's 2(n-1) steps. 0 on one rank.
+    fn probe_frames(&mut self) -> Result<f64> {
+        let n = self.size();
+        if n < 2 {
+            return Ok(0.0);
+        }
+        let bufs = self
+            .comms
+            .iter()
+            .map(|c| c.upload(&vec![0f32; n]))
+            .collect::<Result<Vec<_>>>()?;
+        let medians = self.run_each(|c| {
+            let b = bufs[c.rank()].view();
+            let opts = CallOptions {
+                algorithm: Some(Algorithm::Staged),
+                ..CallOptions::default()
+            };
+            let mut times = Vec::with_capacity(FRAME_SAMPLES);
+            for i in 0..=FRAME_SAMPLES {
+                let call = Collective::AllReduce {
+                    input: b,
+                    output: b,
+                    op: ReduceOp::Sum,
+                };
+                let t = Instant::now();
+                c.run(call, opts)?;
+                if i > 0 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            Ok(times.get(times.len() / 2).copied().unwrap_or(0.0))
+        });
+        let slowest = medians
+            .into_iter()
+            .collect::<Result<Vec<f64>>>()?
+            .into_iter()
+            .fold(0.0, f64::max);
+        Ok(slowest / (2 * (n - 1)) as f64)
     }
 
     /// Runs one call per rank (in rank order) at once; the first rank's error, if any.

@@ -128,6 +128,8 @@ impl Communicator {
             host_reduce,
             step,
             native_copy,
+            // Measured for all ranks at once by `CommGroup::probe` (it needs the links).
+            frame: 0.0,
         })
     }
 

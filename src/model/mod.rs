@@ -42,6 +42,11 @@ pub struct Figures {
     /// The adapter's own buffer copy (`copy_buffer_to_buffer`), bytes copied/s: what device
     /// copies of 4-byte-aligned data cost, and the yardstick for the kernels.
     pub native_copy: f64,
+    /// Fixed cost of one step of a host-staged call (a frame between ranks, taken and folded
+    /// on the host), s: what the host-staged algorithms pay per step where the device ones pay
+    /// `step`. Measured with every rank busy ([`CommGroup::probe`](crate::CommGroup::probe)
+    /// times a tiny host-staged ring); 0 where not measured.
+    pub frame: f64,
 }
 
 /// What a probe measured: each device alone, all at once, and whether devices share adapters.
@@ -105,8 +110,8 @@ impl From<crate::link::LinkEmulation> for LinkCost {
 pub struct Prediction {
     /// Seconds.
     pub seconds: f64,
-    /// The largest term: "readback", "upload", "reduce", "copy", "host", "steps", or, with a
-    /// network, "link" (egress bytes) or "latency".
+    /// The largest term: "readback", "upload", "reduce", "copy", "host", "steps", "frames",
+    /// or, with a network, "link" (egress bytes) or "latency".
     pub bound: &'static str,
     /// Every term, seconds. The device terms add up; with a network, `seconds` is the larger of
     /// their sum and "link", plus "latency".
@@ -122,6 +127,8 @@ struct Work {
     copy: f64,
     host: f64,
     steps: f64,
+    /// Steps of a host-staged call (a frame and a host fold each), in sequence.
+    frames: f64,
     /// Bytes on the critical path through this rank's egress.
     wire: f64,
     /// Messages this rank waits for one after another (a latency each).
@@ -137,6 +144,7 @@ impl Work {
             copy: self.copy + o.copy,
             host: self.host + o.host,
             steps: self.steps + o.steps,
+            frames: self.frames + o.frames,
             wire: self.wire + o.wire,
             hops: self.hops + o.hops,
         }
@@ -157,6 +165,7 @@ impl Work {
             ("copy", t(self.copy, f.native_copy)),
             ("host", t(self.host, f.host_reduce)),
             ("steps", self.steps * f.step),
+            ("frames", self.frames * f.frame),
         ]
     }
 }
@@ -248,6 +257,12 @@ impl CostModel {
                     .fold(0.0, f64::max);
                 s.1 = (s.1 / n as f64).max(busiest);
             }
+            // A frame's cost was measured with every rank busy: the busiest rank's frames,
+            // one after another.
+            if let Some(s) = t.iter_mut().find(|t| t.0 == "frames") {
+                let busiest = works.iter().map(|w| w.frames).fold(0.0, f64::max);
+                s.1 = busiest * self.probe.together.frame;
+            }
             t
         } else {
             // The slowest rank sets the pace.
@@ -324,7 +339,7 @@ impl CostModel {
     /// // steps at its root, one buffer each way (2 ns a byte). The step it saves stops paying
     /// // at 1 ms / 8.5 ns = 117,647 bytes.
     /// let f = Figures { upload: 1e9, readback: 1e9, copy: 1e9, reduce: 1e8, host_reduce: 1e15,
-    ///     step: 1e-3, native_copy: 1e9 };
+    ///     step: 1e-3, native_copy: 1e9, frame: 0.0 };
     /// let m = CostModel::new(Probe { alone: vec![f; 4], together: f, shared: false, bytes: 0 },
     ///     1 << 30);
     /// let sizes: Vec<usize> = (2..28).map(|k| 1usize << k).collect();
@@ -353,7 +368,7 @@ impl CostModel {
     /// (`mapped`; `Auto` passes [`unified_memory`](Self::unified_memory), the same on every
     /// rank): then `Staged` is a
     /// candidate too, its entry being what it does there (no device traffic, the ring's folds
-    /// and copies on the host, no per-frame cost: it undercounts small calls). Elsewhere its
+    /// and copies on the host, a frame per step at the probe's `frame` cost). Elsewhere its
     /// entry is too rough to choose by (issue 14).
     pub fn choose_for(&self, bytes: usize, in_place: bool, mapped: bool) -> Algorithm {
         let staged = mapped.then_some(Algorithm::Staged);
@@ -420,7 +435,10 @@ fn work(
             // In the tensors, mapped in place: no device traffic and no device round trip per
             // step. On the host: in place, the tensor read once into host memory; every rank
             // folds (n-1)/n of the buffer into frames and copies (n-1)/n of it out of frames
-            // (the all-gather), plus its first send and its own finished chunk (2/n).
+            // (the all-gather), plus its first send and its own finished chunk (2/n); the
+            // ring's 2(n-1) steps of k slices, a frame each.
+            let chunk = bytes.div_ceil(n);
+            let k = chunk.div_ceil(slice.max(1)).max(1) as f64;
             Work {
                 readback: 0.0,
                 upload: 0.0,
@@ -428,15 +446,17 @@ fn work(
                 copy: 0.0,
                 host: (2.0 * c + 2.0) / nf * s + if in_place { s } else { 0.0 },
                 steps: 0.0,
+                frames: 2.0 * c * k,
                 ..ring_link
             }
         }
         Algorithm::Staged => {
-            // One read-back and one upload of the whole buffer; the ring's steps, each folding
-            // (reduce-scatter) or copying (all-gather) a slice on the host. Rough: the ring's
-            // steps are charged the device ring's step cost, though they touch no device, and
-            // the read-back and upload round trips (interleaved with the ring, slice by slice) are not counted; `Auto`
-            // does not choose `Staged` until this entry is measured (issue 14).
+            // One read-back and one upload of the whole buffer, a device step per slice each
+            // way; the ring's steps, a frame each, folding (reduce-scatter) or copying
+            // (all-gather) a slice on the host. Rough: the read-backs and uploads are
+            // interleaved with the ring slice by slice, and this adds them up; `Auto` does
+            // not choose `Staged` off unified memory until this entry is measured (issue 14).
+            let whole = bytes.div_ceil(slice.max(1)).max(1) as f64;
             let chunk = bytes.div_ceil(n);
             let k = chunk.div_ceil(slice.max(1)).max(1) as f64;
             Work {
@@ -445,7 +465,8 @@ fn work(
                 reduce: 0.0,
                 copy: 0.0,
                 host: 2.0 * c / nf * s,
-                steps: 2.0 * c * k,
+                steps: 2.0 * whole,
+                frames: 2.0 * c * k,
                 ..ring_link
             }
         }
@@ -479,6 +500,7 @@ fn work(
                 copy: oop_copy,
                 host: 0.0,
                 steps: 2.0 * exchanges + fold * 2.0 * whole,
+                frames: 0.0,
                 // The partner's buffer in, the exchanges, the result back out: in sequence.
                 wire: 2.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
                 hops: 2.0 * f64::from(p.ilog2()) + fold * 2.0,
@@ -488,8 +510,8 @@ fn work(
             // One read-back and one upload of the whole buffer, slice by slice (a device step
             // per slice); on the host the halvings fold (p-1)/p of it and the doublings copy
             // as much, and the sends copy as much again into frames, plus the fold of a pair's
-            // buffer in and the result out. No per-frame host cost yet (`Auto` does not weigh
-            // it). The link: halving-doubling's.
+            // buffer in and the result out; a frame per exchange slice. `Auto` does not weigh
+            // it yet. The link: halving-doubling's.
             let p = 1usize << n.ilog2();
             let pf = p as f64;
             let whole = bytes.div_ceil(slice.max(1)).max(1) as f64;
@@ -500,17 +522,22 @@ fn work(
                     upload: s,
                     host: s,
                     steps: whole,
+                    frames: 2.0 * whole,
                     wire: s,
                     hops: 2.0,
                     ..Work::default()
                 };
             }
             let fold = if folds { 1.0 } else { 0.0 };
+            let exchanges: f64 = (1..=p.ilog2())
+                .map(|j| (bytes >> j).div_ceil(slice.max(1)).max(1) as f64)
+                .sum();
             Work {
                 readback: s,
                 upload: s,
                 host: 4.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
                 steps: whole,
+                frames: 2.0 * exchanges + fold * 2.0 * whole,
                 wire: 2.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
                 hops: 2.0 * f64::from(p.ilog2()) + fold * 2.0,
                 ..Work::default()
@@ -575,6 +602,7 @@ mod tests {
             host_reduce: x,
             step: 0.0,
             native_copy: x,
+            frame: 0.0,
         }
     }
 
@@ -696,6 +724,31 @@ mod tests {
         let t = m.predict(Algorithm::HalvingDoubling, 4, true);
         assert!((t.seconds - 10e-3).abs() < 1e-9, "{t:?}");
         assert_eq!(m.choose(4, true), Algorithm::HalvingDoubling);
+    }
+
+    /// The host-staged algorithms pay a frame per step, in sequence on the busiest rank: the
+    /// staged ring 2(n-1) per slice, halving-doubling on host memory 2·log2(p); the device ring
+    /// none (its steps are device steps).
+    #[test]
+    fn frames_by_hand() {
+        let mut f = figures(1e15);
+        f.frame = 1e-3;
+        for shared in [false, true] {
+            let p = Probe {
+                alone: vec![f; 4],
+                together: f,
+                shared,
+                bytes: 0,
+            };
+            let m = CostModel::new(p, 1 << 30);
+            let t = m.predict_for(Algorithm::Staged, 4, true, true);
+            assert!((t.seconds - 6e-3).abs() < 1e-9, "{t:?}");
+            assert_eq!(t.bound, "frames");
+            let t = m.predict(Algorithm::StagedHalvingDoubling, 4, true);
+            assert!((t.seconds - 4e-3).abs() < 1e-9, "{t:?}");
+            let t = m.predict(Algorithm::Ring, 4, true);
+            assert!(t.seconds < 1e-9, "{t:?}");
+        }
     }
 
     /// The floor: one read-back and one upload per rank, all ranks at once on a shared device
