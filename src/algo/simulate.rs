@@ -533,6 +533,83 @@ fn halving_doubling_takes_log_steps() {
     }
 }
 
+/// The host-staged ring mirrors host memory in windows of at most a slice, interleaved with
+/// the ring: every element is read back once and uploaded once; a window is read back before
+/// the first transfer that reads it and uploaded after the last that writes it; a call within
+/// one slice reads back once and uploads once; a longer one uploads before its last transfer
+/// (the overlap) and reads back after its first (each chunk as the ring reaches it).
+#[test]
+fn the_staged_ring_reads_back_and_uploads_as_the_ring_goes() {
+    for n in 2..=9 {
+        for &count in &[1usize, 2, 5, 17, 101, 1000] {
+            for &slice in &[1usize, 3, 7, 64, 1 << 20] {
+                for r in 0..n {
+                    let plan = staged_ring_all_reduce(n, r, count, ReduceOp::Sum, slice);
+                    let (mut down, mut up) = (vec![0u32; count], vec![0u32; count]);
+                    let mut read_at = vec![usize::MAX; count];
+                    let (mut reads, mut uploads) = (0, 0);
+                    let (mut first_upload, mut transfers) = (None, vec![]);
+                    for (i, a) in plan.actions.iter().enumerate() {
+                        match a {
+                            Action::Copy { src, dst } if dst.buf == Buf::Host => {
+                                assert!(src.len <= slice, "n={n} count={count} r={r}");
+                                for e in dst.offset..dst.offset + dst.len {
+                                    down[e] += 1;
+                                    read_at[e] = i;
+                                }
+                                reads += 1;
+                            }
+                            Action::Copy { src, .. } => {
+                                for e in src.offset..src.offset + src.len {
+                                    up[e] += 1;
+                                    // Uploaded after every transfer that touched it.
+                                    for &(t, lo, hi) in &transfers {
+                                        if (lo..hi).contains(&e) {
+                                            assert!(t < i, "n={n} count={count} r={r} e={e}");
+                                        }
+                                    }
+                                }
+                                uploads += 1;
+                                first_upload.get_or_insert(i);
+                            }
+                            Action::Transfer(t) => {
+                                let touched =
+                                    t.recv.map(|x| x.dst).or(t.send.and_then(|(_, s)| match s {
+                                        Source::Device(reg) => Some(reg),
+                                        _ => None,
+                                    }));
+                                if let Some(reg) = touched {
+                                    for e in reg.offset..reg.offset + reg.len {
+                                        assert!(read_at[e] < i, "n={n} count={count} r={r} e={e}");
+                                    }
+                                    transfers.push((i, reg.offset, reg.offset + reg.len));
+                                }
+                            }
+                            Action::Scale { .. } => {}
+                        }
+                    }
+                    assert!(
+                        down.iter().chain(&up).all(|&c| c == 1),
+                        "n={n} count={count} slice={slice} r={r}"
+                    );
+                    let last_transfer = transfers.last().map_or(0, |t| t.0);
+                    if count <= slice {
+                        assert_eq!((reads, uploads), (1, 1), "n={n} count={count} r={r}");
+                    } else if count.div_ceil(n) > slice {
+                        // Chunks of more than one slice: the windows follow the ring.
+                        assert!(
+                            first_upload.is_some_and(|u| u < last_transfer),
+                            "n={n} count={count} slice={slice} r={r}"
+                        );
+                        let first_transfer = transfers.first().map_or(0, |t| t.0);
+                        assert!(reads > 1 && plan.actions.iter().skip(first_transfer).any(|a| matches!(a, Action::Copy { dst, .. } if dst.buf == Buf::Host)), "n={n} count={count} slice={slice} r={r}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The host-staged halving-doubling sends what the device one sends, frame for frame (the
 /// same peers, lengths and folds in the same order), and touches the devices only to read the
 /// input back once and upload the result once; avg divides on the host.

@@ -12,10 +12,12 @@
 //! the input and writes the output mapped in place ([`Plan::host_split`]): no staging copies,
 //! and per rank no copy of a partial sum either.
 //!
-//! The three stages overlap slice by slice: each slice is read back just before the ring first
-//! needs it (this rank's own slice before it sends it, a partial sum's slice before the frame
-//! it folds into arrives), and uploaded as soon as it is final, so a slice's read-back and
-//! another's upload happen while frames are on the link, not before and after the whole ring.
+//! The three stages overlap slice by slice: host memory is mirrored in windows of at most a
+//! slice, each read back the first time the ring needs any of it (this rank's own chunk before
+//! it sends it, a partial sum's chunk before the frame it folds into is taken) and uploaded as
+//! soon as all of it is final, so read-backs and uploads happen while frames are on the link,
+//! not before and after the whole ring (the executor begins read-backs ahead, as slots allow).
+//! A call of at most a slice reads back once and uploads once, as before.
 
 use super::plan::{Action, Buf, Fold, Plan, Recv, Region, Source, Transfer, slices};
 use super::{partition, slices_per_chunk};
@@ -72,25 +74,8 @@ fn forwarding_ring(
     if n < 2 {
         return;
     }
-    // The tensors' mirror of a host slice: read back into it, uploaded out of it.
-    let read_back = |plan: &mut Plan, h: Region| {
-        plan.copy(
-            Region {
-                buf: Buf::Input,
-                ..h
-            },
-            h,
-        )
-    };
-    let upload = |plan: &mut Plan, h: Region| {
-        plan.copy(
-            h,
-            Region {
-                buf: Buf::Output,
-                ..h
-            },
-        )
-    };
+    let count = chunks.iter().map(|c| c.len).sum();
+    let mut mirror = Mirror::new(count, slice_elems);
     let k = slices_per_chunk(chunks[0].len, slice_elems);
     let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
     let chunk = |shift: usize| chunks[(rank + n - shift % n) % n];
@@ -107,7 +92,7 @@ fn forwarding_ring(
         }));
     };
     for s in slices(chunk(0), k) {
-        read_back(plan, s);
+        mirror.need(plan, s);
         plan.transfer(Some((next, Source::Device(s))), None);
     }
     for s in 1..n {
@@ -121,19 +106,92 @@ fn forwarding_ring(
             write: last,
         };
         for r in slices(chunk(s), k) {
-            // Read back before the frame it folds into is taken, so that the read-back and
-            // the frame's flight overlap; the last step's sum is final: uploaded at once.
-            read_back(plan, r);
+            // Read back before the frame it folds into is taken; the last step's sum is
+            // final.
+            mirror.need(plan, r);
             forward(plan, r, op.combine(), fold, true);
             if last {
-                upload(plan, r);
+                mirror.done(plan, r);
             }
         }
     }
     for t in 0..n - 1 {
         for r in slices(chunk(t), k) {
             forward(plan, r, Combine::Copy, Fold::Dst, t < n - 2);
-            upload(plan, r);
+            mirror.done(plan, r);
+        }
+    }
+}
+
+/// Host memory's mirror copies in windows of at most a slice (the whole buffer cut as
+/// [`slices_per_chunk`] cuts it): a window is read back from the input the first time the plan
+/// needs any element of it, and uploaded into the output once every element of it is final.
+/// The ring needs every chunk before it writes any (its only writes before the all-gather are
+/// the last chunk it needs), so no window is read back over elements already final.
+struct Mirror {
+    windows: Vec<Region>,
+    read: Vec<bool>,
+    /// Elements of each window not yet final.
+    left: Vec<usize>,
+}
+
+impl Mirror {
+    fn new(count: usize, slice_elems: usize) -> Self {
+        let whole = slices_per_chunk(count, slice_elems);
+        let windows: Vec<Region> = slices(Region::new(Buf::Host, 0, count), whole).collect();
+        Mirror {
+            read: vec![false; windows.len()],
+            left: windows.iter().map(|w| w.len).collect(),
+            windows,
+        }
+    }
+
+    /// The windows `r` overlaps, with the length of each overlap.
+    fn overlaps(&self, r: Region) -> Vec<(usize, usize)> {
+        let end = r.offset + r.len;
+        self.windows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| {
+                let lo = w.offset.max(r.offset);
+                let hi = (w.offset + w.len).min(end);
+                (hi > lo).then_some((i, hi - lo))
+            })
+            .collect()
+    }
+
+    /// Reads back every window of `r` not read back yet.
+    fn need(&mut self, plan: &mut Plan, r: Region) {
+        for (i, _) in self.overlaps(r) {
+            if !self.read[i] {
+                self.read[i] = true;
+                let w = self.windows[i];
+                plan.copy(
+                    Region {
+                        buf: Buf::Input,
+                        ..w
+                    },
+                    w,
+                );
+            }
+        }
+    }
+
+    /// `r` is final: uploads every window that is now final throughout.
+    fn done(&mut self, plan: &mut Plan, r: Region) {
+        for (i, len) in self.overlaps(r) {
+            let before = self.left[i];
+            self.left[i] = before.saturating_sub(len);
+            if before > 0 && self.left[i] == 0 {
+                let w = self.windows[i];
+                plan.copy(
+                    w,
+                    Region {
+                        buf: Buf::Output,
+                        ..w
+                    },
+                );
+            }
         }
     }
 }

@@ -236,6 +236,9 @@ impl Run<'_, '_> {
         for (i, action) in plan.actions.iter().enumerate() {
             self.begin_reads(&reads, &mut next_read, tickets, i as isize - 1)?;
             match action {
+                Action::Copy { src, dst } if self.reads_ahead(src, dst) => {
+                    self.copy_in(i, *src, *dst, &reads, &mut next_read, tickets)?;
+                }
                 Action::Copy { src, dst } => self.copy(*src, *dst)?,
                 Action::Scale { dst, divisor } if dst.buf == Buf::Host => {
                     if self.split.is_some() {
@@ -334,14 +337,20 @@ impl Run<'_, '_> {
     fn send_reads(&self, plan: &Plan) -> Vec<SendRead> {
         let mut out = Vec::new();
         for (i, a) in plan.actions.iter().enumerate() {
-            let Action::Transfer(t) = a else { continue };
-            let Some((_, Source::Device(region))) = t.send else {
-                continue;
+            // A read-back into host memory is begun ahead too, and finished at its copy.
+            let (region, upto) = match a {
+                Action::Copy { src, dst } if self.reads_ahead(src, dst) => (*src, i),
+                Action::Transfer(t) => {
+                    let Some((_, Source::Device(region))) = t.send else {
+                        continue;
+                    };
+                    if region.buf == Buf::Host {
+                        continue;
+                    }
+                    (region, if t.recv_first { i + 1 } else { i })
+                }
+                _ => continue,
             };
-            if region.buf == Buf::Host {
-                continue;
-            }
-            let upto = if t.recv_first { i + 1 } else { i };
             let after = (0..upto).rev().find(|&v| {
                 plan.actions[v]
                     .writes()
@@ -354,6 +363,47 @@ impl Run<'_, '_> {
             });
         }
         out
+    }
+
+    /// Whether a copy is a read-back into host memory that is begun ahead of it (not in a split
+    /// run, where the tensors are host memory and the copy does not happen).
+    fn reads_ahead(&self, src: &Region, dst: &Region) -> bool {
+        self.split.is_none() && dst.buf == Buf::Host && src.buf != Buf::Host && src.len > 0
+    }
+
+    /// A read-back into host memory, begun ahead by [`begin_reads`](Self::begin_reads): waits
+    /// for it and copies it into place.
+    fn copy_in(
+        &mut self,
+        i: usize,
+        src: Region,
+        dst: Region,
+        reads: &[SendRead],
+        next_read: &mut usize,
+        tickets: &mut VecDeque<(usize, ReadTicket)>,
+    ) -> Result<()> {
+        let bytes = src.len * self.call.dtype.size();
+        let range = self.host_range(dst);
+        // Checked before its ticket is taken: a ticket left queued is abandoned on the way out.
+        if range.end > self.host.len() * 4 || range.len() != bytes {
+            return Err(self.internal("a read-back into host memory out of its range"));
+        }
+        self.begin_reads(reads, next_read, tickets, i as isize - 1)?;
+        match tickets.pop_front() {
+            Some((a, ticket)) if a == i => {
+                let host: &mut [u8] = bytemuck::cast_slice_mut(&mut self.host);
+                self.eng
+                    .reads
+                    .finish_into(&self.eng.dev, ticket, self.call.deadline, &mut host[range])
+                    .map_err(|e| wait_error(self.call.at, e))
+            }
+            other => {
+                if let Some((_, ticket)) = other {
+                    self.eng.reads.abandon(&self.eng.dev, ticket);
+                }
+                Err(self.internal("read-back schedule out of order"))
+            }
+        }
     }
 
     /// Begins read-backs in plan order while slots are free and their inputs are submitted

@@ -14,10 +14,10 @@ use crate::device::{
 use crate::error::{At, Error, Result};
 use crate::link::{LinkStack, in_process_mesh};
 use crate::model::{CostModel, Figures, Probe};
+use crate::types::ReduceOp;
 
 /// Timed calls of the frame probe (see `CommGroup::probe_frames`).
 const FRAME_SAMPLES: usize = 7;
-use crate::types::ReduceOp;
 
 /// The most ranks one process links: each rank opens a device, and the in-process mesh has a
 /// channel per pair of ranks (a wild count must fail, not allocate until memory runs out).
@@ -425,6 +425,11 @@ impl CommGroup {
     /// that `Algorithm::Auto` picks what it predicts fastest. Returns the figures. Links
     /// emulating a network ([`LinkStack::emulate`](crate::link::LinkStack::emulate)) give
     /// the model its link terms from their settings.
+    ///
+    /// To time a host-staged step ([`Figures::frame`]) it runs eight tiny host-staged
+    /// all-reduces on every rank: they advance the ranks' call sequence and their
+    /// `bytes_sent`, `device_bytes` and `mapped_calls` counters, set `last_algorithm`, and, if
+    /// one fails, leave the communicators broken as any failed call does.
     pub fn probe(&mut self, bytes: usize) -> Result<Probe> {
         let n = self.size();
         let alone = (0..n)
@@ -490,21 +495,36 @@ impl CommGroup {
 
     /// The fixed cost of one step of a host-staged call, every rank busy: a host-staged ring
     /// all-reduce of one element per rank, on every rank at once, [`FRAME_SAMPLES`] times after
-    /// a warm-up; the slowest rank's median over the ring's 2(n-1) steps. 0 on one rank.
+    /// a warm-up; the slowest rank's median over the ring's 2(n-1) steps, less the emulated
+    /// latency (the model charges latencies apart). The call's own fixed costs (mapping the
+    /// tensor, or its read-back and upload) are spread over its steps: a call of many slices
+    /// is charged them more than once. 0 on one rank.
     fn probe_frames(&mut self) -> Result<f64> {
         let n = self.size();
         if n < 2 {
             return Ok(0.0);
         }
+        let alpha = self
+            .links
+            .emulation()
+            .map_or(0.0, |e| (e.latency_us + e.jitter_us / 2.0) * 1e-6);
         let bufs = self
             .comms
             .iter()
             .map(|c| c.upload(&vec![0f32; n]))
             .collect::<Result<Vec<_>>>()?;
         let medians = self.run_each(|c| {
-            let b = bufs[c.rank()].view();
+            let b = bufs
+                .get(c.rank())
+                .ok_or_else(|| Error::InvalidArgument {
+                    at: At::rank(c.rank()),
+                    message: "the group changed size during its probe".into(),
+                })?
+                .view();
+            // A failure fails the probe: no recovery among survivors inside a measurement.
             let opts = CallOptions {
                 algorithm: Some(Algorithm::Staged),
+                on_failure: Some(super::survive::OnFailure::Error),
                 ..CallOptions::default()
             };
             let mut times = Vec::with_capacity(FRAME_SAMPLES);
@@ -528,7 +548,7 @@ impl CommGroup {
             .collect::<Result<Vec<f64>>>()?
             .into_iter()
             .fold(0.0, f64::max);
-        Ok(slowest / (2 * (n - 1)) as f64)
+        Ok((slowest / (2 * (n - 1)) as f64 - alpha).max(0.0))
     }
 
     /// Runs one call per rank (in rank order) at once; the first rank's error, if any.

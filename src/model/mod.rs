@@ -368,7 +368,8 @@ impl CostModel {
     /// (`mapped`; `Auto` passes [`unified_memory`](Self::unified_memory), the same on every
     /// rank): then `Staged` is a
     /// candidate too, its entry being what it does there (no device traffic, the ring's folds
-    /// and copies on the host, a frame per step at the probe's `frame` cost). Elsewhere its
+    /// and copies on the host, a frame per step at the probe's `frame` cost, which
+    /// [`Communicator::probe_device`](crate::Communicator::probe_device) alone leaves at 0). Elsewhere its
     /// entry is too rough to choose by (issue 14).
     pub fn choose_for(&self, bytes: usize, in_place: bool, mapped: bool) -> Algorithm {
         let staged = mapped.then_some(Algorithm::Staged);
