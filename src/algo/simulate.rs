@@ -553,21 +553,20 @@ fn the_staged_ring_reads_back_and_uploads_as_the_ring_goes() {
                         match a {
                             Action::Copy { src, dst } if dst.buf == Buf::Host => {
                                 assert!(src.len <= slice, "n={n} count={count} r={r}");
-                                for e in dst.offset..dst.offset + dst.len {
-                                    down[e] += 1;
-                                    read_at[e] = i;
+                                for (d, at) in down
+                                    .iter_mut()
+                                    .zip(read_at.iter_mut())
+                                    .skip(dst.offset)
+                                    .take(dst.len)
+                                {
+                                    *d += 1;
+                                    *at = i;
                                 }
                                 reads += 1;
                             }
                             Action::Copy { src, .. } => {
-                                for e in src.offset..src.offset + src.len {
-                                    up[e] += 1;
-                                    // Uploaded after every transfer that touched it.
-                                    for &(t, lo, hi) in &transfers {
-                                        if (lo..hi).contains(&e) {
-                                            assert!(t < i, "n={n} count={count} r={r} e={e}");
-                                        }
-                                    }
+                                for u in up.iter_mut().skip(src.offset).take(src.len) {
+                                    *u += 1;
                                 }
                                 uploads += 1;
                                 first_upload.get_or_insert(i);
@@ -579,9 +578,17 @@ fn the_staged_ring_reads_back_and_uploads_as_the_ring_goes() {
                                         _ => None,
                                     }));
                                 if let Some(reg) = touched {
-                                    for e in reg.offset..reg.offset + reg.len {
-                                        assert!(read_at[e] < i, "n={n} count={count} r={r} e={e}");
-                                    }
+                                    // Read back before, and not uploaded yet: no transfer
+                                    // touches an element after its upload.
+                                    let span = reg.offset..reg.offset + reg.len;
+                                    assert!(
+                                        read_at[span.clone()].iter().all(|&at| at < i),
+                                        "n={n} count={count} r={r} {reg:?}"
+                                    );
+                                    assert!(
+                                        up[span].iter().all(|&u| u == 0),
+                                        "n={n} count={count} r={r} {reg:?}"
+                                    );
                                     transfers.push((i, reg.offset, reg.offset + reg.len));
                                 }
                             }
