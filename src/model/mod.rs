@@ -385,6 +385,59 @@ impl CostModel {
     }
 }
 
+/// Halving-doubling's shape for rank `r` of `n` on `bytes` (on the devices or on host memory):
+/// among the p that exchange, log2(p) exchanges each way, each cut into slices from its
+/// region's size; the first 2(n-p) ranks fold in pairs, the even one of each pair only sending
+/// its buffer and taking the result back (`lone`).
+struct HdShape {
+    /// p, the largest power of two at most n.
+    pf: f64,
+    /// Slices of the whole buffer.
+    whole: f64,
+    /// Slices of all the exchanges one way.
+    exchanges: f64,
+    /// 1 on an odd folding rank (a partner's buffer in, the result back out), else 0.
+    fold: f64,
+    /// An even folding rank: out of the exchanges.
+    lone: bool,
+    /// Bytes on the critical path through this rank's egress: the partner's buffer in, the
+    /// exchanges, the result back out, in sequence (a lone rank: its buffer).
+    wire: f64,
+    /// Messages in sequence.
+    hops: f64,
+}
+
+impl HdShape {
+    fn new(n: usize, r: usize, bytes: usize, slice: usize) -> Self {
+        let p = 1usize << n.max(1).ilog2();
+        let pf = p as f64;
+        let s = bytes as f64;
+        let folds = r < 2 * (n - p);
+        let lone = folds && r.is_multiple_of(2);
+        let fold = if folds && !lone { 1.0 } else { 0.0 };
+        let exchanges: f64 = (1..=p.ilog2())
+            .map(|j| (bytes >> j).div_ceil(slice.max(1)).max(1) as f64)
+            .sum();
+        let (wire, hops) = if lone {
+            (s, 2.0)
+        } else {
+            (
+                2.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
+                2.0 * f64::from(p.ilog2()) + fold * 2.0,
+            )
+        };
+        HdShape {
+            pf,
+            whole: bytes.div_ceil(slice.max(1)).max(1) as f64,
+            exchanges,
+            fold,
+            lone,
+            wire,
+            hops,
+        }
+    }
+}
+
 fn total(terms: &[(&'static str, f64)]) -> f64 {
     terms.iter().map(|t| t.1).sum()
 }
@@ -475,25 +528,26 @@ fn work(
             // Among the p that exchange: log2(p) halvings of the window each way, the ring's
             // volume, a slice count per exchange from its region's size; the first 2(n-p)
             // ranks add a whole-buffer fold (even ranks: only that, and the result back).
-            let p = 1usize << n.ilog2();
-            let pf = p as f64;
-            let whole = bytes.div_ceil(slice.max(1)).max(1) as f64;
-            let folds = r < 2 * (n - p);
-            if folds && r.is_multiple_of(2) {
+            let HdShape {
+                pf,
+                whole,
+                exchanges,
+                fold,
+                lone,
+                wire,
+                hops,
+            } = HdShape::new(n, r, bytes, slice);
+            if lone {
                 return Work {
                     readback: s,
                     upload: s,
                     copy: oop_copy,
                     steps: 2.0 * whole,
-                    wire: s,
-                    hops: 2.0,
+                    wire,
+                    hops,
                     ..Work::default()
                 };
             }
-            let exchanges: f64 = (1..=p.ilog2())
-                .map(|j| (bytes >> j).div_ceil(slice.max(1)).max(1) as f64)
-                .sum();
-            let fold = if folds { 1.0 } else { 0.0 };
             Work {
                 readback: 2.0 * (pf - 1.0) / pf * s + fold * s,
                 upload: 2.0 * (pf - 1.0) / pf * s + fold * s,
@@ -502,9 +556,8 @@ fn work(
                 host: 0.0,
                 steps: 2.0 * exchanges + fold * 2.0 * whole,
                 frames: 0.0,
-                // The partner's buffer in, the exchanges, the result back out: in sequence.
-                wire: 2.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
-                hops: 2.0 * f64::from(p.ilog2()) + fold * 2.0,
+                wire,
+                hops,
             }
         }
         Algorithm::StagedHalvingDoubling => {
@@ -513,34 +566,35 @@ fn work(
             // as much, and the sends copy as much again into frames, plus the fold of a pair's
             // buffer in and the result out; a frame per exchange slice. `Auto` does not weigh
             // it yet. The link: halving-doubling's.
-            let p = 1usize << n.ilog2();
-            let pf = p as f64;
-            let whole = bytes.div_ceil(slice.max(1)).max(1) as f64;
-            let folds = r < 2 * (n - p);
-            if folds && r.is_multiple_of(2) {
+            let HdShape {
+                pf,
+                whole,
+                exchanges,
+                fold,
+                lone,
+                wire,
+                hops,
+            } = HdShape::new(n, r, bytes, slice);
+            if lone {
                 return Work {
                     readback: s,
                     upload: s,
                     host: s,
                     steps: whole,
                     frames: 2.0 * whole,
-                    wire: s,
-                    hops: 2.0,
+                    wire,
+                    hops,
                     ..Work::default()
                 };
             }
-            let fold = if folds { 1.0 } else { 0.0 };
-            let exchanges: f64 = (1..=p.ilog2())
-                .map(|j| (bytes >> j).div_ceil(slice.max(1)).max(1) as f64)
-                .sum();
             Work {
                 readback: s,
                 upload: s,
                 host: 4.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
                 steps: whole,
                 frames: 2.0 * exchanges + fold * 2.0 * whole,
-                wire: 2.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
-                hops: 2.0 * f64::from(p.ilog2()) + fold * 2.0,
+                wire,
+                hops,
                 ..Work::default()
             }
         }
