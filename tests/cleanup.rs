@@ -121,6 +121,30 @@ fn a_dropped_frame_leaves_no_staging_mapped_and_the_rebuilt_group_is_exact() {
     assert_exact_after_rebuild(g, &b, "dropped frame");
 }
 
+/// The algorithms that read back into host memory through staging buffers, whose read-backs
+/// the executor begins ahead of their copies (naive's root, halving-doubling on host memory):
+/// a dropped frame fails every rank with no slot left busy, and the rebuilt group is exact.
+/// The frame dropped is one every other rank's result depends on (rank 1's buffer to naive's
+/// root; on 3 ranks rank 0's buffer to its halving-doubling partner, rank 1): a frame only its
+/// receiver needs, such as a last result sent back, fails only that receiver.
+#[test]
+fn a_dropped_frame_leaves_no_read_back_begun_ahead_busy() {
+    for (algorithm, from, to) in [
+        (Algorithm::Naive, 1, 0),
+        (Algorithm::StagedHalvingDoubling, 0, 1),
+    ] {
+        let faults = FaultPlan::new();
+        let mut g = group_with(&faults, Duration::from_secs(5), algorithm);
+        let b = buffers(&mut g);
+        faults.drop_next(from, to, 1);
+        let res = all_reduce(&mut g, &b);
+        let what = format!("dropped frame, {algorithm}");
+        assert_failed_clean(&mut g, &res, &what);
+        faults.heal();
+        assert_exact_after_rebuild(g, &b, &what);
+    }
+}
+
 #[test]
 fn a_partition_leaves_no_staging_mapped_and_the_rebuilt_group_is_exact() {
     let faults = FaultPlan::new();

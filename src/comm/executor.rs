@@ -1,6 +1,7 @@
 //! Runs an algorithm's [`Plan`] on one rank: device copies and kernels through the reduce
-//! kernels, frames through the link, read-backs begun ahead of the sends that need them so that
-//! reading back slice k+1 overlaps sending and reducing slice k.
+//! kernels, frames through the link, read-backs begun ahead of the sends and the copies into
+//! host memory that need them, so that reading back slice k+1 overlaps sending and reducing
+//! slice k.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -129,7 +130,8 @@ pub(crate) struct Call<'a> {
     pub deadline: Instant,
 }
 
-/// A read-back that the plan will send, with the action it depends on.
+/// A read-back that the plan will send or copy into host memory, with the action it depends
+/// on.
 struct SendRead {
     action: usize,
     /// The last action (possibly `action` itself) that writes memory this read covers.
@@ -332,8 +334,9 @@ impl Run<'_, '_> {
         Ok(())
     }
 
-    /// The read-backs the plan's sends need, in order, each with the last earlier write that
-    /// touches the same memory (the read may only begin once that write is submitted).
+    /// The read-backs the plan's sends and copies into host memory need, in order, each with
+    /// the last earlier write that touches the same memory (the read may only begin once that
+    /// write is submitted).
     fn send_reads(&self, plan: &Plan) -> Vec<SendRead> {
         let mut out = Vec::new();
         for (i, a) in plan.actions.iter().enumerate() {
@@ -702,30 +705,14 @@ impl Run<'_, '_> {
                 return Ok(());
             }
             (_, Buf::Host) => {
-                let (buf, off) = self.locate(src);
-                let bytes = src.len * self.call.dtype.size();
-                let range = self.host_range(dst);
-                // Checked before the read-back takes a slot: nothing to release on this error.
-                if range.end > self.host.len() * 4 || range.len() != bytes {
-                    return Err(Error::Device {
-                        at: self.call.at,
-                        message: "internal: a read-back into host memory out of its range".into(),
-                    });
-                }
-                let ticket = self
-                    .eng
-                    .reads
-                    .begin(&self.eng.dev, &buf, off, bytes)
-                    .map_err(|e| wait_error(self.call.at, e))?;
-                self.eng.device_bytes = self.eng.device_bytes.saturating_add(bytes as u64);
-                // Straight from the mapped slot into host memory (the host-staged ring reads
-                // its whole buffer back this way): no intermediate copy.
-                let host: &mut [u8] = bytemuck::cast_slice_mut(&mut self.host);
-                return self
-                    .eng
-                    .reads
-                    .finish_into(&self.eng.dev, ticket, self.call.deadline, &mut host[range])
-                    .map_err(|e| wait_error(self.call.at, e));
+                // Read-backs into host memory are begun ahead and finished in `copy_in`; only
+                // an empty one comes here (a read-back begun here could find every slot held
+                // by those begun ahead).
+                return if src.len == 0 {
+                    Ok(())
+                } else {
+                    Err(self.internal("a read-back into host memory not begun ahead"))
+                };
             }
             (Buf::Host, _) => {
                 // Host memory is lent to the upload instead of copied for it (the upload

@@ -504,15 +504,23 @@ impl CommGroup {
         if n < 2 {
             return Ok(0.0);
         }
+        // As the model charges it (a latency that is not a positive number costs nothing).
         let alpha = self
             .links
             .emulation()
-            .map_or(0.0, |e| (e.latency_us + e.jitter_us / 2.0) * 1e-6);
+            .map_or(0.0, |e| crate::model::LinkCost::from(e).alpha());
         let bufs = self
             .comms
             .iter()
             .map(|c| c.upload(&vec![0f32; n]))
             .collect::<Result<Vec<_>>>()?;
+        // Each rank finds its buffer by its rank: the group's ranks are 0..n in order.
+        if let Some((i, c)) = self.comms.iter().enumerate().find(|(i, c)| c.rank() != *i) {
+            return Err(Error::InvalidArgument {
+                at: At::rank(c.rank()),
+                message: format!("the group's rank {i} is rank {} of its link", c.rank()),
+            });
+        }
         let medians = self.run_each(|c| {
             let b = bufs
                 .get(c.rank())

@@ -85,7 +85,7 @@ impl LinkCost {
     }
 
     /// Seconds per message in sequence.
-    fn alpha(&self) -> f64 {
+    pub(crate) fn alpha(&self) -> f64 {
         if self.latency_us.is_finite() && self.latency_us > 0.0 {
             self.latency_us * 1e-6
         } else {
