@@ -412,7 +412,7 @@ impl HdShape {
         let p = 1usize << n.max(1).ilog2();
         let pf = p as f64;
         let s = bytes as f64;
-        let folds = r < 2 * (n - p);
+        let folds = r < 2 * n.saturating_sub(p);
         let lone = folds && r.is_multiple_of(2);
         let fold = if folds && !lone { 1.0 } else { 0.0 };
         let exchanges: f64 = (1..=p.ilog2())
