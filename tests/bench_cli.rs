@@ -281,6 +281,18 @@ fn every_collective_runs_and_checks() {
         ]);
         assert!(ok, "{c}:\n{out}");
         assert!(out.contains("# Out of bounds values : 0 OK"), "{c}:\n{out}");
+        // The algo column names what ran: chains for broadcast and reduce on 3 ranks (trees
+        // only from 16), the ring for the others.
+        let want = if c.starts_with("reduce_") || c == "all_gather" {
+            "ring"
+        } else {
+            "chain"
+        };
+        let r = rows(&out);
+        assert!(
+            !r.is_empty() && r.iter().all(|row| row[5] == want),
+            "{c}:\n{out}"
+        );
     }
 }
 

@@ -375,7 +375,8 @@ pub fn run(
                         };
                         (label, Some((p.seconds * 1e6, p.bound.to_string())))
                     }
-                    _ => (algo.to_string(), None),
+                    (CollectiveKind::AllReduce, None) => (algo.to_string(), None),
+                    (kind, _) => (path(kind, n, shape.total, s.dtype).to_string(), None),
                 };
                 let row = Row {
                     size: (shape.total * es) as u64,
@@ -416,6 +417,23 @@ pub fn run(
     progress.finish_and_clear();
     writeln!(out, "{}", footer(&rows))?;
     Ok(rows)
+}
+
+/// The algorithm a call of the other collectives runs, as the communicator picks it (not
+/// finishing among survivors): binomial trees for short broadcasts and reduces on many ranks,
+/// else chains; the dissemination barrier on many ranks, else the ring.
+fn path(kind: CollectiveKind, n: usize, count: usize, dtype: DType) -> &'static str {
+    match kind {
+        CollectiveKind::Broadcast | CollectiveKind::Reduce => {
+            if crate::comm::on_tree(n, count, dtype) {
+                "tree"
+            } else {
+                "chain"
+            }
+        }
+        CollectiveKind::Barrier if n >= crate::comm::TREE_MIN_RANKS => "dissemination",
+        _ => "ring",
+    }
 }
 
 /// The algorithm a row ran (`auto:X` rows ran X).
@@ -715,4 +733,26 @@ fn write(q: &wgpu::Queue, buf: &wgpu::Buffer, bytes: &[u8]) {
     let mut b = bytes.to_vec();
     b.resize(b.len().next_multiple_of(4), 0);
     q.write_buffer(buf, 0, &b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The algo column follows the communicator's own rule: the tree up to 64 KiB from 16
+    /// ranks on, the chain otherwise; the dissemination barrier from 16 ranks.
+    #[test]
+    fn the_path_label_follows_the_communicator() {
+        let (b, r) = (CollectiveKind::Broadcast, CollectiveKind::Reduce);
+        assert_eq!(path(b, 17, 16_384, DType::F32), "tree");
+        assert_eq!(path(r, 17, 16_385, DType::F32), "chain");
+        assert_eq!(path(r, 15, 1, DType::F32), "chain");
+        assert_eq!(path(b, 16, 32_768, DType::F16), "tree");
+        assert_eq!(
+            path(CollectiveKind::Barrier, 16, 0, DType::F32),
+            "dissemination"
+        );
+        assert_eq!(path(CollectiveKind::Barrier, 15, 0, DType::F32), "ring");
+        assert_eq!(path(CollectiveKind::AllGather, 64, 1, DType::F32), "ring");
+    }
 }

@@ -1456,6 +1456,6 @@ pub(crate) const TREE_MAX_BYTES: usize = 64 << 10;
 pub(crate) const TREE_MIN_RANKS: usize = 16;
 
 /// Whether a broadcast or reduce of `count` elements of `dtype` on `n` ranks runs on the tree.
-fn on_tree(n: usize, count: usize, dtype: DType) -> bool {
+pub(crate) fn on_tree(n: usize, count: usize, dtype: DType) -> bool {
     n >= TREE_MIN_RANKS && count.saturating_mul(dtype.size()) <= TREE_MAX_BYTES
 }

@@ -19,5 +19,6 @@ pub use communicator::{
     AbortHandle, CallOptions, Collective, CommConfig, Communicator, MAX_PIPELINE_DEPTH, OnFailure,
     Outcome,
 };
+pub(crate) use communicator::{TREE_MIN_RANKS, on_tree};
 pub use group::{CommGroup, GroupBuilder, MAX_RANKS};
 pub use launch::ConnectOptions;
