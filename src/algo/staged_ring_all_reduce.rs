@@ -155,7 +155,7 @@ impl Mirror {
             .filter_map(|(i, w)| {
                 let lo = w.offset.max(r.offset);
                 let hi = (w.offset + w.len).min(end);
-                (hi > lo).then_some((i, hi - lo))
+                (hi > lo).then(|| (i, hi - lo))
             })
             .collect()
     }
