@@ -149,9 +149,17 @@ impl Mirror {
     /// The windows `r` overlaps, with the length of each overlap.
     fn overlaps(&self, r: Region) -> Vec<(usize, usize)> {
         let end = r.offset + r.len;
+        // The windows are in order and contiguous: from the first that ends past `r`'s start
+        // (a binary search, not a scan: the plan is built on every call), while they start
+        // before its end.
+        let first = self
+            .windows
+            .partition_point(|w| w.offset + w.len <= r.offset);
         self.windows
             .iter()
             .enumerate()
+            .skip(first)
+            .take_while(|(_, w)| w.offset < end)
             .filter_map(|(i, w)| {
                 let lo = w.offset.max(r.offset);
                 let hi = (w.offset + w.len).min(end);
