@@ -83,8 +83,22 @@ fn auto_runs_what_the_model_chooses() {
             assert!(v.is_finite() && v > 1e6, "{f:?}");
         }
         assert!(f.step > 0.0 && f.step < 1.0, "{f:?}");
-        // A host-staged step, measured with every rank busy.
-        assert!(f.frame > 0.0 && f.frame < 1.0, "{f:?}");
+        // A kernel's launch over a plain step: a difference of two timings, at least 0.
+        assert!(f.launch >= 0.0 && f.launch < 1.0, "{f:?}");
+        // A call's own cost, from rounds of calls: a barrier's round takes time.
+        assert!(f.call > 0.0 && f.call < 1.0, "{f:?}");
+        // A host-staged step and a device call's submission, over what the rest explains:
+        // differences of timings, at least 0; the same on every rank.
+        assert!(f.frame >= 0.0 && f.frame < 1.0, "{f:?}");
+        assert!(f.submit >= 0.0 && f.submit < 1.0, "{f:?}");
+        assert_eq!(
+            (f.call, f.frame, f.submit),
+            (
+                probe.together.call,
+                probe.together.frame,
+                probe.together.submit
+            )
+        );
     }
     let model = g.comm(0).cost_model().cloned().expect("model installed");
     for r in 0..3 {
@@ -119,6 +133,9 @@ fn uniform(rate: f64) -> Figures {
         step: 0.0,
         native_copy: rate,
         frame: 0.0,
+        call: 0.0,
+        submit: 0.0,
+        launch: 0.0,
     }
 }
 
@@ -139,13 +156,16 @@ fn auto_follows_hand_built_figures_to_each_algorithm() {
     // Ring never reduces on the host; central and naive do. A slow host rules them out.
     let mut ring = uniform(1e9);
     ring.host_reduce = 1e3;
-    // When only steps cost (1 s each, transfers free): with one slice per chunk, ring takes
-    // 2(n-1) = 4 steps on each of 3 ranks, central (n-1)+1 = 3 at the root (2 on the others),
-    // naive (n-1)+2 = 4 at the root, halving-doubling 4 on the rank that folds a partner in
-    // (2 exchanges and the fold in and out): the busiest rank's steps, one after another,
-    // above the average on a shared device.
+    // When steps cost 1 s each and the host folds the call's 4000 bytes in 1 s (transfers
+    // free): with one slice per chunk the ring takes 2(n-1) = 4 steps on each of 3 ranks;
+    // halving-doubling 3 on the rank that folds a partner in (2 exchanges, and the partner's
+    // buffer in); central's root 1.5 (its peers' 2 slices in, the result back: half a step
+    // each) and one buffer copied on the host for the second peer (1 s); naive's root 1 step,
+    // but all of its peers' buffers folded and the result copied for each on the host (4 s):
+    // the busiest rank's, one after another, above the average on a shared device.
     let mut central = uniform(1e15);
     central.step = 1.0;
+    central.host_reduce = (count * 4) as f64;
     let cases = [
         (naive, true, Algorithm::Naive),
         (ring, true, Algorithm::Ring),

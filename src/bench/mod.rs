@@ -26,7 +26,9 @@ pub use matmul::{MatmulRow, matmul_rows, parse_shape};
 #[cfg(feature = "cli")]
 pub use plot::{plot_busbw, plot_progress};
 pub use ps_row::ps_rows;
-pub use report::{CSV_HEADER, Measure, Row, busbw_factor, csv_row, footer, format_row, header};
+pub use report::{
+    CSV_HEADER, Measure, Row, busbw_factor, csv_row, footer, format_row, header, model_error,
+};
 pub use sizes::{parse_size, size_steps};
 pub use verify::{
     Expected, Pattern, count_wrong, count_wrong_by, decode, encode, is_right, is_right_for,
@@ -416,6 +418,9 @@ pub fn run(
     }
     progress.finish_and_clear();
     writeln!(out, "{}", footer(&rows))?;
+    if let Some(e) = model_error(&rows) {
+        writeln!(out, "{e}")?;
+    }
     Ok(rows)
 }
 

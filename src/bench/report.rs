@@ -183,6 +183,68 @@ pub fn footer(rows: &[Row]) -> String {
     )
 }
 
+/// How far the model's predictions were from the measured out-of-place times, per algorithm
+/// (the row's label: `auto:ring` apart from `ring`): the range of predicted/measured, and how
+/// many rows came within ±30%. `None` where no row has a prediction.
+///
+/// ```
+/// use wccl::bench::{Measure, Row, model_error};
+/// use wccl::DType;
+/// let row = |algo: &str, us: f64, model: f64| Row {
+///     size: 4, count: 1, dtype: DType::F32, op: None, root: -1, algo: algo.into(),
+///     out_of_place: Measure::new(4, us * 1e-6, 1.0, 0), in_place: Measure::default(),
+///     predicted: Some((model, "steps".into())), floor: None,
+/// };
+/// let rows = [row("ring", 100.0, 90.0), row("ring", 100.0, 140.0), row("naive", 10.0, 5.0)];
+/// assert_eq!(
+///     model_error(&rows).unwrap(),
+///     "# model/measured, out of place: ring 0.90-1.40, naive 0.50; within ±30%: 1 of 3 rows"
+/// );
+/// ```
+pub fn model_error(rows: &[Row]) -> Option<String> {
+    let mut algos: Vec<(&str, f64, f64)> = Vec::new();
+    let (mut within, mut all) = (0usize, 0usize);
+    for r in rows {
+        let Some((model, _)) = &r.predicted else {
+            continue;
+        };
+        let measured = r.out_of_place.time_us;
+        // A time of 0 or NaN (a row not timed) has no ratio.
+        if measured.is_nan() || measured <= 0.0 {
+            continue;
+        }
+        let ratio = model / measured;
+        all += 1;
+        if (0.7..=1.3).contains(&ratio) {
+            within += 1;
+        }
+        match algos.iter_mut().find(|a| a.0 == r.algo) {
+            Some(a) => {
+                a.1 = a.1.min(ratio);
+                a.2 = a.2.max(ratio);
+            }
+            None => algos.push((&r.algo, ratio, ratio)),
+        }
+    }
+    if all == 0 {
+        return None;
+    }
+    let each: Vec<String> = algos
+        .iter()
+        .map(|(a, lo, hi)| {
+            if format!("{lo:.2}") == format!("{hi:.2}") {
+                format!("{a} {lo:.2}")
+            } else {
+                format!("{a} {lo:.2}-{hi:.2}")
+            }
+        })
+        .collect();
+    Some(format!(
+        "# model/measured, out of place: {}; within ±30%: {within} of {all} rows",
+        each.join(", ")
+    ))
+}
+
 /// The CSV header.
 pub const CSV_HEADER: &str = "size,count,type,redop,root,algo,oop_time_us,oop_algbw,oop_busbw,oop_wrong,ip_time_us,ip_algbw,ip_busbw,ip_wrong,model_us,bound,floor_us";
 

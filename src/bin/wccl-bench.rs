@@ -682,18 +682,28 @@ fn write_probe(out: &mut dyn Write, p: &Probe) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "", "upload", "readback", "copy", "reduce", "host_red", "step", "frame"
+        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "",
+        "upload",
+        "readback",
+        "copy",
+        "reduce",
+        "host_red",
+        "step",
+        "launch",
+        "frame",
+        "call",
+        "submit"
     )?;
     writeln!(
         out,
-        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "", "GB/s", "GB/s", "GB/s", "GB/s", "GB/s", "us", "us"
+        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "", "GB/s", "GB/s", "GB/s", "GB/s", "GB/s", "us", "us", "us", "us", "us"
     )?;
     let mut line = |name: String, f: &Figures| {
         writeln!(
             out,
-            "#  {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>9.1}",
+            "#  {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
             name,
             gb(f.upload),
             gb(f.readback),
@@ -701,7 +711,10 @@ fn write_probe(out: &mut dyn Write, p: &Probe) -> std::io::Result<()> {
             gb(f.reduce),
             gb(f.host_reduce),
             f.step * 1e6,
-            f.frame * 1e6
+            f.launch * 1e6,
+            f.frame * 1e6,
+            f.call * 1e6,
+            f.submit * 1e6
         )
     };
     for (r, f) in p.alone.iter().enumerate() {

@@ -16,8 +16,8 @@ use crate::link::{LinkStack, in_process_mesh};
 use crate::model::{CostModel, Figures, Probe};
 use crate::types::ReduceOp;
 
-/// Timed calls of the frame probe (see `CommGroup::probe_frames`).
-const FRAME_SAMPLES: usize = 7;
+/// Timed rounds of each of the call probe's algorithms (see `CommGroup::probe_calls`).
+const CALL_SAMPLES: usize = 25;
 
 /// The most ranks one process links: each rank opens a device, and the in-process mesh has a
 /// channel per pair of ranks (a wild count must fail, not allocate until memory runs out).
@@ -426,10 +426,11 @@ impl CommGroup {
     /// emulating a network ([`LinkStack::emulate`](crate::link::LinkStack::emulate)) give
     /// the model its link terms from their settings.
     ///
-    /// To time a host-staged step ([`Figures::frame`]) it runs eight tiny host-staged
-    /// all-reduces on every rank: they advance the ranks' call sequence and their
-    /// `bytes_sent`, `device_bytes` and `mapped_calls` counters, set `last_algorithm`, and, if
-    /// one fails, leave the communicators broken as any failed call does.
+    /// To time a call's fixed cost ([`Figures::call`]) and a host-staged step
+    /// ([`Figures::frame`]) it runs eight tiny naive and eight tiny host-staged all-reduces on
+    /// every rank: they advance the ranks' call sequence and their `bytes_sent`,
+    /// `device_bytes` and `mapped_calls` counters, set `last_algorithm`, and, if one fails,
+    /// leave the communicators broken as any failed call does.
     pub fn probe(&mut self, bytes: usize) -> Result<Probe> {
         let n = self.size();
         let alone = (0..n)
@@ -442,27 +443,32 @@ impl CommGroup {
                 let at = At::rank(c.rank());
                 // A rank that leaves early, by an error or a panic, releases the others.
                 let leave = LeaveOnDrop(&barrier, at);
-                let figures = c.probe_device(bytes, &|| barrier.wait(at))?;
+                let figures = c.probe_device_spans(bytes, &|| barrier.wait(at))?;
                 std::mem::forget(leave);
                 Ok(figures)
             })
             .into_iter()
-            .collect::<Result<Vec<Figures>>>()?;
-        // Ranks that ran at once: the aggregate is n transfers in the time of the slowest rank
-        // (summing rates would credit ranks that finished early with idle time); the step cost
-        // is the slowest rank's.
-        let agg = |f: fn(&Figures) -> f64| {
-            n as f64 * together.iter().map(f).fold(f64::INFINITY, f64::min)
-        };
+            .collect::<Result<Vec<(Figures, Figures)>>>()?;
+        // Ranks that ran at once: the aggregate is n transfers in the span of the slowest rank
+        // (summing rates would credit ranks that finished early with idle time, and medians
+        // ranks whose repeats ran while others waited).
+        let (together, spans): (Vec<Figures>, Vec<Figures>) = together.into_iter().unzip();
+        let agg =
+            |f: fn(&Figures) -> f64| n as f64 * spans.iter().map(f).fold(f64::INFINITY, f64::min);
         let together = Figures {
             upload: agg(|f| f.upload),
             readback: agg(|f| f.readback),
             copy: agg(|f| f.copy),
             reduce: agg(|f| f.reduce),
             host_reduce: agg(|f| f.host_reduce),
-            step: together.iter().map(|f| f.step).fold(0.0, f64::max),
+            // The ranks' mean: on shared cores each rank's median swings with the scheduler,
+            // and the largest of them swings most.
+            step: together.iter().map(|f| f.step).sum::<f64>() / n as f64,
+            launch: together.iter().map(|f| f.launch).sum::<f64>() / n as f64,
             native_copy: agg(|f| f.native_copy),
             frame: 0.0,
+            call: 0.0,
+            submit: 0.0,
         };
         let devs: Vec<(&AdapterInfo, Option<u64>)> = self
             .comms
@@ -470,11 +476,8 @@ impl CommGroup {
             .map(|c| (c.device().info(), c.device().adapter_token()))
             .collect();
         let shared = (0..n).any(|a| (0..a).any(|b| shares_adapter(devs[a], devs[b])));
-        let frame = self.probe_frames()?;
-        let together = Figures { frame, ..together };
-        let alone = alone.into_iter().map(|f| Figures { frame, ..f }).collect();
         let unified = self.comms.iter().all(|c| c.device().unified_memory());
-        let probe = Probe {
+        let mut probe = Probe {
             alone,
             together,
             shared,
@@ -482,6 +485,12 @@ impl CommGroup {
         };
         // An emulated network costs what its settings say (the model's link terms).
         let link = self.links.emulation().map(crate::model::LinkCost::from);
+        let calls = self.probe_calls(&probe, unified, link)?;
+        for f in probe.alone.iter_mut().chain([&mut probe.together]) {
+            f.call = calls.call;
+            f.frame = calls.frame;
+            f.submit = calls.submit;
+        }
         for c in &mut self.comms {
             let slice = c.config().slice_bytes;
             c.set_cost_model(
@@ -493,70 +502,106 @@ impl CommGroup {
         Ok(probe)
     }
 
-    /// The fixed cost of one step of a host-staged call, every rank busy: a host-staged ring
-    /// all-reduce of one element per rank, on every rank at once, [`FRAME_SAMPLES`] times after
-    /// a warm-up; the slowest rank's median over the ring's 2(n-1) steps, less the emulated
-    /// latency (the model charges latencies apart). The call's own fixed costs (mapping the
-    /// tensor, or its read-back and upload) are spread over its steps: a call of many slices
-    /// is charged them more than once. 0 on one rank.
-    fn probe_frames(&mut self) -> Result<f64> {
+    /// A call's fixed cost and a host-staged step's, timed as callers make calls, through
+    /// [`run`](Self::run) round after round ([`CALL_SAMPLES`] of each after a warm-up, in
+    /// turn, the medians): barriers, and tiny host-staged all-reduces (one element per rank).
+    /// The barrier is only frames (n-1 around the ring; from [`TREE_MIN_RANKS`] ranks,
+    /// ceil(log2 n) rounds of dissemination), the staged ring's busiest rank handles 2(n-1)
+    /// and what the figures predict: two rounds, two unknowns, the call's own cost (handing
+    /// it to the ranks and collecting their results, planning it, its first submission and
+    /// its last wait) and a frame's (a frame sent and one taken, folded on the host, every
+    /// rank busy). (0, 0) on one rank.
+    ///
+    /// [`TREE_MIN_RANKS`]: super::communicator::TREE_MIN_RANKS
+    fn probe_calls(
+        &mut self,
+        probe: &Probe,
+        unified: bool,
+        link: Option<crate::model::LinkCost>,
+    ) -> Result<Calls> {
         let n = self.size();
         if n < 2 {
-            return Ok(0.0);
+            return Ok(Calls::default());
         }
-        // As the model charges it (a latency that is not a positive number costs nothing).
-        let alpha = self
-            .links
-            .emulation()
-            .map_or(0.0, |e| crate::model::LinkCost::from(e).alpha());
         let bufs = self
             .comms
             .iter()
             .map(|c| c.upload(&vec![0f32; n]))
             .collect::<Result<Vec<_>>>()?;
-        // Each rank finds its buffer by its rank: the group's ranks are 0..n in order.
+        // `run` hands rank r the r-th call: the group's ranks must be 0..n in order, as the
+        // buffers are.
         if let Some((i, c)) = self.comms.iter().enumerate().find(|(i, c)| c.rank() != *i) {
             return Err(Error::InvalidArgument {
                 at: At::rank(c.rank()),
                 message: format!("the group's rank {i} is rank {} of its link", c.rank()),
             });
         }
-        let medians = self.run_each(|c| {
-            let b = bufs
-                .get(c.rank())
-                .ok_or_else(|| Error::InvalidArgument {
-                    at: At::rank(c.rank()),
-                    message: "the group changed size during its probe".into(),
-                })?
-                .view();
-            // A failure fails the probe: no recovery among survivors inside a measurement.
-            let opts = CallOptions {
-                algorithm: Some(Algorithm::Staged),
-                on_failure: Some(super::survive::OnFailure::Error),
-                ..CallOptions::default()
-            };
-            let mut times = Vec::with_capacity(FRAME_SAMPLES);
-            for i in 0..=FRAME_SAMPLES {
-                let call = Collective::AllReduce {
-                    input: b,
-                    output: b,
-                    op: ReduceOp::Sum,
-                };
+        let staged: Vec<Collective<'_>> = bufs
+            .iter()
+            .map(|b| Collective::AllReduce {
+                input: b.view(),
+                output: b.view(),
+                op: ReduceOp::Sum,
+            })
+            .collect();
+        let barriers = vec![Collective::Barrier; n];
+        // A failure fails the probe: no recovery among survivors inside a measurement.
+        let opts = |algo| CallOptions {
+            algorithm: Some(algo),
+            on_failure: Some(super::survive::OnFailure::Error),
+            ..CallOptions::default()
+        };
+        let mut times = [Vec::new(), Vec::new(), Vec::new()];
+        for i in 0..=CALL_SAMPLES {
+            let kinds = [
+                (&barriers, Algorithm::Staged),
+                (&staged, Algorithm::Staged),
+                (&staged, Algorithm::Naive),
+            ];
+            for (k, (calls, algo)) in kinds.into_iter().enumerate() {
                 let t = Instant::now();
-                c.run(call, opts)?;
+                self.run(calls, opts(algo))?;
                 if i > 0 {
-                    times.push(t.elapsed().as_secs_f64());
+                    times[k].push(t.elapsed().as_secs_f64());
                 }
             }
-            times.sort_by(f64::total_cmp);
-            Ok(times.get(times.len() / 2).copied().unwrap_or(0.0))
+        }
+        let [barrier, staged, naive] = times.map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
         });
-        let slowest = medians
-            .into_iter()
-            .collect::<Result<Vec<f64>>>()?
-            .into_iter()
-            .fold(0.0, f64::max);
-        Ok((slowest / (2 * (n - 1)) as f64 - alpha).max(0.0))
+        // What the figures alone predict of the staged round (no call or frame cost yet), for
+        // these tensors: mapped in place where every device has unified memory, as `upload`
+        // makes them. Latencies of an emulated link: each frame's, in sequence.
+        let slice = self.comms.first().map_or(1, |c| c.config().slice_bytes);
+        let bare = CostModel::new(probe.clone(), slice)
+            .with_unified_memory(unified)
+            .with_link(link);
+        let rest = bare
+            .predict_for(Algorithm::Staged, n.saturating_mul(4), true, unified)
+            .seconds;
+        let alpha = link.map_or(0.0, |l| l.alpha());
+        let c = (n - 1) as f64;
+        let b = if n < super::communicator::TREE_MIN_RANKS {
+            c
+        } else {
+            f64::from(n.next_power_of_two().ilog2())
+        };
+        //   barrier = (a call without the device) + b (frame + alpha)
+        //   staged  = (the same) + 2(n-1) frame + rest
+        let frame = ((staged - rest - barrier + b * alpha) / (2.0 * c - b)).max(0.0);
+        let call = (barrier - b * (frame + alpha)).max(0.0);
+        // A call that uses the device pays more (its first submission, its last wait, its
+        // error scopes): what naive's round has over its steps, its root's frames and `call`.
+        let rest = bare
+            .predict_for(Algorithm::Naive, n.saturating_mul(4), true, false)
+            .seconds;
+        let submit = (naive - rest - c * frame - call).max(0.0);
+        Ok(Calls {
+            call,
+            frame,
+            submit,
+        })
     }
 
     /// Runs one call per rank (in rank order) at once; the first rank's error, if any.
@@ -828,6 +873,14 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// What [`CommGroup::probe`]'s rounds of calls measure (see [`Figures`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Calls {
+    call: f64,
+    frame: f64,
+    submit: f64,
 }
 
 #[cfg(test)]

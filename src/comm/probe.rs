@@ -14,13 +14,13 @@ use crate::kernels::KernelOp;
 use crate::model::Figures;
 use crate::types::{Combine, DType};
 
-const REPEATS: usize = 3;
-const STEP_SAMPLES: usize = 15;
+const REPEATS: usize = 5;
+const STEP_SAMPLES: usize = 41;
 
 impl Communicator {
     /// Measures this rank's device: upload and read-back through the staging rings, the copy and
     /// reduce kernels, the host's reduce, and the fixed cost of one small pipeline step, each on
-    /// `bytes` (median of 3). `sync` is called before each measurement, so that ranks probed at
+    /// `bytes` (median of 5). `sync` is called before each measurement, so that ranks probed at
     /// the same time measure the same thing together; its error (a peer that failed or never
     /// came) ends the probe. Each measurement has the communicator's timeout as its deadline.
     pub fn probe_device(
@@ -28,6 +28,19 @@ impl Communicator {
         bytes: usize,
         sync: &(dyn Fn() -> Result<()> + Sync),
     ) -> Result<Figures> {
+        self.probe_device_spans(bytes, sync).map(|(f, _)| f)
+    }
+
+    /// [`probe_device`](Self::probe_device), and beside it the throughputs over each
+    /// measurement's whole span (every repeat, from the `sync` that starts it): ranks probed
+    /// at once do not run every repeat side by side (on shared cores one may run its repeats
+    /// while another waits), so their medians can each look like a rank alone; their spans
+    /// add up to what they did together.
+    pub(crate) fn probe_device_spans(
+        &mut self,
+        bytes: usize,
+        sync: &(dyn Fn() -> Result<()> + Sync),
+    ) -> Result<(Figures, Figures)> {
         // The probe's own allocations run in this scope, ended (and so recorded) before the first
         // wait; the measurements' submits have scopes of their own.
         let scope = self.engine.dev.error_scope();
@@ -59,19 +72,18 @@ impl Communicator {
         self.engine.dev.check(at)?;
         let host = vec![0u8; bytes];
         let rate = |secs: f64| bytes as f64 / secs.max(1e-9);
+        let rates = |(median, span): (f64, f64)| (rate(median), rate(span / REPEATS as f64));
 
         sync()?;
         let deadline = deadline_after(timeout);
-        let upload = rate(median(REPEATS, || {
-            self.upload_all(&host, &b, deadline, at)
-        })?);
+        let upload = rates(timed(REPEATS, || self.upload_all(&host, &b, deadline, at))?);
         sync()?;
         let deadline = deadline_after(timeout);
-        let readback = rate(median(REPEATS, || self.readback_all(&a, bytes, deadline))?);
+        let readback = rates(timed(REPEATS, || self.readback_all(&a, bytes, deadline))?);
         sync()?;
         let deadline = deadline_after(timeout);
         let count = bytes / 4;
-        let copy = rate(median(REPEATS, || {
+        let copy = rates(timed(REPEATS, || {
             self.kernel_once(
                 KernelOp::Combine(Combine::Copy),
                 &b,
@@ -83,12 +95,12 @@ impl Communicator {
         })?);
         sync()?;
         let deadline = deadline_after(timeout);
-        let reduce = rate(median(REPEATS, || {
+        let reduce = rates(timed(REPEATS, || {
             self.kernel_once(KernelOp::Combine(Combine::Sum), &b, &a, count, deadline, at)
         })?);
         sync()?;
         let deadline = deadline_after(timeout);
-        let native_copy = rate(median(REPEATS, || {
+        let native_copy = rates(timed(REPEATS, || {
             let t = Instant::now();
             let e = &mut self.engine;
             let mut enc = e.dev.device().create_command_encoder(&Default::default());
@@ -101,7 +113,7 @@ impl Communicator {
         })?);
         sync()?;
         let mut acc = vec![0u32; count];
-        let host_reduce = rate(median(REPEATS, || {
+        let host_reduce = rates(timed(REPEATS, || {
             let t = Instant::now();
             host_ops::combine(
                 DType::F32,
@@ -120,17 +132,44 @@ impl Communicator {
             self.upload_all(&host[..4], &b, deadline, at)?;
             Ok(t.elapsed().as_secs_f64())
         })?;
-        Ok(Figures {
-            upload,
-            readback,
-            copy,
-            reduce,
-            host_reduce,
+        // A step that folds on the device, as the executor folds a received slice: the same
+        // read-back, then the 4 bytes staged and reduced by a kernel in one submission. What
+        // it costs over a plain step, the two timed in turn (drift and load hit both alike),
+        // is the kernel's launch.
+        let launch = median(STEP_SAMPLES, || {
+            let t = Instant::now();
+            self.readback_all(&a, 4, deadline)?;
+            self.upload_all(&host[..4], &b, deadline, at)?;
+            let plain = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            self.readback_all(&a, 4, deadline)?;
+            self.upload_fold(&host[..4], &b, deadline, at)?;
+            Ok(t.elapsed().as_secs_f64() - plain)
+        })?;
+        let figures = Figures {
+            upload: upload.0,
+            readback: readback.0,
+            copy: copy.0,
+            reduce: reduce.0,
+            host_reduce: host_reduce.0,
             step,
-            native_copy,
-            // Measured for all ranks at once by `CommGroup::probe` (it needs the links).
+            native_copy: native_copy.0,
+            // Measured for all ranks at once by `CommGroup::probe` (they need the links).
             frame: 0.0,
-        })
+            call: 0.0,
+            submit: 0.0,
+            launch: launch.max(0.0),
+        };
+        let spans = Figures {
+            upload: upload.1,
+            readback: readback.1,
+            copy: copy.1,
+            reduce: reduce.1,
+            host_reduce: host_reduce.1,
+            native_copy: native_copy.1,
+            ..figures
+        };
+        Ok((figures, spans))
     }
 
     /// Uploads `host` through the upload ring in slot-sized pieces and copies each into `dst`.
@@ -158,6 +197,35 @@ impl Communicator {
                 .wait_submission(&idx, deadline)
                 .map_err(|w| wait_error(at, w))?;
         }
+        e.dev.check(at)?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// Stages `host` (at most a slot) through the upload ring and reduces it into the start of
+    /// `dst` with a kernel in the same submission, as the executor folds a received slice;
+    /// waits for it.
+    fn upload_fold(&mut self, host: &[u8], dst: &Buffer, deadline: Instant, at: At) -> Result<f64> {
+        let t = Instant::now();
+        let e = &mut self.engine;
+        let mut enc = e.dev.device().create_command_encoder(&Default::default());
+        let staged = e
+            .uploads
+            .stage(&e.dev, host, &mut enc, deadline)
+            .map_err(|w| wait_error(at, w))?;
+        e.kernels.encode(
+            &e.dev,
+            &mut enc,
+            KernelOp::Combine(Combine::Sum),
+            DType::F32,
+            (dst, 0),
+            Some((&staged, 0)),
+            host.len() / 4,
+        );
+        let idx = e.kernels.submit(&e.dev, enc);
+        e.uploads.submitted(&idx);
+        e.dev
+            .wait_submission(&idx, deadline)
+            .map_err(|w| wait_error(at, w))?;
         e.dev.check(at)?;
         Ok(t.elapsed().as_secs_f64())
     }
@@ -198,6 +266,14 @@ impl Communicator {
         e.dev.check(at)?;
         Ok(t.elapsed().as_secs_f64())
     }
+}
+
+/// The median of `k` timings (seconds), and the span of all `k` (seconds, from the first's
+/// start to the last's end).
+fn timed(k: usize, f: impl FnMut() -> Result<f64>) -> Result<(f64, f64)> {
+    let t = Instant::now();
+    let m = median(k, f)?;
+    Ok((m, t.elapsed().as_secs_f64()))
 }
 
 /// The median of `k` timings (seconds).

@@ -45,8 +45,24 @@ pub struct Figures {
     /// Fixed cost of one step of a host-staged call (a frame between ranks, taken and folded
     /// on the host), s: what the host-staged algorithms pay per step where the device ones pay
     /// `step`. Measured with every rank busy ([`CommGroup::probe`](crate::CommGroup::probe)
-    /// times a tiny host-staged ring); 0 where not measured.
+    /// times tiny host-staged rings, round after round, less the call's own cost); 0 where
+    /// not measured.
     pub frame: f64,
+    /// Fixed cost of one call, every rank at once, beyond its steps and frames, s: handing the
+    /// call to the ranks and collecting their results, planning it. Every algorithm pays it
+    /// once a call; with `submit`, it is what sets small calls' time where there are few
+    /// steps. [`CommGroup::probe`](crate::CommGroup::probe) times barriers and tiny
+    /// host-staged all-reduces round after round, as callers make them, and takes away what
+    /// the other figures predict; 0 where not measured.
+    pub call: f64,
+    /// What a call that uses the device pays once beyond `call`, s: its first submission, its
+    /// last wait, its error scopes. Every algorithm but the host-staged ring in mapped tensors
+    /// pays it. [`CommGroup::probe`](crate::CommGroup::probe) takes it from tiny naive
+    /// all-reduces, round after round; 0 where not measured.
+    pub submit: f64,
+    /// What a step that folds on the device (a received slice staged and reduced by a kernel
+    /// in one submission) costs over a plain `step`, s: the kernel's launch.
+    pub launch: f64,
 }
 
 /// What a probe measured: each device alone, all at once, and whether devices share adapters.
@@ -111,10 +127,11 @@ pub struct Prediction {
     /// Seconds.
     pub seconds: f64,
     /// The largest term: "readback", "upload", "reduce", "copy", "host", "steps", "frames",
-    /// or, with a network, "link" (egress bytes) or "latency".
+    /// "call" (the call's fixed cost, where it outlasts all its work), or, with a network,
+    /// "link" (egress bytes) or "latency".
     pub bound: &'static str,
     /// Every term, seconds. The device terms add up; with a network, `seconds` is the larger of
-    /// their sum and "link", plus "latency".
+    /// their sum and "link", plus "latency"; then "call", once.
     pub terms: Vec<(&'static str, f64)>,
 }
 
@@ -126,8 +143,14 @@ struct Work {
     reduce: f64,
     copy: f64,
     host: f64,
+    /// Device round trips in sequence: a read-back waited for and an upload each (a lone
+    /// read-back or upload counts half).
     steps: f64,
-    /// Steps of a host-staged call (a frame and a host fold each), in sequence.
+    /// Steps that fold on the device: a kernel's launch each, over the step's cost.
+    launches: f64,
+    /// Messages handled in sequence: a frame sent and one taken each (the ring's step; a star's
+    /// root counts one per peer), for the host-staged calls with the fold of a slice on the
+    /// host.
     frames: f64,
     /// Bytes on the critical path through this rank's egress.
     wire: f64,
@@ -144,6 +167,7 @@ impl Work {
             copy: self.copy + o.copy,
             host: self.host + o.host,
             steps: self.steps + o.steps,
+            launches: self.launches + o.launches,
             frames: self.frames + o.frames,
             wire: self.wire + o.wire,
             hops: self.hops + o.hops,
@@ -164,7 +188,7 @@ impl Work {
             ("reduce", t(self.reduce, f.reduce)),
             ("copy", t(self.copy, f.native_copy)),
             ("host", t(self.host, f.host_reduce)),
-            ("steps", self.steps * f.step),
+            ("steps", self.steps * f.step + self.launches * f.launch),
             ("frames", self.frames * f.frame),
         ]
     }
@@ -253,7 +277,7 @@ impl CostModel {
                 let busiest = works
                     .iter()
                     .zip(&self.probe.alone)
-                    .map(|(w, f)| w.steps * f.step)
+                    .map(|(w, f)| w.steps * f.step + w.launches * f.launch)
                     .fold(0.0, f64::max);
                 s.1 = (s.1 / n as f64).max(busiest);
             }
@@ -295,6 +319,21 @@ impl CostModel {
             terms.push(("link", wire));
             terms.push(("latency", latency));
         }
+        // Once a call, whatever its algorithm, before its work starts and after it ends (so
+        // beside neither the devices nor the link): the slowest rank's; with its submission,
+        // but in mapped tensors on the host.
+        let device = !(mapped && algo == Algorithm::Staged);
+        let once = |f: &Figures| f.call + if device { f.submit } else { 0.0 };
+        let call = if self.probe.shared {
+            once(&self.probe.together)
+        } else {
+            self.probe.alone.iter().map(once).fold(0.0, f64::max)
+        };
+        if call > seconds {
+            bound = "call";
+        }
+        seconds += call;
+        terms.push(("call", call));
         Prediction {
             seconds,
             bound,
@@ -333,19 +372,20 @@ impl CostModel {
     /// ```
     /// use wccl::Algorithm;
     /// use wccl::model::{CostModel, Figures, Probe};
-    /// // 4 ranks on their own devices: 1 GB/s each way, a device reduce of 0.1 GB/s, a host
-    /// // that folds for free, 1 ms a step, one slice a call. Halving-doubling: 4 steps, 3/2 of
-    /// // the buffer each way and 3/4 of it reduced on the device (10.5 ns a byte); naive: 5
-    /// // steps at its root, one buffer each way (2 ns a byte). The step it saves stops paying
-    /// // at 1 ms / 8.5 ns = 117,647 bytes.
+    /// // 16 ranks on their own devices: 1 GB/s each way, a device reduce of 0.1 GB/s, a host
+    /// // that folds for free, 1 ms a step, 2 ms a message, one slice a call. Halving-doubling:
+    /// // 8 steps and 8 messages (24 ms), 15/8 of the buffer each way and 15/16 of it reduced
+    /// // on the device (13.125 ns a byte); naive's root: 1 step and 15 messages (31 ms), one
+    /// // buffer each way (2 ns a byte). The 7 ms it saves stop paying at 7 ms / 11.125 ns =
+    /// // 629,213 bytes.
     /// let f = Figures { upload: 1e9, readback: 1e9, copy: 1e9, reduce: 1e8, host_reduce: 1e15,
-    ///     step: 1e-3, native_copy: 1e9, frame: 0.0 };
-    /// let m = CostModel::new(Probe { alone: vec![f; 4], together: f, shared: false, bytes: 0 },
+    ///     step: 1e-3, native_copy: 1e9, frame: 2e-3, call: 0.0, submit: 0.0, launch: 0.0 };
+    /// let m = CostModel::new(Probe { alone: vec![f; 16], together: f, shared: false, bytes: 0 },
     ///     1 << 30);
     /// let sizes: Vec<usize> = (2..28).map(|k| 1usize << k).collect();
     /// assert_eq!(
     ///     m.crossovers(&sizes, true),
-    ///     vec![(4, Algorithm::HalvingDoubling), (128 << 10, Algorithm::Naive)]
+    ///     vec![(4, Algorithm::HalvingDoubling), (1 << 20, Algorithm::Naive)]
     /// );
     /// ```
     pub fn crossovers(&self, sizes: &[usize], in_place: bool) -> Vec<(usize, Algorithm)> {
@@ -482,6 +522,8 @@ fn work(
                 copy: oop_copy,
                 host: 0.0,
                 steps: 2.0 * c * k,
+                launches: c * k,
+                frames: 2.0 * c * k,
                 ..ring_link
             }
         }
@@ -519,7 +561,7 @@ fn work(
                 reduce: 0.0,
                 copy: 0.0,
                 host: 2.0 * c / nf * s,
-                steps: 2.0 * whole,
+                steps: whole,
                 frames: 2.0 * c * k,
                 ..ring_link
             }
@@ -542,7 +584,8 @@ fn work(
                     readback: s,
                     upload: s,
                     copy: oop_copy,
-                    steps: 2.0 * whole,
+                    steps: whole,
+                    frames: 2.0 * whole,
                     wire,
                     hops,
                     ..Work::default()
@@ -554,8 +597,9 @@ fn work(
                 reduce: (pf - 1.0) / pf * s + fold * s,
                 copy: oop_copy,
                 host: 0.0,
-                steps: 2.0 * exchanges + fold * 2.0 * whole,
-                frames: 0.0,
+                steps: 2.0 * exchanges + fold * whole,
+                launches: exchanges + fold * whole,
+                frames: 2.0 * exchanges + fold * 2.0 * whole,
                 wire,
                 hops,
             }
@@ -604,7 +648,8 @@ fn work(
                 return Work {
                     readback: s,
                     upload: s,
-                    steps: 2.0 * k,
+                    steps: k,
+                    frames: k,
                     wire: s,
                     hops: 2.0,
                     ..Work::default()
@@ -625,7 +670,11 @@ fn work(
                     copy: oop_copy,
                     // Each result slice is read back once and copied for the other peers.
                     host: (c - 1.0) * s,
-                    steps: (c + 1.0) * k,
+                    // A peer's slice uploaded and folded by a kernel, c times; the result's
+                    // read back once; c messages in and c out.
+                    steps: (c + 1.0) / 2.0 * k,
+                    launches: c * k,
+                    frames: c * k,
                     ..star_link
                 }
             } else {
@@ -636,7 +685,10 @@ fn work(
                     copy: 0.0,
                     // Folding in c buffers, plus copying the result into c frames.
                     host: 2.0 * c * s,
-                    steps: (c + 2.0) * k,
+                    // Its own slice read back and the result uploaded; c messages in and c
+                    // out, in turn.
+                    steps: k,
+                    frames: c * k,
                     ..star_link
                 }
             }
@@ -658,6 +710,9 @@ mod tests {
             step: 0.0,
             native_copy: x,
             frame: 0.0,
+            call: 0.0,
+            submit: 0.0,
+            launch: 0.0,
         }
     }
 
@@ -680,8 +735,8 @@ mod tests {
     fn shared_central_adds_every_ranks_work() {
         // 2 ranks sharing 1 GB/s, 100 MB in place. Root: readback 100, upload 100, reduce 100
         // (and no extra copies: one peer). Other: readback 100, upload 100. Total 500 MB ->
-        // 0.5 s; steps: root (1+1)*1 + other
-        // 2*1 = 4 steps, shared by 2 ranks at 1 ms each = 2 ms.
+        // 0.5 s; steps: the root's upload and read-back, half a step each, and the other's
+        // read-back and upload: 2 steps, shared by 2 ranks at 1 ms each = 1 ms.
         let mut f = figures(1e9);
         f.step = 1e-3;
         let p = Probe {
@@ -692,7 +747,7 @@ mod tests {
         };
         let m = CostModel::new(p, 1 << 30);
         let t = m.predict(Algorithm::Central, 100_000_000, true);
-        assert!((t.seconds - 0.502).abs() < 1e-9, "{t:?}");
+        assert!((t.seconds - 0.501).abs() < 1e-9, "{t:?}");
     }
 
     /// With a network, a call takes the longer of its device work and its busiest egress,
@@ -757,33 +812,53 @@ mod tests {
         );
     }
 
-    /// On a shared device a rank's own steps still come one after another: the star's root,
-    /// with n-1 messages each way, sets the steps term once it has more than the average.
+    /// On a shared device a rank's own messages and kernels still come one after another: the
+    /// star's root, with n-1 messages each way and (central) n-1 folds on the device, sets
+    /// those terms once it has more than the average.
     #[test]
-    fn the_busiest_rank_sets_the_steps_on_a_shared_device() {
-        let mut f = figures(1e15);
-        f.step = 1e-3;
+    fn the_busiest_rank_sets_the_pace_on_a_shared_device() {
         let n = 32;
-        let p = Probe {
-            alone: vec![f; n],
-            together: f,
-            shared: true,
-            bytes: 0,
+        let model = |f: Figures| {
+            let p = Probe {
+                alone: vec![f; n],
+                together: f,
+                shared: true,
+                bytes: 0,
+            };
+            CostModel::new(p, 1 << 30)
         };
-        let m = CostModel::new(p, 1 << 30);
-        // Naive's root: 31 receives, then a fold and a send to 31 peers: (31 + 2) steps in
-        // turn, against the average (33 + 31 x 2) / 32.
-        let t = m.predict(Algorithm::Naive, 4, true);
-        assert!((t.seconds - 33e-3).abs() < 1e-9, "{t:?}");
-        // Halving-doubling: 10 exchanges on every rank.
+        let mut f = figures(1e15);
+        f.frame = 1e-3;
+        let m = model(f);
+        // Naive's and central's root: 31 messages in and 31 out, in turn, against the
+        // average (31 + 31) / 32.
+        for star in [Algorithm::Naive, Algorithm::Central] {
+            let t = m.predict(star, 4, true);
+            assert!((t.seconds - 31e-3).abs() < 1e-9, "{star}: {t:?}");
+        }
+        // Halving-doubling: 5 exchanges each way on every rank; the ring 2 x 31 steps.
         let t = m.predict(Algorithm::HalvingDoubling, 4, true);
         assert!((t.seconds - 10e-3).abs() < 1e-9, "{t:?}");
+        let t = m.predict(Algorithm::Ring, 4, true);
+        assert!((t.seconds - 62e-3).abs() < 1e-9, "{t:?}");
         assert_eq!(m.choose(4, true), Algorithm::HalvingDoubling);
+        // Central's root launches a kernel for each of 31 peers' slices, in turn.
+        let mut f = figures(1e15);
+        f.launch = 1e-3;
+        let m = model(f);
+        let t = m.predict(Algorithm::Central, 4, true);
+        assert!((t.seconds - 31e-3).abs() < 1e-9, "{t:?}");
+        // The ring launches one for each of its 31 reduce-scatter steps, halving-doubling for
+        // each of its 5 halvings; naive none.
+        let t = m.predict(Algorithm::Ring, 4, true);
+        assert!((t.seconds - 31e-3).abs() < 1e-9, "{t:?}");
+        let t = m.predict(Algorithm::HalvingDoubling, 4, true);
+        assert!((t.seconds - 5e-3).abs() < 1e-9, "{t:?}");
+        assert!(m.predict(Algorithm::Naive, 4, true).seconds < 1e-9);
     }
 
-    /// The host-staged algorithms pay a frame per step, in sequence on the busiest rank: the
-    /// staged ring 2(n-1) per slice, halving-doubling on host memory 2·log2(p); the device ring
-    /// none (its steps are device steps).
+    /// Every algorithm pays a frame per message handled in sequence on its busiest rank: the
+    /// rings 2(n-1) per slice, halving-doubling 2·log2(p), the star's root n-1.
     #[test]
     fn frames_by_hand() {
         let mut f = figures(1e15);
@@ -799,11 +874,44 @@ mod tests {
             let t = m.predict_for(Algorithm::Staged, 4, true, true);
             assert!((t.seconds - 6e-3).abs() < 1e-9, "{t:?}");
             assert_eq!(t.bound, "frames");
-            let t = m.predict(Algorithm::StagedHalvingDoubling, 4, true);
-            assert!((t.seconds - 4e-3).abs() < 1e-9, "{t:?}");
-            let t = m.predict(Algorithm::Ring, 4, true);
-            assert!(t.seconds < 1e-9, "{t:?}");
+            for (algo, frames) in [
+                (Algorithm::StagedHalvingDoubling, 4.0),
+                (Algorithm::HalvingDoubling, 4.0),
+                (Algorithm::Ring, 6.0),
+                (Algorithm::Naive, 3.0),
+            ] {
+                let t = m.predict(algo, 4, true);
+                assert!((t.seconds - frames * 1e-3).abs() < 1e-9, "{algo}: {t:?}");
+            }
         }
+    }
+
+    /// A call's fixed cost once a call, whatever the size and the algorithm; its submission's
+    /// too, but where the host-staged ring works in mapped tensors and uses no device.
+    #[test]
+    fn calls_by_hand() {
+        let mut f = figures(1e15);
+        f.call = 1e-3;
+        f.submit = 2e-3;
+        let p = Probe {
+            alone: vec![f; 4],
+            together: f,
+            shared: true,
+            bytes: 0,
+        };
+        let m = CostModel::new(p, 1 << 20);
+        for algo in Algorithm::CONCRETE
+            .into_iter()
+            .chain([Algorithm::Staged, Algorithm::StagedHalvingDoubling])
+        {
+            for bytes in [4, 64 << 20] {
+                let t = m.predict(algo, bytes, false);
+                assert!((t.seconds - 3e-3).abs() < 1e-5, "{algo} {bytes}: {t:?}");
+            }
+        }
+        let t = m.predict_for(Algorithm::Staged, 4, false, true);
+        assert!((t.seconds - 1e-3).abs() < 1e-9, "{t:?}");
+        assert_eq!(t.bound, "call");
     }
 
     /// The floor: one read-back and one upload per rank, all ranks at once on a shared device
