@@ -83,22 +83,13 @@ fn auto_runs_what_the_model_chooses() {
             assert!(v.is_finite() && v > 1e6, "{f:?}");
         }
         assert!(f.step > 0.0 && f.step < 1.0, "{f:?}");
-        // A kernel's launch over a plain step: a difference of two timings, at least 0.
-        assert!(f.launch >= 0.0 && f.launch < 1.0, "{f:?}");
-        // A call's own cost, from rounds of calls: a barrier's round takes time.
-        assert!(f.call > 0.0 && f.call < 1.0, "{f:?}");
-        // A host-staged step and a device call's submission, over what the rest explains:
-        // differences of timings, at least 0; the same on every rank.
-        assert!(f.frame >= 0.0 && f.frame < 1.0, "{f:?}");
-        assert!(f.submit >= 0.0 && f.submit < 1.0, "{f:?}");
-        assert_eq!(
-            (f.call, f.frame, f.submit),
-            (
-                probe.together.call,
-                probe.together.frame,
-                probe.together.submit
-            )
-        );
+        // The call probe's costs: differences of timings (see `Rounds::solve`, tested on
+        // made-up rounds), each at least 0 and below a second; a barrier's round takes time,
+        // so a call and its messages cannot both come out free.
+        for v in [f.launch, f.call, f.frame, f.submit] {
+            assert!((0.0..1.0).contains(&v), "{f:?}");
+        }
+        assert!(f.call + f.frame > 0.0, "{f:?}");
     }
     let model = g.comm(0).cost_model().cloned().expect("model installed");
     for r in 0..3 {

@@ -426,11 +426,13 @@ impl CommGroup {
     /// emulating a network ([`LinkStack::emulate`](crate::link::LinkStack::emulate)) give
     /// the model its link terms from their settings.
     ///
-    /// To time a call's fixed cost ([`Figures::call`]) and a host-staged step
-    /// ([`Figures::frame`]) it runs eight tiny naive and eight tiny host-staged all-reduces on
-    /// every rank: they advance the ranks' call sequence and their `bytes_sent`,
-    /// `device_bytes` and `mapped_calls` counters, set `last_algorithm`, and, if one fails,
-    /// leave the communicators broken as any failed call does.
+    /// To time a call's fixed costs ([`Figures::call`], [`Figures::submit`]) and a message's
+    /// ([`Figures::frame`]) it runs 26 rounds each of barriers, tiny host-staged and tiny naive
+    /// all-reduces on every rank through [`run`](Self::run) (so `call` is what a call made
+    /// that way costs, its threads' start and join included): they advance the ranks' call
+    /// sequence and their `bytes_sent`, `device_bytes` and `mapped_calls` counters, set
+    /// `last_algorithm`, and, if one fails, leave the communicators broken as any failed call
+    /// does.
     pub fn probe(&mut self, bytes: usize) -> Result<Probe> {
         let n = self.size();
         let alone = (0..n)
@@ -502,17 +504,14 @@ impl CommGroup {
         Ok(probe)
     }
 
-    /// A call's fixed cost and a host-staged step's, timed as callers make calls, through
+    /// A call's fixed costs and a message's, timed as callers make calls, through
     /// [`run`](Self::run) round after round ([`CALL_SAMPLES`] of each after a warm-up, in
-    /// turn, the medians): barriers, and tiny host-staged all-reduces (one element per rank).
-    /// The barrier is only frames (n-1 around the ring; from [`TREE_MIN_RANKS`] ranks,
-    /// ceil(log2 n) rounds of dissemination), the staged ring's busiest rank handles 2(n-1)
-    /// and what the figures predict: two rounds, two unknowns, the call's own cost (handing
-    /// it to the ranks and collecting their results, planning it, its first submission and
-    /// its last wait) and a frame's (a frame sent and one taken, folded on the host, every
-    /// rank busy). (0, 0) on one rank.
-    ///
-    /// [`TREE_MIN_RANKS`]: super::communicator::TREE_MIN_RANKS
+    /// turn, the medians): barriers, tiny host-staged and tiny naive all-reduces (one element
+    /// per rank), solved by [`Rounds::solve`]: `call`, what any call made this way costs
+    /// beyond its work (its threads started and joined, its plan); `submit`, what a call that
+    /// submits to the device pays beyond it (its first submission, its last wait); `frame`, a
+    /// message's (a frame sent and one taken, folded on the host, every rank busy). All 0 on
+    /// one rank.
     fn probe_calls(
         &mut self,
         probe: &Probe,
@@ -570,38 +569,26 @@ impl CommGroup {
             v.sort_by(f64::total_cmp);
             v.get(v.len() / 2).copied().unwrap_or(0.0)
         });
-        // What the figures alone predict of the staged round (no call or frame cost yet), for
-        // these tensors: mapped in place where every device has unified memory, as `upload`
-        // makes them. Latencies of an emulated link: each frame's, in sequence.
+        // What the figures alone predict of each round (no call, submission or frame cost yet),
+        // for these tensors: mapped in place where every device has unified memory, as
+        // `upload` makes them.
         let slice = self.comms.first().map_or(1, |c| c.config().slice_bytes);
         let bare = CostModel::new(probe.clone(), slice)
             .with_unified_memory(unified)
             .with_link(link);
-        let rest = bare
-            .predict_for(Algorithm::Staged, n.saturating_mul(4), true, unified)
-            .seconds;
-        let alpha = link.map_or(0.0, |l| l.alpha());
-        let c = (n - 1) as f64;
-        let b = if n < super::communicator::TREE_MIN_RANKS {
-            c
-        } else {
-            f64::from(n.next_power_of_two().ilog2())
+        let bytes = n.saturating_mul(4);
+        let rounds = Rounds {
+            barrier,
+            staged,
+            naive,
+            staged_rest: bare
+                .predict_for(Algorithm::Staged, bytes, true, unified)
+                .seconds,
+            naive_rest: bare
+                .predict_for(Algorithm::Naive, bytes, true, false)
+                .seconds,
         };
-        //   barrier = (a call without the device) + b (frame + alpha)
-        //   staged  = (the same) + 2(n-1) frame + rest
-        let frame = ((staged - rest - barrier + b * alpha) / (2.0 * c - b)).max(0.0);
-        let call = (barrier - b * (frame + alpha)).max(0.0);
-        // A call that uses the device pays more (its first submission, its last wait, its
-        // error scopes): what naive's round has over its steps, its root's frames and `call`.
-        let rest = bare
-            .predict_for(Algorithm::Naive, n.saturating_mul(4), true, false)
-            .seconds;
-        let submit = (naive - rest - c * frame - call).max(0.0);
-        Ok(Calls {
-            call,
-            frame,
-            submit,
-        })
+        Ok(rounds.solve(n, unified, link.map_or(0.0, |l| l.alpha())))
     }
 
     /// Runs one call per rank (in rank order) at once; the first rank's error, if any.
@@ -876,11 +863,67 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// What [`CommGroup::probe`]'s rounds of calls measure (see [`Figures`]).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct Calls {
     call: f64,
     frame: f64,
     submit: f64,
+}
+
+/// The median rounds of the call probe, and what the other figures predict of the staged and
+/// naive ones (no call, submission or frame cost), seconds.
+#[derive(Clone, Copy, Debug)]
+struct Rounds {
+    barrier: f64,
+    staged: f64,
+    naive: f64,
+    staged_rest: f64,
+    naive_rest: f64,
+}
+
+impl Rounds {
+    /// Solves for a call's, a submission's and a frame's cost on `n` ranks, with `alpha`
+    /// seconds of emulated latency a message. The barrier is frames only: n-1 around the ring,
+    /// from [`TREE_MIN_RANKS`](super::communicator::TREE_MIN_RANKS) ranks ceil(log2 n) rounds
+    /// of dissemination; the staged ring's busiest rank handles 2(n-1), naive's root n-1.
+    ///
+    /// ```text
+    /// barrier = call + b (frame + alpha)
+    /// staged  = call + 2(n-1) frame + staged_rest  (+ submit off unified memory)
+    /// naive   = call + submit + (n-1) frame + naive_rest
+    /// ```
+    ///
+    /// In mapped tensors (`unified`) the staged ring submits nothing (its two map waits fall
+    /// into `frame` and `call`), and the barrier and it set `frame` apart from the noisier
+    /// device steps in `naive_rest`; elsewhere it submits as naive does, and the frame comes
+    /// from the two of them. A cost that noise makes negative is 0. (0, 0, 0) on one rank.
+    fn solve(&self, n: usize, unified: bool, alpha: f64) -> Calls {
+        if n < 2 {
+            return Calls::default();
+        }
+        let c = (n - 1) as f64;
+        let b = if n < super::communicator::TREE_MIN_RANKS {
+            c
+        } else {
+            f64::from(n.next_power_of_two().ilog2())
+        };
+        let staged = self.staged - self.staged_rest;
+        let naive = self.naive - self.naive_rest;
+        let frame = if unified {
+            // 2(n-1) - b is at least n-1: b is n-1, or log2 of n >= 16.
+            (staged - self.barrier + b * alpha) / (2.0 * c - b)
+        } else {
+            (staged - naive) / c
+        }
+        .max(0.0);
+        let call = (self.barrier - b * (frame + alpha)).max(0.0);
+        let submit = (naive - c * frame - call).max(0.0);
+        Calls {
+            call,
+            frame,
+            submit,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -893,6 +936,71 @@ mod tests {
         (i.name, i.vendor, i.device) = ("NVIDIA H100 80GB HBM3".into(), 0x10de, 0x2330);
         i.device_pci_bus_id = bus.into();
         i
+    }
+
+    /// Rounds made from known costs by the probe's own equations give those costs back, on
+    /// and off unified memory, on the ring barrier's rank counts and the dissemination's, with
+    /// and without link latency; rounds that noise makes too short give 0, not less.
+    #[test]
+    fn the_call_probe_solves_its_rounds() {
+        let want = Calls {
+            call: 100e-6,
+            frame: 20e-6,
+            submit: 50e-6,
+        };
+        for n in [2, 3, 4, 8, 16, 20, 64] {
+            let c = (n - 1) as f64;
+            let b = if n < 16 { c } else { (n as f64).log2().ceil() };
+            for unified in [true, false] {
+                for alpha in [0.0, 30e-6] {
+                    let (staged_rest, naive_rest) = (7e-6 + 2.0 * c * alpha, 300e-6 + 2.0 * alpha);
+                    let rounds = Rounds {
+                        barrier: want.call + b * (want.frame + alpha),
+                        staged: want.call
+                            + 2.0 * c * want.frame
+                            + staged_rest
+                            + if unified { 0.0 } else { want.submit },
+                        naive: want.call + want.submit + c * want.frame + naive_rest,
+                        staged_rest,
+                        naive_rest,
+                    };
+                    let got = rounds.solve(n, unified, alpha);
+                    for (g, w) in [
+                        (got.call, want.call),
+                        (got.frame, want.frame),
+                        (got.submit, want.submit),
+                    ] {
+                        assert!(
+                            (g - w).abs() < 1e-12,
+                            "n {n} unified {unified} alpha {alpha}: {got:?}"
+                        );
+                    }
+                }
+            }
+        }
+        // Rounds that noise made too short: a staged round shorter than the barrier (mapped)
+        // or than naive's (staged through host memory) gives no negative frame, and the
+        // barrier is all call; a naive round shorter than its steps, no negative submission.
+        let noisy = Rounds {
+            barrier: 100e-6,
+            staged: 90e-6,
+            naive: 500e-6,
+            staged_rest: 0.0,
+            naive_rest: 100e-6,
+        };
+        for unified in [true, false] {
+            let got = noisy.solve(4, unified, 0.0);
+            assert_eq!(got.frame, 0.0, "{got:?}");
+            assert!((got.call - 100e-6).abs() < 1e-12, "{got:?}");
+            assert!((got.submit - 300e-6).abs() < 1e-12, "{got:?}");
+        }
+        let noisy = Rounds {
+            naive: 200e-6,
+            naive_rest: 400e-6,
+            ..noisy
+        };
+        assert_eq!(noisy.solve(4, true, 0.0).submit, 0.0);
+        assert_eq!(noisy.solve(1, true, 0.0), Calls::default());
     }
 
     #[test]

@@ -132,19 +132,29 @@ impl Communicator {
             self.upload_all(&host[..4], &b, deadline, at)?;
             Ok(t.elapsed().as_secs_f64())
         })?;
+        sync()?;
+        let deadline = deadline_after(timeout);
         // A step that folds on the device, as the executor folds a received slice: the same
         // read-back, then the 4 bytes staged and reduced by a kernel in one submission. What
-        // it costs over a plain step, the two timed in turn (drift and load hit both alike),
-        // is the kernel's launch.
+        // it costs over a plain step, the two timed in turn (drift and load hit both alike;
+        // which goes first alternates), is the kernel's launch.
+        let mut folds_first = false;
         let launch = median(STEP_SAMPLES, || {
-            let t = Instant::now();
-            self.readback_all(&a, 4, deadline)?;
-            self.upload_all(&host[..4], &b, deadline, at)?;
-            let plain = t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            self.readback_all(&a, 4, deadline)?;
-            self.upload_fold(&host[..4], &b, deadline, at)?;
-            Ok(t.elapsed().as_secs_f64() - plain)
+            folds_first = !folds_first;
+            let mut plain = 0.0;
+            let mut folding = 0.0;
+            for fold in [folds_first, !folds_first] {
+                let t = Instant::now();
+                self.readback_all(&a, 4, deadline)?;
+                if fold {
+                    self.upload_fold(&host[..4], &b, deadline, at)?;
+                    folding = t.elapsed().as_secs_f64();
+                } else {
+                    self.upload_all(&host[..4], &b, deadline, at)?;
+                    plain = t.elapsed().as_secs_f64();
+                }
+            }
+            Ok(folding - plain)
         })?;
         let figures = Figures {
             upload: upload.0,

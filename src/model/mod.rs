@@ -37,7 +37,8 @@ pub struct Figures {
     pub reduce: f64,
     /// The host's own reduce, bytes of `dst`/s.
     pub host_reduce: f64,
-    /// Fixed cost of one pipeline step (a small read-back plus a small upload and kernel), s.
+    /// Fixed cost of one pipeline step (a small read-back, then a small upload, each waited
+    /// for; no kernel: see `launch`), s.
     pub step: f64,
     /// The adapter's own buffer copy (`copy_buffer_to_buffer`), bytes copied/s: what device
     /// copies of 4-byte-aligned data cost, and the yardstick for the kernels.
@@ -63,6 +64,22 @@ pub struct Figures {
     /// What a step that folds on the device (a received slice staged and reduced by a kernel
     /// in one submission) costs over a plain `step`, s: the kernel's launch.
     pub launch: f64,
+}
+
+impl Figures {
+    /// The figures with every fixed cost that is not a finite number of at least 0 taken as 0
+    /// (its fields are public: a hand-built NaN or infinity must not win `choose`).
+    fn cleaned(&self) -> Figures {
+        let c = |x: f64| if x.is_finite() && x > 0.0 { x } else { 0.0 };
+        Figures {
+            step: c(self.step),
+            frame: c(self.frame),
+            call: c(self.call),
+            submit: c(self.submit),
+            launch: c(self.launch),
+            ..*self
+        }
+    }
 }
 
 /// What a probe measured: each device alone, all at once, and whether devices share adapters.
@@ -175,6 +192,7 @@ impl Work {
     }
 
     fn terms(&self, f: &Figures) -> Vec<(&'static str, f64)> {
+        let f = f.cleaned();
         let t = |bytes: f64, rate: f64| {
             if bytes > 0.0 {
                 bytes / rate.max(1.0)
@@ -277,7 +295,10 @@ impl CostModel {
                 let busiest = works
                     .iter()
                     .zip(&self.probe.alone)
-                    .map(|(w, f)| w.steps * f.step + w.launches * f.launch)
+                    .map(|(w, f)| {
+                        let f = f.cleaned();
+                        w.steps * f.step + w.launches * f.launch
+                    })
                     .fold(0.0, f64::max);
                 s.1 = (s.1 / n as f64).max(busiest);
             }
@@ -285,7 +306,7 @@ impl CostModel {
             // one after another.
             if let Some(s) = t.iter_mut().find(|t| t.0 == "frames") {
                 let busiest = works.iter().map(|w| w.frames).fold(0.0, f64::max);
-                s.1 = busiest * self.probe.together.frame;
+                s.1 = busiest * self.probe.together.cleaned().frame;
             }
             t
         } else {
@@ -323,7 +344,10 @@ impl CostModel {
         // beside neither the devices nor the link): the slowest rank's; with its submission,
         // but in mapped tensors on the host.
         let device = !(mapped && algo == Algorithm::Staged);
-        let once = |f: &Figures| f.call + if device { f.submit } else { 0.0 };
+        let once = |f: &Figures| {
+            let f = f.cleaned();
+            f.call + if device { f.submit } else { 0.0 }
+        };
         let call = if self.probe.shared {
             once(&self.probe.together)
         } else {
@@ -585,7 +609,7 @@ fn work(
                     upload: s,
                     copy: oop_copy,
                     steps: whole,
-                    frames: 2.0 * whole,
+                    frames: whole,
                     wire,
                     hops,
                     ..Work::default()
@@ -599,7 +623,7 @@ fn work(
                 host: 0.0,
                 steps: 2.0 * exchanges + fold * whole,
                 launches: exchanges + fold * whole,
-                frames: 2.0 * exchanges + fold * 2.0 * whole,
+                frames: 2.0 * exchanges + fold * whole,
                 wire,
                 hops,
             }
@@ -625,7 +649,7 @@ fn work(
                     upload: s,
                     host: s,
                     steps: whole,
-                    frames: 2.0 * whole,
+                    frames: whole,
                     wire,
                     hops,
                     ..Work::default()
@@ -636,7 +660,7 @@ fn work(
                 upload: s,
                 host: 4.0 * (pf - 1.0) / pf * s + fold * 2.0 * s,
                 steps: whole,
-                frames: 2.0 * exchanges + fold * 2.0 * whole,
+                frames: 2.0 * exchanges + fold * whole,
                 wire,
                 hops,
                 ..Work::default()
@@ -830,8 +854,8 @@ mod tests {
         let mut f = figures(1e15);
         f.frame = 1e-3;
         let m = model(f);
-        // Naive's and central's root: 31 messages in and 31 out, in turn, against the
-        // average (31 + 31) / 32.
+        // Naive's and central's root: 31 messages in and 31 out (31 frames), in turn: the
+        // busiest rank's frames, not the average.
         for star in [Algorithm::Naive, Algorithm::Central] {
             let t = m.predict(star, 4, true);
             assert!((t.seconds - 31e-3).abs() < 1e-9, "{star}: {t:?}");
@@ -857,32 +881,83 @@ mod tests {
         assert!(m.predict(Algorithm::Naive, 4, true).seconds < 1e-9);
     }
 
-    /// Every algorithm pays a frame per message handled in sequence on its busiest rank: the
-    /// rings 2(n-1) per slice, halving-doubling 2·log2(p), the star's root n-1.
+    /// Every algorithm pays a frame per message exchanged (a frame sent and one taken; one of
+    /// them alone, half) in sequence on its busiest rank: the rings 2(n-1) per slice,
+    /// halving-doubling 2·log2(p) plus, on a rank that folds a partner in, its buffer in and
+    /// the result out, the star's root n-1.
     #[test]
     fn frames_by_hand() {
         let mut f = figures(1e15);
         f.frame = 1e-3;
         for shared in [false, true] {
-            let p = Probe {
-                alone: vec![f; 4],
-                together: f,
-                shared,
-                bytes: 0,
-            };
-            let m = CostModel::new(p, 1 << 30);
-            let t = m.predict_for(Algorithm::Staged, 4, true, true);
-            assert!((t.seconds - 6e-3).abs() < 1e-9, "{t:?}");
-            assert_eq!(t.bound, "frames");
-            for (algo, frames) in [
-                (Algorithm::StagedHalvingDoubling, 4.0),
-                (Algorithm::HalvingDoubling, 4.0),
-                (Algorithm::Ring, 6.0),
-                (Algorithm::Naive, 3.0),
+            for (n, want) in [
+                (
+                    4,
+                    [
+                        (Algorithm::StagedHalvingDoubling, 4.0),
+                        (Algorithm::HalvingDoubling, 4.0),
+                        (Algorithm::Ring, 6.0),
+                        (Algorithm::Naive, 3.0),
+                        (Algorithm::Central, 3.0),
+                    ],
+                ),
+                (
+                    3,
+                    [
+                        (Algorithm::StagedHalvingDoubling, 3.0),
+                        (Algorithm::HalvingDoubling, 3.0),
+                        (Algorithm::Ring, 4.0),
+                        (Algorithm::Naive, 2.0),
+                        (Algorithm::Central, 2.0),
+                    ],
+                ),
             ] {
-                let t = m.predict(algo, 4, true);
-                assert!((t.seconds - frames * 1e-3).abs() < 1e-9, "{algo}: {t:?}");
+                let p = Probe {
+                    alone: vec![f; n],
+                    together: f,
+                    shared,
+                    bytes: 0,
+                };
+                let m = CostModel::new(p, 1 << 30);
+                let t = m.predict_for(Algorithm::Staged, 4, true, true);
+                let ring = 2.0 * (n - 1) as f64;
+                assert!((t.seconds - ring * 1e-3).abs() < 1e-9, "{t:?}");
+                assert_eq!(t.bound, "frames");
+                for (algo, frames) in want {
+                    let t = m.predict(algo, 4, true);
+                    assert!(
+                        (t.seconds - frames * 1e-3).abs() < 1e-9,
+                        "{n} ranks, {algo}: {t:?}"
+                    );
+                }
             }
+        }
+    }
+
+    /// A fixed cost that is not a number of at least 0 costs nothing: a NaN (which sorts
+    /// first) must not make its algorithm the choice.
+    #[test]
+    fn figures_that_are_not_numbers_cost_nothing() {
+        let mut f = figures(1e9);
+        f.step = 1e-3;
+        let m = |f: Figures| {
+            CostModel::new(
+                Probe {
+                    alone: vec![f; 4],
+                    together: f,
+                    shared: true,
+                    bytes: 0,
+                },
+                1 << 20,
+            )
+        };
+        let base = m(f).predict(Algorithm::Ring, 4096, true).seconds;
+        for bad in [f64::NAN, f64::INFINITY, -1.0] {
+            let mut g = f;
+            (g.launch, g.frame, g.call, g.submit) = (bad, bad, bad, bad);
+            let t = m(g).predict(Algorithm::Ring, 4096, true);
+            assert_eq!(t.seconds, base, "{bad}: {t:?}");
+            assert_eq!(m(g).choose(4096, true), m(f).choose(4096, true), "{bad}");
         }
     }
 
