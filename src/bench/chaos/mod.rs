@@ -36,7 +36,8 @@ pub(in crate::bench) mod ps;
 mod trial;
 
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
@@ -521,5 +522,27 @@ impl ChaosReport {
             if self.failed() { "FAILED" } else { "passed" }
         );
         s
+    }
+}
+
+/// Joins each of `threads` once it has ended, waiting for that until `give_up`. A trial's
+/// thread that has sent its last report (its device torn down) still runs its thread-local
+/// destructors on the way out, the OpenGL driver's per-thread state among them; a thread
+/// still in them when the program exits runs beside the driver's own exit handlers, and on
+/// Mesa's OpenGL the two corrupted the heap ("corrupted size vs. prev_size in fastbins",
+/// after a campaign that passed: a core showed a `chaos rank` thread in its exit and the main
+/// thread in `libgbm`'s). A thread still running at `give_up` (a hung rank, which the
+/// campaign reports) is left.
+pub(crate) fn join_ended(threads: Vec<JoinHandle<()>>, give_up: Instant) {
+    for t in threads {
+        // `join` has no deadline: poll for the end first. What is left of a thread that has
+        // reported is its exit, microseconds; the poll only waits that out.
+        while !t.is_finished() && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        if t.is_finished() {
+            // Its closure catches panics; nothing to report from the join.
+            let _ = t.join();
+        }
     }
 }

@@ -168,10 +168,11 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
         _ => vec![victim],
     };
     let (tx, rx) = mpsc::channel();
+    let mut threads = Vec::with_capacity(n);
     for sv in servers {
         let tx = tx.clone();
         let r = sv.rank();
-        spawn(format!("chaos server {r}"), move || {
+        let thread = spawn(format!("chaos server {r}"), move || {
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sv.serve()));
             let _ = tx.send(match ran {
                 Ok(rep) => Done::Server(r, rep),
@@ -182,12 +183,13 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
             at: crate::At::rank(r),
             message: m,
         })?;
+        threads.push(thread);
     }
     for mut w in ranks {
         let tx = tx.clone();
         let r = SERVERS + w.index();
         let wait = if r == victim { late } else { Duration::ZERO };
-        spawn(format!("chaos worker {r}"), move || {
+        let thread = spawn(format!("chaos worker {r}"), move || {
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
                 let out = work(&mut w, len, wait, late_step);
                 // A worker that failed drops its end: the servers see it gone and finish.
@@ -210,6 +212,7 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
             at: crate::At::rank(r),
             message: m,
         })?;
+        threads.push(thread);
     }
     drop(tx);
 
@@ -246,6 +249,8 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
             }
         }
     }
+    // Every server and worker has reported, its device gone: see it out.
+    super::join_ended(threads, give_up);
     // A kill is armed on the server (the victim).
     trial.fired = super::trial::fired(fault, &plan, victim);
     let dead = plan.is_killed(server).then_some(server);
@@ -339,10 +344,12 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
 }
 
 /// Starts a named thread; the error as text.
-fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
+fn spawn(
+    name: String,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, String> {
     std::thread::Builder::new()
         .name(name)
         .spawn(f)
-        .map(drop)
         .map_err(|e| format!("cannot start a thread: {e}"))
 }

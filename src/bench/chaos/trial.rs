@@ -193,6 +193,8 @@ enum Report {
 struct Ranks {
     rx: mpsc::Receiver<Report>,
     go: Vec<mpsc::Sender<()>>,
+    /// The ranks' threads, joined once they have ended (see [`super::join_ended`]).
+    threads: Vec<std::thread::JoinHandle<()>>,
     n: usize,
     gone: std::cell::Cell<usize>,
     within: Duration,
@@ -211,6 +213,7 @@ impl Drop for Ranks {
                 Err(_) => break,
             }
         }
+        super::join_ended(std::mem::take(&mut self.threads), give_up);
     }
 }
 
@@ -298,6 +301,7 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
 
     let (tx, rx) = mpsc::channel();
     let mut go = Vec::with_capacity(n);
+    let mut threads = Vec::with_capacity(n);
     let start = Instant::now();
     for (rank, comm) in comms.into_iter().enumerate() {
         let tx = tx.clone();
@@ -316,18 +320,20 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
         let wait_for_go = watchdog(deadline, late);
         // Not scoped: a rank that hangs must not hang the campaign; the watchdog below gives
         // up on it and the campaign stops with the verdict.
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("chaos rank {rank}"))
             .spawn(move || rank_thread(job, &tx, &go_rx, wait_for_go))
             .map_err(|e| Error::InvalidArgument {
                 at: crate::At::rank(rank),
                 message: format!("cannot start the rank's thread: {e}"),
             })?;
+        threads.push(thread);
     }
     drop(tx);
     let ranks = Ranks {
         rx,
         go,
+        threads,
         n,
         gone: std::cell::Cell::new(0),
         within: watchdog(deadline, late),
