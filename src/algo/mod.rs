@@ -18,7 +18,9 @@ mod ring_barrier;
 mod ring_reduce_scatter;
 #[cfg(test)]
 mod simulate;
+mod staged_all_gather;
 mod staged_halving_doubling_all_reduce;
+mod staged_reduce_scatter;
 mod staged_ring_all_reduce;
 mod tree_broadcast;
 mod tree_reduce;
@@ -36,7 +38,9 @@ pub use ring_all_gather::ring_all_gather;
 pub use ring_all_reduce::ring_all_reduce;
 pub use ring_barrier::ring_barrier;
 pub use ring_reduce_scatter::ring_reduce_scatter;
+pub use staged_all_gather::staged_all_gather;
 pub use staged_halving_doubling_all_reduce::staged_halving_doubling_all_reduce;
+pub use staged_reduce_scatter::staged_reduce_scatter;
 pub use staged_ring_all_reduce::staged_ring_all_reduce;
 pub use tree_broadcast::tree_broadcast;
 pub use tree_reduce::tree_reduce;
@@ -65,6 +69,11 @@ pub enum Algorithm {
     /// upload: the ring's link traffic, and N bytes each way between device and host instead
     /// of the device ring's 2(n-1)/n·N; on a unified-memory device, in tensors mapped in
     /// place, none at all. `Auto` weighs it only there (elsewhere its model entry is rough).
+    ///
+    /// Reduce-scatter and all-gather run on host memory too with it ([`staged_reduce_scatter`],
+    /// [`staged_all_gather`]): one read-back of the input (all-gather: of this rank's piece),
+    /// the ring's steps between host memories, and one upload of the result, with no device
+    /// round trip per step. Every other algorithm runs them as the device ring; `Auto` does.
     Staged = 4,
     /// Recursive halving-doubling (Rabenseifner): a reduce-scatter by recursive halving and an
     /// all-gather by recursive doubling among p, the largest power of two at most n: 2·log2(p)

@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 use super::plan::{Action, Buf, Fold, Plan, Region, Source};
 use super::{
     Algorithm, central_all_reduce, chain_broadcast, chain_reduce, halving_doubling_all_reduce,
-    naive_all_reduce, ring_all_gather, ring_all_reduce, ring_reduce_scatter,
-    staged_halving_doubling_all_reduce, staged_ring_all_reduce,
+    naive_all_reduce, ring_all_gather, ring_all_reduce, ring_reduce_scatter, staged_all_gather,
+    staged_halving_doubling_all_reduce, staged_reduce_scatter, staged_ring_all_reduce,
 };
 use crate::types::{Combine, ReduceOp};
 
@@ -680,6 +680,105 @@ fn staged_halving_doubling_moves_the_same_frames_and_one_buffer_each_way() {
                 }
             }
             assert_eq!((down, up), (count, count), "n={n} r={r}");
+        }
+    }
+}
+
+/// The host-staged reduce-scatter and all-gather on 1 to 16 ranks, every op, sizes below and
+/// above the rank count and the slice, against the f64 reference; frame for frame what the
+/// device rings send and receive; and per rank one read-back of the input and one upload of
+/// the result (all-gather: its own piece in, the others' pieces out, its own piece copied on
+/// the device), with every frame sent from and received into host memory.
+#[test]
+fn staged_reduce_scatter_and_all_gather_on_1_to_16_ranks() {
+    type Step = (Option<(usize, usize)>, Option<(usize, usize, Combine)>);
+    let frames = |p: &Plan| -> Vec<Step> {
+        p.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Transfer(t) => Some((
+                    t.send.map(|(to, s)| match s {
+                        Source::Device(r) => (to, r.len),
+                        _ => (to, usize::MAX),
+                    }),
+                    t.recv.map(|r| (r.from, r.dst.len, r.combine)),
+                )),
+                _ => None,
+            })
+            .collect()
+    };
+    // (read back, uploaded, copied on the device), in elements; every frame on host memory, and
+    // every read-back and upload within a slice (a staging slot holds one).
+    let traffic = |p: &Plan, slice: usize| {
+        let (mut down, mut up, mut dev) = (0, 0, 0);
+        for a in &p.actions {
+            match a {
+                Action::Copy { src, dst } => match (src.buf, dst.buf) {
+                    (Buf::Host, Buf::Host) => panic!("a host copy {src:?}"),
+                    (_, Buf::Host) | (Buf::Host, _) if src.len > slice => {
+                        panic!("a copy of {} elements past a slice of {slice}", src.len)
+                    }
+                    (_, Buf::Host) => down += src.len,
+                    (Buf::Host, _) => up += src.len,
+                    _ => dev += src.len,
+                },
+                Action::Transfer(t) => {
+                    if let Some((_, Source::Device(r))) = t.send {
+                        assert_eq!(r.buf, Buf::Host, "{t:?}");
+                    }
+                    if let Some(r) = t.recv {
+                        assert_eq!(r.dst.buf, Buf::Host, "{t:?}");
+                    }
+                }
+                Action::Scale { dst, .. } => assert_eq!(dst.buf, Buf::Host),
+            }
+        }
+        (down, up, dev)
+    };
+    for n in 1..=16 {
+        for &count in &SIZES {
+            for &slice in &SLICES {
+                for op in ReduceOp::ALL {
+                    let x = inputs(n, n * count, n as u64 + 5);
+                    let plans: Vec<Plan> = (0..n)
+                        .map(|r| staged_reduce_scatter(n, r, count, op, slice))
+                        .collect();
+                    for (r, p) in plans.iter().enumerate() {
+                        let ring = ring_reduce_scatter(n, r, count, op, slice);
+                        assert_eq!(frames(p), frames(&ring), "n={n} r={r} {op:?}");
+                        if n > 1 {
+                            assert_eq!(traffic(p, slice), (n * count, count, 0), "n={n} r={r}");
+                        }
+                    }
+                    for (r, o) in simulate(plans, x.clone(), count, false).iter().enumerate() {
+                        for (i, got) in o.iter().enumerate() {
+                            let e = reduce(op, &x, r * count + i);
+                            assert!(
+                                (got - e).abs() <= 1e-9 * e.abs(),
+                                "staged reduce_scatter n={n} r={r} i={i} {op:?}: {got} vs {e}"
+                            );
+                        }
+                    }
+                }
+                let x = inputs(n, count, n as u64 + 9);
+                let plans: Vec<Plan> = (0..n)
+                    .map(|r| staged_all_gather(n, r, count, slice))
+                    .collect();
+                for (r, p) in plans.iter().enumerate() {
+                    let ring = ring_all_gather(n, r, count, slice);
+                    assert_eq!(frames(p), frames(&ring), "n={n} r={r}");
+                    if n > 1 {
+                        assert_eq!(
+                            traffic(p, slice),
+                            (count, (n - 1) * count, count),
+                            "n={n} r={r}"
+                        );
+                    }
+                }
+                for o in simulate(plans, x.clone(), n * count, false) {
+                    assert_eq!(o, x.concat(), "staged all_gather n={n} count={count}");
+                }
+            }
         }
     }
 }

@@ -378,7 +378,7 @@ pub fn run(
                         (label, Some((p.seconds * 1e6, p.bound.to_string())))
                     }
                     (CollectiveKind::AllReduce, None) => (algo.to_string(), None),
-                    (kind, _) => (path(kind, n, shape.total, s.dtype).to_string(), None),
+                    (kind, _) => (path(kind, algo, n, shape.total, s.dtype).to_string(), None),
                 };
                 let row = Row {
                     size: (shape.total * es) as u64,
@@ -426,9 +426,19 @@ pub fn run(
 
 /// The algorithm a call of the other collectives runs, as the communicator picks it (not
 /// finishing among survivors): binomial trees for short broadcasts and reduces on many ranks,
-/// else chains; the dissemination barrier on many ranks, else the ring.
-fn path(kind: CollectiveKind, n: usize, count: usize, dtype: DType) -> &'static str {
+/// else chains; the dissemination barrier on many ranks, else the ring; reduce-scatter and
+/// all-gather on host memory where `algo` is `Staged`, else the device ring.
+fn path(
+    kind: CollectiveKind,
+    algo: Algorithm,
+    n: usize,
+    count: usize,
+    dtype: DType,
+) -> &'static str {
     match kind {
+        CollectiveKind::ReduceScatter | CollectiveKind::AllGather if algo == Algorithm::Staged => {
+            "staged"
+        }
         CollectiveKind::Broadcast | CollectiveKind::Reduce => {
             if crate::comm::on_tree(n, count, dtype) {
                 "tree"
@@ -749,15 +759,33 @@ mod tests {
     #[test]
     fn the_path_label_follows_the_communicator() {
         let (b, r) = (CollectiveKind::Broadcast, CollectiveKind::Reduce);
-        assert_eq!(path(b, 17, 16_384, DType::F32), "tree");
-        assert_eq!(path(r, 17, 16_385, DType::F32), "chain");
-        assert_eq!(path(r, 15, 1, DType::F32), "chain");
-        assert_eq!(path(b, 16, 32_768, DType::F16), "tree");
+        assert_eq!(path(b, Algorithm::Ring, 17, 16_384, DType::F32), "tree");
+        assert_eq!(path(r, Algorithm::Ring, 17, 16_385, DType::F32), "chain");
+        assert_eq!(path(r, Algorithm::Ring, 15, 1, DType::F32), "chain");
+        assert_eq!(path(b, Algorithm::Ring, 16, 32_768, DType::F16), "tree");
         assert_eq!(
-            path(CollectiveKind::Barrier, 16, 0, DType::F32),
+            path(CollectiveKind::Barrier, Algorithm::Ring, 16, 0, DType::F32),
             "dissemination"
         );
-        assert_eq!(path(CollectiveKind::Barrier, 15, 0, DType::F32), "ring");
-        assert_eq!(path(CollectiveKind::AllGather, 64, 1, DType::F32), "ring");
+        assert_eq!(
+            path(CollectiveKind::Barrier, Algorithm::Ring, 15, 0, DType::F32),
+            "ring"
+        );
+        assert_eq!(
+            path(
+                CollectiveKind::AllGather,
+                Algorithm::Ring,
+                64,
+                1,
+                DType::F32
+            ),
+            "ring"
+        );
+        for kind in [CollectiveKind::AllGather, CollectiveKind::ReduceScatter] {
+            assert_eq!(path(kind, Algorithm::Staged, 4, 1, DType::F32), "staged");
+            assert_eq!(path(kind, Algorithm::Auto, 4, 1, DType::F32), "ring");
+        }
+        // Broadcast has no staged path: what it runs, whatever was asked.
+        assert_eq!(path(b, Algorithm::Staged, 17, 16_384, DType::F32), "tree");
     }
 }

@@ -1072,7 +1072,14 @@ impl Communicator {
                     disjoint_or_same(at, &input, &output)?;
                 }
                 let se = slice / input.dtype.size();
-                let plan = algo::ring_reduce_scatter(n, r, output.count, op, se);
+                // `Staged` on host memory; every other algorithm is the device ring (the
+                // header tells ranks that disagree apart).
+                let plan = if algorithm == Algorithm::Staged {
+                    header.algo = algorithm.code();
+                    algo::staged_reduce_scatter(n, r, output.count, op, se)
+                } else {
+                    algo::ring_reduce_scatter(n, r, output.count, op, se)
+                };
                 header.count = output.count as u64;
                 (plan, input, output, Some(op))
             }
@@ -1088,7 +1095,13 @@ impl Communicator {
                     disjoint_or_same(at, &input, &output)?;
                 }
                 let se = slice / input.dtype.size();
-                let plan = algo::ring_all_gather(n, r, input.count, se);
+                // As reduce-scatter: `Staged` on host memory, else the device ring.
+                let plan = if algorithm == Algorithm::Staged {
+                    header.algo = algorithm.code();
+                    algo::staged_all_gather(n, r, input.count, se)
+                } else {
+                    algo::ring_all_gather(n, r, input.count, se)
+                };
                 header.count = input.count as u64;
                 (plan, input, output, None)
             }
