@@ -311,10 +311,25 @@ pub fn run(
     } else {
         vec![None]
     };
-    let algos: Vec<Algorithm> = if s.kind == CollectiveKind::AllReduce {
-        s.algos.clone()
-    } else {
-        vec![Algorithm::Ring]
+    let algos: Vec<Algorithm> = match s.kind {
+        CollectiveKind::AllReduce => s.algos.clone(),
+        // Staged on host memory, every other algorithm as the device ring: a row for each
+        // that runs.
+        CollectiveKind::ReduceScatter | CollectiveKind::AllGather => {
+            let mut v: Vec<Algorithm> = Vec::new();
+            for a in &s.algos {
+                let runs = if *a == Algorithm::Staged {
+                    Algorithm::Staged
+                } else {
+                    Algorithm::Ring
+                };
+                if !v.contains(&runs) {
+                    v.push(runs);
+                }
+            }
+            v
+        }
+        _ => vec![Algorithm::Ring],
     };
     let total_steps = (shapes.len() * ops.len() * algos.len()) as u64;
     let progress = progress_bar(total_steps);
