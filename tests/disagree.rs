@@ -351,60 +351,76 @@ fn every_rank_errs_when_ranks_disagree_on_8_ranks() {
     every_rank_errs(8);
 }
 
-/// Ranks that disagree on the all-reduce algorithm (one runs halving-doubling, the others the
-/// ring, and the other way round): the algorithm is in every frame's header, so every rank
-/// fails (a mismatch, the abort of a rank that found one, or the deadline where no rank reads
-/// the other plan's frames), none returns Ok, and the rebuilt group's next call is exact.
+/// Ranks that disagree on the algorithm (one runs halving-doubling, the others the ring, and
+/// the other way round; for reduce-scatter and all-gather, one the host-staged ring, the
+/// others the device ring): the algorithm is in every frame's header, so every rank fails (a
+/// mismatch, the abort of a rank that found one, or the deadline where no rank reads the other
+/// plan's frames), none returns Ok, and the rebuilt group's next call is exact. The staged and
+/// device rings send the same frames: only the header tells them apart, and it must.
 #[test]
 fn every_rank_errs_when_ranks_disagree_on_the_algorithm() {
-    use wccl::Algorithm::{HalvingDoubling, Ring};
+    use wccl::Algorithm::{HalvingDoubling, Ring, Staged};
+    let cases = [
+        (CollectiveKind::AllReduce, HalvingDoubling),
+        (CollectiveKind::ReduceScatter, Staged),
+        (CollectiveKind::AllGather, Staged),
+    ];
     for n in [3, 4, 6] {
         let mut group = common::group(n);
-        for (mine, theirs) in [(HalvingDoubling, Ring), (Ring, HalvingDoubling)] {
-            for odd in [0, n - 1] {
-                let what = format!("{n} ranks, rank {odd} runs {mine}, the others {theirs}");
-                let calls = vec![Call::agreed(CollectiveKind::AllReduce); n];
-                let bufs = buffers(&mut group, &calls);
-                let colls: Vec<Collective<'_>> =
-                    (0..n).map(|r| collective(calls[r], n, &bufs[r])).collect();
-                let results = group.run_each(|c| {
-                    let algorithm = if c.rank() == odd { mine } else { theirs };
-                    let opts = CallOptions {
-                        algorithm: Some(algorithm),
-                        ..CallOptions::timeout(Duration::from_secs(2))
-                    };
-                    c.run(colls[c.rank()], opts).map(drop)
-                });
-                for (r, res) in results.iter().enumerate() {
-                    match res {
-                        Ok(()) => panic!("{what}: rank {r} returned Ok"),
-                        Err(
-                            Error::Mismatch { .. }
-                            | Error::PeerAborted { .. }
-                            | Error::Timeout { .. },
-                        ) => {}
-                        Err(e) => panic!("{what}: rank {r}: {e}"),
+        for (kind, other) in cases {
+            for (mine, theirs) in [(other, Ring), (Ring, other)] {
+                for odd in [0, n - 1] {
+                    let what = format!(
+                        "{kind:?} on {n} ranks, rank {odd} runs {mine}, the others {theirs}"
+                    );
+                    let calls = vec![Call::agreed(kind); n];
+                    let bufs = buffers(&mut group, &calls);
+                    let colls: Vec<Collective<'_>> =
+                        (0..n).map(|r| collective(calls[r], n, &bufs[r])).collect();
+                    let results = group.run_each(|c| {
+                        let algorithm = if c.rank() == odd { mine } else { theirs };
+                        let opts = CallOptions {
+                            algorithm: Some(algorithm),
+                            ..CallOptions::timeout(Duration::from_secs(2))
+                        };
+                        c.run(colls[c.rank()], opts).map(drop)
+                    });
+                    for (r, res) in results.iter().enumerate() {
+                        match res {
+                            Ok(()) => panic!("{what}: rank {r} returned Ok"),
+                            Err(
+                                Error::Mismatch { .. }
+                                | Error::PeerAborted { .. }
+                                | Error::Timeout { .. },
+                            ) => {}
+                            Err(e) => panic!("{what}: rank {r}: {e}"),
+                        }
                     }
+                    // Found by a header (a rank read a frame of the other algorithm) or, where no
+                    // rank reads one (each waits on a peer the other plan does not send to), by the
+                    // deadline, as the chains' root disagreements are.
+                    let named = results.iter().any(|r| {
+                        matches!(
+                            r,
+                            Err(Error::Mismatch {
+                                field: "algorithm",
+                                ..
+                            })
+                        )
+                    });
+                    let timed_out = results
+                        .iter()
+                        .any(|r| matches!(r, Err(Error::Timeout { .. })));
+                    if other == Staged {
+                        // The same frames both ways: every frame is read, and its header named.
+                        assert!(named, "{what}: {results:?}");
+                    } else {
+                        assert!(named || timed_out, "{what}: {results:?}");
+                    }
+                    group.rebuild();
+                    exact(&mut group, kind);
+                    group.rebuild();
                 }
-                // Found by a header (a rank read a frame of the other algorithm) or, where no
-                // rank reads one (each waits on a peer the other plan does not send to), by the
-                // deadline, as the chains' root disagreements are.
-                let named = results.iter().any(|r| {
-                    matches!(
-                        r,
-                        Err(Error::Mismatch {
-                            field: "algorithm",
-                            ..
-                        })
-                    )
-                });
-                let timed_out = results
-                    .iter()
-                    .any(|r| matches!(r, Err(Error::Timeout { .. })));
-                assert!(named || timed_out, "{what}: {results:?}");
-                group.rebuild();
-                exact(&mut group, CollectiveKind::AllReduce);
-                group.rebuild();
             }
         }
     }

@@ -83,13 +83,12 @@ fn auto_runs_what_the_model_chooses() {
             assert!(v.is_finite() && v > 1e6, "{f:?}");
         }
         assert!(f.step > 0.0 && f.step < 1.0, "{f:?}");
-        // The call probe's costs: differences of timings (see `Rounds::solve`, tested on
-        // made-up rounds), each at least 0 and below a second; a barrier's round takes time,
-        // so a call and its messages cannot both come out free.
+        // The call probe's costs are differences of timings, clamped at 0 (`Rounds::solve`,
+        // tested on made-up rounds in `comm::group`): here only that none is absurd, a second
+        // or more for a tiny call.
         for v in [f.launch, f.call, f.frame, f.submit] {
             assert!((0.0..1.0).contains(&v), "{f:?}");
         }
-        assert!(f.call + f.frame > 0.0, "{f:?}");
     }
     let model = g.comm(0).cost_model().cloned().expect("model installed");
     for r in 0..3 {

@@ -51,7 +51,7 @@ pub(crate) fn slices_per_chunk(largest_chunk: usize, slice_elems: usize) -> usiz
     largest_chunk.div_ceil(slice_elems.max(1)).max(1)
 }
 
-/// How an all-reduce is carried out.
+/// How an all-reduce is carried out (and, `Staged`, a reduce-scatter or an all-gather).
 ///
 /// Non-exhaustive: new algorithms are not breaking changes, so a `match` needs a `_` arm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

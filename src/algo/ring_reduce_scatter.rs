@@ -27,13 +27,49 @@ pub fn ring_reduce_scatter(
         Region::new(Buf::Input, 0, n * count),
         Region::new(Buf::Scratch, 0, n * count),
     );
-    let chunk = |c: usize| Region::new(Buf::Scratch, (c % n) * count, count);
+    steps(
+        &mut plan,
+        Buf::Scratch,
+        n,
+        rank,
+        count,
+        op,
+        slice_elems,
+        |_, _| {},
+    );
+    plan.copy(Region::new(Buf::Scratch, rank * count, count), out);
+    if op == ReduceOp::Avg {
+        plan.scale(out, n as u32);
+    }
+    plan
+}
+
+/// The ring's n-1 steps over `n` chunks of `count` elements laid out in `buf` (scratch on the
+/// device, or host memory): at step s rank r sends chunk r-s-1 and folds in chunk r-s-2, so
+/// that after n-1 steps chunk r is complete. `first` is called with each chunk before the
+/// step that first touches it (chunk r-1 and r-2 before step 0, r-s-2 before step s): each
+/// chunk once.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn steps(
+    plan: &mut Plan,
+    buf: Buf,
+    n: usize,
+    rank: usize,
+    count: usize,
+    op: ReduceOp,
+    slice_elems: usize,
+    mut first: impl FnMut(&mut Plan, Region),
+) {
+    let chunk = |c: usize| Region::new(buf, (c % n) * count, count);
     let k = slices_per_chunk(count, slice_elems);
     let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
-    // At step s send chunk r-s-1 and fold in chunk r-s-2: after n-1 steps chunk r is complete.
-    for s in 0..n - 1 {
+    for s in 0..n.saturating_sub(1) {
         let send = chunk(rank + 2 * n - s - 1);
         let recv = chunk(rank + 2 * n - s - 2);
+        if s == 0 {
+            first(plan, send);
+        }
+        first(plan, recv);
         for (sd, rv) in slices(send, k).zip(slices(recv, k)) {
             plan.transfer(
                 Some((next, Source::Device(sd))),
@@ -46,9 +82,4 @@ pub fn ring_reduce_scatter(
             );
         }
     }
-    plan.copy(chunk(rank), out);
-    if op == ReduceOp::Avg {
-        plan.scale(out, n as u32);
-    }
-    plan
 }

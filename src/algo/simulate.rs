@@ -623,23 +623,6 @@ fn the_staged_ring_reads_back_and_uploads_as_the_ring_goes() {
 #[test]
 fn staged_halving_doubling_moves_the_same_frames_and_one_buffer_each_way() {
     let count = 7000;
-    // Each transfer's (to, length sent) and (from, length received, combine), in order.
-    type Step = (Option<(usize, usize)>, Option<(usize, usize, Combine)>);
-    let frames = |p: &Plan| -> Vec<Step> {
-        p.actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Transfer(t) => Some((
-                    t.send.map(|(to, s)| match s {
-                        Source::Device(r) => (to, r.len),
-                        _ => (to, usize::MAX),
-                    }),
-                    t.recv.map(|r| (r.from, r.dst.len, r.combine)),
-                )),
-                _ => None,
-            })
-            .collect()
-    };
     let scales = |p: &Plan| {
         p.actions
             .iter()
@@ -691,22 +674,6 @@ fn staged_halving_doubling_moves_the_same_frames_and_one_buffer_each_way() {
 /// the device), with every frame sent from and received into host memory.
 #[test]
 fn staged_reduce_scatter_and_all_gather_on_1_to_16_ranks() {
-    type Step = (Option<(usize, usize)>, Option<(usize, usize, Combine)>);
-    let frames = |p: &Plan| -> Vec<Step> {
-        p.actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Transfer(t) => Some((
-                    t.send.map(|(to, s)| match s {
-                        Source::Device(r) => (to, r.len),
-                        _ => (to, usize::MAX),
-                    }),
-                    t.recv.map(|r| (r.from, r.dst.len, r.combine)),
-                )),
-                _ => None,
-            })
-            .collect()
-    };
     // (read back, uploaded, copied on the device), in elements; every frame on host memory, and
     // every read-back and upload within a slice (a staging slot holds one).
     let traffic = |p: &Plan, slice: usize| {
@@ -781,6 +748,26 @@ fn staged_reduce_scatter_and_all_gather_on_1_to_16_ranks() {
             }
         }
     }
+}
+
+/// Each transfer's (to, length sent) and (from, length received, combine), in order.
+type Step = (Option<(usize, usize)>, Option<(usize, usize, Combine)>);
+
+/// A plan's frames: each transfer's [`Step`], in order (what a peer sees of it).
+fn frames(p: &Plan) -> Vec<Step> {
+    p.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Transfer(t) => Some((
+                t.send.map(|(to, s)| match s {
+                    Source::Device(r) => (to, r.len),
+                    _ => (to, usize::MAX),
+                }),
+                t.recv.map(|r| (r.from, r.dst.len, r.combine)),
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Elements a plan sends out of its own memory (not forwarded): its share of the link volume.

@@ -4,9 +4,9 @@
 //! (n-1)/n·N each way for the device ring (every step reads back the piece it forwards), and no
 //! device round trip per step. The link traffic is the ring's (n-1)/n·N.
 
-use super::plan::{Buf, Fold, Plan, Recv, Region, Source, slices};
+use super::plan::{Buf, Plan, Region, Source, slices};
+use super::ring_all_gather::{step_slices, take};
 use super::slices_per_chunk;
-use crate::types::Combine;
 
 /// The plan of rank `rank` of `n` for a host-staged all-gather of `count` elements per rank
 /// into an output of `n * count` (rank r's piece at `r * count`).
@@ -32,23 +32,14 @@ pub fn staged_all_gather(n: usize, rank: usize, count: usize, slice_elems: usize
     for (i, h) in slices(input, k).zip(slices(piece(Buf::Host, rank), k)) {
         plan.copy(i, h);
     }
-    let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
-    for t in 0..n - 1 {
-        let send = piece(Buf::Host, rank + n - t);
-        let recv = piece(Buf::Host, rank + 2 * n - t - 1);
-        let place = piece(Buf::Output, rank + 2 * n - t - 1);
-        for ((sd, rv), o) in slices(send, k).zip(slices(recv, k)).zip(slices(place, k)) {
-            plan.transfer(
-                Some((next, Source::Device(sd))),
-                Some(Recv {
-                    from: prev,
-                    dst: rv,
-                    combine: Combine::Copy,
-                    fold: Fold::Dst,
-                }),
-            );
-            plan.copy(rv, o);
-        }
+    // The device ring's steps, between host memories; each slice received is uploaded into
+    // its place in the output (host memory mirrors the output's layout).
+    for (sd, rv) in step_slices(Buf::Host, n, rank, count, slice_elems) {
+        plan.transfer(
+            Some(((rank + 1) % n, Source::Device(sd))),
+            Some(take(n, rank, rv)),
+        );
+        plan.copy(rv, Region::new(Buf::Output, rv.offset, rv.len));
     }
     plan
 }

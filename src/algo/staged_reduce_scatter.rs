@@ -1,12 +1,14 @@
-//! The host-staged ring reduce-scatter: read the input back once, run the ring's n-1 steps on
-//! host memory, folding on the CPU, and upload only this rank's reduced chunk. Per rank that is
-//! N bytes read back and N/n uploaded for an N-byte input, against (n-1)/n·N each way (and a
-//! device copy of the whole input into scratch) for the device ring, and no device round trip
-//! or kernel per step: where the host folds about as fast as the device (a CPU adapter), or
-//! where each step's round trip costs more than its bytes (small calls), it is the faster one.
-//! The link traffic is the ring's (n-1)/n·N.
+//! The host-staged ring reduce-scatter: read the input back once, chunk by chunk as the ring
+//! first needs each, run the ring's n-1 steps on host memory, folding on the CPU, and upload
+//! only this rank's reduced chunk. Per rank that is N bytes read back and N/n uploaded for an
+//! N-byte input, against (n-1)/n·N each way (and a device copy of the whole input into
+//! scratch) for the device ring: (n+1)/n·N against 2(n-1)/n·N, more on 2 ranks, as much on 3,
+//! less from 4. What it saves at any rank count is the device round trip and the kernel of
+//! every step: where the host folds about as fast as the device (a CPU adapter), or where each
+//! step's round trip costs more than its bytes (small calls), it is the faster one. The link
+//! traffic is the ring's (n-1)/n·N.
 
-use super::plan::{Buf, Fold, Plan, Recv, Region, Source, slices};
+use super::plan::{Buf, Plan, Region, slices};
 use super::slices_per_chunk;
 use crate::types::ReduceOp;
 
@@ -33,42 +35,35 @@ pub fn staged_reduce_scatter(
         plan.copy(Region::new(Buf::Input, 0, count), out);
         return plan;
     }
-    let total = n * count;
-    plan.host = total;
-    // The input is only read: in-place calls (the output inside the input) work the same way.
-    // Read back slice by slice (a read-back fits a staging slot).
-    let whole = slices_per_chunk(total, slice_elems);
-    let (input, host) = (
-        Region::new(Buf::Input, 0, total),
-        Region::new(Buf::Host, 0, total),
-    );
-    for (i, h) in slices(input, whole).zip(slices(host, whole)) {
-        plan.copy(i, h);
-    }
-    let chunk = |c: usize| Region::new(Buf::Host, (c % n) * count, count);
+    plan.host = n * count;
     let k = slices_per_chunk(count, slice_elems);
-    let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
-    // At step s send chunk r-s-1 and fold in chunk r-s-2: after n-1 steps chunk r is complete.
-    for s in 0..n - 1 {
-        let send = chunk(rank + 2 * n - s - 1);
-        let recv = chunk(rank + 2 * n - s - 2);
-        for (sd, rv) in slices(send, k).zip(slices(recv, k)) {
-            plan.transfer(
-                Some((next, Source::Device(sd))),
-                Some(Recv {
-                    from: prev,
-                    dst: rv,
-                    combine: op.combine(),
-                    fold: Fold::Dst,
-                }),
-            );
+    // The device ring's steps, between host memories. Each chunk is read back just before the
+    // step that first needs it, slice by slice (a read-back fits a staging slot), so that the
+    // executor's read-ahead overlaps the later chunks' read-backs with the early steps. The
+    // input is only read, and the output written only at the end: in-place calls (the output
+    // inside the input) work the same way.
+    let read_back = |plan: &mut Plan, chunk: Region| {
+        let from = Region::new(Buf::Input, chunk.offset, chunk.len);
+        for (i, h) in slices(from, k).zip(slices(chunk, k)) {
+            plan.copy(i, h);
         }
-    }
+    };
+    super::ring_reduce_scatter::steps(
+        &mut plan,
+        Buf::Host,
+        n,
+        rank,
+        count,
+        op,
+        slice_elems,
+        read_back,
+    );
+    let mine = Region::new(Buf::Host, rank * count, count);
     // Avg divides on the host too: no kernel at all.
     if op == ReduceOp::Avg {
-        plan.scale(chunk(rank), n as u32);
+        plan.scale(mine, n as u32);
     }
-    for (h, o) in slices(chunk(rank), k).zip(slices(out, k)) {
+    for (h, o) in slices(mine, k).zip(slices(out, k)) {
         plan.copy(h, o);
     }
     plan

@@ -46,7 +46,9 @@ pub struct CommConfig {
     /// Caps the storage-binding size the kernels use below the device's own limit, to exercise
     /// chunking on small buffers; `None` uses the device limit.
     pub max_binding_bytes: Option<u64>,
-    /// How all-reduces run unless the call says otherwise (default `Ring`).
+    /// How all-reduces run unless the call says otherwise (default `Ring`); `Staged` also runs
+    /// reduce-scatter and all-gather on host memory (every other value leaves them on the device
+    /// ring). Every rank must use the same: ranks that differ fail the call with a mismatch.
     pub algorithm: Algorithm,
     /// What a call does when a rank fails during it, unless the call says otherwise (default
     /// [`OnFailure::Error`]). Set [`OnFailure::FinishAmongSurvivors`] here rather than per
@@ -92,7 +94,8 @@ impl CommConfig {
         self
     }
 
-    /// Sets [`algorithm`](Self::algorithm), how all-reduces run by default.
+    /// Sets [`algorithm`](Self::algorithm), how all-reduces (and, `Staged`, reduce-scatters and
+    /// all-gathers) run by default.
     pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
         self.algorithm = algorithm;
         self
@@ -110,7 +113,9 @@ impl CommConfig {
 pub struct CallOptions {
     /// This call's deadline, instead of the communicator's.
     pub timeout: Option<Duration>,
-    /// This all-reduce's algorithm, instead of the communicator's (other collectives ignore it).
+    /// This call's algorithm, instead of the communicator's: an all-reduce's; a reduce-scatter's
+    /// or an all-gather's where it is `Staged` (any other runs them as the device ring); other
+    /// collectives ignore it.
     pub algorithm: Option<Algorithm>,
     /// What this call does when a rank fails during it, instead of the communicator's.
     pub on_failure: Option<OnFailure>,

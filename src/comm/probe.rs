@@ -125,7 +125,7 @@ impl Communicator {
         })?);
         sync()?;
         let deadline = deadline_after(timeout);
-        // One pipeline step's fixed cost: a 4-byte read-back, then a 4-byte upload and kernel.
+        // One pipeline step's fixed cost: a 4-byte read-back, then a 4-byte upload (no kernel).
         let step = median(STEP_SAMPLES, || {
             let t = Instant::now();
             self.readback_all(&a, 4, deadline)?;

@@ -535,8 +535,11 @@ impl ChaosReport {
 /// campaign reports) is left.
 pub(crate) fn join_ended(threads: Vec<JoinHandle<()>>, give_up: Instant) {
     for t in threads {
-        // `join` has no deadline: poll for the end first. What is left of a thread that has
-        // reported is its exit, microseconds; the poll only waits that out.
+        // `join` has no deadline: poll for the end of the thread's function first (what is
+        // left of a thread that has reported is its return, microseconds). `is_finished` turns
+        // true when the function returns, before the thread's local destructors and the C
+        // library's per-thread cleanup: `join` waits for those, which is the point here, and
+        // has no deadline of its own; a driver destructor that never returned would hold it.
         while !t.is_finished() && Instant::now() < give_up {
             std::thread::sleep(Duration::from_micros(100));
         }
