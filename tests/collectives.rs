@@ -1,5 +1,7 @@
-//! Every collective x every op x every element type x in/out of place, on 1 to 8 ranks, at the
-//! sizes that break chunking (0, 1, 3, N-1, N+1, 1000), against a CPU reference in f64.
+//! Every collective x every op x every element type x in/out of place, on 1 to 4 ranks, at the
+//! sizes that break chunking (0, 1, 3, N-1, N+1, 1000), against a CPU reference in f64; on 5
+//! to 8 ranks every type at every size, in and out of place, with the ops in turn (every op
+//! meets every type; see `common::ops_for`).
 
 mod common;
 
@@ -18,6 +20,8 @@ fn full_matrix(n: usize) {
     let mut rng = rand::rng();
     let mut sizes = vec![0, 1, 3, n.saturating_sub(1), n + 1, 1000];
     sizes.dedup();
+    // The whole product up to 4 ranks; the rank counts above it add chunk layouts, not kernels.
+    let full = n <= 4;
     let mut cases = 0;
     for kind in KINDS {
         let ops: &[ReduceOp] = if reduces(kind) {
@@ -25,9 +29,9 @@ fn full_matrix(n: usize) {
         } else {
             &[ReduceOp::Sum]
         };
-        for &op in ops {
-            for dtype in DType::ALL {
-                for (i, &count) in sizes.iter().enumerate() {
+        for (d, dtype) in DType::ALL.into_iter().enumerate() {
+            for (i, &count) in sizes.iter().enumerate() {
+                for &op in common::ops_for(ops, d + i, full) {
                     for in_place in [false, true] {
                         let case = Case {
                             kind,
@@ -50,12 +54,16 @@ fn full_matrix(n: usize) {
 
 /// Broadcast, reduce and barrier on 17 ranks, where short ones run on the binomial trees and
 /// the dissemination barrier (a rank count that is not a power of two: partial subtrees), every
-/// op and type, the chunking sizes and the sizes either side of the tree's 64 KiB, against the
-/// reference; then, where `which_path` asks, that the tree ran: a tree root sends the buffer
+/// type at the chunking sizes and the sizes either side of the tree's 64 KiB with the ops in
+/// turn (at least 5 counts: every op meets every type), against the reference; then, where `which_path` asks, that the tree ran: a tree root sends the buffer
 /// once per child (5 here), a chain's once. (Integer products are left out: 17 factors of the
 /// test's values can pass 2^32.)
 fn trees_on_17_ranks_with(slice_bytes: usize, counts: &[usize], which_path: bool) {
     let n = 17;
+    assert!(
+        counts.len() >= ReduceOp::ALL.len(),
+        "every op must meet every type"
+    );
     let mut g = common::group_with(n, wccl::CommConfig::default().slice_bytes(slice_bytes));
     let mut rng = rand::rng();
     let mut cases = 0;
@@ -65,12 +73,16 @@ fn trees_on_17_ranks_with(slice_bytes: usize, counts: &[usize], which_path: bool
         } else {
             &[ReduceOp::Sum]
         };
-        for &op in ops {
-            for dtype in DType::ALL {
-                if op == ReduceOp::Prod && matches!(dtype, DType::I32 | DType::U32) {
-                    continue;
-                }
-                for (i, &count) in counts.iter().enumerate() {
+        for (d, dtype) in DType::ALL.into_iter().enumerate() {
+            let ops: Vec<ReduceOp> = ops
+                .iter()
+                .copied()
+                .filter(|&op| !(op == ReduceOp::Prod && matches!(dtype, DType::I32 | DType::U32)))
+                .collect();
+            for (i, &count) in counts.iter().enumerate() {
+                // One op per (type, count) in turn: 17 ranks are slow on 2 cores, and the
+                // tree's path and slices follow the bytes, not the op.
+                for &op in common::ops_for(&ops, d + i, false) {
                     for in_place in [false, true] {
                         let case = Case {
                             kind,
@@ -130,7 +142,7 @@ fn trees_on_17_ranks_in_odd_slices() {
     // 6-byte slices: three f16 (a slice edge inside a 32-bit word), one and a half f32. The
     // path check's 64 KiB chain broadcast would be 11,000 frames a hop here: left to the
     // test above, whose slices do not change which path runs.
-    trees_on_17_ranks_with(6, &[1, 5, 18, 101], false);
+    trees_on_17_ranks_with(6, &[1, 5, 18, 37, 101], false);
 }
 
 #[test]
@@ -168,8 +180,9 @@ fn matrix_8_ranks() {
 
 /// The central (parameter-server pattern), naive (host round-trip), host-staged ring and
 /// halving-doubling (on the devices and host-staged) all-reduces, over every op, type and
-/// awkward size, on 1 to 5 ranks (3 and 5 fold a rank into halving-doubling's exchanges). The host-staged ring runs
-/// both of its paths: in tensors mapped in place (where the device's memory is the host's, as
+/// awkward size, on 1 to 5 ranks (3 and 5 fold a rank into halving-doubling's exchanges; from
+/// 4 ranks on, every type and size with the ops in turn, see `common::ops_for`). The
+/// host-staged ring runs both of its paths: in tensors mapped in place (where the device's memory is the host's, as
 /// on the CI's lavapipe) and staged through host memory (tensors that cannot be mapped).
 #[test]
 fn central_naive_and_staged_all_reduce() {
@@ -196,10 +209,11 @@ fn central_naive_and_staged_all_reduce() {
                 .algorithm(algorithm)
                 .slice_bytes(512);
             let mut g = common::group_with(n, config);
-            for op in ReduceOp::ALL {
-                for dtype in DType::ALL {
-                    // 1000 in place and 1001 out of place: many slices each way.
-                    for (i, count) in [0, 1, 3, n + 1, 1000, 1001].into_iter().enumerate() {
+            for (d, dtype) in DType::ALL.into_iter().enumerate() {
+                // 1000 in place and 1001 out of place: many slices each way.
+                for (i, count) in [0, 1, 3, n + 1, 1000, 1001].into_iter().enumerate() {
+                    // Every op at every cell up to 3 ranks; from 4 on, the ops in turn.
+                    for &op in common::ops_for(&ReduceOp::ALL, d + i, n <= 3) {
                         // Pads 0, 1 and 2 both in and out of place: f16 views that start and
                         // end mid-word, mapped in place too.
                         let case = Case {

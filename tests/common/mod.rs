@@ -17,6 +17,19 @@ pub const KINDS: [CollectiveKind; 5] = [
     CollectiveKind::Reduce,
 ];
 
+/// The ops a matrix runs in its `k`-th (element type, count) cell: every op of `ops` when
+/// `full`, else one, the `k`-th in turn. Element types and counts (which decide the bytes, so
+/// the chunking, the slices and which path runs) stay a full product either way; a type that
+/// meets at least `ops.len()` counts, with `k` counting its counts, still meets every op. The
+/// rank counts where the product of all three runs keep CI's time in bounds.
+pub fn ops_for(ops: &[ReduceOp], k: usize, full: bool) -> &[ReduceOp] {
+    if full || ops.is_empty() {
+        ops
+    } else {
+        std::slice::from_ref(&ops[k % ops.len()])
+    }
+}
+
 /// The call of `kind` over one rank's views (`op` and `root` where the kind takes them).
 pub fn collective<'a>(
     kind: CollectiveKind,
