@@ -14,7 +14,7 @@
 #   bash scripts/gpu-check.sh [OUT_DIR]
 # Steps (GPU_CHECK_STEPS picks some, default all, in this order):
 #   tests   the test binaries in .gpu/ (the randomized property test and the full matrix on 1 to 8
-#           ranks: every collective, op and type against f64; packed f16/bf16; every rank errs
+#           ranks, WCCL_FULL_MATRIX set: every collective, op and type against f64; packed f16/bf16; every rank errs
 #           when ranks disagree; device errors; a ring finishing among survivors of a kill;
 #           the parameter server: modes, chains and cycles, 100 kills, heal then kill)
 #   probe   the devices, and the reduce kernel against the adapter's own copy
@@ -49,7 +49,7 @@ if want tests; then
     for t in properties half disagree device_errors collectives survive ps ps_chains ps_replication ps_checkpoint ps_wire; do
         [ -x ".gpu/$t" ] || continue
         found=1
-        timeout 150 ".gpu/$t" --test-threads 4 > "$out/test-$t.log" 2>&1
+        WCCL_FULL_MATRIX=1 timeout 150 ".gpu/$t" --test-threads 4 > "$out/test-$t.log" 2>&1
         rc=$?
         fail $rc
         echo "$t (exit $rc): $(grep -E '^test result' "$out/test-$t.log" | tail -n 1)"

@@ -31,7 +31,7 @@ fn full_matrix(n: usize) {
         };
         for (d, dtype) in DType::ALL.into_iter().enumerate() {
             for (i, &count) in sizes.iter().enumerate() {
-                for &op in common::ops_for(ops, d + i, full) {
+                for &op in common::ops_for(ops, d + i + 2 * n, full) {
                     for in_place in [false, true] {
                         let case = Case {
                             kind,
@@ -55,9 +55,10 @@ fn full_matrix(n: usize) {
 /// Broadcast, reduce and barrier on 17 ranks, where short ones run on the binomial trees and
 /// the dissemination barrier (a rank count that is not a power of two: partial subtrees), every
 /// type at the chunking sizes and the sizes either side of the tree's 64 KiB with the ops in
-/// turn (at least 5 counts: every op meets every type), against the reference; then, where `which_path` asks, that the tree ran: a tree root sends the buffer
-/// once per child (5 here), a chain's once. (Integer products are left out: 17 factors of the
-/// test's values can pass 2^32.)
+/// turn (at least 5 counts: every op meets every type), against the reference; then, where
+/// `which_path` asks, that every op was reduced on both sides of 64 KiB and that the tree ran:
+/// a tree root sends the buffer once per child (5 here), a chain's once. (Integer products
+/// are left out: 17 factors of the test's values can pass 2^32.)
 fn trees_on_17_ranks_with(slice_bytes: usize, counts: &[usize], which_path: bool) {
     let n = 17;
     assert!(
@@ -67,6 +68,8 @@ fn trees_on_17_ranks_with(slice_bytes: usize, counts: &[usize], which_path: bool
     let mut g = common::group_with(n, wccl::CommConfig::default().slice_bytes(slice_bytes));
     let mut rng = rand::rng();
     let mut cases = 0;
+    // The reduce's (op, on the tree) pairs that ran.
+    let mut reduced = std::collections::HashSet::new();
     for kind in [CollectiveKind::Broadcast, CollectiveKind::Reduce] {
         let ops: &[ReduceOp] = if reduces(kind) {
             &ReduceOp::ALL
@@ -81,8 +84,13 @@ fn trees_on_17_ranks_with(slice_bytes: usize, counts: &[usize], which_path: bool
                 .collect();
             for (i, &count) in counts.iter().enumerate() {
                 // One op per (type, count) in turn: 17 ranks are slow on 2 cores, and the
-                // tree's path and slices follow the bytes, not the op.
-                for &op in common::ops_for(&ops, d + i, false) {
+                // tree's path and slices follow the bytes, not the op. 2d + i puts every op
+                // on both sides of 64 KiB (checked below).
+                for &op in common::ops_for(&ops, 2 * d + i, false) {
+                    if kind == CollectiveKind::Reduce {
+                        let tree = count * dtype.size() <= 64 << 10;
+                        reduced.insert((op, tree));
+                    }
                     for in_place in [false, true] {
                         let case = Case {
                             kind,
@@ -103,6 +111,16 @@ fn trees_on_17_ranks_with(slice_bytes: usize, counts: &[usize], which_path: bool
     g.barrier().expect("a dissemination barrier");
     if !which_path {
         return;
+    }
+    // Every op reduced on the tree and on the chain (avg's scaling differs between them).
+    for op in ReduceOp::ALL {
+        for tree in [true, false] {
+            assert!(
+                reduced.contains(&(op, tree)),
+                "{op:?} never reduced on the {}",
+                if tree { "tree" } else { "chain" }
+            );
+        }
     }
     // 1,000 f32 on the tree, 16,385 (64 KiB and 4 bytes) on the chain.
     for (count, children) in [(1000usize, 5u64), (16_385, 1)] {
@@ -182,8 +200,9 @@ fn matrix_8_ranks() {
 /// halving-doubling (on the devices and host-staged) all-reduces, over every op, type and
 /// awkward size, on 1 to 5 ranks (3 and 5 fold a rank into halving-doubling's exchanges; from
 /// 4 ranks on, every type and size with the ops in turn, see `common::ops_for`). The
-/// host-staged ring runs both of its paths: in tensors mapped in place (where the device's memory is the host's, as
-/// on the CI's lavapipe) and staged through host memory (tensors that cannot be mapped).
+/// host-staged ring runs both of its paths: in tensors mapped in place (where the device's
+/// memory is the host's, as on the CI's lavapipe) and staged through host memory (tensors
+/// that cannot be mapped).
 #[test]
 fn central_naive_and_staged_all_reduce() {
     let mut rng = rand::rng();
@@ -213,7 +232,7 @@ fn central_naive_and_staged_all_reduce() {
                 // 1000 in place and 1001 out of place: many slices each way.
                 for (i, count) in [0, 1, 3, n + 1, 1000, 1001].into_iter().enumerate() {
                     // Every op at every cell up to 3 ranks; from 4 on, the ops in turn.
-                    for &op in common::ops_for(&ReduceOp::ALL, d + i, n <= 3) {
+                    for &op in common::ops_for(&ReduceOp::ALL, d + i + 2 * n, n <= 3) {
                         // Pads 0, 1 and 2 both in and out of place: f16 views that start and
                         // end mid-word, mapped in place too.
                         let case = Case {

@@ -18,12 +18,14 @@ pub const KINDS: [CollectiveKind; 5] = [
 ];
 
 /// The ops a matrix runs in its `k`-th (element type, count) cell: every op of `ops` when
-/// `full`, else one, the `k`-th in turn. Element types and counts (which decide the bytes, so
-/// the chunking, the slices and which path runs) stay a full product either way; a type that
-/// meets at least `ops.len()` counts, with `k` counting its counts, still meets every op. The
-/// rank counts where the product of all three runs keep CI's time in bounds.
+/// `full` or when `WCCL_FULL_MATRIX` is set (as `scripts/gpu-check.sh` sets it), else one, the
+/// `k`-th in turn. Element types and counts (which decide the bytes, so the chunking, the
+/// slices and which path runs) stay a full product either way; a type that meets at least
+/// `ops.len()` counts, with `k` counting its counts, still meets every op. Callers add the
+/// rank count to `k`, so that each rank count pairs ops with other sizes. The rank counts
+/// where the product of all three runs keep CI's time in bounds.
 pub fn ops_for(ops: &[ReduceOp], k: usize, full: bool) -> &[ReduceOp] {
-    if full || ops.is_empty() {
+    if full || ops.is_empty() || std::env::var_os("WCCL_FULL_MATRIX").is_some() {
         ops
     } else {
         std::slice::from_ref(&ops[k % ops.len()])
