@@ -288,8 +288,27 @@ fn a_misplaced_or_swapped_chunk_is_counted() {
 fn every_collective_runs_and_checks() {
     for c in ["reduce_scatter", "all_gather", "broadcast", "reduce"] {
         let (ok, out) = bench(&[
-            c, "-b", "300", "-e", "3000", "-f", "10", "-g", "3", "-n", "1", "-w", "0", "-o", "all",
-            "-d", "half", "-r", "1",
+            c,
+            "-b",
+            "300",
+            "-e",
+            "3000",
+            "-f",
+            "10",
+            "-g",
+            "3",
+            "-n",
+            "1",
+            "-w",
+            "0",
+            "-o",
+            "all",
+            "-d",
+            "half",
+            "-r",
+            "1",
+            "--probe-bytes",
+            "0",
         ]);
         assert!(ok, "{c}:\n{out}");
         assert!(out.contains("# Out of bounds values : 0 OK"), "{c}:\n{out}");

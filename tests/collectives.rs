@@ -6,6 +6,7 @@
 mod common;
 
 use common::{Case, KINDS, check, group};
+use wccl::model::{CostModel, Figures, Probe};
 use wccl::{CollectiveKind, DType, ReduceOp};
 
 fn reduces(kind: CollectiveKind) -> bool {
@@ -274,7 +275,8 @@ fn central_naive_and_staged_all_reduce() {
 /// against the f64 reference; then, on 4 ranks, the device traffic the executor counts: a
 /// reduce-scatter of an N-byte input reads N back and uploads N/n, an all-gather into an
 /// N-byte output reads back N/n and uploads (n-1)/n·N, against the device rings' (n-1)/n·N
-/// each way (each step reads back what it sends).
+/// each way (each step reads back what it sends); and the cost model's entries for the four
+/// move the same.
 #[test]
 fn staged_reduce_scatter_and_all_gather() {
     let mut rng = rand::rng();
@@ -310,6 +312,26 @@ fn staged_reduce_scatter_and_all_gather() {
     let n = 4;
     let per = (1 << 14) + 3;
     let bytes = (n * per * 4) as f64;
+    let unit = Figures {
+        upload: 1.0,
+        readback: 1.0,
+        copy: 1.0,
+        reduce: 1.0,
+        host_reduce: 1.0,
+        step: 0.0,
+        native_copy: 1.0,
+        frame: 0.0,
+        call: 0.0,
+        submit: 0.0,
+        launch: 0.0,
+    };
+    let probe = Probe {
+        alone: vec![unit; n],
+        together: unit,
+        shared: false,
+        bytes: 0,
+    };
+    let unit_model = CostModel::new(probe, 16 << 10);
     for algorithm in [wccl::Algorithm::Ring, wccl::Algorithm::Staged] {
         let config = wccl::CommConfig::default()
             .algorithm(algorithm)
@@ -341,6 +363,21 @@ fn staged_reduce_scatter_and_all_gather() {
                         "{algorithm:?} {kind:?} in place {in_place}, rank {r}: {moved} bytes, want {want}"
                     );
                 }
+                // The cost model's entry moves what the executor counted: at a byte a second
+                // its read-back and upload terms are the bytes.
+                let p = unit_model
+                    .predict_call(kind, algorithm, bytes as usize, in_place)
+                    .expect("the model has reduce-scatter and all-gather");
+                let modelled: f64 = p
+                    .terms
+                    .iter()
+                    .filter(|t| matches!(t.0, "readback" | "upload"))
+                    .map(|t| t.1)
+                    .sum();
+                assert!(
+                    (modelled - want).abs() <= 0.01 * want,
+                    "{algorithm:?} {kind:?} in place {in_place}: the model moves {modelled} bytes, want {want}"
+                );
             }
         }
     }

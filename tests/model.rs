@@ -5,7 +5,7 @@
 mod common;
 
 use wccl::model::{CostModel, Figures, Probe};
-use wccl::{Algorithm, CallOptions, Collective, CommGroup, ReduceOp, TensorRef};
+use wccl::{Algorithm, CallOptions, Collective, CollectiveKind, CommGroup, ReduceOp, TensorRef};
 
 /// Distinct per (rank, element) with period 11, exact in f32, and so are their sums.
 fn value(r: usize, i: usize) -> f64 {
@@ -252,6 +252,88 @@ fn auto_follows_hand_built_figures_to_each_algorithm() {
             "rank {r}, a model without unified memory"
         );
     }
+}
+
+/// Reduce-scatter and all-gather under `Auto`, with hand-built figures on 3 ranks: the device
+/// ring folds on the device and the staged reduce-scatter on the host, so a slow device reduce
+/// picks the staged one and a slow host the ring; the staged all-gather reads back only its own
+/// piece (the ring 2/3 of the output) but copies what it receives on the host, so a slow
+/// read-back picks it and a slow host the ring. `Auto` on real devices runs the choice on every
+/// rank, and the results are right; without a model it runs the ring.
+#[test]
+fn auto_reduce_scatter_and_all_gather_follow_the_model() {
+    let config = wccl::CommConfig::default().algorithm(Algorithm::Auto);
+    let mut g = common::group_with(3, config.clone());
+    let slice = g.comm(0).config().slice_bytes;
+    let mut rng = rand::rng();
+    let mut slow_reduce = uniform(1e9);
+    slow_reduce.reduce = 1e3;
+    let mut slow_host = uniform(1e9);
+    slow_host.host_reduce = 1e3;
+    let mut slow_readback = uniform(1e9);
+    slow_readback.readback = 1e3;
+    let count = 1001;
+    let cases = [
+        (
+            CollectiveKind::ReduceScatter,
+            slow_reduce,
+            Algorithm::Staged,
+        ),
+        (CollectiveKind::ReduceScatter, slow_host, Algorithm::Ring),
+        (CollectiveKind::AllGather, slow_readback, Algorithm::Staged),
+        (CollectiveKind::AllGather, slow_host, Algorithm::Ring),
+    ];
+    for (kind, f, want) in cases {
+        let model = CostModel::new(
+            Probe {
+                alone: vec![f; 3],
+                together: f,
+                shared: false,
+                bytes: 0,
+            },
+            slice,
+        );
+        // The larger tensor: 3 x 1001 f32.
+        assert_eq!(
+            model.choose_call(kind, 3 * count * 4, false),
+            Some(want),
+            "{kind:?} under {f:?}"
+        );
+        for r in 0..3 {
+            g.comm_mut(r).set_cost_model(model.clone());
+        }
+        for in_place in [false, true] {
+            let case = common::Case {
+                kind,
+                op: ReduceOp::Sum,
+                dtype: wccl::DType::F32,
+                count,
+                in_place,
+                root: 0,
+                pad: 1,
+            };
+            common::check(&mut g, case, &mut rng);
+            for r in 0..3 {
+                assert_eq!(
+                    g.comm(r).last_algorithm(),
+                    Some(want),
+                    "rank {r}, {kind:?} in place {in_place} under {f:?}"
+                );
+            }
+        }
+    }
+    let mut g = common::group_with(3, config);
+    let case = common::Case {
+        kind: CollectiveKind::ReduceScatter,
+        op: ReduceOp::Sum,
+        dtype: wccl::DType::F32,
+        count,
+        in_place: false,
+        root: 0,
+        pad: 0,
+    };
+    common::check(&mut g, case, &mut rng);
+    assert_eq!(g.comm(0).last_algorithm(), Some(Algorithm::Ring));
 }
 
 #[test]

@@ -313,15 +313,14 @@ pub fn run(
     };
     let algos: Vec<Algorithm> = match s.kind {
         CollectiveKind::AllReduce => s.algos.clone(),
-        // Staged on host memory, every other algorithm as the device ring: a row for each
-        // that runs.
+        // Staged on host memory, auto as the model chooses, every other algorithm as the
+        // device ring: a row for each that runs.
         CollectiveKind::ReduceScatter | CollectiveKind::AllGather => {
             let mut v: Vec<Algorithm> = Vec::new();
             for a in &s.algos {
-                let runs = if *a == Algorithm::Staged {
-                    Algorithm::Staged
-                } else {
-                    Algorithm::Ring
+                let runs = match a {
+                    Algorithm::Staged | Algorithm::Auto => *a,
+                    _ => Algorithm::Ring,
                 };
                 if !v.contains(&runs) {
                     v.push(runs);
@@ -393,7 +392,34 @@ pub fn run(
                         (label, Some((p.seconds * 1e6, p.bound.to_string())))
                     }
                     (CollectiveKind::AllReduce, None) => (algo.to_string(), None),
-                    (kind, _) => (path(kind, algo, n, shape.total, s.dtype).to_string(), None),
+                    (
+                        kind @ (CollectiveKind::ReduceScatter | CollectiveKind::AllGather),
+                        Some(m),
+                    ) => {
+                        let chosen = match algo {
+                            Algorithm::Auto => {
+                                m.choose_call(kind, bytes, false).unwrap_or(Algorithm::Ring)
+                            }
+                            a => a,
+                        };
+                        let ran = path(kind, chosen, n, shape.total, s.dtype);
+                        let label = if algo == Algorithm::Auto {
+                            format!("auto:{ran}")
+                        } else {
+                            ran.to_string()
+                        };
+                        let p = m.predict_call(kind, chosen, bytes, false);
+                        (label, p.map(|p| (p.seconds * 1e6, p.bound.to_string())))
+                    }
+                    (kind, _) => {
+                        // Without a model, `Auto` runs the device ring.
+                        let ran = if algo == Algorithm::Auto {
+                            Algorithm::Ring
+                        } else {
+                            algo
+                        };
+                        (path(kind, ran, n, shape.total, s.dtype).to_string(), None)
+                    }
                 };
                 let row = Row {
                     size: (shape.total * es) as u64,

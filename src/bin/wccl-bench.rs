@@ -335,8 +335,9 @@ struct Sweep {
     /// Emulated link jitter (uniform, up to), microseconds.
     #[arg(long = "link-jitter-us", default_value_t = 0.0)]
     link_jitter_us: f64,
-    /// Bytes per probe measurement for the cost model (all_reduce only; 0 skips the probe and
-    /// the model column).
+    /// Bytes per probe measurement for the cost model (all_reduce, reduce_scatter and
+    /// all_gather; 0 skips the probe, the model column and auto's choice, which is then the
+    /// ring).
     #[arg(long = "probe-bytes", default_value = "16M", value_parser = bench::parse_size)]
     probe_bytes: u64,
     /// Corrupt one element of rank 0's result before checking (to test the checker).
@@ -1000,7 +1001,11 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
         )?;
     }
     write_sweep_line(&mut out, &a, &settings)?;
-    if kind == CollectiveKind::AllReduce && a.probe_bytes > 0 {
+    let modelled = matches!(
+        kind,
+        CollectiveKind::AllReduce | CollectiveKind::ReduceScatter | CollectiveKind::AllGather
+    );
+    if modelled && a.probe_bytes > 0 {
         let p = group.probe(a.probe_bytes as usize)?;
         write_probe(&mut out, &p)?;
     }

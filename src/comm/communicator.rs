@@ -47,8 +47,10 @@ pub struct CommConfig {
     /// chunking on small buffers; `None` uses the device limit.
     pub max_binding_bytes: Option<u64>,
     /// How all-reduces run unless the call says otherwise (default `Ring`); `Staged` also runs
-    /// reduce-scatter and all-gather on host memory (every other value leaves them on the device
-    /// ring). Every rank must use the same: ranks that differ fail the call with a mismatch.
+    /// reduce-scatter and all-gather on host memory, and `Auto` runs them as the cost model
+    /// predicts faster, on host memory or on the device ring (every other value leaves them on
+    /// the device ring). Every rank must use the same: ranks that differ fail the call with a
+    /// mismatch.
     pub algorithm: Algorithm,
     /// What a call does when a rank fails during it, unless the call says otherwise (default
     /// [`OnFailure::Error`]). Set [`OnFailure::FinishAmongSurvivors`] here rather than per
@@ -114,8 +116,9 @@ pub struct CallOptions {
     /// This call's deadline, instead of the communicator's.
     pub timeout: Option<Duration>,
     /// This call's algorithm, instead of the communicator's: an all-reduce's; a reduce-scatter's
-    /// or an all-gather's where it is `Staged` (any other runs them as the device ring); other
-    /// collectives ignore it.
+    /// or an all-gather's where it is `Staged` or `Auto` (see
+    /// [`CommConfig::algorithm`](crate::CommConfig::algorithm); any other runs them as the
+    /// device ring); other collectives ignore it.
     pub algorithm: Option<Algorithm>,
     /// What this call does when a rank fails during it, instead of the communicator's.
     pub on_failure: Option<OnFailure>,
@@ -1079,12 +1082,14 @@ impl Communicator {
                 let se = slice / input.dtype.size();
                 // `Staged` on host memory; every other algorithm is the device ring (the
                 // header tells ranks that disagree apart).
+                let algorithm = self.resolve_ring(call.kind(), algorithm, input.count, input.dtype);
                 let plan = if algorithm == Algorithm::Staged {
-                    header.algo = algorithm.code();
                     algo::staged_reduce_scatter(n, r, output.count, op, se)
                 } else {
                     algo::ring_reduce_scatter(n, r, output.count, op, se)
                 };
+                header.algo = algorithm.code();
+                self.last_algorithm = Some(algorithm);
                 header.count = output.count as u64;
                 (plan, input, output, Some(op))
             }
@@ -1101,12 +1106,15 @@ impl Communicator {
                 }
                 let se = slice / input.dtype.size();
                 // As reduce-scatter: `Staged` on host memory, else the device ring.
+                let algorithm =
+                    self.resolve_ring(call.kind(), algorithm, output.count, input.dtype);
                 let plan = if algorithm == Algorithm::Staged {
-                    header.algo = algorithm.code();
                     algo::staged_all_gather(n, r, input.count, se)
                 } else {
                     algo::ring_all_gather(n, r, input.count, se)
                 };
+                header.algo = algorithm.code();
+                self.last_algorithm = Some(algorithm);
                 header.count = input.count as u64;
                 (plan, input, output, None)
             }
@@ -1206,6 +1214,27 @@ impl Communicator {
         }
     }
 
+    /// What a reduce-scatter or all-gather whose larger tensor holds `count` elements runs:
+    /// `Staged` on host memory, `Auto` what the cost model predicts faster of that and the
+    /// device ring (the ring without a model), and every other algorithm the device ring. As
+    /// for all-reduce, from the call's size and the model alone.
+    fn resolve_ring(
+        &self,
+        kind: CollectiveKind,
+        algorithm: Algorithm,
+        count: usize,
+        dtype: DType,
+    ) -> Algorithm {
+        match (algorithm, &self.cost_model) {
+            (Algorithm::Staged, _) => Algorithm::Staged,
+            (Algorithm::Auto, Some(m)) => {
+                let bytes = count.saturating_mul(dtype.size());
+                m.choose_call(kind, bytes, false).unwrap_or(Algorithm::Ring)
+            }
+            _ => Algorithm::Ring,
+        }
+    }
+
     /// Installs the cost model that `Algorithm::Auto` consults. Every rank must hold the same
     /// model; [`CommGroup::probe`](crate::CommGroup::probe) installs one on all ranks.
     pub fn set_cost_model(&mut self, model: CostModel) {
@@ -1269,8 +1298,9 @@ impl Communicator {
         self.engine.mapped_calls
     }
 
-    /// The algorithm the last all-reduce ran: what `Auto` resolved to, so `Ring` when `Auto`
-    /// ran without a cost model; never `Auto`.
+    /// The algorithm the last all-reduce, reduce-scatter or all-gather ran: what `Auto`
+    /// resolved to, so `Ring` when `Auto` ran without a cost model; never `Auto` (a
+    /// reduce-scatter or all-gather: `Staged` or `Ring`).
     pub fn last_algorithm(&self) -> Option<Algorithm> {
         self.last_algorithm
     }

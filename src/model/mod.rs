@@ -1,5 +1,6 @@
-//! The cost model: what each all-reduce algorithm costs on these devices, from measured figures
-//! (see [`CommGroup::probe`](crate::CommGroup::probe)), and the choice `Algorithm::Auto` makes.
+//! The cost model: what each all-reduce algorithm costs on these devices, and each form of
+//! reduce-scatter and all-gather (the device ring, or host-staged), from measured figures (see
+//! [`CommGroup::probe`](crate::CommGroup::probe)), and the choice `Algorithm::Auto` makes.
 //!
 //! Every rank's work is a list of bytes per resource (read-back, upload, on-device reduce, device
 //! copy, host reduce) plus a number of pipeline steps, each with a fixed cost. Ranks with their
@@ -22,6 +23,7 @@ mod scaling;
 pub use scaling::{AllReduceTimes, LinkModel, scaling_table};
 
 use crate::algo::Algorithm;
+use crate::types::CollectiveKind;
 
 /// Throughputs (payload bytes per second) and fixed costs of one device, or of all ranks'
 /// devices working at once.
@@ -285,6 +287,14 @@ impl CostModel {
         let works: Vec<Work> = (0..n)
             .map(|r| work(algo, n, r, bytes, in_place, self.slice_bytes, mapped))
             .collect();
+        // A call submits to the device but in mapped tensors on the host.
+        self.predict_works(&works, !(mapped && algo == Algorithm::Staged))
+    }
+
+    /// The time of a call whose ranks do `works` (one per rank, in rank order); `submits`: the
+    /// call submits to the devices (it pays the probe's `submit`).
+    fn predict_works(&self, works: &[Work], submits: bool) -> Prediction {
+        let n = works.len().max(1);
         let mut terms = if self.probe.shared {
             let total = works.iter().fold(Work::default(), |a, w| a.add(*w));
             let mut t = total.terms(&self.probe.together);
@@ -341,12 +351,11 @@ impl CostModel {
             terms.push(("latency", latency));
         }
         // Once a call, whatever its algorithm, before its work starts and after it ends (so
-        // beside neither the devices nor the link): the slowest rank's; with its submission,
-        // but in mapped tensors on the host.
-        let device = !(mapped && algo == Algorithm::Staged);
+        // beside neither the devices nor the link): the slowest rank's; with its submission
+        // where it submits.
         let once = |f: &Figures| {
             let f = f.cleaned();
-            f.call + if device { f.submit } else { 0.0 }
+            f.call + if submits { f.submit } else { 0.0 }
         };
         let call = if self.probe.shared {
             once(&self.probe.together)
@@ -446,6 +455,136 @@ impl CostModel {
                     .total_cmp(&self.predict_for(*b, bytes, in_place, mapped).seconds)
             })
             .unwrap_or(Algorithm::Ring)
+    }
+
+    /// Predicted time of a call of `kind` with `algo` on the probed ranks, for the kinds the
+    /// model knows: all-reduce ([`predict_for`](Self::predict_for), in tensors mapped in place
+    /// where the model says every device maps them), and reduce-scatter and all-gather, where
+    /// `Algorithm::Staged` runs on host memory and every other algorithm is the device ring.
+    /// `bytes`: the larger tensor of a rank (an all-reduce's buffer, a reduce-scatter's input,
+    /// an all-gather's output). `None` for the other kinds.
+    pub fn predict_call(
+        &self,
+        kind: CollectiveKind,
+        algo: Algorithm,
+        bytes: usize,
+        in_place: bool,
+    ) -> Option<Prediction> {
+        match kind {
+            CollectiveKind::AllReduce => {
+                Some(self.predict_for(algo, bytes, in_place, self.unified))
+            }
+            CollectiveKind::ReduceScatter | CollectiveKind::AllGather => {
+                let n = self.probe.alone.len().max(1);
+                let staged = algo == Algorithm::Staged;
+                let w = ring_work(kind, staged, n, bytes, in_place, self.slice_bytes);
+                Some(self.predict_works(&vec![w; n], true))
+            }
+            _ => None,
+        }
+    }
+
+    /// What `Algorithm::Auto` runs for a call of `kind` on `bytes` (as in
+    /// [`predict_call`](Self::predict_call)): for all-reduce, [`choose_for`](Self::choose_for)
+    /// with the model's [`unified_memory`](Self::unified_memory); for reduce-scatter and
+    /// all-gather, the device ring or `Staged`, whichever is predicted faster. `None` for the
+    /// other kinds.
+    pub fn choose_call(
+        &self,
+        kind: CollectiveKind,
+        bytes: usize,
+        in_place: bool,
+    ) -> Option<Algorithm> {
+        match kind {
+            CollectiveKind::AllReduce => Some(self.choose_for(bytes, in_place, self.unified)),
+            CollectiveKind::ReduceScatter | CollectiveKind::AllGather => {
+                let t = |a| {
+                    self.predict_call(kind, a, bytes, in_place)
+                        .map_or(f64::INFINITY, |p| p.seconds)
+                };
+                let staged = t(Algorithm::Staged) < t(Algorithm::Ring);
+                Some(if staged {
+                    Algorithm::Staged
+                } else {
+                    Algorithm::Ring
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What every rank of `n` does in a reduce-scatter of `bytes` (its input, n chunks) or an
+/// all-gather into `bytes` (its output), following the plans in `algo/`: the device ring, or
+/// (`staged`) the ring's steps on host memory. Every rank does the same.
+fn ring_work(
+    kind: CollectiveKind,
+    staged: bool,
+    n: usize,
+    bytes: usize,
+    in_place: bool,
+    slice: usize,
+) -> Work {
+    let s = bytes as f64;
+    if n <= 1 {
+        // A copy of the input to the output, if they differ.
+        return Work {
+            copy: if in_place { 0.0 } else { s },
+            ..Work::default()
+        };
+    }
+    let (c, nf) = ((n - 1) as f64, n as f64);
+    let chunk = bytes.div_ceil(n);
+    let k = chunk.div_ceil(slice.max(1)).max(1) as f64;
+    // The ring's n-1 steps of k slices, a frame each; (n-1)/n of the buffer out of every rank
+    // in n-1 messages in sequence.
+    let ring = Work {
+        frames: c * k,
+        wire: c / nf * s,
+        hops: c,
+        ..Work::default()
+    };
+    let scatter = kind == CollectiveKind::ReduceScatter;
+    match (scatter, staged) {
+        // The input copied into scratch, each step's slice read back and the received one
+        // uploaded and folded by a kernel, the finished chunk copied out.
+        (true, false) => Work {
+            readback: c / nf * s,
+            upload: c / nf * s,
+            reduce: c / nf * s,
+            copy: s + s / nf,
+            steps: c * k,
+            launches: c * k,
+            ..ring
+        },
+        // Every chunk read back once (n·k slices), folded on the host as it arrives, and this
+        // rank's chunk uploaded (k slices).
+        (true, true) => Work {
+            readback: s,
+            upload: s / nf,
+            host: c / nf * s,
+            steps: (nf * k + k) / 2.0,
+            ..ring
+        },
+        // This rank's piece copied into its place, each step's slice read back and the
+        // received one uploaded.
+        (false, false) => Work {
+            readback: c / nf * s,
+            upload: c / nf * s,
+            copy: if in_place { 0.0 } else { s / nf },
+            steps: c * k,
+            ..ring
+        },
+        // This rank's piece read back once, every piece received copied on the host and
+        // uploaded as it arrives.
+        (false, true) => Work {
+            readback: s / nf,
+            upload: c / nf * s,
+            copy: if in_place { 0.0 } else { s / nf },
+            host: c / nf * s,
+            steps: (k + c * k) / 2.0,
+            ..ring
+        },
     }
 }
 
