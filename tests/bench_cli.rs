@@ -630,3 +630,43 @@ fn reliability_prints_every_cell_of_the_lectures_table_and_fails_on_a_wrong_resu
         assert!(!ok, "{bad:?} was accepted");
     }
 }
+
+/// `--algo ring,staged,auto` on reduce_scatter and all_gather with the probe on: a row for
+/// each, auto's labelled with what it ran (`auto:ring` or `auto:staged`), every row with the
+/// model's prediction, every result checked.
+#[test]
+fn reduce_scatter_and_all_gather_rows_have_auto_and_the_model() {
+    for c in ["reduce_scatter", "all_gather"] {
+        let (ok, out) = bench(&[
+            c,
+            "-b",
+            "3K",
+            "-e",
+            "3K",
+            "-g",
+            "3",
+            "-n",
+            "1",
+            "-w",
+            "0",
+            "--algo",
+            "ring,staged,auto",
+            "--probe-bytes",
+            "64K",
+        ]);
+        assert!(ok, "{c}:\n{out}");
+        assert!(out.contains("# Out of bounds values : 0 OK"), "{c}:\n{out}");
+        let r = rows(&out);
+        let labels: Vec<&str> = r.iter().map(|row| row[5].as_str()).collect();
+        assert_eq!(labels.len(), 3, "{c}:\n{out}");
+        assert_eq!(&labels[..2], &["ring", "staged"], "{c}:\n{out}");
+        assert!(
+            matches!(labels[2], "auto:ring" | "auto:staged"),
+            "{c}:\n{out}"
+        );
+        for row in &r {
+            let model: f64 = row[14].parse().unwrap_or(0.0);
+            assert!(model > 0.0, "{c}: no model in {row:?}");
+        }
+    }
+}

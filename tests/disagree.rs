@@ -288,13 +288,27 @@ fn disagree(group: &mut CommGroup, kind: CollectiveKind, d: Disagreement, odd: u
 
 /// Every rank calls `kind` alike: each output must be exact against an f64 reference.
 fn exact(group: &mut CommGroup, kind: CollectiveKind) {
+    exact_with(group, kind, &|_| None);
+}
+
+/// [`exact`] with each rank's call passing the algorithm `algorithm(rank)`.
+fn exact_with(
+    group: &mut CommGroup,
+    kind: CollectiveKind,
+    algorithm: &(dyn Fn(usize) -> Option<wccl::Algorithm> + Sync),
+) {
     let n = group.size();
     let calls = vec![Call::agreed(kind); n];
     let bufs = buffers(group, &calls);
-    for (r, res) in run(group, &calls, &bufs, CallOptions::default())
-        .into_iter()
-        .enumerate()
-    {
+    let colls: Vec<Collective<'_>> = (0..n).map(|r| collective(calls[r], n, &bufs[r])).collect();
+    let results = group.run_each(|c| {
+        let opts = CallOptions {
+            algorithm: algorithm(c.rank()),
+            ..CallOptions::default()
+        };
+        c.run(colls[c.rank()], opts).map(drop)
+    });
+    for (r, res) in results.into_iter().enumerate() {
         if let Err(e) = res {
             panic!("{kind} on {n} ranks after rebuild: rank {r}: {e}");
         }
@@ -427,6 +441,26 @@ fn every_rank_errs_when_ranks_disagree_on_the_algorithm() {
                     group.rebuild();
                 }
             }
+        }
+    }
+}
+
+/// Ranks that pass different algorithms which all run reduce-scatter and all-gather as the
+/// device ring (the ring, halving-doubling, naive, `Auto` without a cost model) agree: every
+/// rank's result is exact, none fails.
+#[test]
+fn algorithms_that_all_mean_the_device_ring_agree() {
+    use wccl::Algorithm::{Auto, HalvingDoubling, Naive, Ring};
+    let mine = [Ring, HalvingDoubling, Auto, Naive];
+    let mut group = common::group(mine.len());
+    for kind in [CollectiveKind::ReduceScatter, CollectiveKind::AllGather] {
+        exact_with(&mut group, kind, &|r| Some(mine[r]));
+        for r in 0..mine.len() {
+            assert_eq!(
+                group.comm(r).last_algorithm(),
+                Some(Ring),
+                "{kind}, rank {r}"
+            );
         }
     }
 }

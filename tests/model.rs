@@ -323,17 +323,26 @@ fn auto_reduce_scatter_and_all_gather_follow_the_model() {
         }
     }
     let mut g = common::group_with(3, config);
-    let case = common::Case {
-        kind: CollectiveKind::ReduceScatter,
-        op: ReduceOp::Sum,
-        dtype: wccl::DType::F32,
-        count,
-        in_place: false,
-        root: 0,
-        pad: 0,
-    };
-    common::check(&mut g, case, &mut rng);
-    assert_eq!(g.comm(0).last_algorithm(), Some(Algorithm::Ring));
+    for kind in [CollectiveKind::ReduceScatter, CollectiveKind::AllGather] {
+        let case = common::Case {
+            kind,
+            op: ReduceOp::Sum,
+            dtype: wccl::DType::F32,
+            count,
+            in_place: false,
+            root: 0,
+            pad: 0,
+        };
+        common::check(&mut g, case, &mut rng);
+        for r in 0..3 {
+            let ran = g.comm(r).last_algorithm();
+            assert_eq!(
+                ran,
+                Some(Algorithm::Ring),
+                "{kind:?} without a model, rank {r}"
+            );
+        }
+    }
 }
 
 #[test]

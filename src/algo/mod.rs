@@ -73,7 +73,8 @@ pub enum Algorithm {
     /// Reduce-scatter and all-gather run on host memory too with it ([`staged_reduce_scatter`],
     /// [`staged_all_gather`]): one read-back of the input (all-gather: of this rank's piece),
     /// the ring's steps between host memories, and one upload of the result, with no device
-    /// round trip per step. Every other algorithm runs them as the device ring; `Auto` does.
+    /// round trip per step. `Auto` runs them as the cost model predicts faster, staged or on
+    /// the device ring; every other algorithm runs them as the device ring.
     Staged = 4,
     /// Recursive halving-doubling (Rabenseifner): a reduce-scatter by recursive halving and an
     /// all-gather by recursive doubling among p, the largest power of two at most n: 2·log2(p)
@@ -94,7 +95,9 @@ pub enum Algorithm {
     /// The choice rests on the model, which every rank must hold alike, and on the call's size
     /// (as NCCL's tuning rests on what the ranks agreed at init plus count and type), not on
     /// whether a rank's call is in place or what its tensors are: ranks with different models
-    /// may choose differently and fail the call. Where the probe found that every rank maps tensors in place, the choice includes
+    /// may choose differently and fail the call. For reduce-scatter and all-gather it picks
+    /// between the device ring and their staged forms. For all-reduce, where the probe found
+    /// that every rank maps tensors in place, the choice includes
     /// the host-staged ring, which then maps the whole wgpu buffer of a tensor made with
     /// [`tensor_usages`](crate::RankDevice::tensor_usages) for the length of the call.
     ///

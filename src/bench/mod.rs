@@ -396,12 +396,11 @@ pub fn run(
                         kind @ (CollectiveKind::ReduceScatter | CollectiveKind::AllGather),
                         Some(m),
                     ) => {
-                        let chosen = match algo {
-                            Algorithm::Auto => {
-                                m.choose_call(kind, bytes, false).unwrap_or(Algorithm::Ring)
-                            }
-                            a => a,
-                        };
+                        // What the last call ran (`Auto` resolved), not what the model says.
+                        let chosen = local
+                            .first()
+                            .and_then(|&r| group.comm(r).last_algorithm())
+                            .unwrap_or(algo);
                         let ran = path(kind, chosen, n, shape.total, s.dtype);
                         let label = if algo == Algorithm::Auto {
                             format!("auto:{ran}")

@@ -314,7 +314,8 @@ struct Sweep {
     /// All-reduce algorithms, comma separated: ring, central, naive, staged (the host-staged
     /// ring), hd (recursive halving-doubling), staged-hd (halving-doubling on host memory),
     /// auto, ps (through the parameter server, on one more rank), all. For reduce_scatter and
-    /// all_gather, staged runs them on host memory and every other one the device ring.
+    /// all_gather, staged runs them on host memory, auto as the model chooses, and every other
+    /// one the device ring.
     #[arg(long = "algo", default_value = "ring")]
     algo: String,
     /// Also write the rows as CSV to this file.

@@ -96,8 +96,8 @@ impl CommConfig {
         self
     }
 
-    /// Sets [`algorithm`](Self::algorithm), how all-reduces (and, `Staged`, reduce-scatters and
-    /// all-gathers) run by default.
+    /// Sets [`algorithm`](Self::algorithm), how all-reduces (and, `Staged` or `Auto`,
+    /// reduce-scatters and all-gathers) run by default.
     pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
         self.algorithm = algorithm;
         self
@@ -1080,15 +1080,15 @@ impl Communicator {
                     disjoint_or_same(at, &input, &output)?;
                 }
                 let se = slice / input.dtype.size();
-                // `Staged` on host memory; every other algorithm is the device ring (the
-                // header tells ranks that disagree apart).
+                // `Staged` on host memory, `Auto` as the model says, every other algorithm the
+                // device ring (the header tells ranks that disagree apart).
                 let algorithm = self.resolve_ring(call.kind(), algorithm, input.count, input.dtype);
                 let plan = if algorithm == Algorithm::Staged {
                     algo::staged_reduce_scatter(n, r, output.count, op, se)
                 } else {
                     algo::ring_reduce_scatter(n, r, output.count, op, se)
                 };
-                header.algo = algorithm.code();
+                header.algo = ring_or_staged(algorithm);
                 self.last_algorithm = Some(algorithm);
                 header.count = output.count as u64;
                 (plan, input, output, Some(op))
@@ -1105,7 +1105,8 @@ impl Communicator {
                     disjoint_or_same(at, &input, &output)?;
                 }
                 let se = slice / input.dtype.size();
-                // As reduce-scatter: `Staged` on host memory, else the device ring.
+                // As reduce-scatter: `Staged` on host memory, `Auto` as the model says, else
+                // the device ring.
                 let algorithm =
                     self.resolve_ring(call.kind(), algorithm, output.count, input.dtype);
                 let plan = if algorithm == Algorithm::Staged {
@@ -1113,7 +1114,7 @@ impl Communicator {
                 } else {
                     algo::ring_all_gather(n, r, input.count, se)
                 };
-                header.algo = algorithm.code();
+                header.algo = ring_or_staged(algorithm);
                 self.last_algorithm = Some(algorithm);
                 header.count = input.count as u64;
                 (plan, input, output, None)
@@ -1502,6 +1503,16 @@ pub(crate) const TREE_MAX_BYTES: usize = 64 << 10;
 /// collective is then found by the first frame, where on a tree it may wait out the deadline
 /// (every rank still fails, none silently: a rank returns only once every rank accepted).
 pub(crate) const TREE_MIN_RANKS: usize = 16;
+
+/// The header's algorithm of a reduce-scatter or all-gather: `Staged`'s code on host memory,
+/// none for the device ring, as builds before `Auto` chose between them sent it.
+fn ring_or_staged(algorithm: Algorithm) -> u32 {
+    if algorithm == Algorithm::Staged {
+        algorithm.code()
+    } else {
+        NONE
+    }
+}
 
 /// Whether a broadcast or reduce of `count` elements of `dtype` on `n` ranks runs on the tree.
 pub(crate) fn on_tree(n: usize, count: usize, dtype: DType) -> bool {

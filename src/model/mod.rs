@@ -214,7 +214,7 @@ impl Work {
     }
 }
 
-/// Predicts all-reduce times from a [`Probe`].
+/// Predicts the times of all-reduces, reduce-scatters and all-gathers from a [`Probe`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct CostModel {
     probe: Probe,
@@ -558,11 +558,12 @@ fn ring_work(
             ..ring
         },
         // Every chunk read back once (n·k slices), folded on the host as it arrives, and this
-        // rank's chunk uploaded (k slices).
+        // rank's chunk uploaded (k slices); on the host, the folds and the sends' copies into
+        // frames, (n-1)/n of the buffer each.
         (true, true) => Work {
             readback: s,
             upload: s / nf,
-            host: c / nf * s,
+            host: 2.0 * c / nf * s,
             steps: (nf * k + k) / 2.0,
             ..ring
         },
@@ -576,12 +577,12 @@ fn ring_work(
             ..ring
         },
         // This rank's piece read back once, every piece received copied on the host and
-        // uploaded as it arrives.
+        // uploaded as it arrives; each send copies a piece from host memory into a frame.
         (false, true) => Work {
             readback: s / nf,
             upload: c / nf * s,
             copy: if in_place { 0.0 } else { s / nf },
-            host: c / nf * s,
+            host: 2.0 * c / nf * s,
             steps: (k + c * k) / 2.0,
             ..ring
         },
