@@ -421,3 +421,111 @@ fn an_emulated_network_reaches_the_model_and_auto() {
         assert_eq!(ran, Some(small), "rank {r}");
     }
 }
+
+/// The probe of a job of one rank per process (`Communicator::probe`), here over in-process
+/// links that emulate a slow network: every rank installs the same model, whose link is
+/// measured, not configured; it cannot beat the emulation (a message takes at least its
+/// latency, a byte at least its share of the bandwidth); `Auto` then runs the same algorithm on
+/// every rank, and right.
+#[test]
+fn a_job_probe_measures_the_links_and_every_rank_holds_its_model() {
+    use wccl::link::{LinkEmulation, LinkStack};
+    let emu = LinkEmulation {
+        gbps: 0.02,
+        latency_us: 1500.0,
+        jitter_us: 0.0,
+    };
+    let n = 3;
+    let mut g = common::group_linked(
+        n,
+        wccl::CommConfig::default().timeout(std::time::Duration::from_secs(60)),
+        LinkStack::new().emulate(emu),
+    );
+    let probes: Vec<Probe> = g
+        .run_each(|c| c.probe(64 << 10))
+        .into_iter()
+        .collect::<wccl::Result<_>>()
+        .expect("every rank's probe");
+    let models: Vec<CostModel> = (0..n)
+        .map(|r| {
+            g.comm(r)
+                .cost_model()
+                .cloned()
+                .expect("a model on every rank")
+        })
+        .collect();
+    for r in 1..n {
+        assert_eq!(models[r], models[0], "rank {r}'s model");
+        assert_eq!(probes[r], probes[0], "rank {r}'s probe");
+    }
+    let p = &probes[0];
+    assert_eq!(p.alone.len(), n);
+    assert!(
+        p.alone.iter().all(|f| f.upload > 0.0 && f.step > 0.0),
+        "{p:?}"
+    );
+    // Ranks share an adapter where two of them run on the same one (one host here).
+    let infos = g.adapters();
+    let key = |i: &wgpu::AdapterInfo| {
+        (
+            i.name.clone(),
+            i.backend,
+            i.vendor,
+            i.device,
+            i.device_pci_bus_id.clone(),
+        )
+    };
+    let same = (0..n).any(|a| (0..a).any(|b| key(&infos[a]) == key(&infos[b])));
+    assert_eq!(p.shared, same, "{p:?}");
+    let link = models[0].link().expect("a measured link");
+    assert!(
+        link.latency_us >= 0.9 * emu.latency_us,
+        "a message in {} us, under the emulated {} us",
+        link.latency_us,
+        emu.latency_us
+    );
+    assert!(
+        link.gbps > 0.0 && link.gbps <= 1.1 * emu.gbps,
+        "{} GB/s over a link of {} GB/s",
+        link.gbps,
+        emu.gbps
+    );
+    let count = 300;
+    let chosen = models[0].choose_for(count * 4, false, models[0].unified_memory());
+    for (r, ran) in run_auto(&mut g, count).into_iter().enumerate() {
+        assert_eq!(ran, Some(chosen), "rank {r}");
+    }
+}
+
+/// A rank that runs a collective while the others probe the job: every rank fails, none
+/// waits for its deadline to find out, and every communicator is broken after.
+#[test]
+fn a_rank_in_another_call_fails_the_job_probe_everywhere() {
+    let n = 3;
+    let mut g = common::group_linked(
+        n,
+        wccl::CommConfig::default().timeout(std::time::Duration::from_secs(120)),
+        wccl::link::LinkStack::new(),
+    );
+    let t = std::time::Instant::now();
+    let results = g.run_each(|c| {
+        if c.rank() == 1 {
+            let b = c.upload(&[1f32; 16])?;
+            c.all_reduce(&b, ReduceOp::Sum)?;
+            Ok(None)
+        } else {
+            c.probe(64 << 10).map(Some)
+        }
+    });
+    for (r, res) in results.iter().enumerate() {
+        match res {
+            Err(wccl::Error::Mismatch { .. } | wccl::Error::PeerAborted { .. }) => {}
+            other => panic!("rank {r}: {other:?}"),
+        }
+    }
+    // Not by the deadline: at the first frame that disagreed.
+    assert!(t.elapsed() < std::time::Duration::from_secs(120));
+    for r in 0..n {
+        assert!(g.comm(r).broken().is_some(), "rank {r} is not broken");
+    }
+}

@@ -489,14 +489,40 @@ fn correct(comm: &mut Communicator) -> Result<String, Fail> {
     if list.is_empty() {
         return Err(Fail::Check(format!("no cases in matrix {matrix:?}")));
     }
+    // With `WCCL_TEST_PROBE`: the job's probe first, and every call `Auto` from its model.
+    let probed = std::env::var_os("WCCL_TEST_PROBE").is_some();
+    let opts = if probed {
+        probe_job(comm)?;
+        CallOptions {
+            algorithm: Some(wccl::Algorithm::Auto),
+            ..CallOptions::default()
+        }
+    } else {
+        CallOptions::default()
+    };
     for (i, &case) in list.iter().enumerate() {
         let p = prepare(case, comm.size(), SEED.wrapping_add(i as u64));
         let before = comm.mapped_calls();
-        execute(comm, &p, CallOptions::default())?;
+        execute(comm, &p, opts)?;
+        let modelled = matches!(
+            case.kind,
+            CollectiveKind::AllReduce | CollectiveKind::ReduceScatter | CollectiveKind::AllGather
+        );
+        if probed && modelled && matches!(comm.last_algorithm(), None | Some(wccl::Algorithm::Auto))
+        {
+            return Err(Fail::Check(format!(
+                "{case:?}: auto ran {:?}",
+                comm.last_algorithm()
+            )));
+        }
         // The host-staged ring runs in the tensors, mapped in place, wherever the device allows
         // it: every call with data.
         let mapped = comm.mapped_calls() - before;
         let expected = matrix == "staged" && comm.device().unified_memory() && case.count > 0;
+        // Auto's choices are the model's, not this check's.
+        if probed {
+            continue;
+        }
         if mapped != u64::from(expected) {
             return Err(Fail::Check(format!(
                 "{case:?}: {mapped} calls ran in mapped tensors, expected {}",
@@ -506,6 +532,48 @@ fn correct(comm: &mut Communicator) -> Result<String, Fail> {
     }
     comm.barrier()?;
     Ok(format!("cases={}", list.len()))
+}
+
+/// Probes the job (`Communicator::probe`) and checks what every rank made of it: a link
+/// measured over TCP, every rank's device, and one model on every rank (the extremes of a
+/// fingerprint of its text, over the ranks, are equal).
+fn probe_job(comm: &mut Communicator) -> Result<(), Fail> {
+    let p = comm.probe(64 << 10)?;
+    let n = comm.size();
+    if p.alone.len() != n {
+        return Err(Fail::Check(format!(
+            "{} ranks probed of {n}",
+            p.alone.len()
+        )));
+    }
+    let model = comm
+        .cost_model()
+        .cloned()
+        .ok_or_else(|| Fail::Check("no model installed".into()))?;
+    let link = model
+        .link()
+        .ok_or_else(|| Fail::Check("no link in the model".into()))?;
+    if !(link.gbps > 0.0 && link.latency_us > 0.0) {
+        return Err(Fail::Check(format!("a link of nothing: {link:?}")));
+    }
+    // FNV-1a of the model's text (every figure, bit for bit): 24 bits, exact in f32.
+    let text = format!("{model:?}");
+    let hash = text.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    }) & 0xff_ffff;
+    let mut extremes = Vec::new();
+    for op in [ReduceOp::Min, ReduceOp::Max] {
+        let b = comm.upload(&[hash as f32])?;
+        comm.all_reduce(&b, op)?;
+        extremes.push(comm.download(&b)?.first().copied().unwrap_or(f32::NAN));
+    }
+    if extremes != [hash as f32, hash as f32] {
+        return Err(Fail::Check(format!(
+            "the ranks' models differ: fingerprints from {} to {}, this rank's {hash}",
+            extremes[0], extremes[1]
+        )));
+    }
+    Ok(())
 }
 
 /// All-reduces a few MiB (checked) again and again with the call deadline
@@ -1390,6 +1458,8 @@ fn mpirun_starts_three_ranks() {
         &child_env,
         "-x",
         "WCCL_TEST_MATRIX=tiny",
+        "-x",
+        "WCCL_TEST_PROBE=1",
         "-x",
         &port_env,
         "-x",

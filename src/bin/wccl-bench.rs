@@ -1125,6 +1125,23 @@ fn launched(
         info.name, info.backend, info.device_type, info.driver_info
     )?;
     write_sweep_line(&mut out, a, settings)?;
+    let mut comm = comm;
+    let modelled = matches!(
+        kind,
+        CollectiveKind::AllReduce | CollectiveKind::ReduceScatter | CollectiveKind::AllGather
+    );
+    if modelled && a.probe_bytes > 0 {
+        // Every rank probes (a collective); the model's link terms come from the real links.
+        let p = comm.probe(a.probe_bytes as usize)?;
+        write_probe(&mut out, &p)?;
+        if let Some(l) = comm.cost_model().and_then(|m| m.link()) {
+            writeln!(
+                out,
+                "# links, measured: {:.3} GB/s egress per rank, {:.1} us a message",
+                l.gbps, l.latency_us
+            )?;
+        }
+    }
     writeln!(out, "#")?;
     let mut one = bench::OneRank(comm);
     let rows = bench::run(&mut one, settings, &mut out)?;

@@ -17,7 +17,7 @@ use crate::model::{CostModel, Figures, Probe};
 use crate::types::ReduceOp;
 
 /// Timed rounds of each of the call probe's algorithms (see `CommGroup::probe_calls`).
-const CALL_SAMPLES: usize = 25;
+pub(super) const CALL_SAMPLES: usize = 25;
 
 /// The most ranks one process links: each rank opens a device, and the in-process mesh has a
 /// channel per pair of ranks (a wild count must fail, not allocate until memory runs out).
@@ -445,7 +445,7 @@ impl CommGroup {
                 let at = At::rank(c.rank());
                 // A rank that leaves early, by an error or a panic, releases the others.
                 let leave = LeaveOnDrop(&barrier, at);
-                let figures = c.probe_device_spans(bytes, &|| barrier.wait(at))?;
+                let figures = c.probe_device_spans(bytes, &mut |_| barrier.wait(at))?;
                 std::mem::forget(leave);
                 Ok(figures)
             })
@@ -864,21 +864,21 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 
 /// What [`CommGroup::probe`]'s rounds of calls measure (see [`Figures`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Calls {
-    call: f64,
-    frame: f64,
-    submit: f64,
+pub(super) struct Calls {
+    pub(super) call: f64,
+    pub(super) frame: f64,
+    pub(super) submit: f64,
 }
 
 /// The median rounds of the call probe, and what the other figures predict of the staged and
 /// naive ones (no call, submission or frame cost), seconds.
 #[derive(Clone, Copy, Debug)]
-struct Rounds {
-    barrier: f64,
-    staged: f64,
-    naive: f64,
-    staged_rest: f64,
-    naive_rest: f64,
+pub(super) struct Rounds {
+    pub(super) barrier: f64,
+    pub(super) staged: f64,
+    pub(super) naive: f64,
+    pub(super) staged_rest: f64,
+    pub(super) naive_rest: f64,
 }
 
 impl Rounds {
@@ -897,7 +897,7 @@ impl Rounds {
     /// into `frame` and `call`), and the barrier and it set `frame` apart from the noisier
     /// device steps in `naive_rest`; elsewhere it submits as naive does, and the frame comes
     /// from the two of them. A cost that noise makes negative is 0. (0, 0, 0) on one rank.
-    fn solve(&self, n: usize, unified: bool, alpha: f64) -> Calls {
+    pub(super) fn solve(&self, n: usize, unified: bool, alpha: f64) -> Calls {
         if n < 2 {
             return Calls::default();
         }

@@ -7,6 +7,7 @@ mod executor;
 mod group;
 mod grow;
 mod host_ops;
+mod job_probe;
 mod launch;
 mod local;
 mod probe;

@@ -28,18 +28,20 @@ impl Communicator {
         bytes: usize,
         sync: &(dyn Fn() -> Result<()> + Sync),
     ) -> Result<Figures> {
-        self.probe_device_spans(bytes, sync).map(|(f, _)| f)
+        self.probe_device_spans(bytes, &mut |_| sync())
+            .map(|(f, _)| f)
     }
 
     /// [`probe_device`](Self::probe_device), and beside it the throughputs over each
     /// measurement's whole span (every repeat, from the `sync` that starts it): ranks probed
     /// at once do not run every repeat side by side (on shared cores one may run its repeats
     /// while another waits), so their medians can each look like a rank alone; their spans
-    /// add up to what they did together.
+    /// add up to what they did together. `sync` gets the communicator, so that ranks of
+    /// separate processes can meet in a barrier call.
     pub(crate) fn probe_device_spans(
         &mut self,
         bytes: usize,
-        sync: &(dyn Fn() -> Result<()> + Sync),
+        sync: &mut dyn FnMut(&mut Communicator) -> Result<()>,
     ) -> Result<(Figures, Figures)> {
         // The probe's own allocations run in this scope, ended (and so recorded) before the first
         // wait; the measurements' submits have scopes of their own.
@@ -74,13 +76,13 @@ impl Communicator {
         let rate = |secs: f64| bytes as f64 / secs.max(1e-9);
         let rates = |(median, span): (f64, f64)| (rate(median), rate(span / REPEATS as f64));
 
-        sync()?;
+        sync(self)?;
         let deadline = deadline_after(timeout);
         let upload = rates(timed(REPEATS, || self.upload_all(&host, &b, deadline, at))?);
-        sync()?;
+        sync(self)?;
         let deadline = deadline_after(timeout);
         let readback = rates(timed(REPEATS, || self.readback_all(&a, bytes, deadline))?);
-        sync()?;
+        sync(self)?;
         let deadline = deadline_after(timeout);
         let count = bytes / 4;
         let copy = rates(timed(REPEATS, || {
@@ -93,12 +95,12 @@ impl Communicator {
                 at,
             )
         })?);
-        sync()?;
+        sync(self)?;
         let deadline = deadline_after(timeout);
         let reduce = rates(timed(REPEATS, || {
             self.kernel_once(KernelOp::Combine(Combine::Sum), &b, &a, count, deadline, at)
         })?);
-        sync()?;
+        sync(self)?;
         let deadline = deadline_after(timeout);
         let native_copy = rates(timed(REPEATS, || {
             let t = Instant::now();
@@ -111,7 +113,7 @@ impl Communicator {
                 .map_err(|w| wait_error(at, w))?;
             Ok(t.elapsed().as_secs_f64())
         })?);
-        sync()?;
+        sync(self)?;
         let mut acc = vec![0u32; count];
         let host_reduce = rates(timed(REPEATS, || {
             let t = Instant::now();
@@ -123,7 +125,7 @@ impl Communicator {
             );
             Ok(t.elapsed().as_secs_f64())
         })?);
-        sync()?;
+        sync(self)?;
         let deadline = deadline_after(timeout);
         // One pipeline step's fixed cost: a 4-byte read-back, then a 4-byte upload (no kernel).
         let step = median(STEP_SAMPLES, || {
@@ -132,7 +134,7 @@ impl Communicator {
             self.upload_all(&host[..4], &b, deadline, at)?;
             Ok(t.elapsed().as_secs_f64())
         })?;
-        sync()?;
+        sync(self)?;
         let deadline = deadline_after(timeout);
         // A step that folds on the device, as the executor folds a received slice: the same
         // read-back, then the 4 bytes staged and reduced by a kernel in one submission. What
