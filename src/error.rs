@@ -31,8 +31,6 @@ impl fmt::Display for At {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.op {
             Some(op) => write!(f, "rank {}, {} #{}", self.rank, op, self.seq),
-            // A numbered step that is not a collective (a job's probe).
-            None if self.seq > 0 => write!(f, "rank {}, #{}", self.rank, self.seq),
             None => write!(f, "rank {}", self.rank),
         }
     }

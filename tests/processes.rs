@@ -508,12 +508,22 @@ fn correct(comm: &mut Communicator) -> Result<String, Fail> {
             case.kind,
             CollectiveKind::AllReduce | CollectiveKind::ReduceScatter | CollectiveKind::AllGather
         );
-        if probed && modelled && matches!(comm.last_algorithm(), None | Some(wccl::Algorithm::Auto))
-        {
-            return Err(Fail::Check(format!(
-                "{case:?}: auto ran {:?}",
-                comm.last_algorithm()
-            )));
+        if probed && modelled {
+            // What the model chooses for the call's size (its larger tensor's bytes).
+            let (input, output) = lens(case.kind, comm.size(), case.count);
+            let bytes = input.max(output) * case.dtype.size();
+            let want = comm.cost_model().map(|m| match case.kind {
+                CollectiveKind::AllReduce => m.choose_for(bytes, false, m.unified_memory()),
+                kind => m
+                    .choose_call(kind, bytes, false)
+                    .unwrap_or(wccl::Algorithm::Ring),
+            });
+            if comm.last_algorithm() != want {
+                return Err(Fail::Check(format!(
+                    "{case:?}: auto ran {:?}, the model chooses {want:?}",
+                    comm.last_algorithm()
+                )));
+            }
         }
         // The host-staged ring runs in the tensors, mapped in place, wherever the device allows
         // it: every call with data.

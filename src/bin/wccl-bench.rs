@@ -1132,7 +1132,8 @@ fn launched(
     );
     if modelled && a.probe_bytes > 0 {
         // Every rank probes (a collective); the model's link terms come from the real links.
-        let p = comm.probe(a.probe_bytes as usize)?;
+        let bytes = usize::try_from(a.probe_bytes).map_err(|_| "--probe-bytes is too large")?;
+        let p = comm.probe(bytes)?;
         write_probe(&mut out, &p)?;
         if let Some(l) = comm.cost_model().and_then(|m| m.link()) {
             writeln!(

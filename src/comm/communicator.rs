@@ -933,46 +933,50 @@ impl Communicator {
                 }
             }
         };
-        // Revoked through a handle while the call failed otherwise (ended at its deadline, say,
-        // on a link that cannot wake it): the revoke is what this rank reports, and sends.
-        let result = match (result, self.aborted.get().and_then(|r| revoked(r))) {
-            (Err(e), Some(reason)) if !matches!(e, Error::Revoked { .. }) => {
-                tracing::debug!(error = %e, "the call failed after this rank was revoked");
-                Err(Error::Revoked {
-                    at,
-                    by: self.rank,
-                    reason: reason.to_string(),
-                })
-            }
-            (r, _) => r,
-        };
-        if let Err(e) = &result {
-            // Tell the others, so that nobody waits for this rank until the deadline. An abort
-            // or a revoke that came from a peer has reached everyone already; this rank's own
-            // revoke goes out as a revoke (again, if its handle could not send it).
-            match e {
-                Error::Revoked { by, reason, .. } if *by == self.rank => {
-                    self.link.abort(&format!("{REVOKE}{reason}"));
-                }
-                Error::PeerAborted { .. } | Error::Revoked { .. } => {}
-                // The call itself is wrong (bad arguments, ranks that disagree on it): peers
-                // finishing among survivors must not run it again without this rank.
-                // (A frame that is not a call's at all is a peer that left the call for an
-                // agreement: not a disagreement about the call.)
-                Error::InvalidArgument { .. } => self.link.abort(&format!("{NOT_RECOVERABLE}{e}")),
-                Error::Mismatch { field, .. } if *field != super::protocol::NOT_A_CALL => {
-                    self.link.abort(&format!("{NOT_RECOVERABLE}{e}"))
-                }
-                _ => self.link.abort(&e.to_string()),
-            }
-            self.broken = Some(e.clone());
-            tracing::warn!(error = %e, "collective failed");
-        }
+        let result = result.map_err(|e| self.fail(at, e));
         Attempt {
             result,
             complete,
             started: ran,
         }
+    }
+
+    /// What a call (or the job's probe) that failed at `at` with `e` reports and leaves
+    /// behind: the revoke instead, where this rank was revoked through a handle while the call
+    /// failed otherwise (ended at its deadline, say, on a link that cannot wake it); the peers
+    /// told, so that nobody waits for this rank until the deadline; the communicator broken.
+    pub(super) fn fail(&mut self, at: At, e: Error) -> Error {
+        let e = match self.aborted.get().and_then(|r| revoked(r)) {
+            Some(reason) if !matches!(e, Error::Revoked { .. }) => {
+                tracing::debug!(error = %e, "the call failed after this rank was revoked");
+                Error::Revoked {
+                    at,
+                    by: self.rank,
+                    reason: reason.to_string(),
+                }
+            }
+            _ => e,
+        };
+        // An abort or a revoke that came from a peer has reached everyone already; this rank's
+        // own revoke goes out as a revoke (again, if its handle could not send it).
+        match &e {
+            Error::Revoked { by, reason, .. } if *by == self.rank => {
+                self.link.abort(&format!("{REVOKE}{reason}"));
+            }
+            Error::PeerAborted { .. } | Error::Revoked { .. } => {}
+            // The call itself is wrong (bad arguments, ranks that disagree on it): peers
+            // finishing among survivors must not run it again without this rank.
+            // (A frame that is not a call's at all is a peer that left the call for an
+            // agreement: not a disagreement about the call.)
+            Error::InvalidArgument { .. } => self.link.abort(&format!("{NOT_RECOVERABLE}{e}")),
+            Error::Mismatch { field, .. } if *field != super::protocol::NOT_A_CALL => {
+                self.link.abort(&format!("{NOT_RECOVERABLE}{e}"))
+            }
+            _ => self.link.abort(&e.to_string()),
+        }
+        self.broken = Some(e.clone());
+        tracing::warn!(error = %e, "collective failed");
+        e
     }
 
     /// Fails a call of `kind` before it starts, as a failed call does (it takes a sequence

@@ -114,7 +114,7 @@ impl Engine {
 const MAX_SPARE: usize = 2;
 
 /// Frames of other protocols kept for the next agreement, at most.
-const MAX_STRAY: usize = 16;
+pub(super) const MAX_STRAY: usize = 16;
 
 /// The longest extra wait for a peer's abort after this rank's own deadline.
 const MAX_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
@@ -518,6 +518,17 @@ impl Run<'_, '_> {
         };
         self.received[r.from] += 1;
         let Some(theirs) = Header::decode(&frame.header) else {
+            // A peer probing the job while this rank runs a call: they disagree about the call
+            // (not a peer that left it for an agreement).
+            if super::job_probe::is_probe_frame(&frame) {
+                return Err(Error::Mismatch {
+                    at: self.call.at,
+                    peer: r.from,
+                    field: "call",
+                    ours: "a collective".into(),
+                    theirs: "the job's probe (Communicator::probe)".into(),
+                });
+            }
             let e = Error::Mismatch {
                 at: self.call.at,
                 peer: r.from,

@@ -8,12 +8,12 @@
 
 use std::time::Instant;
 
-use super::communicator::{CallOptions, Collective, Communicator, NOT_RECOVERABLE};
-use super::executor::call_link_error;
+use super::communicator::{CallOptions, Collective, Communicator};
+use super::executor::{MAX_STRAY, call_link_error};
 use super::group::{CALL_SAMPLES, Rounds};
 use super::survive::OnFailure;
 use crate::algo::Algorithm;
-use crate::deadline::deadline_from;
+use crate::deadline::deadline_after;
 use crate::error::{At, Error, Result};
 use crate::link::{Frame, LinkError};
 use crate::model::{CostModel, Figures, LinkCost, Probe};
@@ -207,10 +207,20 @@ pub(crate) fn assemble(records: &[Record], bytes: usize) -> (Probe, Option<LinkC
     (probe, link, unified)
 }
 
-/// The median of `v` (0 when empty).
+/// The median of `v`, the mean of the two middle values for an even count (0 when empty):
+/// of two ranks, neither alone sets the job's figure.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    let k = v.len() / 2;
+    match (
+        v.len() % 2,
+        k.checked_sub(1).and_then(|j| v.get(j)),
+        v.get(k),
+    ) {
+        (0, Some(a), Some(b)) => (a + b) / 2.0,
+        (_, _, Some(b)) => *b,
+        _ => 0.0,
+    }
 }
 
 /// This process's host and its device's adapter, as text: ranks with equal keys share an
@@ -237,6 +247,20 @@ fn adapter_key(comm: &Communicator) -> String {
         end -= 1;
     }
     key[..end].to_string()
+}
+
+/// Whether a frame is one of a job probe's (a peer probing while this rank runs a call).
+pub(super) fn is_probe_frame(frame: &Frame) -> bool {
+    frame.header.len() == HEADER_BYTES && frame.header[..4] == MAGIC
+}
+
+/// What the latency token carries round the ring: rank 0's probe size and slice, which every
+/// rank checks against its own (they set the frames of the egress phase and the model).
+fn token(bytes: usize, slice: usize) -> Vec<u8> {
+    [bytes as u64, slice as u64]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect()
 }
 
 fn probe_frame(phase: u32, seq: u64, payload: Vec<u8>) -> Frame {
@@ -266,11 +290,11 @@ fn check_frame(
         })
     };
     let h = &frame.header;
-    if h.len() != HEADER_BYTES || h[..4] != MAGIC {
+    if !is_probe_frame(frame) {
         return mismatch(
             "call",
             "the job's probe".into(),
-            format!("another call (a frame header of {} bytes)", h.len()),
+            format!("a collective (a frame header of {} bytes)", h.len()),
         );
     }
     let word = |r: std::ops::Range<usize>| {
@@ -299,15 +323,22 @@ fn check_frame(
     }
 }
 
-/// The probe's link phases: sends and receives with the deadline and errors of a call.
+/// The probe's link phases: sends and receives with a call's checks and errors, each lap or
+/// round with a call's deadline.
 struct Wire<'a> {
-    comm: &'a Communicator,
+    comm: &'a mut Communicator,
     at: At,
     started: Instant,
     deadline: Instant,
 }
 
 impl Wire<'_> {
+    /// A fresh deadline (the configured timeout from now), for the next lap or round.
+    fn rearm(&mut self) {
+        self.started = Instant::now();
+        self.deadline = deadline_after(self.comm.config.timeout);
+    }
+
     fn send(&self, to: usize, phase: u32, payload: Vec<u8>) -> Result<()> {
         self.comm
             .link
@@ -315,12 +346,28 @@ impl Wire<'_> {
             .map_err(|e| self.error(e, to))
     }
 
-    fn recv(&self, from: usize, phase: u32, payload: Option<usize>) -> Result<Frame> {
+    fn recv(&mut self, from: usize, phase: u32, payload: Option<usize>) -> Result<Frame> {
         let frame = self
             .comm
             .link
             .recv(from, self.deadline)
             .map_err(|e| self.error(e, from))?;
+        if !is_probe_frame(&frame) && crate::comm::protocol::Header::decode(&frame.header).is_none()
+        {
+            // Neither the probe's nor a call's: a peer that left for an agreement, whose
+            // frame is kept for it, as a call keeps one.
+            let theirs = format!("{} bytes", frame.header.len());
+            if self.comm.engine.stray.len() < MAX_STRAY {
+                self.comm.engine.stray.push((from, frame));
+            }
+            return Err(Error::Mismatch {
+                at: self.at,
+                peer: from,
+                field: super::protocol::NOT_A_CALL,
+                ours: format!("the job's probe ({HEADER_BYTES} bytes)"),
+                theirs,
+            });
+        }
         check_frame(&frame, phase, self.at, from, payload)?;
         Ok(frame)
     }
@@ -331,19 +378,42 @@ impl Wire<'_> {
 
     /// One message's latency: a token sent round the ring (rank 0 starts each lap), the time
     /// between its arrivals at this rank over the ranks it passed (median of `LAPS` laps).
-    fn latency(&self) -> Result<f64> {
+    /// The token carries rank 0's `bytes` and `slice`; a rank whose own differ fails, naming
+    /// the rank it came from.
+    fn latency(&mut self, bytes: usize, slice: usize) -> Result<f64> {
         let (n, r) = (self.comm.size, self.comm.rank);
         let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
-        let mut arrivals = Vec::with_capacity(WARM_LAPS + LAPS);
+        let mine = token(bytes, slice);
+        let mut arrivals = Vec::with_capacity(WARM_LAPS + LAPS + 1);
         for _ in 0..WARM_LAPS + LAPS + 1 {
+            self.rearm();
             if r == 0 {
-                self.send(next, LATENCY, Vec::new())?;
-                self.recv(prev, LATENCY, Some(0))?;
-            } else {
-                self.recv(prev, LATENCY, Some(0))?;
-                self.send(next, LATENCY, Vec::new())?;
+                self.send(next, LATENCY, mine.clone())?;
             }
+            let got = self.recv(prev, LATENCY, Some(mine.len()))?.payload;
             arrivals.push(Instant::now());
+            if got != mine {
+                let word = |b: &[u8]| {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(b);
+                    u64::from_le_bytes(w)
+                };
+                let (theirs, ours) = if got[..8] != mine[..8] {
+                    ("probe bytes", (word(&got[..8]), bytes))
+                } else {
+                    ("slice bytes", (word(&got[8..16]), slice))
+                };
+                return Err(Error::Mismatch {
+                    at: self.at,
+                    peer: prev,
+                    field: theirs,
+                    ours: ours.1.to_string(),
+                    theirs: ours.0.to_string(),
+                });
+            }
+            if r != 0 {
+                self.send(next, LATENCY, got)?;
+            }
         }
         let laps: Vec<f64> = arrivals
             .windows(2)
@@ -354,16 +424,22 @@ impl Wire<'_> {
     }
 
     /// This rank's egress while every rank sends `frames` frames of `bytes` to the next and
-    /// takes as many from the previous, as a ring's steps do (median of `ROUNDS` rounds, each
-    /// less one message's latency), bytes/s.
-    fn rate(&self, bytes: usize, frames: usize, alpha: f64) -> Result<f64> {
+    /// takes as many from the previous, as a ring's steps do (median of `ROUNDS` rounds, to
+    /// the last arrival), bytes/s. A round less one message's latency is the time on the
+    /// wire, but never taken as under half the round: where `frames * bytes` crosses the link
+    /// in less than a latency, the difference is noise, and the rate is at most twice what
+    /// the round shows (an underestimate, never a thousandfold one).
+    fn rate(&mut self, bytes: usize, frames: usize, alpha: f64) -> Result<f64> {
         let (n, r) = (self.comm.size, self.comm.rank);
         let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
         let mut times = Vec::with_capacity(ROUNDS);
         for round in 0..=ROUNDS {
+            // Allocated before the clock starts: the link's time, not the allocator's.
+            let payloads: Vec<Vec<u8>> = (0..frames).map(|_| vec![0u8; bytes]).collect();
+            self.rearm();
             let t = Instant::now();
-            for _ in 0..frames {
-                self.send(next, BANDWIDTH, vec![0u8; bytes])?;
+            for p in payloads {
+                self.send(next, BANDWIDTH, p)?;
             }
             for _ in 0..frames {
                 self.recv(prev, BANDWIDTH, Some(bytes))?;
@@ -372,33 +448,35 @@ impl Wire<'_> {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
-        let secs = (median(times) - alpha).max(1e-9);
-        Ok((bytes.saturating_mul(frames)) as f64 / secs)
+        let round = median(times);
+        let secs = (round - alpha).max(round / 2.0).max(1e-9);
+        Ok(bytes.saturating_mul(frames) as f64 / secs)
     }
 
     /// Every rank's record, in rank order (this rank's own through the same checks).
-    fn exchange(&self, mine: &Record) -> Result<Vec<Record>> {
+    fn exchange(&mut self, mine: &Record) -> Result<Vec<Record>> {
         let (n, r) = (self.comm.size, self.comm.rank);
+        self.rearm();
         let payload = mine.encode();
         for peer in (0..n).filter(|&p| p != r) {
             self.send(peer, FIGURES, payload.clone())?;
         }
-        (0..n)
-            .map(|peer| {
-                let bytes = if peer == r {
-                    payload.clone()
-                } else {
-                    self.recv(peer, FIGURES, None)?.payload
-                };
-                Record::decode(&bytes).map_err(|why| Error::Mismatch {
-                    at: self.at,
-                    peer,
-                    field: "probe figures",
-                    ours: "finite numbers of at least 0 and a short key".into(),
-                    theirs: why,
-                })
-            })
-            .collect()
+        let mut records = Vec::with_capacity(n);
+        for peer in 0..n {
+            let bytes = if peer == r {
+                payload.clone()
+            } else {
+                self.recv(peer, FIGURES, None)?.payload
+            };
+            records.push(Record::decode(&bytes).map_err(|why| Error::Mismatch {
+                at: self.at,
+                peer,
+                field: "probe figures",
+                ours: "finite numbers of at least 0 and a short key".into(),
+                theirs: why,
+            })?);
+        }
+        Ok(records)
     }
 }
 
@@ -407,44 +485,58 @@ impl Communicator {
     /// same on every rank, so that `Algorithm::Auto` picks what it predicts fastest: the
     /// counterpart of [`CommGroup::probe`](crate::CommGroup::probe) for one rank per process
     /// ([`from_env`](Self::from_env), [`connect`](Self::connect)). **Every rank must call it**,
-    /// as a collective, with the same `bytes`.
+    /// as a collective, with the same `bytes` and the same `slice_bytes` configured (checked).
     ///
     /// It measures, in turn:
     /// - this rank's device as [`probe_device`](Self::probe_device) does, on `bytes`, every
-    ///   rank at once (a barrier before each measurement);
-    /// - the links: one message's latency (a token round the ring) and each rank's egress
-    ///   while every rank sends `bytes` to the next (in slices of at most the configured
-    ///   `slice_bytes`), the model's [`LinkCost`];
+    ///   rank at once (a barrier before each measurement): each rank's figures are its own
+    ///   device's while the others work on theirs;
+    /// - the links: one message's latency (a token round the ring, each rank's time between
+    ///   its arrivals over the ranks it passed) and each rank's egress while every rank sends
+    ///   to the next at once: `bytes` in slices of the configured `slice_bytes` (at least
+    ///   4 KiB, at most 64 slices), the model's [`LinkCost`]. Probe with `bytes` well over
+    ///   what the link carries in one latency (a few MiB), or the egress is underestimated;
     /// - the calls' fixed costs, as `CommGroup::probe` does: 26 rounds each of barriers and
     ///   tiny host-staged and naive all-reduces;
     ///
     /// then every rank sends its figures to every other, and each makes the same model of
-    /// them: ranks on one host with the same adapter share it (their work adds up), the link
-    /// is the ranks' median latency and rate.
+    /// them: ranks whose host and adapter are the same share it (their work adds up; the host
+    /// is read from `/proc/sys/kernel/hostname`, else `HOSTNAME` or `COMPUTERNAME`, and ranks
+    /// whose host is unknown count as on one host), the link is the ranks' median latency and
+    /// egress.
     ///
     /// Returns the probe; the link is in [`cost_model`](Self::cost_model)'s
-    /// [`link`](CostModel::link). The rounds of calls advance the call sequence and the
-    /// counters (`bytes_sent`, `device_bytes`, `mapped_calls`) and set `last_algorithm`.
+    /// [`link`](CostModel::link). Its barriers and rounds of calls advance the call sequence
+    /// and the counters (`bytes_sent`, `device_bytes`, `mapped_calls`) and set
+    /// `last_algorithm`; each of them fails on a rank's failure whatever `on_failure` says
+    /// (no finishing among survivors inside a measurement).
     ///
     /// # Errors
     /// Any failure fails the probe on every rank and leaves the communicator broken, as a
-    /// failed call does: a peer that is in another call (a [`Error::Mismatch`] naming it), a
-    /// dead or silent peer (by the configured timeout), a peer's figures that are not finite
-    /// numbers of at least 0, a `bytes` over the device's largest buffer.
+    /// failed call does: a peer that is in another call, or passed another `bytes` (a
+    /// [`Error::Mismatch`] naming it), a dead or silent peer (each lap or round of the link
+    /// phases, and each call, has the configured timeout), a peer's figures that are not
+    /// finite numbers of at least 0, a `bytes` over the device's largest buffer.
     pub fn probe(&mut self, bytes: usize) -> Result<Probe> {
+        // A communicator that must shrink first is refused as its calls are, unbroken.
+        self.run(Collective::Barrier, probe_opts(Algorithm::Ring))?;
         let result = self.probe_job(bytes);
-        if let Err(e) = &result {
-            self.fail_probe(e);
+        match result {
+            // A call inside it that failed has broken the communicator and told the peers.
+            Err(e) if self.broken.is_none() => {
+                let at = e.at().unwrap_or(At::rank(self.rank));
+                Err(self.fail(at, e))
+            }
+            other => other,
         }
-        result
     }
 
     fn probe_job(&mut self, bytes: usize) -> Result<Probe> {
-        let n = self.size;
-        // Aligned first: a peer in another call fails here, by the call's own checks.
-        self.barrier()?;
-        let (alone, spans) = self.probe_device_spans(bytes, &mut |c| c.barrier())?;
-        let (alpha, rate) = if n > 1 {
+        let (alone, spans) = self.probe_device_spans(bytes, &mut |c| {
+            c.run(Collective::Barrier, probe_opts(Algorithm::Ring))
+                .map(drop)
+        })?;
+        let (alpha, rate) = if self.size > 1 {
             self.probe_links(bytes)?
         } else {
             (0.0, 0.0)
@@ -461,7 +553,7 @@ impl Communicator {
         };
         let records = self.link_step(|w| w.exchange(&mine))?;
         let (mut probe, link, unified) = assemble(&records, bytes);
-        let slice = self.config.slice_bytes;
+        let (n, slice) = (records.len(), self.config.slice_bytes);
         if n > 1 {
             // As `CommGroup::probe` solves its rounds: what the figures alone predict of each
             // (the slowest rank's: a call ends when its last rank does).
@@ -496,17 +588,20 @@ impl Communicator {
         Ok(probe)
     }
 
-    /// The link phases: latency, then egress, on `bytes` in slices.
+    /// The link phases: latency (checking every rank's `bytes` and slice), then egress, on
+    /// `bytes` in slices.
     fn probe_links(&mut self, bytes: usize) -> Result<(f64, f64)> {
-        let slice = self.config.slice_bytes.clamp(4096, bytes.max(4096));
-        let frames = bytes.div_ceil(slice).clamp(1, MAX_FRAMES);
-        let alpha = self.link_step(|w| w.latency())?;
-        let rate = self.link_step(|w| w.rate(slice, frames, alpha))?;
+        let slice = self.config.slice_bytes;
+        let frame = slice.clamp(4096, bytes.max(4096));
+        let frames = bytes.div_ceil(frame).clamp(1, MAX_FRAMES);
+        let alpha = self.link_step(|w| w.latency(bytes, slice))?;
+        let rate = self.link_step(|w| w.rate(frame, frames, alpha))?;
         Ok((alpha, rate))
     }
 
-    /// One numbered step of the probe over the links, with a call's deadline and checks.
-    fn link_step<R>(&mut self, f: impl FnOnce(&Wire<'_>) -> Result<R>) -> Result<R> {
+    /// One numbered step of the probe over the links (a sequence number of its own, as a
+    /// call's), with a call's checks.
+    fn link_step<R>(&mut self, f: impl FnOnce(&mut Wire<'_>) -> Result<R>) -> Result<R> {
         self.seq = self.seq.saturating_add(1);
         let at = At {
             rank: self.rank,
@@ -515,28 +610,22 @@ impl Communicator {
         };
         self.gate(at)?;
         let started = Instant::now();
-        let wire = Wire {
+        let deadline = deadline_after(self.config.timeout);
+        f(&mut Wire {
             comm: self,
             at,
             started,
-            deadline: deadline_from(started, self.config.timeout),
-        };
-        f(&wire)
+            deadline,
+        })
     }
 
     /// Medians of `CALL_SAMPLES` rounds (after a warm-up) of barriers and tiny host-staged and
     /// naive all-reduces, timed on this rank, seconds; zeros on one rank.
     fn call_rounds(&mut self) -> Result<[f64; 3]> {
-        let n = self.size;
-        if n < 2 {
+        if self.size < 2 {
             return Ok([0.0; 3]);
         }
-        let buf = self.upload(&vec![0f32; n])?;
-        let opts = |algo| CallOptions {
-            algorithm: Some(algo),
-            on_failure: Some(OnFailure::Error),
-            ..CallOptions::default()
-        };
+        let buf = self.upload(&vec![0f32; self.size])?;
         let mut times: [Vec<f64>; 3] = Default::default();
         for i in 0..=CALL_SAMPLES {
             for (k, times) in times.iter_mut().enumerate() {
@@ -546,7 +635,7 @@ impl Communicator {
                     _ => (all_reduce(&buf), Algorithm::Naive),
                 };
                 let t = Instant::now();
-                self.run(call, opts(algo))?;
+                self.run(call, probe_opts(algo))?;
                 if i > 0 {
                     times.push(t.elapsed().as_secs_f64());
                 }
@@ -554,23 +643,15 @@ impl Communicator {
         }
         Ok(times.map(median))
     }
+}
 
-    /// Breaks the communicator on a failed probe and tells the peers, unless a failed call
-    /// inside it has done both.
-    fn fail_probe(&mut self, e: &Error) {
-        if self.broken.is_some() {
-            return;
-        }
-        match e {
-            Error::PeerAborted { .. } | Error::Revoked { .. } => {}
-            // The probe itself is wrong (bad arguments, a peer in another call): not a failure
-            // to finish among survivors.
-            Error::InvalidArgument { .. } | Error::Mismatch { .. } => {
-                self.link.abort(&format!("{NOT_RECOVERABLE}{e}"))
-            }
-            _ => self.link.abort(&e.to_string()),
-        }
-        self.broken = Some(e.clone());
+/// The probe's calls: with `algo`, failing on a rank's failure (no recovery among survivors
+/// inside a measurement: the group must stay the one probed).
+fn probe_opts(algo: Algorithm) -> CallOptions {
+    CallOptions {
+        algorithm: Some(algo),
+        on_failure: Some(OnFailure::Error),
+        ..CallOptions::default()
     }
 }
 
@@ -658,7 +739,7 @@ mod tests {
                     if r < 2 {
                         "a|gpu"
                     } else {
-                        &["b|gpu", "c|gpu"][r - 2]
+                        ["b|gpu", "c|gpu"][r - 2]
                     },
                 )
             })
@@ -672,9 +753,12 @@ mod tests {
         assert_eq!(p.together.native_copy, 4.0 * 3e9);
         assert!((p.together.step - 1e-4 * 2.5).abs() < 1e-12);
         let link = link.expect("a link between 4 ranks");
-        // Medians of 1..4 (the upper middle): 3.
-        assert!((link.gbps - 3.0).abs() < 1e-12, "{link:?}");
-        assert!((link.latency_us - 30.0).abs() < 1e-9, "{link:?}");
+        // Medians of 1..4 (the mean of the middle two): 2.5.
+        assert!((link.gbps - 2.5).abs() < 1e-12, "{link:?}");
+        assert!((link.latency_us - 25.0).abs() < 1e-9, "{link:?}");
+        // Three ranks: the middle one.
+        let three = assemble(&records[..3], 0).1.expect("a link");
+        assert!((three.gbps - 2.0).abs() < 1e-12, "{three:?}");
         assert_eq!(p.bytes, 1 << 20);
         // Apart: four keys.
         let apart: Vec<Record> = (0..4).map(|r| record(r, &format!("h{r}"))).collect();

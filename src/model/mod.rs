@@ -87,7 +87,10 @@ impl Figures {
 /// What a probe measured: each device alone, all at once, and whether devices share adapters.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Probe {
-    /// Each rank's device, probed alone.
+    /// Each rank's device: probed alone by [`CommGroup::probe`](crate::CommGroup::probe)
+    /// (ranks that share a process take turns); by
+    /// [`Communicator::probe`](crate::Communicator::probe), one rank per process, while every
+    /// rank probed its own.
     pub alone: Vec<Figures>,
     /// All ranks probed at the same time: aggregate throughputs, and the step cost per rank.
     pub together: Figures,
