@@ -1409,6 +1409,8 @@ fn torchrun_variables_alone_are_enough() {
             ("MASTER_PORT", (p - 1).to_string()),
             ("TORCHELASTIC_RUN_ID", job.clone()),
             ("WCCL_TEST_MATRIX", "tiny".into()),
+            // The job's probe over TCP, and every call `Auto` from its model.
+            ("WCCL_TEST_PROBE", "1".into()),
         ]
     });
     let done = procs.wait_all(JOB_DEADLINE);
@@ -1468,8 +1470,6 @@ fn mpirun_starts_three_ranks() {
         &child_env,
         "-x",
         "WCCL_TEST_MATRIX=tiny",
-        "-x",
-        "WCCL_TEST_PROBE=1",
         "-x",
         &port_env,
         "-x",

@@ -117,7 +117,7 @@ const MAX_SPARE: usize = 2;
 pub(super) const MAX_STRAY: usize = 16;
 
 /// The longest extra wait for a peer's abort after this rank's own deadline.
-const MAX_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+pub(super) const MAX_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Everything about the call that the executor needs besides the plan.
 pub(crate) struct Call<'a> {

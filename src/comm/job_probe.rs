@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use super::communicator::{CallOptions, Collective, Communicator};
-use super::executor::{MAX_STRAY, call_link_error};
+use super::executor::{MAX_GRACE, MAX_STRAY, call_link_error};
 use super::group::{CALL_SAMPLES, Rounds};
 use super::survive::OnFailure;
 use crate::algo::Algorithm;
@@ -136,6 +136,15 @@ impl Record {
         {
             return Err(format!("number {i} is {x}"));
         }
+        // The throughputs (upload, read-back, copy, reduce, host reduce, native copy) of the
+        // figures and the spans divide bytes: a zero one would predict infinities.
+        if let Some(i) = [0, 1, 2, 3, 4, 6]
+            .iter()
+            .flat_map(|&i| [i, i + 11])
+            .find(|&i| v[i] <= 0.0)
+        {
+            return Err(format!("number {i} (a throughput) is 0"));
+        }
         let unified = match v[NUMBERS - 1] {
             0.0 => false,
             1.0 => true,
@@ -232,8 +241,15 @@ fn adapter_key(comm: &Communicator) -> String {
         .or_else(|| std::env::var("COMPUTERNAME").ok())
         .unwrap_or_default();
     let i = comm.device().info();
+    // Without a bus id, identical GPUs of one host look alike: taken as apart (one GPU per
+    // rank, as launchers place them). A CPU adapter is the host's own cores, shared.
+    let apart = if i.device_pci_bus_id.is_empty() && i.device_type != wgpu::DeviceType::Cpu {
+        format!("rank {}", comm.rank())
+    } else {
+        String::new()
+    };
     let key = format!(
-        "{}|{}|{:?}|{:x}:{:x}|{}",
+        "{}|{}|{:?}|{:x}:{:x}|{}|{apart}",
         host.trim(),
         i.name,
         i.backend,
@@ -261,6 +277,30 @@ fn token(bytes: usize, slice: usize) -> Vec<u8> {
         .iter()
         .flat_map(|x| x.to_le_bytes())
         .collect()
+}
+
+/// Where a received token differs from this rank's `bytes` and `slice`: the field, this
+/// rank's value and the token's (`None` when they agree).
+fn token_differs(got: &[u8], bytes: usize, slice: usize) -> Option<(&'static str, usize, String)> {
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        let b = got.get(i * 8..i * 8 + 8)?;
+        w.copy_from_slice(b);
+        Some(u64::from_le_bytes(w))
+    };
+    let show = |w: Option<u64>| {
+        w.map_or_else(
+            || format!("{} bytes of token", got.len()),
+            |w| w.to_string(),
+        )
+    };
+    if word(0) != Some(bytes as u64) {
+        Some(("probe bytes", bytes, show(word(0))))
+    } else if word(1) != Some(slice as u64) || got.len() != 16 {
+        Some(("slice bytes", slice, show(word(1))))
+    } else {
+        None
+    }
 }
 
 fn probe_frame(phase: u32, seq: u64, payload: Vec<u8>) -> Frame {
@@ -330,6 +370,8 @@ struct Wire<'a> {
     at: At,
     started: Instant,
     deadline: Instant,
+    /// The peers this step received from.
+    heard: Vec<bool>,
 }
 
 impl Wire<'_> {
@@ -347,11 +389,30 @@ impl Wire<'_> {
     }
 
     fn recv(&mut self, from: usize, phase: u32, payload: Option<usize>) -> Result<Frame> {
-        let frame = self
-            .comm
-            .link
-            .recv(from, self.deadline)
+        let frame = loop {
+            let frame = match self.comm.link.recv(from, self.deadline) {
+                // A peer this step heard from is waiting on a rank further back, which is
+                // about to say so: give its abort a moment to arrive (as a call's executor
+                // does), so that every rank names the root cause.
+                Err(LinkError::Timeout) if self.heard.get(from).copied().unwrap_or(false) => {
+                    let grace =
+                        (self.deadline.saturating_duration_since(self.started) / 20).min(MAX_GRACE);
+                    self.comm
+                        .link
+                        .recv(from, crate::deadline::deadline_from(self.deadline, grace))
+                }
+                other => other,
+            }
             .map_err(|e| self.error(e, from))?;
+            match super::straggle::arrival_seq(&frame) {
+                // A late rank's arrival for a call already decided without it (`skip_after`).
+                Some(s) if s < self.at.seq => continue,
+                _ => break frame,
+            }
+        };
+        if let Some(h) = self.heard.get_mut(from) {
+            *h = true;
+        }
         if !is_probe_frame(&frame) && crate::comm::protocol::Header::decode(&frame.header).is_none()
         {
             // Neither the probe's nor a call's: a peer that left for an agreement, whose
@@ -381,46 +442,42 @@ impl Wire<'_> {
     /// The token carries rank 0's `bytes` and `slice`; a rank whose own differ fails, naming
     /// the rank it came from.
     fn latency(&mut self, bytes: usize, slice: usize) -> Result<f64> {
+        let arrivals = self.laps(bytes, slice, WARM_LAPS + LAPS + 1)?;
+        let laps: Vec<f64> = arrivals
+            .windows(2)
+            .skip(WARM_LAPS)
+            .map(|w| w[1].saturating_duration_since(w[0]).as_secs_f64())
+            .collect();
+        Ok(median(laps) / self.comm.size.max(1) as f64)
+    }
+
+    /// `count` laps of the token (each with a fresh deadline); the times it reached this rank.
+    fn laps(&mut self, bytes: usize, slice: usize, count: usize) -> Result<Vec<Instant>> {
         let (n, r) = (self.comm.size, self.comm.rank);
         let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
         let mine = token(bytes, slice);
-        let mut arrivals = Vec::with_capacity(WARM_LAPS + LAPS + 1);
-        for _ in 0..WARM_LAPS + LAPS + 1 {
+        let mut arrivals = Vec::with_capacity(count);
+        for _ in 0..count {
             self.rearm();
             if r == 0 {
                 self.send(next, LATENCY, mine.clone())?;
             }
             let got = self.recv(prev, LATENCY, Some(mine.len()))?.payload;
             arrivals.push(Instant::now());
-            if got != mine {
-                let word = |b: &[u8]| {
-                    let mut w = [0u8; 8];
-                    w.copy_from_slice(b);
-                    u64::from_le_bytes(w)
-                };
-                let (theirs, ours) = if got[..8] != mine[..8] {
-                    ("probe bytes", (word(&got[..8]), bytes))
-                } else {
-                    ("slice bytes", (word(&got[8..16]), slice))
-                };
+            if let Some((field, ours, theirs)) = token_differs(&got, bytes, slice) {
                 return Err(Error::Mismatch {
                     at: self.at,
                     peer: prev,
-                    field: theirs,
-                    ours: ours.1.to_string(),
-                    theirs: ours.0.to_string(),
+                    field,
+                    ours: ours.to_string(),
+                    theirs,
                 });
             }
             if r != 0 {
                 self.send(next, LATENCY, got)?;
             }
         }
-        let laps: Vec<f64> = arrivals
-            .windows(2)
-            .skip(WARM_LAPS)
-            .map(|w| w[1].saturating_duration_since(w[0]).as_secs_f64())
-            .collect();
-        Ok(median(laps) / n as f64)
+        Ok(arrivals)
     }
 
     /// This rank's egress while every rank sends `frames` frames of `bytes` to the next and
@@ -502,8 +559,13 @@ impl Communicator {
     /// then every rank sends its figures to every other, and each makes the same model of
     /// them: ranks whose host and adapter are the same share it (their work adds up; the host
     /// is read from `/proc/sys/kernel/hostname`, else `HOSTNAME` or `COMPUTERNAME`, and ranks
-    /// whose host is unknown count as on one host), the link is the ranks' median latency and
-    /// egress.
+    /// whose host is unknown count as on one host; GPUs without a PCI bus id count as apart,
+    /// a CPU adapter as shared), the link is the ranks' median latency and egress.
+    ///
+    /// Every rank's `bytes` and slice are checked (a lap of the token) before the device
+    /// phase. The barriers between the device measurements are ordinary barrier calls: a
+    /// peer that runs barriers meanwhile passes through them, and fails at the first frame
+    /// that is not a barrier's.
     ///
     /// Returns the probe; the link is in [`cost_model`](Self::cost_model)'s
     /// [`link`](CostModel::link). Its barriers and rounds of calls advance the call sequence
@@ -512,8 +574,10 @@ impl Communicator {
     /// (no finishing among survivors inside a measurement).
     ///
     /// # Errors
-    /// Any failure fails the probe on every rank and leaves the communicator broken, as a
-    /// failed call does: a peer that is in another call, or passed another `bytes` (a
+    /// A failure fails the probe and leaves the communicator broken, as a failed call does,
+    /// and tells the peers, which fail too (a rank that dies while it sends its figures may
+    /// leave the peers that got them with the model, and broken links that fail their next
+    /// call): a peer that is in another call, or passed another `bytes` or slice (a
     /// [`Error::Mismatch`] naming it), a dead or silent peer (each lap or round of the link
     /// phases, and each call, has the configured timeout), a peer's figures that are not
     /// finite numbers of at least 0, a `bytes` over the device's largest buffer.
@@ -532,6 +596,11 @@ impl Communicator {
     }
 
     fn probe_job(&mut self, bytes: usize) -> Result<Probe> {
+        // Every rank's size and slice agreed first: they set the device phase's work too.
+        if self.size > 1 {
+            let slice = self.config.slice_bytes;
+            self.link_step(|w| w.laps(bytes, slice, 1))?;
+        }
         let (alone, spans) = self.probe_device_spans(bytes, &mut |c| {
             c.run(Collective::Barrier, probe_opts(Algorithm::Ring))
                 .map(drop)
@@ -611,11 +680,13 @@ impl Communicator {
         self.gate(at)?;
         let started = Instant::now();
         let deadline = deadline_after(self.config.timeout);
+        let heard = vec![false; self.size];
         f(&mut Wire {
             comm: self,
             at,
             started,
             deadline,
+            heard,
         })
     }
 
@@ -716,6 +787,18 @@ mod tests {
             let e = Record::decode(&b).unwrap_err();
             assert!(e.contains(&format!("number {i}")), "{e}");
         }
+        // A zero throughput, in the figures or the spans (the rate of a lone rank may be 0).
+        for i in [3, 17] {
+            let mut b = bytes.clone();
+            b[i * 8..i * 8 + 8].copy_from_slice(&0f64.to_le_bytes());
+            assert!(
+                Record::decode(&b).unwrap_err().contains("throughput"),
+                "{i}"
+            );
+        }
+        let mut b = bytes.clone();
+        b[23 * 8..24 * 8].copy_from_slice(&0f64.to_le_bytes());
+        assert!(Record::decode(&b).is_ok());
         // A flag that is neither 0 nor 1.
         let mut b = bytes.clone();
         let i = NUMBERS - 1;
@@ -765,6 +848,30 @@ mod tests {
         assert!(!assemble(&apart, 0).0.shared);
         // One rank: no link.
         assert_eq!(assemble(&records[..1], 0).1, None);
+    }
+
+    /// A token names the first field that differs, this rank's value first.
+    #[test]
+    fn a_token_names_what_differs() {
+        let t = token(65536, 4 << 20);
+        assert_eq!(token_differs(&t, 65536, 4 << 20), None);
+        assert_eq!(
+            token_differs(&t, 131072, 4 << 20),
+            Some(("probe bytes", 131072, "65536".to_string()))
+        );
+        assert_eq!(
+            token_differs(&t, 65536, 1 << 20),
+            Some(("slice bytes", 1 << 20, (4usize << 20).to_string()))
+        );
+        // Short or long tokens are differences, not panics.
+        assert_eq!(
+            token_differs(&t[..12], 65536, 4 << 20),
+            Some(("slice bytes", 4 << 20, "12 bytes of token".to_string()))
+        );
+        let mut long = t.clone();
+        long.push(0);
+        assert!(token_differs(&long, 65536, 4 << 20).is_some());
+        assert!(token_differs(&[], 65536, 4 << 20).is_some());
     }
 
     /// A frame of another protocol, of another phase or probe, or of the wrong size is named.
