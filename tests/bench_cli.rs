@@ -579,6 +579,12 @@ fn reliability_prints_every_cell_of_the_lectures_table_and_fails_on_a_wrong_resu
         "6",
         "--model-ranks",
         "64",
+        // Half the default deadline and compute: the faulted rows wait out deadlines (a 256 KiB
+        // step here takes a few ms; the straggler's 100 ms stays well inside).
+        "--deadline-ms",
+        "500",
+        "--compute-ms",
+        "10",
     ]);
     assert!(ok, "{out}");
     for cell in [

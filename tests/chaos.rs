@@ -1,5 +1,5 @@
-//! The fault campaign (`wccl-bench chaos`) at CI's size: 200 faults with a fixed seed and a
-//! short deadline, into the collectives and the parameter server, pass with no hang, no
+//! The fault campaign (`wccl-bench chaos`) at CI's size: 200 faults with a fixed seed (100
+//! with another on OpenGL, CI's second pass) and a short deadline, into the collectives and the parameter server, pass with no hang, no
 //! silently wrong result and no acknowledged update lost; and the campaign's checks can fail:
 //! a planted bug (an error swallowed, an element changed, parameters off) fails it.
 
@@ -32,16 +32,28 @@ fn campaign(s: &ChaosSettings) -> wccl::bench::chaos::ChaosReport {
     run(s, &mut std::io::sink()).expect("campaign")
 }
 
+/// The campaign's size and seed: 200 faults with seed 2026; on OpenGL (CI's second pass of the
+/// suite, `WGPU_BACKEND=gl`) 100 faults with seed 2027, other trials than the first pass's, in
+/// half its time (the campaign waits out deadlines, and CI's time is bounded).
+fn campaign_size() -> (usize, u64) {
+    let gl = std::env::var("WGPU_BACKEND").is_ok_and(|b| b.eq_ignore_ascii_case("gl"));
+    if gl { (100, 2027) } else { (200, 2026) }
+}
+
 #[test]
 fn two_hundred_faults_no_hang_no_silently_wrong_result() {
-    let report = campaign(&settings(200, 2026, None));
+    let (faults, seed) = campaign_size();
+    let report = campaign(&settings(faults, seed, None));
     let summary = report.summary();
     eprintln!("{summary}");
-    assert_eq!(report.trials.len(), 200);
+    assert_eq!(report.trials.len(), faults);
     assert!(!report.failed(), "{summary}");
     // The faults did something: most fired, and some were detected, some survived.
     let fired = report.trials.iter().filter(|t| t.fired).count();
-    assert!(fired >= 120, "only {fired} of 200 faults fired\n{summary}");
+    assert!(
+        fired * 5 >= faults * 3,
+        "only {fired} of {faults} faults fired\n{summary}"
+    );
     for verdict in [Verdict::Detected, Verdict::Correct] {
         assert!(
             report.trials.iter().any(|t| t.verdict == verdict),
@@ -65,7 +77,7 @@ fn two_hundred_faults_no_hang_no_silently_wrong_result() {
         .filter(|t| t.target == Target::Processes)
         .collect();
     assert!(
-        procs.len() >= 10,
+        procs.len() * 20 >= faults,
         "{} process trials\n{summary}",
         procs.len()
     );
