@@ -883,6 +883,198 @@ mod tests {
         }
     }
 
+    /// What one rank's plan does, counted from its actions alone (as the executor carries
+    /// them out), in the model's units: bytes read back and uploaded, folded by a kernel,
+    /// copied on the device and on the host, device round trips (a lone read-back or upload
+    /// counts half), kernel launches, frames sent, bytes sent.
+    fn work_of(plan: &crate::algo::Plan, es: usize, in_place: bool) -> Work {
+        use crate::algo::{Action, Buf, Source};
+        use crate::types::Combine;
+        let device = |b: Buf| b != Buf::Host;
+        let bytes = |len: usize| (len * es) as f64;
+        let (mut w, mut readbacks, mut uploads) = (Work::default(), 0.0, 0.0);
+        for a in &plan.actions {
+            match *a {
+                Action::Copy { src, dst } => match (device(src.buf), device(dst.buf)) {
+                    (true, false) => {
+                        w.readback += bytes(src.len);
+                        readbacks += 1.0;
+                    }
+                    (false, true) => {
+                        w.upload += bytes(src.len);
+                        uploads += 1.0;
+                    }
+                    // In place, the plans' only copy from the input to the output is this
+                    // rank's piece onto itself: the same memory, which the executor skips.
+                    (true, true) if in_place && src.buf == Buf::Input && dst.buf == Buf::Output => {
+                    }
+                    (true, true) => w.copy += bytes(src.len),
+                    (false, false) => w.host += bytes(src.len),
+                },
+                Action::Scale { .. } => {}
+                Action::Transfer(t) => {
+                    if let Some((_, source)) = t.send {
+                        let len = match source {
+                            Source::Device(r) => {
+                                if device(r.buf) {
+                                    readbacks += 1.0;
+                                    w.readback += bytes(r.len);
+                                } else {
+                                    // Copied from host memory into the frame.
+                                    w.host += bytes(r.len);
+                                }
+                                r.len
+                            }
+                            Source::Forward | Source::Previous => t.recv.map_or(0, |r| r.dst.len),
+                        };
+                        w.frames += 1.0;
+                        w.wire += bytes(len);
+                    }
+                    if let Some(r) = t.recv {
+                        if device(r.dst.buf) {
+                            uploads += 1.0;
+                            w.upload += bytes(r.dst.len);
+                            if r.combine != Combine::Copy {
+                                w.launches += 1.0;
+                                w.reduce += bytes(r.dst.len);
+                            }
+                        } else {
+                            // Folded or copied into host memory.
+                            w.host += bytes(r.dst.len);
+                        }
+                    }
+                }
+            }
+        }
+        w.steps = (readbacks + uploads) / 2.0;
+        w
+    }
+
+    /// The model's work for reduce-scatter and all-gather, device ring and staged, field by
+    /// field against what the plans of `algo/` do, on every rank, at rank counts that are not
+    /// powers of two, with one slice and with many (uneven), in place and out.
+    #[test]
+    fn ring_work_follows_the_plans() {
+        use crate::algo::{
+            ring_all_gather, ring_reduce_scatter, staged_all_gather, staged_reduce_scatter,
+        };
+        use crate::types::ReduceOp;
+        let es = 4;
+        for n in [2, 3, 5, 8] {
+            for count in [1, 1000, 12_345] {
+                for slice_elems in [1 << 20, 999] {
+                    for kind in [CollectiveKind::ReduceScatter, CollectiveKind::AllGather] {
+                        for staged in [false, true] {
+                            for in_place in [false, true] {
+                                let bytes = n * count * es;
+                                let want =
+                                    ring_work(kind, staged, n, bytes, in_place, slice_elems * es);
+                                for r in 0..n {
+                                    let plan = match (kind, staged) {
+                                        (CollectiveKind::ReduceScatter, false) => {
+                                            ring_reduce_scatter(
+                                                n,
+                                                r,
+                                                count,
+                                                ReduceOp::Sum,
+                                                slice_elems,
+                                            )
+                                        }
+                                        (CollectiveKind::ReduceScatter, true) => {
+                                            staged_reduce_scatter(
+                                                n,
+                                                r,
+                                                count,
+                                                ReduceOp::Sum,
+                                                slice_elems,
+                                            )
+                                        }
+                                        (_, false) => ring_all_gather(n, r, count, slice_elems),
+                                        (_, true) => staged_all_gather(n, r, count, slice_elems),
+                                    };
+                                    let got = work_of(&plan, es, in_place);
+                                    let case = format!(
+                                        "{kind} staged={staged} n={n} rank {r} count={count} slice={slice_elems} in_place={in_place}"
+                                    );
+                                    let close = |a: f64, b: f64| {
+                                        (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+                                    };
+                                    for (field, g, m) in [
+                                        ("readback", got.readback, want.readback),
+                                        ("upload", got.upload, want.upload),
+                                        ("reduce", got.reduce, want.reduce),
+                                        ("copy", got.copy, want.copy),
+                                        ("host", got.host, want.host),
+                                        ("steps", got.steps, want.steps),
+                                        ("launches", got.launches, want.launches),
+                                        ("frames", got.frames, want.frames),
+                                        ("wire", got.wire, want.wire),
+                                    ] {
+                                        assert!(
+                                            close(g, m),
+                                            "{case}: {field}: the plan does {g}, the model says {m}"
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The device ring's all-reduce entry, field by field against the plan of every rank
+    /// (counts every rank count divides: the entry assumes even chunks).
+    #[test]
+    fn the_ring_all_reduce_work_follows_its_plan() {
+        use crate::algo::ring_all_reduce;
+        use crate::types::ReduceOp;
+        let es = 4;
+        for n in [2, 3, 5, 8] {
+            for count in [1200, 12_000] {
+                for slice_elems in [1 << 20, 999] {
+                    for in_place in [false, true] {
+                        for r in 0..n {
+                            let bytes = count * es;
+                            let want = work(
+                                Algorithm::Ring,
+                                n,
+                                r,
+                                bytes,
+                                in_place,
+                                slice_elems * es,
+                                false,
+                            );
+                            let plan =
+                                ring_all_reduce(n, r, count, ReduceOp::Sum, in_place, slice_elems);
+                            let got = work_of(&plan, es, in_place);
+                            let case = format!(
+                                "n={n} rank {r} count={count} slice={slice_elems} in_place={in_place}"
+                            );
+                            for (field, g, m) in [
+                                ("readback", got.readback, want.readback),
+                                ("upload", got.upload, want.upload),
+                                ("reduce", got.reduce, want.reduce),
+                                ("copy", got.copy, want.copy),
+                                ("host", got.host, want.host),
+                                ("steps", got.steps, want.steps),
+                                ("launches", got.launches, want.launches),
+                                ("frames", got.frames, want.frames),
+                                ("wire", got.wire, want.wire),
+                            ] {
+                                assert!(
+                                    (g - m).abs() <= 1e-9 * g.abs().max(m.abs()).max(1.0),
+                                    "{case}: {field}: the plan does {g}, the model says {m}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn independent_ring_matches_the_hand_computed_cost() {
         // 4 ranks, 1 GB/s everywhere, no step cost, 400 MB in place: each rank reads back and
