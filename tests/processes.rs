@@ -512,12 +512,9 @@ fn correct(comm: &mut Communicator) -> Result<String, Fail> {
             // What the model chooses for the call's size (its larger tensor's bytes).
             let (input, output) = lens(case.kind, comm.size(), case.count);
             let bytes = input.max(output) * case.dtype.size();
-            let want = comm.cost_model().map(|m| match case.kind {
-                CollectiveKind::AllReduce => m.choose_for(bytes, false, m.unified_memory()),
-                kind => m
-                    .choose_call(kind, bytes, false)
-                    .unwrap_or(wccl::Algorithm::Ring),
-            });
+            let want = comm
+                .cost_model()
+                .and_then(|m| m.choose_call(case.kind, bytes, false));
             if comm.last_algorithm() != want {
                 return Err(Fail::Check(format!(
                     "{case:?}: auto ran {:?}, the model chooses {want:?}",

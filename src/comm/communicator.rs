@@ -1049,7 +1049,7 @@ impl Communicator {
                 let in_place = disjoint_or_same(at, &input, &output)?;
                 let se = slice / input.dtype.size();
                 let count = input.count;
-                let algorithm = self.resolve(algorithm, count, input.dtype);
+                let algorithm = self.resolve(call.kind(), algorithm, count, input.dtype);
                 let plan = match algorithm {
                     Algorithm::Central => {
                         algo::central_all_reduce(n, r, 0, count, op, in_place, se)
@@ -1086,7 +1086,7 @@ impl Communicator {
                 let se = slice / input.dtype.size();
                 // `Staged` on host memory, `Auto` as the model says, every other algorithm the
                 // device ring (the header tells ranks that disagree apart).
-                let algorithm = self.resolve_ring(call.kind(), algorithm, input.count, input.dtype);
+                let algorithm = self.resolve(call.kind(), algorithm, input.count, input.dtype);
                 let plan = if algorithm == Algorithm::Staged {
                     algo::staged_reduce_scatter(n, r, output.count, op, se)
                 } else {
@@ -1111,8 +1111,7 @@ impl Communicator {
                 let se = slice / input.dtype.size();
                 // As reduce-scatter: `Staged` on host memory, `Auto` as the model says, else
                 // the device ring.
-                let algorithm =
-                    self.resolve_ring(call.kind(), algorithm, output.count, input.dtype);
+                let algorithm = self.resolve(call.kind(), algorithm, output.count, input.dtype);
                 let plan = if algorithm == Algorithm::Staged {
                     algo::staged_all_gather(n, r, input.count, se)
                 } else {
@@ -1200,42 +1199,32 @@ impl Communicator {
         Ok((plan, header, Some((input, output))))
     }
 
-    /// The concrete algorithm for an all-reduce of `count` elements: `Auto` asks the cost
-    /// model (every rank holds the same one, so every rank picks the same), or takes the ring
-    /// when no probe has run.
-    fn resolve(&self, algorithm: Algorithm, count: usize, dtype: DType) -> Algorithm {
-        // From the call's size and the model alone, which every rank holds alike, never from
-        // this rank's own tensors, device or placement (ranks may mix in-place and out-of-place
-        // calls, as in NCCL): ranks that chose differently would fail the call. The model says
-        // whether every rank's device maps tensors in place; a rank whose own tensors cannot
-        // be mapped then runs the staged ring through staging buffers.
-        match (algorithm, &self.cost_model) {
-            (Algorithm::Auto, Some(m)) => {
-                let bytes = count.saturating_mul(dtype.size());
-                m.choose_for(bytes, false, m.unified_memory())
-            }
-            (Algorithm::Auto, None) => Algorithm::Ring,
-            (a, _) => a,
-        }
-    }
-
-    /// What a reduce-scatter or all-gather whose larger tensor holds `count` elements runs:
-    /// `Staged` on host memory, `Auto` what the cost model predicts faster of that and the
-    /// device ring (the ring without a model), and every other algorithm the device ring. As
-    /// for all-reduce, from the call's size and the model alone.
-    fn resolve_ring(
+    /// What a call of `kind` whose larger tensor holds `count` elements runs. An all-reduce:
+    /// `algorithm`, or for `Auto` what the cost model chooses (the ring without a model). A
+    /// reduce-scatter or all-gather: `Staged` on host memory, `Auto` what the model predicts
+    /// faster of that and the device ring (the ring without a model), every other algorithm
+    /// the device ring.
+    ///
+    /// From the call's size and the model alone, which every rank holds alike, never from
+    /// this rank's own tensors, device or placement (ranks may mix in-place and out-of-place
+    /// calls, as in NCCL): ranks that chose differently would fail the call. The model says
+    /// whether every rank's device maps tensors in place; a rank whose own tensors cannot be
+    /// mapped then runs the staged ring through staging buffers.
+    fn resolve(
         &self,
         kind: CollectiveKind,
         algorithm: Algorithm,
         count: usize,
         dtype: DType,
     ) -> Algorithm {
+        let all_reduce = kind == CollectiveKind::AllReduce;
         match (algorithm, &self.cost_model) {
+            (Algorithm::Auto, Some(m)) => m
+                .choose_call(kind, count.saturating_mul(dtype.size()), false)
+                .unwrap_or(Algorithm::Ring),
+            (Algorithm::Auto, None) => Algorithm::Ring,
+            (a, _) if all_reduce => a,
             (Algorithm::Staged, _) => Algorithm::Staged,
-            (Algorithm::Auto, Some(m)) => {
-                let bytes = count.saturating_mul(dtype.size());
-                m.choose_call(kind, bytes, false).unwrap_or(Algorithm::Ring)
-            }
             _ => Algorithm::Ring,
         }
     }
