@@ -380,7 +380,10 @@ pub fn run(
                 let (label, predicted) = match (s.kind, model) {
                     (CollectiveKind::AllReduce, Some(m)) => {
                         let chosen = match algo {
-                            Algorithm::Auto => m.choose_for(bytes, false, m.unified_memory()),
+                            // What the communicator's `resolve` runs for it.
+                            Algorithm::Auto => m
+                                .choose_call(CollectiveKind::AllReduce, bytes, false)
+                                .unwrap_or(Algorithm::Ring),
                             a => a,
                         };
                         let p = m.predict_for(chosen, bytes, false, mapped);

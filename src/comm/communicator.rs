@@ -1217,6 +1217,15 @@ impl Communicator {
         count: usize,
         dtype: DType,
     ) -> Algorithm {
+        debug_assert!(
+            matches!(
+                kind,
+                CollectiveKind::AllReduce
+                    | CollectiveKind::ReduceScatter
+                    | CollectiveKind::AllGather
+            ),
+            "resolve is for the calls the model knows, not {kind}"
+        );
         let all_reduce = kind == CollectiveKind::AllReduce;
         match (algorithm, &self.cost_model) {
             (Algorithm::Auto, Some(m)) => m
