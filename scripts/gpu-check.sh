@@ -21,9 +21,10 @@
 #   matmul  the matmul kernels at 1024^3 and 4096^3, f32 and f16
 #   tp      the tensor-parallel MLP block on 4 ranks, against an f64 host reference
 #   ps      the replicated parameter server under faults (head-of-line, failover, straggler)
-#   sweep   all_reduce for every algorithm on 4 ranks sharing the GPU: 1-16 MiB checked at every
-#           buffer shift (the host-side check is the slow part), f16 and bf16 at 4 and 16 MiB
-#           with every op checked, 256 and 512 MiB timed only
+#   sweep   all_reduce on 4 ranks sharing the GPU, the host-staged ring beside the device ring
+#           (issue 14), central, naive and auto: 1-16 MiB checked at every buffer shift (the
+#           host-side check is the slow part), f16 and bf16 at 4 and 16 MiB with every op
+#           checked, 256 and 512 MiB timed only
 # Full logs go to OUT_DIR (default ./gpu-check-out), a short table last; about 5 minutes.
 set -uo pipefail
 out="${1:-${OUT:-./gpu-check-out}}"
@@ -95,11 +96,11 @@ if want sweep; then
     # back); 256 and 512 MiB are timed only (-c 0): correctness there rests on the smaller sizes
     # and the property test.
     echo "== all_reduce sweep, 4 ranks, 1 MiB .. 16 MiB, checked"
-    timeout 200 "$bench" all_reduce -b 1M -e "${GPU_CHECK_MAX_CHECKED:-16M}" -f 4 -g 4 -n 5 -w 2 --algo ring,central,naive,auto \
+    timeout 240 "$bench" all_reduce -b 1M -e "${GPU_CHECK_MAX_CHECKED:-16M}" -f 4 -g 4 -n 5 -w 2 --algo ring,staged,central,naive,auto \
         --probe-bytes "${GPU_CHECK_PROBE_SWEEP:-64M}" --csv "$out/all_reduce.csv" --plot "$out/all_reduce.svg" \
         > "$out/all_reduce.log" 2>&1
     fail $?
-    grep -v '^#  rank' "$out/all_reduce.log" | tail -n 22
+    grep -v '^#  rank' "$out/all_reduce.log" | tail -n 26
     for d in half bfloat16; do
         echo "== all_reduce $d, 4 ranks, 4 and 16 MiB, every op, checked"
         timeout 90 "$bench" all_reduce -b 4M -e 16M -f 4 -g 4 -n 5 -w 2 -d "$d" -o all --probe-bytes 0 \
@@ -108,11 +109,11 @@ if want sweep; then
         grep -E '^ +[0-9]|Out of bounds' "$out/all_reduce_$d.log"
     done
     echo "== all_reduce, 4 ranks, 256 MiB and 512 MiB, timed only"
-    timeout 150 "$bench" all_reduce -b "${GPU_CHECK_BIG_MIN:-256M}" -e "${GPU_CHECK_MAX:-512M}" -f 2 -g 4 -n 3 -w 1 -c 0 \
-        --algo ring,central,naive,auto --probe-bytes "${GPU_CHECK_PROBE_SWEEP:-64M}" --csv "$out/all_reduce_big.csv" \
+    timeout 200 "$bench" all_reduce -b "${GPU_CHECK_BIG_MIN:-256M}" -e "${GPU_CHECK_MAX:-512M}" -f 2 -g 4 -n 3 -w 1 -c 0 \
+        --algo ring,staged,central,naive,auto --probe-bytes "${GPU_CHECK_PROBE_SWEEP:-64M}" --csv "$out/all_reduce_big.csv" \
         > "$out/all_reduce_big.log" 2>&1
     fail $?
-    grep -v '^#  rank' "$out/all_reduce_big.log" | tail -n 12
+    grep -v '^#  rank' "$out/all_reduce_big.log" | tail -n 14
 fi
 
 echo
