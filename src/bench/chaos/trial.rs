@@ -165,6 +165,11 @@ fn input(rank: usize, len: usize, call: usize) -> Vec<f32> {
 /// A value no correct output holds (the inputs are positive).
 const POISON: f32 = -12_345.0;
 
+/// Each trial's slice (and staging slot) size: above the largest call a trial makes (a block
+/// of at most 1500 f32 per rank, times at most 5 ranks), so that every call is one slice, as
+/// with the default 4 MiB.
+const TRIAL_SLICE_BYTES: usize = 64 << 10;
+
 /// The follow-up call's length (an all-reduce, out of place).
 const FOLLOW_UP_LEN: usize = 257;
 
@@ -265,9 +270,13 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
     let group = CommGroup::builder()
         .ranks(n)
         .config(
+            // Staging slots of 64 KiB, not 4 MiB: a trial's calls move at most 1500 × 5
+            // elements of 4 bytes (30 KB), one slice either way, and every trial builds its
+            // group afresh (OpenGL zero-fills each slot on the CPU).
             CommConfig::default()
                 .timeout(deadline)
-                .on_failure(on_failure),
+                .on_failure(on_failure)
+                .slice_bytes(TRIAL_SLICE_BYTES),
         )
         .links(LinkStack::new().faults(plan.clone()))
         .build()?;
