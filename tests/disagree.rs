@@ -34,9 +34,9 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const SILENT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A group of `n` ranks with staging slots of 64 KiB instead of 4 MiB: every call here moves
-/// a few dozen bytes (one slice either way), and each case rebuilds the group twice, which
-/// makes every rank's staging afresh (on OpenGL that zero-fills each slot on the CPU: 4 MiB
-/// slots made this file two to three times slower there).
+/// a few hundred bytes at most (one slice either way), and each case rebuilds the group twice,
+/// which makes every rank's staging afresh (on OpenGL, Mesa zero-fills each slot on the CPU:
+/// with 4 MiB slots this file took 2.3x as long there; see BENCHMARKS.md).
 fn group(n: usize) -> CommGroup {
     common::group_with(n, CommConfig::default().slice_bytes(64 << 10))
 }

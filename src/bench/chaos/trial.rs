@@ -165,10 +165,14 @@ fn input(rank: usize, len: usize, call: usize) -> Vec<f32> {
 /// A value no correct output holds (the inputs are positive).
 const POISON: f32 = -12_345.0;
 
+/// The most ranks of a trial.
+const MAX_RANKS: usize = 5;
+/// The most f32 elements of a trial's block (per rank).
+const MAX_BLOCK: usize = 1500;
 /// Each trial's slice (and staging slot) size: above the largest call a trial makes (a block
-/// of at most 1500 f32 per rank, times at most 5 ranks), so that every call is one slice, as
-/// with the default 4 MiB.
+/// per rank, times the ranks), so that every call is one slice, as with the default 4 MiB.
 const TRIAL_SLICE_BYTES: usize = 64 << 10;
+const _: () = assert!(MAX_BLOCK * MAX_RANKS * 4 <= TRIAL_SLICE_BYTES);
 
 /// The follow-up call's length (an all-reduce, out of place).
 const FOLLOW_UP_LEN: usize = 257;
@@ -255,8 +259,8 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
     if matches!(target, Target::PsStrong | Target::PsEventual) {
         return super::ps::run(setup, rng);
     }
-    let n = rng.random_range(3..=5usize);
-    let block = rng.random_range(1..=1500usize);
+    let n = rng.random_range(3..=MAX_RANKS);
+    let block = rng.random_range(1..=MAX_BLOCK);
     let in_place = rng.random_bool(0.5) && target.in_place_allowed();
     let root = rng.random_range(0..n);
     let victim = rng.random_range(0..n);
@@ -270,9 +274,9 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
     let group = CommGroup::builder()
         .ranks(n)
         .config(
-            // Staging slots of 64 KiB, not 4 MiB: a trial's calls move at most 1500 × 5
-            // elements of 4 bytes (30 KB), one slice either way, and every trial builds its
-            // group afresh (OpenGL zero-fills each slot on the CPU).
+            // Staging slots of 64 KiB, not 4 MiB: a trial's calls are one slice either way,
+            // and every trial builds its group afresh (on OpenGL, Mesa zero-fills each slot
+            // on the CPU).
             CommConfig::default()
                 .timeout(deadline)
                 .on_failure(on_failure)
