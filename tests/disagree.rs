@@ -8,10 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use wccl::{
-    CallOptions, Collective, CollectiveKind, CommConfig, CommGroup, DType, Error, ReduceOp,
-    TensorRef,
-};
+use wccl::{CallOptions, Collective, CollectiveKind, CommGroup, DType, Error, ReduceOp, TensorRef};
 
 const KINDS: [CollectiveKind; 6] = [
     CollectiveKind::AllReduce,
@@ -32,14 +29,6 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// The deadline where no rank sends first (see [`starts`]): every rank must time out, so the
 /// wait is the case's whole length, and a short one proves as much.
 const SILENT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// A group of `n` ranks with staging slots of 64 KiB instead of 4 MiB: every call here moves
-/// a few hundred bytes at most (one slice either way), and each case rebuilds the group twice,
-/// which makes every rank's staging afresh (on OpenGL, Mesa zero-fills each slot on the CPU:
-/// with 4 MiB slots this file took 2.3x as long there; see BENCHMARKS.md).
-fn group(n: usize) -> CommGroup {
-    common::group_with(n, CommConfig::default().slice_bytes(64 << 10))
-}
 
 /// What the odd rank passes differently.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -347,7 +336,7 @@ fn exact_with(
 /// Every collective, every disagreement, the odd rank in every part of the chain; the failed
 /// cases are listed together at the end (each one's message is printed as it fails).
 fn every_rank_errs(n: usize) {
-    let mut group = group(n);
+    let mut group = common::group(n);
     let mut failed = Vec::new();
     for kind in KINDS {
         for d in disagreements(kind) {
@@ -396,7 +385,7 @@ fn every_rank_errs_when_ranks_disagree_on_the_algorithm() {
         (CollectiveKind::AllGather, Staged),
     ];
     for n in [3, 4, 6] {
-        let mut group = group(n);
+        let mut group = common::group(n);
         for (kind, other) in cases {
             for (mine, theirs) in [(other, Ring), (Ring, other)] {
                 for odd in [0, n - 1] {

@@ -764,7 +764,7 @@ impl Run<'_, '_> {
             );
             return Ok(());
         }
-        let bounce = self.eng.uploads.bounce().clone();
+        let bounce = self.eng.uploads.bounce(&self.eng.dev);
         let per = (self.eng.uploads.slot_bytes() as usize / es).max(1);
         let mut done = 0;
         while done < src.len {

@@ -5,6 +5,11 @@
 //! flight while the host does other work. An [`UploadRing`] holds `MAP_WRITE` buffers, each with
 //! a device-side twin that the kernels read: the host writes into a mapped slot, a copy moves it
 //! to the twin, and the slot is re-mapped for writing as soon as that copy has run.
+//!
+//! Slots start at [`FIRST_SLOT_BYTES`] (or the slice, if smaller) and grow to the slice the
+//! first time a call needs more: a communicator that only ever moves small tensors never
+//! allocates (nor has its driver zero-fill) its full slices' worth, and making one, or remaking
+//! one after a failure, costs little.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,29 +43,45 @@ pub(crate) struct ReadRing {
     busy: Vec<bool>,
     /// Per slot: a map was requested and the buffer has not been unmapped since.
     held: Vec<bool>,
+    /// The size a slot grows to: `slot_bytes` and room for rounding out to 4 bytes.
+    full: u64,
 }
 
 /// How long clean-up after a failed call waits for a read-back's copy to land before it cancels
 /// the map (the copy itself is harmless once nobody maps the slot).
 const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// A slot's size until a call needs more (then it grows to the ring's full size, once).
+pub(crate) const FIRST_SLOT_BYTES: u64 = 64 << 10;
+
+fn read_buffer(dev: &RankDevice, size: u64) -> Buffer {
+    dev.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wccl read staging"),
+        size,
+        usage: BufferUsages::MAP_READ | BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
 impl ReadRing {
-    /// `slots` buffers of `slot_bytes` each (plus room for rounding a range out to 4 bytes).
+    /// `slots` buffers for read-backs of up to `slot_bytes` each (plus room for rounding a
+    /// range out to 4 bytes), each [`FIRST_SLOT_BYTES`] until a read-back needs more.
     pub(crate) fn new(dev: &RankDevice, slots: usize, slot_bytes: u64) -> Self {
+        let full = slot_bytes.next_multiple_of(4).saturating_add(8);
         let slots: Vec<ReadSlot> = (0..slots.max(1))
             .map(|_| ReadSlot {
-                buffer: dev.device().create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("wccl read staging"),
-                    size: slot_bytes.next_multiple_of(4) + 8,
-                    usage: BufferUsages::MAP_READ | BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }),
+                buffer: read_buffer(dev, full.min(FIRST_SLOT_BYTES)),
                 mapped: Arc::new(AtomicBool::new(false)),
             })
             .collect();
         let busy = vec![false; slots.len()];
         let held = vec![false; slots.len()];
-        ReadRing { slots, busy, held }
+        ReadRing {
+            slots,
+            busy,
+            held,
+            full,
+        }
     }
 
     /// Whether another read-back can begin.
@@ -92,18 +113,26 @@ impl ReadRing {
         let slot = self.busy.iter().position(|b| !b).ok_or_else(|| {
             WaitError::Device("internal: a read-back began with every staging slot busy".into())
         })?;
-        let s = &self.slots[slot];
         // Copies move whole 4-byte words: round the range out (f16 views may start mid-word).
         let start = offset & !3;
         let end = offset
             .checked_add(len as u64)
             .and_then(|e| e.checked_next_multiple_of(4))
-            .filter(|&e| e - start <= s.buffer.size())
+            .filter(|&e| e - start <= self.full)
             .ok_or_else(|| {
                 WaitError::Device(format!(
                     "internal: a read-back of {len} bytes at {offset} does not fit a staging slot"
                 ))
             })?;
+        if end - start > self.slots[slot].buffer.size() {
+            // A free slot is unmapped (`release` unmaps before it frees): grow it, with a flag
+            // of its own, so that no callback of the old buffer's can touch the new one's.
+            self.slots[slot] = ReadSlot {
+                buffer: read_buffer(dev, self.full),
+                mapped: Arc::new(AtomicBool::new(false)),
+            };
+        }
+        let s = &self.slots[slot];
         self.busy[slot] = true;
         if len == 0 {
             return Ok(ReadTicket {
@@ -256,37 +285,53 @@ pub(crate) struct UploadRing {
     slots: Vec<UploadSlot>,
     next: usize,
     slot_bytes: u64,
+    /// A device buffer of `slot_bytes` for device-side copies, made the first time one needs it.
+    bounce: Option<Buffer>,
+}
+
+impl UploadSlot {
+    /// A slot of `size` bytes, its staging buffer mapped for writing.
+    fn new(dev: &RankDevice, size: u64) -> Self {
+        UploadSlot {
+            staging: dev.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wccl upload staging"),
+                size,
+                usage: BufferUsages::MAP_WRITE | BufferUsages::COPY_SRC,
+                mapped_at_creation: true,
+            }),
+            target: target_buffer(dev, size, "wccl upload target"),
+            mapped: Arc::new(AtomicBool::new(true)),
+            last_use: None,
+        }
+    }
+}
+
+fn target_buffer(dev: &RankDevice, size: u64, label: &'static str) -> Buffer {
+    dev.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: BufferUsages::STORAGE | BufferUsages::COPY_DST | BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
 }
 
 impl UploadRing {
+    /// `slots` slots for uploads of up to `slot_bytes` each, each [`FIRST_SLOT_BYTES`] until
+    /// an upload needs more.
     pub(crate) fn new(dev: &RankDevice, slots: usize, slot_bytes: u64) -> Self {
         let size = slot_bytes.next_multiple_of(4).max(4);
         let slots = (0..slots.max(1))
-            .map(|_| UploadSlot {
-                staging: dev.device().create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("wccl upload staging"),
-                    size,
-                    usage: BufferUsages::MAP_WRITE | BufferUsages::COPY_SRC,
-                    mapped_at_creation: true,
-                }),
-                target: dev.device().create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("wccl upload target"),
-                    size,
-                    usage: BufferUsages::STORAGE | BufferUsages::COPY_DST | BufferUsages::COPY_SRC,
-                    mapped_at_creation: false,
-                }),
-                mapped: Arc::new(AtomicBool::new(true)),
-                last_use: None,
-            })
+            .map(|_| UploadSlot::new(dev, size.min(FIRST_SLOT_BYTES)))
             .collect();
         UploadRing {
             slots,
             next: 0,
             slot_bytes: size,
+            bounce: None,
         }
     }
 
-    /// Capacity of one slot in bytes.
+    /// Capacity of one slot in bytes (what one upload may carry).
     pub(crate) fn slot_bytes(&self) -> u64 {
         self.slot_bytes
     }
@@ -315,11 +360,26 @@ impl UploadRing {
         dst: Option<(&Buffer, u64)>,
         deadline: Instant,
     ) -> Result<Buffer, WaitError> {
+        let len4 = (bytes.len() as u64).next_multiple_of(4);
+        if len4 > self.slot_bytes {
+            return Err(WaitError::Device(format!(
+                "internal: an upload of {} bytes does not fit a staging slot of {}",
+                bytes.len(),
+                self.slot_bytes
+            )));
+        }
         let index = self.next;
         self.next = (self.next + 1) % self.slots.len();
+        let full = self.slot_bytes;
         let slot = &mut self.slots[index];
         dev.wait_flag(&slot.mapped, slot.last_use.as_ref(), deadline)?;
-        let len4 = (bytes.len() as u64).next_multiple_of(4);
+        if len4 > slot.staging.size() {
+            // Its staging is mapped and its last use done (waited for above): grow it to the
+            // full size, twin and flag too. A twin handed out before stays alive for the work
+            // that uses it (wgpu keeps a buffer until its submissions are done).
+            let _scope = dev.error_scope();
+            *slot = UploadSlot::new(dev, full);
+        }
         {
             let mut view = slot
                 .staging
@@ -350,9 +410,16 @@ impl UploadRing {
     }
 
     /// A device buffer of [`slot_bytes`](Self::slot_bytes) the caller may use as a bounce
-    /// buffer for device-side copies (its GPU uses are ordered by the queue).
-    pub(crate) fn bounce(&self) -> &Buffer {
-        &self.slots[0].target
+    /// buffer for device-side copies (its GPU uses are ordered by the queue), made the first
+    /// time it is asked for.
+    pub(crate) fn bounce(&mut self, dev: &RankDevice) -> Buffer {
+        let size = self.slot_bytes;
+        self.bounce
+            .get_or_insert_with(|| {
+                let _scope = dev.error_scope();
+                target_buffer(dev, size, "wccl bounce")
+            })
+            .clone()
     }
 }
 
@@ -363,6 +430,7 @@ mod tests {
 
     use wgpu::BufferUsages;
 
+    use super::FIRST_SLOT_BYTES;
     use crate::CommGroup;
     use crate::deadline::deadline_after;
 
@@ -408,6 +476,73 @@ mod tests {
             .reads
             .finish(&e.dev, t, deadline_after(Duration::from_secs(30)));
         assert_eq!(bytes.map(|b| b.len()).ok(), Some(16));
+        assert!(e.dev.take_error().is_none());
+    }
+
+    /// Slots start small and grow to the slice the first time a read-back or an upload needs
+    /// more, with the bytes intact through the grown slots; beyond the slice both refuse.
+    #[test]
+    fn slots_grow_to_the_slice_when_a_call_needs_it() {
+        let slice = 200_004u64;
+        let Ok(mut g) = CommGroup::builder()
+            .ranks(1)
+            .config(crate::CommConfig::default().slice_bytes(slice as usize))
+            .build()
+        else {
+            panic!("no adapter for the test");
+        };
+        let comm = g.comm_mut(0);
+        let e = &mut comm.engine;
+        let deadline = || deadline_after(Duration::from_secs(30));
+        assert!(
+            e.reads
+                .slots
+                .iter()
+                .all(|s| s.buffer.size() == FIRST_SLOT_BYTES)
+        );
+        assert!(
+            e.uploads
+                .slots
+                .iter()
+                .all(|s| s.staging.size() == FIRST_SLOT_BYTES)
+        );
+        // Distinct bytes over a period that is not a power of two.
+        let data: Vec<u8> = (0..slice as usize).map(|i| (i % 251) as u8).collect();
+        // An upload of the whole slice grows its slot; its twin holds the bytes.
+        let mut enc = e.dev.device().create_command_encoder(&Default::default());
+        let twin = e.uploads.stage(&e.dev, &data, &mut enc, deadline());
+        let twin = twin.unwrap_or_else(|_| panic!("an upload of the slice refused"));
+        let submission = e.dev.queue().submit([enc.finish()]);
+        e.uploads.submitted(&submission);
+        assert_eq!(twin.size(), slice);
+        // A read-back of the slice, at an offset that is not a word's, grows a read slot.
+        let t = e.reads.begin(&e.dev, &twin, 3, slice as usize - 3);
+        let t = t.unwrap_or_else(|_| panic!("a read-back of the slice refused"));
+        let back = e.reads.finish(&e.dev, t, deadline());
+        assert_eq!(back.ok().as_deref(), Some(&data[3..]));
+        assert!(
+            e.reads
+                .slots
+                .iter()
+                .any(|s| s.buffer.size() > FIRST_SLOT_BYTES)
+        );
+        // Small ones go on working in whatever slot comes next.
+        for _ in 0..4 {
+            let t = e.reads.begin(&e.dev, &twin, 8, 16);
+            let t = t.unwrap_or_else(|_| panic!("a small read-back refused"));
+            let back = e.reads.finish(&e.dev, t, deadline());
+            assert_eq!(back.ok().as_deref(), Some(&data[8..24]));
+        }
+        // Past the slice: refused, nothing left busy.
+        assert!(
+            e.reads
+                .begin(&e.dev, &twin, 0, slice as usize + 16)
+                .is_err()
+        );
+        let big = vec![0u8; slice as usize + 4];
+        let mut enc = e.dev.device().create_command_encoder(&Default::default());
+        assert!(e.uploads.stage(&e.dev, &big, &mut enc, deadline()).is_err());
+        assert_eq!(e.reads.in_use(), 0);
         assert!(e.dev.take_error().is_none());
     }
 }

@@ -165,15 +165,6 @@ fn input(rank: usize, len: usize, call: usize) -> Vec<f32> {
 /// A value no correct output holds (the inputs are positive).
 const POISON: f32 = -12_345.0;
 
-/// The most ranks of a trial.
-const MAX_RANKS: usize = 5;
-/// The most f32 elements of a trial's block (per rank).
-const MAX_BLOCK: usize = 1500;
-/// Each trial's slice (and staging slot) size: above the largest call a trial makes (a block
-/// per rank, times the ranks), so that every call is one slice, as with the default 4 MiB.
-const TRIAL_SLICE_BYTES: usize = 64 << 10;
-const _: () = assert!(MAX_BLOCK * MAX_RANKS * 4 <= TRIAL_SLICE_BYTES);
-
 /// The follow-up call's length (an all-reduce, out of place).
 const FOLLOW_UP_LEN: usize = 257;
 
@@ -259,8 +250,8 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
     if matches!(target, Target::PsStrong | Target::PsEventual) {
         return super::ps::run(setup, rng);
     }
-    let n = rng.random_range(3..=MAX_RANKS);
-    let block = rng.random_range(1..=MAX_BLOCK);
+    let n = rng.random_range(3..=5usize);
+    let block = rng.random_range(1..=1500usize);
     let in_place = rng.random_bool(0.5) && target.in_place_allowed();
     let root = rng.random_range(0..n);
     let victim = rng.random_range(0..n);
@@ -274,13 +265,9 @@ pub(super) fn run(setup: &Setup, rng: &mut impl Rng) -> Result<TrialResult, Erro
     let group = CommGroup::builder()
         .ranks(n)
         .config(
-            // Staging slots of 64 KiB, not 4 MiB: a trial's calls are one slice either way,
-            // and every trial builds its group afresh (on OpenGL, Mesa zero-fills each slot
-            // on the CPU).
             CommConfig::default()
                 .timeout(deadline)
-                .on_failure(on_failure)
-                .slice_bytes(TRIAL_SLICE_BYTES),
+                .on_failure(on_failure),
         )
         .links(LinkStack::new().faults(plan.clone()))
         .build()?;
