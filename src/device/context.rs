@@ -151,6 +151,22 @@ impl RankDevice {
         }
     }
 
+    /// Runs `f` in error scopes of its own and returns the first error it raised instead of
+    /// recording it: for work whose failure the caller handles (a staging slot that could not
+    /// grow keeps its old buffer).
+    pub(crate) fn catching<T>(&self, f: impl FnOnce() -> T) -> (T, Option<String>) {
+        let mut guards = push_scopes(&self.device);
+        let value = f();
+        let mut first = None;
+        // Innermost first, as wgpu requires; native backends resolve each pop at once.
+        while let Some(guard) = guards.pop() {
+            if let Some(e) = pollster::block_on(guard.pop()) {
+                first.get_or_insert(e.to_string());
+            }
+        }
+        (value, first)
+    }
+
     /// Records which adapter object the device was opened on.
     pub(crate) fn set_adapter_token(&mut self, token: u64) {
         self.adapter_token = Some(token);

@@ -84,6 +84,36 @@ impl ReadRing {
         }
     }
 
+    /// Grows free slot `slot` to the full size. A free slot is unmapped (`release` unmaps
+    /// before it frees), and the grown one has a flag of its own, so that no callback of the
+    /// old buffer's can touch the new one's. A buffer that cannot be made leaves the slot as
+    /// it was.
+    fn grow(&mut self, dev: &RankDevice, slot: usize) -> Result<(), WaitError> {
+        let (buffer, error) = dev.catching(|| read_buffer(dev, self.full));
+        if let Some(e) = error {
+            return Err(WaitError::Device(format!(
+                "growing a read-back slot to {} bytes: {e}",
+                self.full
+            )));
+        }
+        self.slots[slot] = ReadSlot {
+            buffer,
+            mapped: Arc::new(AtomicBool::new(false)),
+        };
+        Ok(())
+    }
+
+    /// Grows every free slot to the full size now (a probe, so that its timings do not
+    /// include the growth).
+    pub(crate) fn reserve(&mut self, dev: &RankDevice) -> Result<(), WaitError> {
+        for slot in 0..self.slots.len() {
+            if !self.busy[slot] && self.slots[slot].buffer.size() < self.full {
+                self.grow(dev, slot)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether another read-back can begin.
     pub(crate) fn has_free_slot(&self) -> bool {
         self.busy.iter().any(|b| !b)
@@ -125,12 +155,7 @@ impl ReadRing {
                 ))
             })?;
         if end - start > self.slots[slot].buffer.size() {
-            // A free slot is unmapped (`release` unmaps before it frees): grow it, with a flag
-            // of its own, so that no callback of the old buffer's can touch the new one's.
-            self.slots[slot] = ReadSlot {
-                buffer: read_buffer(dev, self.full),
-                mapped: Arc::new(AtomicBool::new(false)),
-            };
+            self.grow(dev, slot)?;
         }
         let s = &self.slots[slot];
         self.busy[slot] = true;
@@ -331,6 +356,35 @@ impl UploadRing {
         }
     }
 
+    /// Grows slot `index`, whose staging is mapped and whose last use is done (waited for),
+    /// to the full size, twin and flag too. A twin handed out before stays alive for the work
+    /// that uses it (wgpu keeps a buffer until its submissions are done). Buffers that cannot
+    /// be made leave the slot as it was.
+    fn grow(&mut self, dev: &RankDevice, index: usize) -> Result<(), WaitError> {
+        let full = self.slot_bytes;
+        let (slot, error) = dev.catching(|| UploadSlot::new(dev, full));
+        if let Some(e) = error {
+            return Err(WaitError::Device(format!(
+                "growing an upload slot to {full} bytes: {e}"
+            )));
+        }
+        self.slots[index] = slot;
+        Ok(())
+    }
+
+    /// Grows every slot to the full size now, each once its last use is done (a probe, so
+    /// that its timings do not include the growth).
+    pub(crate) fn reserve(&mut self, dev: &RankDevice, deadline: Instant) -> Result<(), WaitError> {
+        for index in 0..self.slots.len() {
+            let s = &self.slots[index];
+            if s.staging.size() < self.slot_bytes {
+                dev.wait_flag(&s.mapped, s.last_use.as_ref(), deadline)?;
+                self.grow(dev, index)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Capacity of one slot in bytes (what one upload may carry).
     pub(crate) fn slot_bytes(&self) -> u64 {
         self.slot_bytes
@@ -370,16 +424,15 @@ impl UploadRing {
         }
         let index = self.next;
         self.next = (self.next + 1) % self.slots.len();
-        let full = self.slot_bytes;
-        let slot = &mut self.slots[index];
-        dev.wait_flag(&slot.mapped, slot.last_use.as_ref(), deadline)?;
-        if len4 > slot.staging.size() {
-            // Its staging is mapped and its last use done (waited for above): grow it to the
-            // full size, twin and flag too. A twin handed out before stays alive for the work
-            // that uses it (wgpu keeps a buffer until its submissions are done).
-            let _scope = dev.error_scope();
-            *slot = UploadSlot::new(dev, full);
+        dev.wait_flag(
+            &self.slots[index].mapped,
+            self.slots[index].last_use.as_ref(),
+            deadline,
+        )?;
+        if len4 > self.slots[index].staging.size() {
+            self.grow(dev, index)?;
         }
+        let slot = &mut self.slots[index];
         {
             let mut view = slot
                 .staging
@@ -428,7 +481,7 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    use wgpu::BufferUsages;
+    use wgpu::{Buffer, BufferUsages};
 
     use super::FIRST_SLOT_BYTES;
     use crate::CommGroup;
@@ -479,8 +532,28 @@ mod tests {
         assert!(e.dev.take_error().is_none());
     }
 
+    /// The device probe grows every slot before it times anything, so that no timing includes
+    /// the growth.
+    #[test]
+    fn the_probe_grows_every_slot_before_it_times() {
+        let Ok(mut g) = CommGroup::builder().ranks(1).build() else {
+            panic!("no adapter for the test");
+        };
+        let comm = g.comm_mut(0);
+        let slice = comm.engine.uploads.slot_bytes();
+        assert!(slice > FIRST_SLOT_BYTES);
+        let figures = comm.probe_device(256 << 10, &|| Ok(()));
+        assert!(figures.is_ok(), "{figures:?}");
+        let e = &comm.engine;
+        assert!(e.reads.slots.iter().all(|s| s.buffer.size() == slice + 8));
+        assert!(e.uploads.slots.iter().all(|s| s.staging.size() == slice));
+        assert!(e.uploads.slots.iter().all(|s| s.target.size() == slice));
+    }
+
     /// Slots start small and grow to the slice the first time a read-back or an upload needs
-    /// more, with the bytes intact through the grown slots; beyond the slice both refuse.
+    /// more, once (a slot used before, mapped again and its twin handed out, too), with the
+    /// bytes intact through grown slots and in twins handed out before; beyond the slice both
+    /// refuse and the rings go on; the bounce buffer is made once, of the slice.
     #[test]
     fn slots_grow_to_the_slice_when_a_call_needs_it() {
         let slice = 200_004u64;
@@ -493,7 +566,6 @@ mod tests {
         };
         let comm = g.comm_mut(0);
         let e = &mut comm.engine;
-        let deadline = || deadline_after(Duration::from_secs(30));
         assert!(
             e.reads
                 .slots
@@ -506,43 +578,82 @@ mod tests {
                 .iter()
                 .all(|s| s.staging.size() == FIRST_SLOT_BYTES)
         );
+        assert_eq!(e.uploads.slot_bytes(), slice);
         // Distinct bytes over a period that is not a power of two.
         let data: Vec<u8> = (0..slice as usize).map(|i| (i % 251) as u8).collect();
-        // An upload of the whole slice grows its slot; its twin holds the bytes.
-        let mut enc = e.dev.device().create_command_encoder(&Default::default());
-        let twin = e.uploads.stage(&e.dev, &data, &mut enc, deadline());
-        let twin = twin.unwrap_or_else(|_| panic!("an upload of the slice refused"));
-        let submission = e.dev.queue().submit([enc.finish()]);
-        e.uploads.submitted(&submission);
-        assert_eq!(twin.size(), slice);
-        // A read-back of the slice, at an offset that is not a word's, grows a read slot.
-        let t = e.reads.begin(&e.dev, &twin, 3, slice as usize - 3);
-        let t = t.unwrap_or_else(|_| panic!("a read-back of the slice refused"));
-        let back = e.reads.finish(&e.dev, t, deadline());
-        assert_eq!(back.ok().as_deref(), Some(&data[3..]));
-        assert!(
-            e.reads
-                .slots
-                .iter()
-                .any(|s| s.buffer.size() > FIRST_SLOT_BYTES)
-        );
-        // Small ones go on working in whatever slot comes next.
-        for _ in 0..4 {
-            let t = e.reads.begin(&e.dev, &twin, 8, 16);
-            let t = t.unwrap_or_else(|_| panic!("a small read-back refused"));
-            let back = e.reads.finish(&e.dev, t, deadline());
-            assert_eq!(back.ok().as_deref(), Some(&data[8..24]));
+        let depth = e.uploads.slots.len();
+        fn stage(up: &mut super::UploadRing, dev: &crate::RankDevice, bytes: &[u8]) -> Buffer {
+            let mut enc = dev.device().create_command_encoder(&Default::default());
+            let deadline = deadline_after(Duration::from_secs(30));
+            let twin = up.stage(dev, bytes, &mut enc, deadline);
+            let twin =
+                twin.unwrap_or_else(|_| panic!("an upload of {} bytes refused", bytes.len()));
+            let submission = dev.queue().submit([enc.finish()]);
+            up.submitted(&submission);
+            twin
         }
-        // Past the slice: refused, nothing left busy.
-        assert!(
-            e.reads
-                .begin(&e.dev, &twin, 0, slice as usize + 16)
-                .is_err()
+        fn read(
+            reads: &mut super::ReadRing,
+            dev: &crate::RankDevice,
+            src: &Buffer,
+            at: u64,
+            len: usize,
+        ) -> Vec<u8> {
+            let t = reads.begin(dev, src, at, len);
+            let t = t.unwrap_or_else(|_| panic!("a read-back of {len} bytes refused"));
+            let back = reads.finish(dev, t, deadline_after(Duration::from_secs(30)));
+            back.unwrap_or_else(|_| panic!("a read-back of {len} bytes failed"))
+        }
+        // Every slot used once, small.
+        let small: Vec<Buffer> = (0..depth)
+            .map(|k| stage(&mut e.uploads, &e.dev, &data[8 * k..8 * k + 16]))
+            .collect();
+        // Just over the first size: slot 0 (used, mapped again) grows to the whole slice.
+        let over = FIRST_SLOT_BYTES as usize + 4;
+        let twin = stage(&mut e.uploads, &e.dev, &data[..over]);
+        assert_eq!(twin.size(), slice);
+        let grown = e.uploads.slots[0].staging.clone();
+        assert_eq!(grown.size(), slice);
+        // Round the ring: slot 0 takes the whole slice without growing again.
+        for k in 1..depth {
+            stage(&mut e.uploads, &e.dev, &data[8 * k..8 * k + 16]);
+        }
+        let whole = stage(&mut e.uploads, &e.dev, &data);
+        assert!(e.uploads.slots[0].staging == grown, "slot 0 grew again");
+        // The twin slot 0 handed out before it grew still holds its bytes; the grown one the
+        // whole slice, read back from an offset that is not a word's (a read slot grows).
+        assert_eq!(read(&mut e.reads, &e.dev, &small[0], 0, 16), &data[..16]);
+        assert_eq!(
+            read(&mut e.reads, &e.dev, &whole, 3, slice as usize - 3),
+            &data[3..]
         );
+        let full = slice + 8;
+        assert_eq!(e.reads.slots[0].buffer.size(), full);
+        let grown = e.reads.slots[0].buffer.clone();
+        for _ in 0..4 {
+            assert_eq!(read(&mut e.reads, &e.dev, &whole, 8, 16), &data[8..24]);
+            assert_eq!(
+                read(&mut e.reads, &e.dev, &whole, 0, slice as usize),
+                &data[..]
+            );
+        }
+        assert!(e.reads.slots[0].buffer == grown, "read slot 0 grew again");
+        // Past a slot (the slice and its room for rounding out to words): refused, nothing
+        // left busy, the next upload slot unmoved.
+        assert!(e.reads.begin(&e.dev, &whole, 0, full as usize + 1).is_err());
+        let next = e.uploads.next;
         let big = vec![0u8; slice as usize + 4];
         let mut enc = e.dev.device().create_command_encoder(&Default::default());
-        assert!(e.uploads.stage(&e.dev, &big, &mut enc, deadline()).is_err());
+        let deadline = deadline_after(Duration::from_secs(30));
+        assert!(e.uploads.stage(&e.dev, &big, &mut enc, deadline).is_err());
+        assert_eq!(e.uploads.next, next);
+        let after = stage(&mut e.uploads, &e.dev, &data[100..120]);
+        assert_eq!(read(&mut e.reads, &e.dev, &after, 0, 20), &data[100..120]);
         assert_eq!(e.reads.in_use(), 0);
+        // The bounce buffer: made once, of the slice.
+        let bounce = e.uploads.bounce(&e.dev);
+        assert_eq!(bounce.size(), slice);
+        assert!(e.uploads.bounce(&e.dev) == bounce);
         assert!(e.dev.take_error().is_none());
     }
 }
