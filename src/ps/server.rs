@@ -249,7 +249,6 @@ impl Timers {
 
 /// One server rank; run it with [`serve`](Self::serve) on its own thread.
 pub struct PsServer {
-    comm: Communicator,
     keys: Vec<KeyState>,
     local: HashMap<u32, usize>,
     /// Every key's chain by the builder (to tell a key held elsewhere from an unknown one).
@@ -296,6 +295,13 @@ pub struct PsServer {
     requests_timer: Option<Instant>,
     /// Whether a `Timer::Rejoin` is set.
     rejoin_armed: bool,
+    /// Declared last, so dropped last: the keys' buffers and the update kernel's pipelines go
+    /// first, and the communicator, whose engine drops in its turn (`device::lifecycle`), lets
+    /// go of the device last, inside that turn. Declared first, it left the device to the
+    /// buffers after it, destroyed outside any turn, while another thread may be making one
+    /// (the Vulkan loader's race: a SIGSEGV in `libvulkan.so`, seen once in
+    /// `tests/ps_checkpoint.rs`).
+    comm: Communicator,
 }
 
 impl std::fmt::Debug for PsServer {
