@@ -80,13 +80,14 @@ impl Communicator {
         e.uploads
             .reserve(&e.dev, ready)
             .map_err(|w| wait_error(at, w))?;
-        let host = vec![0u8; bytes];
+        let source = probe_source(bytes);
+        let host: &[u8] = bytemuck::cast_slice(&source);
         let rate = |secs: f64| bytes as f64 / secs.max(1e-9);
         let rates = |(median, span): (f64, f64)| (rate(median), rate(span / REPEATS as f64));
 
         sync(self)?;
         let deadline = deadline_after(timeout);
-        let upload = rates(timed(REPEATS, || self.upload_all(&host, &b, deadline, at))?);
+        let upload = rates(timed(REPEATS, || self.upload_all(host, &b, deadline, at))?);
         sync(self)?;
         let deadline = deadline_after(timeout);
         let readback = rates(timed(REPEATS, || self.readback_all(&a, bytes, deadline))?);
@@ -122,14 +123,15 @@ impl Communicator {
             Ok(t.elapsed().as_secs_f64())
         })?);
         sync(self)?;
-        let mut acc = vec![0u32; count];
+        // Written before it is timed, as `host` is, for the same reason.
+        let mut acc = vec![1.0f32.to_bits(); count];
         let host_reduce = rates(timed(REPEATS, || {
             let t = Instant::now();
             host_ops::combine(
                 DType::F32,
                 Combine::Sum,
                 bytemuck::cast_slice_mut(&mut acc),
-                &host,
+                host,
             );
             Ok(t.elapsed().as_secs_f64())
         })?);
@@ -294,6 +296,16 @@ fn timed(k: usize, f: impl FnMut() -> Result<f64>) -> Result<(f64, f64)> {
     let t = Instant::now();
     let m = median(k, f)?;
     Ok((m, t.elapsed().as_secs_f64()))
+}
+
+/// The probe's host data, `bytes / 4` f32 ones: real data in real pages. A zeroed allocation
+/// that nobody wrote maps every page to the kernel's one zero page, so reading it (the upload's
+/// source, the host fold's operand) hits the cache and measures a rate no caller's tensor gets,
+/// and whether an allocation came fresh (zero pages) or reused (real ones) changed the figure
+/// from rank to rank and run to run. Ones: no denormals to slow the fold. As f32, so that the
+/// fold takes its aligned path, as the executor's host memory (u32 words) does.
+fn probe_source(bytes: usize) -> Vec<f32> {
+    vec![1.0f32; bytes / 4]
 }
 
 /// The median of `k` timings (seconds).
