@@ -20,9 +20,9 @@ const STEP_SAMPLES: usize = 41;
 impl Communicator {
     /// Measures this rank's device: upload and read-back through the staging rings, the copy and
     /// reduce kernels, the host's reduce, and the fixed cost of one small pipeline step, each on
-    /// `bytes` (median of 5). `sync` is called before each measurement, so that ranks probed at
-    /// the same time measure the same thing together; its error (a peer that failed or never
-    /// came) ends the probe. Each measurement has the communicator's timeout as its deadline.
+    /// `bytes` (median of 5, after one untimed). `sync` is called before each measurement, so
+    /// that ranks probed at the same time measure the same thing together; its error (a peer
+    /// that failed or never came) ends the probe. Each measurement has the communicator's timeout as its deadline.
     pub fn probe_device(
         &mut self,
         bytes: usize,
@@ -291,8 +291,13 @@ impl Communicator {
 }
 
 /// The median of `k` timings (seconds), and the span of all `k` (seconds, from the first's
-/// start to the last's end).
-fn timed(k: usize, f: impl FnMut() -> Result<f64>) -> Result<(f64, f64)> {
+/// start to the last's end), after one run untimed. A measurement's first run pays for the
+/// memory it touches first: a fresh read-back destination, staging slots grown just before,
+/// a kernel's first dispatch. On this machine's VM that took 30-43 ms against 4-9 ms for each
+/// later run of 16 MiB, and the span, from which ranks probed at once get their figures,
+/// carried all of it; a call's transfers reuse memory that is in place already.
+fn timed(k: usize, mut f: impl FnMut() -> Result<f64>) -> Result<(f64, f64)> {
+    f()?;
     let t = Instant::now();
     let m = median(k, f)?;
     Ok((m, t.elapsed().as_secs_f64()))
