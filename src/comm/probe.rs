@@ -85,47 +85,39 @@ impl Communicator {
         let rate = |secs: f64| bytes as f64 / secs.max(1e-9);
         let rates = |(median, span): (f64, f64)| (rate(median), rate(span / REPEATS as f64));
 
-        sync(self)?;
-        let deadline = deadline_after(timeout);
-        let upload = rates(timed(REPEATS, || self.upload_all(host, &b, deadline, at))?);
-        sync(self)?;
-        let deadline = deadline_after(timeout);
-        let readback = rates(timed(REPEATS, || self.readback_all(&a, bytes, deadline))?);
-        sync(self)?;
-        let deadline = deadline_after(timeout);
+        let mut warmed = |c: &mut Communicator,
+                          f: &mut dyn FnMut(&mut Communicator, Instant) -> Result<f64>|
+         -> Result<(f64, f64)> {
+            // First-touch costs paid before the ranks meet, so that every rank's timed runs
+            // start together and none of them carries them (see `timed`).
+            f(c, deadline_after(timeout))?;
+            sync(c)?;
+            let deadline = deadline_after(timeout);
+            timed(REPEATS, || f(c, deadline))
+        };
+        let upload = rates(warmed(self, &mut |c, d| c.upload_all(host, &b, d, at))?);
+        let readback = rates(warmed(self, &mut |c, d| c.readback_all(&a, bytes, d))?);
         let count = bytes / 4;
-        let copy = rates(timed(REPEATS, || {
-            self.kernel_once(
-                KernelOp::Combine(Combine::Copy),
-                &b,
-                &a,
-                count,
-                deadline,
-                at,
-            )
+        let copy = rates(warmed(self, &mut |c, d| {
+            c.kernel_once(KernelOp::Combine(Combine::Copy), &b, &a, count, d, at)
         })?);
-        sync(self)?;
-        let deadline = deadline_after(timeout);
-        let reduce = rates(timed(REPEATS, || {
-            self.kernel_once(KernelOp::Combine(Combine::Sum), &b, &a, count, deadline, at)
+        let reduce = rates(warmed(self, &mut |c, d| {
+            c.kernel_once(KernelOp::Combine(Combine::Sum), &b, &a, count, d, at)
         })?);
-        sync(self)?;
-        let deadline = deadline_after(timeout);
-        let native_copy = rates(timed(REPEATS, || {
+        let native_copy = rates(warmed(self, &mut |c, d| {
             let t = Instant::now();
-            let e = &mut self.engine;
+            let e = &mut c.engine;
             let mut enc = e.dev.device().create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(&a, 0, &b, 0, bytes as u64);
             let idx = e.dev.queue().submit([enc.finish()]);
             e.dev
-                .wait_submission(&idx, deadline)
+                .wait_submission(&idx, d)
                 .map_err(|w| wait_error(at, w))?;
             Ok(t.elapsed().as_secs_f64())
         })?);
-        sync(self)?;
         // Written before it is timed, as `host` is, for the same reason.
         let mut acc = vec![1.0f32.to_bits(); count];
-        let host_reduce = rates(timed(REPEATS, || {
+        let host_reduce = rates(warmed(self, &mut |_, _| {
             let t = Instant::now();
             host_ops::combine(
                 DType::F32,
@@ -291,13 +283,12 @@ impl Communicator {
 }
 
 /// The median of `k` timings (seconds), and the span of all `k` (seconds, from the first's
-/// start to the last's end), after one run untimed. A measurement's first run pays for the
-/// memory it touches first: a fresh read-back destination, staging slots grown just before,
-/// a kernel's first dispatch. On this machine's VM that took 30-43 ms against 4-9 ms for each
-/// later run of 16 MiB, and the span, from which ranks probed at once get their figures,
-/// carried all of it; a call's transfers reuse memory that is in place already.
-fn timed(k: usize, mut f: impl FnMut() -> Result<f64>) -> Result<(f64, f64)> {
-    f()?;
+/// start to the last's end). The probe runs each measurement once untimed first: a first run
+/// pays for the memory it touches first (staging slots grown just before, a kernel's first
+/// dispatch, a read-back's destination). On this machine's VM that took 30-43 ms against 4-9
+/// ms for each later run of 16 MiB, and the span, from which ranks probed at once get their
+/// figures, carried all of it, where a call's transfers reuse memory in place already.
+fn timed(k: usize, f: impl FnMut() -> Result<f64>) -> Result<(f64, f64)> {
     let t = Instant::now();
     let m = median(k, f)?;
     Ok((m, t.elapsed().as_secs_f64()))
