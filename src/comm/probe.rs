@@ -22,7 +22,8 @@ impl Communicator {
     /// reduce kernels, the host's reduce, and the fixed cost of one small pipeline step, each on
     /// `bytes` (median of 5, after one untimed). `sync` is called before each measurement, so
     /// that ranks probed at the same time measure the same thing together; its error (a peer
-    /// that failed or never came) ends the probe. Each measurement has the communicator's timeout as its deadline.
+    /// that failed or never came) ends the probe. The untimed run, and the timed five, each
+    /// have the communicator's timeout as their deadline.
     pub fn probe_device(
         &mut self,
         bytes: usize,
