@@ -324,6 +324,7 @@ fn staged_reduce_scatter_and_all_gather() {
         call: 0.0,
         submit: 0.0,
         launch: 0.0,
+        wait: 0.0,
     };
     let probe = Probe {
         alone: vec![unit; n],

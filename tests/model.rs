@@ -86,7 +86,7 @@ fn auto_runs_what_the_model_chooses() {
         // The call probe's costs are differences of timings, clamped at 0 (`Rounds::solve`,
         // tested on made-up rounds in `comm::group`): here only that none is absurd, a second
         // or more for a tiny call.
-        for v in [f.launch, f.call, f.frame, f.submit] {
+        for v in [f.launch, f.call, f.frame, f.submit, f.wait] {
             assert!((0.0..1.0).contains(&v), "{f:?}");
         }
     }
@@ -126,6 +126,7 @@ fn uniform(rate: f64) -> Figures {
         call: 0.0,
         submit: 0.0,
         launch: 0.0,
+        wait: 0.0,
     }
 }
 

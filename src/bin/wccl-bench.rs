@@ -685,7 +685,7 @@ fn write_probe(out: &mut dyn Write, p: &Probe) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "",
         "upload",
         "readback",
@@ -696,17 +696,18 @@ fn write_probe(out: &mut dyn Write, p: &Probe) -> std::io::Result<()> {
         "launch",
         "frame",
         "call",
-        "submit"
+        "submit",
+        "wait"
     )?;
     writeln!(
         out,
-        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "", "GB/s", "GB/s", "GB/s", "GB/s", "GB/s", "us", "us", "us", "us", "us"
+        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "", "GB/s", "GB/s", "GB/s", "GB/s", "GB/s", "us", "us", "us", "us", "us", "us"
     )?;
     let mut line = |name: String, f: &Figures| {
         writeln!(
             out,
-            "#  {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            "#  {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
             name,
             gb(f.upload),
             gb(f.readback),
@@ -717,7 +718,8 @@ fn write_probe(out: &mut dyn Write, p: &Probe) -> std::io::Result<()> {
             f.launch * 1e6,
             f.frame * 1e6,
             f.call * 1e6,
-            f.submit * 1e6
+            f.submit * 1e6,
+            f.wait * 1e6
         )
     };
     for (r, f) in p.alone.iter().enumerate() {

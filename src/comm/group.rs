@@ -426,10 +426,11 @@ impl CommGroup {
     /// emulating a network ([`LinkStack::emulate`](crate::link::LinkStack::emulate)) give
     /// the model its link terms from their settings.
     ///
-    /// To time a call's fixed costs ([`Figures::call`], [`Figures::submit`]) and a message's
-    /// ([`Figures::frame`]) it runs 26 rounds each of barriers, tiny host-staged and tiny naive
-    /// all-reduces on every rank through [`run`](Self::run) (so `call` is what a call made
-    /// that way costs, its threads' start and join included): they advance the ranks' call
+    /// To time a call's fixed costs ([`Figures::call`], [`Figures::submit`]), a message's
+    /// ([`Figures::frame`]) and what a device step waits for its peer's inside a call
+    /// ([`Figures::wait`]) it runs 26 rounds each of barriers and tiny host-staged, naive and
+    /// device-ring all-reduces on every rank through [`run`](Self::run) (so `call` is what a
+    /// call made that way costs, its threads' start and join included): they advance the ranks' call
     /// sequence and their `bytes_sent`, `device_bytes` and `mapped_calls` counters, set
     /// `last_algorithm`, and, if one fails, leave the communicators broken as any failed call
     /// does.
@@ -471,6 +472,7 @@ impl CommGroup {
             frame: 0.0,
             call: 0.0,
             submit: 0.0,
+            wait: 0.0,
         };
         let devs: Vec<(&AdapterInfo, Option<u64>)> = self
             .comms
@@ -487,12 +489,7 @@ impl CommGroup {
         };
         // An emulated network costs what its settings say (the model's link terms).
         let link = self.links.emulation().map(crate::model::LinkCost::from);
-        let calls = self.probe_calls(&probe, unified, link)?;
-        for f in probe.alone.iter_mut().chain([&mut probe.together]) {
-            f.call = calls.call;
-            f.frame = calls.frame;
-            f.submit = calls.submit;
-        }
+        self.probe_calls(&probe, unified, link)?.apply(&mut probe);
         for c in &mut self.comms {
             let slice = c.config().slice_bytes;
             c.set_cost_model(
@@ -506,12 +503,13 @@ impl CommGroup {
 
     /// A call's fixed costs and a message's, timed as callers make calls, through
     /// [`run`](Self::run) round after round ([`CALL_SAMPLES`] of each after a warm-up, in
-    /// turn, the medians): barriers, tiny host-staged and tiny naive all-reduces (one element
-    /// per rank), solved by [`Rounds::solve`]: `call`, what any call made this way costs
-    /// beyond its work (its threads started and joined, its plan); `submit`, what a call that
-    /// submits to the device pays beyond it (its first submission, its last wait); `frame`, a
-    /// message's (a frame sent and one taken, folded on the host, every rank busy). All 0 on
-    /// one rank.
+    /// turn, the medians): barriers and tiny host-staged, naive and device-ring all-reduces (one
+    /// element per rank), solved by [`Rounds::solve`]: `call`, what any call made this way
+    /// costs beyond its work (its threads started and joined, its plan); `submit`, what a call
+    /// that submits to the device pays beyond it (its first submission, its last wait);
+    /// `frame`, a message's (a frame sent and one taken, folded on the host, every rank busy);
+    /// `wait`, what a device step that needs its peer's step first costs in a call beyond the
+    /// probe's own step. All 0 on one rank.
     fn probe_calls(
         &mut self,
         probe: &Probe,
@@ -550,12 +548,13 @@ impl CommGroup {
             on_failure: Some(super::survive::OnFailure::Error),
             ..CallOptions::default()
         };
-        let mut times = [Vec::new(), Vec::new(), Vec::new()];
+        let mut times = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         for i in 0..=CALL_SAMPLES {
             let kinds = [
                 (&barriers, Algorithm::Staged),
                 (&staged, Algorithm::Staged),
                 (&staged, Algorithm::Naive),
+                (&staged, Algorithm::Ring),
             ];
             for (k, (calls, algo)) in kinds.into_iter().enumerate() {
                 let t = Instant::now();
@@ -565,7 +564,7 @@ impl CommGroup {
                 }
             }
         }
-        let [barrier, staged, naive] = times.map(|mut v| {
+        let [barrier, staged, naive, ring] = times.map(|mut v| {
             v.sort_by(f64::total_cmp);
             v.get(v.len() / 2).copied().unwrap_or(0.0)
         });
@@ -586,6 +585,10 @@ impl CommGroup {
                 .seconds,
             naive_rest: bare
                 .predict_for(Algorithm::Naive, bytes, true, false)
+                .seconds,
+            ring,
+            ring_rest: bare
+                .predict_for(Algorithm::Ring, bytes, true, false)
                 .seconds,
         };
         Ok(rounds.solve(n, unified, link.map_or(0.0, |l| l.alpha())))
@@ -868,10 +871,24 @@ pub(super) struct Calls {
     pub(super) call: f64,
     pub(super) frame: f64,
     pub(super) submit: f64,
+    /// What a device step that needs a peer's step first costs beyond the probe's `step`, s.
+    pub(super) wait: f64,
 }
 
-/// The median rounds of the call probe, and what the other figures predict of the staged and
-/// naive ones (no call, submission or frame cost), seconds.
+impl Calls {
+    /// Gives every rank's figures and the together ones these costs.
+    pub(super) fn apply(&self, probe: &mut Probe) {
+        for f in probe.alone.iter_mut().chain([&mut probe.together]) {
+            f.call = self.call;
+            f.frame = self.frame;
+            f.submit = self.submit;
+            f.wait = self.wait;
+        }
+    }
+}
+
+/// The median rounds of the call probe, and what the other figures predict of the staged,
+/// naive and ring ones (no call, submission, frame or wait cost), seconds.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Rounds {
     pub(super) barrier: f64,
@@ -879,24 +896,34 @@ pub(super) struct Rounds {
     pub(super) naive: f64,
     pub(super) staged_rest: f64,
     pub(super) naive_rest: f64,
+    pub(super) ring: f64,
+    pub(super) ring_rest: f64,
 }
 
 impl Rounds {
-    /// Solves for a call's, a submission's and a frame's cost on `n` ranks, with `alpha`
-    /// seconds of emulated latency a message. The barrier is frames only: n-1 around the ring,
-    /// from [`TREE_MIN_RANKS`](super::communicator::TREE_MIN_RANKS) ranks ceil(log2 n) rounds
-    /// of dissemination; the staged ring's busiest rank handles 2(n-1), naive's root n-1.
+    /// Solves for a call's, a submission's, a frame's and a step's wait on `n` ranks, with
+    /// `alpha` seconds of emulated latency a message. The barrier is frames only: n-1 around
+    /// the ring, from [`TREE_MIN_RANKS`](super::communicator::TREE_MIN_RANKS) ranks ceil(log2
+    /// n) rounds of dissemination; the staged ring's busiest rank handles 2(n-1), naive's root
+    /// n-1; the device ring takes 2(n-1) steps and as many frames, naive one step.
     ///
     /// ```text
     /// barrier = call + b (frame + alpha)
     /// staged  = call + 2(n-1) frame + staged_rest  (+ submit off unified memory)
     /// naive   = call + submit + (n-1) frame + naive_rest
+    /// ring    = call + submit + 2(n-1) (frame + wait) + ring_rest
     /// ```
+    ///
+    /// `wait` is what a device step in a chain through peers costs beyond the probe's `step`
+    /// (see [`Figures::wait`]): the ring's 2(n-1) steps are such a chain, naive's and the
+    /// staged ring's device steps are not (each rank reads its own buffer back, and uploads
+    /// the result once it has it: one wait a call, in `submit`). The rests (the figures' own
+    /// predictions) carry the link's latencies where the model has a link.
     ///
     /// In mapped tensors (`unified`) the staged ring submits nothing (its two map waits fall
     /// into `frame` and `call`), and the barrier and it set `frame` apart from the noisier
     /// device steps in `naive_rest`; elsewhere it submits as naive does, and the frame comes
-    /// from the two of them. A cost that noise makes negative is 0. (0, 0, 0) on one rank.
+    /// from the two of them. A cost that noise makes negative is 0. All 0 on one rank.
     pub(super) fn solve(&self, n: usize, unified: bool, alpha: f64) -> Calls {
         if n < 2 {
             return Calls::default();
@@ -918,10 +945,15 @@ impl Rounds {
         .max(0.0);
         let call = (self.barrier - b * (frame + alpha)).max(0.0);
         let submit = (naive - c * frame - call).max(0.0);
+        // What the ring's round leaves after its call, frames and submission: a wait for each
+        // of its 2(n-1) steps.
+        let wait =
+            ((self.ring - self.ring_rest - call - submit - 2.0 * c * frame) / (2.0 * c)).max(0.0);
         Calls {
             call,
             frame,
             submit,
+            wait,
         }
     }
 }
@@ -947,6 +979,7 @@ mod tests {
             call: 100e-6,
             frame: 20e-6,
             submit: 50e-6,
+            wait: 70e-6,
         };
         for n in [2, 3, 4, 8, 16, 20, 64] {
             let c = (n - 1) as f64;
@@ -954,6 +987,7 @@ mod tests {
             for unified in [true, false] {
                 for alpha in [0.0, 30e-6] {
                     let (staged_rest, naive_rest) = (7e-6 + 2.0 * c * alpha, 300e-6 + 2.0 * alpha);
+                    let ring_rest = 900e-6 + 2.0 * c * alpha;
                     let rounds = Rounds {
                         barrier: want.call + b * (want.frame + alpha),
                         staged: want.call
@@ -963,12 +997,18 @@ mod tests {
                         naive: want.call + want.submit + c * want.frame + naive_rest,
                         staged_rest,
                         naive_rest,
+                        ring: want.call
+                            + want.submit
+                            + 2.0 * c * (want.frame + want.wait)
+                            + ring_rest,
+                        ring_rest,
                     };
                     let got = rounds.solve(n, unified, alpha);
                     for (g, w) in [
                         (got.call, want.call),
                         (got.frame, want.frame),
                         (got.submit, want.submit),
+                        (got.wait, want.wait),
                     ] {
                         assert!(
                             (g - w).abs() < 1e-12,
@@ -980,17 +1020,21 @@ mod tests {
         }
         // Rounds that noise made too short: a staged round shorter than the barrier (mapped)
         // or than naive's (staged through host memory) gives no negative frame, and the
-        // barrier is all call; a naive round shorter than its steps, no negative submission.
+        // barrier is all call; a naive round shorter than its steps, no negative submission; a
+        // ring round that leaves less than its submission, no negative wait.
         let noisy = Rounds {
             barrier: 100e-6,
             staged: 90e-6,
             naive: 500e-6,
             staged_rest: 0.0,
             naive_rest: 100e-6,
+            ring: 350e-6,
+            ring_rest: 0.0,
         };
         for unified in [true, false] {
             let got = noisy.solve(4, unified, 0.0);
             assert_eq!(got.frame, 0.0, "{got:?}");
+            assert_eq!(got.wait, 0.0, "{got:?}");
             assert!((got.call - 100e-6).abs() < 1e-12, "{got:?}");
             assert!((got.submit - 300e-6).abs() < 1e-12, "{got:?}");
         }
@@ -1001,6 +1045,78 @@ mod tests {
         };
         assert_eq!(noisy.solve(4, true, 0.0).submit, 0.0);
         assert_eq!(noisy.solve(1, true, 0.0), Calls::default());
+    }
+
+    /// The solve's equations are the model's own arithmetic: rounds that a model with known
+    /// call, frame, submission and wait costs predicts, with rests that the same model without
+    /// them predicts, solve back to those costs, on one adapter and apart, on and off unified
+    /// memory.
+    #[test]
+    fn the_call_probe_solves_what_the_model_predicts() {
+        use crate::model::{CostModel, Figures, Probe};
+        let alone = Figures {
+            upload: 2e9,
+            readback: 3e9,
+            copy: 5e8,
+            reduce: 3e8,
+            host_reduce: 6e9,
+            step: 150e-6,
+            native_copy: 4e9,
+            launch: 100e-6,
+            ..Figures::default()
+        };
+        let costs = Calls {
+            call: 200e-6,
+            frame: 20e-6,
+            submit: 80e-6,
+            wait: 120e-6,
+        };
+        for n in [2, 3, 4, 8] {
+            let c = (n - 1) as f64;
+            for shared in [false, true] {
+                for unified in [false, true] {
+                    let bare = Probe {
+                        alone: vec![alone; n],
+                        together: Figures {
+                            step: 250e-6,
+                            ..alone
+                        },
+                        shared,
+                        bytes: 1 << 20,
+                    };
+                    let mut full = bare.clone();
+                    costs.apply(&mut full);
+                    let time = |p: &Probe, algo, mapped| {
+                        CostModel::new(p.clone(), 4 << 20)
+                            .with_unified_memory(unified)
+                            .predict_for(algo, 4 * n, true, mapped)
+                            .seconds
+                    };
+                    let rounds = Rounds {
+                        // Below 16 ranks the barrier goes round the ring: n-1 frames.
+                        barrier: costs.call + c * costs.frame,
+                        staged: time(&full, Algorithm::Staged, unified),
+                        naive: time(&full, Algorithm::Naive, false),
+                        staged_rest: time(&bare, Algorithm::Staged, unified),
+                        naive_rest: time(&bare, Algorithm::Naive, false),
+                        ring: time(&full, Algorithm::Ring, false),
+                        ring_rest: time(&bare, Algorithm::Ring, false),
+                    };
+                    let got = rounds.solve(n, unified, 0.0);
+                    for (g, w) in [
+                        (got.call, costs.call),
+                        (got.frame, costs.frame),
+                        (got.submit, costs.submit),
+                        (got.wait, costs.wait),
+                    ] {
+                        assert!(
+                            (g - w).abs() < 1e-9,
+                            "n {n} shared {shared} unified {unified}: {got:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

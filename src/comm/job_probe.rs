@@ -52,15 +52,18 @@ pub(crate) struct Record {
     pub(crate) alpha: f64,
     /// Its egress while every rank sent to the next, bytes/s.
     pub(crate) rate: f64,
-    /// Its medians of the call rounds (barrier, staged, naive), seconds.
-    pub(crate) rounds: [f64; 3],
+    /// Its medians of the call rounds (barrier, staged, naive, ring), seconds.
+    pub(crate) rounds: [f64; ROUND_KINDS],
     /// Whether its device maps tensors in place.
     pub(crate) unified: bool,
     /// Its host and adapter: ranks with equal keys share an adapter.
     pub(crate) key: String,
 }
 
-fn fields(f: &Figures) -> [f64; 11] {
+/// The numbers of one `Figures` on the wire.
+const FIELDS: usize = 12;
+
+fn fields(f: &Figures) -> [f64; FIELDS] {
     [
         f.upload,
         f.readback,
@@ -73,6 +76,7 @@ fn fields(f: &Figures) -> [f64; 11] {
         f.call,
         f.submit,
         f.launch,
+        f.wait,
     ]
 }
 
@@ -90,11 +94,15 @@ fn figures(v: &[f64]) -> Figures {
         call: g(8),
         submit: g(9),
         launch: g(10),
+        wait: g(11),
     }
 }
 
-/// The numbers of a record, in order: 11 figures, 11 spans, alpha, rate, 3 rounds, unified.
-const NUMBERS: usize = 11 + 11 + 2 + 3 + 1;
+/// The kinds of call the call probe times (see `call_rounds`).
+const ROUND_KINDS: usize = 4;
+
+/// The numbers of a record, in order: 12 figures, 12 spans, alpha, rate, 4 rounds, unified.
+const NUMBERS: usize = 2 * FIELDS + 2 + ROUND_KINDS + 1;
 
 impl Record {
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -140,7 +148,7 @@ impl Record {
         // figures and the spans divide bytes: a zero one would predict infinities.
         if let Some(i) = [0, 1, 2, 3, 4, 6]
             .iter()
-            .flat_map(|&i| [i, i + 11])
+            .flat_map(|&i| [i, i + FIELDS])
             .find(|&i| v[i] <= 0.0)
         {
             return Err(format!("number {i} (a throughput) is 0"));
@@ -154,11 +162,16 @@ impl Record {
             .map_err(|_| "the adapter key is not UTF-8".to_string())?
             .to_string();
         Ok(Record {
-            alone: figures(&v[0..11]),
-            spans: figures(&v[11..22]),
-            alpha: v[22],
-            rate: v[23],
-            rounds: [v[24], v[25], v[26]],
+            alone: figures(&v[..FIELDS]),
+            spans: figures(&v[FIELDS..2 * FIELDS]),
+            alpha: v[2 * FIELDS],
+            rate: v[2 * FIELDS + 1],
+            rounds: [
+                v[2 * FIELDS + 2],
+                v[2 * FIELDS + 3],
+                v[2 * FIELDS + 4],
+                v[2 * FIELDS + 5],
+            ],
             unified,
             key,
         })
@@ -199,6 +212,7 @@ pub(crate) fn assemble(records: &[Record], bytes: usize) -> (Probe, Option<LinkC
             frame: 0.0,
             call: 0.0,
             submit: 0.0,
+            wait: 0.0,
         }
     };
     let shared = (0..n).any(|a| (0..a).any(|b| records[a].key == records[b].key));
@@ -208,7 +222,18 @@ pub(crate) fn assemble(records: &[Record], bytes: usize) -> (Probe, Option<LinkC
         latency_us: median(records.iter().map(|r| r.alpha).collect()) * 1e6,
     });
     let probe = Probe {
-        alone: records.iter().map(|r| r.alone).collect(),
+        // The calls' costs come from the rounds, solved on every rank alike: what a peer's
+        // figures say of them is not used (nor is it in the bare model that solves them).
+        alone: records
+            .iter()
+            .map(|r| Figures {
+                frame: 0.0,
+                call: 0.0,
+                submit: 0.0,
+                wait: 0.0,
+                ..r.alone
+            })
+            .collect(),
         together,
         shared,
         bytes,
@@ -554,7 +579,7 @@ impl Communicator {
     ///   4 KiB, at most 64 slices), the model's [`LinkCost`]. Probe with `bytes` well over
     ///   what the link carries in one latency (a few MiB), or the egress is underestimated;
     /// - the calls' fixed costs, as `CommGroup::probe` does: 26 rounds each of barriers and
-    ///   tiny host-staged and naive all-reduces;
+    ///   tiny host-staged, naive and device-ring all-reduces;
     ///
     /// then every rank sends its figures to every other, and each makes the same model of
     /// them: ranks whose host and adapter are the same share it (their work adds up; the host
@@ -641,13 +666,11 @@ impl Communicator {
                 naive_rest: bare
                     .predict_for(Algorithm::Naive, tiny, true, false)
                     .seconds,
+                ring: worst(3),
+                ring_rest: bare.predict_for(Algorithm::Ring, tiny, true, false).seconds,
             }
             .solve(n, unified, link.map_or(0.0, |l| l.alpha()));
-            for f in probe.alone.iter_mut().chain([&mut probe.together]) {
-                f.call = calls.call;
-                f.frame = calls.frame;
-                f.submit = calls.submit;
-            }
+            calls.apply(&mut probe);
         }
         self.set_cost_model(
             CostModel::new(probe.clone(), slice)
@@ -690,20 +713,21 @@ impl Communicator {
         })
     }
 
-    /// Medians of `CALL_SAMPLES` rounds (after a warm-up) of barriers and tiny host-staged and
-    /// naive all-reduces, timed on this rank, seconds; zeros on one rank.
-    fn call_rounds(&mut self) -> Result<[f64; 3]> {
+    /// Medians of `CALL_SAMPLES` rounds (after a warm-up) of barriers and tiny host-staged,
+    /// naive and device-ring all-reduces, timed on this rank, seconds; zeros on one rank.
+    fn call_rounds(&mut self) -> Result<[f64; ROUND_KINDS]> {
         if self.size < 2 {
-            return Ok([0.0; 3]);
+            return Ok([0.0; ROUND_KINDS]);
         }
         let buf = self.upload(&vec![0f32; self.size])?;
-        let mut times: [Vec<f64>; 3] = Default::default();
+        let mut times: [Vec<f64>; ROUND_KINDS] = Default::default();
         for i in 0..=CALL_SAMPLES {
             for (k, times) in times.iter_mut().enumerate() {
                 let (call, algo) = match k {
                     0 => (Collective::Barrier, Algorithm::Staged),
                     1 => (all_reduce(&buf), Algorithm::Staged),
-                    _ => (all_reduce(&buf), Algorithm::Naive),
+                    2 => (all_reduce(&buf), Algorithm::Naive),
+                    _ => (all_reduce(&buf), Algorithm::Ring),
                 };
                 let t = Instant::now();
                 self.run(call, probe_opts(algo))?;
@@ -751,6 +775,7 @@ mod tests {
             call: 0.0,
             submit: 0.0,
             launch: 2e-5 * x,
+            wait: 0.0,
         };
         let x = 1.0 + rank as f64;
         Record {
@@ -758,7 +783,7 @@ mod tests {
             spans: f(x / 2.0),
             alpha: 1e-5 * x,
             rate: 1e9 * x,
-            rounds: [1e-4 * x, 2e-4 * x, 3e-4 * x],
+            rounds: [1e-4 * x, 2e-4 * x, 3e-4 * x, 4e-4 * x],
             unified: rank != 2,
             key: key.into(),
         }
@@ -780,15 +805,25 @@ mod tests {
         let mut long = bytes.clone();
         long.extend(vec![b'k'; MAX_KEY + 1]);
         assert!(Record::decode(&long).unwrap_err().contains("bytes"));
-        // NaN, infinity and a negative number, wherever they are.
-        for (i, bad) in [(0, f64::NAN), (13, f64::INFINITY), (23, -1.0), (26, -0.5)] {
+        // NaN, infinity and a negative number, wherever they are: the figures' first, the
+        // spans' read-back and wait, the rate, the first round and the last.
+        let (alpha, rate, rounds) = (2 * FIELDS, 2 * FIELDS + 1, 2 * FIELDS + 2);
+        for (i, bad) in [
+            (0, f64::NAN),
+            (FIELDS + 1, f64::INFINITY),
+            (2 * FIELDS - 1, -1.0),
+            (alpha, f64::NAN),
+            (rate, -1.0),
+            (rounds, -0.5),
+            (rounds + ROUND_KINDS - 1, -0.5),
+        ] {
             let mut b = bytes.clone();
             b[i * 8..i * 8 + 8].copy_from_slice(&bad.to_le_bytes());
             let e = Record::decode(&b).unwrap_err();
             assert!(e.contains(&format!("number {i}")), "{e}");
         }
         // A zero throughput, in the figures or the spans (the rate of a lone rank may be 0).
-        for i in [3, 17] {
+        for i in [3, 3 + FIELDS] {
             let mut b = bytes.clone();
             b[i * 8..i * 8 + 8].copy_from_slice(&0f64.to_le_bytes());
             assert!(
@@ -797,8 +832,8 @@ mod tests {
             );
         }
         let mut b = bytes.clone();
-        b[23 * 8..24 * 8].copy_from_slice(&0f64.to_le_bytes());
-        assert!(Record::decode(&b).is_ok());
+        b[rate * 8..(rate + 1) * 8].copy_from_slice(&0f64.to_le_bytes());
+        assert!(Record::decode(&b).is_ok_and(|r| r.rate == 0.0));
         // A flag that is neither 0 nor 1.
         let mut b = bytes.clone();
         let i = NUMBERS - 1;
@@ -829,6 +864,11 @@ mod tests {
             .collect();
         let (p, link, unified) = assemble(&records, 1 << 20);
         assert_eq!(p.alone, records.iter().map(|r| r.alone).collect::<Vec<_>>());
+        // The calls' costs a peer sends are not taken (the rounds set them).
+        let mut sent = records.clone();
+        sent[1].alone.wait = 1.0;
+        sent[2].alone.call = 1.0;
+        assert_eq!(assemble(&sent, 1 << 20).0, p);
         assert!(p.shared, "ranks 0 and 1 have one key");
         assert!(!unified, "rank 2 does not map tensors");
         // The slowest span is rank 0's (x = 0.5): 4 x 0.5e9.

@@ -174,6 +174,8 @@ impl Communicator {
             call: 0.0,
             submit: 0.0,
             launch: launch.max(0.0),
+            // Measured for all ranks at once by `CommGroup::probe` (a peer's steps).
+            wait: 0.0,
         };
         let spans = Figures {
             upload: upload.1,

@@ -66,6 +66,16 @@ pub struct Figures {
     /// What a step that folds on the device (a received slice staged and reduced by a kernel
     /// in one submission) costs over a plain `step`, s: the kernel's launch.
     pub launch: f64,
+    /// What a device step in a chain through peers (the device ring's and halving-doubling's:
+    /// each uploads what a peer read back just before, and the next read-back follows that
+    /// upload) costs inside a call over a plain `step`, s, per slice step as `step` is. A
+    /// measured residual, not a derived cost: the probe times steps with each rank stepping on
+    /// its own, while a chain's steps run in lockstep, each ending with the slower of two
+    /// ranks, and where ranks share cores they contend in a way the probe's per-rank medians
+    /// understate. [`CommGroup::probe`](crate::CommGroup::probe) times tiny device rings
+    /// against tiny naive all-reduces (a fan-in: its one wait for a peer is in `submit`),
+    /// round after round, less what the other figures predict; 0 where not measured.
+    pub wait: f64,
 }
 
 impl Figures {
@@ -79,6 +89,7 @@ impl Figures {
             call: c(self.call),
             submit: c(self.submit),
             launch: c(self.launch),
+            wait: c(self.wait),
             ..*self
         }
     }
@@ -170,6 +181,11 @@ struct Work {
     steps: f64,
     /// Steps that fold on the device: a kernel's launch each, over the step's cost.
     launches: f64,
+    /// Steps in a chain through peers (a received slice uploaded, then read back for the next
+    /// peer, the length of the call: the device ring's and halving-doubling's), a `wait` each
+    /// over the step's cost. A fan-in's are not (central's root and naive's ranks wait for one
+    /// peer or for all side by side, once a call: in `submit`).
+    chained: f64,
     /// Messages handled in sequence: a frame sent and one taken each (the ring's step; a star's
     /// root counts one per peer), for the host-staged calls with the fold of a slice on the
     /// host.
@@ -190,6 +206,7 @@ impl Work {
             host: self.host + o.host,
             steps: self.steps + o.steps,
             launches: self.launches + o.launches,
+            chained: self.chained + o.chained,
             frames: self.frames + o.frames,
             wire: self.wire + o.wire,
             hops: self.hops + o.hops,
@@ -211,7 +228,10 @@ impl Work {
             ("reduce", t(self.reduce, f.reduce)),
             ("copy", t(self.copy, f.native_copy)),
             ("host", t(self.host, f.host_reduce)),
-            ("steps", self.steps * f.step + self.launches * f.launch),
+            (
+                "steps",
+                self.steps * f.step + self.launches * f.launch + self.chained * f.wait,
+            ),
             ("frames", self.frames * f.frame),
         ]
     }
@@ -310,7 +330,7 @@ impl CostModel {
                     .zip(&self.probe.alone)
                     .map(|(w, f)| {
                         let f = f.cleaned();
-                        w.steps * f.step + w.launches * f.launch
+                        w.steps * f.step + w.launches * f.launch + w.chained * f.wait
                     })
                     .fold(0.0, f64::max);
                 s.1 = (s.1 / n as f64).max(busiest);
@@ -415,7 +435,8 @@ impl CostModel {
     /// // buffer each way (2 ns a byte). The 7 ms it saves stop paying at 7 ms / 11.125 ns =
     /// // 629,213 bytes.
     /// let f = Figures { upload: 1e9, readback: 1e9, copy: 1e9, reduce: 1e8, host_reduce: 1e15,
-    ///     step: 1e-3, native_copy: 1e9, frame: 2e-3, call: 0.0, submit: 0.0, launch: 0.0 };
+    ///     step: 1e-3, native_copy: 1e9, frame: 2e-3, call: 0.0, submit: 0.0, launch: 0.0,
+    ///     wait: 0.0 };
     /// let m = CostModel::new(Probe { alone: vec![f; 16], together: f, shared: false, bytes: 0 },
     ///     1 << 30);
     /// let sizes: Vec<usize> = (2..28).map(|k| 1usize << k).collect();
@@ -558,6 +579,7 @@ fn ring_work(
             copy: s + s / nf,
             steps: c * k,
             launches: c * k,
+            chained: c * k,
             ..ring
         },
         // Every chunk read back once (n·k slices), folded on the host as it arrives, and this
@@ -577,6 +599,7 @@ fn ring_work(
             upload: c / nf * s,
             copy: if in_place { 0.0 } else { s / nf },
             steps: c * k,
+            chained: c * k,
             ..ring
         },
         // This rank's piece read back once, every piece received copied on the host and
@@ -690,6 +713,7 @@ fn work(
                 host: 0.0,
                 steps: 2.0 * c * k,
                 launches: c * k,
+                chained: 2.0 * c * k,
                 frames: 2.0 * c * k,
                 ..ring_link
             }
@@ -747,11 +771,13 @@ fn work(
                 hops,
             } = HdShape::new(n, r, bytes, slice);
             if lone {
+                // Its uploads are of the partner's result.
                 return Work {
                     readback: s,
                     upload: s,
                     copy: oop_copy,
                     steps: whole,
+                    chained: whole,
                     frames: whole,
                     wire,
                     hops,
@@ -766,6 +792,7 @@ fn work(
                 host: 0.0,
                 steps: 2.0 * exchanges + fold * whole,
                 launches: exchanges + fold * whole,
+                chained: 2.0 * exchanges + fold * whole,
                 frames: 2.0 * exchanges + fold * whole,
                 wire,
                 hops,
@@ -880,6 +907,7 @@ mod tests {
             call: 0.0,
             submit: 0.0,
             launch: 0.0,
+            wait: 0.0,
         }
     }
 
@@ -1259,6 +1287,60 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// A peer's wait is charged to the device steps that upload what a peer just read back
+    /// (the device ring's and halving-doubling's), one each, and to no other algorithm's:
+    /// naive's, central's and the staged ones' device steps need no peer's. On 3 ranks
+    /// halving-doubling's folding rank takes its partner's buffer in and sends the result
+    /// back, one step more than the others (and the busiest rank sets the pace, shared or not).
+    #[test]
+    fn waits_by_hand() {
+        use crate::types::CollectiveKind::{AllGather, ReduceScatter};
+        let mut f = figures(1e15);
+        f.wait = 1e-3;
+        for shared in [false, true] {
+            for (n, hd) in [(4, 4.0), (3, 3.0), (2, 2.0)] {
+                let p = Probe {
+                    alone: vec![f; n],
+                    together: f,
+                    shared,
+                    bytes: 0,
+                };
+                let m = CostModel::new(p, 1 << 30);
+                let c = (n - 1) as f64;
+                for (algo, waits) in [
+                    (Algorithm::Ring, 2.0 * c),
+                    (Algorithm::HalvingDoubling, hd),
+                    (Algorithm::Naive, 0.0),
+                    (Algorithm::Central, 0.0),
+                    (Algorithm::Staged, 0.0),
+                    (Algorithm::StagedHalvingDoubling, 0.0),
+                ] {
+                    let t = m.predict(algo, 4 * n, true);
+                    assert!(
+                        (t.seconds - waits * 1e-3).abs() < 1e-9,
+                        "{n} ranks, shared {shared}, {algo}: {t:?}"
+                    );
+                }
+                for kind in [ReduceScatter, AllGather] {
+                    for (algo, waits) in [(Algorithm::Ring, c), (Algorithm::Staged, 0.0)] {
+                        let t = m.predict_call(kind, algo, 4 * n, true).map(|t| t.seconds);
+                        assert!(
+                            t.is_some_and(|t| (t - waits * 1e-3).abs() < 1e-9),
+                            "{n} ranks, shared {shared}, {kind:?} {algo}: {t:?}"
+                        );
+                    }
+                }
+            }
+        }
+        // Each rank of halving-doubling on 3, which the busiest rank hides above: the lone
+        // rank's result upload, the folding rank's buffer in, exchange and result out, the
+        // third rank's exchange.
+        for (r, waits) in [(0, 1.0), (1, 3.0), (2, 2.0)] {
+            let w = work(Algorithm::HalvingDoubling, 3, r, 12, true, 1 << 30, false);
+            assert_eq!(w.chained, waits, "rank {r}");
         }
     }
 
