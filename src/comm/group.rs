@@ -1004,17 +1004,7 @@ mod tests {
                         ring_rest,
                     };
                     let got = rounds.solve(n, unified, alpha);
-                    for (g, w) in [
-                        (got.call, want.call),
-                        (got.frame, want.frame),
-                        (got.submit, want.submit),
-                        (got.wait, want.wait),
-                    ] {
-                        assert!(
-                            (g - w).abs() < 1e-12,
-                            "n {n} unified {unified} alpha {alpha}: {got:?}"
-                        );
-                    }
+                    assert_calls(got, want, &format!("n {n} unified {unified} alpha {alpha}"));
                 }
             }
         }
@@ -1045,6 +1035,18 @@ mod tests {
         };
         assert_eq!(noisy.solve(4, true, 0.0).submit, 0.0);
         assert_eq!(noisy.solve(1, true, 0.0), Calls::default());
+    }
+
+    /// Every cost of `got` within a nanosecond of `want`'s.
+    fn assert_calls(got: Calls, want: Calls, case: &str) {
+        for (g, w) in [
+            (got.call, want.call),
+            (got.frame, want.frame),
+            (got.submit, want.submit),
+            (got.wait, want.wait),
+        ] {
+            assert!((g - w).abs() < 1e-9, "{case}: {got:?}");
+        }
     }
 
     /// The solve's equations are the model's own arithmetic: rounds that a model with known
@@ -1103,17 +1105,11 @@ mod tests {
                         ring_rest: time(&bare, Algorithm::Ring, false),
                     };
                     let got = rounds.solve(n, unified, 0.0);
-                    for (g, w) in [
-                        (got.call, costs.call),
-                        (got.frame, costs.frame),
-                        (got.submit, costs.submit),
-                        (got.wait, costs.wait),
-                    ] {
-                        assert!(
-                            (g - w).abs() < 1e-9,
-                            "n {n} shared {shared} unified {unified}: {got:?}"
-                        );
-                    }
+                    assert_calls(
+                        got,
+                        costs,
+                        &format!("n {n} shared {shared} unified {unified}"),
+                    );
                 }
             }
         }

@@ -894,6 +894,17 @@ fn work(
 mod tests {
     use super::*;
 
+    /// A model of `n` ranks whose figures, alone and together, are all `f`, one slice a call.
+    fn same_everywhere(f: Figures, n: usize, shared: bool) -> CostModel {
+        let p = Probe {
+            alone: vec![f; n],
+            together: f,
+            shared,
+            bytes: 0,
+        };
+        CostModel::new(p, 1 << 30)
+    }
+
     fn figures(x: f64) -> Figures {
         Figures {
             upload: x,
@@ -1198,15 +1209,7 @@ mod tests {
     #[test]
     fn the_busiest_rank_sets_the_pace_on_a_shared_device() {
         let n = 32;
-        let model = |f: Figures| {
-            let p = Probe {
-                alone: vec![f; n],
-                together: f,
-                shared: true,
-                bytes: 0,
-            };
-            CostModel::new(p, 1 << 30)
-        };
+        let model = |f: Figures| same_everywhere(f, n, true);
         let mut f = figures(1e15);
         f.frame = 1e-3;
         let m = model(f);
@@ -1268,13 +1271,7 @@ mod tests {
                     ],
                 ),
             ] {
-                let p = Probe {
-                    alone: vec![f; n],
-                    together: f,
-                    shared,
-                    bytes: 0,
-                };
-                let m = CostModel::new(p, 1 << 30);
+                let m = same_everywhere(f, n, shared);
                 let t = m.predict_for(Algorithm::Staged, 4, true, true);
                 let ring = 2.0 * (n - 1) as f64;
                 assert!((t.seconds - ring * 1e-3).abs() < 1e-9, "{t:?}");
@@ -1302,13 +1299,7 @@ mod tests {
         f.wait = 1e-3;
         for shared in [false, true] {
             for (n, hd) in [(4, 4.0), (3, 3.0), (2, 2.0)] {
-                let p = Probe {
-                    alone: vec![f; n],
-                    together: f,
-                    shared,
-                    bytes: 0,
-                };
-                let m = CostModel::new(p, 1 << 30);
+                let m = same_everywhere(f, n, shared);
                 let c = (n - 1) as f64;
                 for (algo, waits) in [
                     (Algorithm::Ring, 2.0 * c),
