@@ -430,8 +430,8 @@ impl CommGroup {
     /// ([`Figures::frame`]) and what a device step waits for its peer's inside a call
     /// ([`Figures::wait`]) it runs 26 rounds each of barriers and tiny host-staged, naive and
     /// device-ring all-reduces on every rank through [`run`](Self::run) (so `call` is what a
-    /// call made that way costs, its threads' start and join included): they advance the ranks' call
-    /// sequence and their `bytes_sent`, `device_bytes` and `mapped_calls` counters, set
+    /// call made that way costs, its threads' start and join included): they advance the
+    /// ranks' call sequence and their `bytes_sent`, `device_bytes` and `mapped_calls` counters, set
     /// `last_algorithm`, and, if one fails, leave the communicators broken as any failed call
     /// does.
     pub fn probe(&mut self, bytes: usize) -> Result<Probe> {

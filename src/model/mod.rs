@@ -213,6 +213,11 @@ impl Work {
         }
     }
 
+    /// Its steps' fixed costs under `f` (cleaned): each step's, each launch's, each wait.
+    fn step_cost(&self, f: &Figures) -> f64 {
+        self.steps * f.step + self.launches * f.launch + self.chained * f.wait
+    }
+
     fn terms(&self, f: &Figures) -> Vec<(&'static str, f64)> {
         let f = f.cleaned();
         let t = |bytes: f64, rate: f64| {
@@ -228,10 +233,7 @@ impl Work {
             ("reduce", t(self.reduce, f.reduce)),
             ("copy", t(self.copy, f.native_copy)),
             ("host", t(self.host, f.host_reduce)),
-            (
-                "steps",
-                self.steps * f.step + self.launches * f.launch + self.chained * f.wait,
-            ),
+            ("steps", self.step_cost(&f)),
             ("frames", self.frames * f.frame),
         ]
     }
@@ -328,10 +330,7 @@ impl CostModel {
                 let busiest = works
                     .iter()
                     .zip(&self.probe.alone)
-                    .map(|(w, f)| {
-                        let f = f.cleaned();
-                        w.steps * f.step + w.launches * f.launch + w.chained * f.wait
-                    })
+                    .map(|(w, f)| w.step_cost(&f.cleaned()))
                     .fold(0.0, f64::max);
                 s.1 = (s.1 / n as f64).max(busiest);
             }
