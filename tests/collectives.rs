@@ -325,6 +325,7 @@ fn staged_reduce_scatter_and_all_gather() {
         submit: 0.0,
         launch: 0.0,
         wait: 0.0,
+        host_cached: 0.0,
     };
     let probe = Probe {
         alone: vec![unit; n],

@@ -82,6 +82,8 @@ fn auto_runs_what_the_model_chooses() {
         ] {
             assert!(v.is_finite() && v > 1e6, "{f:?}");
         }
+        // A probe of 1 MiB or less is in cache already: no cached figure of its own.
+        assert_eq!(f.host_cached, 0.0, "{f:?}");
         assert!(f.step > 0.0 && f.step < 1.0, "{f:?}");
         // The call probe's costs are differences of timings, clamped at 0 (`Rounds::solve`,
         // tested on made-up rounds in `comm::group`): here only that none is absurd, a second
@@ -112,6 +114,22 @@ fn auto_runs_what_the_model_chooses() {
     }
 }
 
+/// A probe larger than 1 MiB, and not a multiple of it, also times the host's fold in cache
+/// (`Figures::host_cached`), which the model then uses for calls of up to 1 MiB a rank.
+#[test]
+fn a_probe_beyond_the_cache_times_the_fold_in_it() {
+    let mut g = common::group(1);
+    let bytes = (1 << 20) + 4100;
+    let f = g
+        .comm_mut(0)
+        .probe_device(bytes, &|| Ok(()))
+        .expect("probe");
+    assert!(f.host_cached.is_finite() && f.host_cached > 1e6, "{f:?}");
+    assert!(f.host_reduce.is_finite() && f.host_reduce > 1e6, "{f:?}");
+    assert_eq!(f.host_rate(1 << 20, bytes), f.host_cached);
+    assert_eq!(f.host_rate(bytes, bytes), f.host_reduce);
+}
+
 /// The same figures everywhere: `rate` bytes/s for every resource, no step cost.
 fn uniform(rate: f64) -> Figures {
     Figures {
@@ -127,6 +145,8 @@ fn uniform(rate: f64) -> Figures {
         submit: 0.0,
         launch: 0.0,
         wait: 0.0,
+        // Not measured: `host_reduce` at every size.
+        host_cached: 0.0,
     }
 }
 
@@ -618,9 +638,9 @@ fn ranks_that_probe_different_sizes_fail_naming_who_differs() {
 #[test]
 fn a_rank_that_dies_in_the_link_phases_is_named_by_every_survivor() {
     use wccl::link::{FaultPlan, LinkStack};
-    // Rank 1 sends 19 frames before the latency token (9 barriers of 2 frames, the size's lap
+    // Rank 1 sends 21 frames before the latency token (10 barriers of 2 frames, the size's lap
     // of 1), then 24 tokens, then 8 frames of 64 KiB in the egress phase.
-    for frames in [19, 30, 44] {
+    for frames in [21, 32, 46] {
         let faults = FaultPlan::new();
         faults.kill_after(1, frames);
         let mut g = common::group_linked(

@@ -675,8 +675,13 @@ fn write_probe(out: &mut dyn Write, p: &Probe) -> std::io::Result<()> {
     let gb = |x: f64| x / 1e9;
     writeln!(
         out,
-        "# probe ({} B per measurement; {}):",
+        "# probe ({} B per measurement, {}; {}):",
         p.bytes,
+        if p.cached_bytes() < p.bytes {
+            format!("host_c on {} B in cache", p.cached_bytes())
+        } else {
+            "host_c not measured (the probe is in cache)".to_string()
+        },
         if p.shared {
             "ranks share an adapter"
         } else {
@@ -685,13 +690,14 @@ fn write_probe(out: &mut dyn Write, p: &Probe) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "",
         "upload",
         "readback",
         "copy",
         "reduce",
         "host_red",
+        "host_c",
         "step",
         "launch",
         "frame",
@@ -701,19 +707,20 @@ fn write_probe(out: &mut dyn Write, p: &Probe) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "", "GB/s", "GB/s", "GB/s", "GB/s", "GB/s", "us", "us", "us", "us", "us", "us"
+        "#  {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "", "GB/s", "GB/s", "GB/s", "GB/s", "GB/s", "GB/s", "us", "us", "us", "us", "us", "us"
     )?;
     let mut line = |name: String, f: &Figures| {
         writeln!(
             out,
-            "#  {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            "#  {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
             name,
             gb(f.upload),
             gb(f.readback),
             gb(f.copy),
             gb(f.reduce),
             gb(f.host_reduce),
+            gb(f.host_cached),
             f.step * 1e6,
             f.launch * 1e6,
             f.frame * 1e6,

@@ -464,6 +464,7 @@ impl CommGroup {
             copy: agg(|f| f.copy),
             reduce: agg(|f| f.reduce),
             host_reduce: agg(|f| f.host_reduce),
+            host_cached: agg(|f| f.host_cached),
             // The ranks' mean: on shared cores each rank's median swings with the scheduler,
             // and the largest of them swings most.
             step: together.iter().map(|f| f.step).sum::<f64>() / n as f64,

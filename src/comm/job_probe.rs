@@ -61,7 +61,7 @@ pub(crate) struct Record {
 }
 
 /// The numbers of one `Figures` on the wire.
-const FIELDS: usize = 12;
+const FIELDS: usize = 13;
 
 fn fields(f: &Figures) -> [f64; FIELDS] {
     [
@@ -77,6 +77,7 @@ fn fields(f: &Figures) -> [f64; FIELDS] {
         f.submit,
         f.launch,
         f.wait,
+        f.host_cached,
     ]
 }
 
@@ -95,13 +96,14 @@ fn figures(v: &[f64]) -> Figures {
         submit: g(9),
         launch: g(10),
         wait: g(11),
+        host_cached: g(12),
     }
 }
 
 /// The kinds of call the call probe times (see `call_rounds`).
 const ROUND_KINDS: usize = 4;
 
-/// The numbers of a record, in order: 12 figures, 12 spans, alpha, rate, 4 rounds, unified.
+/// The numbers of a record, in order: 13 figures, 13 spans, alpha, rate, 4 rounds, unified.
 const NUMBERS: usize = 2 * FIELDS + 2 + ROUND_KINDS + 1;
 
 impl Record {
@@ -145,7 +147,8 @@ impl Record {
             return Err(format!("number {i} is {x}"));
         }
         // The throughputs (upload, read-back, copy, reduce, host reduce, native copy) of the
-        // figures and the spans divide bytes: a zero one would predict infinities.
+        // figures and the spans divide bytes: a zero one would predict infinities. (A zero
+        // cached host reduce is "not measured": the model then uses the host reduce.)
         if let Some(i) = [0, 1, 2, 3, 4, 6]
             .iter()
             .flat_map(|&i| [i, i + FIELDS])
@@ -206,6 +209,7 @@ pub(crate) fn assemble(records: &[Record], bytes: usize) -> (Probe, Option<LinkC
             copy: agg(|f| f.copy),
             reduce: agg(|f| f.reduce),
             host_reduce: agg(|f| f.host_reduce),
+            host_cached: agg(|f| f.host_cached),
             native_copy: agg(|f| f.native_copy),
             step: mean(|f| f.step),
             launch: mean(|f| f.launch),
@@ -776,6 +780,7 @@ mod tests {
             submit: 0.0,
             launch: 2e-5 * x,
             wait: 0.0,
+            host_cached: 7e9 * x,
         };
         let x = 1.0 + rank as f64;
         Record {
@@ -806,7 +811,8 @@ mod tests {
         long.extend(vec![b'k'; MAX_KEY + 1]);
         assert!(Record::decode(&long).unwrap_err().contains("bytes"));
         // NaN, infinity and a negative number, wherever they are: the figures' first, the
-        // spans' read-back and wait, the rate, the first round and the last.
+        // spans' read-back and last (the cached host reduce), the rate, the first round and the
+        // last.
         let (alpha, rate, rounds) = (2 * FIELDS, 2 * FIELDS + 1, 2 * FIELDS + 2);
         for (i, bad) in [
             (0, f64::NAN),
@@ -834,6 +840,15 @@ mod tests {
         let mut b = bytes.clone();
         b[rate * 8..(rate + 1) * 8].copy_from_slice(&0f64.to_le_bytes());
         assert!(Record::decode(&b).is_ok_and(|r| r.rate == 0.0));
+        // Nor may the cached host reduce (not measured where the probe is in cache already).
+        let mut b = bytes.clone();
+        for i in [FIELDS - 1, 2 * FIELDS - 1] {
+            b[i * 8..i * 8 + 8].copy_from_slice(&0f64.to_le_bytes());
+        }
+        assert!(
+            Record::decode(&b)
+                .is_ok_and(|r| r.alone.host_cached == 0.0 && r.spans.host_cached == 0.0)
+        );
         // A flag that is neither 0 nor 1.
         let mut b = bytes.clone();
         let i = NUMBERS - 1;
@@ -874,6 +889,7 @@ mod tests {
         // The slowest span is rank 0's (x = 0.5): 4 x 0.5e9.
         assert_eq!(p.together.upload, 4.0 * 0.5e9);
         assert_eq!(p.together.native_copy, 4.0 * 3e9);
+        assert_eq!(p.together.host_cached, 4.0 * 3.5e9);
         assert!((p.together.step - 1e-4 * 2.5).abs() < 1e-12);
         let link = link.expect("a link between 4 ranks");
         // Medians of 1..4 (the mean of the middle two): 2.5.

@@ -11,7 +11,7 @@ use crate::deadline::deadline_after;
 use crate::device::{TensorRef, wait_error};
 use crate::error::{At, Error, Result};
 use crate::kernels::KernelOp;
-use crate::model::Figures;
+use crate::model::{CACHED_BYTES, Figures};
 use crate::types::{Combine, DType};
 
 const REPEATS: usize = 5;
@@ -19,7 +19,8 @@ const STEP_SAMPLES: usize = 41;
 
 impl Communicator {
     /// Measures this rank's device: upload and read-back through the staging rings, the copy and
-    /// reduce kernels, the host's reduce, and the fixed cost of one small pipeline step, each on
+    /// reduce kernels, the host's reduce (on `bytes`, and on a buffer that stays in the CPU's
+    /// caches: [`Figures::host_cached`]), and the fixed cost of one small pipeline step, each on
     /// `bytes` (median of 5, after one untimed). `sync` is called before each measurement, so
     /// that ranks probed at the same time measure the same thing together; its error (a peer
     /// that failed or never came) ends the probe. The untimed run, and the timed five, each
@@ -128,6 +129,33 @@ impl Communicator {
             );
             Ok(t.elapsed().as_secs_f64())
         })?);
+        // The same fold on the first `CACHED_BYTES` of both, over and over in each timing (at
+        // least as many bytes as one timing above, so that the ranks' spans are as long): what
+        // a fold costs on buffers that stay in the CPU's caches, where a call's host memory is
+        // small. Not where the probe is that small itself (the fold above measured it), but
+        // the ranks meet all the same, so that every probe meets as often whatever its size
+        // (ranks probing different sizes learn it only later, in the job probe's token).
+        let host_cached = if bytes > CACHED_BYTES {
+            let folds = bytes.div_ceil(CACHED_BYTES);
+            let timed = warmed(self, &mut |_, _| {
+                let t = Instant::now();
+                let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut acc);
+                for _ in 0..folds {
+                    host_ops::combine(
+                        DType::F32,
+                        Combine::Sum,
+                        &mut dst[..CACHED_BYTES],
+                        &host[..CACHED_BYTES],
+                    );
+                }
+                Ok(t.elapsed().as_secs_f64())
+            })?;
+            let folded = |secs: f64| folds.saturating_mul(CACHED_BYTES) as f64 / secs.max(1e-9);
+            (folded(timed.0), folded(timed.1 / REPEATS as f64))
+        } else {
+            sync(self)?;
+            (0.0, 0.0)
+        };
         sync(self)?;
         let deadline = deadline_after(timeout);
         // One pipeline step's fixed cost: a 4-byte read-back, then a 4-byte upload (no kernel).
@@ -176,6 +204,7 @@ impl Communicator {
             launch: launch.max(0.0),
             // Measured for all ranks at once by `CommGroup::probe` (a peer's steps).
             wait: 0.0,
+            host_cached: host_cached.0,
         };
         let spans = Figures {
             upload: upload.1,
@@ -184,6 +213,7 @@ impl Communicator {
             reduce: reduce.1,
             host_reduce: host_reduce.1,
             native_copy: native_copy.1,
+            host_cached: host_cached.1,
             ..figures
         };
         Ok((figures, spans))

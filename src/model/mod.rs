@@ -37,7 +37,9 @@ pub struct Figures {
     pub copy: f64,
     /// On-device reduce kernel (`dst += src`), bytes of `dst`/s.
     pub reduce: f64,
-    /// The host's own reduce, bytes of `dst`/s.
+    /// The host's own reduce, bytes of `dst`/s, on buffers of [`Probe::bytes`]: at the rate of
+    /// the host's memory where two such buffers outgrow its last-level cache (16 MiB, the
+    /// bench's default, on a CPU with 32 MiB or less).
     pub host_reduce: f64,
     /// Fixed cost of one pipeline step (a small read-back, then a small upload, each waited
     /// for; no kernel: see `launch`), s.
@@ -76,9 +78,44 @@ pub struct Figures {
     /// against tiny naive all-reduces (a fan-in: its one wait for a peer is in `submit`),
     /// round after round, less what the other figures predict; 0 where not measured.
     pub wait: f64,
+    /// The host's own reduce, bytes of `dst`/s, on a buffer of [`Probe::cached_bytes`] folded
+    /// over and over: at the rate of the CPU's caches, where the buffers stay (3-4x
+    /// `host_reduce` on the 2-core EPYC VM of BENCHMARKS.md). The model charges calls of up to
+    /// that size per rank at this rate ([`Figures::host_rate`]). 0 where not measured: a probe
+    /// of [`CACHED_BYTES`] or less measures `host_reduce` in cache already, and the model then
+    /// uses `host_reduce` at every size.
+    pub host_cached: f64,
 }
 
+/// The size of the probe's cached host reduce ([`Figures::host_cached`]), where the probe's
+/// own size is larger: 1 MiB, the operands of one fold (2 MiB) within the last-level cache of
+/// common CPUs, and not so small that a fold's fixed costs show.
+pub const CACHED_BYTES: usize = 1 << 20;
+
 impl Figures {
+    /// The host's reduce rate for a call of `bytes` per rank, on figures probed at `probed`
+    /// bytes: `host_cached` up to [`Probe::cached_bytes`], where it was measured (as many
+    /// bytes a rank, as many ranks at once), and `host_reduce` above. Not a blend in between:
+    /// where the caches give out depends on what every rank of the machine holds at once and
+    /// on who else shares the cache, and on this machine calls of 4 MiB a rank ran at either
+    /// rate from run to run, so a size the probe did not measure gets the rate of memory.
+    /// `host_reduce` where `host_cached` is not a finite rate above 0.
+    ///
+    /// Known limits: a call's host memory is more than the probe's two buffers (its input,
+    /// output and frames), and with 8 ranks on 2 cores the host-staged ring's 512 KiB calls
+    /// ran slower than the cached rate (BENCHMARKS.md); and ranks with adapters of their own
+    /// that share one host are charged their rate alone, measured one rank at a time with the
+    /// whole cache (as `host_reduce` is).
+    pub fn host_rate(&self, bytes: usize, probed: usize) -> f64 {
+        let cached = self.host_cached;
+        let small = probed.min(CACHED_BYTES);
+        if cached.is_finite() && cached > 0.0 && small < probed && bytes <= small {
+            cached
+        } else {
+            self.host_reduce
+        }
+    }
+
     /// The figures with every fixed cost that is not a finite number of at least 0 taken as 0
     /// (its fields are public: a hand-built NaN or infinity must not win `choose`).
     fn cleaned(&self) -> Figures {
@@ -109,6 +146,24 @@ pub struct Probe {
     pub shared: bool,
     /// Bytes per probe transfer.
     pub bytes: usize,
+}
+
+impl Probe {
+    /// The size of the cached host reduce ([`Figures::host_cached`]): [`CACHED_BYTES`] (1 MiB),
+    /// or [`bytes`](Self::bytes) where that is smaller.
+    pub fn cached_bytes(&self) -> usize {
+        self.bytes.min(CACHED_BYTES)
+    }
+
+    /// The figures with the host's reduce at its rate for a call of `bytes` per rank
+    /// ([`Figures::host_rate`]).
+    fn at_size(&self, bytes: usize) -> (Vec<Figures>, Figures) {
+        let at = |f: &Figures| Figures {
+            host_reduce: f.host_rate(bytes, self.bytes),
+            ..*f
+        };
+        (self.alone.iter().map(at).collect(), at(&self.together))
+    }
 }
 
 /// A network between the ranks: each rank's egress bandwidth, and the latency of one message
@@ -313,23 +368,25 @@ impl CostModel {
             .map(|r| work(algo, n, r, bytes, in_place, self.slice_bytes, mapped))
             .collect();
         // A call submits to the device but in mapped tensors on the host.
-        self.predict_works(&works, !(mapped && algo == Algorithm::Staged))
+        self.predict_works(&works, bytes, !(mapped && algo == Algorithm::Staged))
     }
 
-    /// The time of a call whose ranks do `works` (one per rank, in rank order); `submits`: the
-    /// call submits to the devices (it pays the probe's `submit`).
-    fn predict_works(&self, works: &[Work], submits: bool) -> Prediction {
+    /// The time of a call of `bytes` per rank (the host's rate depends on it) whose ranks do
+    /// `works` (one per rank, in rank order); `submits`: the call submits to the devices (it
+    /// pays the probe's `submit`).
+    fn predict_works(&self, works: &[Work], bytes: usize, submits: bool) -> Prediction {
         let n = works.len().max(1);
+        let (alone, together) = self.probe.at_size(bytes);
         let mut terms = if self.probe.shared {
             let total = works.iter().fold(Work::default(), |a, w| a.add(*w));
-            let mut t = total.terms(&self.probe.together);
+            let mut t = total.terms(&together);
             // The step costs of ranks that share a device are measured per rank, all at once;
             // but a rank's own steps come one after another, so the busiest rank (a star's
             // root handling n-1 messages in turn) takes at least its steps at its own pace.
             if let Some(s) = t.iter_mut().find(|t| t.0 == "steps") {
                 let busiest = works
                     .iter()
-                    .zip(&self.probe.alone)
+                    .zip(&alone)
                     .map(|(w, f)| w.step_cost(&f.cleaned()))
                     .fold(0.0, f64::max);
                 s.1 = (s.1 / n as f64).max(busiest);
@@ -338,14 +395,14 @@ impl CostModel {
             // one after another.
             if let Some(s) = t.iter_mut().find(|t| t.0 == "frames") {
                 let busiest = works.iter().map(|w| w.frames).fold(0.0, f64::max);
-                s.1 = busiest * self.probe.together.cleaned().frame;
+                s.1 = busiest * together.cleaned().frame;
             }
             t
         } else {
             // The slowest rank sets the pace.
             works
                 .iter()
-                .zip(&self.probe.alone)
+                .zip(&alone)
                 .map(|(w, f)| w.terms(f))
                 .max_by(|a, b| total(a).total_cmp(&total(b)))
                 .unwrap_or_default()
@@ -380,9 +437,9 @@ impl CostModel {
             f.call + if submits { f.submit } else { 0.0 }
         };
         let call = if self.probe.shared {
-            once(&self.probe.together)
+            once(&together)
         } else {
-            self.probe.alone.iter().map(once).fold(0.0, f64::max)
+            alone.iter().map(once).fold(0.0, f64::max)
         };
         if call > seconds {
             bound = "call";
@@ -435,7 +492,7 @@ impl CostModel {
     /// // 629,213 bytes.
     /// let f = Figures { upload: 1e9, readback: 1e9, copy: 1e9, reduce: 1e8, host_reduce: 1e15,
     ///     step: 1e-3, native_copy: 1e9, frame: 2e-3, call: 0.0, submit: 0.0, launch: 0.0,
-    ///     wait: 0.0 };
+    ///     wait: 0.0, host_cached: 0.0 };
     /// let m = CostModel::new(Probe { alone: vec![f; 16], together: f, shared: false, bytes: 0 },
     ///     1 << 30);
     /// let sizes: Vec<usize> = (2..28).map(|k| 1usize << k).collect();
@@ -501,7 +558,7 @@ impl CostModel {
                 let n = self.probe.alone.len().max(1);
                 let staged = algo == Algorithm::Staged;
                 let w = ring_work(kind, staged, n, bytes, in_place, self.slice_bytes);
-                Some(self.predict_works(&vec![w; n], true))
+                Some(self.predict_works(&vec![w; n], bytes, true))
             }
             _ => None,
         }
@@ -918,6 +975,7 @@ mod tests {
             submit: 0.0,
             launch: 0.0,
             wait: 0.0,
+            host_cached: 0.0,
         }
     }
 
@@ -1447,5 +1505,79 @@ mod tests {
             CostModel::new(p, 1 << 20).choose(64 << 20, true),
             Algorithm::Naive
         );
+    }
+
+    /// The host's rate by the call's size: the cached rate up to 1 MiB, the memory rate above;
+    /// the memory rate at every size where the cached one was not measured, or the probe was
+    /// no larger than 1 MiB.
+    #[test]
+    fn the_hosts_rate_follows_the_calls_size() {
+        let mut f = figures(1e9);
+        f.host_reduce = 5e9;
+        f.host_cached = 20e9;
+        let probed = 16 << 20;
+        for bytes in [0, 4, 64 << 10, 1 << 20] {
+            assert_eq!(f.host_rate(bytes, probed), 20e9, "{bytes}");
+        }
+        for bytes in [(1 << 20) + 4, 4 << 20, 16 << 20, 64 << 20, usize::MAX] {
+            assert_eq!(f.host_rate(bytes, probed), 5e9, "{bytes}");
+        }
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let g = Figures {
+                host_cached: bad,
+                ..f
+            };
+            for bytes in [4, 4 << 20, 64 << 20] {
+                assert_eq!(g.host_rate(bytes, probed), 5e9, "{bad} {bytes}");
+            }
+        }
+        for probed in [0, 4096, 1 << 20] {
+            assert_eq!(f.host_rate(4, probed), 5e9, "probed {probed}");
+        }
+    }
+
+    /// The model charges the host's work at its rate for the call's size, alone and together,
+    /// in all-reduces and in reduce-scatters and all-gathers.
+    #[test]
+    fn host_work_is_charged_at_the_calls_size() {
+        let mut f = figures(1e12);
+        f.host_reduce = 1e9;
+        f.host_cached = 4e9;
+        for shared in [false, true] {
+            let p = Probe {
+                alone: vec![f; 4],
+                together: f,
+                shared,
+                bytes: 16 << 20,
+            };
+            let m = CostModel::new(p, 1 << 20).with_unified_memory(true);
+            let host = |t: &Prediction| t.terms.iter().find(|t| t.0 == "host").map(|t| t.1);
+            for (bytes, rate) in [
+                (64 << 10, 4e9),
+                (1 << 20, 4e9),
+                (4 << 20, 1e9),
+                (16 << 20, 1e9),
+            ] {
+                // The staged ring in mapped tensors, out of place: (2(n-1)+2)/n of the buffer
+                // on the host, per rank (all four ranks' together, shared).
+                let per = 2.0 * bytes as f64;
+                let want = if shared { 4.0 * per } else { per } / rate;
+                let t = m.predict_for(Algorithm::Staged, bytes, false, true);
+                let got = host(&t).unwrap_or_default();
+                assert!((got / want - 1.0).abs() < 1e-9, "{bytes} {shared}: {t:?}");
+                // A staged reduce-scatter: 2(n-1)/n of its input folded and copied into frames;
+                // a staged all-gather: 2(n-1)/n of its output copied out of frames and into them.
+                for kind in [CollectiveKind::ReduceScatter, CollectiveKind::AllGather] {
+                    let per = 1.5 * bytes as f64;
+                    let want = if shared { 4.0 * per } else { per } / rate;
+                    let t = m.predict_call(kind, Algorithm::Staged, bytes, false);
+                    let got = t.as_ref().and_then(host).unwrap_or_default();
+                    assert!(
+                        (got / want - 1.0).abs() < 1e-9,
+                        "{kind:?} {bytes} {shared}: {t:?}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -28,8 +28,10 @@ use subtle::ConstantTimeEq;
 
 use super::wire::Limits;
 
-/// The protocol this build speaks; a peer with another is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol this build speaks; a peer with another is refused. 2: the job probe's record
+/// carries 13 numbers a figure set (the host's cached reduce), and its device phase one barrier
+/// more.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The largest handshake message body.
 pub const MAX_MESSAGE: usize = 1024;
 /// The longest job id, in bytes.
