@@ -304,13 +304,14 @@ pub fn discover(selector: &AdapterSelector) -> Result<Vec<Adapter>> {
 /// their own (tests run in parallel) then fail to make it current (`BadAccess`); a GL pass gets
 /// an instance of its own, as before.
 fn instance_for(pass: Backends) -> Instance {
-    let desc = wgpu::InstanceDescriptor {
+    let mut desc = wgpu::InstanceDescriptor {
         backends: pass,
         ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
     };
     if pass.intersects(Backends::GL) {
         return Instance::new(desc);
     }
+    desc.flags = without_object_names(desc.flags, std::env::var_os("WGPU_DEBUG").is_some());
     static INSTANCES: std::sync::OnceLock<std::sync::Mutex<Vec<(Backends, Instance)>>> =
         std::sync::OnceLock::new();
     let cache = INSTANCES.get_or_init(Default::default);
@@ -323,6 +324,22 @@ fn instance_for(pass: Backends) -> Instance {
     let instance = Instance::new(desc);
     cache.push((pass, instance.clone()));
     instance
+}
+
+/// `flags` without `DEBUG` unless `WGPU_DEBUG` was set (`asked`: then wgpu's own reading of it
+/// stands). With `DEBUG`, wgpu names every
+/// object it makes (`vkSetDebugUtilsObjectNameEXT`), and the Vulkan loader (1.3.239 here)
+/// looks the device up for that in its list of every device of the process without a lock,
+/// so a group made or dropped on one thread while another names a buffer crashes the process
+/// (SIGSEGV in libvulkan, twice in this repository's test runs; wgpu issue #5270). wgpu sets
+/// `DEBUG` by default in debug builds; release builds have it off anyway. An instance of the
+/// caller's own with `DEBUG`, in the same process, can still race wccl's groups.
+fn without_object_names(flags: wgpu::InstanceFlags, asked: bool) -> wgpu::InstanceFlags {
+    if asked {
+        flags
+    } else {
+        flags.difference(wgpu::InstanceFlags::DEBUG)
+    }
 }
 
 /// Enumerates pass by pass (see [`Wanted::passes`]) until one gives something eligible, then
@@ -401,6 +418,19 @@ fn describe_one(i: &AdapterInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Debug builds' default flags lose `DEBUG` (object names) and keep the rest; a
+    /// `WGPU_DEBUG` the user set stands.
+    #[test]
+    fn object_names_only_when_asked() {
+        use wgpu::InstanceFlags as F;
+        let f = F::debugging();
+        assert!(f.contains(F::DEBUG));
+        assert_eq!(without_object_names(f, false), f.difference(F::DEBUG));
+        assert!(without_object_names(f, false).contains(F::VALIDATION));
+        assert_eq!(without_object_names(f, true), f);
+        assert_eq!(without_object_names(F::empty(), false), F::empty());
+    }
 
     fn adapter(name: &str, ty: DeviceType, backend: Backend, bus: &str) -> AdapterInfo {
         let mut i = AdapterInfo::new(ty, backend);

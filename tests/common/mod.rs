@@ -444,10 +444,15 @@ fn same(a: f64, b: f64) -> bool {
 }
 
 /// `n` devices of the caller's own (not wccl's) on the first primary adapter (the software
-/// adapter in CI), each opened separately.
+/// adapter in CI), each opened separately. Their instance names no objects (no
+/// `InstanceFlags::DEBUG`, which debug builds set by default), as wccl's own do not: the Vulkan
+/// loader looks a device up for a name in its list of every device of the process, every
+/// instance's, without a lock, and tests make and drop devices on other threads meanwhile
+/// (`device::discovery`, `without_object_names`).
 pub fn user_devices(n: usize) -> Vec<(wgpu::Device, wgpu::Queue)> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
         backends: wgpu::Backends::PRIMARY,
+        flags: wgpu::InstanceFlags::from_build_config().difference(wgpu::InstanceFlags::DEBUG),
         ..wgpu::InstanceDescriptor::new_without_display_handle()
     });
     let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
