@@ -312,8 +312,7 @@ fn f16_and_bf16_work_on_devices_without_shader_f16() {
 /// `n` devices on the first adapter, opened with no optional feature.
 fn plain_devices(n: usize) -> Vec<(wgpu::Device, wgpu::Queue)> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-        // No object names: see `common::user_devices`.
-        flags: wgpu::InstanceFlags::from_env_or_default().difference(wgpu::InstanceFlags::DEBUG),
+        flags: common::instance_flags(),
         ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
     });
     let adapters = wccl::device::discover_adapters(&instance, &AdapterSelector::default())

@@ -423,8 +423,7 @@ fn matmul_in_bf16_accumulates_in_f32() {
 /// `n` devices on the first adapter, opened with no optional feature.
 fn plain_devices(n: usize) -> Vec<(wgpu::Device, wgpu::Queue)> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-        // No object names: see `common::user_devices`.
-        flags: wgpu::InstanceFlags::from_env_or_default().difference(wgpu::InstanceFlags::DEBUG),
+        flags: common::instance_flags(),
         ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
     });
     let adapters =
@@ -443,8 +442,7 @@ fn plain_devices(n: usize) -> Vec<(wgpu::Device, wgpu::Queue)> {
 #[test]
 fn f16_matmul_on_a_device_without_shader_f16_is_a_clear_error() {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-        // No object names: see `common::user_devices`.
-        flags: wgpu::InstanceFlags::from_env_or_default().difference(wgpu::InstanceFlags::DEBUG),
+        flags: common::instance_flags(),
         ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
     });
     let adapters =

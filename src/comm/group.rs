@@ -163,7 +163,9 @@ impl CommGroup {
     }
 
     /// A group over devices the caller already has, one rank per `(Device, Queue)` in order,
-    /// with plain links.
+    /// with plain links. On Vulkan, devices of an instance made with `InstanceFlags::DEBUG`
+    /// (wgpu's default in debug builds) can crash the process while other threads make or drop
+    /// groups: see the crate's README, "`WGPU_DEBUG`".
     pub fn from_devices(devices: Vec<(Device, Queue)>, config: CommConfig) -> Result<CommGroup> {
         if devices.is_empty() {
             return Err(Error::InvalidArgument {

@@ -267,7 +267,9 @@ fn looks_alike(a: &AdapterInfo, b: &AdapterInfo) -> bool {
 }
 
 /// Lists the adapters a selector admits on `instance`, each physical adapter once, in rank
-/// order (see [`AdapterSelector`]).
+/// order (see [`AdapterSelector`]). An `instance` made with `InstanceFlags::DEBUG` (wgpu's
+/// default in debug builds) can crash the process on Vulkan while other threads make or drop
+/// groups: see the crate's README, "`WGPU_DEBUG`".
 pub fn discover_adapters(instance: &Instance, selector: &AdapterSelector) -> Result<Vec<Adapter>> {
     discover_with(
         &selector.wanted(),
@@ -304,14 +306,10 @@ pub fn discover(selector: &AdapterSelector) -> Result<Vec<Adapter>> {
 /// their own (tests run in parallel) then fail to make it current (`BadAccess`); a GL pass gets
 /// an instance of its own, as before.
 fn instance_for(pass: Backends) -> Instance {
-    let mut desc = wgpu::InstanceDescriptor {
-        backends: pass,
-        ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
-    };
+    let desc = instance_desc(pass, std::env::var("WGPU_DEBUG").is_ok());
     if pass.intersects(Backends::GL) {
         return Instance::new(desc);
     }
-    desc.flags = without_object_names(desc.flags, std::env::var_os("WGPU_DEBUG").is_some());
     static INSTANCES: std::sync::OnceLock<std::sync::Mutex<Vec<(Backends, Instance)>>> =
         std::sync::OnceLock::new();
     let cache = INSTANCES.get_or_init(Default::default);
@@ -326,20 +324,35 @@ fn instance_for(pass: Backends) -> Instance {
     instance
 }
 
-/// `flags` without `DEBUG` unless `WGPU_DEBUG` was set (`asked`: then wgpu's own reading of it
-/// stands). With `DEBUG`, wgpu names every
-/// object it makes (`vkSetDebugUtilsObjectNameEXT`), and the Vulkan loader (1.3.239 here)
-/// looks the device up for that in its list of every device of the process without a lock,
-/// so a group made or dropped on one thread while another names a buffer crashes the process
-/// (SIGSEGV in libvulkan, twice in this repository's test runs; wgpu issue #5270). wgpu sets
-/// `DEBUG` by default in debug builds; release builds have it off anyway. An instance of the
-/// caller's own with `DEBUG`, in the same process, can still race wccl's groups.
-fn without_object_names(flags: wgpu::InstanceFlags, asked: bool) -> wgpu::InstanceFlags {
-    if asked {
-        flags
-    } else {
-        flags.difference(wgpu::InstanceFlags::DEBUG)
+/// The descriptor of wccl's instance for `pass`: wgpu's settings from the environment, but
+/// without `InstanceFlags::DEBUG` unless `WGPU_DEBUG` was set (`debug_set`: then wgpu's own
+/// reading of it stands), GL's too, for one rule.
+///
+/// Why: wgpu sets `DEBUG` by default in debug builds (release builds have it off), and with it
+/// enables `VK_EXT_debug_utils`: it names every object it makes
+/// (`vkSetDebugUtilsObjectNameEXT`) and labels command buffers. For each of those calls the
+/// Vulkan loader (1.3.239 here) looks the device up in its lists of every device of every
+/// instance in the process, without a lock, while other threads make and drop devices and
+/// instances (tests run in parallel, and a process may hold several jobs). Taking a
+/// [`lifecycle`](super::lifecycle) turn around making and dropping devices does not cover it:
+/// names and labels come with every buffer made and every call encoded, outside any turn. It
+/// crashed the process twice in this repository's test runs (SIGSEGV in libvulkan, reading
+/// `ICD_LOADER_MAGIC` as an address; wgpu issue #5270). Without `DEBUG` the debug messenger goes
+/// too (validation layers' messages, where `VALIDATION` finds one, no longer reach wgpu's log)
+/// and shaders carry no debug info.
+///
+/// An instance of the caller's own with `DEBUG` in the same process (for
+/// [`discover_adapters`] or [`CommGroup::from_devices`](crate::CommGroup::from_devices)) can
+/// still race wccl's groups.
+fn instance_desc(pass: Backends, debug_set: bool) -> wgpu::InstanceDescriptor {
+    let mut desc = wgpu::InstanceDescriptor {
+        backends: pass,
+        ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+    };
+    if !debug_set {
+        desc.flags.remove(wgpu::InstanceFlags::DEBUG);
     }
+    desc
 }
 
 /// Enumerates pass by pass (see [`Wanted::passes`]) until one gives something eligible, then
@@ -419,17 +432,19 @@ fn describe_one(i: &AdapterInfo) -> String {
 mod tests {
     use super::*;
 
-    /// Debug builds' default flags lose `DEBUG` (object names) and keep the rest; a
-    /// `WGPU_DEBUG` the user set stands.
+    /// wccl's instances, Vulkan's and GL's, leave `DEBUG` out unless `WGPU_DEBUG` was set;
+    /// set, wgpu's reading of it stands (as the environment has it here: CI sets neither).
     #[test]
-    fn object_names_only_when_asked() {
+    fn instances_name_no_objects_unless_asked() {
         use wgpu::InstanceFlags as F;
-        let f = F::debugging();
-        assert!(f.contains(F::DEBUG));
-        assert_eq!(without_object_names(f, false), f.difference(F::DEBUG));
-        assert!(without_object_names(f, false).contains(F::VALIDATION));
-        assert_eq!(without_object_names(f, true), f);
-        assert_eq!(without_object_names(F::empty(), false), F::empty());
+        let from_env = wgpu::InstanceDescriptor::new_without_display_handle_from_env().flags;
+        for pass in [Backends::VULKAN, Backends::PRIMARY, Backends::GL] {
+            let desc = instance_desc(pass, false);
+            assert!(!desc.flags.contains(F::DEBUG), "{pass:?}");
+            assert_eq!(desc.flags, from_env.difference(F::DEBUG), "{pass:?}");
+            assert_eq!(desc.backends, pass);
+            assert_eq!(instance_desc(pass, true).flags, from_env, "{pass:?}");
+        }
     }
 
     fn adapter(name: &str, ty: DeviceType, backend: Backend, bus: &str) -> AdapterInfo {

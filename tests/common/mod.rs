@@ -443,16 +443,26 @@ fn same(a: f64, b: f64) -> bool {
     a == b || (a.is_nan() && b.is_nan())
 }
 
+/// The flags for the tests' own instances: wgpu's from the environment, without
+/// `InstanceFlags::DEBUG` (debug builds' default) unless `WGPU_DEBUG` was set, as wccl's own
+/// instances have them: with it, the Vulkan loader looks a device up for every object name in
+/// its lists of every device of the process without a lock, and tests make and drop devices on
+/// other threads meanwhile (see README, "`WGPU_DEBUG`").
+pub fn instance_flags() -> wgpu::InstanceFlags {
+    let flags = wgpu::InstanceFlags::from_env_or_default();
+    if std::env::var("WGPU_DEBUG").is_ok() {
+        flags
+    } else {
+        flags.difference(wgpu::InstanceFlags::DEBUG)
+    }
+}
+
 /// `n` devices of the caller's own (not wccl's) on the first primary adapter (the software
-/// adapter in CI), each opened separately. Their instance names no objects (no
-/// `InstanceFlags::DEBUG`, which debug builds set by default), as wccl's own do not: the Vulkan
-/// loader looks a device up for a name in its list of every device of the process, every
-/// instance's, without a lock, and tests make and drop devices on other threads meanwhile
-/// (`device::discovery`, `without_object_names`).
+/// adapter in CI), each opened separately, on an instance with [`instance_flags`].
 pub fn user_devices(n: usize) -> Vec<(wgpu::Device, wgpu::Queue)> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
         backends: wgpu::Backends::PRIMARY,
-        flags: wgpu::InstanceFlags::from_build_config().difference(wgpu::InstanceFlags::DEBUG),
+        flags: instance_flags(),
         ..wgpu::InstanceDescriptor::new_without_display_handle()
     });
     let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
