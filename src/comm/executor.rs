@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use wgpu::{Buffer, BufferUsages, SubmissionIndex};
 
 use super::host_ops;
+use super::last_write::Painter;
 use super::protocol::Header;
 use super::split::{self, Split};
 use crate::algo::{Action, Buf, Fold, Plan, Recv, Region, Source, Transfer};
@@ -94,18 +95,31 @@ impl Engine {
         &self.placeholder
     }
 
-    fn ensure_scratch(&mut self, bytes: u64) {
-        // Errors of this device work reach the rank's error store when the scope ends.
-        let _scope = self.dev.error_scope();
-        let size = bytes.next_multiple_of(4).max(4);
+    /// Grows the scratch buffer to `bytes`. A buffer that cannot be made (out of memory) is an
+    /// error of this call, and the scratch stays as it was: kept, an invalid buffer would fail
+    /// every later call that needs scratch, after a recovery too.
+    fn ensure_scratch(&mut self, at: At, bytes: u64) -> Result<()> {
+        let size = bytes.saturating_add(3) & !3;
+        let size = size.max(4);
         if self.scratch.as_ref().is_none_or(|s| s.size() < size) {
-            self.scratch = Some(self.dev.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some("wccl scratch"),
-                size,
-                usage: BufferUsages::STORAGE | BufferUsages::COPY_SRC | BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }));
+            let dev = &self.dev;
+            let (buffer, error) = dev.catching(|| {
+                dev.device().create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wccl scratch"),
+                    size,
+                    usage: BufferUsages::STORAGE | BufferUsages::COPY_SRC | BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            });
+            if let Some(message) = error {
+                return Err(Error::Device {
+                    at,
+                    message: format!("scratch of {size} bytes: {message}"),
+                });
+            }
+            self.scratch = Some(buffer);
         }
+        Ok(())
     }
 }
 
@@ -169,7 +183,8 @@ pub(crate) fn execute(
     plan: &Plan,
 ) -> Result<()> {
     if plan.scratch > 0 {
-        eng.ensure_scratch((plan.scratch * call.dtype.size()) as u64);
+        let bytes = plan.scratch.saturating_mul(call.dtype.size());
+        eng.ensure_scratch(call.at, u64::try_from(bytes).unwrap_or(u64::MAX))?;
     }
     let n = link.size();
     let mut host = std::mem::take(&mut eng.host);
@@ -226,9 +241,9 @@ impl Run<'_, '_> {
     fn plan(&mut self, plan: &Plan) -> Result<()> {
         let mut tickets = VecDeque::new();
         let result = self.actions(plan, &mut tickets);
-        for (_, ticket) in tickets.drain(..) {
-            self.eng.reads.abandon(&self.eng.dev, ticket);
-        }
+        let eng = &mut *self.eng;
+        eng.reads
+            .abandon_all(&eng.dev, tickets.drain(..).map(|(_, t)| t));
         result
     }
 
@@ -339,6 +354,8 @@ impl Run<'_, '_> {
     /// write is submitted).
     fn send_reads(&self, plan: &Plan) -> Vec<SendRead> {
         let mut out = Vec::new();
+        // Per device buffer (input and output can be one), its last writers.
+        let mut painter = Painter::new();
         for (i, a) in plan.actions.iter().enumerate() {
             // A read-back into host memory is begun ahead too, and finished at its copy.
             let (region, upto) = match a {
@@ -354,10 +371,8 @@ impl Run<'_, '_> {
                 }
                 _ => continue,
             };
-            let after = (0..upto).rev().find(|&v| {
-                plan.actions[v]
-                    .writes()
-                    .is_some_and(|w| self.overlap(w, region))
+            let after = painter.after(&plan.actions, upto, self.bytes_of(region), |r| {
+                self.bytes_of(r)
             });
             out.push(SendRead {
                 action: i,
@@ -764,7 +779,14 @@ impl Run<'_, '_> {
             );
             return Ok(());
         }
-        let bounce = self.eng.uploads.bounce(&self.eng.dev);
+        let bounce = self
+            .eng
+            .uploads
+            .bounce(&self.eng.dev)
+            .map_err(|message| Error::Device {
+                at: self.call.at,
+                message,
+            })?;
         let per = (self.eng.uploads.slot_bytes() as usize / es).max(1);
         let mut done = 0;
         while done < src.len {
@@ -826,16 +848,16 @@ impl Run<'_, '_> {
         (buf.clone(), base + r.offset as u64 * es)
     }
 
-    /// Whether two regions may share memory (input and output can be one buffer).
-    fn overlap(&self, a: Region, b: Region) -> bool {
-        // Host regions are read and written synchronously: no device read waits on them.
-        if a.len == 0 || b.len == 0 || a.buf == Buf::Host || b.buf == Buf::Host {
-            return false;
+    /// The device buffer and byte range a region covers (input and output can be one buffer);
+    /// none for host regions, which are read and written synchronously (no device read waits
+    /// on them), and for empty ones.
+    fn bytes_of(&self, r: Region) -> Option<(Buffer, u64, u64)> {
+        if r.len == 0 || r.buf == Buf::Host {
+            return None;
         }
         let es = self.call.dtype.size() as u64;
-        let (ab, ao) = self.locate(a);
-        let (bb, bo) = self.locate(b);
-        ab == bb && ao < bo + b.len as u64 * es && bo < ao + a.len as u64 * es
+        let (buf, start) = self.locate(r);
+        Some((buf, start, start + r.len as u64 * es))
     }
 
     fn link_error(&self, e: LinkError, peer: usize) -> Error {

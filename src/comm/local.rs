@@ -20,6 +20,21 @@ impl Communicator {
     /// Reads `t` back to the host through the read ring, keeping every slot busy. On an error
     /// the read-backs in flight are abandoned: no slot stays busy or mapped.
     pub(crate) fn read_now(&mut self, t: TensorRef<'_>, deadline: Instant) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_into(t, deadline, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`read_now`](Self::read_now) into `out` (cleared first; left cleared on an error): a
+    /// buffer reused from read to read, whose pages are mapped already, as the executor's host
+    /// memory and spare buffers are from call to call (the probe times read-backs this way).
+    pub(crate) fn read_into(
+        &mut self,
+        t: TensorRef<'_>,
+        deadline: Instant,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        out.clear();
         let at = At::rank(self.rank());
         self.gate(at)?;
         t.validate(at, "read")?;
@@ -29,7 +44,7 @@ impl Communicator {
             at,
             message: format!("{} bytes do not fit this host's memory", t.bytes()),
         })?;
-        let mut out = Vec::with_capacity(total);
+        out.reserve(total);
         let mut pending = std::collections::VecDeque::new();
         let mut off = 0;
         let result = (|| {
@@ -50,16 +65,18 @@ impl Communicator {
                         "internal: every read staging slot is busy".into(),
                     ));
                 };
-                e.reads.finish_append(&e.dev, ticket, deadline, &mut out)?;
+                e.reads.finish_append(&e.dev, ticket, deadline, out)?;
             }
             Ok(())
         })();
-        for ticket in pending {
-            e.reads.abandon(&e.dev, ticket);
+        e.reads.abandon_all(&e.dev, pending);
+        let checked = result
+            .map_err(|w| wait_error(at, w))
+            .and_then(|()| e.dev.check(at));
+        if checked.is_err() {
+            out.clear();
         }
-        result.map_err(|w| wait_error(at, w))?;
-        e.dev.check(at)?;
-        Ok(out)
+        checked
     }
 
     /// `t = combine(t, bytes)` on the device: the bytes go through the upload ring, slot by

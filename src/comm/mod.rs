@@ -8,6 +8,7 @@ mod group;
 mod grow;
 mod host_ops;
 mod job_probe;
+mod last_write;
 mod launch;
 mod local;
 mod probe;

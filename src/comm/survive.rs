@@ -148,16 +148,26 @@ pub(super) struct Kept {
 }
 
 /// A device buffer of `bytes` (zeroed: wgpu clears new buffers) for the recovery's copies.
-fn temp_buffer(c: &Communicator, bytes: u64) -> wgpu::Buffer {
-    c.engine
-        .dev
-        .device()
-        .create_buffer(&wgpu::BufferDescriptor {
+/// Made in an error scope of its own, whose error (out of memory, say) is this rank's error
+/// here: on a caller's device (`from_wgpu`, `from_devices`) an error outside any scope goes to
+/// the caller's handler, whose default panics.
+fn temp_buffer(c: &Communicator, at: At, bytes: u64) -> Result<wgpu::Buffer> {
+    let dev = &c.engine.dev;
+    let (buffer, error) = dev.catching(|| {
+        dev.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("wccl survivors"),
             size: bytes.next_multiple_of(4).max(4),
             usage: BufferUsages::STORAGE | BufferUsages::COPY_SRC | BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
+    });
+    match error {
+        None => Ok(buffer),
+        Some(message) => Err(Error::Device {
+            at,
+            message: format!("a buffer of {bytes} bytes for the survivors' call: {message}"),
+        }),
+    }
 }
 
 /// The failures the survivors can finish after: a peer died, fell silent, told them it gave
@@ -282,7 +292,7 @@ impl Communicator {
         if kept.is_some() || !(input.overlaps(output) || writes_input) {
             return Ok(());
         }
-        let buffer = temp_buffer(self, input.bytes());
+        let buffer = temp_buffer(self, at, input.bytes())?;
         let copy = TensorRef::new(&buffer, 0, input.count, input.dtype);
         self.device_copy(at, *input, copy, &[(0, 0, input.count)], deadline)?;
         *kept = Some(Kept { buffer });
@@ -486,7 +496,10 @@ impl Communicator {
                 let Some(bytes) = blocks_bytes(n, c, es) else {
                     return refused(Err(too_large(at)));
                 };
-                let compact = temp_buffer(self, bytes);
+                let compact = match temp_buffer(self, at, bytes) {
+                    Ok(b) => b,
+                    Err(e) => return refused(Err(e)),
+                };
                 let compact = TensorRef::new(&compact, 0, n * c, input.dtype);
                 let pieces: Vec<_> = members
                     .iter()
@@ -513,7 +526,10 @@ impl Communicator {
                 let Some(bytes) = blocks_bytes(n, c, es) else {
                     return refused(Err(too_large(at)));
                 };
-                let gathered = temp_buffer(self, bytes);
+                let gathered = match temp_buffer(self, at, bytes) {
+                    Ok(b) => b,
+                    Err(e) => return refused(Err(e)),
+                };
                 let gathered = TensorRef::new(&gathered, 0, n * c, input.dtype);
                 if let Err(e) = self.device_copy(at, input, gathered, &[(0, me * c, c)], deadline) {
                     return refused(Err(e));
@@ -534,7 +550,16 @@ impl Communicator {
                 }
                 // The survivors' blocks where the call put them; the failed ranks' zeroed.
                 let n0 = output.count / c.max(1);
-                let zero = temp_buffer(self, (c as u64).saturating_mul(es));
+                let zero = match temp_buffer(self, at, (c as u64).saturating_mul(es)) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return Attempt {
+                            result: Err(e),
+                            complete: false,
+                            started: false,
+                        };
+                    }
+                };
                 let zero = TensorRef::new(&zero, 0, c, input.dtype);
                 let absent: Vec<_> = (0..n0)
                     .filter(|r| !members.contains(r))
@@ -594,7 +619,10 @@ impl Communicator {
                     }));
                 };
                 let input = kept_or(input, kept);
-                let copy = temp_buffer(self, input.bytes());
+                let copy = match temp_buffer(self, at, input.bytes()) {
+                    Ok(b) => b,
+                    Err(e) => return refused(Err(e)),
+                };
                 let copy = TensorRef::new(&copy, 0, input.count, input.dtype);
                 if let Err(e) = self.device_copy(at, input, copy, &[(0, 0, input.count)], deadline)
                 {

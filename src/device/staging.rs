@@ -260,7 +260,10 @@ impl ReadRing {
         };
         let s = &self.slots[ticket.slot];
         if let Err(e) = dev.wait_flag(&s.mapped, Some(submission), deadline) {
-            self.abandon(dev, ticket);
+            // The wait already ran to its deadline (or the device failed): no drain on top of
+            // it, the map still pending is cancelled; the call's other read-backs drain once,
+            // together (`abandon_all`).
+            self.abandon_by(dev, ticket, Instant::now());
             return Err(e);
         }
         let out = match s.buffer.get_mapped_range(0..ticket.mapped_len) {
@@ -277,10 +280,29 @@ impl ReadRing {
     /// Gives up a read-back that nobody will finish (the call failed): waits a bounded time for
     /// its copy and map, then unmaps the slot, or cancels a map still pending, and frees it.
     pub(crate) fn abandon(&mut self, dev: &RankDevice, ticket: ReadTicket) {
+        self.abandon_by(dev, ticket, crate::deadline::deadline_after(DRAIN_WAIT));
+    }
+
+    /// [`abandon`](Self::abandon) for every ticket of a failed call, with one drain wait for
+    /// them all: each waiting its own would return a stalled device's call a drain wait per
+    /// read-back in flight late (up to the pipeline's depth of them).
+    pub(crate) fn abandon_all(
+        &mut self,
+        dev: &RankDevice,
+        tickets: impl IntoIterator<Item = ReadTicket>,
+    ) {
+        let until = crate::deadline::deadline_after(DRAIN_WAIT);
+        for ticket in tickets {
+            self.abandon_by(dev, ticket, until);
+        }
+    }
+
+    /// Waits for the ticket's copy and map until `until` at most, then unmaps (or cancels the
+    /// map) and frees the slot.
+    fn abandon_by(&mut self, dev: &RankDevice, ticket: ReadTicket, until: Instant) {
         if let Some(submission) = &ticket.submission {
             let s = &self.slots[ticket.slot];
-            let deadline = crate::deadline::deadline_after(DRAIN_WAIT);
-            dev.settle(&s.mapped, Some(submission), deadline);
+            dev.settle(&s.mapped, Some(submission), until);
         }
         self.release(dev, ticket.slot);
     }
@@ -464,15 +486,19 @@ impl UploadRing {
 
     /// A device buffer of [`slot_bytes`](Self::slot_bytes) the caller may use as a bounce
     /// buffer for device-side copies (its GPU uses are ordered by the queue), made the first
-    /// time it is asked for.
-    pub(crate) fn bounce(&mut self, dev: &RankDevice) -> Buffer {
+    /// time it is asked for. One that cannot be made (out of memory) is an error, and is not
+    /// kept: the next call tries again.
+    pub(crate) fn bounce(&mut self, dev: &RankDevice) -> Result<Buffer, String> {
+        if let Some(b) = &self.bounce {
+            return Ok(b.clone());
+        }
         let size = self.slot_bytes;
-        self.bounce
-            .get_or_insert_with(|| {
-                let _scope = dev.error_scope();
-                target_buffer(dev, size, "wccl bounce")
-            })
-            .clone()
+        let (buffer, error) = dev.catching(|| target_buffer(dev, size, "wccl bounce"));
+        if let Some(message) = error {
+            return Err(format!("a bounce buffer of {size} bytes: {message}"));
+        }
+        self.bounce = Some(buffer.clone());
+        Ok(buffer)
     }
 }
 
@@ -518,9 +544,7 @@ mod tests {
         let past = deadline_after(Duration::ZERO);
         assert!(e.reads.finish(&e.dev, first, past).is_err());
         assert_eq!(e.reads.in_use(), depth - 1);
-        for t in tickets {
-            e.reads.abandon(&e.dev, t);
-        }
+        e.reads.abandon_all(&e.dev, tickets);
         assert_eq!(e.reads.in_use(), 0);
         // The ring works afterwards, and no clean-up left a device error behind.
         let t = e.reads.begin(&e.dev, &src, 0, 16);
@@ -651,9 +675,9 @@ mod tests {
         assert_eq!(read(&mut e.reads, &e.dev, &after, 0, 20), &data[100..120]);
         assert_eq!(e.reads.in_use(), 0);
         // The bounce buffer: made once, of the slice.
-        let bounce = e.uploads.bounce(&e.dev);
+        let bounce = e.uploads.bounce(&e.dev).expect("a bounce buffer");
         assert_eq!(bounce.size(), slice);
-        assert!(e.uploads.bounce(&e.dev) == bounce);
+        assert!(e.uploads.bounce(&e.dev) == Ok(bounce));
         assert!(e.dev.take_error().is_none());
     }
 }
