@@ -986,7 +986,7 @@ fn run(cli: Cli) -> Result<ExitCode, bench::BenchError> {
         .slice_bytes(a.slice as usize);
     // Under mpirun, torchrun or srun: one rank per process over TCP, as nccl-tests built with
     // MPI=1 runs.
-    if wccl::rendezvous::env::launched(&std::env::vars().collect()) {
+    if wccl::rendezvous::env::launched(&wccl::rendezvous::env::environment()?) {
         if settings.link.is_some() {
             return Err("--link-gbps emulates links between the ranks of one process; under a launcher the links are real TCP".into());
         }

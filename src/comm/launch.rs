@@ -4,6 +4,7 @@
 use crate::device::{AdapterSelector, RankDevice, discover};
 use crate::error::{Error, Result};
 use crate::link::{Link, TcpOptions};
+use crate::rendezvous::env::environment;
 use crate::rendezvous::{Launch, Master, connect_link, token_from_vars};
 
 use super::{CommConfig, Communicator};
@@ -60,7 +61,7 @@ impl Communicator {
     /// [`from_env`](Self::from_env) with options; a token or job id set in `options.tcp`
     /// wins over the environment's.
     pub fn from_env_with(options: ConnectOptions) -> Result<Communicator> {
-        let vars = std::env::vars().collect();
+        let vars = environment().map_err(launch_error)?;
         let launch = Launch::from_vars(&vars).map_err(launch_error)?;
         let mut options = options;
         if options.tcp.token.is_none() {
@@ -91,7 +92,7 @@ impl Communicator {
         let mut options = options;
         if options.tcp.token.is_none() {
             options.tcp.token =
-                token_from_vars(&std::env::vars().collect()).map_err(launch_error)?;
+                token_from_vars(&environment().map_err(launch_error)?).map_err(launch_error)?;
         }
         Self::join_job(rank, size, &master, options)
     }
@@ -138,7 +139,8 @@ impl Communicator {
         let master = parse_master(master, "Communicator::grow_at")?;
         let mut tcp = tcp.clone();
         if tcp.token.is_none() {
-            tcp.token = token_from_vars(&std::env::vars().collect()).map_err(launch_error)?;
+            tcp.token =
+                token_from_vars(&environment().map_err(launch_error)?).map_err(launch_error)?;
         }
         if size <= self.size() {
             return Err(Error::InvalidArgument {
@@ -172,7 +174,7 @@ impl Communicator {
         let mut options = options;
         if options.tcp.token.is_none() {
             options.tcp.token =
-                token_from_vars(&std::env::vars().collect()).map_err(launch_error)?;
+                token_from_vars(&environment().map_err(launch_error)?).map_err(launch_error)?;
         }
         let link = connect_link(rank, size, &master, &options.tcp)?;
         let local = options.local_rank.unwrap_or(rank);

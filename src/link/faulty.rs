@@ -200,7 +200,9 @@ impl FaultPlan {
 
     /// Drops the next `count` frames from `from` to `to`.
     pub fn drop_next(&self, from: usize, to: usize, count: usize) {
-        *self.lock().drops.entry((from, to)).or_default() += count;
+        let mut f = self.lock();
+        let n = f.drops.entry((from, to)).or_default();
+        *n = n.saturating_add(count);
     }
 
     /// Flips one bit in each of the next `count` frames from `from` to `to` (in the payload's
@@ -443,6 +445,18 @@ impl<L: Link> Link for FaultyLink<L> {
 mod tests {
     use super::*;
     use crate::link::in_process_mesh;
+
+    #[test]
+    fn drops_asked_for_add_up_without_overflow() {
+        let plan = FaultPlan::new();
+        let links = plan.wrap(in_process_mesh(2));
+        plan.drop_next(0, 1, 1);
+        plan.drop_next(0, 1, usize::MAX);
+        plan.drop_next(0, 1, usize::MAX);
+        links[0].send(1, Frame::default()).expect("send");
+        links[0].send(1, Frame::default()).expect("send");
+        assert_eq!(plan.dropped(), 2);
+    }
 
     #[test]
     fn frames_to_and_from_a_killed_rank_vanish() {

@@ -143,10 +143,43 @@ pub fn derived_port(job: &str) -> u16 {
     20000 + (u16::from_le_bytes([b[0], b[1]]) % 20000)
 }
 
+/// This process's environment as the variables the launch and the token are read from.
+///
+/// `std::env::vars` panics on the first variable that is not UTF-8, whoever set it (a path
+/// in Latin-1 in some unrelated variable): here such a variable is left out, as if unset, and
+/// is an error only where wccl reads it (a name starting with `WCCL_`: a token that is not
+/// UTF-8 belongs in `WCCL_JOB_TOKEN_FILE`, read as bytes). A launcher's own variables (`RANK`,
+/// `OMPI_COMM_WORLD_RANK`, ...) are numbers and names: one that is not UTF-8 is left out and the
+/// launch then reads as incomplete, with the error that names what is missing.
+pub fn environment() -> Result<HashMap<String, String>, String> {
+    vars_from(std::env::vars_os())
+}
+
+/// [`environment`] from any list of variables (a test's).
+fn vars_from(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    for (k, v) in vars {
+        match (k.into_string(), v.into_string()) {
+            (Ok(k), Ok(v)) => {
+                out.insert(k, v);
+            }
+            (Ok(k), Err(_)) if k.starts_with("WCCL_") => {
+                return Err(format!(
+                    "{k} is not UTF-8 (a binary token belongs in WCCL_JOB_TOKEN_FILE)"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 impl Launch {
-    /// Reads the launch from this process's environment.
+    /// Reads the launch from this process's environment ([`environment`]).
     pub fn from_env() -> Result<Launch, String> {
-        Launch::from_vars(&std::env::vars().collect())
+        Launch::from_vars(&environment()?)
     }
 
     /// Reads the launch from a set of variables (the environment, or a test's).
@@ -316,6 +349,40 @@ fn master(vars: &HashMap<String, String>, job: &str) -> Result<Master, String> {
     })
 }
 
+/// The most bytes a token file may hold: a token is a secret of some bytes, not a file's worth.
+pub const MAX_TOKEN_FILE: u64 = 4096;
+
+/// The token file's bytes: a regular file of at most [`MAX_TOKEN_FILE`] bytes. Not a device or
+/// a pipe (`/dev/urandom` given for the file the token was drawn from would be read for ever,
+/// and a FIFO nobody writes blocks for ever, at its open already).
+fn read_token_file(path: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let fail = |e: std::io::Error| format!("WCCL_JOB_TOKEN_FILE={path:?}: {e}");
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    // Opening a FIFO for reading blocks until a writer comes: not without O_NONBLOCK (which a
+    // regular file's reads ignore). The kind is checked on what was opened, not on the path
+    // before (which could be swapped in between).
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, libc::O_NONBLOCK);
+    let file = open.open(path).map_err(fail)?;
+    if !file.metadata().map_err(fail)?.is_file() {
+        return Err(format!(
+            "WCCL_JOB_TOKEN_FILE={path:?} is not a regular file"
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_TOKEN_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(fail)?;
+    if bytes.len() as u64 > MAX_TOKEN_FILE {
+        return Err(format!(
+            "WCCL_JOB_TOKEN_FILE={path:?} holds more than {MAX_TOKEN_FILE} bytes: a token, not a file's worth"
+        ));
+    }
+    Ok(bytes)
+}
+
 /// The job token from `WCCL_JOB_TOKEN` or the file `WCCL_JOB_TOKEN_FILE` (its contents, less a
 /// final newline), if either is set.
 pub fn token_from_vars(
@@ -329,8 +396,7 @@ pub fn token_from_vars(
         (Some(t), None) if t.is_empty() => Err("WCCL_JOB_TOKEN is empty".into()),
         (Some(t), None) => Ok(Some(JobToken::new(t.as_bytes()))),
         (None, Some(path)) => {
-            let mut bytes =
-                std::fs::read(path).map_err(|e| format!("WCCL_JOB_TOKEN_FILE={path:?}: {e}"))?;
+            let mut bytes = read_token_file(path)?;
             while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                 bytes.pop();
             }
@@ -544,5 +610,61 @@ mod tests {
         ]))
         .expect("file");
         assert_eq!(f.master, Master::File("/tmp/x".into()));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_variable_that_is_not_utf8_is_left_out_unless_wccl_reads_it() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let bad = || OsString::from_vec(vec![b'a', 0xff, b'b']);
+        let ok = |s: &str| OsString::from(s);
+        let got = vars_from([
+            (ok("RANK"), ok("1")),
+            (ok("LANG_PATH"), bad()),
+            (bad(), ok("x")),
+            (ok("WORLD_SIZE"), ok("2")),
+        ])
+        .expect("others' variables are left out");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got.get("RANK").map(String::as_str), Some("1"));
+        let e = vars_from([(ok("RANK"), ok("1")), (ok("WCCL_JOB_TOKEN"), bad())])
+            .expect_err("wccl's own is an error");
+        assert!(
+            e.contains("WCCL_JOB_TOKEN") && e.contains("WCCL_JOB_TOKEN_FILE"),
+            "{e}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_token_file_is_a_small_regular_file() {
+        let tmp = tempfile::tempdir().expect("a temporary folder");
+        let dir = tmp.path();
+        let file = |name: &str, bytes: &[u8]| {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).expect("a token file");
+            p.display().to_string()
+        };
+        let token = |path: &str| token_from_vars(&vars(&[("WCCL_JOB_TOKEN_FILE", path)]));
+        // Binary bytes, less the final newline.
+        let good = file("good", &[0xff, 0, 7, b'\n']);
+        assert!(matches!(token(&good), Ok(Some(_))));
+        let most = file("most", &vec![1u8; MAX_TOKEN_FILE as usize]);
+        assert!(matches!(token(&most), Ok(Some(_))));
+        let big = file("big", &vec![1u8; MAX_TOKEN_FILE as usize + 1]);
+        let e = token(&big).expect_err("a file's worth");
+        assert!(e.contains("more than"), "{e}");
+        // A folder, or a device that never ends: refused, not read.
+        let e = token(&dir.display().to_string()).expect_err("a folder");
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = token("/dev/zero").expect_err("a device");
+        assert!(e.contains("not a regular file"), "{e}");
+        // A FIFO nobody writes: refused, not waited on at its open.
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let e = token(&fifo.display().to_string()).expect_err("a FIFO");
+        assert!(e.contains("not a regular file"), "{e}");
     }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 pub use env::{Launch, Master, derived_port, token_from_vars};
 #[doc(hidden)] // the store's decoders, public for tests/tcp_fuzz.rs only
-pub use store::{decode_table, read_msg};
+pub use store::{MAX_JOB_RANKS, decode_table, read_msg};
 
 use crate::deadline::deadline_from;
 use crate::error::{At, Error, Result};
@@ -58,17 +58,42 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Resolves a master host and port to one address, IPv4 first: the ranks' own listeners are
-/// IPv4, and `localhost` resolves to `::1` first on some systems.
-fn resolve(rank: usize, host: &str, port: u16) -> Result<SocketAddr> {
-    let all: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| {
+/// IPv4, and `localhost` resolves to `::1` first on some systems. An address needs no lookup;
+/// a name is looked up on a thread of its own and waited for until `deadline`: the system's
+/// resolver has timeouts, attempts and search domains of its own (minutes with the name
+/// server down), not the job's. A lookup still running at the deadline is left to end on its
+/// own thread.
+fn resolve(rank: usize, host: &str, port: u16, deadline: Instant) -> Result<SocketAddr> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let (tx, rx) = crossbeam::channel::bounded(1);
+    let name = host.to_string();
+    std::thread::Builder::new()
+        .name("wccl resolve".into())
+        .spawn(move || {
+            let found = (name.as_str(), port)
+                .to_socket_addrs()
+                .map(|a| a.collect::<Vec<SocketAddr>>());
+            let _ = tx.send(found);
+        })
+        .map_err(|e| err(rank, format!("cannot start a name lookup: {e}")))?;
+    let all = match rx.recv_deadline(deadline) {
+        Ok(found) => found.map_err(|e| {
             err(
                 rank,
                 format!("cannot resolve the master address {host}:{port}: {e}"),
             )
-        })?
-        .collect();
+        })?,
+        Err(_) => {
+            return Err(err(
+                rank,
+                format!(
+                    "the master address {host}:{port} did not resolve by the deadline (the system's name lookup is slow or its name server unreachable)"
+                ),
+            ));
+        }
+    };
     all.iter()
         .find(|a| a.is_ipv4())
         .or_else(|| all.first())
@@ -90,6 +115,15 @@ pub fn connect_link(rank: usize, size: usize, master: &Master, o: &TcpOptions) -
             format!("rank {rank} is out of range for {size} ranks"),
         ));
     }
+    if size > store::MAX_JOB_RANKS {
+        return Err(err(
+            rank,
+            format!(
+                "{size} ranks: a job over TCP has at most {}",
+                store::MAX_JOB_RANKS
+            ),
+        ));
+    }
     let deadline = deadline_from(Instant::now(), o.timeout);
     let any: IpAddr = if o.token.is_some() {
         Ipv4Addr::UNSPECIFIED.into()
@@ -109,7 +143,7 @@ pub fn connect_link(rank: usize, size: usize, master: &Master, o: &TcpOptions) -
                 port: p,
                 from,
             } => {
-                let addr = resolve(rank, host, *p)?;
+                let addr = resolve(rank, host, *p, deadline)?;
                 if !allowed(&addr, o) {
                     return Err(err(rank, needs_token(&addr)));
                 }
@@ -168,7 +202,7 @@ pub fn connect_link(rank: usize, size: usize, master: &Master, o: &TcpOptions) -
         std::thread::sleep(stagger.min(deadline.saturating_duration_since(Instant::now())));
         match master {
             Master::Tcp { host, port: p, .. } => {
-                let addr = resolve(rank, host, *p)?;
+                let addr = resolve(rank, host, *p, deadline)?;
                 store::register(addr, rank, size, port, o, deadline, deadline)
                     .map_err(|e| err(rank, e.message()))?
             }
@@ -183,11 +217,28 @@ pub fn connect_link(rank: usize, size: usize, master: &Master, o: &TcpOptions) -
     TcpLink::connect_mesh(rank, data, &table, &mesh)
 }
 
-/// Writes `job addr` to `path` atomically (a temporary file renamed over it).
+/// Writes `job addr` to `path` atomically (a temporary file renamed over it). The temporary
+/// file is created new (`O_EXCL`, a leftover of this pid removed first): opened by name with
+/// truncation, a symlink planted at that predictable name in a shared folder would have this
+/// process overwrite whatever it points to.
 fn write_file(path: &Path, job: &str, addr: SocketAddr) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    fs::write(&tmp, format!("{job}\n{addr}\n"))?;
-    fs::rename(&tmp, path)
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    let written = f.write_all(format!("{job}\n{addr}\n").as_bytes());
+    drop(f);
+    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// Reads rank 0's address from the file (waiting for it to appear, and for a stale one from an
@@ -242,5 +293,63 @@ fn register_by_file(
         // Polling a file is the file rendezvous's design (Gloo's FileStore polls too).
         std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
         backoff = backoff.saturating_mul(2).min(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_world_too_large_is_refused_before_anything_is_made() {
+        let master = Master::File("/nonexistent/wccl-rendezvous".into());
+        let o = TcpOptions::default();
+        for size in [MAX_JOB_RANKS + 1, usize::MAX] {
+            match connect_link(0, size, &master, &o) {
+                Err(Error::Connect { message, .. }) => {
+                    assert!(message.contains("at most"), "{message}")
+                }
+                other => panic!("{size} ranks: {:?}", other.map(|_| ())),
+            }
+        }
+    }
+
+    #[test]
+    fn master_addresses_resolve_by_the_deadline() {
+        let soon = crate::deadline::deadline_after(std::time::Duration::from_secs(10));
+        // An address: no lookup, even with the deadline passed.
+        let past = Instant::now();
+        let a = resolve(1, "10.1.2.3", 29500, past).expect("an address");
+        assert_eq!(
+            a,
+            "10.1.2.3:29500".parse::<SocketAddr>().expect("an address")
+        );
+        let a = resolve(1, "::1", 29500, past).expect("an IPv6 address");
+        assert!(a.is_ipv6());
+        // A name: looked up (IPv4 first), in time.
+        let a = resolve(1, "localhost", 29500, soon).expect("localhost");
+        assert!(a.ip().is_loopback() && a.port() == 29500, "{a}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_rendezvous_file_is_written_through_no_planted_link() {
+        let tmp_dir = tempfile::tempdir().expect("a temporary folder");
+        let dir = tmp_dir.path();
+        let path = dir.join("rdv");
+        let victim = dir.join("victim");
+        fs::write(&victim, "keep").expect("a file");
+        // Where the temporary file will be: a link to the victim, planted before.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&victim, &tmp).expect("a symlink");
+        let addr: SocketAddr = "127.0.0.1:4242".parse().expect("an address");
+        write_file(&path, "job", addr).expect("written");
+        assert_eq!(fs::read_to_string(&victim).expect("read"), "keep");
+        assert_eq!(
+            fs::read_to_string(&path).expect("read"),
+            "job\n127.0.0.1:4242\n"
+        );
+        assert!(!tmp.exists());
     }
 }

@@ -23,6 +23,12 @@ use crate::link::tcp::{Deadlined, accept_one, dial};
 /// The largest store message body.
 pub const MAX_BODY: usize = 1 << 20;
 
+/// The most ranks a job over TCP may have: their table (a length byte and an address, up to
+/// 22 bytes for IPv4 with its port) within one store message of [`MAX_BODY`]. Checked before
+/// anything is allocated for them, so that a mistyped world size is an error, not rank 0
+/// allocating for billions of ranks.
+pub const MAX_JOB_RANKS: usize = 32768;
+
 const REGISTER: u8 = 1;
 const TABLE: u8 = 2;
 const FAIL: u8 = 3;
@@ -200,15 +206,43 @@ pub fn serve(
             None => SocketAddr::new(IpAddr::from([127, 0, 0, 1]), own_port),
         })
         .collect();
-    for (_, _, s) in reg.iter_mut().flatten() {
-        // Per recipient: rank 0 is where this rank reached it, and so is every rank that
-        // reached rank 0 over loopback (it lives on rank 0's host, which another host reaches
-        // at that address, not at its own loopback).
-        let theirs = match s.local_addr() {
-            Ok(local) => table_for(&table, local.ip(), own_port),
-            Err(_) => table.clone(),
+    // Per recipient: rank 0 is where this rank reached it, and so is every rank that reached
+    // rank 0 over loopback (it lives on rank 0's host, which another host reaches at that
+    // address, not at its own loopback).
+    // A recipient's table depends only on the address it reached rank 0 at: one table per
+    // such address (a few), not one per rank (n tables of n entries: gigabytes at thousands
+    // of ranks).
+    let mut tables: Vec<(Option<IpAddr>, Vec<u8>)> = Vec::new();
+    let mut which = Vec::new();
+    for (_, _, s) in reg.iter().flatten() {
+        let local = s.local_addr().ok().map(|a| a.ip());
+        let i = match tables.iter().position(|(ip, _)| *ip == local) {
+            Some(i) => i,
+            None => {
+                let t = match local {
+                    Some(ip) => encode_table(&table_for(&table, ip, own_port)),
+                    None => encode_table(&table),
+                };
+                tables.push((local, t));
+                tables.len() - 1
+            }
         };
-        if let Err(e) = write_msg(s, TABLE, &encode_table(&theirs)) {
+        which.push(i);
+    }
+    // A table no rank would take (long IPv6 addresses near `MAX_JOB_RANKS`): every rank told
+    // why, not each left to refuse it.
+    if let Some((_, t)) = tables.iter().find(|(_, t)| t.len() > MAX_BODY) {
+        let m = format!(
+            "the address table of {size} ranks takes {} bytes, over the store's {MAX_BODY}",
+            t.len()
+        );
+        for (_, _, s) in reg.iter_mut().flatten() {
+            let _ = write_msg(s, FAIL, m.as_bytes());
+        }
+        return Err(m);
+    }
+    for ((_, _, s), &i) in reg.iter_mut().flatten().zip(&which) {
+        if let Err(e) = write_msg(s, TABLE, &tables[i].1) {
             tracing::warn!("the store could not send the table: {e}");
         }
     }
