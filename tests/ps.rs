@@ -356,6 +356,39 @@ fn bad_input_is_refused() {
             .build()
             .is_err()
     );
+    // Counts whose sum overflows: an error, not a panic (nor a wrapped sum of 1 rank).
+    assert!(
+        ParameterServer::builder()
+            .servers(usize::MAX)
+            .workers(2)
+            .param("a", vec![1.0])
+            .build()
+            .is_err()
+    );
+}
+
+/// Async: a worker pulls a key it pushes only some steps (a sparse one) at whatever step its
+/// other keys reached; an async pull never waits, so nothing bounds it by that key's pushes.
+#[test]
+fn async_pulls_a_sparse_key_at_any_step() {
+    let rule = Sgd {
+        lr: 1.0,
+        momentum: 0.0,
+    };
+    let (servers, ws) = builder(1, Mode::Async, rule).build().expect("build");
+    run(servers, ws, |mut w| {
+        let g = w.comm().upload(&[0.25f32; 1000])?;
+        for t in 0..6u64 {
+            w.push("big", &g, t)?;
+        }
+        let p = w.comm().buffer::<f32>(7)?;
+        let info = w.pull("odd", 6, &p)?;
+        assert_eq!(info.version, 0);
+        assert_eq!(w.comm().download(&p)?, init()[1]);
+        // Past any bound a push would have (1024 steps ahead of the key's own clock).
+        assert_eq!(w.pull("odd", 5000, &p)?.version, 0);
+        w.done()
+    });
 }
 
 /// Pushes whose size is wrong, sent past the worker's own check (which would refuse them

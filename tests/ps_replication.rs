@@ -313,3 +313,154 @@ fn eventual_answers_stale_and_converges_after_healing() {
     // After the partition heals every replica holds the same parameters.
     assert_eq!(reports[0].digests, reports[1].digests, "{events:?}");
 }
+
+/// Async, replicated: a worker far past the server's step bound (`MAX_AHEAD`, 1024 steps ahead
+/// of the clock a server knows for it) fails over to the backup when the primary dies. The
+/// backup bounds requests by the clocks its replicas carried, not its own (which move only
+/// once it takes over): by those it refused every request past step 1024. Steps jump by
+/// 1000, as far as a push may, so that the test stays short.
+#[test]
+fn async_fails_over_past_the_step_bound() {
+    let rule = Sgd {
+        lr: 0.1,
+        momentum: 0.5,
+    };
+    let faults = FaultPlan::new();
+    let (servers, workers) = ParameterServer::builder()
+        .servers(2)
+        .workers(1)
+        .replicas(2)
+        .consistency(Consistency::Strong)
+        .mode(Mode::Async)
+        .rule(rule)
+        .param("w", vec![0.5; N])
+        .timeout(Duration::from_secs(5))
+        .faults(faults.clone())
+        .build()
+        .expect("build");
+    // Distinct per (step, element), over a period that is not a power of two.
+    let grad = |t: usize| -> Vec<f32> {
+        (0..N)
+            .map(|i| ((i * 7 + t * 3) % 11) as f32 * 0.1 - 0.5)
+            .collect()
+    };
+    let steps = [0u64, 1000, 2000, 2001];
+    let faults = &faults;
+    let got = std::thread::scope(|s| {
+        let hs: Vec<_> = servers
+            .into_iter()
+            .map(|sv| s.spawn(move || sv.serve()))
+            .collect();
+        let mut w = workers.into_iter().next().expect("a worker");
+        let p = w.comm().buffer::<f32>(N).expect("buffer");
+        for (i, &t) in steps.iter().enumerate() {
+            if t == 2001 {
+                faults.kill(0);
+            }
+            if let Err(e) = w.pull("w", t, &p) {
+                panic!("pull of step {t}: {e}");
+            }
+            let g = w.comm().upload(&grad(i)).expect("upload");
+            if let Err(e) = w.push("w", &g, t) {
+                panic!("push of step {t}: {e}");
+            }
+        }
+        w.pull("w", 2002, &p).expect("the last pull");
+        let params = w.comm().download(&p).expect("download");
+        assert!(w.failovers() >= 1, "the worker never failed over");
+        assert_eq!(w.lost_updates(), 0);
+        w.done().expect("done");
+        let mut reports: Vec<_> = hs
+            .into_iter()
+            .map(|h| h.join().expect("server thread"))
+            .collect();
+        if let Err(e) = reports.remove(1) {
+            panic!("server 1 failed: {e}");
+        }
+        params
+    });
+    let mut w = vec![0.5f64; N];
+    let mut m = vec![0.0f64; N];
+    for i in 0..steps.len() {
+        for (j, g) in grad(i).iter().enumerate() {
+            (w[j], m[j]) = rule.host(w[j], m[j], *g as f64);
+        }
+    }
+    for (j, (g, r)) in got.iter().zip(&w).enumerate() {
+        assert!(
+            (*g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()),
+            "w[{j}]: {g} vs {r}"
+        );
+    }
+}
+
+/// Eventual, async: the backup is cut off from the primary while the worker goes on with the
+/// primary, then the primary dies. The worker's first answer from the backup is behind what it
+/// had seen: that loss is counted once. Later answers below the old high mark are the new head's
+/// versions, not more losses (counted against the old mark, each pull counted the loss again).
+#[test]
+fn eventual_counts_a_loss_once() {
+    let faults = FaultPlan::new();
+    let (servers, mut workers) = ParameterServer::builder()
+        .servers(2)
+        .workers(1)
+        .replicas(2)
+        .consistency(Consistency::Eventual)
+        .mode(Mode::Async)
+        .rule(Sgd {
+            lr: 0.1,
+            momentum: 0.0,
+        })
+        .param("w", vec![1.0; N])
+        .timeout(Duration::from_millis(400))
+        .faults(faults.clone())
+        .build()
+        .expect("build");
+    let mut w = workers.remove(0);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = servers
+            .into_iter()
+            .map(|sv| s.spawn(move || sv.serve()))
+            .collect();
+        let p = w.comm().buffer::<f32>(N).expect("buffer");
+        let g = w.comm().upload(&[1.0f32; N]).expect("upload");
+        for t in 0..2u64 {
+            w.push("w", &g, t).expect("push");
+            w.pull("w", t + 1, &p).expect("pull");
+        }
+        // The backup (rank 1) alone; the primary answers the worker (rank 2) without it.
+        faults.partition(&[&[0, 2], &[1]]);
+        let mut seen = 0;
+        for t in 2..8u64 {
+            w.push("w", &g, t)
+                .expect("push while the backup is cut off");
+            seen = w.pull("w", t + 1, &p).expect("pull").version;
+        }
+        faults.kill(0);
+        faults.heal();
+        let mut versions = Vec::new();
+        for t in 8..12u64 {
+            let _ = w.push("w", &g, t);
+            versions.push(
+                w.pull("w", t + 1, &p)
+                    .expect("pull from the backup")
+                    .version,
+            );
+        }
+        assert!(w.failovers() >= 1, "the worker never failed over");
+        let first = versions[0];
+        assert!(
+            first < seen,
+            "the backup was not behind ({first} against {seen}): the test proves nothing"
+        );
+        assert_eq!(
+            w.lost_updates(),
+            seen - first,
+            "saw {seen}, then {versions:?} from the backup"
+        );
+        let _ = w.done();
+        for h in hs {
+            let _ = h.join().expect("server thread");
+        }
+    });
+}

@@ -453,13 +453,15 @@ impl ParameterServer {
                 self.replicas, self.servers
             )));
         }
-        if u32::try_from(self.params.len()).is_err()
-            || u32::try_from(self.servers + self.workers).is_err()
-        {
+        let ranks = self
+            .servers
+            .checked_add(self.workers)
+            .filter(|&r| u32::try_from(r).is_ok());
+        let Some(ranks) = ranks.filter(|_| u32::try_from(self.params.len()).is_ok()) else {
             return Err(bad(
                 "too many parameters or ranks for the wire's u32 fields".into(),
             ));
-        }
+        };
         let mut seen = std::collections::HashSet::new();
         for (name, init) in &self.params {
             if !seen.insert(name.as_str()) {
@@ -478,7 +480,7 @@ impl ParameterServer {
             }
         }
         let group = CommGroup::builder()
-            .ranks(self.servers + self.workers)
+            .ranks(ranks)
             .config(self.config.clone())
             .links(self.links.clone())
             .build()?;
@@ -505,7 +507,7 @@ impl ParameterServer {
             }
             None => None,
         };
-        let worker_ranks: Vec<usize> = (self.servers..self.servers + self.workers).collect();
+        let worker_ranks: Vec<usize> = (self.servers..ranks).collect();
         let mut servers = Vec::new();
         let mut workers = Vec::new();
         for comm in group.into_communicators() {

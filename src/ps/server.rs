@@ -795,7 +795,7 @@ impl PsServer {
             // checks the step against the mode in `push`.
             let base = match self.mode {
                 Mode::Sync => key.version,
-                _ => key.clocks[widx],
+                _ => worker_clock(key, widx),
             };
             let limit = base.saturating_add(MAX_AHEAD);
             if h.step > limit {
@@ -805,13 +805,16 @@ impl PsServer {
                 )));
             }
         }
-        if kind == Kind::Pull {
+        // An async pull never waits (`ready`) and its step is only echoed in the answer: a
+        // worker may pull a key it pushes only some steps (a sparse one), or never (a frozen
+        // one), at any step.
+        if kind == Kind::Pull && self.mode != Mode::Async {
             // A pull waits for the pushes of the steps before it; one for a step no worker can
             // reach yet would wait on everyone and get them declared failed.
             let head = key.head() == Some(self.me()) && !key.took_over;
             let base = match self.mode {
                 Mode::Sync => key.version,
-                _ => key.clocks[widx],
+                _ => worker_clock(key, widx),
             };
             let limit = base.saturating_add(if head { 1 } else { MAX_AHEAD });
             if h.step > limit {
@@ -1815,8 +1818,14 @@ impl PsServer {
         // What the members hold is not known until they ack this epoch's state.
         key.committed = if key.chain.len() > 1 { 0 } else { key.version };
         key.pushed.iter_mut().for_each(|p| *p = false);
-        for c in key.clocks.iter_mut() {
-            *c = (*c).max(replica_clock);
+        // Before any replica carried each worker's own clock, the slowest one's is all there is.
+        // After, the per-worker record below is exact; raising every worker to the slowest
+        // counted one would also raise a worker declared failed (not counted) past steps it
+        // never pushed, and leave its dedupe window behind.
+        if key.replica_clocks.len() < key.clocks.len() {
+            for c in key.clocks.iter_mut() {
+                *c = (*c).max(replica_clock);
+            }
         }
         // The head's record of who pushed what, as of the last replica: a push it applied is a
         // duplicate here too.
@@ -2185,6 +2194,17 @@ impl PsServer {
         }
         Ok(())
     }
+}
+
+/// Worker `widx`'s clock for `key` as this server knows it: its own record where it applied
+/// the worker's pushes (the head, or a member that took over), and on a member the head's
+/// record its last replica carried, which is where a member's clocks move (its own stay as
+/// they were until it takes over: bounding by them alone refused every worker past step
+/// `MAX_AHEAD` that failed over to it).
+fn worker_clock(key: &KeyState, widx: usize) -> u64 {
+    let own = key.clocks.get(widx).copied().unwrap_or(0);
+    let replicated = key.replica_clocks.get(widx).map_or(0, |c| c.0);
+    own.max(replicated)
 }
 
 #[cfg(test)]

@@ -260,8 +260,11 @@ impl PsWorker {
                     seen: self.seen[k],
                 });
             }
-            // A replica that took over without updates this worker had seen lost them.
+            // A replica that took over without updates this worker had seen lost them: counted
+            // once, and from here on this worker follows the new head's versions (kept, the
+            // old high mark would count the same loss again at every pull below it).
             self.lost = self.lost.saturating_add(self.seen[k] - h.version);
+            (self.seen[k], self.seen_epoch[k]) = (h.version, h.epoch);
         }
         self.saw(k, h.version, h.epoch);
         let deadline = deadline_after(self.comm.config().timeout);
