@@ -315,9 +315,9 @@ fn eventual_answers_stale_and_converges_after_healing() {
 }
 
 /// Async, replicated: a worker far past the server's step bound (`MAX_AHEAD`, 1024 steps ahead
-/// of the clock a server knows for it) fails over to the backup when the primary dies. The
-/// backup bounds requests by the clocks its replicas carried, not its own (which move only
-/// once it takes over): by those it refused every request past step 1024. Steps jump by
+/// of the clock a server knows for it) fails over to the backup when the primary dies, with a
+/// push: the backup bounds it by the clocks its replicas carried, not by its own (which move
+/// only once it takes over), by which it refused every push past step 1024. Steps jump by
 /// 1000, as far as a push may, so that the test stays short.
 #[test]
 fn async_fails_over_past_the_step_bound() {
@@ -354,11 +354,12 @@ fn async_fails_over_past_the_step_bound() {
         let mut w = workers.into_iter().next().expect("a worker");
         let p = w.comm().buffer::<f32>(N).expect("buffer");
         for (i, &t) in steps.iter().enumerate() {
-            if t == 2001 {
-                faults.kill(0);
-            }
             if let Err(e) = w.pull("w", t, &p) {
                 panic!("pull of step {t}: {e}");
+            }
+            // The push is what reaches the backup first (a pull, async, is not bounded).
+            if t == 2001 {
+                faults.kill(0);
             }
             let g = w.comm().upload(&grad(i)).expect("upload");
             if let Err(e) = w.push("w", &g, t) {

@@ -299,12 +299,32 @@ impl ReadRing {
 
     /// Waits for the ticket's copy and map until `until` at most, then unmaps (or cancels the
     /// map) and frees the slot.
+    ///
+    /// A map cancelled before it landed stays on its submission's list in wgpu, and when that
+    /// submission completes wgpu maps whatever request the buffer then has pending: a later
+    /// read-back's, before that one's own copy ran, whose bytes would be this one's. So a slot
+    /// whose map was cancelled gets a fresh buffer and flag (the old buffer is dropped, and its
+    /// stale entry maps nothing of ours); where none can be made (a failing device, whose
+    /// calls fail from here on), it keeps the old one.
     fn abandon_by(&mut self, dev: &RankDevice, ticket: ReadTicket, until: Instant) {
-        if let Some(submission) = &ticket.submission {
-            let s = &self.slots[ticket.slot];
-            dev.settle(&s.mapped, Some(submission), until);
-        }
+        let settled = match &ticket.submission {
+            Some(submission) => {
+                let s = &self.slots[ticket.slot];
+                dev.settle(&s.mapped, Some(submission), until)
+            }
+            None => true,
+        };
         self.release(dev, ticket.slot);
+        if !settled {
+            let size = self.slots[ticket.slot].buffer.size();
+            let (buffer, error) = dev.catching(|| read_buffer(dev, size));
+            if error.is_none() {
+                self.slots[ticket.slot] = ReadSlot {
+                    buffer,
+                    mapped: Arc::new(AtomicBool::new(false)),
+                };
+            }
+        }
     }
 
     /// Unmaps a slot whose map was requested (a pending map is cancelled) and frees it.
@@ -541,9 +561,13 @@ mod tests {
         e.reads.slots[first.slot]
             .mapped
             .store(false, Ordering::Release);
+        let (slot, before) = (first.slot, e.reads.slots[first.slot].buffer.clone());
         let past = deadline_after(Duration::ZERO);
         assert!(e.reads.finish(&e.dev, first, past).is_err());
         assert_eq!(e.reads.in_use(), depth - 1);
+        // Its map was cancelled, not finished: the slot has a buffer of its own from here on,
+        // which no stale map of the old one's can touch.
+        assert!(e.reads.slots[slot].buffer != before);
         e.reads.abandon_all(&e.dev, tickets);
         assert_eq!(e.reads.in_use(), 0);
         // The ring works afterwards, and no clean-up left a device error behind.
