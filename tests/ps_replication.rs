@@ -218,15 +218,11 @@ fn eventual_fails_over_and_loses_exactly_what_it_reports() {
     eprintln!("{skipped_runs} of 20 runs lost steps");
 }
 
-/// One worker and two replicated servers; after 3 steps the primary (rank 0) is partitioned
-/// from everyone else. The worker's pull times out and it turns to the backup.
-fn partition_run(
+/// Two replicated servers (one key), one async worker, 400 ms timeouts, under `faults`.
+fn one_worker(
     consistency: Consistency,
-) -> (
-    Vec<wccl::Result<wccl::ps::PullInfo>>,
-    Vec<wccl::ps::ServerReport>,
-) {
-    let faults = FaultPlan::new();
+    faults: &FaultPlan,
+) -> (Vec<wccl::ps::PsServer>, wccl::ps::PsWorker) {
     let (servers, mut workers) = ParameterServer::builder()
         .servers(2)
         .workers(1)
@@ -242,7 +238,19 @@ fn partition_run(
         .faults(faults.clone())
         .build()
         .expect("build");
-    let mut w = workers.remove(0);
+    (servers, workers.remove(0))
+}
+
+/// One worker and two replicated servers; after 3 steps the primary (rank 0) is partitioned
+/// from everyone else. The worker's pull times out and it turns to the backup.
+fn partition_run(
+    consistency: Consistency,
+) -> (
+    Vec<wccl::Result<wccl::ps::PullInfo>>,
+    Vec<wccl::ps::ServerReport>,
+) {
+    let faults = FaultPlan::new();
+    let (servers, mut w) = one_worker(consistency, &faults);
     std::thread::scope(|s| {
         let hs: Vec<_> = servers
             .into_iter()
@@ -402,22 +410,7 @@ fn async_fails_over_past_the_step_bound() {
 #[test]
 fn eventual_counts_a_loss_once() {
     let faults = FaultPlan::new();
-    let (servers, mut workers) = ParameterServer::builder()
-        .servers(2)
-        .workers(1)
-        .replicas(2)
-        .consistency(Consistency::Eventual)
-        .mode(Mode::Async)
-        .rule(Sgd {
-            lr: 0.1,
-            momentum: 0.0,
-        })
-        .param("w", vec![1.0; N])
-        .timeout(Duration::from_millis(400))
-        .faults(faults.clone())
-        .build()
-        .expect("build");
-    let mut w = workers.remove(0);
+    let (servers, mut w) = one_worker(Consistency::Eventual, &faults);
     std::thread::scope(|s| {
         let hs: Vec<_> = servers
             .into_iter()

@@ -805,18 +805,30 @@ impl PsServer {
                 )));
             }
         }
-        // An async pull never waits (`ready`) and its step is only echoed in the answer: a
-        // worker may pull a key it pushes only some steps (a sparse one), or never (a frozen
-        // one), at any step.
-        if kind == Kind::Pull && self.mode != Mode::Async {
+        if kind == Kind::Pull {
             // A pull waits for the pushes of the steps before it; one for a step no worker can
-            // reach yet would wait on everyone and get them declared failed.
+            // reach yet would wait on everyone and get them declared failed. An async pull
+            // never waits (`ready`): a worker may pull a key it pushes only some steps (a
+            // sparse one), or never (a frozen one), at the step its other keys reached. So it
+            // is bounded as a push is, by the furthest this server knows the worker to be on
+            // any key it holds; a step past that by more than `MAX_AHEAD` is still a bad
+            // request.
             let head = key.head() == Some(self.me()) && !key.took_over;
-            let base = match self.mode {
-                Mode::Sync => key.version,
-                _ => worker_clock(key, widx),
+            let (base, ahead) = match self.mode {
+                Mode::Sync => (key.version, if head { 1 } else { MAX_AHEAD }),
+                Mode::BoundedStaleness(_) => {
+                    (worker_clock(key, widx), if head { 1 } else { MAX_AHEAD })
+                }
+                Mode::Async => (
+                    self.keys
+                        .iter()
+                        .map(|k| worker_clock(k, widx))
+                        .max()
+                        .unwrap_or(0),
+                    MAX_AHEAD,
+                ),
             };
-            let limit = base.saturating_add(if head { 1 } else { MAX_AHEAD });
+            let limit = base.saturating_add(ahead);
             if h.step > limit {
                 return Err(bad(format!(
                     "pull of '{}' for step {}, past step {limit}, the furthest this worker can be at",
